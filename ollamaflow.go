@@ -1,0 +1,490 @@
+// Package ollamaflow is a Caddy v2 module that turns many Ollama servers into
+// one highly available, model-aware inference endpoint.
+//
+// The handler http.handlers.ollamaflow is a frontend: placed in a Caddy site,
+// it serves the Ollama API (/api/*) and the OpenAI-compatible API (/v1/*) by
+// proxying to the backends it lists.
+//
+// Map of the files:
+//
+//	ollamaflow.go  module registration, config types, Provision/Validate/Cleanup
+//	handler.go     ServeHTTP: classify, gate, read body, the attempt loop, streaming
+//	balancer.go    candidate filtering, selection policies, slots
+//	health.go      the pooled *server (live state shared across reloads), probes, passive health
+//	modelsync.go   model name normalisation (discovery and sync build on it)
+//	caddyfile.go   the ollamaflow directive
+//
+// Config is immutable after Provision. Live server state lives in a
+// package-level caddy.UsagePool keyed by the normalised URL, so every handler
+// naming the same server shares it and a reload that keeps the server keeps
+// its health, counters and goroutines.
+package ollamaflow
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults applied in Provision.
+const (
+	defaultName              = "ollamaflow"
+	defaultPolicy            = "least_conn"
+	defaultRetries           = 2
+	defaultMaxRequestBody    = 64 << 20
+	defaultDialTimeout       = 5 * time.Second
+	defaultFirstByteTimeout  = 5 * time.Minute
+	defaultStreamIdleTimeout = 2 * time.Minute
+	defaultLabelHeader       = "X-OllamaFlow-Label"
+	defaultOllamaPort        = "11434"
+
+	defaultHealthURI      = "/"
+	defaultHealthMethod   = http.MethodGet
+	defaultHealthStatus   = 2
+	defaultHealthInterval = 5 * time.Second
+	defaultHealthTimeout  = 2 * time.Second
+	defaultHealthPasses   = 2
+	defaultHealthFails    = 2
+	defaultFailThreshold  = 3
+)
+
+// Handler is a frontend: it serves the Ollama and OpenAI-compatible APIs by
+// proxying each request to one of its backends.
+type Handler struct {
+	// Name identifies this frontend in logs, metrics and the admin API.
+	// Default: "ollamaflow".
+	Name string `json:"name,omitempty"`
+
+	// LBPolicy selects a backend among the candidates: least_conn,
+	// round_robin, random or first. Default: least_conn.
+	LBPolicy string `json:"lb_policy,omitempty"`
+
+	// Retries is the number of extra attempts, each on another backend,
+	// made before the first response byte reaches the client. Default: 2.
+	Retries *int `json:"retries,omitempty"`
+
+	// MaxRequestBody is the largest request body accepted, in bytes; larger
+	// bodies get 413. Default: 64 MiB.
+	MaxRequestBody int64 `json:"max_request_body,omitempty"`
+
+	// DialTimeout bounds connecting to a backend. Default: 5s.
+	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
+
+	// FirstByteTimeout bounds the wait for a backend's response headers,
+	// which covers model load and prompt evaluation; 504 beyond. Default: 5m.
+	FirstByteTimeout caddy.Duration `json:"first_byte_timeout,omitempty"`
+
+	// StreamIdleTimeout is the longest silence allowed between two chunks of
+	// a response body; the stream is ended beyond it. Default: 2m.
+	StreamIdleTimeout caddy.Duration `json:"stream_idle_timeout,omitempty"`
+
+	// AllowEmbeddings permits embedding requests through this frontend.
+	// Default: true.
+	AllowEmbeddings *bool `json:"allow_embeddings,omitempty"`
+
+	// AllowCompletions permits generate and chat requests through this
+	// frontend. Default: true.
+	AllowCompletions *bool `json:"allow_completions,omitempty"`
+
+	// AllowModelManagement permits pull, delete, copy, create, push and blob
+	// uploads through this frontend. Default: false.
+	AllowModelManagement bool `json:"allow_model_management,omitempty"`
+
+	// Models, if set, is the allow-list of models clients may use here.
+	// Names are compared after normalisation (no tag means :latest).
+	Models []string `json:"models,omitempty"`
+
+	// Labels are required of every backend that serves a request here, in
+	// addition to any the client names in the label header.
+	Labels []string `json:"labels,omitempty"`
+
+	// LabelHeader is the request header that carries extra required labels,
+	// comma-separated or repeated. Default: X-OllamaFlow-Label.
+	LabelHeader string `json:"label_header,omitempty"`
+
+	// Backends are the Ollama servers this frontend proxies to.
+	Backends []*Backend `json:"backends,omitempty"`
+
+	backends    []*backend
+	policy      selectionPolicy
+	retries     int
+	allowEmbed  bool
+	allowCompl  bool
+	models      map[string]struct{}
+	labels      []string
+	transport   *http.Transport
+	logger      *zap.Logger
+	poolKeys    []string
+	rrCounter   uint64
+	labelHeader string
+}
+
+// Backend is one Ollama server as this frontend sees it: its address and the
+// frontend's properties for it. Its live state is shared (see health.go).
+type Backend struct {
+	// Name identifies the backend in logs, metrics, the admin API and the
+	// X-OllamaFlow-Backend response header. Required, unique per frontend.
+	Name string `json:"name,omitempty"`
+
+	// URL is the server's base URL. A bare host or host:port means
+	// http://host:11434; a URL with a scheme and no port uses the scheme's
+	// port. Credentials, query and fragment are not allowed in it.
+	URL string `json:"url,omitempty"`
+
+	// Labels are matched, exactly and case-insensitively, against the labels
+	// a request requires.
+	Labels []string `json:"labels,omitempty"`
+
+	// MaxParallel caps the requests in flight on this server for this
+	// frontend, counted on the server's shared state. 0 means no cap.
+	MaxParallel int `json:"max_parallel,omitempty"`
+
+	// Weight biases round_robin, random and least_conn ties. Default: 1.
+	Weight int `json:"weight,omitempty"`
+
+	// AllowEmbeddings lets this backend serve embedding requests. Default: true.
+	AllowEmbeddings *bool `json:"allow_embeddings,omitempty"`
+
+	// AllowCompletions lets this backend serve generate and chat requests.
+	// Default: true.
+	AllowCompletions *bool `json:"allow_completions,omitempty"`
+
+	// BearerToken is sent as "Authorization: Bearer TOKEN" on every call to
+	// this backend, health probes included. Never logged or shown.
+	BearerToken string `json:"bearer_token,omitempty"`
+
+	// Headers are set on every call to this backend.
+	Headers http.Header `json:"headers,omitempty"`
+
+	// Query is appended to every backend URL (for example "token=abc").
+	Query string `json:"query,omitempty"`
+
+	// Disabled keeps the backend in the config but sends it nothing.
+	Disabled bool `json:"disabled,omitempty"`
+
+	// HealthURI is the path probed by the active health checker. Default: /.
+	HealthURI string `json:"health_uri,omitempty"`
+
+	// HealthMethod is GET or HEAD. Default: GET.
+	HealthMethod string `json:"health_method,omitempty"`
+
+	// HealthStatus is the status a healthy server answers: a full code such
+	// as 200, or a single digit for a class (2 means any 2xx). Default: 2.
+	HealthStatus int `json:"health_status,omitempty"`
+
+	// HealthInterval is the time between probes. Default: 5s.
+	HealthInterval caddy.Duration `json:"health_interval,omitempty"`
+
+	// HealthTimeout bounds one probe. Default: 2s.
+	HealthTimeout caddy.Duration `json:"health_timeout,omitempty"`
+
+	// HealthPasses is the number of consecutive passing probes that make an
+	// unhealthy server healthy. Default: 2.
+	HealthPasses int `json:"health_passes,omitempty"`
+
+	// HealthFails is the number of consecutive failing probes that make a
+	// healthy server unhealthy. Default: 2.
+	HealthFails int `json:"health_fails,omitempty"`
+
+	// FailThreshold is the number of consecutive proxy failures (connection
+	// errors and 5xx answers) that mark the server unhealthy at once.
+	// Default: 3.
+	FailThreshold int `json:"fail_threshold,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.ollamaflow",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision applies defaults, builds the per-frontend view of each backend
+// and takes a reference to each server's shared live state.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.Name == "" {
+		h.Name = defaultName
+	}
+	if h.LBPolicy == "" {
+		h.LBPolicy = defaultPolicy
+	}
+	policy, ok := policies[h.LBPolicy]
+	if !ok {
+		return fmt.Errorf("lb_policy: unknown policy %q (want one of %s)", h.LBPolicy, policyNames())
+	}
+	h.policy = policy
+	h.retries = defaultRetries
+	if h.Retries != nil {
+		if *h.Retries < 0 {
+			return fmt.Errorf("retries: must not be negative, got %d", *h.Retries)
+		}
+		h.retries = *h.Retries
+	}
+	if h.MaxRequestBody < 0 {
+		return fmt.Errorf("max_request_body: must not be negative, got %d", h.MaxRequestBody)
+	}
+	if h.MaxRequestBody == 0 {
+		h.MaxRequestBody = defaultMaxRequestBody
+	}
+	for opt, d := range map[string]*caddy.Duration{
+		"dial_timeout":        &h.DialTimeout,
+		"first_byte_timeout":  &h.FirstByteTimeout,
+		"stream_idle_timeout": &h.StreamIdleTimeout,
+	} {
+		if *d < 0 {
+			return fmt.Errorf("%s: must not be negative, got %s", opt, time.Duration(*d))
+		}
+	}
+	if h.DialTimeout == 0 {
+		h.DialTimeout = caddy.Duration(defaultDialTimeout)
+	}
+	if h.FirstByteTimeout == 0 {
+		h.FirstByteTimeout = caddy.Duration(defaultFirstByteTimeout)
+	}
+	if h.StreamIdleTimeout == 0 {
+		h.StreamIdleTimeout = caddy.Duration(defaultStreamIdleTimeout)
+	}
+	h.allowEmbed = h.AllowEmbeddings == nil || *h.AllowEmbeddings
+	h.allowCompl = h.AllowCompletions == nil || *h.AllowCompletions
+	h.labelHeader = h.LabelHeader
+	if h.labelHeader == "" {
+		h.labelHeader = defaultLabelHeader
+	}
+	h.labels = normalizeLabels(h.Labels)
+	if len(h.Models) > 0 {
+		h.models = make(map[string]struct{}, len(h.Models))
+		for _, m := range h.Models {
+			if strings.TrimSpace(m) == "" {
+				return errors.New("models: empty model name")
+			}
+			h.models[normalizeModel(m)] = struct{}{}
+		}
+	}
+	if len(h.Backends) == 0 {
+		return errors.New("backends: a frontend needs at least one backend")
+	}
+
+	h.transport = newTransport(time.Duration(h.DialTimeout))
+
+	names := make(map[string]bool)
+	keys := make(map[string]string)
+	for i, bc := range h.Backends {
+		if bc == nil {
+			return fmt.Errorf("backends[%d]: empty backend", i)
+		}
+		if err := bc.provision(); err != nil {
+			return fmt.Errorf("backend %q: %w", bc.Name, err)
+		}
+		if names[bc.Name] {
+			return fmt.Errorf("backend %q: duplicate backend name", bc.Name)
+		}
+		names[bc.Name] = true
+		base, err := parseBackendURL(bc.URL)
+		if err != nil {
+			return fmt.Errorf("backend %q: url: %w", bc.Name, err)
+		}
+		key := base.String()
+		if other, dup := keys[key]; dup {
+			return fmt.Errorf("backend %q: same server as backend %q (%s)", bc.Name, other, key)
+		}
+		keys[key] = bc.Name
+		h.backends = append(h.backends, newBackendView(bc, base))
+	}
+
+	// Take pool references last, so a config error above leaks nothing.
+	for _, b := range h.backends {
+		srv, err := acquireServer(b.base, b.settings(h.logger))
+		if err != nil {
+			h.releaseServers()
+			return fmt.Errorf("backend %q: %w", b.cfg.Name, err)
+		}
+		b.srv = srv
+		h.poolKeys = append(h.poolKeys, b.base.String())
+	}
+	return nil
+}
+
+// Validate is a no-op: Provision validates as it applies defaults, because
+// most checks need the parsed values.
+func (h *Handler) Validate() error { return nil }
+
+// Cleanup releases this handler's references to the shared servers. A
+// reload provisions the new config before the old one is cleaned up, so a
+// server kept by the new config is never destroyed here.
+func (h *Handler) Cleanup() error {
+	h.releaseServers()
+	if h.transport != nil {
+		h.transport.CloseIdleConnections()
+	}
+	return nil
+}
+
+func (h *Handler) releaseServers() {
+	for _, k := range h.poolKeys {
+		_, _ = servers.Delete(k)
+	}
+	h.poolKeys = nil
+}
+
+// provision applies the backend's defaults and validates its options.
+func (b *Backend) provision() error {
+	if strings.TrimSpace(b.Name) == "" {
+		return errors.New("name: required")
+	}
+	if strings.TrimSpace(b.URL) == "" {
+		return errors.New("url: required")
+	}
+	for opt, n := range map[string]int{
+		"max_parallel":   b.MaxParallel,
+		"weight":         b.Weight,
+		"health_passes":  b.HealthPasses,
+		"health_fails":   b.HealthFails,
+		"fail_threshold": b.FailThreshold,
+	} {
+		if n < 0 {
+			return fmt.Errorf("%s: must not be negative, got %d", opt, n)
+		}
+	}
+	for opt, d := range map[string]caddy.Duration{
+		"health_interval": b.HealthInterval,
+		"health_timeout":  b.HealthTimeout,
+	} {
+		if d < 0 {
+			return fmt.Errorf("%s: must not be negative, got %s", opt, time.Duration(d))
+		}
+	}
+	if b.Weight == 0 {
+		b.Weight = 1
+	}
+	if b.HealthURI == "" {
+		b.HealthURI = defaultHealthURI
+	}
+	if !strings.HasPrefix(b.HealthURI, "/") {
+		return fmt.Errorf("health_uri: must start with /, got %q", b.HealthURI)
+	}
+	if b.HealthMethod == "" {
+		b.HealthMethod = defaultHealthMethod
+	}
+	b.HealthMethod = strings.ToUpper(b.HealthMethod)
+	if b.HealthMethod != http.MethodGet && b.HealthMethod != http.MethodHead {
+		return fmt.Errorf("health_method: must be GET or HEAD, got %q", b.HealthMethod)
+	}
+	if b.HealthStatus == 0 {
+		b.HealthStatus = defaultHealthStatus
+	}
+	if !validStatusExpectation(b.HealthStatus) {
+		return fmt.Errorf("health_status: want a status code (100-599) or a class digit (1-5), got %d", b.HealthStatus)
+	}
+	if b.HealthInterval == 0 {
+		b.HealthInterval = caddy.Duration(defaultHealthInterval)
+	}
+	if b.HealthTimeout == 0 {
+		b.HealthTimeout = caddy.Duration(defaultHealthTimeout)
+	}
+	if b.HealthPasses == 0 {
+		b.HealthPasses = defaultHealthPasses
+	}
+	if b.HealthFails == 0 {
+		b.HealthFails = defaultHealthFails
+	}
+	if b.FailThreshold == 0 {
+		b.FailThreshold = defaultFailThreshold
+	}
+	if b.Query != "" {
+		if _, err := url.ParseQuery(strings.TrimPrefix(b.Query, "?")); err != nil {
+			return fmt.Errorf("query: %v", err)
+		}
+	}
+	return nil
+}
+
+func validStatusExpectation(code int) bool {
+	return (code >= 1 && code <= 5) || (code >= 100 && code <= 599)
+}
+
+// parseBackendURL normalises a backend address: a bare host[:port] gets
+// http and Ollama's port 11434; a URL with a scheme but no port gets that
+// scheme's port (80 or 443). The host is lowercased and a trailing slash
+// dropped. Credentials in the URL are rejected: use bearer_token or header,
+// which are never shown.
+func parseBackendURL(raw string) (*url.URL, error) {
+	s := strings.TrimSpace(raw)
+	explicitScheme := strings.Contains(s, "://")
+	if !explicitScheme {
+		s = "http://" + s
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, fmt.Errorf("invalid URL %q: %v", raw, err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return nil, fmt.Errorf("scheme must be http or https, got %q", u.Scheme)
+	}
+	if u.User != nil {
+		return nil, errors.New("credentials in the URL are not allowed; use bearer_token or header")
+	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		return nil, errors.New("the URL must not carry a query or fragment; use the query option")
+	}
+	host := u.Hostname()
+	if host == "" {
+		return nil, fmt.Errorf("missing host in %q", raw)
+	}
+	port := u.Port()
+	if port == "" {
+		// A bare address means Ollama's own port; an explicit scheme
+		// means what a URL means everywhere else.
+		switch {
+		case !explicitScheme:
+			port = defaultOllamaPort
+		case u.Scheme == "https":
+			port = "443"
+		default:
+			port = "80"
+		}
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return nil, fmt.Errorf("invalid port %q", port)
+	}
+	u.Host = net.JoinHostPort(strings.ToLower(host), port)
+	u.Path = strings.TrimRight(u.Path, "/")
+	u.RawPath = ""
+	return u, nil
+}
+
+func normalizeLabels(in []string) []string {
+	var out []string
+	seen := make(map[string]bool)
+	for _, l := range in {
+		l = strings.ToLower(strings.TrimSpace(l))
+		if l == "" || seen[l] {
+			continue
+		}
+		seen[l] = true
+		out = append(out, l)
+	}
+	return out
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)
