@@ -1,0 +1,596 @@
+package ollamaflow
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/tidwall/gjson"
+	"go.uber.org/zap"
+)
+
+// routeKind is what a request asks for, which decides how it is gated and
+// where it may go.
+type routeKind int
+
+const (
+	kindRoot routeKind = iota
+	kindVersion
+	kindCompletion
+	kindEmbedding
+	kindModelRead
+	kindManagement
+)
+
+func (k routeKind) String() string {
+	switch k {
+	case kindCompletion:
+		return "completion"
+	case kindEmbedding:
+		return "embedding"
+	case kindModelRead:
+		return "model read"
+	case kindManagement:
+		return "model management"
+	case kindVersion:
+		return "version"
+	default:
+		return "root"
+	}
+}
+
+// apiFormat is the API a request came in on; errors answer in its format.
+type apiFormat int
+
+const (
+	apiOllama apiFormat = iota
+	apiOpenAI
+)
+
+type route struct {
+	kind       routeKind
+	methods    string // allowed methods, as for the Allow header
+	needsModel bool   // the JSON body must name a model
+}
+
+// routes is SPEC §3's route table for exact paths; prefixRoutes covers the
+// paths that end in a parameter.
+var routes = map[string]route{
+	"/":                    {kindRoot, "GET, HEAD", false},
+	"/api/version":         {kindVersion, "GET", false},
+	"/api/generate":        {kindCompletion, "POST", true},
+	"/api/chat":            {kindCompletion, "POST", true},
+	"/v1/completions":      {kindCompletion, "POST", true},
+	"/v1/chat/completions": {kindCompletion, "POST", true},
+	"/api/embed":           {kindEmbedding, "POST", true},
+	"/api/embeddings":      {kindEmbedding, "POST", true},
+	"/v1/embeddings":       {kindEmbedding, "POST", true},
+	"/api/tags":            {kindModelRead, "GET", false},
+	"/api/ps":              {kindModelRead, "GET", false},
+	"/api/show":            {kindModelRead, "POST", false},
+	"/v1/models":           {kindModelRead, "GET", false},
+	"/api/pull":            {kindManagement, "POST", false},
+	"/api/delete":          {kindManagement, "DELETE", false},
+	"/api/copy":            {kindManagement, "POST", false},
+	"/api/create":          {kindManagement, "POST", false},
+	"/api/push":            {kindManagement, "POST", false},
+}
+
+var prefixRoutes = []struct {
+	prefix string
+	route  route
+}{
+	{"/v1/models/", route{kindModelRead, "GET", false}},
+	{"/api/blobs/", route{kindManagement, "HEAD, POST", false}},
+}
+
+// classify maps a request to its route. ok is false for an unknown path;
+// allowed is false for a known path with a method it does not take.
+func classify(method, path string) (rt route, ok, allowed bool) {
+	rt, ok = routes[path]
+	if !ok {
+		for _, p := range prefixRoutes {
+			if strings.HasPrefix(path, p.prefix) && len(path) > len(p.prefix) && !strings.Contains(path[len(p.prefix):], "/") {
+				rt, ok = p.route, true
+				break
+			}
+		}
+	}
+	if !ok {
+		return rt, false, false
+	}
+	for _, m := range strings.Split(rt.methods, ", ") {
+		if m == method {
+			return rt, true, true
+		}
+	}
+	return rt, true, false
+}
+
+func apiOf(path string) apiFormat {
+	if strings.HasPrefix(path, "/v1/") {
+		return apiOpenAI
+	}
+	return apiOllama
+}
+
+// Sentinel causes for cancelling an attempt.
+var (
+	errFirstByteTimeout = errors.New("no response headers within first_byte_timeout")
+	errStreamIdle       = errors.New("stream idle beyond stream_idle_timeout")
+)
+
+// ServeHTTP classifies the request, gates it, reads and checks its body,
+// and proxies it to a backend.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	api := apiOf(r.URL.Path)
+	rt, known, allowed := classify(r.Method, r.URL.Path)
+	if !known {
+		return h.fail(w, api, http.StatusNotFound, fmt.Sprintf("unknown path %s: this endpoint serves the Ollama API (/api/*) and the OpenAI-compatible API (/v1/*)", r.URL.Path))
+	}
+	if !allowed {
+		w.Header().Set("Allow", rt.methods)
+		return h.fail(w, api, http.StatusMethodNotAllowed, fmt.Sprintf("method %s is not allowed on %s; use %s", r.Method, r.URL.Path, rt.methods))
+	}
+
+	switch rt.kind {
+	case kindRoot:
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusOK)
+		if r.Method != http.MethodHead {
+			_, _ = io.WriteString(w, "Ollama is running")
+		}
+		return nil
+	case kindManagement:
+		if !h.AllowModelManagement {
+			return h.fail(w, api, http.StatusForbidden, "model management is disabled on this frontend; set allow_model_management in its ollamaflow block to enable pull, delete, copy, create, push and blob uploads")
+		}
+		return h.fail(w, api, http.StatusNotImplemented, "model management through the load balancer is not available in this version")
+	case kindCompletion:
+		if !h.allowCompl {
+			return h.fail(w, api, http.StatusForbidden, "completion requests are not allowed on this frontend")
+		}
+	case kindEmbedding:
+		if !h.allowEmbed {
+			return h.fail(w, api, http.StatusForbidden, "embedding requests are not allowed on this frontend")
+		}
+	}
+
+	var body []byte
+	if r.Method == http.MethodPost {
+		var status int
+		var err error
+		body, status, err = h.readBody(r)
+		if err != nil {
+			return h.fail(w, api, status, err.Error())
+		}
+		if rt.needsModel {
+			model, err := requestModel(body)
+			if err != nil {
+				return h.fail(w, api, http.StatusBadRequest, err.Error())
+			}
+			if h.models != nil {
+				if _, ok := h.models[normalizeModel(model)]; !ok {
+					return h.fail(w, api, http.StatusForbidden, fmt.Sprintf("model %q is not allowed on this frontend", model))
+				}
+			}
+		}
+	}
+
+	labels := h.requestLabels(r)
+	cands, why := h.candidates(rt.kind, labels)
+	if why != nil {
+		w.Header().Set("Retry-After", "5")
+		return h.fail(w, api, http.StatusServiceUnavailable, why.msg)
+	}
+	return h.proxy(w, r, api, body, cands)
+}
+
+// readBody reads the whole request body within max_request_body.
+func (h *Handler) readBody(r *http.Request) ([]byte, int, error) {
+	limit := h.MaxRequestBody
+	if r.ContentLength > limit {
+		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("request body of %d bytes exceeds the limit of %d bytes (max_request_body)", r.ContentLength, limit)
+	}
+	size := r.ContentLength
+	if size < 0 || size > 64<<10 {
+		size = 512
+	}
+	buf := bytes.NewBuffer(make([]byte, 0, size+1))
+	n, err := buf.ReadFrom(io.LimitReader(r.Body, limit+1))
+	if err != nil {
+		return nil, http.StatusBadRequest, fmt.Errorf("reading the request body: %v", err)
+	}
+	if n > limit {
+		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("request body exceeds the limit of %d bytes (max_request_body)", limit)
+	}
+	return buf.Bytes(), 0, nil
+}
+
+// requestModel checks that body is a JSON object and returns its model.
+func requestModel(body []byte) (string, error) {
+	trimmed := bytes.TrimLeft(body, " \t\r\n")
+	if len(trimmed) == 0 || trimmed[0] != '{' || !gjson.ValidBytes(trimmed) {
+		return "", errors.New("request body must be a JSON object")
+	}
+	m := gjson.GetBytes(trimmed, "model")
+	if m.Type != gjson.String || strings.TrimSpace(m.Str) == "" {
+		return "", errors.New(`request body must name a model: {"model":"NAME",…}`)
+	}
+	return m.Str, nil
+}
+
+// requestLabels is the frontend's labels plus any the client adds in the
+// label header; a backend must carry all of them.
+func (h *Handler) requestLabels(r *http.Request) []string {
+	vals := r.Header.Values(h.labelHeader)
+	if len(vals) == 0 {
+		return h.labels
+	}
+	labels := append([]string(nil), h.labels...)
+	for _, v := range vals {
+		labels = append(labels, strings.Split(v, ",")...)
+	}
+	return normalizeLabels(labels)
+}
+
+// attemptResult says what an attempt did: wrote the response (done), or
+// left the client untouched so another backend may be tried.
+type attemptResult struct {
+	done   bool
+	status int    // backend status when it answered, 0 on a transport error
+	cause  string // what went wrong, for the final error message
+}
+
+// proxy runs the attempt loop: each attempt takes a slot on a different
+// backend; failures before the first response byte move on to the next.
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend) error {
+	tried := make([]*backend, 0, h.retries+1)
+	var last attemptResult
+	for attempt := 0; attempt <= h.retries; attempt++ {
+		avail := cands
+		if len(tried) > 0 {
+			avail = exclude(cands, tried)
+		}
+		if len(avail) == 0 {
+			break
+		}
+		b := h.acquire(avail)
+		if b == nil {
+			if attempt == 0 {
+				w.Header().Set("Retry-After", "1")
+				return h.fail(w, api, http.StatusServiceUnavailable, "every backend is at its max_parallel limit; retry shortly")
+			}
+			break
+		}
+		tried = append(tried, b)
+		final := attempt == h.retries || len(avail) == 1
+		last = h.attempt(w, r, api, body, b, final)
+		if last.done {
+			return nil
+		}
+	}
+	if r.Context().Err() != nil {
+		return nil // the client is gone; nobody to answer
+	}
+	msg := "no backend could serve the request"
+	if last.cause != "" {
+		msg += ": " + last.cause
+	}
+	return h.fail(w, api, http.StatusBadGateway, msg)
+}
+
+func exclude(list, drop []*backend) []*backend {
+	out := make([]*backend, 0, len(list))
+outer:
+	for _, b := range list {
+		for _, d := range drop {
+			if b == d {
+				continue outer
+			}
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+// retryable reports whether a backend status before the first byte may be
+// retried on another backend.
+func retryable(status int) bool {
+	return status == http.StatusBadGateway || status == http.StatusServiceUnavailable || status == http.StatusGatewayTimeout
+}
+
+// attempt sends the request to b (holding a slot on it) and, unless it
+// fails in a way another backend may fix, streams the answer to the client.
+// It always releases the slot.
+func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool) attemptResult {
+	defer b.srv.release()
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
+
+	out := h.outboundRequest(ctx, r, b, body)
+	firstByte := time.AfterFunc(time.Duration(h.FirstByteTimeout), func() { cancel(errFirstByteTimeout) })
+	res, err := h.transport.RoundTrip(out)
+	if !firstByte.Stop() && err == nil {
+		// The timer fired as the headers arrived: the attempt is cancelled.
+		res.Body.Close()
+		err = context.Cause(ctx)
+	}
+	if err != nil {
+		if r.Context().Err() != nil {
+			return attemptResult{done: true} // client went away: not the backend's fault
+		}
+		if errors.Is(context.Cause(ctx), errFirstByteTimeout) {
+			b.srv.recordFailure(errFirstByteTimeout.Error())
+			h.logAttempt(b, "first byte timeout", errFirstByteTimeout)
+			_ = h.fail(w, api, http.StatusGatewayTimeout, fmt.Sprintf("backend %s sent no response within %s (first_byte_timeout); the model may still be loading, retry later", b.cfg.Name, time.Duration(h.FirstByteTimeout)))
+			return attemptResult{done: true}
+		}
+		err = redactURLError(err)
+		b.srv.recordFailure(err.Error())
+		h.logAttempt(b, "backend unreachable", err)
+		return attemptResult{cause: fmt.Sprintf("backend %s: %v", b.cfg.Name, err)}
+	}
+
+	if res.StatusCode >= 500 {
+		b.srv.recordFailure(fmt.Sprintf("status %d", res.StatusCode))
+	} else {
+		b.srv.recordSuccess()
+	}
+	if !final {
+		if retryable(res.StatusCode) {
+			res.Body.Close()
+			h.logAttempt(b, "retrying after backend status", fmt.Errorf("status %d", res.StatusCode))
+			return attemptResult{status: res.StatusCode, cause: fmt.Sprintf("backend %s answered %d", b.cfg.Name, res.StatusCode)}
+		}
+		if res.StatusCode == http.StatusNotFound {
+			retry, head := modelMissing(res)
+			if retry {
+				res.Body.Close()
+				h.logAttempt(b, "model missing on backend, retrying", nil)
+				return attemptResult{status: res.StatusCode, cause: fmt.Sprintf("backend %s does not have the model", b.cfg.Name)}
+			}
+			res.Body = readCloser{io.MultiReader(bytes.NewReader(head), res.Body), res.Body}
+		}
+	}
+	h.stream(w, r, res, b, ctx, cancel)
+	return attemptResult{done: true, status: res.StatusCode}
+}
+
+type readCloser struct {
+	io.Reader
+	io.Closer
+}
+
+// modelMissing peeks at a 404 body to tell "model not found" (worth another
+// backend) from any other 404. It returns what it read so the body can be
+// passed on intact.
+func modelMissing(res *http.Response) (bool, []byte) {
+	head, _ := io.ReadAll(io.LimitReader(res.Body, 4<<10))
+	msg := gjson.GetBytes(head, "error")
+	if msg.Type == gjson.JSON {
+		msg = msg.Get("message")
+	}
+	s := strings.ToLower(msg.String())
+	return strings.Contains(s, "model") && strings.Contains(s, "not found"), head
+}
+
+// outboundRequest builds the request to b: the client's method, path,
+// query and headers (minus hop-by-hop ones and its Authorization), the
+// backend's credentials, headers and query, and X-Forwarded-*.
+func (h *Handler) outboundRequest(ctx context.Context, r *http.Request, b *backend, body []byte) *http.Request {
+	u := *b.base
+	u.Path = b.base.Path + r.URL.Path
+	u.RawPath = ""
+	switch {
+	case r.URL.RawQuery != "" && b.query != "":
+		u.RawQuery = r.URL.RawQuery + "&" + b.query
+	case b.query != "":
+		u.RawQuery = b.query
+	default:
+		u.RawQuery = r.URL.RawQuery
+	}
+
+	hdr := make(http.Header, len(r.Header)+4)
+	for k, v := range r.Header {
+		hdr[k] = v
+	}
+	stripHopByHop(hdr)
+	hdr.Del("Authorization")
+	hdr.Del(h.labelHeader)
+	for k, v := range b.header {
+		hdr[k] = v
+	}
+	setForwarded(hdr, r)
+
+	out := &http.Request{
+		Method:     r.Method,
+		URL:        &u,
+		Proto:      "HTTP/1.1",
+		ProtoMajor: 1,
+		ProtoMinor: 1,
+		Header:     hdr,
+		Host:       u.Host,
+	}
+	if body != nil {
+		out.ContentLength = int64(len(body))
+		out.Body = io.NopCloser(bytes.NewReader(body))
+		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+		if out.ContentLength == 0 {
+			out.Body = http.NoBody
+		}
+	}
+	return out.WithContext(ctx)
+}
+
+// Hop-by-hop headers (RFC 9110 §7.6.1) and the de-facto ones proxies drop.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+func stripHopByHop(hdr http.Header) {
+	for _, v := range hdr["Connection"] {
+		for _, f := range strings.Split(v, ",") {
+			if f = textproto.TrimString(f); f != "" {
+				hdr.Del(f)
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		delete(hdr, k)
+	}
+}
+
+// setForwarded sets X-Forwarded-For/Proto/Host, keeping incoming values only
+// when Caddy trusts the peer (trusted_proxies).
+func setForwarded(hdr http.Header, r *http.Request) {
+	trusted, _ := caddyhttp.GetVar(r.Context(), caddyhttp.TrustedProxyVarKey).(bool)
+	ip, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		ip = r.RemoteAddr
+	}
+	if prior := hdr.Values("X-Forwarded-For"); trusted && len(prior) > 0 {
+		hdr.Set("X-Forwarded-For", strings.Join(prior, ", ")+", "+ip)
+	} else {
+		hdr.Set("X-Forwarded-For", ip)
+	}
+	if !trusted || hdr.Get("X-Forwarded-Proto") == "" {
+		proto := "http"
+		if r.TLS != nil {
+			proto = "https"
+		}
+		hdr.Set("X-Forwarded-Proto", proto)
+	}
+	if !trusted || hdr.Get("X-Forwarded-Host") == "" {
+		hdr.Set("X-Forwarded-Host", r.Host)
+	}
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// stream copies the backend's answer to the client byte for byte, flushing
+// after every write so tokens arrive as they are generated. A stall longer
+// than stream_idle_timeout, or a backend that dies mid-stream, ends the
+// stream: it is never restarted, since the client already has part of it.
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc) {
+	defer res.Body.Close()
+	hdr := w.Header()
+	stripHopByHop(res.Header)
+	for k, v := range res.Header {
+		hdr[k] = v
+	}
+	hdr.Set("X-OllamaFlow-Backend", b.cfg.Name)
+	w.WriteHeader(res.StatusCode)
+
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+
+	idle := time.Duration(h.StreamIdleTimeout)
+	idleTimer := time.AfterFunc(idle, func() { cancel(errStreamIdle) })
+	defer idleTimer.Stop()
+
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	for {
+		n, rerr := res.Body.Read(buf)
+		if n > 0 {
+			idleTimer.Reset(idle)
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return // client gone; deferred cancel stops the backend
+			}
+			if err := rc.Flush(); err != nil {
+				return
+			}
+		}
+		if rerr == io.EOF {
+			return
+		}
+		if rerr != nil {
+			switch {
+			case r.Context().Err() != nil:
+				// The client went away; the backend did nothing wrong.
+			case errors.Is(context.Cause(ctx), errStreamIdle):
+				b.srv.recordFailure(errStreamIdle.Error())
+				h.logAttempt(b, "stream stalled, ending it", errStreamIdle)
+			default:
+				b.srv.recordFailure("stream broken: " + redactURLError(rerr).Error())
+				h.logAttempt(b, "stream broken", redactURLError(rerr))
+			}
+			return
+		}
+	}
+}
+
+func (h *Handler) logAttempt(b *backend, msg string, err error) {
+	if ce := h.logger.Check(zap.WarnLevel, msg); ce != nil {
+		ce.Write(zap.String("frontend", h.Name), zap.String("backend", b.cfg.Name), zap.Error(err))
+	}
+}
+
+// fail writes an error in the format of the API the request came in on.
+// It returns nil: the response is complete, Caddy has nothing to add.
+func (h *Handler) fail(w http.ResponseWriter, api apiFormat, status int, msg string) error {
+	var body []byte
+	if api == apiOpenAI {
+		typ, code := openAIErrorKind(status)
+		body, _ = json.Marshal(map[string]any{"error": map[string]any{"message": msg, "type": typ, "code": code}})
+	} else {
+		body, _ = json.Marshal(map[string]string{"error": msg})
+	}
+	hdr := w.Header()
+	hdr.Set("Content-Type", "application/json; charset=utf-8")
+	hdr.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+	return nil
+}
+
+// openAIErrorKind maps a status to the error type and code OpenAI clients
+// expect.
+func openAIErrorKind(status int) (typ string, code any) {
+	switch status {
+	case http.StatusBadRequest, http.StatusMethodNotAllowed:
+		return "invalid_request_error", nil
+	case http.StatusForbidden:
+		return "permission_error", "forbidden"
+	case http.StatusNotFound:
+		return "invalid_request_error", "not_found"
+	case http.StatusRequestEntityTooLarge:
+		return "invalid_request_error", "request_too_large"
+	case http.StatusTooManyRequests:
+		return "rate_limit_error", "queue_full"
+	case http.StatusGatewayTimeout:
+		return "server_error", "timeout"
+	default:
+		return "server_error", nil
+	}
+}
+
+// newTransport is the HTTP client side to backends: no environment proxy,
+// bytes passed through as sent (no transparent decompression), and enough
+// idle connections per server for a busy frontend.
+func newTransport(dialTimeout time.Duration) *http.Transport {
+	return &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          1024,
+		MaxIdleConnsPerHost:   256,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		DisableCompression:    true,
+	}
+}

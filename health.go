@@ -1,0 +1,318 @@
+package ollamaflow
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+)
+
+// servers holds the live state of every Ollama server named by any handler,
+// keyed by normalised URL. A handler takes one reference per backend in
+// Provision and gives it back in Cleanup; the server's goroutines stop when
+// the last reference goes.
+var servers = caddy.NewUsagePool()
+
+// healthState is a server's health verdict.
+type healthState int32
+
+const (
+	stateUnknown healthState = iota // not yet probed: counts as healthy
+	stateHealthy
+	stateUnhealthy
+)
+
+func (s healthState) String() string {
+	switch s {
+	case stateHealthy:
+		return "healthy"
+	case stateUnhealthy:
+		return "unhealthy"
+	default:
+		return "unknown"
+	}
+}
+
+// serverSettings is what the pooled server needs from the config. Every
+// Provision that names the server stores a fresh copy, so the latest config
+// wins without restarting the server's goroutines.
+type serverSettings struct {
+	probeURL      string
+	probeMethod   string
+	expectStatus  int
+	interval      time.Duration
+	timeout       time.Duration
+	passes        int
+	fails         int
+	failThreshold int
+	header        http.Header // bearer token and configured headers
+	logger        *zap.Logger
+}
+
+// server is the live state of one physical Ollama server, shared by every
+// handler that names it and kept across config reloads.
+type server struct {
+	key  string // normalised URL, never carries credentials
+	base *url.URL
+
+	settings atomic.Pointer[serverSettings]
+	state    atomic.Int32 // healthState
+	inFlight atomic.Int64
+	// failStreak counts consecutive proxy failures (passive health).
+	failStreak atomic.Int32
+
+	mu         sync.Mutex
+	passStreak int // consecutive passing probes
+	probeFails int // consecutive failing probes
+	since      time.Time
+	lastProbe  time.Time
+	lastErr    string
+
+	client *http.Client
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// acquireServer returns the pooled server for base, creating and starting it
+// if this is its first user, and gives it the latest settings.
+func acquireServer(base *url.URL, st *serverSettings) (*server, error) {
+	key := base.String()
+	val, loaded, err := servers.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newServer(base, st), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	srv := val.(*server)
+	if loaded {
+		srv.settings.Store(st)
+	}
+	return srv, nil
+}
+
+func newServer(base *url.URL, st *serverSettings) *server {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &server{
+		key:    base.String(),
+		base:   base,
+		since:  time.Now(),
+		client: &http.Client{Transport: newTransport(defaultDialTimeout)},
+		ctx:    ctx,
+		cancel: cancel,
+		done:   make(chan struct{}),
+	}
+	s.settings.Store(st)
+	go s.probeLoop()
+	return s
+}
+
+// Destruct stops the server's goroutines; the pool calls it when the last
+// handler using the server is cleaned up.
+func (s *server) Destruct() error {
+	s.cancel()
+	<-s.done
+	s.client.CloseIdleConnections()
+	return nil
+}
+
+func (s *server) logger() *zap.Logger {
+	return s.settings.Load().logger.Named("health").With(zap.String("server", s.key))
+}
+
+// healthy reports whether the server may receive requests as far as health
+// goes; a server not yet probed counts as healthy.
+func (s *server) healthy() bool {
+	return healthState(s.state.Load()) != stateUnhealthy
+}
+
+// probeLoop probes at once, so a fresh config routes within one round trip,
+// then every interval until the server is destroyed.
+func (s *server) probeLoop() {
+	defer close(s.done)
+	defer func() {
+		if rec := recover(); rec != nil {
+			s.logger().Error("panic in health checker", zap.Any("panic", rec), zap.Stack("stack"))
+		}
+	}()
+	s.probe()
+	for {
+		timer := time.NewTimer(s.settings.Load().interval)
+		select {
+		case <-s.ctx.Done():
+			timer.Stop()
+			return
+		case <-timer.C:
+		}
+		s.probe()
+	}
+}
+
+// probe runs one active health check and records its verdict.
+func (s *server) probe() {
+	st := s.settings.Load()
+	ctx, cancel := context.WithTimeout(s.ctx, st.timeout)
+	defer cancel()
+	err := s.check(ctx, st)
+	if s.ctx.Err() != nil {
+		return // shutting down: not a verdict on the server
+	}
+	s.recordProbe(err)
+}
+
+func (s *server) check(ctx context.Context, st *serverSettings) error {
+	req, err := http.NewRequestWithContext(ctx, st.probeMethod, st.probeURL, nil)
+	if err != nil {
+		return err
+	}
+	for k, v := range st.header {
+		req.Header[k] = v
+	}
+	res, err := s.client.Do(req)
+	if err != nil {
+		if ctx.Err() == context.DeadlineExceeded {
+			return fmt.Errorf("probe timed out after %s", st.timeout)
+		}
+		return fmt.Errorf("probe failed: %v", redactURLError(err))
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
+	res.Body.Close()
+	if !statusMatches(res.StatusCode, st.expectStatus) {
+		return fmt.Errorf("probe answered status %d, want %s", res.StatusCode, statusExpectation(st.expectStatus))
+	}
+	return nil
+}
+
+// recordProbe applies one probe result: the first probe decides the state
+// directly, later ones need health_passes / health_fails in a row.
+func (s *server) recordProbe(err error) {
+	st := s.settings.Load()
+	s.mu.Lock()
+	s.lastProbe = time.Now()
+	cur := healthState(s.state.Load())
+	var next healthState
+	var reason string
+	if err == nil {
+		s.passStreak++
+		s.probeFails = 0
+		switch {
+		case cur == stateUnknown:
+			next, reason = stateHealthy, "first probe passed"
+		case cur == stateUnhealthy && s.passStreak >= st.passes:
+			next, reason = stateHealthy, fmt.Sprintf("%d consecutive probes passed", s.passStreak)
+		}
+	} else {
+		s.lastErr = err.Error()
+		s.probeFails++
+		s.passStreak = 0
+		switch {
+		case cur == stateUnknown:
+			next, reason = stateUnhealthy, "first probe failed: "+err.Error()
+		case cur == stateHealthy && s.probeFails >= st.fails:
+			next, reason = stateUnhealthy, fmt.Sprintf("%d consecutive probes failed, last: %s", s.probeFails, err)
+		}
+	}
+	if next != stateUnknown {
+		s.transitionLocked(cur, next, reason)
+	}
+	s.mu.Unlock()
+}
+
+// recordSuccess notes a proxied request the server answered without a 5xx.
+func (s *server) recordSuccess() {
+	if s.failStreak.Load() != 0 {
+		s.failStreak.Store(0)
+	}
+}
+
+// recordFailure notes a proxy failure (connection error, 5xx, stalled
+// stream). fail_threshold of them in a row mark the server unhealthy at
+// once; the active checker brings it back.
+func (s *server) recordFailure(cause string) {
+	n := int(s.failStreak.Add(1))
+	st := s.settings.Load()
+	if n < st.failThreshold {
+		return
+	}
+	s.mu.Lock()
+	s.lastErr = cause
+	cur := healthState(s.state.Load())
+	if cur != stateUnhealthy {
+		s.passStreak = 0
+		s.transitionLocked(cur, stateUnhealthy, fmt.Sprintf("%d consecutive proxy failures, last: %s", n, cause))
+	}
+	s.mu.Unlock()
+}
+
+// transitionLocked changes the state and logs the transition once. s.mu
+// must be held.
+func (s *server) transitionLocked(from, to healthState, reason string) {
+	s.state.Store(int32(to))
+	s.since = time.Now()
+	if to == stateHealthy {
+		s.failStreak.Store(0)
+	}
+	msg := "backend up"
+	if to == stateUnhealthy {
+		msg = "backend down"
+	}
+	s.logger().Info(msg,
+		zap.String("from", from.String()),
+		zap.String("to", to.String()),
+		zap.String("reason", reason))
+}
+
+// tryAcquire takes a request slot if the server has fewer than limit in
+// flight (limit 0: no cap). The count lives on the shared server, so it
+// spans every handler and survives reloads.
+func (s *server) tryAcquire(limit int) bool {
+	if limit <= 0 {
+		s.inFlight.Add(1)
+		return true
+	}
+	for {
+		n := s.inFlight.Load()
+		if n >= int64(limit) {
+			return false
+		}
+		if s.inFlight.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+func (s *server) release() {
+	s.inFlight.Add(-1)
+}
+
+// statusMatches reports whether code meets want: a full code, or a class
+// digit (2 means any 2xx).
+func statusMatches(code, want int) bool {
+	if want < 10 {
+		return code/100 == want
+	}
+	return code == want
+}
+
+func statusExpectation(want int) string {
+	if want < 10 {
+		return fmt.Sprintf("%dxx", want)
+	}
+	return fmt.Sprint(want)
+}
+
+// redactURLError strips the URL from a *url.Error, whose query may carry a
+// configured token.
+func redactURLError(err error) error {
+	if ue, ok := err.(*url.Error); ok {
+		return ue.Err
+	}
+	return err
+}
