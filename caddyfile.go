@@ -1,0 +1,462 @@
+package ollamaflow
+
+import (
+	"fmt"
+	"math"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("ollamaflow", parseCaddyfile)
+	// An ollamaflow site usually answers the Ollama API and hands anything
+	// else to a reverse_proxy or file_server, so it runs before them and
+	// users need no order line.
+	httpcaddyfile.RegisterDirectiveOrder("ollamaflow", httpcaddyfile.Before, "reverse_proxy")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(Handler)
+	if err := handler.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return handler, nil
+}
+
+// Options that may be given more than once in a block; their values
+// accumulate. Any other option given twice is an error, because the second
+// value would silently replace the first.
+var (
+	repeatableHandlerOptions = map[string]bool{"models": true, "labels": true, "backend": true}
+	repeatableBackendOptions = map[string]bool{"labels": true, "header": true}
+)
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	ollamaflow [<matcher>] {
+//		name                   <name>
+//		lb_policy              least_conn|round_robin|random|first
+//		retries                <count>
+//		max_request_body       <size>
+//		dial_timeout           <duration>
+//		first_byte_timeout     <duration>
+//		stream_idle_timeout    <duration>
+//		allow_embeddings       [true|false]
+//		allow_completions      [true|false]
+//		allow_model_management [true|false]
+//		models                 <model...>
+//		labels                 <label...>
+//		label_header           <header>
+//
+//		backend <name> <url> [{
+//			# see Backend.UnmarshalCaddyfile
+//		}]
+//	}
+//
+// A flag without an argument means true. Sizes accept units (64MiB, 10MB)
+// or plain bytes; durations use Caddy's syntax (5s, 2m, 1d). models, labels
+// and backend may repeat; every other option may be given once. At least
+// one backend is required.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume the directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+
+	seen := make(map[string]bool)
+	backendNames := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] && !repeatableHandlerOptions[opt] {
+			return d.Errf("duplicate ollamaflow option '%s'", opt)
+		}
+		seen[opt] = true
+
+		var err error
+		switch opt {
+		case "name":
+			h.Name, err = oneArg(d)
+		case "lb_policy":
+			h.LBPolicy, err = parsePolicy(d)
+		case "retries":
+			var n int
+			n, err = parseInt(d, 0)
+			h.Retries = &n
+		case "max_request_body":
+			h.MaxRequestBody, err = parseSize(d)
+		case "dial_timeout":
+			h.DialTimeout, err = parseDuration(d)
+		case "first_byte_timeout":
+			h.FirstByteTimeout, err = parseDuration(d)
+		case "stream_idle_timeout":
+			h.StreamIdleTimeout, err = parseDuration(d)
+		case "allow_embeddings":
+			h.AllowEmbeddings, err = parseFlagPtr(d)
+		case "allow_completions":
+			h.AllowCompletions, err = parseFlagPtr(d)
+		case "allow_model_management":
+			h.AllowModelManagement, err = parseFlag(d)
+		case "models":
+			var models []string
+			models, err = someArgs(d)
+			h.Models = append(h.Models, models...)
+		case "labels":
+			var labels []string
+			labels, err = someArgs(d)
+			h.Labels = append(h.Labels, labels...)
+		case "label_header":
+			h.LabelHeader, err = oneArg(d)
+		case "backend":
+			var b *Backend
+			b, err = parseBackendSegment(d, backendNames)
+			if b != nil {
+				h.Backends = append(h.Backends, b)
+			}
+		default:
+			return unrecognized(d, "ollamaflow")
+		}
+		if err != nil {
+			return err
+		}
+	}
+
+	if len(h.Backends) == 0 {
+		// Point at the directive itself: the block is where the backend
+		// is missing, and its last token may be anything.
+		d.Reset()
+		d.Next()
+		return d.Errf("at least one backend is required (backend <name> <url>)")
+	}
+	return nil
+}
+
+// parseBackendSegment parses the backend line (and its block) under the
+// cursor into a new Backend, rejecting a name already used in this handler.
+func parseBackendSegment(d *caddyfile.Dispenser, names map[string]bool) (*Backend, error) {
+	sub := caddyfile.NewDispenser(d.NextSegment())
+	b := new(Backend)
+	if err := b.UnmarshalCaddyfile(sub); err != nil {
+		if b.Name != "" {
+			return nil, fmt.Errorf("backend '%s': %w", b.Name, err)
+		}
+		return nil, err
+	}
+	if names[b.Name] {
+		// Report at the name, not at the end of the backend's block.
+		sub.Reset()
+		sub.Next()
+		sub.NextArg()
+		return nil, sub.Errf("duplicate backend name '%s'", b.Name)
+	}
+	names[b.Name] = true
+	return b, nil
+}
+
+// UnmarshalCaddyfile sets up the backend from Caddyfile tokens. Syntax:
+//
+//	backend <name> <url> {
+//		labels            <label...>
+//		max_parallel      <count>
+//		weight            <weight>
+//		allow_embeddings  [true|false]
+//		allow_completions [true|false]
+//		bearer_token      <token>
+//		header            <field> <value>
+//		query             <query>
+//		disabled          [true|false]
+//
+//		health_uri        <path>
+//		health_method     GET|HEAD
+//		health_status     <code>|<class>xx
+//		health_interval   <duration>
+//		health_timeout    <duration>
+//		health_passes     <count>
+//		health_fails      <count>
+//		fail_threshold    <count>
+//	}
+//
+// The url is host[:port] (http and port 11434 implied) or a full http or
+// https URL. labels and header may repeat; every other option may be given
+// once. max_parallel 0 means no cap; the other counts must be at least 1.
+func (b *Backend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume "backend"
+	if !d.Args(&b.Name, &b.URL) {
+		return d.ArgErr()
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	if _, err := parseBackendURL(b.URL); err != nil {
+		return d.Errf("url: %v", err)
+	}
+
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] && !repeatableBackendOptions[opt] {
+			return d.Errf("duplicate backend option '%s'", opt)
+		}
+		seen[opt] = true
+
+		var err error
+		switch opt {
+		case "labels":
+			var labels []string
+			labels, err = someArgs(d)
+			b.Labels = append(b.Labels, labels...)
+		case "max_parallel":
+			b.MaxParallel, err = parseInt(d, 0)
+		case "weight":
+			b.Weight, err = parseInt(d, 1)
+		case "allow_embeddings":
+			b.AllowEmbeddings, err = parseFlagPtr(d)
+		case "allow_completions":
+			b.AllowCompletions, err = parseFlagPtr(d)
+		case "bearer_token":
+			b.BearerToken, err = oneArg(d)
+		case "header":
+			err = parseHeader(d, b)
+		case "query":
+			b.Query, err = parseQuery(d)
+		case "disabled":
+			b.Disabled, err = parseFlag(d)
+		case "health_uri":
+			b.HealthURI, err = parseHealthURI(d)
+		case "health_method":
+			b.HealthMethod, err = parseHealthMethod(d)
+		case "health_status":
+			b.HealthStatus, err = parseHealthStatus(d)
+		case "health_interval":
+			b.HealthInterval, err = parseDuration(d)
+		case "health_timeout":
+			b.HealthTimeout, err = parseDuration(d)
+		case "health_passes":
+			b.HealthPasses, err = parseInt(d, 1)
+		case "health_fails":
+			b.HealthFails, err = parseInt(d, 1)
+		case "fail_threshold":
+			b.FailThreshold, err = parseInt(d, 1)
+		default:
+			return unrecognized(d, "backend")
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// The helpers below are called with the cursor on an option name; they
+// consume that option's arguments and report errors at its line, naming it.
+
+// unrecognized reports the option under the cursor as unknown. A '{' in
+// option position is a block opened after an option that takes none.
+func unrecognized(d *caddyfile.Dispenser, kind string) error {
+	if d.Val() == "{" {
+		return d.Err("unexpected '{': the option on this line takes no block")
+	}
+	return d.Errf("unrecognized %s option '%s'", kind, d.Val())
+}
+
+// oneArg returns the option's single argument.
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	if len(args) != 1 {
+		return "", d.Errf("%s: want exactly one argument, got %d", opt, len(args))
+	}
+	return args[0], nil
+}
+
+// someArgs returns the option's arguments, of which there must be at least one.
+func someArgs(d *caddyfile.Dispenser) ([]string, error) {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return nil, d.Errf("%s: want at least one argument", opt)
+	}
+	return args, nil
+}
+
+// parseFlag reads a boolean option: bare means true, else true or false.
+func parseFlag(d *caddyfile.Dispenser) (bool, error) {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	switch {
+	case len(args) == 0:
+		return true, nil
+	case len(args) > 1:
+		return false, d.Errf("%s: want at most one argument (true or false), got %d", opt, len(args))
+	case args[0] == "true":
+		return true, nil
+	case args[0] == "false":
+		return false, nil
+	default:
+		return false, d.Errf("%s: want true or false, got '%s'", opt, args[0])
+	}
+}
+
+// parseFlagPtr is parseFlag for options whose unset state has its own
+// default.
+func parseFlagPtr(d *caddyfile.Dispenser) (*bool, error) {
+	v, err := parseFlag(d)
+	if err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+// parseInt reads an integer option that must be at least minimum.
+func parseInt(d *caddyfile.Dispenser, minimum int) (int, error) {
+	opt := d.Val()
+	s, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, d.Errf("%s: want an integer, got '%s'", opt, s)
+	}
+	if n < minimum {
+		if minimum == 0 {
+			return 0, d.Errf("%s: must not be negative, got %d", opt, n)
+		}
+		return 0, d.Errf("%s: must be at least %d, got %d", opt, minimum, n)
+	}
+	return n, nil
+}
+
+// parseDuration reads a positive duration. Zero is refused rather than
+// silently meaning the default.
+func parseDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	opt := d.Val()
+	s, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	dur, err := caddy.ParseDuration(s)
+	if err != nil {
+		return 0, d.Errf("%s: invalid duration '%s': %v", opt, s, err)
+	}
+	if dur <= 0 {
+		return 0, d.Errf("%s: must be positive, got %s", opt, time.Duration(dur))
+	}
+	return caddy.Duration(dur), nil
+}
+
+// parseSize reads a positive byte size such as 64MiB, 10MB or 1048576.
+func parseSize(d *caddyfile.Dispenser) (int64, error) {
+	opt := d.Val()
+	s, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := humanize.ParseBytes(s)
+	if err != nil {
+		return 0, d.Errf("%s: invalid size '%s': %v", opt, s, err)
+	}
+	if n == 0 || n > math.MaxInt64 {
+		return 0, d.Errf("%s: must be between 1 byte and %d bytes, got '%s'", opt, int64(math.MaxInt64), s)
+	}
+	return int64(n), nil
+}
+
+// parsePolicy reads lb_policy, accepting the policies the balancer knows.
+func parsePolicy(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	s, err := oneArg(d)
+	if err != nil {
+		return "", err
+	}
+	if _, ok := policies[s]; !ok {
+		return "", d.Errf("%s: unknown policy '%s' (want one of %s)", opt, s, policyNames())
+	}
+	return s, nil
+}
+
+// parseHeader reads "header <field> <value>" and adds it to the backend.
+func parseHeader(d *caddyfile.Dispenser, b *Backend) error {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	if len(args) != 2 {
+		return d.Errf("%s: want 2 arguments (a field name and a value), got %d", opt, len(args))
+	}
+	if b.Headers == nil {
+		b.Headers = make(http.Header)
+	}
+	b.Headers.Add(args[0], args[1])
+	return nil
+}
+
+// parseQuery reads the query appended to every backend URL.
+func parseQuery(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	s, err := oneArg(d)
+	if err != nil {
+		return "", err
+	}
+	if _, err := url.ParseQuery(strings.TrimPrefix(s, "?")); err != nil {
+		return "", d.Errf("%s: invalid query '%s': %v", opt, s, err)
+	}
+	return s, nil
+}
+
+// parseHealthURI reads the probe path, which must be absolute.
+func parseHealthURI(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	s, err := oneArg(d)
+	if err != nil {
+		return "", err
+	}
+	if !strings.HasPrefix(s, "/") {
+		return "", d.Errf("%s: must start with /, got '%s'", opt, s)
+	}
+	return s, nil
+}
+
+// parseHealthMethod reads GET or HEAD, in any case.
+func parseHealthMethod(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	s, err := oneArg(d)
+	if err != nil {
+		return "", err
+	}
+	m := strings.ToUpper(s)
+	if m != http.MethodGet && m != http.MethodHead {
+		return "", d.Errf("%s: want GET or HEAD, got '%s'", opt, s)
+	}
+	return m, nil
+}
+
+// parseHealthStatus reads a status code (200) or a class (2xx); a class is
+// stored as its digit, as the JSON field expects.
+func parseHealthStatus(d *caddyfile.Dispenser) (int, error) {
+	opt := d.Val()
+	s, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	if len(s) == 3 && strings.EqualFold(s[1:], "xx") && s[0] >= '1' && s[0] <= '5' {
+		return int(s[0] - '0'), nil
+	}
+	code, err := strconv.Atoi(s)
+	if err != nil || len(s) != 3 || code < 100 || code > 599 {
+		return 0, d.Errf("%s: want a status code (100-599) or a class (1xx-5xx), got '%s'", opt, s)
+	}
+	return code, nil
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*Backend)(nil)
+)

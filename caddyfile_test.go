@@ -1,0 +1,184 @@
+package ollamaflow
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddytest"
+)
+
+// TestCaddyfileAdapt adapts each testdata/*.caddyfiletest (a Caddyfile, a
+// line of ten dashes, then the expected JSON) and compares the result.
+func TestCaddyfileAdapt(t *testing.T) {
+	files, err := filepath.Glob("testdata/*.caddyfiletest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) == 0 {
+		t.Fatal("no testdata/*.caddyfiletest files")
+	}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			data, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			input, expected, ok := strings.Cut(string(data), "----------")
+			if !ok {
+				t.Fatalf("%s: no ---------- separator", file)
+			}
+			input = strings.TrimSpace(input) + "\n"
+			expected = strings.TrimSpace(expected)
+			if !caddytest.CompareAdapt(t, file, input, "caddyfile", expected) {
+				t.Errorf("adapted config of %s differs from the expected JSON (diff above)", file)
+			}
+		})
+	}
+}
+
+// frontend wraps option lines in a site and an ollamaflow block, so the
+// first body line is line 3 of the Caddyfile.
+func frontend(body string) string {
+	return ":8080 {\n\tollamaflow {\n" + body + "\n\t}\n}\n"
+}
+
+func TestCaddyfileParseErrors(t *testing.T) {
+	const ok = "\t\tbackend ok localhost"
+	tests := []struct {
+		name  string
+		input string
+		want  string // substring of the error
+		line  int    // the error must end with Caddyfile:line
+	}{
+		// Structure.
+		{"no block", ":8080 {\n\tollamaflow\n}\n", "at least one backend is required", 2},
+		{"no backend", frontend("\t\tname llm"), "at least one backend is required", 2},
+		{"directive argument", ":8080 {\n\tollamaflow extra {\n" + ok + "\n\t}\n}\n", "wrong argument count", 2},
+		{"unknown option", frontend("\t\tfoo bar\n" + ok), "unrecognized ollamaflow option 'foo'", 3},
+		{"block after a plain option", frontend("\t\tlabels a {\n\t\t\tb\n\t\t}\n" + ok), "unexpected '{': the option on this line takes no block", 3},
+		{"duplicate option", frontend("\t\tname a\n\t\tname b\n" + ok), "duplicate ollamaflow option 'name'", 4},
+		// Options of later issues stay unrecognized until their fields exist.
+		{"required_models not yet", frontend("\t\trequired_models llama3.2:1b\n" + ok), "unrecognized ollamaflow option 'required_models'", 3},
+		{"sticky not yet", frontend("\t\tsticky {\n\t\t\tclient_ip\n\t\t}\n" + ok), "unrecognized ollamaflow option 'sticky'", 3},
+		{"model_refresh not yet", frontend("\t\tbackend a localhost {\n\t\t\tmodel_refresh 15s\n\t\t}"), "unrecognized backend option 'model_refresh'", 4},
+
+		// Frontend values.
+		{"name without value", frontend("\t\tname\n" + ok), "name: want exactly one argument, got 0", 3},
+		{"name with two values", frontend("\t\tname a b\n" + ok), "name: want exactly one argument, got 2", 3},
+		{"unknown policy", frontend("\t\tlb_policy least_delay\n" + ok), "lb_policy: unknown policy 'least_delay'", 3},
+		{"policy list", frontend("\t\tlb_policy fastest\n" + ok), "first, least_conn, random, round_robin", 3},
+		{"negative retries", frontend("\t\tretries -1\n" + ok), "retries: must not be negative, got -1", 3},
+		{"non-integer retries", frontend("\t\tretries two\n" + ok), "retries: want an integer, got 'two'", 3},
+		{"bad size", frontend("\t\tmax_request_body lots\n" + ok), "max_request_body: invalid size 'lots'", 3},
+		{"bad size unit", frontend("\t\tmax_request_body 10QB\n" + ok), "max_request_body: invalid size '10QB'", 3},
+		{"zero size", frontend("\t\tmax_request_body 0\n" + ok), "max_request_body: must be between 1 byte", 3},
+		{"bad duration", frontend("\t\tdial_timeout soon\n" + ok), "dial_timeout: invalid duration 'soon'", 3},
+		{"negative duration", frontend("\t\tfirst_byte_timeout -5s\n" + ok), "first_byte_timeout: must be positive, got -5s", 3},
+		{"zero duration", frontend("\t\tstream_idle_timeout 0\n" + ok), "stream_idle_timeout: must be positive", 3},
+		{"bad bool", frontend("\t\tallow_embeddings maybe\n" + ok), "allow_embeddings: want true or false, got 'maybe'", 3},
+		{"bool with two values", frontend("\t\tallow_completions true false\n" + ok), "allow_completions: want at most one argument", 3},
+		{"bad management bool", frontend("\t\tallow_model_management yes\n" + ok), "allow_model_management: want true or false, got 'yes'", 3},
+		{"models without value", frontend("\t\tmodels\n" + ok), "models: want at least one argument", 3},
+		{"labels without value", frontend("\t\tlabels\n" + ok), "labels: want at least one argument", 3},
+		{"label_header without value", frontend("\t\tlabel_header\n" + ok), "label_header: want exactly one argument", 3},
+
+		// The backend line.
+		{"backend without url", frontend("\t\tbackend a"), "backend 'a': wrong argument count", 3},
+		{"backend without name", frontend("\t\tbackend"), "wrong argument count", 3},
+		{"backend extra argument", frontend("\t\tbackend a localhost extra"), "wrong argument count", 3},
+		{"backend bad scheme", frontend("\t\tbackend a ftp://host"), "url: scheme must be http or https", 3},
+		{"backend credentials", frontend("\t\tbackend a http://user:pw@host"), "credentials in the URL are not allowed", 3},
+		{"backend bad port", frontend("\t\tbackend a host:99999"), "invalid port", 3},
+		{"duplicate backend", frontend("\t\tbackend a 127.0.0.1 {\n\t\t\tweight 2\n\t\t}\n\t\tbackend a 127.0.0.2"), "duplicate backend name 'a'", 6},
+
+		// Backend values.
+		{"unknown backend option", frontend("\t\tbackend a localhost {\n\t\t\tbar 1\n\t\t}"), "unrecognized backend option 'bar'", 4},
+		{"block after a backend option", frontend("\t\tbackend a localhost {\n\t\t\tweight 2 {\n\t\t\t}\n\t\t}"), "unexpected '{'", 4},
+		{"duplicate backend option", frontend("\t\tbackend a localhost {\n\t\t\tweight 1\n\t\t\tweight 2\n\t\t}"), "duplicate backend option 'weight'", 5},
+		{"negative max_parallel", frontend("\t\tbackend a localhost {\n\t\t\tmax_parallel -1\n\t\t}"), "max_parallel: must not be negative, got -1", 4},
+		{"zero weight", frontend("\t\tbackend a localhost {\n\t\t\tweight 0\n\t\t}"), "weight: must be at least 1, got 0", 4},
+		{"fractional weight", frontend("\t\tbackend a localhost {\n\t\t\tweight 1.5\n\t\t}"), "weight: want an integer, got '1.5'", 4},
+		{"backend bad bool", frontend("\t\tbackend a localhost {\n\t\t\tdisabled yes\n\t\t}"), "disabled: want true or false, got 'yes'", 4},
+		{"bearer_token without value", frontend("\t\tbackend a localhost {\n\t\t\tbearer_token\n\t\t}"), "bearer_token: want exactly one argument, got 0", 4},
+		{"header without value", frontend("\t\tbackend a localhost {\n\t\t\theader X-Api-Key\n\t\t}"), "header: want 2 arguments (a field name and a value), got 1", 4},
+		{"bad query", frontend("\t\tbackend a localhost {\n\t\t\tquery token=%zz\n\t\t}"), "query: invalid query 'token=%zz'", 4},
+		{"relative health_uri", frontend("\t\tbackend a localhost {\n\t\t\thealth_uri health\n\t\t}"), "health_uri: must start with /", 4},
+		{"bad health_method", frontend("\t\tbackend a localhost {\n\t\t\thealth_method POST\n\t\t}"), "health_method: want GET or HEAD, got 'POST'", 4},
+		{"health_status word", frontend("\t\tbackend a localhost {\n\t\t\thealth_status ok\n\t\t}"), "health_status: want a status code (100-599) or a class (1xx-5xx), got 'ok'", 4},
+		{"health_status class 6", frontend("\t\tbackend a localhost {\n\t\t\thealth_status 6xx\n\t\t}"), "health_status: want a status code", 4},
+		{"health_status 600", frontend("\t\tbackend a localhost {\n\t\t\thealth_status 600\n\t\t}"), "health_status: want a status code", 4},
+		{"health_status bare digit", frontend("\t\tbackend a localhost {\n\t\t\thealth_status 2\n\t\t}"), "health_status: want a status code", 4},
+		{"health_status 2x", frontend("\t\tbackend a localhost {\n\t\t\thealth_status 2x\n\t\t}"), "health_status: want a status code", 4},
+		{"bad health_interval", frontend("\t\tbackend a localhost {\n\t\t\thealth_interval often\n\t\t}"), "health_interval: invalid duration 'often'", 4},
+		{"zero health_timeout", frontend("\t\tbackend a localhost {\n\t\t\thealth_timeout 0s\n\t\t}"), "health_timeout: must be positive", 4},
+		{"zero health_passes", frontend("\t\tbackend a localhost {\n\t\t\thealth_passes 0\n\t\t}"), "health_passes: must be at least 1, got 0", 4},
+		{"negative health_fails", frontend("\t\tbackend a localhost {\n\t\t\thealth_fails -2\n\t\t}"), "health_fails: must be at least 1, got -2", 4},
+		{"non-integer fail_threshold", frontend("\t\tbackend a localhost {\n\t\t\tfail_threshold three\n\t\t}"), "fail_threshold: want an integer, got 'three'", 4},
+		{"backend error names the backend", frontend("\t\tbackend gpu1 localhost {\n\t\t\tweight 0\n\t\t}"), "backend 'gpu1': weight", 4},
+	}
+
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := adapter.Adapt([]byte(tc.input), nil)
+			if err == nil {
+				t.Fatalf("want an error containing %q, got none for:\n%s", tc.want, tc.input)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tc.want) {
+				t.Errorf("error %q does not contain %q", msg, tc.want)
+			}
+			if loc := fmt.Sprintf(", at Caddyfile:%d", tc.line); !strings.HasSuffix(msg, loc) {
+				t.Errorf("error %q does not end with %q", msg, loc)
+			}
+		})
+	}
+}
+
+// TestCaddyfileBackendStandalone parses a backend block on its own, as
+// another module or a test would, and checks the fields directly.
+func TestCaddyfileBackendStandalone(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`backend gpu1 10.0.0.5 {
+		header X-Api-Key abc
+		header x-api-key def
+		health_status 5xx
+		health_method head
+	}`)
+	var b Backend
+	if err := b.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	if b.Name != "gpu1" || b.URL != "10.0.0.5" {
+		t.Errorf("name, url = %q, %q; want gpu1, 10.0.0.5", b.Name, b.URL)
+	}
+	if got := b.Headers.Values("X-Api-Key"); len(got) != 2 || got[0] != "abc" || got[1] != "def" {
+		t.Errorf("X-Api-Key values = %q, want [abc def]", got)
+	}
+	if b.HealthStatus != 5 {
+		t.Errorf("health_status 5xx = %d, want 5", b.HealthStatus)
+	}
+	if b.HealthMethod != "HEAD" {
+		t.Errorf("health_method head = %q, want HEAD", b.HealthMethod)
+	}
+}
+
+// TestCaddyfileRetriesZero checks that an explicit retries 0 survives as a
+// set pointer, so Provision does not replace it with the default.
+func TestCaddyfileRetriesZero(t *testing.T) {
+	d := caddyfile.NewTestDispenser("ollamaflow {\n\tretries 0\n\tbackend a localhost\n}")
+	var h Handler
+	if err := h.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	if h.Retries == nil || *h.Retries != 0 {
+		t.Fatalf("Retries = %v, want a pointer to 0", h.Retries)
+	}
+	if len(h.Backends) != 1 || h.Backends[0].Name != "a" {
+		t.Fatalf("Backends = %+v, want one backend named a", h.Backends)
+	}
+}
