@@ -346,6 +346,25 @@ func (b *Backend) provision() error {
 	if strings.TrimSpace(b.Name) == "" {
 		return errors.New("name: required")
 	}
+	if !validName(b.Name) {
+		return fmt.Errorf("name: %q may only contain letters, digits, '.', '_' and '-' (it appears in headers and admin URLs)", b.Name)
+	}
+	// Secrets usually come from the environment: {env.GPU1_TOKEN}.
+	repl := caddy.NewReplacer()
+	b.URL = repl.ReplaceKnown(b.URL, "")
+	b.BearerToken = repl.ReplaceKnown(b.BearerToken, "")
+	b.Query = repl.ReplaceKnown(b.Query, "")
+	for k, vs := range b.Headers {
+		if !validHeaderName(k) {
+			return fmt.Errorf("header: invalid header name %q", k)
+		}
+		for i, v := range vs {
+			vs[i] = repl.ReplaceKnown(v, "")
+		}
+	}
+	if b.BearerToken != "" && b.Headers.Get("Authorization") != "" {
+		return errors.New("bearer_token and an Authorization header are both set; keep one")
+	}
 	if strings.TrimSpace(b.URL) == "" {
 		return errors.New("url: required")
 	}
@@ -411,6 +430,29 @@ func (b *Backend) provision() error {
 		}
 	}
 	return nil
+}
+
+func validName(name string) bool {
+	for _, c := range name {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == '-':
+		default:
+			return false
+		}
+	}
+	return name != ""
+}
+
+func validHeaderName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for _, c := range name {
+		if c <= ' ' || c >= 0x7f || strings.ContainsRune(`"(),/:;<=>?@[\]{}`, c) {
+			return false
+		}
+	}
+	return true
 }
 
 func validStatusExpectation(code int) bool {
