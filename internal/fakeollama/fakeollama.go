@@ -1,0 +1,582 @@
+// Package fakeollama is a fake Ollama server for unit tests, integration tests, benchmarks and
+// chaos tests. It speaks the wire format of Ollama v0.17.4 on the native API (NDJSON streams) and
+// on the OpenAI-compatible API (server-sent events), records what it receives, and injects the
+// failures a load balancer meets in production: error answers, hangs, streams cut mid-way, slow
+// first bytes and dead boxes.
+//
+//	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
+//	defer f.Close()
+//	// point the code under test at f.URL (or f.HostPort()) ...
+//	f.FailWith(503, fakeollama.ServerBusy, fakeollama.Completions...) // a busy box: health passes
+//	f.Count("/api/chat"), f.Requests(), f.MaxInFlight(), f.Cancellations()
+//
+// Every method is safe for concurrent use, also while requests are being served. Files:
+// fakeollama.go (lifecycle, instrumentation, faults), ollama.go (native API), openai.go (/v1).
+package fakeollama
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Paths of the inference endpoints, to restrict a fault to them:
+// f.FailWith(503, body, fakeollama.Completions...).
+var (
+	Completions = []string{"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions"}
+	Embeddings  = []string{"/api/embed", "/api/embeddings", "/v1/embeddings"}
+)
+
+// ServerBusy is the body real Ollama answers with status 503 when its queue is full
+// (OLLAMA_MAX_QUEUE); note the two spaces.
+const ServerBusy = `{"error":"server busy, please try again.  maximum pending requests exceeded"}`
+
+// Config describes the fake server. The zero value serves no models.
+type Config struct {
+	// Models are the names served, e.g. "tiny-llama:latest"; a name without a tag means
+	// ":latest", as in Ollama. Names match case-insensitively.
+	Models []string
+	// Loaded are the models shown as loaded by /api/ps. A completion or embedding request loads
+	// its model (after LoadDelay) and adds it here, as Ollama does.
+	Loaded []string
+	// Tokens is the number of tokens per completion (default 5). A request's num_predict
+	// (options.num_predict, or max_tokens on /v1) overrides it and ends with done_reason "length".
+	Tokens int
+	// TokenGap is the delay between two generated tokens (streamed chunks).
+	TokenGap time.Duration
+	// FirstByteDelay is the prompt evaluation time of completions and embeddings: nothing is
+	// written before it has passed.
+	FirstByteDelay time.Duration
+	// LoadDelay is the time to load a model that is not loaded yet, reported as load_duration.
+	LoadDelay time.Duration
+	// Version is what /api/version reports (default "0.17.4").
+	Version string
+	// EmbedDim is the length of embedding vectors (default 32).
+	EmbedDim int
+	// History is the number of requests Requests keeps (default 100).
+	History int
+}
+
+// Request is one request the fake received.
+type Request struct {
+	Method   string
+	Path     string
+	RawQuery string
+	Header   http.Header
+	Body     []byte
+	At       time.Time
+}
+
+// Cancellation records a request whose client went away before the fake had finished answering.
+type Cancellation struct {
+	Method, Path string
+	// Started is when the request arrived.
+	Started time.Time
+	// CancelledAt is when the request's context was cancelled (the connection closed or the
+	// stream was reset); NoticedAt is when the fake saw it and stopped; Lag is the difference.
+	CancelledAt, NoticedAt time.Time
+	Lag                    time.Duration
+	// Chunks is the number of body chunks written before.
+	Chunks int
+}
+
+// Server is a running (or stopped) fake Ollama.
+type Server struct {
+	// URL is "http://127.0.0.1:PORT", set by Start.
+	URL string
+
+	cfg     Config
+	started time.Time
+
+	inFlight    atomic.Int64
+	maxInFlight atomic.Int64
+
+	mu      sync.Mutex
+	models  []model
+	loaded  []string // keys of loaded models, in load order
+	counts  map[string]int
+	history []Request // ring of cfg.History entries; next is the oldest once full
+	next    int
+	cancels []Cancellation
+	faults  faults
+	ts      *httptest.Server
+	addr    string
+	dead    bool          // Close was called and Restart was not
+	killed  chan struct{} // closed by Close; a new one per incarnation
+}
+
+// faults are the active fault modes; paths restrict a mode to those request paths (none = all).
+type faults struct {
+	failStatus int
+	failBody   string
+	failPaths  []string
+
+	hang      bool
+	hangPaths []string
+
+	dieAfter int // -1: off
+	diePaths []string
+
+	slow      time.Duration
+	slowPaths []string
+
+	hold      chan struct{} // non-nil while held; closed by Release
+	holdPaths []string
+
+	pullError string
+}
+
+// New starts a fake on a random port of 127.0.0.1.
+func New(cfg Config) *Server {
+	s := NewUnstarted(cfg)
+	s.Start()
+	return s
+}
+
+// NewUnstarted returns a fake that does not listen yet: call Start or StartAt, or serve
+// Handler() yourself.
+func NewUnstarted(cfg Config) *Server {
+	if cfg.Tokens <= 0 {
+		cfg.Tokens = 5
+	}
+	if cfg.Version == "" {
+		cfg.Version = "0.17.4"
+	}
+	if cfg.EmbedDim <= 0 {
+		cfg.EmbedDim = 32
+	}
+	if cfg.History <= 0 {
+		cfg.History = 100
+	}
+	s := &Server{
+		cfg:     cfg,
+		started: time.Now(),
+		counts:  map[string]int{},
+		killed:  make(chan struct{}),
+	}
+	s.faults.dieAfter = -1
+	s.SetModels(cfg.Models...)
+	s.SetLoaded(cfg.Loaded...)
+	return s
+}
+
+// Handler serves the fake's API with all its instrumentation and faults, for use on a listener
+// of your own. Close then only wakes the requests it holds.
+func (s *Server) Handler() http.Handler { return http.HandlerFunc(s.serve) }
+
+// Start listens on a random port of 127.0.0.1. It panics if it cannot listen, like httptest.
+func (s *Server) Start() {
+	if err := s.StartAt("127.0.0.1:0"); err != nil {
+		panic(err)
+	}
+}
+
+// StartAt listens on addr ("127.0.0.1:11434").
+func (s *Server) StartAt(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	ts := &httptest.Server{Listener: ln, Config: &http.Server{Handler: s.Handler()}}
+	ts.Start()
+	s.mu.Lock()
+	s.ts = ts
+	s.addr = ln.Addr().String()
+	s.URL = ts.URL
+	s.mu.Unlock()
+	return nil
+}
+
+// HostPort is "127.0.0.1:PORT".
+func (s *Server) HostPort() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+// Close kills the fake like a dead box: the listener closes (new connections are refused) and
+// every open connection is closed at once, in the middle of whatever it was sending. It is
+// idempotent; Restart brings the fake back on the same address.
+func (s *Server) Close() {
+	s.mu.Lock()
+	ts, killed, dead := s.ts, s.killed, s.dead
+	s.ts, s.dead = nil, true
+	s.mu.Unlock()
+	if dead {
+		return
+	}
+	if ts != nil {
+		ts.Listener.Close()
+		ts.CloseClientConnections() // before the handlers wake, so no stream ends cleanly
+	}
+	close(killed)
+	if ts != nil {
+		ts.Close()
+	}
+}
+
+// Restart listens again on the address of the previous Start, after Close. Counters, history
+// and faults are kept.
+func (s *Server) Restart() error {
+	s.mu.Lock()
+	addr, dead := s.addr, s.dead
+	if dead && addr != "" {
+		s.killed, s.dead = make(chan struct{}), false
+	}
+	s.mu.Unlock()
+	if !dead || addr == "" {
+		return fmt.Errorf("fakeollama: restart needs a fake that was started and closed")
+	}
+	return s.StartAt(addr)
+}
+
+// FailWith answers every request (or those to paths) with status and body, before anything
+// else happens. A body starting with "{" is sent as JSON, anything else as text.
+func (s *Server) FailWith(status int, body string, paths ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults.failStatus, s.faults.failBody, s.faults.failPaths = status, body, paths
+}
+
+// HangAfterHeaders makes every request (or those to paths) answer 200 with its headers and then
+// send nothing more until the client goes away or the fake is closed.
+func (s *Server) HangAfterHeaders(paths ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults.hang, s.faults.hangPaths = true, paths
+}
+
+// DieMidStream makes every response (or those to paths) stop after afterChunks body chunks
+// (NDJSON lines, SSE events; a non-streamed body is one chunk): the fake flushes what it wrote,
+// hijacks the connection and closes it, so the client sees a body that ends without its
+// terminating chunk.
+func (s *Server) DieMidStream(afterChunks int, paths ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults.dieAfter, s.faults.diePaths = max(afterChunks, 0), paths
+}
+
+// SlowFirstByte delays every request (or those to paths) by d before it is handled.
+func (s *Server) SlowFirstByte(d time.Duration, paths ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults.slow, s.faults.slowPaths = d, paths
+}
+
+// Hold keeps every request that arrives from now on (or those to paths) waiting before it is
+// handled, until Release, ClearFaults or Close: a deterministic way to keep requests in flight.
+func (s *Server) Hold(paths ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.faults.hold == nil {
+		s.faults.hold = make(chan struct{})
+	}
+	s.faults.holdPaths = paths
+}
+
+// Release lets held requests go on and stops holding new ones.
+func (s *Server) Release() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.releaseLocked()
+}
+
+func (s *Server) releaseLocked() {
+	if s.faults.hold != nil {
+		close(s.faults.hold)
+		s.faults.hold = nil
+	}
+}
+
+// FailPulls makes /api/pull fail the way real Ollama does when the registry is unreachable:
+// status 200 and an {"error":msg} line after "pulling manifest" (status 500 when not streamed).
+func (s *Server) FailPulls(msg string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults.pullError = msg
+}
+
+// ClearFaults turns every fault mode off and releases held requests. Hung requests stay hung.
+func (s *Server) ClearFaults() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.releaseLocked()
+	s.faults = faults{dieAfter: -1}
+}
+
+// Count is the number of requests received on path.
+func (s *Server) Count(path string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.counts[path]
+}
+
+// Counts is the number of requests received per path.
+func (s *Server) Counts() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.counts)
+}
+
+// Requests returns the last Config.History requests, oldest first.
+func (s *Server) Requests() []Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.history) < s.cfg.History {
+		return slices.Clone(s.history)
+	}
+	return append(slices.Clone(s.history[s.next:]), s.history[:s.next]...)
+}
+
+// LastRequest returns the most recent request, if any.
+func (s *Server) LastRequest() (Request, bool) {
+	r := s.Requests()
+	if len(r) == 0 {
+		return Request{}, false
+	}
+	return r[len(r)-1], true
+}
+
+// InFlight is the number of requests being handled now.
+func (s *Server) InFlight() int { return int(s.inFlight.Load()) }
+
+// MaxInFlight is the highest InFlight seen since the start or ResetStats.
+func (s *Server) MaxInFlight() int { return int(s.maxInFlight.Load()) }
+
+// Cancellations returns the requests whose client went away before the fake had finished.
+func (s *Server) Cancellations() []Cancellation {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.cancels)
+}
+
+// ResetStats clears counters, history, cancellations and the in-flight maximum.
+func (s *Server) ResetStats() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.counts = map[string]int{}
+	s.history, s.next, s.cancels = nil, 0, nil
+	s.maxInFlight.Store(s.inFlight.Load())
+}
+
+// serve instruments a request, applies the fault modes in order (fail, slow, hold, hang, die)
+// and dispatches it.
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
+	n := s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
+	for m := s.maxInFlight.Load(); n > m && !s.maxInFlight.CompareAndSwap(m, n); m = s.maxInFlight.Load() {
+	}
+
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		return
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	c := &call{s: s, w: w, r: r, body: body, start: time.Now(), dieAfter: -1}
+	stop := context.AfterFunc(r.Context(), func() { c.cancelledAt.Store(time.Now().UnixNano()) })
+	defer stop()
+
+	s.mu.Lock()
+	s.record(r, body, c.start)
+	f := s.faults
+	c.killed = s.killed
+	s.mu.Unlock()
+
+	path := r.URL.Path
+	if f.failStatus != 0 && applies(f.failPaths, path) {
+		ct := "text/plain; charset=utf-8"
+		if len(f.failBody) > 0 && f.failBody[0] == '{' {
+			ct = jsonUTF8
+		}
+		c.w.Header().Set("Content-Type", ct)
+		c.w.WriteHeader(f.failStatus)
+		io.WriteString(c.w, f.failBody)
+		return
+	}
+	if f.slow > 0 && applies(f.slowPaths, path) && !c.wait(f.slow) {
+		return
+	}
+	if f.hold != nil && applies(f.holdPaths, path) && !c.waitFor(f.hold) {
+		return
+	}
+	if f.hang && applies(f.hangPaths, path) {
+		c.w.Header().Set("Content-Type", hangContentType(path))
+		c.w.WriteHeader(http.StatusOK)
+		http.NewResponseController(c.w).Flush()
+		c.waitFor(nil)
+		return
+	}
+	if f.dieAfter >= 0 && applies(f.diePaths, path) {
+		c.dieAfter = f.dieAfter
+	}
+	s.route(c)
+}
+
+func (s *Server) record(r *http.Request, body []byte, at time.Time) {
+	s.counts[r.URL.Path]++
+	req := Request{Method: r.Method, Path: r.URL.Path, RawQuery: r.URL.RawQuery, Header: r.Header.Clone(), Body: body, At: at}
+	if len(s.history) < s.cfg.History {
+		s.history = append(s.history, req)
+		return
+	}
+	s.history[s.next] = req
+	s.next = (s.next + 1) % s.cfg.History
+}
+
+func applies(paths []string, path string) bool {
+	return len(paths) == 0 || slices.Contains(paths, path)
+}
+
+func hangContentType(path string) string {
+	switch path {
+	case "/api/generate", "/api/chat", "/api/pull":
+		return "application/x-ndjson"
+	case "/v1/chat/completions", "/v1/completions":
+		return "text/event-stream"
+	}
+	return jsonUTF8
+}
+
+// call is one request being answered.
+type call struct {
+	s           *Server
+	w           http.ResponseWriter
+	r           *http.Request
+	body        []byte
+	start       time.Time
+	killed      <-chan struct{}
+	cancelledAt atomic.Int64
+	status      int // sent with the first chunk
+	wroteHeader bool
+	chunks      int
+	dieAfter    int
+	noticed     bool
+}
+
+// header sets the status and content type the first chunk will carry.
+func (c *call) header(status int, contentType string) {
+	c.status = status
+	if contentType != "" {
+		c.w.Header().Set("Content-Type", contentType)
+	}
+}
+
+func (c *call) writeHeader() {
+	if !c.wroteHeader {
+		c.wroteHeader = true
+		c.w.WriteHeader(cmp.Or(c.status, http.StatusOK))
+	}
+}
+
+// wait sleeps d; false means the client went away or the fake was closed: stop answering.
+func (c *call) wait(d time.Duration) bool {
+	if d <= 0 {
+		return c.alive()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-c.r.Context().Done():
+		c.notice()
+		return false
+	case <-c.killed:
+		return false
+	}
+}
+
+// waitFor waits until ch is closed (never for nil); false as for wait.
+func (c *call) waitFor(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	case <-c.r.Context().Done():
+		c.notice()
+		return false
+	case <-c.killed:
+		return false
+	}
+}
+
+func (c *call) alive() bool {
+	if c.r.Context().Err() != nil {
+		c.notice()
+		return false
+	}
+	return true
+}
+
+// notice records that the client went away, once.
+func (c *call) notice() {
+	if c.noticed || c.r.Context().Err() == nil {
+		return
+	}
+	c.noticed = true
+	now := time.Now()
+	cancelled := now
+	if ns := c.cancelledAt.Load(); ns != 0 {
+		cancelled = time.Unix(0, ns)
+	}
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	c.s.cancels = append(c.s.cancels, Cancellation{
+		Method: c.r.Method, Path: c.r.URL.Path, Started: c.start,
+		CancelledAt: cancelled, NoticedAt: now, Lag: now.Sub(cancelled), Chunks: c.chunks,
+	})
+}
+
+// chunk writes one body chunk and flushes it; false means stop (client gone, fake closed, or
+// DieMidStream killed the connection).
+func (c *call) chunk(b []byte) bool { return c.send(b, true) }
+
+// send writes one body chunk, flushed for streams; a body written unflushed in one piece gets a
+// Content-Length, as Ollama's non-streamed answers do.
+func (c *call) send(b []byte, flush bool) bool {
+	if !c.alive() {
+		return false
+	}
+	select {
+	case <-c.killed:
+		return false
+	default:
+	}
+	rc := http.NewResponseController(c.w)
+	c.writeHeader()
+	if c.chunks == c.dieAfter {
+		c.die(rc)
+		return false
+	}
+	if _, err := c.w.Write(b); err != nil {
+		c.notice()
+		return false
+	}
+	if flush {
+		if err := rc.Flush(); err != nil {
+			c.notice()
+			return false
+		}
+	}
+	c.chunks++
+	return true
+}
+
+// die sends what was written so far (at least the headers) and closes the connection under it.
+func (c *call) die(rc *http.ResponseController) {
+	rc.Flush()
+	conn, _, err := rc.Hijack()
+	if err != nil {
+		panic(http.ErrAbortHandler) // HTTP/2: reset the stream instead
+	}
+	conn.Close()
+}

@@ -1,0 +1,792 @@
+package fakeollama
+
+import (
+	"bytes"
+	"cmp"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"math"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+)
+
+// The native API, answered the way Ollama v0.17.4 (gin) answers: errors are {"error":"..."}
+// with "application/json; charset=utf-8", streams are NDJSON with one flushed line per token.
+
+const (
+	jsonUTF8 = "application/json; charset=utf-8"
+	ndjson   = "application/x-ndjson"
+)
+
+// route dispatches to the endpoint, or answers 404/405 like gin with HandleMethodNotAllowed.
+func (s *Server) route(c *call) {
+	methods, handle := s.endpoint(c.r.URL.Path)
+	switch {
+	case handle == nil:
+		c.text(http.StatusNotFound, "404 page not found")
+	case !slices.Contains(methods, c.r.Method):
+		c.text(http.StatusMethodNotAllowed, "405 method not allowed")
+	default:
+		handle(c)
+	}
+}
+
+func (s *Server) endpoint(path string) ([]string, func(*call)) {
+	get, post := []string{http.MethodGet}, []string{http.MethodPost}
+	getHead := []string{http.MethodGet, http.MethodHead}
+	switch path {
+	case "/":
+		return getHead, func(c *call) { c.text(http.StatusOK, "Ollama is running") }
+	case "/api/version":
+		return getHead, func(c *call) { c.json(http.StatusOK, map[string]string{"version": s.cfg.Version}) }
+	case "/api/tags":
+		return getHead, s.tags
+	case "/api/ps":
+		return get, s.ps
+	case "/api/show":
+		return post, s.show
+	case "/api/generate":
+		return post, s.generate
+	case "/api/chat":
+		return post, s.chat
+	case "/api/embed":
+		return post, s.embed
+	case "/api/embeddings":
+		return post, s.embeddings
+	case "/api/pull":
+		return post, s.pull
+	case "/api/delete":
+		return []string{http.MethodDelete}, s.delete
+	case "/v1/chat/completions":
+		return post, s.openaiChat
+	case "/v1/completions":
+		return post, s.openaiCompletion
+	case "/v1/embeddings":
+		return post, s.openaiEmbeddings
+	case "/v1/models":
+		return get, s.openaiModels
+	}
+	if m, ok := strings.CutPrefix(path, "/v1/models/"); ok && m != "" && !strings.Contains(m, "/") {
+		return get, s.openaiModel
+	}
+	return nil, nil
+}
+
+// Wire types, with Ollama's field order.
+
+type details struct {
+	ParentModel       string   `json:"parent_model"`
+	Format            string   `json:"format"`
+	Family            string   `json:"family"`
+	Families          []string `json:"families"`
+	ParameterSize     string   `json:"parameter_size"`
+	QuantizationLevel string   `json:"quantization_level"`
+}
+
+type metrics struct {
+	TotalDuration      time.Duration `json:"total_duration,omitempty"`
+	LoadDuration       time.Duration `json:"load_duration,omitempty"`
+	PromptEvalCount    int           `json:"prompt_eval_count,omitempty"`
+	PromptEvalDuration time.Duration `json:"prompt_eval_duration,omitempty"`
+	EvalCount          int           `json:"eval_count,omitempty"`
+	EvalDuration       time.Duration `json:"eval_duration,omitempty"`
+}
+
+type message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+type generateResponse struct {
+	Model      string    `json:"model"`
+	CreatedAt  time.Time `json:"created_at"`
+	Response   string    `json:"response"`
+	Done       bool      `json:"done"`
+	DoneReason string    `json:"done_reason,omitempty"`
+	Context    []int     `json:"context,omitempty"`
+	metrics
+}
+
+type chatResponse struct {
+	Model      string    `json:"model"`
+	CreatedAt  time.Time `json:"created_at"`
+	Message    message   `json:"message"`
+	Done       bool      `json:"done"`
+	DoneReason string    `json:"done_reason,omitempty"`
+	metrics
+}
+
+type progress struct {
+	Status    string `json:"status"`
+	Digest    string `json:"digest,omitempty"`
+	Total     int64  `json:"total,omitempty"`
+	Completed int64  `json:"completed,omitempty"`
+}
+
+// apiRequest holds the fields of every native request the fake reads.
+type apiRequest struct {
+	Model    string         `json:"model"`
+	Name     string         `json:"name"`
+	Prompt   string         `json:"prompt"`
+	Raw      bool           `json:"raw"`
+	Messages []message      `json:"messages"`
+	Stream   *bool          `json:"stream"`
+	Options  map[string]any `json:"options"`
+	Input    any            `json:"input"`
+}
+
+func (r *apiRequest) streaming() bool { return r.Stream == nil || *r.Stream }
+
+// numPredict reads options.num_predict; 0 when absent.
+func (r *apiRequest) numPredict() int {
+	n, _ := r.Options["num_predict"].(float64)
+	return int(n)
+}
+
+// Models.
+
+type model struct {
+	name     string // as listed: "tiny-llama:latest"
+	key      string // normalised, for matching
+	digest   string // 64 hex digits
+	size     int64
+	modified time.Time
+	embed    bool // a BERT-like embedding model, by its name
+}
+
+// displayName is what Ollama lists: a tag always, the default registry and namespace never.
+func displayName(name string) string {
+	n := strings.TrimSpace(name)
+	for _, p := range []string{"registry.ollama.ai/", "library/"} {
+		if len(n) > len(p) && strings.EqualFold(n[:len(p)], p) {
+			n = n[len(p):]
+		}
+	}
+	if i := strings.LastIndex(n, ":"); i < 0 || i < strings.LastIndex(n, "/") {
+		n += ":latest"
+	}
+	return n
+}
+
+func newModel(name string, modified time.Time) model {
+	m := model{name: displayName(name), modified: modified}
+	m.key = strings.ToLower(m.name)
+	sum := sha256.Sum256([]byte(m.key))
+	m.digest = hex.EncodeToString(sum[:])
+	m.size = 100_000_000 + int64(binary.BigEndian.Uint32(sum[:4])%1_000_000_000)
+	m.embed = strings.Contains(m.key, "bert") || strings.Contains(m.key, "embed")
+	return m
+}
+
+func (m model) details() details {
+	if m.embed {
+		return details{Format: "gguf", Family: "bert", Families: []string{"bert"}, ParameterSize: "137M", QuantizationLevel: "F16"}
+	}
+	return details{Format: "gguf", Family: "llama", Families: []string{"llama"}, ParameterSize: "1.2B", QuantizationLevel: "Q4_K_M"}
+}
+
+// SetModels replaces the models the fake has, as if they were pulled or deleted.
+func (s *Server) SetModels(names ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.models = s.models[:0:0]
+	for i, n := range names {
+		// Ollama lists the most recently modified first: keep the order given.
+		s.models = append(s.models, newModel(n, s.started.Add(-time.Duration(i)*time.Minute)))
+	}
+}
+
+// SetLoaded replaces the models /api/ps shows as loaded.
+func (s *Server) SetLoaded(names ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.loaded = s.loaded[:0:0]
+	for _, n := range names {
+		s.loaded = append(s.loaded, newModel(n, s.started).key)
+	}
+}
+
+// Models returns the names /api/tags lists.
+func (s *Server) Models() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, m := range s.models {
+		out = append(out, m.name)
+	}
+	return out
+}
+
+// Loaded returns the names /api/ps lists.
+func (s *Server) Loaded() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, k := range s.loaded {
+		out = append(out, displayName(k))
+	}
+	return out
+}
+
+func (s *Server) lookup(name string) (model, bool) {
+	if strings.TrimSpace(name) == "" {
+		return model{}, false
+	}
+	key := strings.ToLower(displayName(name))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range s.models {
+		if m.key == key {
+			return m, true
+		}
+	}
+	return model{}, false
+}
+
+// load makes m loaded, taking LoadDelay when it was not.
+func (c *call) load(m model) bool {
+	c.s.mu.Lock()
+	loaded := slices.Contains(c.s.loaded, m.key)
+	c.s.mu.Unlock()
+	if loaded {
+		return true
+	}
+	if !c.wait(c.s.cfg.LoadDelay) {
+		return false
+	}
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	if !slices.Contains(c.s.loaded, m.key) {
+		c.s.loaded = append(c.s.loaded, m.key)
+	}
+	return true
+}
+
+// Generation.
+
+var words = []string{"Hello", " from", " a", " fake", " Ollama", " server", ",", " token", " by", " token", "."}
+
+// Text is the completion the fake generates with n tokens: the same for every model and prompt.
+func Text(n int) string {
+	var b strings.Builder
+	for i := range n {
+		b.WriteString(token(i))
+	}
+	return b.String()
+}
+
+func token(i int) string { return words[i%len(words)] }
+
+// plan is what a completion will do.
+type plan struct {
+	model  model
+	prompt int    // prompt tokens
+	tokens int    // tokens to generate
+	reason string // done_reason
+}
+
+func (s *Server) plan(m model, numPredict int, prompt ...string) plan {
+	p := plan{model: m, tokens: s.cfg.Tokens, reason: "stop"}
+	if numPredict > 0 {
+		p.tokens, p.reason = numPredict, "length"
+	}
+	for _, t := range prompt {
+		p.prompt += len(strings.Fields(t))
+	}
+	p.prompt = max(p.prompt, 1)
+	return p
+}
+
+// run is the fake model at work: load if cold, evaluate the prompt (FirstByteDelay), then emit
+// the tokens TokenGap apart, and one more gap before the final chunk. false: stop answering.
+func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
+	t0 := time.Now()
+	if !c.load(p.model) {
+		return metrics{}, false
+	}
+	t1 := time.Now()
+	if !c.wait(c.s.cfg.FirstByteDelay) {
+		return metrics{}, false
+	}
+	t2 := time.Now()
+	for i := range p.tokens {
+		if i > 0 && !c.wait(c.s.cfg.TokenGap) {
+			return metrics{}, false
+		}
+		if !emit(token(i)) {
+			return metrics{}, false
+		}
+	}
+	if p.tokens > 0 && !c.wait(c.s.cfg.TokenGap) {
+		return metrics{}, false
+	}
+	t3 := time.Now()
+	return metrics{
+		TotalDuration:      t3.Sub(c.start),
+		LoadDuration:       max(t1.Sub(t0), time.Microsecond),
+		PromptEvalCount:    p.prompt,
+		PromptEvalDuration: max(t2.Sub(t1), time.Microsecond),
+		EvalCount:          p.tokens,
+		EvalDuration:       max(t3.Sub(t2), time.Microsecond),
+	}, true
+}
+
+func (s *Server) generate(c *call) {
+	var req apiRequest
+	if !c.decodeOllama(&req) {
+		return
+	}
+	m, ok := s.lookup(req.Model)
+	if !ok {
+		c.ollamaError(http.StatusNotFound, fmt.Sprintf("model '%s' not found", req.Model))
+		return
+	}
+	if req.Prompt == "" { // Ollama loads the model and answers one object, streaming or not
+		if c.load(m) {
+			c.json(http.StatusOK, generateResponse{Model: req.Model, CreatedAt: now(), Done: true, DoneReason: "load"})
+		}
+		return
+	}
+	p := s.plan(m, req.numPredict(), req.Prompt)
+	final := func(text string, mt metrics) generateResponse {
+		r := generateResponse{Model: req.Model, CreatedAt: now(), Response: text, Done: true, DoneReason: p.reason, metrics: mt}
+		if !req.Raw {
+			r.Context = make([]int, p.prompt+p.tokens)
+			for i := range r.Context {
+				r.Context[i] = 1000 + i
+			}
+		}
+		return r
+	}
+	if req.streaming() {
+		c.header(http.StatusOK, ndjson)
+		mt, ok := c.run(p, func(tok string) bool {
+			return c.line(generateResponse{Model: req.Model, CreatedAt: now(), Response: tok})
+		})
+		if ok {
+			c.line(final("", mt))
+		}
+		return
+	}
+	var text strings.Builder
+	if mt, ok := c.run(p, func(tok string) bool { text.WriteString(tok); return true }); ok {
+		c.json(http.StatusOK, final(text.String(), mt))
+	}
+}
+
+func (s *Server) chat(c *call) {
+	var req apiRequest
+	if !c.decodeOllama(&req) {
+		return
+	}
+	if strings.TrimSpace(req.Model) == "" {
+		c.ollamaError(http.StatusBadRequest, "model is required")
+		return
+	}
+	m, ok := s.lookup(req.Model)
+	if !ok {
+		c.ollamaError(http.StatusNotFound, fmt.Sprintf("model '%s' not found", req.Model))
+		return
+	}
+	assistant := func(text string) message { return message{Role: "assistant", Content: text} }
+	if len(req.Messages) == 0 { // Ollama loads the model and answers one object
+		if c.load(m) {
+			c.json(http.StatusOK, chatResponse{Model: req.Model, CreatedAt: now(), Message: assistant(""), Done: true, DoneReason: "load"})
+		}
+		return
+	}
+	var texts []string
+	for _, msg := range req.Messages {
+		texts = append(texts, msg.Content)
+	}
+	p := s.plan(m, req.numPredict(), texts...)
+	final := func(text string, mt metrics) chatResponse {
+		return chatResponse{Model: req.Model, CreatedAt: now(), Message: assistant(text), Done: true, DoneReason: p.reason, metrics: mt}
+	}
+	if req.streaming() {
+		c.header(http.StatusOK, ndjson)
+		mt, ok := c.run(p, func(tok string) bool {
+			return c.line(chatResponse{Model: req.Model, CreatedAt: now(), Message: assistant(tok)})
+		})
+		if ok {
+			c.line(final("", mt))
+		}
+		return
+	}
+	var text strings.Builder
+	if mt, ok := c.run(p, func(tok string) bool { text.WriteString(tok); return true }); ok {
+		c.json(http.StatusOK, final(text.String(), mt))
+	}
+}
+
+// Embeddings.
+
+// embedInputs reads /api/embed's input: a string or an array of strings.
+func embedInputs(in any) ([]string, bool) {
+	switch v := in.(type) {
+	case nil:
+		return nil, true
+	case string:
+		if v == "" {
+			return nil, true
+		}
+		return []string{v}, true
+	case []any:
+		var out []string
+		for _, e := range v {
+			s, ok := e.(string)
+			if !ok {
+				return nil, false
+			}
+			out = append(out, s)
+		}
+		return out, true
+	}
+	return nil, false
+}
+
+// vector is a deterministic unit vector for text.
+func vector(text string, dim int) []float32 {
+	h := fnv.New64a()
+	h.Write([]byte(text))
+	seed := h.Sum64()
+	r := rand.New(rand.NewPCG(seed, seed>>1|1))
+	v := make([]float32, dim)
+	for i := range v {
+		v[i] = float32(r.NormFloat64())
+	}
+	return normalize(v)
+}
+
+// normalize scales v to unit length, as Ollama does with every embedding.
+func normalize(v []float32) []float32 {
+	var sum float64
+	for _, x := range v {
+		sum += float64(x) * float64(x)
+	}
+	norm := float32(1 / max(math.Sqrt(sum), 1e-12))
+	out := make([]float32, len(v))
+	for i, x := range v {
+		out[i] = x * norm
+	}
+	return out
+}
+
+// embedAll computes the vectors for inputs the way a model would: load, then evaluate.
+func (c *call) embedAll(m model, inputs []string) ([][]float32, metrics, bool) {
+	t0 := time.Now()
+	if !c.load(m) {
+		return nil, metrics{}, false
+	}
+	t1 := time.Now()
+	if !c.wait(c.s.cfg.FirstByteDelay) {
+		return nil, metrics{}, false
+	}
+	out := make([][]float32, 0, len(inputs))
+	count := 0
+	for _, in := range inputs {
+		out = append(out, vector(in, c.s.cfg.EmbedDim))
+		count += max(len(strings.Fields(in)), 1)
+	}
+	return out, metrics{
+		TotalDuration:   time.Since(c.start),
+		LoadDuration:    max(t1.Sub(t0), time.Microsecond),
+		PromptEvalCount: count,
+	}, true
+}
+
+func (s *Server) embed(c *call) {
+	var req apiRequest
+	if !c.decodeOllama(&req) {
+		return
+	}
+	inputs, ok := embedInputs(req.Input)
+	if !ok {
+		c.ollamaError(http.StatusBadRequest, "invalid input type")
+		return
+	}
+	m, ok := s.lookup(req.Model)
+	if !ok {
+		c.ollamaError(http.StatusNotFound, notFoundTryPulling(req.Model))
+		return
+	}
+	type response struct {
+		Model      string      `json:"model"`
+		Embeddings [][]float32 `json:"embeddings"`
+		metrics
+	}
+	vecs, mt, ok := c.embedAll(m, inputs)
+	if !ok {
+		return
+	}
+	if len(inputs) == 0 {
+		mt = metrics{}
+	}
+	c.json(http.StatusOK, response{Model: req.Model, Embeddings: vecs, metrics: metrics{
+		TotalDuration: mt.TotalDuration, LoadDuration: mt.LoadDuration, PromptEvalCount: mt.PromptEvalCount,
+	}})
+}
+
+func (s *Server) embeddings(c *call) {
+	var req apiRequest
+	if !c.decodeOllama(&req) {
+		return
+	}
+	if strings.TrimSpace(req.Model) == "" {
+		c.ollamaError(http.StatusBadRequest, "model is required")
+		return
+	}
+	m, ok := s.lookup(req.Model)
+	if !ok {
+		c.ollamaError(http.StatusNotFound, notFoundTryPulling(req.Model))
+		return
+	}
+	var inputs []string
+	if req.Prompt != "" {
+		inputs = []string{req.Prompt}
+	}
+	vecs, _, ok := c.embedAll(m, inputs)
+	if !ok {
+		return
+	}
+	e := []float64{}
+	for _, v := range vecs {
+		for _, x := range v {
+			e = append(e, float64(x))
+		}
+	}
+	c.json(http.StatusOK, map[string][]float64{"embedding": e})
+}
+
+// notFoundTryPulling is what Ollama answers when the scheduler cannot find the model (embed
+// endpoints); generate, chat and show say "model 'NAME' not found" instead.
+func notFoundTryPulling(name string) string {
+	return fmt.Sprintf("model %q not found, try pulling it first", name)
+}
+
+// Model reads.
+
+func (s *Server) tags(c *call) {
+	type entry struct {
+		Name       string    `json:"name"`
+		Model      string    `json:"model"`
+		ModifiedAt time.Time `json:"modified_at"`
+		Size       int64     `json:"size"`
+		Digest     string    `json:"digest"`
+		Details    details   `json:"details"`
+	}
+	s.mu.Lock()
+	list := []entry{}
+	for _, m := range s.models {
+		list = append(list, entry{m.name, m.name, m.modified, m.size, m.digest, m.details()})
+	}
+	s.mu.Unlock()
+	slices.SortStableFunc(list, func(a, b entry) int { return b.ModifiedAt.Compare(a.ModifiedAt) })
+	c.json(http.StatusOK, map[string]any{"models": list})
+}
+
+func (s *Server) ps(c *call) {
+	type entry struct {
+		Name          string    `json:"name"`
+		Model         string    `json:"model"`
+		Size          int64     `json:"size"`
+		Digest        string    `json:"digest"`
+		Details       details   `json:"details"`
+		ExpiresAt     time.Time `json:"expires_at"`
+		SizeVRAM      int64     `json:"size_vram"`
+		ContextLength int       `json:"context_length"`
+	}
+	s.mu.Lock()
+	list := []entry{}
+	for _, k := range s.loaded {
+		m := newModel(k, s.started)
+		list = append(list, entry{m.name, m.name, m.size, m.digest, m.details(), time.Now().Add(5 * time.Minute), 0, 4096})
+	}
+	s.mu.Unlock()
+	c.json(http.StatusOK, map[string]any{"models": list})
+}
+
+func (s *Server) show(c *call) {
+	var req apiRequest
+	if !c.decodeOllama(&req) {
+		return
+	}
+	name := cmp.Or(req.Model, req.Name)
+	if name == "" {
+		c.ollamaError(http.StatusBadRequest, "model is required")
+		return
+	}
+	m, ok := s.lookup(name)
+	if !ok {
+		c.ollamaError(http.StatusNotFound, fmt.Sprintf("model '%s' not found", name))
+		return
+	}
+	d := m.details()
+	caps := []string{"completion"}
+	if m.embed {
+		caps = []string{"embedding"}
+	}
+	c.json(http.StatusOK, struct {
+		Modelfile    string         `json:"modelfile"`
+		Parameters   string         `json:"parameters"`
+		Template     string         `json:"template"`
+		Details      details        `json:"details"`
+		ModelInfo    map[string]any `json:"model_info"`
+		Capabilities []string       `json:"capabilities"`
+		ModifiedAt   time.Time      `json:"modified_at"`
+	}{
+		Modelfile:  fmt.Sprintf("# Modelfile generated by \"ollama show\"\nFROM %s\nTEMPLATE {{ .Prompt }}\nPARAMETER num_ctx 4096\n", m.name),
+		Parameters: "num_ctx                        4096",
+		Template:   "{{ .Prompt }}",
+		Details:    d,
+		ModelInfo: map[string]any{
+			"general.architecture":                d.Family,
+			"general.parameter_count":             1_200_000_000,
+			d.Family + ".context_length":          4096,
+			d.Family + ".embedding_length":        c.s.cfg.EmbedDim,
+			"tokenizer.ggml.model":                "gpt2",
+			"general.quantization_version":        2,
+			d.Family + ".attention.head_count":    32,
+			d.Family + ".attention.head_count_kv": 8,
+		},
+		Capabilities: caps,
+		ModifiedAt:   m.modified,
+	})
+}
+
+// Model management: pull and delete, enough for model sync tests.
+
+func (s *Server) pull(c *call) {
+	var req apiRequest
+	if !c.decodeOllama(&req) {
+		return
+	}
+	name := cmp.Or(req.Model, req.Name)
+	if strings.TrimSpace(name) == "" {
+		c.ollamaError(http.StatusBadRequest, "invalid model name")
+		return
+	}
+	s.mu.Lock()
+	failure := s.faults.pullError
+	s.mu.Unlock()
+	m := newModel(name, time.Now())
+	short := m.digest[:12]
+	steps := []progress{
+		{Status: "pulling manifest"},
+		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size},
+		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size, Completed: m.size / 2},
+		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size, Completed: m.size},
+		{Status: "verifying sha256 digest"},
+		{Status: "writing manifest"},
+		{Status: "success"},
+	}
+	if failure != "" {
+		steps = steps[:1]
+	}
+	stream := req.streaming()
+	if stream {
+		c.header(http.StatusOK, ndjson)
+	}
+	for i, p := range steps {
+		if i > 0 && !c.wait(s.cfg.TokenGap) {
+			return
+		}
+		if p.Status == "success" {
+			s.addModel(m)
+		}
+		if stream && !c.line(p) {
+			return
+		}
+	}
+	switch {
+	case failure != "" && stream:
+		c.line(map[string]string{"error": failure})
+	case failure != "":
+		c.ollamaError(http.StatusInternalServerError, failure)
+	case !stream:
+		c.json(http.StatusOK, progress{Status: "success"})
+	}
+}
+
+func (s *Server) addModel(m model) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.models = slices.DeleteFunc(s.models, func(o model) bool { return o.key == m.key })
+	s.models = append(s.models, m)
+}
+
+func (s *Server) delete(c *call) {
+	var req apiRequest
+	if !c.decodeOllama(&req) {
+		return
+	}
+	name := cmp.Or(req.Model, req.Name)
+	if strings.TrimSpace(name) == "" {
+		c.ollamaError(http.StatusBadRequest, fmt.Sprintf("name %q is invalid", name))
+		return
+	}
+	m, ok := s.lookup(name)
+	if !ok {
+		c.ollamaError(http.StatusNotFound, fmt.Sprintf("model '%s' not found", name))
+		return
+	}
+	s.mu.Lock()
+	s.models = slices.DeleteFunc(s.models, func(o model) bool { return o.key == m.key })
+	s.loaded = slices.DeleteFunc(s.loaded, func(k string) bool { return k == m.key })
+	s.mu.Unlock()
+	c.header(http.StatusOK, "")
+	c.writeHeader()
+}
+
+// Writing.
+
+func now() time.Time { return time.Now().UTC() }
+
+// decodeOllama reads the body as gin's ShouldBindJSON does, answering 400 on failure.
+func (c *call) decodeOllama(v any) bool {
+	err := json.NewDecoder(bytes.NewReader(c.body)).Decode(v)
+	switch {
+	case errors.Is(err, io.EOF):
+		c.ollamaError(http.StatusBadRequest, "missing request body")
+	case err != nil:
+		c.ollamaError(http.StatusBadRequest, err.Error())
+	}
+	return err == nil
+}
+
+func (c *call) ollamaError(status int, msg string) {
+	c.json(status, map[string]string{"error": msg})
+}
+
+// json answers v as gin's c.JSON does: no trailing newline.
+func (c *call) json(status int, v any) bool {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	c.header(status, jsonUTF8)
+	return c.send(b, false)
+}
+
+// line writes v as one NDJSON line.
+func (c *call) line(v any) bool {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return c.chunk(append(b, '\n'))
+}
+
+func (c *call) text(status int, body string) {
+	c.header(status, "text/plain; charset=utf-8")
+	c.send([]byte(body), false)
+}
