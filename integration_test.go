@@ -186,6 +186,7 @@ func TestIntegrationRoutingAndErrors(t *testing.T) {
 	defer a.Close()
 	loadCaddy(t, fmt.Sprintf(`
 		allow_embeddings false
+		labels gpu
 		models tiny-llama
 		max_request_body 1KiB
 		backend a %s {
