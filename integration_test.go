@@ -228,9 +228,9 @@ func TestIntegrationRoutingAndErrors(t *testing.T) {
 
 	cases := []struct {
 		name, method, path, body string
-		hdr                       []string
-		status                    int
-		msg                       string
+		hdr                      []string
+		status                   int
+		msg                      string
 	}{
 		{"unknown path", "GET", "/api/nope", "", nil, 404, "unknown path"},
 		{"wrong method", "GET", "/api/chat", "", nil, 405, "use POST"},

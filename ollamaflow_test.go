@@ -29,15 +29,15 @@ func provisionJSON(t *testing.T, raw string) (*Handler, error) {
 func TestProvisionValidates(t *testing.T) {
 	cases := map[string]string{
 		`{}`: "at least one backend",
-		`{"lb_policy":"fastest","backends":[{"name":"a","url":"127.0.0.1:1"}]}`:                                     `unknown policy "fastest"`,
+		`{"lb_policy":"fastest","backends":[{"name":"a","url":"127.0.0.1:1"}]}`:                                      `unknown policy "fastest"`,
 		`{"retries":-1,"backends":[{"name":"a","url":"127.0.0.1:1"}]}`:                                               "retries: must not be negative",
 		`{"backends":[{"name":"a","url":"127.0.0.1:1"},{"name":"a","url":"127.0.0.1:2"}]}`:                           "duplicate backend name",
 		`{"backends":[{"name":"a","url":"127.0.0.1:1"},{"name":"b","url":"http://127.0.0.1:1/"}]}`:                   `same server as backend "a"`,
-		`{"backends":[{"name":"a","url":"ftp://x"}]}`:                                                                 "scheme must be http or https",
-		`{"backends":[{"name":"a b","url":"127.0.0.1:1"}]}`:                                                           "may only contain",
-		`{"backends":[{"name":"a","url":"127.0.0.1:1","max_parallel":-2}]}`:                                           "max_parallel: must not be negative",
-		`{"backends":[{"name":"a","url":"127.0.0.1:1","health_method":"POST"}]}`:                                      "health_method",
-		`{"backends":[{"name":"a","url":"127.0.0.1:1","health_status":42}]}`:                                          "health_status",
+		`{"backends":[{"name":"a","url":"ftp://x"}]}`:                                                                "scheme must be http or https",
+		`{"backends":[{"name":"a b","url":"127.0.0.1:1"}]}`:                                                          "may only contain",
+		`{"backends":[{"name":"a","url":"127.0.0.1:1","max_parallel":-2}]}`:                                          "max_parallel: must not be negative",
+		`{"backends":[{"name":"a","url":"127.0.0.1:1","health_method":"POST"}]}`:                                     "health_method",
+		`{"backends":[{"name":"a","url":"127.0.0.1:1","health_status":42}]}`:                                         "health_status",
 		`{"backends":[{"name":"a","url":"127.0.0.1:1","bearer_token":"x","headers":{"Authorization":["Basic y"]}}]}`: "keep one",
 	}
 	for raw, want := range cases {
