@@ -55,6 +55,7 @@ func (b *backend) settings(logger *zap.Logger) *serverSettings {
 	u.Path = b.base.Path + b.cfg.HealthURI
 	u.RawQuery = b.query
 	return &serverSettings{
+		name:          b.cfg.Name,
 		probeURL:      u.String(),
 		probeMethod:   b.cfg.HealthMethod,
 		expectStatus:  b.cfg.HealthStatus,

@@ -44,6 +44,7 @@ func (s healthState) String() string {
 // Provision that names the server stores a fresh copy, so the latest config
 // wins without restarting the server's goroutines.
 type serverSettings struct {
+	name          string // the backend's name in the config that last named the server
 	probeURL      string
 	probeMethod   string
 	expectStatus  int
@@ -124,7 +125,8 @@ func (s *server) Destruct() error {
 }
 
 func (s *server) logger() *zap.Logger {
-	return s.settings.Load().logger.Named("health").With(zap.String("server", s.key))
+	st := s.settings.Load()
+	return st.logger.Named("health").With(zap.String("backend", st.name), zap.String("url", s.key))
 }
 
 // healthy reports whether the server may receive requests as far as health
@@ -178,14 +180,14 @@ func (s *server) check(ctx context.Context, st *serverSettings) error {
 	res, err := s.client.Do(req)
 	if err != nil {
 		if ctx.Err() == context.DeadlineExceeded {
-			return fmt.Errorf("probe timed out after %s", st.timeout)
+			return fmt.Errorf("no answer within %s (health_timeout)", st.timeout)
 		}
-		return fmt.Errorf("probe failed: %v", redactURLError(err))
+		return redactURLError(err)
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
 	res.Body.Close()
 	if !statusMatches(res.StatusCode, st.expectStatus) {
-		return fmt.Errorf("probe answered status %d, want %s", res.StatusCode, statusExpectation(st.expectStatus))
+		return fmt.Errorf("answered status %d, want %s", res.StatusCode, statusExpectation(st.expectStatus))
 	}
 	return nil
 }
