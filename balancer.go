@@ -65,6 +65,9 @@ func (b *backend) settings(logger *zap.Logger) *serverSettings {
 		fails:         b.cfg.HealthFails,
 		failThreshold: b.cfg.FailThreshold,
 		header:        b.header,
+		query:         b.query,
+		modelRefresh:  time.Duration(b.cfg.ModelRefresh),
+		pullConc:      b.cfg.PullConcurrency,
 		logger:        logger,
 	}
 }
@@ -139,8 +142,9 @@ func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCa
 }
 
 // selectionPolicy picks one backend among avail, which is never empty and
-// holds only backends with room.
-type selectionPolicy func(h *Handler, avail []*backend) *backend
+// holds only backends with room, for a request about model (normalised,
+// or "" when the request names none).
+type selectionPolicy func(h *Handler, avail []*backend, model string) *backend
 
 var policies = map[string]selectionPolicy{
 	"least_conn":  pickLeastConn,
@@ -161,7 +165,7 @@ func policyNames() string {
 // acquire picks a backend with the frontend's policy and takes a slot on
 // it. It returns nil if every candidate is at its cap. A slot lost to a
 // concurrent request drops that backend and picks again.
-func (h *Handler) acquire(cands []*backend) *backend {
+func (h *Handler) acquire(cands []*backend, model string) *backend {
 	var avail []*backend
 	for _, b := range cands {
 		if b.hasRoom() {
@@ -169,7 +173,7 @@ func (h *Handler) acquire(cands []*backend) *backend {
 		}
 	}
 	for len(avail) > 0 {
-		b := h.policy(h, avail)
+		b := h.policy(h, avail, model)
 		if b.srv.tryAcquire(b.cfg.MaxParallel) {
 			return b
 		}
@@ -188,10 +192,16 @@ func without(list []*backend, drop *backend) []*backend {
 	return out
 }
 
-// pickLeastConn takes the lowest in-flight / capacity (capacity is
+// pickLeastConn prefers backends where the model is loaded (a cold load
+// costs seconds), then takes the lowest in-flight / capacity (capacity is
 // max_parallel, or the weight when uncapped), then the higher weight, and
 // breaks remaining ties round-robin so equal servers share the load.
-func pickLeastConn(h *Handler, avail []*backend) *backend {
+func pickLeastConn(h *Handler, avail []*backend, model string) *backend {
+	if model != "" {
+		if warm := loadedOn(avail, model); len(warm) > 0 {
+			avail = warm
+		}
+	}
 	var ties []*backend
 	var bestLoad, bestCap int64
 	var bestWeight int
@@ -221,19 +231,29 @@ func pickLeastConn(h *Handler, avail []*backend) *backend {
 	return ties[n%uint64(len(ties))]
 }
 
+func loadedOn(list []*backend, model string) []*backend {
+	var out []*backend
+	for _, b := range list {
+		if b.srv.models.Load().isLoaded(model) {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
 // pickRoundRobin walks the candidates in turn, each weight times per cycle.
-func pickRoundRobin(h *Handler, avail []*backend) *backend {
+func pickRoundRobin(h *Handler, avail []*backend, _ string) *backend {
 	n := atomic.AddUint64(&h.rrCounter, 1) - 1
 	return byWeight(avail, int(n%uint64(totalWeight(avail))))
 }
 
 // pickRandom picks at random, in proportion to weight.
-func pickRandom(_ *Handler, avail []*backend) *backend {
+func pickRandom(_ *Handler, avail []*backend, _ string) *backend {
 	return byWeight(avail, rand.IntN(totalWeight(avail)))
 }
 
 // pickFirst takes the first candidate in config order.
-func pickFirst(_ *Handler, avail []*backend) *backend {
+func pickFirst(_ *Handler, avail []*backend, _ string) *backend {
 	return avail[0]
 }
 

@@ -20,6 +20,7 @@ func testBackend(name string, mutate func(*Backend)) *backend {
 	base, _ := url.Parse("http://" + name + ":11434")
 	b := newBackendView(cfg, base)
 	b.srv = &server{key: base.String(), base: base}
+	b.srv.models.Store(&modelSnapshot{})
 	return b
 }
 
@@ -77,17 +78,17 @@ func TestAcquireRespectsCaps(t *testing.T) {
 
 	var got []string
 	for i := 0; i < 3; i++ {
-		picked := h.acquire(cands)
+		picked := h.acquire(cands, "")
 		require.NotNil(t, picked, "slot %d", i)
 		got = append(got, picked.cfg.Name)
 	}
 	assert.ElementsMatch(t, []string{"a", "b", "b"}, got)
-	assert.Nil(t, h.acquire(cands), "every candidate is at its cap")
+	assert.Nil(t, h.acquire(cands, ""), "every candidate is at its cap")
 	assert.EqualValues(t, 1, a.srv.inFlight.Load())
 	assert.EqualValues(t, 2, b.srv.inFlight.Load())
 
 	b.srv.release()
-	picked := h.acquire(cands)
+	picked := h.acquire(cands, "")
 	require.NotNil(t, picked)
 	assert.Equal(t, "b", picked.cfg.Name, "a freed slot is taken at once")
 }
@@ -100,18 +101,18 @@ func TestLeastConnPrefersLowestLoadRatio(t *testing.T) {
 	h := &Handler{}
 	seen := map[string]int{}
 	for i := 0; i < 10; i++ {
-		seen[pickLeastConn(h, []*backend{a, b}).cfg.Name]++
+		seen[pickLeastConn(h, []*backend{a, b}, "").cfg.Name]++
 	}
 	assert.Equal(t, 5, seen["a"])
 	assert.Equal(t, 5, seen["b"])
 
 	a.srv.inFlight.Store(1) // 1/4 beats 1/2
-	assert.Equal(t, "a", pickLeastConn(h, []*backend{a, b}).cfg.Name)
+	assert.Equal(t, "a", pickLeastConn(h, []*backend{a, b}, "").cfg.Name)
 
 	heavy := testBackend("heavy", func(c *Backend) { c.Weight = 3; c.MaxParallel = 2 })
 	heavy.srv.inFlight.Store(1) // 1/2, ties with b but weighs more
 	for i := 0; i < 4; i++ {
-		assert.Equal(t, "heavy", pickLeastConn(h, []*backend{b, heavy}).cfg.Name)
+		assert.Equal(t, "heavy", pickLeastConn(h, []*backend{b, heavy}, "").cfg.Name)
 	}
 }
 
@@ -121,18 +122,18 @@ func TestWeightedPolicies(t *testing.T) {
 	h := &Handler{}
 	rr := map[string]int{}
 	for i := 0; i < 400; i++ {
-		rr[pickRoundRobin(h, []*backend{a, b}).cfg.Name]++
+		rr[pickRoundRobin(h, []*backend{a, b}, "").cfg.Name]++
 	}
 	assert.Equal(t, map[string]int{"a": 300, "b": 100}, rr)
 
 	rnd := map[string]int{}
 	for i := 0; i < 4000; i++ {
-		rnd[pickRandom(h, []*backend{a, b}).cfg.Name]++
+		rnd[pickRandom(h, []*backend{a, b}, "").cfg.Name]++
 	}
 	assert.InDelta(t, 3000, rnd["a"], 200)
 	assert.InDelta(t, 1000, rnd["b"], 200)
 
 	for i := 0; i < 5; i++ {
-		assert.Equal(t, "b", pickFirst(h, []*backend{b, a}).cfg.Name)
+		assert.Equal(t, "b", pickFirst(h, []*backend{b, a}, "").cfg.Name)
 	}
 }

@@ -59,40 +59,50 @@ const (
 )
 
 type route struct {
-	kind       routeKind
-	methods    string // allowed methods, as for the Allow header
-	needsModel bool   // the JSON body must name a model
+	kind    routeKind
+	methods string    // allowed methods, as for the Allow header
+	model   modelFrom // where the request names its model
 }
+
+// modelFrom says where a request names the model it is about.
+type modelFrom int
+
+const (
+	modelNone       modelFrom = iota
+	modelInBody               // "model" in the JSON body, required
+	modelInBodyName           // "model", or Ollama's older "name", required
+	modelInPath               // the last path segment
+)
 
 // routes is SPEC §3's route table for exact paths; prefixRoutes covers the
 // paths that end in a parameter.
 var routes = map[string]route{
-	"/":                    {kindRoot, "GET, HEAD", false},
-	"/api/version":         {kindVersion, "GET", false},
-	"/api/generate":        {kindCompletion, "POST", true},
-	"/api/chat":            {kindCompletion, "POST", true},
-	"/v1/completions":      {kindCompletion, "POST", true},
-	"/v1/chat/completions": {kindCompletion, "POST", true},
-	"/api/embed":           {kindEmbedding, "POST", true},
-	"/api/embeddings":      {kindEmbedding, "POST", true},
-	"/v1/embeddings":       {kindEmbedding, "POST", true},
-	"/api/tags":            {kindModelRead, "GET", false},
-	"/api/ps":              {kindModelRead, "GET", false},
-	"/api/show":            {kindModelRead, "POST", false},
-	"/v1/models":           {kindModelRead, "GET", false},
-	"/api/pull":            {kindManagement, "POST", false},
-	"/api/delete":          {kindManagement, "DELETE", false},
-	"/api/copy":            {kindManagement, "POST", false},
-	"/api/create":          {kindManagement, "POST", false},
-	"/api/push":            {kindManagement, "POST", false},
+	"/":                    {kindRoot, "GET, HEAD", modelNone},
+	"/api/version":         {kindVersion, "GET", modelNone},
+	"/api/generate":        {kindCompletion, "POST", modelInBody},
+	"/api/chat":            {kindCompletion, "POST", modelInBody},
+	"/v1/completions":      {kindCompletion, "POST", modelInBody},
+	"/v1/chat/completions": {kindCompletion, "POST", modelInBody},
+	"/api/embed":           {kindEmbedding, "POST", modelInBody},
+	"/api/embeddings":      {kindEmbedding, "POST", modelInBody},
+	"/v1/embeddings":       {kindEmbedding, "POST", modelInBody},
+	"/api/tags":            {kindModelRead, "GET", modelNone},
+	"/api/ps":              {kindModelRead, "GET", modelNone},
+	"/api/show":            {kindModelRead, "POST", modelInBodyName},
+	"/v1/models":           {kindModelRead, "GET", modelNone},
+	"/api/pull":            {kindManagement, "POST", modelInBodyName},
+	"/api/delete":          {kindManagement, "DELETE", modelInBodyName},
+	"/api/copy":            {kindManagement, "POST", modelNone},
+	"/api/create":          {kindManagement, "POST", modelNone},
+	"/api/push":            {kindManagement, "POST", modelInBodyName},
 }
 
 var prefixRoutes = []struct {
 	prefix string
 	route  route
 }{
-	{"/v1/models/", route{kindModelRead, "GET", false}},
-	{"/api/blobs/", route{kindManagement, "HEAD, POST", false}},
+	{"/v1/models/", route{kindModelRead, "GET", modelInPath}},
+	{"/api/blobs/", route{kindManagement, "HEAD, POST", modelNone}},
 }
 
 // classify maps a request to its route. ok is false for an unknown path;
@@ -156,7 +166,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		if !h.AllowModelManagement {
 			return h.fail(w, api, http.StatusForbidden, "model management is disabled on this frontend; set allow_model_management in its ollamaflow block to enable pull, delete, copy, create, push and blob uploads")
 		}
-		return h.fail(w, api, http.StatusNotImplemented, "model management through the load balancer is not available in this version")
 	case kindCompletion:
 		if !h.allowCompl {
 			return h.fail(w, api, http.StatusForbidden, "completion requests are not allowed on this frontend")
@@ -167,24 +176,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 	}
 
+	// Blob uploads stream through untouched: they can be gigabytes.
+	isBlob := strings.HasPrefix(r.URL.Path, "/api/blobs/")
 	var body []byte
-	if r.Method == http.MethodPost {
+	if !isBlob && (r.Method == http.MethodPost || r.Method == http.MethodDelete) {
 		var status int
 		var err error
 		body, status, err = h.readBody(r)
 		if err != nil {
 			return h.fail(w, api, status, err.Error())
 		}
-		if rt.needsModel {
-			model, err := requestModel(body)
-			if err != nil {
-				return h.fail(w, api, http.StatusBadRequest, err.Error())
-			}
-			if h.models != nil {
-				if _, ok := h.models[normalizeModel(model)]; !ok {
-					return h.fail(w, api, http.StatusForbidden, fmt.Sprintf("model %q is not allowed on this frontend", model))
-				}
-			}
+	}
+	model, err := requestModel(rt.model, r.URL.Path, body)
+	if err != nil {
+		return h.fail(w, api, http.StatusBadRequest, err.Error())
+	}
+	if model != "" && h.models != nil {
+		if _, ok := h.models[model]; !ok {
+			return h.fail(w, api, http.StatusForbidden, fmt.Sprintf("model %q is not allowed on this frontend", model))
 		}
 	}
 
@@ -194,7 +203,31 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		w.Header().Set("Retry-After", "5")
 		return h.fail(w, api, http.StatusServiceUnavailable, why.msg)
 	}
-	return h.proxy(w, r, api, body, cands)
+
+	switch {
+	case r.URL.Path == "/api/tags":
+		return h.serveTags(w, r, cands)
+	case r.URL.Path == "/v1/models":
+		return h.serveModelList(w, r, cands)
+	case r.URL.Path == "/api/ps":
+		return h.servePS(w, r, cands)
+	case isBlob:
+		return h.serveBlob(w, r, api, cands)
+	case rt.kind == kindManagement && r.URL.Path != "/api/push":
+		return h.fanOut(w, r, api, body, cands)
+	}
+	if model != "" {
+		var status int
+		var msg string
+		cands, status, msg = h.routeModel(r.Context(), cands, model)
+		if status != 0 {
+			if status == http.StatusServiceUnavailable {
+				w.Header().Set("Retry-After", "10")
+			}
+			return h.fail(w, api, status, msg)
+		}
+	}
+	return h.proxy(w, r, api, body, cands, model)
 }
 
 // readBody reads the whole request body within max_request_body.
@@ -218,17 +251,31 @@ func (h *Handler) readBody(r *http.Request) ([]byte, int, error) {
 	return buf.Bytes(), 0, nil
 }
 
-// requestModel checks that body is a JSON object and returns its model.
-func requestModel(body []byte) (string, error) {
-	trimmed := bytes.TrimLeft(body, " \t\r\n")
-	if len(trimmed) == 0 || trimmed[0] != '{' || !gjson.ValidBytes(trimmed) {
+// requestModel finds the model a request is about, normalised, and checks
+// that a body the model is read from is a JSON object.
+func requestModel(from modelFrom, path string, body []byte) (string, error) {
+	switch from {
+	case modelNone:
+		return "", nil
+	case modelInPath:
+		return normalizeModel(path[strings.LastIndexByte(path, '/')+1:]), nil
+	}
+	if !isJSONObject(body) {
 		return "", errors.New("request body must be a JSON object")
 	}
-	m := gjson.GetBytes(trimmed, "model")
+	m := gjson.GetBytes(body, "model")
+	if from == modelInBodyName && (m.Type != gjson.String || m.Str == "") {
+		m = gjson.GetBytes(body, "name")
+	}
 	if m.Type != gjson.String || strings.TrimSpace(m.Str) == "" {
 		return "", errors.New(`request body must name a model: {"model":"NAME",…}`)
 	}
-	return m.Str, nil
+	return normalizeModel(m.Str), nil
+}
+
+func isJSONObject(body []byte) bool {
+	trimmed := bytes.TrimLeft(body, " \t\r\n")
+	return len(trimmed) > 0 && trimmed[0] == '{' && gjson.ValidBytes(trimmed)
 }
 
 // requestLabels is the frontend's labels plus any the client adds in the
@@ -255,7 +302,7 @@ type attemptResult struct {
 
 // proxy runs the attempt loop: each attempt takes a slot on a different
 // backend; failures before the first response byte move on to the next.
-func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend) error {
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string) error {
 	tried := make([]*backend, 0, h.retries+1)
 	var last attemptResult
 	for attempt := 0; attempt <= h.retries; attempt++ {
@@ -266,7 +313,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		if len(avail) == 0 {
 			break
 		}
-		b := h.acquire(avail)
+		b := h.acquire(avail, model)
 		if b == nil {
 			if attempt == 0 {
 				w.Header().Set("Retry-After", "1")
@@ -276,7 +323,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		}
 		tried = append(tried, b)
 		final := attempt == h.retries || len(avail) == 1
-		last = h.attempt(w, r, api, body, b, final)
+		last = h.attempt(w, r, api, body, b, final, model)
 		if last.done {
 			return nil
 		}
@@ -314,7 +361,7 @@ func retryable(status int) bool {
 // attempt sends the request to b (holding a slot on it) and, unless it
 // fails in a way another backend may fix, streams the answer to the client.
 // It always releases the slot.
-func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool) attemptResult {
+func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string) attemptResult {
 	defer b.srv.release()
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)
@@ -358,13 +405,16 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 			retry, head := modelMissing(res)
 			if retry {
 				res.Body.Close()
+				b.srv.poke() // its lists are stale: read them again
 				h.logAttempt(b, "model missing on backend, retrying", nil)
 				return attemptResult{status: res.StatusCode, cause: fmt.Sprintf("backend %s does not have the model", b.cfg.Name)}
 			}
 			res.Body = readCloser{io.MultiReader(bytes.NewReader(head), res.Body), res.Body}
 		}
 	}
-	h.stream(w, r, res, b, ctx, cancel)
+	if h.stream(w, r, res, b, ctx, cancel) && res.StatusCode == http.StatusOK && model != "" {
+		b.srv.markLoaded(model) // it just answered: the model is in memory there
+	}
 	return attemptResult{done: true, status: res.StatusCode}
 }
 
@@ -484,7 +534,8 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }
 // after every write so tokens arrive as they are generated. A stall longer
 // than stream_idle_timeout, or a backend that dies mid-stream, ends the
 // stream: it is never restarted, since the client already has part of it.
-func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc) {
+// It reports whether the whole body went through.
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc) bool {
 	defer res.Body.Close()
 	hdr := w.Header()
 	stripHopByHop(res.Header)
@@ -509,14 +560,14 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 		if n > 0 {
 			idleTimer.Reset(idle)
 			if _, werr := w.Write(buf[:n]); werr != nil {
-				return // client gone; deferred cancel stops the backend
+				return false // client gone; deferred cancel stops the backend
 			}
 			if err := rc.Flush(); err != nil {
-				return
+				return false
 			}
 		}
 		if rerr == io.EOF {
-			return
+			return true
 		}
 		if rerr != nil {
 			switch {
@@ -529,7 +580,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 				b.srv.recordFailure("stream broken: " + redactURLError(rerr).Error())
 				h.logAttempt(b, "stream broken", redactURLError(rerr))
 			}
-			return
+			return false
 		}
 	}
 }

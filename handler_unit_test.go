@@ -59,13 +59,22 @@ func TestClassify(t *testing.T) {
 }
 
 func TestRequestModel(t *testing.T) {
-	m, err := requestModel([]byte(` {"model":"llama3","messages":[]}`))
+	m, err := requestModel(modelInBody, "/api/chat", []byte(` {"model":"Llama3","messages":[]}`))
 	require.NoError(t, err)
-	assert.Equal(t, "llama3", m)
-	for _, bad := range []string{``, `[]`, `"x"`, `{"model":`, `{"messages":[]}`, `{"model":""}`, `{"model":42}`, `{"model":"a"} trailing`} {
-		_, err := requestModel([]byte(bad))
+	assert.Equal(t, "llama3:latest", m)
+	for _, bad := range []string{``, `[]`, `"x"`, `{"model":`, `{"messages":[]}`, `{"model":""}`, `{"model":42}`, `{"model":"a"} trailing`, `{"name":"a"}`} {
+		_, err := requestModel(modelInBody, "/api/chat", []byte(bad))
 		assert.Error(t, err, bad)
 	}
+	m, err = requestModel(modelInBodyName, "/api/show", []byte(`{"name":"tiny"}`))
+	require.NoError(t, err)
+	assert.Equal(t, "tiny:latest", m, "Ollama's older name field")
+	m, err = requestModel(modelInPath, "/v1/models/tiny:q4", nil)
+	require.NoError(t, err)
+	assert.Equal(t, "tiny:q4", m)
+	m, err = requestModel(modelNone, "/api/tags", []byte("not json"))
+	require.NoError(t, err)
+	assert.Empty(t, m)
 }
 
 func TestErrorBodiesFollowTheAPI(t *testing.T) {

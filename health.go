@@ -54,6 +54,9 @@ type serverSettings struct {
 	fails         int
 	failThreshold int
 	header        http.Header // bearer token and configured headers
+	query         string      // appended to every URL on the server
+	modelRefresh  time.Duration
+	pullConc      int
 	logger        *zap.Logger
 }
 
@@ -76,10 +79,21 @@ type server struct {
 	lastProbe  time.Time
 	lastErr    string
 
+	// Models (modelsync.go): the latest lists, replaced whole on refresh.
+	models      atomic.Pointer[modelSnapshot]
+	refreshMu   sync.Mutex // one refresh at a time
+	lastRefresh time.Time  // guarded by refreshMu
+	wake        chan struct{}
+
+	// Required models and their pulls (modelsync.go), guarded by pullMu.
+	pullMu   sync.Mutex
+	required map[any][]requiredModel // by the handler that requires them
+	pulls    map[string]*pullState   // by normalised model name
+
 	client *http.Client
 	ctx    context.Context
 	cancel context.CancelFunc
-	done   chan struct{}
+	wg     sync.WaitGroup // every goroutine the server owns
 }
 
 // acquireServer returns the pooled server for base, creating and starting it
@@ -106,20 +120,39 @@ func newServer(base *url.URL, st *serverSettings) *server {
 		base:   base,
 		since:  time.Now(),
 		client: &http.Client{Transport: newTransport(defaultDialTimeout)},
-		ctx:    ctx,
-		cancel: cancel,
-		done:   make(chan struct{}),
+		ctx:      ctx,
+		cancel:   cancel,
+		wake:     make(chan struct{}, 1),
+		required: make(map[any][]requiredModel),
+		pulls:    make(map[string]*pullState),
 	}
 	s.settings.Store(st)
-	go s.probeLoop()
+	s.models.Store(&modelSnapshot{})
+	s.goSafe("health checker", s.probeLoop)
+	s.goSafe("model discovery", s.discoveryLoop)
 	return s
+}
+
+// goSafe runs fn in a goroutine the server owns: Destruct waits for it,
+// and a panic is logged instead of taking Caddy down.
+func (s *server) goSafe(what string, fn func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer func() {
+			if rec := recover(); rec != nil {
+				s.logger().Error("panic in "+what, zap.Any("panic", rec), zap.Stack("stack"))
+			}
+		}()
+		fn()
+	}()
 }
 
 // Destruct stops the server's goroutines; the pool calls it when the last
 // handler using the server is cleaned up.
 func (s *server) Destruct() error {
 	s.cancel()
-	<-s.done
+	s.wg.Wait()
 	s.client.CloseIdleConnections()
 	return nil
 }
@@ -138,12 +171,6 @@ func (s *server) healthy() bool {
 // probeLoop probes at once, so a fresh config routes within one round trip,
 // then every interval until the server is destroyed.
 func (s *server) probeLoop() {
-	defer close(s.done)
-	defer func() {
-		if rec := recover(); rec != nil {
-			s.logger().Error("panic in health checker", zap.Any("panic", rec), zap.Stack("stack"))
-		}
-	}()
 	s.probe()
 	for {
 		timer := time.NewTimer(s.settings.Load().interval)
@@ -260,6 +287,7 @@ func (s *server) transitionLocked(from, to healthState, reason string) {
 	s.since = time.Now()
 	if to == stateHealthy {
 		s.failStreak.Store(0)
+		s.poke() // read its model lists at once
 	}
 	msg := "backend up"
 	if to == stateUnhealthy {

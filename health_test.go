@@ -117,6 +117,7 @@ func TestProbeSendsCredentialsAndHonoursTimeout(t *testing.T) {
 	p := newProbeTarget(t)
 	base, _ := url.Parse(p.srv.URL)
 	st := testSettings(p.srv.URL+"/?token=abc", zap.NewNop())
+	st.query = "token=abc"
 	st.header = http.Header{"Authorization": {"Bearer s3cret"}}
 	s := newServer(base, st)
 	defer s.Destruct()

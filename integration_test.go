@@ -131,6 +131,10 @@ func gatedBackend(t *testing.T) (*httptest.Server, chan struct{}) {
 			}
 			fmt.Fprint(w, "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n")
 			fmt.Fprint(w, "data: [DONE]\n\n")
+		case "/api/tags":
+			fmt.Fprint(w, `{"models":[{"name":"tiny-llama:latest","model":"tiny-llama:latest","modified_at":"2026-11-25T00:00:00Z","size":1,"digest":"abc","details":{}}]}`)
+		case "/api/ps":
+			fmt.Fprint(w, `{"models":[]}`)
 		default:
 			w.WriteHeader(http.StatusOK)
 		}
@@ -283,7 +287,7 @@ func TestIntegrationRetriesAndPassThrough(t *testing.T) {
 	defer busy.Close()
 	ok := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
 	defer ok.Close()
-	missing := fakeollama.New(fakeollama.Config{Models: []string{"other"}})
+	missing := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
 	defer missing.Close()
 	busy.FailWith(http.StatusServiceUnavailable, fakeollama.ServerBusy, fakeollama.Completions...)
 	loadCaddy(t, fmt.Sprintf(`
@@ -293,6 +297,11 @@ func TestIntegrationRetriesAndPassThrough(t *testing.T) {
 		}
 		backend missing %s
 		backend ok %s`, busy.URL, missing.URL, ok.URL))
+	// missing loses the model after the proxy has read its list: the
+	// proxy only learns of it from the 404.
+	sm := waitHealthy(t, missing.URL, stateHealthy)
+	require.Eventually(t, func() bool { has, _ := sm.models.Load().has("tiny-llama:latest"); return has }, 5*time.Second, 5*time.Millisecond)
+	missing.SetModels("other")
 
 	// busy answers 503, missing lacks the model: both are skipped.
 	res, body := post(t, "/api/chat", `{"model":"tiny-llama","messages":[],"stream":false}`)
@@ -300,6 +309,8 @@ func TestIntegrationRetriesAndPassThrough(t *testing.T) {
 	assert.Equal(t, "ok", res.Header.Get("X-OllamaFlow-Backend"))
 	assert.Equal(t, 1, busy.Count("/api/chat"))
 	assert.Equal(t, 1, missing.Count("/api/chat"))
+	require.Eventually(t, func() bool { has, _ := sm.models.Load().has("tiny-llama:latest"); return !has }, 5*time.Second, 5*time.Millisecond,
+		"the 404 made the proxy reread missing's list")
 
 	// With every backend busy, the last attempt's own answer passes through.
 	ok.FailWith(http.StatusServiceUnavailable, fakeollama.ServerBusy)

@@ -1,6 +1,21 @@
 package ollamaflow
 
-import "strings"
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tidwall/gjson"
+	"go.uber.org/zap"
+)
 
 // normalizeModel gives the form model names are compared in: lowercase,
 // without Ollama's default registry and namespace, with ":latest" when no
@@ -19,4 +34,460 @@ func normalizeModel(name string) string {
 		n += ":latest"
 	}
 	return n
+}
+
+// Timings of discovery and pulls; variables so tests can shorten them.
+var (
+	minRefreshGap    = time.Second     // a routing miss refreshes a server at most this often
+	refreshTimeout   = 10 * time.Second // one read of /api/tags + /api/ps
+	pullStallTimeout = 5 * time.Minute  // a pull with no progress line this long is aborted
+	pullBackoffBase  = 30 * time.Second // first retry delay of a failed pull, doubled each time
+	pullBackoffMax   = 10 * time.Minute
+)
+
+// modelSnapshot is what a server had at its last successful refresh. It is
+// never modified once stored: a refresh (or a learned load) stores a new one.
+type modelSnapshot struct {
+	known   bool              // a refresh has succeeded
+	at      time.Time         // when
+	present map[string][]byte // normalised name -> the raw /api/tags entry
+	loaded  map[string][]byte // normalised name -> the raw /api/ps entry (nil when learned)
+}
+
+// has reports whether the server is known to have model (normalised), and
+// whether its lists are known at all.
+func (m *modelSnapshot) has(model string) (has, known bool) {
+	if !m.known {
+		return false, false
+	}
+	_, ok := m.present[model]
+	return ok, true
+}
+
+func (m *modelSnapshot) isLoaded(model string) bool {
+	_, ok := m.loaded[model]
+	return ok
+}
+
+// poke wakes the discovery loop for an immediate refresh and sync.
+func (s *server) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// discoveryLoop reads the model lists while the server is healthy: every
+// model_refresh, at once when it turns healthy or its requirements change,
+// and after a pull. After each refresh it starts the pulls required models
+// need.
+func (s *server) discoveryLoop() {
+	for {
+		interval := s.settings.Load().modelRefresh
+		if interval <= 0 {
+			interval = defaultModelRefresh
+		}
+		timer := time.NewTimer(interval)
+		select {
+		case <-s.ctx.Done():
+			timer.Stop()
+			return
+		case <-timer.C:
+		case <-s.wake:
+			timer.Stop()
+			// Woken within minRefreshGap of the last refresh: wait out
+			// the gap rather than skip, so the wake-up is never lost.
+			s.refreshMu.Lock()
+			gap := minRefreshGap - time.Since(s.lastRefresh)
+			s.refreshMu.Unlock()
+			if gap > 0 {
+				t := time.NewTimer(gap)
+				select {
+				case <-s.ctx.Done():
+					t.Stop()
+					return
+				case <-t.C:
+				}
+			}
+		}
+		if healthState(s.state.Load()) != stateHealthy {
+			continue
+		}
+		if err := s.refreshModels(s.ctx, false); err != nil && s.ctx.Err() == nil {
+			s.logger().Debug("model refresh failed", zap.Error(err))
+		}
+		s.syncRequired()
+	}
+}
+
+// refreshModels reads /api/tags and /api/ps and stores the result. Unless
+// forced, a server refreshed less than minRefreshGap ago is left alone, so
+// a burst of routing misses costs one round trip. Concurrent callers wait
+// for the refresh in progress and share its result.
+func (s *server) refreshModels(ctx context.Context, force bool) error {
+	s.refreshMu.Lock()
+	defer s.refreshMu.Unlock()
+	if !force && time.Since(s.lastRefresh) < minRefreshGap {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, refreshTimeout)
+	defer cancel()
+	tags, err := s.get(ctx, "/api/tags")
+	if err != nil {
+		return fmt.Errorf("reading /api/tags: %w", err)
+	}
+	ps, err := s.get(ctx, "/api/ps")
+	if err != nil {
+		return fmt.Errorf("reading /api/ps: %w", err)
+	}
+	snap := &modelSnapshot{known: true, at: time.Now(), present: entriesByName(tags), loaded: entriesByName(ps)}
+	s.models.Store(snap)
+	s.lastRefresh = snap.at
+	return nil
+}
+
+// entriesByName indexes the "models" array of an Ollama list answer by
+// normalised name, keeping each entry's raw JSON for aggregation.
+func entriesByName(body []byte) map[string][]byte {
+	out := make(map[string][]byte)
+	gjson.GetBytes(body, "models").ForEach(func(_, m gjson.Result) bool {
+		name := m.Get("name").String()
+		if name == "" {
+			name = m.Get("model").String()
+		}
+		if name != "" {
+			out[normalizeModel(name)] = []byte(m.Raw)
+		}
+		return true
+	})
+	return out
+}
+
+// markLoaded records that model answered on the server, so it is loaded
+// there now, without waiting for the next /api/ps.
+func (s *server) markLoaded(model string) {
+	for {
+		cur := s.models.Load()
+		if !cur.known || cur.isLoaded(model) {
+			return
+		}
+		next := *cur
+		next.loaded = make(map[string][]byte, len(cur.loaded)+1)
+		for k, v := range cur.loaded {
+			next.loaded[k] = v
+		}
+		next.loaded[model] = nil
+		if s.models.CompareAndSwap(cur, &next) {
+			return
+		}
+	}
+}
+
+// get fetches path from the server with its credentials and query.
+func (s *server) get(ctx context.Context, path string) ([]byte, error) {
+	res, err := s.do(ctx, http.MethodGet, path, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer res.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(res.Body, 16<<20))
+	if err != nil {
+		return nil, err
+	}
+	if res.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("status %d", res.StatusCode)
+	}
+	return body, nil
+}
+
+// do sends a request of the module's own (discovery, pulls) to the server.
+func (s *server) do(ctx context.Context, method, path string, body []byte) (*http.Response, error) {
+	st := s.settings.Load()
+	u := *s.base
+	u.Path = s.base.Path + path
+	u.RawQuery = st.query
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), rd)
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range st.header {
+		req.Header[k] = v
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	res, err := s.client.Do(req)
+	if err != nil {
+		return nil, redactURLError(err)
+	}
+	return res, nil
+}
+
+// requiredModel is one of a frontend's required_models.
+type requiredModel struct {
+	name     string // as configured: the name pulled
+	key      string // normalised
+	insecure bool
+}
+
+// pullState is the progress of one pull of a required model, kept for the
+// admin API and for routing (a model only being pulled answers 503).
+type pullState struct {
+	Model     string    `json:"model"`
+	Status    string    `json:"status"`
+	Completed int64     `json:"completed"`
+	Total     int64     `json:"total"`
+	Error     string    `json:"error,omitempty"`
+	Started   time.Time `json:"started"`
+	Attempts  int       `json:"attempts"`
+	Active    bool      `json:"active"`
+	NextRetry time.Time `json:"next_retry,omitzero"`
+}
+
+// setRequired records the models a handler requires of this server and
+// wakes the sync. owner is the handler; dropRequired forgets it.
+func (s *server) setRequired(owner any, models []requiredModel) {
+	s.pullMu.Lock()
+	if len(models) == 0 {
+		delete(s.required, owner)
+	} else {
+		s.required[owner] = models
+	}
+	s.pullMu.Unlock()
+	s.poke()
+}
+
+func (s *server) dropRequired(owner any) {
+	s.pullMu.Lock()
+	delete(s.required, owner)
+	s.pullMu.Unlock()
+}
+
+// pulling reports whether a pull of model (normalised) is under way.
+func (s *server) pulling(model string) bool {
+	s.pullMu.Lock()
+	defer s.pullMu.Unlock()
+	p, ok := s.pulls[model]
+	return ok && p.Active
+}
+
+// pullSnapshot copies the pull states, for the admin API.
+func (s *server) pullSnapshot() []pullState {
+	s.pullMu.Lock()
+	defer s.pullMu.Unlock()
+	out := make([]pullState, 0, len(s.pulls))
+	for _, p := range s.pulls {
+		out = append(out, *p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Model < out[j].Model })
+	return out
+}
+
+// syncRequired starts pulls of required models the server lacks, at most
+// pull_concurrency at a time, skipping those waiting out a backoff.
+func (s *server) syncRequired() {
+	snap := s.models.Load()
+	if !snap.known || !s.healthy() {
+		return
+	}
+	limit := s.settings.Load().pullConc
+	if limit <= 0 {
+		limit = defaultPullConc
+	}
+	now := time.Now()
+	s.pullMu.Lock()
+	defer s.pullMu.Unlock()
+	active := 0
+	for _, p := range s.pulls {
+		if p.Active {
+			active++
+		}
+	}
+	for _, m := range s.wantedLocked() {
+		if _, ok := snap.present[m.key]; ok {
+			if p, ok := s.pulls[m.key]; ok && !p.Active {
+				delete(s.pulls, m.key) // present now: history no longer matters
+			}
+			continue
+		}
+		p := s.pulls[m.key]
+		if p != nil && (p.Active || now.Before(p.NextRetry)) {
+			continue
+		}
+		if active >= limit {
+			return
+		}
+		if p == nil {
+			p = &pullState{Model: m.name}
+			s.pulls[m.key] = p
+		}
+		p.Active, p.Started, p.Error, p.Status, p.Completed, p.Total = true, now, "", "starting", 0, 0
+		p.NextRetry = time.Time{}
+		p.Attempts++
+		active++
+		m := m
+		s.goSafe("pull", func() { s.pull(m, p) })
+	}
+}
+
+// wantedLocked is the union of every handler's required models, in a
+// stable order. s.pullMu must be held.
+func (s *server) wantedLocked() []requiredModel {
+	seen := make(map[string]bool)
+	var out []requiredModel
+	for _, list := range s.required {
+		for _, m := range list {
+			if !seen[m.key] {
+				seen[m.key] = true
+				out = append(out, m)
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].key < out[j].key })
+	return out
+}
+
+var errPullStalled = errors.New("no progress")
+
+// pull runs one pull of m and records its outcome: success refreshes the
+// model lists so requests route to the server at once; failure schedules a
+// retry with exponential backoff.
+func (s *server) pull(m requiredModel, p *pullState) {
+	log := s.logger().Named("pull").With(zap.String("model", m.name))
+	log.Info("pulling required model", zap.Int("attempt", p.Attempts))
+	err := s.runPull(m, p)
+	s.pullMu.Lock()
+	p.Active = false
+	if err == nil {
+		p.Status = "success"
+	} else {
+		p.Error = err.Error()
+		backoff := pullBackoffBase << min(p.Attempts-1, 16)
+		if backoff > pullBackoffMax || backoff <= 0 {
+			backoff = pullBackoffMax
+		}
+		p.NextRetry = time.Now().Add(backoff)
+	}
+	s.pullMu.Unlock()
+	if s.ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		log.Warn("pull failed", zap.Error(err), zap.Time("next_retry", p.NextRetry))
+		return
+	}
+	log.Info("pulled required model", zap.Duration("took", time.Since(p.Started)))
+	_ = s.refreshModels(s.ctx, true)
+	s.poke() // start the next queued pull
+}
+
+// runPull streams POST /api/pull and follows its NDJSON progress: an error
+// line or a stream that ends without "success" is a failure, and so is
+// pullStallTimeout without any line.
+func (s *server) runPull(m requiredModel, p *pullState) error {
+	ctx, cancel := context.WithCancelCause(s.ctx)
+	defer cancel(nil)
+	stall := time.AfterFunc(pullStallTimeout, func() { cancel(errPullStalled) })
+	defer stall.Stop()
+
+	body := fmt.Appendf(nil, `{"model":%q,"insecure":%t,"stream":true}`, m.name, m.insecure)
+	res, err := s.do(ctx, http.MethodPost, "/api/pull", body)
+	if err != nil {
+		if errors.Is(context.Cause(ctx), errPullStalled) {
+			return fmt.Errorf("no answer for %s", pullStallTimeout)
+		}
+		return err
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(res.Body, 4<<10))
+		if e := gjson.GetBytes(msg, "error").String(); e != "" {
+			return fmt.Errorf("status %d: %s", res.StatusCode, e)
+		}
+		return fmt.Errorf("status %d", res.StatusCode)
+	}
+	sc := bufio.NewScanner(res.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Bytes()
+		if len(bytes.TrimSpace(line)) == 0 {
+			continue
+		}
+		stall.Reset(pullStallTimeout)
+		if e := gjson.GetBytes(line, "error"); e.Exists() {
+			return errors.New(e.String())
+		}
+		status := gjson.GetBytes(line, "status").String()
+		s.pullMu.Lock()
+		p.Status = status
+		if t := gjson.GetBytes(line, "total"); t.Exists() {
+			p.Total = t.Int()
+			p.Completed = gjson.GetBytes(line, "completed").Int()
+		}
+		s.pullMu.Unlock()
+		if status == "success" {
+			return nil
+		}
+	}
+	if errors.Is(context.Cause(ctx), errPullStalled) {
+		return fmt.Errorf("no progress for %s", pullStallTimeout)
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("progress stream broken: %v", err)
+	}
+	return errors.New(`progress stream ended without "success"`)
+}
+
+// routeModel narrows cands to the backends that have model (normalised).
+// Servers whose lists are not known yet stay in (a 404 from them moves the
+// request on). On a miss every candidate is refreshed once (rate-limited)
+// before the verdict: 503 if the model is only being pulled or only on
+// servers that are down, 404 if nobody has it.
+func (h *Handler) routeModel(ctx context.Context, cands []*backend, model string) ([]*backend, int, string) {
+	if have := withModel(cands, model); len(have) > 0 {
+		return have, 0, ""
+	}
+	refreshAll(ctx, cands, false)
+	if have := withModel(cands, model); len(have) > 0 {
+		return have, 0, ""
+	}
+	for _, b := range cands {
+		if b.srv.pulling(model) {
+			return nil, http.StatusServiceUnavailable, fmt.Sprintf("model %q is being pulled onto backend %s; retry shortly", model, b.cfg.Name)
+		}
+	}
+	for _, b := range h.backends {
+		if has, _ := b.srv.models.Load().has(model); has && !b.cfg.Disabled {
+			return nil, http.StatusServiceUnavailable, fmt.Sprintf("model %q is only on backends that are unavailable now (%s); retry shortly", model, b.cfg.Name)
+		}
+	}
+	return nil, http.StatusNotFound, fmt.Sprintf("model %q not found on any backend of this frontend; pull it first", model)
+}
+
+func withModel(cands []*backend, model string) []*backend {
+	var out []*backend
+	for _, b := range cands {
+		if has, known := b.srv.models.Load().has(model); has || !known {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// refreshAll refreshes the servers' lists concurrently and waits. Unless
+// forced, servers refreshed within minRefreshGap are skipped.
+func refreshAll(ctx context.Context, list []*backend, force bool) {
+	var wg sync.WaitGroup
+	for _, b := range list {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = b.srv.refreshModels(ctx, force)
+		}()
+	}
+	wg.Wait()
 }

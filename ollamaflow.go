@@ -59,6 +59,8 @@ const (
 	defaultHealthPasses   = 2
 	defaultHealthFails    = 2
 	defaultFailThreshold  = 3
+	defaultModelRefresh   = 15 * time.Second
+	defaultPullConc       = 1
 )
 
 // Handler is a frontend: it serves the Ollama and OpenAI-compatible APIs by
@@ -114,6 +116,15 @@ type Handler struct {
 	// LabelHeader is the request header that carries extra required labels,
 	// comma-separated or repeated. Default: X-OllamaFlow-Label.
 	LabelHeader string `json:"label_header,omitempty"`
+
+	// RequiredModels are pulled onto every enabled backend of this frontend
+	// that lacks them, and pulled again if they disappear. Names may carry a
+	// registry host (registry.internal:5000/library/llama3.2:1b).
+	RequiredModels []string `json:"required_models,omitempty"`
+
+	// InsecurePulls pulls required models over plain HTTP, for a private
+	// registry without TLS. Default: false.
+	InsecurePulls bool `json:"insecure_pulls,omitempty"`
 
 	// Backends are the Ollama servers this frontend proxies to.
 	Backends []*Backend `json:"backends,omitempty"`
@@ -203,6 +214,14 @@ type Backend struct {
 	// errors and 5xx answers) that mark the server unhealthy at once.
 	// Default: 3.
 	FailThreshold int `json:"fail_threshold,omitempty"`
+
+	// ModelRefresh is how often the server's model lists (/api/tags and
+	// /api/ps) are read while it is healthy. Default: 15s.
+	ModelRefresh caddy.Duration `json:"model_refresh,omitempty"`
+
+	// PullConcurrency is how many required models are pulled onto this
+	// server at once. Default: 1.
+	PullConcurrency int `json:"pull_concurrency,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -275,6 +294,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			h.models[normalizeModel(m)] = struct{}{}
 		}
 	}
+	var required []requiredModel
+	for _, m := range h.RequiredModels {
+		if strings.TrimSpace(m) == "" {
+			return errors.New("required_models: empty model name")
+		}
+		required = append(required, requiredModel{name: strings.TrimSpace(m), key: normalizeModel(m), insecure: h.InsecurePulls})
+	}
 	if len(h.Backends) == 0 {
 		return errors.New("backends: a frontend needs at least one backend")
 	}
@@ -316,6 +342,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		b.srv = srv
 		h.poolKeys = append(h.poolKeys, b.base.String())
 	}
+	for _, b := range h.backends {
+		if !b.cfg.Disabled && len(required) > 0 {
+			b.srv.setRequired(h, required)
+		}
+	}
 	return nil
 }
 
@@ -335,6 +366,11 @@ func (h *Handler) Cleanup() error {
 }
 
 func (h *Handler) releaseServers() {
+	for _, b := range h.backends {
+		if b.srv != nil {
+			b.srv.dropRequired(h)
+		}
+	}
 	for _, k := range h.poolKeys {
 		_, _ = servers.Delete(k)
 	}
@@ -369,11 +405,12 @@ func (b *Backend) provision() error {
 		return errors.New("url: required")
 	}
 	for opt, n := range map[string]int{
-		"max_parallel":   b.MaxParallel,
-		"weight":         b.Weight,
-		"health_passes":  b.HealthPasses,
-		"health_fails":   b.HealthFails,
-		"fail_threshold": b.FailThreshold,
+		"max_parallel":     b.MaxParallel,
+		"weight":           b.Weight,
+		"health_passes":    b.HealthPasses,
+		"health_fails":     b.HealthFails,
+		"fail_threshold":   b.FailThreshold,
+		"pull_concurrency": b.PullConcurrency,
 	} {
 		if n < 0 {
 			return fmt.Errorf("%s: must not be negative, got %d", opt, n)
@@ -382,6 +419,7 @@ func (b *Backend) provision() error {
 	for opt, d := range map[string]caddy.Duration{
 		"health_interval": b.HealthInterval,
 		"health_timeout":  b.HealthTimeout,
+		"model_refresh":   b.ModelRefresh,
 	} {
 		if d < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", opt, time.Duration(d))
@@ -423,6 +461,12 @@ func (b *Backend) provision() error {
 	}
 	if b.FailThreshold == 0 {
 		b.FailThreshold = defaultFailThreshold
+	}
+	if b.ModelRefresh == 0 {
+		b.ModelRefresh = caddy.Duration(defaultModelRefresh)
+	}
+	if b.PullConcurrency == 0 {
+		b.PullConcurrency = defaultPullConc
 	}
 	if b.Query != "" {
 		if _, err := url.ParseQuery(strings.TrimPrefix(b.Query, "?")); err != nil {
