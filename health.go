@@ -116,10 +116,10 @@ func acquireServer(base *url.URL, st *serverSettings) (*server, error) {
 func newServer(base *url.URL, st *serverSettings) *server {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &server{
-		key:    base.String(),
-		base:   base,
-		since:  time.Now(),
-		client: &http.Client{Transport: newTransport(defaultDialTimeout)},
+		key:      base.String(),
+		base:     base,
+		since:    time.Now(),
+		client:   &http.Client{Transport: newTransport(defaultDialTimeout)},
 		ctx:      ctx,
 		cancel:   cancel,
 		wake:     make(chan struct{}, 1),

@@ -38,7 +38,7 @@ func normalizeModel(name string) string {
 
 // Timings of discovery and pulls; variables so tests can shorten them.
 var (
-	minRefreshGap    = time.Second     // a routing miss refreshes a server at most this often
+	minRefreshGap    = time.Second      // a routing miss refreshes a server at most this often
 	refreshTimeout   = 10 * time.Second // one read of /api/tags + /api/ps
 	pullStallTimeout = 5 * time.Minute  // a pull with no progress line this long is aborted
 	pullBackoffBase  = 30 * time.Second // first retry delay of a failed pull, doubled each time

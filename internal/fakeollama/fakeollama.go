@@ -4,11 +4,33 @@
 // failures a load balancer meets in production: error answers, hangs, streams cut mid-way, slow
 // first bytes and dead boxes.
 //
-//	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
-//	defer f.Close()
-//	// point the code under test at f.URL (or f.HostPort()) ...
+//	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 3})
+//	t.Cleanup(f.Close)
+//	// point the code under test at f.URL ("http://127.0.0.1:PORT") or f.HostPort()
+//
+// Endpoints: GET|HEAD /, GET|HEAD /api/version, GET|HEAD /api/tags, GET /api/ps, POST /api/show,
+// /api/generate, /api/chat, /api/embed, /api/embeddings, /api/pull, DELETE /api/delete, POST
+// /v1/chat/completions, /v1/completions, /v1/embeddings, GET /v1/models, /v1/models/{model}.
+// Anything else is 404 "404 page not found", a wrong method 405 "405 method not allowed" (text,
+// no Allow header), as gin answers in Ollama. Every completion generates Text(n): n = Tokens, or
+// the request's num_predict / max_tokens (then done_reason "length").
+//
+// Assertions: Count(path), Counts(), Requests() and LastRequest() (method, path, raw query,
+// headers, body), InFlight(), MaxInFlight(), Cancellations() (requests whose client went away,
+// with when the context was cancelled and when the fake noticed), Models(), Loaded(),
+// ResetStats().
+//
+// Faults, each optionally restricted to exact paths (Completions, Embeddings, or your own list):
+//
 //	f.FailWith(503, fakeollama.ServerBusy, fakeollama.Completions...) // a busy box: health passes
-//	f.Count("/api/chat"), f.Requests(), f.MaxInFlight(), f.Cancellations()
+//	f.HangAfterHeaders()       // 200 + headers, then silence until the client leaves or Close
+//	f.DieMidStream(2)          // two chunks, then the connection is hijacked and closed
+//	f.SlowFirstByte(time.Second)
+//	f.Hold(fakeollama.Completions...); ...; f.Release() // keep requests in flight, deterministically
+//	f.FailPulls("pull model manifest: file does not exist")
+//	f.ClearFaults()
+//	f.Close(); f.Restart()     // a dead box (refused connections, cut streams), then back on its port
+//	f.SetModels(...); f.SetLoaded(...) // change what /api/tags and /api/ps report
 //
 // Every method is safe for concurrent use, also while requests are being served. Files:
 // fakeollama.go (lifecycle, instrumentation, faults), ollama.go (native API), openai.go (/v1).
@@ -192,7 +214,9 @@ func (s *Server) StartAt(addr string) error {
 	s.mu.Lock()
 	s.ts = ts
 	s.addr = ln.Addr().String()
-	s.URL = ts.URL
+	if s.URL != ts.URL { // Restart keeps the URL: no write a reader could race with
+		s.URL = ts.URL
+	}
 	s.mu.Unlock()
 	return nil
 }
