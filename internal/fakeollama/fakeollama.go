@@ -11,8 +11,8 @@
 // Endpoints: GET|HEAD /, GET|HEAD /api/version, GET|HEAD /api/tags, GET /api/ps, POST /api/show,
 // /api/generate, /api/chat, /api/embed, /api/embeddings, /api/pull, DELETE /api/delete, POST
 // /v1/chat/completions, /v1/completions, /v1/embeddings, GET /v1/models, /v1/models/{model}.
-// Anything else is 404 "404 page not found", a wrong method 405 "405 method not allowed" (text,
-// no Allow header), as gin answers in Ollama. Every completion generates Text(n): n = Tokens, or
+// Anything else is 404 "404 page not found", a wrong method 405 "405 method not allowed" with
+// Allow, in "text/plain", as gin answers in Ollama. Every completion generates Text(n): n = Tokens, or
 // the request's num_predict / max_tokens (then done_reason "length").
 //
 // Assertions: Count(path), Counts(), Requests() and LastRequest() (method, path, raw query,
@@ -25,6 +25,7 @@
 //	f.FailWith(503, fakeollama.ServerBusy, fakeollama.Completions...) // a busy box: health passes
 //	f.HangAfterHeaders()       // 200 + headers, then silence until the client leaves or Close
 //	f.DieMidStream(2)          // two chunks, then the connection is hijacked and closed
+//	f.ErrorMidStream(2, "an error was encountered while running the model: unexpected EOF")
 //	f.SlowFirstByte(time.Second)
 //	f.Hold(fakeollama.Completions...); ...; f.Release() // keep requests in flight, deterministically
 //	f.FailPulls("pull model manifest: file does not exist")
@@ -149,6 +150,10 @@ type faults struct {
 	dieAfter int // -1: off
 	diePaths []string
 
+	errAfter int // -1: off
+	errMsg   string
+	errPaths []string
+
 	slow      time.Duration
 	slowPaths []string
 
@@ -186,7 +191,7 @@ func NewUnstarted(cfg Config) *Server {
 		counts:  map[string]int{},
 		killed:  make(chan struct{}),
 	}
-	s.faults.dieAfter = -1
+	s.faults.dieAfter, s.faults.errAfter = -1, -1
 	s.SetModels(cfg.Models...)
 	s.SetLoaded(cfg.Loaded...)
 	return s
@@ -290,6 +295,17 @@ func (s *Server) DieMidStream(afterChunks int, paths ...string) {
 	s.faults.dieAfter, s.faults.diePaths = max(afterChunks, 0), paths
 }
 
+// ErrorMidStream makes completions (all, or those to paths) fail the way Ollama does when its
+// model runner dies after afterChunks tokens: a native stream ends cleanly with an
+// {"error":msg} line, an OpenAI stream ends cleanly without "data: [DONE]", and a non-streamed
+// completion (or a stream failing before its first token) answers 500 with msg.
+// A typical msg: "an error was encountered while running the model: unexpected EOF".
+func (s *Server) ErrorMidStream(afterChunks int, msg string, paths ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults.errAfter, s.faults.errMsg, s.faults.errPaths = max(afterChunks, 0), msg, paths
+}
+
 // SlowFirstByte delays every request (or those to paths) by d before it is handled.
 func (s *Server) SlowFirstByte(d time.Duration, paths ...string) {
 	s.mu.Lock()
@@ -335,7 +351,7 @@ func (s *Server) ClearFaults() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.releaseLocked()
-	s.faults = faults{dieAfter: -1}
+	s.faults = faults{dieAfter: -1, errAfter: -1}
 }
 
 // Count is the number of requests received on path.
@@ -406,7 +422,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
-	c := &call{s: s, w: w, r: r, body: body, start: time.Now(), dieAfter: -1}
+	c := &call{s: s, w: w, r: r, body: body, start: time.Now(), dieAfter: -1, errAfter: -1}
 	stop := context.AfterFunc(r.Context(), func() { c.cancelledAt.Store(time.Now().UnixNano()) })
 	defer stop()
 
@@ -442,6 +458,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	if f.dieAfter >= 0 && applies(f.diePaths, path) {
 		c.dieAfter = f.dieAfter
+	}
+	if f.errAfter >= 0 && applies(f.errPaths, path) {
+		c.errAfter, c.errMsg = f.errAfter, f.errMsg
 	}
 	s.route(c)
 }
@@ -484,6 +503,9 @@ type call struct {
 	wroteHeader bool
 	chunks      int
 	dieAfter    int
+	errAfter    int // ErrorMidStream: the runner dies before this token
+	errMsg      string
+	streaming   bool // set by completion handlers, for runnerDied
 	noticed     bool
 }
 

@@ -97,10 +97,14 @@ func TestRootVersionAndRouting(t *testing.T) {
 	resp, body = do(t, http.MethodGet, f.URL+"/api/nope", "")
 	assert.Equal(t, 404, resp.StatusCode)
 	assert.Equal(t, "404 page not found", body)
+	assert.Equal(t, "text/plain", resp.Header.Get("Content-Type"))
 
 	resp, body = do(t, http.MethodGet, f.URL+"/api/chat", "")
 	assert.Equal(t, 405, resp.StatusCode)
 	assert.Equal(t, "405 method not allowed", body)
+	assert.Equal(t, "POST", resp.Header.Get("Allow"))
+	resp, _ = do(t, http.MethodPost, f.URL+"/api/tags", "")
+	assert.Equal(t, "HEAD, GET", resp.Header.Get("Allow"))
 }
 
 func TestTagsPsShow(t *testing.T) {
@@ -784,4 +788,34 @@ func TestConcurrentUseWithFaultsToggling(t *testing.T) {
 	wg.Wait()
 	assert.Equal(t, 160, f.Count("/api/chat"))
 	assert.Equal(t, 0, f.InFlight())
+}
+
+func TestErrorMidStreamIsARunnerDying(t *testing.T) {
+	t.Parallel()
+	const msg = "an error was encountered while running the model: unexpected EOF"
+	f := newFake(t, fakeollama.Config{Tokens: 5})
+	f.ErrorMidStream(2, msg)
+
+	resp, body := post(t, f.URL+"/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"x"}]}`)
+	assert.Equal(t, 200, resp.StatusCode)
+	ls := lines(t, body)
+	require.Len(t, ls, 3, "two tokens, then the error line; the body ends cleanly")
+	assert.Equal(t, map[string]any{"error": msg}, ls[2])
+
+	resp, body = post(t, f.URL+"/v1/chat/completions", `{"model":"tiny-llama","stream":true,"messages":[{"role":"user","content":"x"}]}`)
+	assert.Equal(t, 200, resp.StatusCode)
+	ev := events(t, body)
+	assert.Len(t, ev, 2, "two tokens and no [DONE]")
+
+	resp, body = post(t, f.URL+"/api/generate", `{"model":"tiny-llama","prompt":"x","stream":false}`)
+	assert.Equal(t, 500, resp.StatusCode)
+	assert.Equal(t, `{"error":"`+msg+`"}`, body)
+
+	f.ErrorMidStream(0, msg)
+	resp, body = post(t, f.URL+"/v1/completions", `{"model":"tiny-llama","prompt":"x","stream":true}`)
+	assert.Equal(t, 500, resp.StatusCode, "nothing streamed yet: a plain error")
+	assert.Equal(t, `{"error":{"message":"`+msg+`","type":"api_error","param":null,"code":null}}`+"\n", body)
+
+	resp, _ = post(t, f.URL+"/api/embed", `{"model":"tiny-bert","input":"x"}`)
+	assert.Equal(t, 200, resp.StatusCode, "embeddings have no stream to break")
 }

@@ -32,9 +32,12 @@ func (s *Server) route(c *call) {
 	methods, handle := s.endpoint(c.r.URL.Path)
 	switch {
 	case handle == nil:
-		c.text(http.StatusNotFound, "404 page not found")
+		c.header(http.StatusNotFound, "text/plain")
+		c.send([]byte("404 page not found"), false)
 	case !slices.Contains(methods, c.r.Method):
-		c.text(http.StatusMethodNotAllowed, "405 method not allowed")
+		c.w.Header().Set("Allow", strings.Join(methods, ", "))
+		c.header(http.StatusMethodNotAllowed, "text/plain")
+		c.send([]byte("405 method not allowed"), false)
 	default:
 		handle(c)
 	}
@@ -42,7 +45,7 @@ func (s *Server) route(c *call) {
 
 func (s *Server) endpoint(path string) ([]string, func(*call)) {
 	get, post := []string{http.MethodGet}, []string{http.MethodPost}
-	getHead := []string{http.MethodGet, http.MethodHead}
+	getHead := []string{http.MethodHead, http.MethodGet} // gin's Allow order
 	switch path {
 	case "/":
 		return getHead, func(c *call) { c.text(http.StatusOK, "Ollama is running") }
@@ -322,6 +325,10 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 		if i > 0 && !c.wait(c.s.cfg.TokenGap) {
 			return metrics{}, false
 		}
+		if i == c.errAfter {
+			c.runnerDied()
+			return metrics{}, false
+		}
 		if !emit(token(i)) {
 			return metrics{}, false
 		}
@@ -338,6 +345,22 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 		EvalCount:          p.tokens,
 		EvalDuration:       max(t3.Sub(t2), time.Microsecond),
 	}, true
+}
+
+// runnerDied answers as Ollama does when the model runner fails during a completion: a 500
+// before anything was streamed, else an error line (native API) or nothing more (OpenAI API,
+// whose writer drops the error and never sends [DONE]).
+func (c *call) runnerDied() {
+	openai := strings.HasPrefix(c.r.URL.Path, "/v1/")
+	switch {
+	case c.streaming && c.chunks > 0 && openai:
+	case c.streaming && c.chunks > 0:
+		c.line(map[string]string{"error": c.errMsg})
+	case openai:
+		c.openaiModelError(http.StatusInternalServerError, c.errMsg)
+	default:
+		c.ollamaError(http.StatusInternalServerError, c.errMsg)
+	}
 }
 
 func (s *Server) generate(c *call) {
@@ -368,6 +391,7 @@ func (s *Server) generate(c *call) {
 		return r
 	}
 	if req.streaming() {
+		c.streaming = true
 		c.header(http.StatusOK, ndjson)
 		mt, ok := c.run(p, func(tok string) bool {
 			return c.line(generateResponse{Model: req.Model, CreatedAt: now(), Response: tok})
@@ -413,6 +437,7 @@ func (s *Server) chat(c *call) {
 		return chatResponse{Model: req.Model, CreatedAt: now(), Message: assistant(text), Done: true, DoneReason: p.reason, metrics: mt}
 	}
 	if req.streaming() {
+		c.streaming = true
 		c.header(http.StatusOK, ndjson)
 		mt, ok := c.run(p, func(tok string) bool {
 			return c.line(chatResponse{Model: req.Model, CreatedAt: now(), Message: assistant(tok)})
@@ -514,6 +539,10 @@ func (s *Server) embed(c *call) {
 		c.ollamaError(http.StatusBadRequest, "invalid input type")
 		return
 	}
+	if strings.TrimSpace(req.Model) == "" {
+		c.ollamaError(http.StatusInternalServerError, unqualifiedEmpty)
+		return
+	}
 	m, ok := s.lookup(req.Model)
 	if !ok {
 		c.ollamaError(http.StatusNotFound, notFoundTryPulling(req.Model))
@@ -566,6 +595,9 @@ func (s *Server) embeddings(c *call) {
 	}
 	c.json(http.StatusOK, map[string][]float64{"embedding": e})
 }
+
+// unqualifiedEmpty is Ollama's answer (status 500) to an embed request without a model.
+const unqualifiedEmpty = "unqualified name: registry.ollama.ai/library/!MISSING!:latest"
 
 // notFoundTryPulling is what Ollama answers when the scheduler cannot find the model (embed
 // endpoints); generate, chat and show say "model 'NAME' not found" instead.

@@ -124,6 +124,7 @@ func (s *Server) openaiChat(c *call) {
 			SystemFingerprint: "fp_ollama", Choices: []oaiChoice{{Delta: &oaiMessage{Role: "assistant", Content: delta}, FinishReason: finish}}}
 	}
 	if req.Stream {
+		c.streaming = true
 		c.header(http.StatusOK, "text/event-stream")
 		mt, ok := c.run(p, func(tok string) bool { return c.event(chunk(tok, nil)) })
 		if !ok {
@@ -179,6 +180,7 @@ func (s *Server) openaiCompletion(c *call) {
 		return ch
 	}
 	if req.Stream {
+		c.streaming = true
 		c.header(http.StatusOK, "text/event-stream")
 		mt, ok := c.run(p, func(tok string) bool { return c.event(chunk(tok, nil)) })
 		if !ok {
@@ -229,6 +231,10 @@ func (s *Server) openaiEmbeddings(c *call) {
 	inputs, ok := embedInputs(req.Input)
 	if !ok {
 		c.openaiModelError(http.StatusBadRequest, "invalid input type")
+		return
+	}
+	if strings.TrimSpace(req.Model) == "" {
+		c.openaiModelError(http.StatusInternalServerError, unqualifiedEmpty)
 		return
 	}
 	m, ok := s.lookup(req.Model)
