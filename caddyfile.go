@@ -36,7 +36,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // accumulate. Any other option given twice is an error, because the second
 // value would silently replace the first.
 var (
-	repeatableHandlerOptions = map[string]bool{"models": true, "labels": true, "backend": true}
+	repeatableHandlerOptions = map[string]bool{"models": true, "labels": true, "backend": true, "required_models": true}
 	repeatableBackendOptions = map[string]bool{"labels": true, "header": true}
 )
 
@@ -56,6 +56,8 @@ var (
 //		models                 <model...>
 //		labels                 <label...>
 //		label_header           <header>
+//		required_models        <model...>
+//		insecure_pulls         [true|false]
 //
 //		backend <name> <url> [{
 //			# see Backend.UnmarshalCaddyfile
@@ -115,6 +117,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Labels = append(h.Labels, labels...)
 		case "label_header":
 			h.LabelHeader, err = oneArg(d)
+		case "required_models":
+			var models []string
+			models, err = someArgs(d)
+			h.RequiredModels = append(h.RequiredModels, models...)
+		case "insecure_pulls":
+			h.InsecurePulls, err = parseFlag(d)
 		case "backend":
 			var b *Backend
 			b, err = parseBackendSegment(d, backendNames)
@@ -182,6 +190,9 @@ func parseBackendSegment(d *caddyfile.Dispenser, names map[string]bool) (*Backen
 //		health_passes     <count>
 //		health_fails      <count>
 //		fail_threshold    <count>
+//
+//		model_refresh     <duration>
+//		pull_concurrency  <count>
 //	}
 //
 // The url is host[:port] (http and port 11434 implied) or a full http or
@@ -245,6 +256,10 @@ func (b *Backend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			b.HealthFails, err = parseInt(d, 1)
 		case "fail_threshold":
 			b.FailThreshold, err = parseInt(d, 1)
+		case "model_refresh":
+			b.ModelRefresh, err = parseDuration(d)
+		case "pull_concurrency":
+			b.PullConcurrency, err = parseInt(d, 1)
 		default:
 			return unrecognized(d, "backend")
 		}

@@ -63,9 +63,11 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"block after a plain option", frontend("\t\tlabels a {\n\t\t\tb\n\t\t}\n" + ok), "unexpected '{': the option on this line takes no block", 3},
 		{"duplicate option", frontend("\t\tname a\n\t\tname b\n" + ok), "duplicate ollamaflow option 'name'", 4},
 		// Options of later issues stay unrecognized until their fields exist.
-		{"required_models not yet", frontend("\t\trequired_models llama3.2:1b\n" + ok), "unrecognized ollamaflow option 'required_models'", 3},
+		{"required_models without models", frontend("\t\trequired_models\n" + ok), "required_models", 3},
+		{"insecure_pulls bad flag", frontend("\t\tinsecure_pulls maybe\n" + ok), "insecure_pulls", 3},
 		{"sticky not yet", frontend("\t\tsticky {\n\t\t\tclient_ip\n\t\t}\n" + ok), "unrecognized ollamaflow option 'sticky'", 3},
-		{"model_refresh not yet", frontend("\t\tbackend a localhost {\n\t\t\tmodel_refresh 15s\n\t\t}"), "unrecognized backend option 'model_refresh'", 4},
+		{"model_refresh bad duration", frontend("\t\tbackend a localhost {\n\t\t\tmodel_refresh soon\n\t\t}"), "model_refresh", 4},
+		{"pull_concurrency zero", frontend("\t\tbackend a localhost {\n\t\t\tpull_concurrency 0\n\t\t}"), "pull_concurrency", 4},
 
 		// Frontend values.
 		{"name without value", frontend("\t\tname\n" + ok), "name: want exactly one argument, got 0", 3},

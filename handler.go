@@ -223,8 +223,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		if status != 0 {
 			if status == http.StatusServiceUnavailable {
 				w.Header().Set("Retry-After", "10")
+				return h.fail(w, api, status, msg)
 			}
-			return h.fail(w, api, status, msg)
+			return h.failCode(w, api, status, "model_not_found", msg)
 		}
 	}
 	return h.proxy(w, r, api, body, cands, model)
@@ -594,9 +595,17 @@ func (h *Handler) logAttempt(b *backend, msg string, err error) {
 // fail writes an error in the format of the API the request came in on.
 // It returns nil: the response is complete, Caddy has nothing to add.
 func (h *Handler) fail(w http.ResponseWriter, api apiFormat, status int, msg string) error {
+	return h.failCode(w, api, status, nil, msg)
+}
+
+// failCode is fail with an explicit OpenAI error code (nil: by status).
+func (h *Handler) failCode(w http.ResponseWriter, api apiFormat, status int, code any, msg string) error {
 	var body []byte
 	if api == apiOpenAI {
-		typ, code := openAIErrorKind(status)
+		typ, byStatus := openAIErrorKind(status)
+		if code == nil {
+			code = byStatus
+		}
 		body, _ = json.Marshal(map[string]any{"error": map[string]any{"message": msg, "type": typ, "code": code}})
 	} else {
 		body, _ = json.Marshal(map[string]string{"error": msg})

@@ -358,9 +358,13 @@ var errPullStalled = errors.New("no progress")
 // retry with exponential backoff.
 func (s *server) pull(m requiredModel, p *pullState) {
 	log := s.logger().Named("pull").With(zap.String("model", m.name))
-	log.Info("pulling required model", zap.Int("attempt", p.Attempts))
+	s.pullMu.Lock()
+	attempt := p.Attempts
+	s.pullMu.Unlock()
+	log.Info("pulling required model", zap.Int("attempt", attempt))
 	err := s.runPull(m, p)
 	s.pullMu.Lock()
+	started := p.Started
 	p.Active = false
 	if err == nil {
 		p.Status = "success"
@@ -372,15 +376,16 @@ func (s *server) pull(m requiredModel, p *pullState) {
 		}
 		p.NextRetry = time.Now().Add(backoff)
 	}
+	nextRetry := p.NextRetry
 	s.pullMu.Unlock()
 	if s.ctx.Err() != nil {
 		return
 	}
 	if err != nil {
-		log.Warn("pull failed", zap.Error(err), zap.Time("next_retry", p.NextRetry))
+		log.Warn("pull failed", zap.Error(err), zap.Time("next_retry", nextRetry))
 		return
 	}
-	log.Info("pulled required model", zap.Duration("took", time.Since(p.Started)))
+	log.Info("pulled required model", zap.Duration("took", time.Since(started)))
 	_ = s.refreshModels(s.ctx, true)
 	s.poke() // start the next queued pull
 }

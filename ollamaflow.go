@@ -12,6 +12,7 @@
 //	balancer.go    candidate filtering, selection policies, slots
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health
 //	modelsync.go   model name normalisation (discovery and sync build on it)
+//	pinning.go     pinned properties: parsed at provision, merged into request bodies
 //	caddyfile.go   the ollamaflow directive
 //
 // Config is immutable after Provision. Live server state lives in a
@@ -21,6 +22,7 @@
 package ollamaflow
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -126,6 +128,17 @@ type Handler struct {
 	// registry without TLS. Default: false.
 	InsecurePulls bool `json:"insecure_pulls,omitempty"`
 
+	// PinCompletions is a JSON object merged into the body of every
+	// completion request (generate and chat, on both APIs) before a backend
+	// is chosen, so a pinned model routes. Objects merge recursively; other
+	// values, null included, replace the client's; client keys that Ollama
+	// would read as a pinned key (in any case, escaped or repeated) are
+	// dropped. Default: none.
+	PinCompletions json.RawMessage `json:"pin_completions,omitempty"`
+
+	// PinEmbeddings is PinCompletions for embedding requests. Default: none.
+	PinEmbeddings json.RawMessage `json:"pin_embeddings,omitempty"`
+
 	// Backends are the Ollama servers this frontend proxies to.
 	Backends []*Backend `json:"backends,omitempty"`
 
@@ -136,11 +149,13 @@ type Handler struct {
 	allowCompl  bool
 	models      map[string]struct{}
 	labels      []string
-	transport   *http.Transport
+	transport   http.RoundTripper
 	logger      *zap.Logger
 	poolKeys    []string
 	rrCounter   uint64
 	labelHeader string
+	pinCompl    *pins
+	pinEmbed    *pins
 }
 
 // Backend is one Ollama server as this frontend sees it: its address and the
@@ -172,6 +187,15 @@ type Backend struct {
 	// AllowCompletions lets this backend serve generate and chat requests.
 	// Default: true.
 	AllowCompletions *bool `json:"allow_completions,omitempty"`
+
+	// PinCompletions is merged into completion requests sent to this
+	// backend, after the frontend's pins (so it may override them), on each
+	// attempt: a retry on another backend gets that backend's pins instead.
+	// Same rules as the frontend's. Default: none.
+	PinCompletions json.RawMessage `json:"pin_completions,omitempty"`
+
+	// PinEmbeddings is PinCompletions for embedding requests. Default: none.
+	PinEmbeddings json.RawMessage `json:"pin_embeddings,omitempty"`
 
 	// BearerToken is sent as "Authorization: Bearer TOKEN" on every call to
 	// this backend, health probes included. Never logged or shown.
@@ -222,6 +246,9 @@ type Backend struct {
 	// PullConcurrency is how many required models are pulled onto this
 	// server at once. Default: 1.
 	PullConcurrency int `json:"pull_concurrency,omitempty"`
+
+	pinCompl *pins
+	pinEmbed *pins
 }
 
 // CaddyModule returns the Caddy module information.
@@ -285,6 +312,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.labelHeader = defaultLabelHeader
 	}
 	h.labels = normalizeLabels(h.Labels)
+	if err := h.provisionPins(); err != nil {
+		return err
+	}
 	if len(h.Models) > 0 {
 		h.models = make(map[string]struct{}, len(h.Models))
 		for _, m := range h.Models {
@@ -359,8 +389,8 @@ func (h *Handler) Validate() error { return nil }
 // server kept by the new config is never destroyed here.
 func (h *Handler) Cleanup() error {
 	h.releaseServers()
-	if h.transport != nil {
-		h.transport.CloseIdleConnections()
+	if t, ok := h.transport.(interface{ CloseIdleConnections() }); ok {
+		t.CloseIdleConnections()
 	}
 	return nil
 }
@@ -403,6 +433,9 @@ func (b *Backend) provision() error {
 	}
 	if strings.TrimSpace(b.URL) == "" {
 		return errors.New("url: required")
+	}
+	if err := b.provisionPins(); err != nil {
+		return err
 	}
 	for opt, n := range map[string]int{
 		"max_parallel":     b.MaxParallel,
