@@ -11,7 +11,8 @@
 //	handler.go     ServeHTTP: classify, gate, read body, the attempt loop, streaming
 //	balancer.go    candidate filtering, selection policies, slots
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health
-//	modelsync.go   model name normalisation (discovery and sync build on it)
+//	modelsync.go   model names, discovery of each server's lists, required-model pulls, model routing
+//	management.go  aggregated model lists and management fanned out to every backend
 //	pinning.go     pinned properties: parsed at provision, merged into request bodies
 //	caddyfile.go   the ollamaflow directive
 //
