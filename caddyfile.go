@@ -1,6 +1,8 @@
 package ollamaflow
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"net/http"
@@ -14,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+	"github.com/tidwall/sjson"
 )
 
 func init() {
@@ -56,6 +59,12 @@ var (
 //		models                 <model...>
 //		labels                 <label...>
 //		label_header           <header>
+//		pin_completions        <json-object> | {
+//			<path> <value>
+//		}
+//		pin_embeddings         <json-object> | {
+//			<path> <value>
+//		}
 //		required_models        <model...>
 //		insecure_pulls         [true|false]
 //
@@ -68,6 +77,12 @@ var (
 // or plain bytes; durations use Caddy's syntax (5s, 2m, 1d). models, labels
 // and backend may repeat; every other option may be given once. At least
 // one backend is required.
+//
+// pin_completions and pin_embeddings take one JSON object (quote it with
+// backticks) or a block of lines that each set one value at an sjson path:
+// options.temperature 0.7 pins {"options":{"temperature":0.7}}. A value that
+// parses as JSON is that JSON; anything else is a string. Escape a dot in a
+// key as \., write :N for a numeric key, and pin an array whole.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the directive name
 	if d.NextArg() {
@@ -123,6 +138,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.RequiredModels = append(h.RequiredModels, models...)
 		case "insecure_pulls":
 			h.InsecurePulls, err = parseFlag(d)
+		case "pin_completions":
+			h.PinCompletions, err = parsePinOption(d)
+		case "pin_embeddings":
+			h.PinEmbeddings, err = parsePinOption(d)
 		case "backend":
 			var b *Backend
 			b, err = parseBackendSegment(d, backendNames)
@@ -177,6 +196,8 @@ func parseBackendSegment(d *caddyfile.Dispenser, names map[string]bool) (*Backen
 //		weight            <weight>
 //		allow_embeddings  [true|false]
 //		allow_completions [true|false]
+//		pin_completions   <json-object> | { <path> <value> ... }
+//		pin_embeddings    <json-object> | { <path> <value> ... }
 //		bearer_token      <token>
 //		header            <field> <value>
 //		query             <query>
@@ -232,6 +253,10 @@ func (b *Backend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			b.AllowEmbeddings, err = parseFlagPtr(d)
 		case "allow_completions":
 			b.AllowCompletions, err = parseFlagPtr(d)
+		case "pin_completions":
+			b.PinCompletions, err = parsePinOption(d)
+		case "pin_embeddings":
+			b.PinEmbeddings, err = parsePinOption(d)
 		case "bearer_token":
 			b.BearerToken, err = oneArg(d)
 		case "header":
@@ -468,6 +493,130 @@ func parseHealthStatus(d *caddyfile.Dispenser) (int, error) {
 		return 0, d.Errf("%s: want a status code (100-599) or a class (1xx-5xx), got '%s'", opt, s)
 	}
 	return code, nil
+}
+
+// parsePinOption reads pin_completions or pin_embeddings: one JSON object
+// argument, or a block of PATH VALUE lines. The lines build one JSON object
+// with sjson; a line may not set a path another line sets or lies under.
+func parsePinOption(d *caddyfile.Dispenser) (json.RawMessage, error) {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	if len(args) > 1 {
+		return nil, d.Errf("%s: want one JSON object argument or a block of PATH VALUE lines, got %d arguments (quote JSON with backticks)", opt, len(args))
+	}
+	if len(args) == 1 {
+		if d.NextBlock(d.Nesting()) {
+			return nil, d.Errf("%s: give one JSON object argument or a block, not both", opt)
+		}
+		raw := json.RawMessage(args[0])
+		if _, err := parsePins(raw, opt); err != nil {
+			return nil, d.Err(err.Error())
+		}
+		return raw, nil
+	}
+
+	obj := []byte("{}")
+	var paths [][]string
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		path := d.Val()
+		vals := d.RemainingArgs()
+		if len(vals) != 1 {
+			return nil, d.Errf("%s: want PATH VALUE, got %d values after '%s' (quote a value that has spaces)", opt, len(vals), path)
+		}
+		keys, err := parsePinPath(path)
+		if err != nil {
+			return nil, d.Errf("%s: path '%s': %v", opt, path, err)
+		}
+		for _, prev := range paths {
+			if keysPrefix(prev, keys) || keysPrefix(keys, prev) {
+				return nil, d.Errf("%s: path '%s' overlaps the earlier '%s'; give each value one line", opt, path, strings.Join(prev, "."))
+			}
+		}
+		paths = append(paths, keys)
+		value := []byte(vals[0])
+		if !json.Valid(value) {
+			value, _ = json.Marshal(vals[0])
+		}
+		if obj, err = sjson.SetRawBytes(obj, path, value); err != nil {
+			return nil, d.Errf("%s: path '%s': %v", opt, path, err)
+		}
+		if _, err := parsePins(obj, opt); err != nil {
+			return nil, d.Err(err.Error())
+		}
+	}
+	if len(paths) == 0 {
+		return nil, d.Errf("%s: want one JSON object argument or a block of PATH VALUE lines", opt)
+	}
+	return obj, nil
+}
+
+// parsePinPath splits an sjson path into the object keys it names. It
+// refuses what sjson would not read as object keys: wildcards and
+// modifiers (which sjson ignores without an error), empty keys, and
+// numeric keys or -1 (which build arrays; arrays are pinned whole).
+func parsePinPath(path string) ([]string, error) {
+	var keys []string
+	rest := path
+	for {
+		force := strings.HasPrefix(rest, ":")
+		if force {
+			rest = rest[1:]
+		}
+		var key []byte
+		i := 0
+		for ; i < len(rest) && rest[i] != '.'; i++ {
+			switch c := rest[i]; c {
+			case '\\':
+				i++
+				if i == len(rest) {
+					return nil, errors.New("ends with a lone backslash")
+				}
+				key = append(key, rest[i])
+			case '|', '#', '@', '*', '?':
+				return nil, fmt.Errorf("'%c' is a wildcard or modifier in sjson paths; write \\%c for a key that has it", c, c)
+			default:
+				key = append(key, c)
+			}
+		}
+		k := string(key)
+		if k == "" {
+			return nil, errors.New("empty key")
+		}
+		if !force && isArrayIndex(k) {
+			return nil, fmt.Errorf("'%s' would index an array; pin the whole array as a JSON value, or write :%s for a key named %s", k, k, k)
+		}
+		keys = append(keys, k)
+		if i == len(rest) {
+			return keys, nil
+		}
+		rest = rest[i+1:]
+	}
+}
+
+// isArrayIndex reports whether sjson takes key for an array index.
+func isArrayIndex(key string) bool {
+	if key == "-1" {
+		return true
+	}
+	for i := 0; i < len(key); i++ {
+		if key[i] < '0' || key[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// keysPrefix reports whether path a is b or lies above it.
+func keysPrefix(a, b []string) bool {
+	if len(a) > len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // Interface guards

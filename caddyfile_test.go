@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/tidwall/sjson"
 )
 
 // TestCaddyfileAdapt adapts each testdata/*.caddyfiletest (a Caddyfile, a
@@ -182,5 +184,141 @@ func TestCaddyfileRetriesZero(t *testing.T) {
 	}
 	if len(h.Backends) != 1 || h.Backends[0].Name != "a" {
 		t.Fatalf("Backends = %+v, want one backend named a", h.Backends)
+	}
+}
+
+// TestCaddyfilePinErrors covers pin_completions and pin_embeddings, which
+// take one JSON object or a block of PATH VALUE lines.
+func TestCaddyfilePinErrors(t *testing.T) {
+	const ok = "\t\tbackend ok localhost"
+	pinBlock := func(lines ...string) string {
+		return "\t\tpin_completions {\n\t\t\t" + strings.Join(lines, "\n\t\t\t") + "\n\t\t}\n" + ok
+	}
+	tests := []struct {
+		name  string
+		input string
+		want  string
+		line  int
+	}{
+		{"no value", frontend("\t\tpin_completions\n" + ok), "pin_completions: want one JSON object argument or a block of PATH VALUE lines", 3},
+		{"empty block", frontend("\t\tpin_embeddings {\n\t\t}\n" + ok), "pin_embeddings: want one JSON object argument or a block", 4},
+		{"two arguments", frontend("\t\tpin_completions model x\n" + ok), "pin_completions: want one JSON object argument or a block of PATH VALUE lines, got 2 arguments", 3},
+		{"array", frontend("\t\tpin_completions `[1]`\n" + ok), "pin_completions: must be a JSON object, got an array", 3},
+		{"string", frontend("\t\tpin_embeddings llama3.2\n" + ok), "pin_embeddings: invalid JSON", 3},
+		{"invalid JSON", frontend("\t\tpin_completions `{\"model\":}`\n" + ok), "pin_completions: invalid JSON", 3},
+		{"JSON case collision", frontend("\t\tpin_completions `{\"model\":\"a\",\"MODEL\":\"b\"}`\n" + ok), `pin_completions: keys "model" and "MODEL" are the same key to Ollama`, 3},
+		{"argument and block", frontend("\t\tpin_completions `{}` {\n\t\t\tmodel x\n\t\t}\n" + ok), "pin_completions: give one JSON object argument or a block, not both", 4},
+		{"duplicate option", frontend("\t\tpin_completions `{\"a\":1}`\n\t\tpin_completions `{\"b\":1}`\n" + ok), "duplicate ollamaflow option 'pin_completions'", 4},
+		{"line without value", frontend(pinBlock("options.temperature 0.7", "model")), "pin_completions: want PATH VALUE, got 0 values after 'model'", 5},
+		{"line with two values", frontend(pinBlock("system Be brief.")), "got 2 values after 'system' (quote a value that has spaces)", 4},
+		{"nested block", frontend(pinBlock("options {", "\ttemperature 0.7", "}")), "want PATH VALUE, got 0 values after 'options'", 4},
+		{"wildcard", frontend(pinBlock("options.* 1")), "path 'options.*': '*' is a wildcard or modifier in sjson paths", 4},
+		{"modifier", frontend(pinBlock("@this 1")), "'@' is a wildcard or modifier", 4},
+		{"array index", frontend(pinBlock("options.stop.0 x")), "path 'options.stop.0': '0' would index an array; pin the whole array as a JSON value, or write :0", 4},
+		{"append index", frontend(pinBlock("stop.-1 x")), "'-1' would index an array", 4},
+		{"empty key", frontend(pinBlock("options..x 1")), "path 'options..x': empty key", 4},
+		{"trailing dot", frontend(pinBlock("options. 1")), "empty key", 4},
+		{"lone backslash", frontend(pinBlock("`options\\` 1")), "ends with a lone backslash", 4},
+		{"same path twice", frontend(pinBlock("model a", "model b")), "path 'model' overlaps the earlier 'model'", 5},
+		{"path under a value", frontend(pinBlock("options `{\"a\":1}`", "options.temperature 0.7")), "path 'options.temperature' overlaps the earlier 'options'", 5},
+		{"path above a value", frontend(pinBlock("options.temperature 0.7", "options 1")), "path 'options' overlaps the earlier 'options.temperature'", 5},
+		{"case collision", frontend(pinBlock("options.temperature 0.7", "Options.num_ctx 1")), `pin_completions: keys "options" and "Options" are the same key to Ollama`, 5},
+		{"nested case collision", frontend(pinBlock("options.num_ctx 1", "options.NUM_CTX 2")), `pin_completions.options: keys "num_ctx" and "NUM_CTX"`, 5},
+		{"backend pin", frontend("\t\tbackend a localhost {\n\t\t\tpin_embeddings `\"x\"`\n\t\t}"), "backend 'a': pin_embeddings: must be a JSON object, got a string", 4},
+		{"backend pin line", frontend("\t\tbackend a localhost {\n\t\t\tpin_completions {\n\t\t\t\toptions.num_ctx\n\t\t\t}\n\t\t}"), "backend 'a': pin_completions: want PATH VALUE, got 0 values after 'options.num_ctx'", 5},
+		{"backend duplicate pin", frontend("\t\tbackend a localhost {\n\t\t\tpin_embeddings `{}`\n\t\t\tpin_embeddings `{}`\n\t\t}"), "duplicate backend option 'pin_embeddings'", 5},
+	}
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := adapter.Adapt([]byte(tc.input), nil)
+			if err == nil {
+				t.Fatalf("want an error containing %q, got none for:\n%s", tc.want, tc.input)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tc.want) {
+				t.Errorf("error %q does not contain %q", msg, tc.want)
+			}
+			if loc := fmt.Sprintf(", at Caddyfile:%d", tc.line); !strings.HasSuffix(msg, loc) {
+				t.Errorf("error %q does not end with %q", msg, loc)
+			}
+		})
+	}
+}
+
+// TestCaddyfilePins checks the JSON that pin lines build: nested objects
+// from paths, JSON values as JSON, anything else as a string.
+func TestCaddyfilePins(t *testing.T) {
+	d := caddyfile.NewTestDispenser("ollamaflow {\n" +
+		"\tpin_completions {\n" +
+		"\t\toptions.temperature 0.7\n" +
+		"\t\toptions.num_ctx 8192\n" +
+		"\t\tmodel llama3.2:1b\n" +
+		"\t\tsystem \"Be brief.\"\n" +
+		"\t\tformat `\"json\"`\n" +
+		"\t\tkeep_alive null\n" +
+		"\t\tstream false\n" +
+		"\t\toptions.stop `[\"\\n\",\"User:\"]`\n" +
+		"\t\tversion 1.0e1\n" +
+		"\t\tname `12`\n" +
+		"\t\tlabel 12abc\n" +
+		"\t\ta\\.b.:0 x\n" +
+		"\t\tschema `{\"type\": \"object\"}`\n" +
+		"\t}\n" +
+		"\tpin_embeddings `{\"options\": {\"num_ctx\": 2048}}`\n" +
+		"\tbackend a localhost {\n" +
+		"\t\tpin_embeddings {\n" +
+		"\t\t\ttruncate true\n" +
+		"\t\t}\n" +
+		"\t}\n" +
+		"}")
+	var h Handler
+	if err := h.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	const wantCompl = `{"options":{"temperature":0.7,"num_ctx":8192,"stop":["\n","User:"]},"model":"llama3.2:1b","system":"Be brief.","format":"json","keep_alive":null,"stream":false,"version":1.0e1,"name":12,"label":"12abc","a.b":{"0":"x"},"schema":{"type": "object"}}`
+	if string(h.PinCompletions) != wantCompl {
+		t.Errorf("pin_completions =\n%s\nwant\n%s", h.PinCompletions, wantCompl)
+	}
+	if want := `{"options": {"num_ctx": 2048}}`; string(h.PinEmbeddings) != want {
+		t.Errorf("pin_embeddings = %s, want %s", h.PinEmbeddings, want)
+	}
+	if want := `{"truncate":true}`; len(h.Backends) != 1 || string(h.Backends[0].PinEmbeddings) != want {
+		t.Errorf("backend pin_embeddings = %s, want %s", h.Backends[0].PinEmbeddings, want)
+	}
+	if _, err := parsePins(h.PinCompletions, "pin_completions"); err != nil {
+		t.Errorf("the built object does not provision: %v", err)
+	}
+}
+
+// TestPinPathMatchesSjson checks that the keys parsePinPath reports are
+// where sjson puts the value, so the overlap check sees what sjson does.
+func TestPinPathMatchesSjson(t *testing.T) {
+	for _, path := range []string{"model", "options.temperature", `a\.b`, `a\.b.c`, "a.:0", ":12.x", `a\*b`, `a\\b`, `\:x`, "a-b.c_d", "x.:-1", `a\|b.\@c`} {
+		keys, err := parsePinPath(path)
+		if err != nil {
+			t.Errorf("parsePinPath(%q): %v", path, err)
+			continue
+		}
+		obj, err := sjson.SetRaw("{}", path, "1")
+		if err != nil {
+			t.Errorf("sjson.SetRaw(%q): %v", path, err)
+			continue
+		}
+		var v any
+		if err := json.Unmarshal([]byte(obj), &v); err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range keys {
+			m, ok := v.(map[string]any)
+			if !ok || len(m) != 1 {
+				t.Errorf("path %q: sjson built %s, want one key %q at each level of %q", path, obj, k, keys)
+				break
+			}
+			v = m[k]
+		}
+		if v != float64(1) {
+			t.Errorf("path %q: sjson built %s, keys %q", path, obj, keys)
+		}
 	}
 }
