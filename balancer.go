@@ -1,14 +1,19 @@
 package ollamaflow
 
 import (
+	"context"
+	"errors"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
 
@@ -93,8 +98,13 @@ func (b *backend) carries(want []string) bool {
 	return true
 }
 
-// hasRoom reports whether the backend is below its max_parallel cap.
+// hasRoom reports whether the backend may take a request now: below its
+// max_parallel cap, and still healthy and not draining (a queued request
+// chose its candidates a while ago).
 func (b *backend) hasRoom() bool {
+	if b.srv.draining.Load() || !b.srv.healthy() {
+		return false
+	}
 	return b.cfg.MaxParallel <= 0 || b.srv.inFlight.Load() < int64(b.cfg.MaxParallel)
 }
 
@@ -109,7 +119,7 @@ func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCa
 	var out []*backend
 	var enabled, typed, labelled int
 	for _, b := range h.backends {
-		if b.cfg.Disabled {
+		if b.cfg.Disabled || b.srv.draining.Load() {
 			continue
 		}
 		enabled++
@@ -131,7 +141,7 @@ func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCa
 	}
 	switch {
 	case enabled == 0:
-		return nil, &noCandidate{"every backend of this frontend is disabled"}
+		return nil, &noCandidate{"every backend of this frontend is disabled or draining"}
 	case typed == 0:
 		return nil, &noCandidate{"no backend of this frontend allows " + kind.String() + " requests"}
 	case labelled == 0:
@@ -274,4 +284,211 @@ func byWeight(list []*backend, x int) *backend {
 		x -= b.cfg.Weight
 	}
 	return list[len(list)-1]
+}
+
+// stickyKey is the session key of a request: the first non-empty
+// configured header, else the client IP when client_ip is on (Caddy's
+// client_ip, which honours trusted_proxies). "" means no stickiness.
+func (h *Handler) stickyKey(r *http.Request) string {
+	if h.Sticky == nil {
+		return ""
+	}
+	for _, name := range h.Sticky.Headers {
+		if v := strings.TrimSpace(r.Header.Get(name)); v != "" {
+			return "h:" + v
+		}
+	}
+	if h.Sticky.ClientIP {
+		if ip, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ip != "" {
+			return "ip:" + ip
+		}
+	}
+	return ""
+}
+
+// rendezvous picks the backend with the highest weighted rendezvous score
+// for key. Every Caddy instance with the same config computes the same
+// answer without sharing state, and removing a backend moves only the keys
+// it held: every other key's top score is unchanged.
+func rendezvous(list []*backend, key string) *backend {
+	var best *backend
+	bestScore := math.Inf(-1)
+	for _, b := range list {
+		// Weighted rendezvous: -weight / ln(u), u uniform in (0,1).
+		u := (float64(mix64(fnv64(key, b.base.String()))) + 0.5) / (1 << 64)
+		score := -float64(b.cfg.Weight) / math.Log(u)
+		if score > bestScore {
+			best, bestScore = b, score
+		}
+	}
+	return best
+}
+
+// fnv64 hashes key and id with FNV-1a, a separator between them.
+func fnv64(key, id string) uint64 {
+	const offset, prime = 14695981039346656037, 1099511628211
+	h := uint64(offset)
+	for i := 0; i < len(key); i++ {
+		h = (h ^ uint64(key[i])) * prime
+	}
+	h = (h ^ 0xff) * prime
+	for i := 0; i < len(id); i++ {
+		h = (h ^ uint64(id[i])) * prime
+	}
+	return h
+}
+
+// mix64 is SplitMix64's finaliser: FNV alone spreads similar strings
+// poorly in its high bits.
+func mix64(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return x
+}
+
+// Values of the X-OllamaFlow-Sticky response header.
+const (
+	stickyHit      = "hit"      // the session's server took it
+	stickyOverflow = "overflow" // the session's server was at its cap: normal selection
+	stickyNone     = "none"     // no session key
+)
+
+// acquireSticky takes a slot on the session's server if it has room; else
+// it falls back to the policy.
+func (h *Handler) acquireSticky(avail []*backend, key, model string) (*backend, string) {
+	if key == "" {
+		return h.acquire(avail, model), stickyNone
+	}
+	if b := rendezvous(avail, key); b.hasRoom() && b.srv.tryAcquire(b.cfg.MaxParallel) {
+		return b, stickyHit
+	}
+	return h.acquire(avail, model), stickyOverflow
+}
+
+// queue holds a frontend's requests that found every candidate at its
+// max_parallel cap, first come first served. A slot freed on any server
+// the frontend uses is handed to the oldest waiter that can use it, at once:
+// there is no polling.
+type queue struct {
+	h       *Handler
+	mu      sync.Mutex
+	waiters []*waiter
+	waiting atomic.Int64 // len(waiters), readable without the lock
+	closed  bool         // the handler is cleaned up: leave servers once empty
+}
+
+type waiter struct {
+	cands []*backend
+	model string
+	got   chan *backend // receives the backend whose slot it was given
+}
+
+// errQueueFull and errQueueTimeout are the two ways a wait ends without a
+// slot (besides the client leaving).
+var (
+	errQueueFull    = errors.New("queue full")
+	errQueueTimeout = errors.New("queue wait expired")
+)
+
+// wait takes a slot on one of cands, queueing if every one is at its cap,
+// until queue_timeout or the client goes away.
+func (q *queue) wait(ctx context.Context, cands []*backend, model string) (*backend, time.Duration, error) {
+	start := time.Now()
+	q.mu.Lock()
+	// Try again under the lock: a slot freed since the caller's attempt
+	// is either seen here or dispatched to us once we are queued.
+	if len(q.waiters) == 0 {
+		if b := q.h.acquire(cands, model); b != nil {
+			q.mu.Unlock()
+			return b, 0, nil
+		}
+	}
+	if len(q.waiters) >= q.h.maxQueue {
+		q.mu.Unlock()
+		return nil, 0, errQueueFull
+	}
+	w := &waiter{cands: cands, model: model, got: make(chan *backend, 1)}
+	q.waiters = append(q.waiters, w)
+	q.waiting.Add(1)
+	q.mu.Unlock()
+	q.dispatch() // a slot may have freed between the try and the append
+
+	timer := time.NewTimer(time.Duration(q.h.QueueTimeout))
+	defer timer.Stop()
+	select {
+	case b := <-w.got:
+		return b, time.Since(start), nil
+	case <-ctx.Done():
+		return q.leave(w, start, ctx.Err())
+	case <-timer.C:
+		return q.leave(w, start, errQueueTimeout)
+	}
+}
+
+// leave takes w out of the queue. If a slot was handed to it in the
+// meantime, the slot is given back.
+func (q *queue) leave(w *waiter, start time.Time, why error) (*backend, time.Duration, error) {
+	q.mu.Lock()
+	for i, o := range q.waiters {
+		if o == w {
+			q.waiters = append(q.waiters[:i], q.waiters[i+1:]...)
+			q.waiting.Add(-1)
+			break
+		}
+	}
+	q.mu.Unlock()
+	select {
+	case b := <-w.got:
+		b.srv.release()
+	default:
+	}
+	q.leaveServersIfDone()
+	return nil, time.Since(start), why
+}
+
+// dispatch hands free slots to waiters in arrival order.
+func (q *queue) dispatch() {
+	if q.waiting.Load() == 0 {
+		return
+	}
+	q.mu.Lock()
+	for i := 0; i < len(q.waiters); {
+		w := q.waiters[i]
+		b := q.h.acquire(w.cands, w.model)
+		if b == nil {
+			i++
+			continue
+		}
+		q.waiters = append(q.waiters[:i], q.waiters[i+1:]...)
+		q.waiting.Add(-1)
+		w.got <- b
+	}
+	q.mu.Unlock()
+	q.leaveServersIfDone()
+}
+
+// length is the number of waiting requests.
+func (q *queue) length() int { return int(q.waiting.Load()) }
+
+// close is called at Cleanup: a reload must not strand the requests still
+// queued in the old config, so the queue keeps listening until it is empty.
+func (q *queue) close() {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	q.leaveServersIfDone()
+}
+
+func (q *queue) leaveServersIfDone() {
+	q.mu.Lock()
+	done := q.closed && len(q.waiters) == 0
+	q.mu.Unlock()
+	if done {
+		for _, b := range q.h.backends {
+			b.srv.removeQueue(q)
+		}
+	}
 }

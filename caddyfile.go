@@ -53,6 +53,8 @@ var (
 //		dial_timeout           <duration>
 //		first_byte_timeout     <duration>
 //		stream_idle_timeout    <duration>
+//		max_queue              <count>
+//		queue_timeout          <duration>
 //		allow_embeddings       [true|false]
 //		allow_completions      [true|false]
 //		allow_model_management [true|false]
@@ -67,6 +69,10 @@ var (
 //		}
 //		required_models        <model...>
 //		insecure_pulls         [true|false]
+//		sticky {
+//			headers   <header...>
+//			client_ip
+//		}
 //
 //		backend <name> <url> [{
 //			# see Backend.UnmarshalCaddyfile
@@ -116,6 +122,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.FirstByteTimeout, err = parseDuration(d)
 		case "stream_idle_timeout":
 			h.StreamIdleTimeout, err = parseDuration(d)
+		case "max_queue":
+			h.MaxQueue, err = parseInt(d, 1)
+		case "queue_timeout":
+			h.QueueTimeout, err = parseDuration(d)
 		case "allow_embeddings":
 			h.AllowEmbeddings, err = parseFlagPtr(d)
 		case "allow_completions":
@@ -138,6 +148,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.RequiredModels = append(h.RequiredModels, models...)
 		case "insecure_pulls":
 			h.InsecurePulls, err = parseFlag(d)
+		case "sticky":
+			h.Sticky, err = parseSticky(d)
 		case "pin_completions":
 			h.PinCompletions, err = parsePinOption(d)
 		case "pin_embeddings":
@@ -624,3 +636,37 @@ var (
 	_ caddyfile.Unmarshaler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler = (*Backend)(nil)
 )
+
+// parseSticky parses
+//
+//	sticky {
+//		headers   <header...>
+//		client_ip
+//	}
+func parseSticky(d *caddyfile.Dispenser) (*StickyConfig, error) {
+	if d.NextArg() {
+		return nil, d.Errf("sticky: options go in a block, got argument '%s'", d.Val())
+	}
+	sc := &StickyConfig{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "headers":
+			names, err := someArgs(d)
+			if err != nil {
+				return nil, err
+			}
+			sc.Headers = append(sc.Headers, names...)
+		case "client_ip":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			sc.ClientIP = true
+		default:
+			return nil, unrecognized(d, "sticky")
+		}
+	}
+	if len(sc.Headers) == 0 && !sc.ClientIP {
+		return nil, d.Err("sticky: name at least one header (headers …) or client_ip")
+	}
+	return sc, nil
+}

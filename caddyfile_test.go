@@ -67,7 +67,9 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		// Options of later issues stay unrecognized until their fields exist.
 		{"required_models without models", frontend("\t\trequired_models\n" + ok), "required_models", 3},
 		{"insecure_pulls bad flag", frontend("\t\tinsecure_pulls maybe\n" + ok), "insecure_pulls", 3},
-		{"sticky not yet", frontend("\t\tsticky {\n\t\t\tclient_ip\n\t\t}\n" + ok), "unrecognized ollamaflow option 'sticky'", 3},
+		{"sticky empty", frontend("\t\tsticky {\n\t\t}\n" + ok), "sticky: name at least one header", 4},
+		{"sticky unknown", frontend("\t\tsticky {\n\t\t\tcookie x\n\t\t}\n" + ok), "unrecognized sticky option 'cookie'", 4},
+		{"sticky client_ip arg", frontend("\t\tsticky {\n\t\t\tclient_ip yes\n\t\t}\n" + ok), "wrong argument count", 4},
 		{"model_refresh bad duration", frontend("\t\tbackend a localhost {\n\t\t\tmodel_refresh soon\n\t\t}"), "model_refresh", 4},
 		{"pull_concurrency zero", frontend("\t\tbackend a localhost {\n\t\t\tpull_concurrency 0\n\t\t}"), "pull_concurrency", 4},
 

@@ -314,13 +314,27 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		if len(avail) == 0 {
 			break
 		}
-		b := h.acquire(avail, model)
+		var b *backend
+		if attempt == 0 && h.Sticky != nil {
+			var how string
+			b, how = h.acquireSticky(avail, h.stickyKey(r), model)
+			w.Header().Set("X-OllamaFlow-Sticky", how)
+		} else {
+			b = h.acquire(avail, model)
+		}
 		if b == nil {
-			if attempt == 0 {
+			var err error
+			b, _, err = h.queue.wait(r.Context(), avail, model)
+			switch {
+			case errors.Is(err, errQueueFull):
 				w.Header().Set("Retry-After", "1")
-				return h.fail(w, api, http.StatusServiceUnavailable, "every backend is at its max_parallel limit; retry shortly")
+				return h.fail(w, api, http.StatusTooManyRequests, fmt.Sprintf("every backend is at its max_parallel limit and the queue is full (max_queue %d); retry shortly", h.maxQueue))
+			case errors.Is(err, errQueueTimeout):
+				w.Header().Set("Retry-After", "5")
+				return h.fail(w, api, http.StatusServiceUnavailable, fmt.Sprintf("no backend slot freed within %s (queue_timeout); retry shortly", time.Duration(h.QueueTimeout)))
+			case err != nil:
+				return nil // the client left while queued
 			}
-			break
 		}
 		tried = append(tried, b)
 		final := attempt == h.retries || len(avail) == 1

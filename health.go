@@ -69,6 +69,7 @@ type server struct {
 	settings atomic.Pointer[serverSettings]
 	state    atomic.Int32 // healthState
 	inFlight atomic.Int64
+	draining atomic.Bool // admin: no new requests, in-flight ones finish
 	// failStreak counts consecutive proxy failures (passive health).
 	failStreak atomic.Int32
 
@@ -78,6 +79,11 @@ type server struct {
 	since      time.Time
 	lastProbe  time.Time
 	lastErr    string
+
+	// Queues (balancer.go) of the frontends using the server, woken when a
+	// slot frees.
+	queuesMu sync.Mutex
+	queues   map[*queue]struct{}
 
 	// Models (modelsync.go): the latest lists, replaced whole on refresh.
 	models      atomic.Pointer[modelSnapshot]
@@ -123,6 +129,7 @@ func newServer(base *url.URL, st *serverSettings) *server {
 		ctx:      ctx,
 		cancel:   cancel,
 		wake:     make(chan struct{}, 1),
+		queues:   make(map[*queue]struct{}),
 		required: make(map[any][]requiredModel),
 		pulls:    make(map[string]*pullState),
 	}
@@ -318,8 +325,32 @@ func (s *server) tryAcquire(limit int) bool {
 	}
 }
 
+// release gives a slot back and hands it to a queued request, if any
+// frontend has one waiting for this server.
 func (s *server) release() {
 	s.inFlight.Add(-1)
+	var buf [8]*queue
+	qs := buf[:0]
+	s.queuesMu.Lock()
+	for q := range s.queues {
+		qs = append(qs, q)
+	}
+	s.queuesMu.Unlock()
+	for _, q := range qs {
+		q.dispatch()
+	}
+}
+
+func (s *server) addQueue(q *queue) {
+	s.queuesMu.Lock()
+	s.queues[q] = struct{}{}
+	s.queuesMu.Unlock()
+}
+
+func (s *server) removeQueue(q *queue) {
+	s.queuesMu.Lock()
+	delete(s.queues, q)
+	s.queuesMu.Unlock()
 }
 
 // statusMatches reports whether code meets want: a full code, or a class

@@ -1,9 +1,10 @@
 package ollamaflow
 
-// Integration tests: a real Caddy in-process (caddytest, admin on
-// localhost:2999) loaded from a Caddyfile, fake Ollama servers on
-// 127.0.0.1, and a client that talks HTTP to the site. They cannot run in
-// parallel: there is one Caddy.
+// Integration tests: a real Caddy in-process (caddytest) loaded from a
+// Caddyfile, fake Ollama servers on 127.0.0.1, and a client that talks HTTP
+// to the site. They cannot run in parallel: there is one Caddy. Its admin
+// and site ports are picked free at start, so two test processes (or
+// another suite on caddytest's default 2999) never meet.
 
 import (
 	"bufio"
@@ -12,6 +13,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -27,25 +29,42 @@ import (
 	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 )
 
-const siteURL = "http://127.0.0.1:9080"
+var (
+	adminPort, sitePort, tlsPort = freePort(), freePort(), freePort()
+	siteURL                      = fmt.Sprintf("http://127.0.0.1:%d", sitePort)
+)
 
-// loadCaddy (re)loads the in-process Caddy with one site on :9080 whose
-// ollamaflow block holds body.
-func loadCaddy(t *testing.T, body string) {
-	t.Helper()
-	cfg := fmt.Sprintf(`{
-	admin localhost:2999
-	http_port 9080
-	https_port 9443
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// caddyConfig is a whole Caddyfile: one site whose ollamaflow block holds
+// body.
+func caddyConfig(body string) string {
+	return fmt.Sprintf(`{
+	admin localhost:%d
+	http_port %d
+	https_port %d
 	skip_install_trust
 }
-:9080 {
+:%d {
 	ollamaflow {
 %s
 	}
 }
-`, body)
-	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{LoadRequestTimeout: 30 * time.Second})
+`, adminPort, sitePort, tlsPort, sitePort, body)
+}
+
+// loadCaddy (re)loads the in-process Caddy with caddyConfig(body).
+func loadCaddy(t *testing.T, body string) {
+	t.Helper()
+	cfg := caddyConfig(body)
+	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: adminPort, LoadRequestTimeout: 30 * time.Second})
 	tester.InitServer(cfg, "caddyfile")
 	require.False(t, t.Failed(), "caddy did not load the config")
 }
@@ -54,7 +73,7 @@ func loadCaddy(t *testing.T, body string) {
 // reload tests that must not wait a second between loads.
 func loadCaddyRaw(t *testing.T, cfg string) {
 	t.Helper()
-	res, err := http.Post("http://localhost:2999/load", "text/caddyfile", strings.NewReader(cfg))
+	res, err := http.Post(fmt.Sprintf("http://localhost:%d/load", adminPort), "text/caddyfile", strings.NewReader(cfg))
 	require.NoError(t, err)
 	defer res.Body.Close()
 	msg, _ := io.ReadAll(res.Body)
@@ -76,6 +95,28 @@ func post(t *testing.T, path, body string, hdr ...string) (*http.Response, strin
 	b, err := io.ReadAll(res.Body)
 	require.NoError(t, err)
 	return res, string(b)
+}
+
+// currentHandler finds the handler of the loaded config through the
+// servers it uses: the queue of the newest handler listens on them.
+func currentHandler(t *testing.T) *Handler {
+	t.Helper()
+	var newest *Handler
+	servers.Range(func(_, v any) bool {
+		s := v.(*server)
+		s.queuesMu.Lock()
+		for q := range s.queues {
+			q.mu.Lock()
+			if !q.closed {
+				newest = q.h
+			}
+			q.mu.Unlock()
+		}
+		s.queuesMu.Unlock()
+		return true
+	})
+	require.NotNil(t, newest, "no live handler")
+	return newest
 }
 
 func pooled(t *testing.T, url string) *server {
@@ -427,19 +468,7 @@ func TestIntegrationReloadKeepsServerState(t *testing.T) {
 	require.Eventually(t, func() bool { return sa.inFlight.Load() == 1 }, 5*time.Second, 5*time.Millisecond)
 
 	// Reload: a and gone stay, d leaves, c arrives; the frontend is renamed.
-	loadCaddyRaw(t, fmt.Sprintf(`{
-	admin localhost:2999
-	http_port 9080
-	https_port 9443
-	skip_install_trust
-}
-:9080 {
-	ollamaflow {
-		name renamed
-		%s
-	}
-}
-`, backends(fmt.Sprintf("backend c %s", c.URL))))
+	loadCaddyRaw(t, caddyConfig("name renamed\n"+backends(fmt.Sprintf("backend c %s", c.URL))))
 	waitHealthy(t, c.URL, stateHealthy)
 
 	assert.Same(t, sa, pooled(t, a.URL), "a's live state is the same object")
@@ -466,14 +495,16 @@ func TestIntegrationCapsAndTimeouts(t *testing.T) {
 	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
 	defer a.Close()
 	loadCaddy(t, fmt.Sprintf(`
-		first_byte_timeout 300ms
-		stream_idle_timeout 300ms
+		max_queue 1
+		queue_timeout 200ms
 		backend a %s {
 			max_parallel 1
 			fail_threshold 1000
 		}`, a.URL))
+	waitKnown(t, []*fakeollama.Server{a})
 
-	// One request in flight fills the cap: the next gets 503 + Retry-After.
+	// One request in flight fills the cap; the next waits in the queue and
+	// gives up after queue_timeout; with the queue full, a third gets 429.
 	a.Hold("/api/chat")
 	done := make(chan struct{})
 	go func() {
@@ -485,12 +516,47 @@ func TestIntegrationCapsAndTimeouts(t *testing.T) {
 		}
 	}()
 	require.Eventually(t, func() bool { return a.InFlight() == 1 }, 5*time.Second, 5*time.Millisecond)
+	queued := make(chan *http.Response, 1)
+	go func() {
+		res, _ := post(t, "/api/chat", chatBody)
+		queued <- res
+	}()
+	h := currentHandler(t)
+	require.Eventually(t, func() bool { return h.queue.length() == 1 }, 5*time.Second, time.Millisecond)
 	res, body := post(t, "/api/chat", chatBody)
-	assert.Equal(t, http.StatusServiceUnavailable, res.StatusCode, body)
+	assert.Equal(t, http.StatusTooManyRequests, res.StatusCode, body)
 	assert.Equal(t, "1", res.Header.Get("Retry-After"))
-	assert.Contains(t, body, "max_parallel")
-	<-done // held beyond first_byte_timeout: it ended with 504
+	assert.Contains(t, body, "max_queue 1")
+	res = <-queued
+	assert.Equal(t, http.StatusServiceUnavailable, res.StatusCode)
+	assert.NotEmpty(t, res.Header.Get("Retry-After"))
+
+	// A slot that frees goes to the queue at once.
+	go func() {
+		res, _ := post(t, "/api/chat", chatBody)
+		queued <- res
+	}()
+	require.Eventually(t, func() bool { return h.queue.length() == 1 }, 5*time.Second, time.Millisecond, "%v", func() string {
+		select {
+		case r := <-queued:
+			b, _ := io.ReadAll(r.Body)
+			return fmt.Sprint(r.StatusCode, string(b))
+		default:
+			return "pending"
+		}
+	})
 	a.Release()
+	<-done
+	res = <-queued
+	assert.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Zero(t, h.queue.length())
+
+	loadCaddy(t, fmt.Sprintf(`
+		first_byte_timeout 300ms
+		stream_idle_timeout 300ms
+		backend a %s {
+			fail_threshold 1000
+		}`, a.URL))
 
 	a.SlowFirstByte(2*time.Second, "/api/chat")
 	res, body = post(t, "/api/chat", chatBody)

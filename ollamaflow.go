@@ -52,6 +52,8 @@ const (
 	defaultFirstByteTimeout  = 5 * time.Minute
 	defaultStreamIdleTimeout = 2 * time.Minute
 	defaultLabelHeader       = "X-OllamaFlow-Label"
+	defaultMaxQueue          = 256
+	defaultQueueTimeout      = 60 * time.Second
 	defaultOllamaPort        = "11434"
 
 	defaultHealthURI      = "/"
@@ -95,6 +97,15 @@ type Handler struct {
 	// StreamIdleTimeout is the longest silence allowed between two chunks of
 	// a response body; the stream is ended beyond it. Default: 2m.
 	StreamIdleTimeout caddy.Duration `json:"stream_idle_timeout,omitempty"`
+
+	// MaxQueue is the number of requests that may wait for a free backend
+	// slot when every candidate is at its max_parallel cap; 429 beyond.
+	// Default: 256.
+	MaxQueue int `json:"max_queue,omitempty"`
+
+	// QueueTimeout is how long a request may wait in the queue; 503 beyond.
+	// Default: 60s.
+	QueueTimeout caddy.Duration `json:"queue_timeout,omitempty"`
 
 	// AllowEmbeddings permits embedding requests through this frontend.
 	// Default: true.
@@ -140,10 +151,16 @@ type Handler struct {
 	// PinEmbeddings is PinCompletions for embedding requests. Default: none.
 	PinEmbeddings json.RawMessage `json:"pin_embeddings,omitempty"`
 
+	// Sticky, if set, keeps a session (a conversation) on one server, so its
+	// context stays warm there. Off by default.
+	Sticky *StickyConfig `json:"sticky,omitempty"`
+
 	// Backends are the Ollama servers this frontend proxies to.
 	Backends []*Backend `json:"backends,omitempty"`
 
 	backends    []*backend
+	queue       *queue
+	maxQueue    int
 	policy      selectionPolicy
 	retries     int
 	allowEmbed  bool
@@ -157,6 +174,17 @@ type Handler struct {
 	labelHeader string
 	pinCompl    *pins
 	pinEmbed    *pins
+}
+
+// StickyConfig says how a request's session key is found.
+type StickyConfig struct {
+	// Headers are request headers whose first non-empty value is the
+	// session key, e.g. x-conversation-id.
+	Headers []string `json:"headers,omitempty"`
+
+	// ClientIP falls back to the client's IP (Caddy's client_ip, which
+	// honours trusted_proxies) when no header carries a key.
+	ClientIP bool `json:"client_ip,omitempty"`
 }
 
 // Backend is one Ollama server as this frontend sees it: its address and the
@@ -292,6 +320,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		"dial_timeout":        &h.DialTimeout,
 		"first_byte_timeout":  &h.FirstByteTimeout,
 		"stream_idle_timeout": &h.StreamIdleTimeout,
+		"queue_timeout":       &h.QueueTimeout,
 	} {
 		if *d < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", opt, time.Duration(*d))
@@ -305,6 +334,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.StreamIdleTimeout == 0 {
 		h.StreamIdleTimeout = caddy.Duration(defaultStreamIdleTimeout)
+	}
+	if h.QueueTimeout == 0 {
+		h.QueueTimeout = caddy.Duration(defaultQueueTimeout)
+	}
+	if h.MaxQueue < 0 {
+		return fmt.Errorf("max_queue: must not be negative, got %d", h.MaxQueue)
+	}
+	h.maxQueue = h.MaxQueue
+	if h.maxQueue == 0 {
+		h.maxQueue = defaultMaxQueue
 	}
 	h.allowEmbed = h.AllowEmbeddings == nil || *h.AllowEmbeddings
 	h.allowCompl = h.AllowCompletions == nil || *h.AllowCompletions
@@ -324,6 +363,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			}
 			h.models[normalizeModel(m)] = struct{}{}
 		}
+	}
+	if h.Sticky != nil && len(h.Sticky.Headers) == 0 && !h.Sticky.ClientIP {
+		return errors.New("sticky: name at least one header, or client_ip")
 	}
 	var required []requiredModel
 	for _, m := range h.RequiredModels {
@@ -373,7 +415,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		b.srv = srv
 		h.poolKeys = append(h.poolKeys, b.base.String())
 	}
+	h.queue = &queue{h: h}
 	for _, b := range h.backends {
+		b.srv.addQueue(h.queue)
 		if !b.cfg.Disabled && len(required) > 0 {
 			b.srv.setRequired(h, required)
 		}
@@ -389,6 +433,9 @@ func (h *Handler) Validate() error { return nil }
 // reload provisions the new config before the old one is cleaned up, so a
 // server kept by the new config is never destroyed here.
 func (h *Handler) Cleanup() error {
+	if h.queue != nil {
+		h.queue.close()
+	}
 	h.releaseServers()
 	if t, ok := h.transport.(interface{ CloseIdleConnections() }); ok {
 		t.CloseIdleConnections()
