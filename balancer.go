@@ -202,11 +202,15 @@ func without(list []*backend, drop *backend) []*backend {
 	return out
 }
 
-// pickLeastConn prefers backends where the model is loaded (a cold load
-// costs seconds), then takes the lowest in-flight / capacity (capacity is
-// max_parallel, or the weight when uncapped), then the higher weight, and
-// breaks remaining ties round-robin so equal servers share the load.
+// pickLeastConn avoids backends that have been failing (a server that
+// answers errors fast looks idle, and would otherwise attract the most
+// traffic until its breaker opens), prefers backends where the model is
+// loaded (a cold load costs seconds), then takes the lowest in-flight /
+// capacity (capacity is max_parallel, or the weight when uncapped), then
+// the higher weight, and breaks remaining ties round-robin so equal servers
+// share the load.
 func pickLeastConn(h *Handler, avail []*backend, model string) *backend {
+	avail = leastFailing(avail)
 	if model != "" {
 		if warm := loadedOn(avail, model); len(warm) > 0 {
 			avail = warm
@@ -239,6 +243,30 @@ func pickLeastConn(h *Handler, avail []*backend, model string) *backend {
 	}
 	n := atomic.AddUint64(&h.rrCounter, 1)
 	return ties[n%uint64(len(ties))]
+}
+
+// leastFailing keeps the backends with the shortest run of consecutive
+// failures; when none is failing (the common case) it returns list as is.
+func leastFailing(list []*backend) []*backend {
+	fewest, count := int32(math.MaxInt32), 0
+	for _, b := range list {
+		switch f := b.srv.failStreak.Load(); {
+		case f < fewest:
+			fewest, count = f, 1
+		case f == fewest:
+			count++
+		}
+	}
+	if count == len(list) {
+		return list
+	}
+	out := make([]*backend, 0, count)
+	for _, b := range list {
+		if b.srv.failStreak.Load() == fewest {
+			out = append(out, b)
+		}
+	}
+	return out
 }
 
 func loadedOn(list []*backend, model string) []*backend {

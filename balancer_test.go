@@ -137,3 +137,16 @@ func TestWeightedPolicies(t *testing.T) {
 		assert.Equal(t, "b", pickFirst(h, []*backend{b, a}, "").cfg.Name)
 	}
 }
+
+func TestLeastConnAvoidsFailingBackends(t *testing.T) {
+	fast := testBackend("fast-failer", nil)
+	ok := testBackend("ok", nil)
+	ok.srv.inFlight.Store(5) // busier, but answering
+	fast.srv.failStreak.Store(2)
+	h := &Handler{}
+	for i := 0; i < 5; i++ {
+		assert.Equal(t, "ok", pickLeastConn(h, []*backend{fast, ok}, "").cfg.Name)
+	}
+	fast.srv.failStreak.Store(0)
+	assert.Equal(t, "fast-failer", pickLeastConn(h, []*backend{fast, ok}, "").cfg.Name, "recovered: the least loaded again")
+}
