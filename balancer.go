@@ -266,6 +266,9 @@ func leastFailing(list []*backend) []*backend {
 			out = append(out, b)
 		}
 	}
+	if len(out) == 0 { // the streaks moved under us
+		return list
+	}
 	return out
 }
 

@@ -191,6 +191,45 @@ func TestPinsEmptyIsFree(t *testing.T) {
 	}
 }
 
+// TestProvisionPins checks that provisioning parses the pin options of the
+// frontend and its backends, names the option in errors, and hands each
+// request kind its set.
+func TestProvisionPins(t *testing.T) {
+	const backend = `"backends":[{"name":"a","url":"127.0.0.1:1"}]`
+	for raw, want := range map[string]string{
+		`{"pin_completions":[1],` + backend + `}`:                                                 "pin_completions: must be a JSON object, got an array",
+		`{"pin_embeddings":"x",` + backend + `}`:                                                  "pin_embeddings: must be a JSON object, got a string",
+		`{"pin_completions":{"a":{"B":1,"b":2}},` + backend + `}`:                                 `pin_completions.a: keys "B" and "b" are the same key to Ollama`,
+		`{"backends":[{"name":"a","url":"127.0.0.1:1","pin_embeddings":true}]}`:                   `backend "a": pin_embeddings: must be a JSON object, got a boolean`,
+		`{"backends":[{"name":"a","url":"127.0.0.1:1","pin_completions":{"model":1,"MODEL":2}}]}`: `backend "a": pin_completions: keys "model" and "MODEL"`,
+	} {
+		_, err := provisionJSON(t, raw)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("provisioning %s: error %v, want one containing %q", raw, err, want)
+		}
+	}
+
+	h, err := provisionJSON(t, `{"pin_completions":{"model":"m"},"pin_embeddings":{"truncate":true},"backends":[{"name":"a","url":"127.0.0.1:1","pin_completions":{"options":{"num_ctx":8192}}}]}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := h.backends[0].cfg
+	if h.pinsFor(kindCompletion) == nil || h.pinsFor(kindEmbedding) == nil || h.pinsFor(kindModelRead) != nil || h.pinsFor(kindManagement) != nil {
+		t.Errorf("frontend pinsFor: completion %v, embedding %v, model read %v, management %v; want the first two only",
+			h.pinsFor(kindCompletion), h.pinsFor(kindEmbedding), h.pinsFor(kindModelRead), h.pinsFor(kindManagement))
+	}
+	if b.pinsFor(kindCompletion) == nil || b.pinsFor(kindEmbedding) != nil {
+		t.Errorf("backend pinsFor: completion %v, embedding %v; want completion only", b.pinsFor(kindCompletion), b.pinsFor(kindEmbedding))
+	}
+	body, err := h.pinsFor(kindCompletion).apply([]byte(`{"MODEL":"x","options":{"seed":1}}`))
+	if err == nil {
+		body, err = b.pinsFor(kindCompletion).apply(body)
+	}
+	if want := `{"options":{"seed":1,"num_ctx":8192},"model":"m"}`; err != nil || string(body) != want {
+		t.Errorf("frontend then backend pins: %s, %v; want %s", body, err, want)
+	}
+}
+
 // The request shapes of Ollama's api package (api/types.go), decoded the
 // way Ollama decodes them: encoding/json into structs, so keys match fields
 // case-insensitively and the last duplicate wins.
