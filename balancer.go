@@ -157,6 +157,7 @@ func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCa
 type selectionPolicy func(h *Handler, avail []*backend, model string) *backend
 
 var policies = map[string]selectionPolicy{
+	"least_delay": pickLeastDelay,
 	"least_conn":  pickLeastConn,
 	"round_robin": pickRoundRobin,
 	"random":      pickRandom,
@@ -522,4 +523,121 @@ func (q *queue) leaveServersIfDone() {
 			b.srv.removeQueue(q)
 		}
 	}
+}
+
+// speed is what a server has been observed to deliver, for least_delay:
+// its service time with a free slot, how many requests it serves at once
+// before they start to wait inside it, and what a cold model load costs.
+// It lives on the shared server, so it survives reloads.
+type speed struct {
+	mu          sync.Mutex
+	samples     int
+	service     float64 // seconds, EWMA, for requests that had a slot
+	slots       int     // learned parallel capacity, at least 1
+	coldLoad    float64 // seconds, EWMA of load_duration when a model was loaded
+	coldSamples int
+}
+
+const (
+	speedAlpha       = 0.2 // EWMA weight of a new sample
+	coldLoadPrior    = 2.0 // seconds assumed for a model load before one is seen
+	slotGrowSlack    = 1.5 // served k at once within this × service: it has k slots
+	slotShrinkFactor = 2.0 // took this × service with a slot "free": fewer slots
+)
+
+// observe records a request that took d, which had k requests in flight on
+// the server (itself included) when it started.
+func (sp *speed) observe(d time.Duration, k int) {
+	sec := d.Seconds()
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.samples == 0 {
+		sp.samples, sp.service, sp.slots = 1, sec, 1
+		if k > 1 && sec > 0 {
+			// Its first answer came with others in flight: a lower
+			// bound on its slots, corrected by later samples.
+			sp.slots = k
+		}
+		return
+	}
+	sp.samples++
+	switch {
+	case k > sp.slots && sec <= slotGrowSlack*sp.service:
+		sp.slots = k // it served k at once without slowing down
+	case k > 1 && k <= sp.slots && sec > slotShrinkFactor*sp.service:
+		sp.slots = k - 1 // it made this one wait: it has fewer slots
+	case k <= sp.slots:
+		sp.service += speedAlpha * (sec - sp.service)
+	}
+}
+
+// observeLoad records a model load that took d.
+func (sp *speed) observeLoad(d time.Duration) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.coldSamples == 0 {
+		sp.coldLoad = d.Seconds()
+	} else {
+		sp.coldLoad += speedAlpha * (d.Seconds() - sp.coldLoad)
+	}
+	sp.coldSamples++
+}
+
+// expectedDelay is the time a new request would take on the server with
+// inFlight requests already there and slots parallel slots (0: learned),
+// adding a cold load when cold. ok is false without observations.
+func (sp *speed) expectedDelay(inFlight int64, slots int, cold bool) (float64, bool) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.samples == 0 {
+		return 0, false
+	}
+	if slots <= 0 {
+		slots = sp.slots
+	}
+	rounds := (inFlight + int64(slots)) / int64(slots) // ceil((inFlight+1)/slots)
+	delay := sp.service * float64(rounds)
+	if cold {
+		if sp.coldSamples > 0 {
+			delay += sp.coldLoad
+		} else {
+			delay += coldLoadPrior
+		}
+	}
+	return delay, true
+}
+
+// pickLeastDelay takes the backend with the shortest expected completion
+// time: the work already on it over its slots, times the service time it
+// has been seen to deliver, plus a cold-load penalty where the model is not
+// loaded. A slow server that merely looks idle does not win against a fast
+// one with free slots. Until every candidate has been observed it behaves
+// like least_conn, which also spreads the first requests so each server
+// gets measured.
+func pickLeastDelay(h *Handler, avail []*backend, model string) *backend {
+	avail = leastFailing(avail)
+	var ties []*backend
+	best := math.Inf(1)
+	for _, b := range avail {
+		cold := false
+		if model != "" {
+			cold = !b.srv.models.Load().isLoaded(model)
+		}
+		d, ok := b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, cold)
+		if !ok {
+			return pickLeastConn(h, avail, model)
+		}
+		d /= float64(b.cfg.Weight)
+		switch {
+		case d < best*(1-1e-9):
+			best, ties = d, append(ties[:0], b)
+		case d <= best*(1+1e-9):
+			ties = append(ties, b)
+		}
+	}
+	if len(ties) == 1 {
+		return ties[0]
+	}
+	n := atomic.AddUint64(&h.rrCounter, 1)
+	return ties[n%uint64(len(ties))]
 }

@@ -2,7 +2,9 @@ package ollamaflow
 
 import (
 	"net/url"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -149,4 +151,90 @@ func TestLeastConnAvoidsFailingBackends(t *testing.T) {
 	}
 	fast.srv.failStreak.Store(0)
 	assert.Equal(t, "fast-failer", pickLeastConn(h, []*backend{fast, ok}, "").cfg.Name, "recovered: the least loaded again")
+}
+
+func TestSpeedLearnsServiceTimeAndSlots(t *testing.T) {
+	var sp speed
+	_, ok := sp.expectedDelay(0, 0, false)
+	assert.False(t, ok, "no observations yet")
+
+	ms := time.Millisecond
+	sp.observe(100*ms, 1)
+	d, ok := sp.expectedDelay(0, 0, false)
+	require.True(t, ok)
+	assert.InDelta(t, 0.1, d, 1e-9)
+	// Served 4 at once without slowing: 4 slots.
+	sp.observe(105*ms, 2)
+	sp.observe(110*ms, 4)
+	assert.Equal(t, 4, sp.slots)
+	d, _ = sp.expectedDelay(3, 0, false) // 3 in flight + this one fit in 4 slots
+	assert.InDelta(t, 0.1, d, 0.01)
+	d, _ = sp.expectedDelay(4, 0, false) // the fifth waits a round
+	assert.InDelta(t, 0.2, d, 0.02)
+	// A 5th in flight took twice as long: not a 5th slot.
+	sp.observe(210*ms, 5)
+	assert.Equal(t, 4, sp.slots)
+	// Made to wait with 3 in flight: only 2 slots after all.
+	sp.observe(250*ms, 3)
+	assert.Equal(t, 2, sp.slots)
+	// The configured max_parallel, when set, is the slot count.
+	d, _ = sp.expectedDelay(4, 4, false)
+	assert.InDelta(t, 0.2, d, 0.02)
+	// A cold model adds the prior until a load is seen, then the learned cost.
+	warm, _ := sp.expectedDelay(0, 0, false)
+	cold, _ := sp.expectedDelay(0, 0, true)
+	assert.InDelta(t, coldLoadPrior, cold-warm, 1e-9)
+	sp.observeLoad(3 * time.Second)
+	cold, _ = sp.expectedDelay(0, 0, true)
+	assert.InDelta(t, 3, cold-warm, 1e-9)
+}
+
+func TestLeastDelayPrefersTheFastServer(t *testing.T) {
+	fast := testBackend("fast", nil)
+	slow1 := testBackend("slow1", nil)
+	slow2 := testBackend("slow2", nil)
+	h := &Handler{}
+	all := []*backend{fast, slow1, slow2}
+
+	// No observations: least_conn, which spreads the load.
+	slow1.srv.inFlight.Store(1)
+	slow2.srv.inFlight.Store(1)
+	assert.Equal(t, "fast", pickLeastDelay(h, all, "").cfg.Name)
+
+	ms := time.Millisecond
+	for k := 1; k <= 4; k++ {
+		fast.srv.speed.observe(100*ms, k)
+	}
+	slow1.srv.speed.observe(400*ms, 1)
+	slow2.srv.speed.observe(400*ms, 1)
+	slow1.srv.inFlight.Store(0)
+	slow2.srv.inFlight.Store(0)
+
+	// Idle slow servers do not win against a fast one with work queued,
+	// as long as the fast one would still finish first.
+	for n := int64(0); n < 12; n++ {
+		fast.srv.inFlight.Store(n)
+		assert.Equal(t, "fast", pickLeastDelay(h, all, "").cfg.Name, "fast with %d in flight", n)
+	}
+	fast.srv.inFlight.Store(16) // 5 rounds of 100ms: 0.5s > 0.4s
+	assert.Contains(t, []string{"slow1", "slow2"}, pickLeastDelay(h, all, "").cfg.Name)
+
+	// A cold model costs more than a busy warm server.
+	fast.srv.inFlight.Store(4)
+	fast.srv.models.Store(&modelSnapshot{known: true, loaded: map[string][]byte{}})
+	slow1.srv.models.Store(&modelSnapshot{known: true, loaded: map[string][]byte{"m:latest": nil}})
+	assert.Equal(t, "slow1", pickLeastDelay(h, all, "m:latest").cfg.Name)
+}
+
+func TestTailKeeper(t *testing.T) {
+	var tk tailKeeper
+	tk.keep([]byte(`{"response":"a","done":false}` + "\n"))
+	tk.keep([]byte(strings.Repeat("x", 5000)))
+	tk.keep([]byte(`{"done":true,"context":[1,2,3],"total_duration":123,"load_duration":2500000000,"eval_count":17}` + "\n"))
+	assert.EqualValues(t, 2500000000, tk.number("load_duration"))
+	assert.EqualValues(t, 17, tk.number("eval_count"))
+	assert.EqualValues(t, -1, tk.number("prompt_eval_count"))
+	var big tailKeeper
+	big.keep([]byte(strings.Repeat("y", 10000) + `"usage":{"prompt_tokens":5,"completion_tokens":9}`))
+	assert.EqualValues(t, 9, big.number("completion_tokens"))
 }

@@ -76,8 +76,8 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		// Frontend values.
 		{"name without value", frontend("\t\tname\n" + ok), "name: want exactly one argument, got 0", 3},
 		{"name with two values", frontend("\t\tname a b\n" + ok), "name: want exactly one argument, got 2", 3},
-		{"unknown policy", frontend("\t\tlb_policy least_delay\n" + ok), "lb_policy: unknown policy 'least_delay'", 3},
-		{"policy list", frontend("\t\tlb_policy fastest\n" + ok), "first, least_conn, random, round_robin", 3},
+		{"unknown policy", frontend("\t\tlb_policy fastest\n" + ok), "lb_policy: unknown policy 'fastest'", 3},
+		{"policy list", frontend("\t\tlb_policy fastest\n" + ok), "first, least_conn, least_delay, random, round_robin", 3},
 		{"negative retries", frontend("\t\tretries -1\n" + ok), "retries: must not be negative, got -1", 3},
 		{"non-integer retries", frontend("\t\tretries two\n" + ok), "retries: want an integer, got 'two'", 3},
 		{"bad size", frontend("\t\tmax_request_body lots\n" + ok), "max_request_body: invalid size 'lots'", 3},

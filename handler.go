@@ -378,6 +378,7 @@ func retryable(status int) bool {
 // It always releases the slot.
 func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string) attemptResult {
 	defer b.srv.release()
+	started, concurrent := time.Now(), int(b.srv.inFlight.Load())
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)
 
@@ -427,8 +428,13 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 			res.Body = readCloser{io.MultiReader(bytes.NewReader(head), res.Body), res.Body}
 		}
 	}
-	if h.stream(w, r, res, b, ctx, cancel) && res.StatusCode == http.StatusOK && model != "" {
+	var tail tailKeeper
+	if h.stream(w, r, res, b, ctx, cancel, &tail) && res.StatusCode == http.StatusOK && model != "" {
 		b.srv.markLoaded(model) // it just answered: the model is in memory there
+		b.srv.speed.observe(time.Since(started), concurrent)
+		if load := tail.number("load_duration"); load > int64(coldLoadThreshold) {
+			b.srv.speed.observeLoad(time.Duration(load))
+		}
 	}
 	return attemptResult{done: true, status: res.StatusCode}
 }
@@ -550,7 +556,7 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }
 // than stream_idle_timeout, or a backend that dies mid-stream, ends the
 // stream: it is never restarted, since the client already has part of it.
 // It reports whether the whole body went through.
-func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc) bool {
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc, tail *tailKeeper) bool {
 	defer res.Body.Close()
 	hdr := w.Header()
 	stripHopByHop(res.Header)
@@ -574,6 +580,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 		n, rerr := res.Body.Read(buf)
 		if n > 0 {
 			idleTimer.Reset(idle)
+			tail.keep(buf[:n])
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				return false // client gone; deferred cancel stops the backend
 			}
@@ -667,4 +674,51 @@ func newTransport(dialTimeout time.Duration) *http.Transport {
 		ExpectContinueTimeout: time.Second,
 		DisableCompression:    true,
 	}
+}
+
+// coldLoadThreshold is the load_duration above which a request counts as
+// having loaded its model (warm requests report a few milliseconds).
+const coldLoadThreshold = time.Second
+
+// tailKeeper keeps the last bytes of a response body, where Ollama puts
+// its final counts (load_duration, eval_count …) and OpenAI its usage, so
+// they can be read without buffering the stream.
+type tailKeeper struct {
+	buf [2048]byte
+	n   int
+}
+
+func (t *tailKeeper) keep(p []byte) {
+	if len(p) >= len(t.buf) {
+		t.n = copy(t.buf[:], p[len(p)-len(t.buf):])
+		return
+	}
+	if over := t.n + len(p) - len(t.buf); over > 0 {
+		copy(t.buf[:], t.buf[over:t.n])
+		t.n -= over
+	}
+	t.n += copy(t.buf[t.n:], p)
+}
+
+// number is the last integer value of "key" in the tail, or -1.
+func (t *tailKeeper) number(key string) int64 {
+	data := t.buf[:t.n]
+	i := bytes.LastIndex(data, []byte(`"`+key+`":`))
+	if i < 0 {
+		return -1
+	}
+	data = bytes.TrimLeft(data[i+len(key)+3:], " ")
+	var v int64
+	digits := 0
+	for _, c := range data {
+		if c < '0' || c > '9' {
+			break
+		}
+		v = v*10 + int64(c-'0')
+		digits++
+	}
+	if digits == 0 {
+		return -1
+	}
+	return v
 }

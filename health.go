@@ -70,6 +70,7 @@ type server struct {
 	state    atomic.Int32 // healthState
 	inFlight atomic.Int64
 	draining atomic.Bool // admin: no new requests, in-flight ones finish
+	speed    speed       // observed service times, for least_delay
 	// failStreak counts consecutive proxy failures (passive health).
 	failStreak atomic.Int32
 
@@ -238,6 +239,12 @@ func (s *server) recordProbe(err error) {
 	if err == nil {
 		s.passStreak++
 		s.probeFails = 0
+		if cur == stateHealthy {
+			// A healthy server that failed a few proxied requests (not
+			// enough to open the breaker) is avoided by least_conn and
+			// least_delay; a passing probe gives it a fresh start.
+			s.failStreak.Store(0)
+		}
 		switch {
 		case cur == stateUnknown:
 			next, reason = stateHealthy, "first probe passed"

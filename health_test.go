@@ -143,6 +143,7 @@ func TestDestructStopsProbing(t *testing.T) {
 	s := newServer(base, testSettings(p.srv.URL+"/", zap.NewNop()))
 	waitState(t, s, stateHealthy)
 	require.NoError(t, s.Destruct())
+	time.Sleep(50 * time.Millisecond) // a request cancelled by Destruct may still reach the handler
 	n := p.hits.Load()
 	time.Sleep(100 * time.Millisecond)
 	assert.Equal(t, n, p.hits.Load(), "no probe after Destruct")

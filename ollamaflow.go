@@ -45,7 +45,7 @@ func init() {
 // Defaults applied in Provision.
 const (
 	defaultName              = "ollamaflow"
-	defaultPolicy            = "least_conn"
+	defaultPolicy            = "least_delay"
 	defaultRetries           = 2
 	defaultMaxRequestBody    = 64 << 20
 	defaultDialTimeout       = 5 * time.Second
@@ -75,8 +75,8 @@ type Handler struct {
 	// Default: "ollamaflow".
 	Name string `json:"name,omitempty"`
 
-	// LBPolicy selects a backend among the candidates: least_conn,
-	// round_robin, random or first. Default: least_conn.
+	// LBPolicy selects a backend among the candidates: least_delay,
+	// least_conn, round_robin, random or first. Default: least_delay.
 	LBPolicy string `json:"lb_policy,omitempty"`
 
 	// Retries is the number of extra attempts, each on another backend,
