@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
@@ -55,7 +57,7 @@ func newBackendView(cfg *Backend, base *url.URL) *backend {
 }
 
 // settings builds what the pooled server needs from this backend's config.
-func (b *backend) settings(logger *zap.Logger) *serverSettings {
+func (b *backend) settings(ctx caddy.Context, logger *zap.Logger, events *caddyevents.App) *serverSettings {
 	u := *b.base
 	u.Path = b.base.Path + b.cfg.HealthURI
 	u.RawQuery = b.query
@@ -74,6 +76,8 @@ func (b *backend) settings(logger *zap.Logger) *serverSettings {
 		modelRefresh:  time.Duration(b.cfg.ModelRefresh),
 		pullConc:      b.cfg.PullConcurrency,
 		logger:        logger,
+		events:        events,
+		ctx:           ctx,
 	}
 }
 
@@ -500,6 +504,22 @@ func (q *queue) dispatch() {
 	}
 	q.mu.Unlock()
 	q.leaveServersIfDone()
+}
+
+// waitingFor counts the waiting requests that could use s.
+func (q *queue) waitingFor(s *server) int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := 0
+	for _, w := range q.waiters {
+		for _, b := range w.cands {
+			if b.srv == s {
+				n++
+				break
+			}
+		}
+	}
+	return n
 }
 
 // length is the number of waiting requests.

@@ -144,8 +144,23 @@ var (
 // ServeHTTP classifies the request, gates it, reads and checks its body,
 // and proxies it to a backend.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	sw := &statusWriter{ResponseWriter: w}
+	var info requestInfo
+	err := h.serve(sw, r, &info)
+	h.countRequest(sw, info.kind, info.model)
+	return err
+}
+
+// requestInfo is what serve learned about a request, for the metrics.
+type requestInfo struct {
+	kind  routeKind
+	model string
+}
+
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInfo) error {
 	api := apiOf(r.URL.Path)
 	rt, known, allowed := classify(r.Method, r.URL.Path)
+	info.kind = rt.kind
 	if !known {
 		return h.fail(w, api, http.StatusNotFound, fmt.Sprintf("unknown path %s: this endpoint serves the Ollama API (/api/*) and the OpenAI-compatible API (/v1/*)", r.URL.Path))
 	}
@@ -191,6 +206,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if err != nil {
 		return h.fail(w, api, http.StatusBadRequest, err.Error())
 	}
+	info.model = model
 	if model != "" && h.models != nil {
 		if _, ok := h.models[model]; !ok {
 			return h.fail(w, api, http.StatusForbidden, fmt.Sprintf("model %q is not allowed on this frontend", model))
@@ -324,7 +340,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		}
 		if b == nil {
 			var err error
-			b, _, err = h.queue.wait(r.Context(), avail, model)
+			var waited time.Duration
+			b, waited, err = h.queue.wait(r.Context(), avail, model)
+			metrics.queueWait.WithLabelValues(h.Name).Observe(waited.Seconds())
 			switch {
 			case errors.Is(err, errQueueFull):
 				w.Header().Set("Retry-After", "1")
@@ -342,6 +360,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		if last.done {
 			return nil
 		}
+		metrics.retries.WithLabelValues(h.Name, b.cfg.Name).Inc()
 	}
 	if r.Context().Err() != nil {
 		return nil // the client is gone; nobody to answer
@@ -406,6 +425,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		return attemptResult{cause: fmt.Sprintf("backend %s: %v", b.cfg.Name, err)}
 	}
 
+	metrics.firstByte.WithLabelValues(h.Name, b.cfg.Name, model).Observe(time.Since(started).Seconds())
 	if res.StatusCode >= 500 {
 		b.srv.recordFailure(fmt.Sprintf("status %d", res.StatusCode))
 	} else {
@@ -432,9 +452,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 	if h.stream(w, r, res, b, ctx, cancel, &tail) && res.StatusCode == http.StatusOK && model != "" {
 		b.srv.markLoaded(model) // it just answered: the model is in memory there
 		b.srv.speed.observe(time.Since(started), concurrent)
-		if load := tail.number("load_duration"); load > int64(coldLoadThreshold) {
-			b.srv.speed.observeLoad(time.Duration(load))
-		}
+		h.recordFinalCounts(b, model, &tail)
 	}
 	return attemptResult{done: true, status: res.StatusCode}
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"go.uber.org/zap"
 )
 
@@ -58,6 +59,8 @@ type serverSettings struct {
 	modelRefresh  time.Duration
 	pullConc      int
 	logger        *zap.Logger
+	events        *caddyevents.App // of the config that last named the server
+	ctx           caddy.Context    // the context events are emitted in
 }
 
 // server is the live state of one physical Ollama server, shared by every
@@ -262,10 +265,14 @@ func (s *server) recordProbe(err error) {
 			next, reason = stateUnhealthy, fmt.Sprintf("%d consecutive probes failed, last: %s", s.probeFails, err)
 		}
 	}
+	var emit func()
 	if next != stateUnknown {
-		s.transitionLocked(cur, next, reason)
+		emit = s.transitionLocked(cur, next, reason)
 	}
 	s.mu.Unlock()
+	if emit != nil {
+		emit()
+	}
 }
 
 // recordSuccess notes a proxied request the server answered without a 5xx.
@@ -287,30 +294,57 @@ func (s *server) recordFailure(cause string) {
 	s.mu.Lock()
 	s.lastErr = cause
 	cur := healthState(s.state.Load())
+	var emit func()
 	if cur != stateUnhealthy {
 		s.passStreak = 0
-		s.transitionLocked(cur, stateUnhealthy, fmt.Sprintf("%d consecutive proxy failures, last: %s", n, cause))
+		emit = s.transitionLocked(cur, stateUnhealthy, fmt.Sprintf("%d consecutive proxy failures, last: %s", n, cause))
 	}
 	s.mu.Unlock()
+	if emit != nil {
+		emit()
+	}
 }
 
-// transitionLocked changes the state and logs the transition once. s.mu
-// must be held.
-func (s *server) transitionLocked(from, to healthState, reason string) {
+// transitionLocked changes the state and logs the transition once. It
+// returns the emission of the matching Caddy event, for the caller to run
+// once s.mu is released (event handlers run synchronously). s.mu must be
+// held.
+func (s *server) transitionLocked(from, to healthState, reason string) func() {
 	s.state.Store(int32(to))
 	s.since = time.Now()
 	if to == stateHealthy {
 		s.failStreak.Store(0)
 		s.poke() // read its model lists at once
 	}
-	msg := "backend up"
+	msg, event := "backend up", "ollamaflow.backend_up"
 	if to == stateUnhealthy {
-		msg = "backend down"
+		msg, event = "backend down", "ollamaflow.backend_down"
 	}
 	s.logger().Info(msg,
 		zap.String("from", from.String()),
 		zap.String("to", to.String()),
 		zap.String("reason", reason))
+	st := s.settings.Load()
+	if st.events == nil {
+		return nil
+	}
+	data := map[string]any{"backend": st.name, "url": s.key, "reason": reason, "from": from.String(), "to": to.String()}
+	return func() { st.events.Emit(st.ctx, event, data) }
+}
+
+// setDraining turns drain on or off. A draining server takes no new
+// requests; those in flight finish. The flag lives on the pooled server, so
+// it survives reloads that keep the server.
+func (s *server) setDraining(on bool) {
+	if s.draining.Swap(on) == on {
+		return
+	}
+	msg := "backend draining"
+	if !on {
+		msg = "backend undrained"
+		s.wakeQueues() // its slots are usable again
+	}
+	s.logger().Info(msg, zap.Int64("in_flight", s.inFlight.Load()))
 }
 
 // tryAcquire takes a request slot if the server has fewer than limit in
@@ -336,6 +370,11 @@ func (s *server) tryAcquire(limit int) bool {
 // frontend has one waiting for this server.
 func (s *server) release() {
 	s.inFlight.Add(-1)
+	s.wakeQueues()
+}
+
+// wakeQueues lets every queue waiting on the server try for a slot.
+func (s *server) wakeQueues() {
 	var buf [8]*queue
 	qs := buf[:0]
 	s.queuesMu.Lock()

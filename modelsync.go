@@ -381,6 +381,11 @@ func (s *server) pull(m requiredModel, p *pullState) {
 	if s.ctx.Err() != nil {
 		return
 	}
+	outcome := "success"
+	if err != nil {
+		outcome = "failure"
+	}
+	metrics.pulls.WithLabelValues(s.settings.Load().name, m.name, outcome).Inc()
 	if err != nil {
 		log.Warn("pull failed", zap.Error(err), zap.Time("next_retry", nextRetry))
 		return

@@ -34,6 +34,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
@@ -159,6 +160,7 @@ type Handler struct {
 	Backends []*Backend `json:"backends,omitempty"`
 
 	backends    []*backend
+	provisioned time.Time
 	queue       *queue
 	maxQueue    int
 	policy      selectionPolicy
@@ -405,9 +407,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.backends = append(h.backends, newBackendView(bc, base))
 	}
 
+	// Health transitions are Caddy events; the events app is loaded even
+	// when the config does not name it, as reverse_proxy does.
+	events := eventsApp(ctx)
+
 	// Take pool references last, so a config error above leaks nothing.
 	for _, b := range h.backends {
-		srv, err := acquireServer(b.base, b.settings(h.logger))
+		srv, err := acquireServer(b.base, b.settings(ctx, h.logger, events))
 		if err != nil {
 			h.releaseServers()
 			return fmt.Errorf("backend %q: %w", b.cfg.Name, err)
@@ -415,6 +421,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		b.srv = srv
 		h.poolKeys = append(h.poolKeys, b.base.String())
 	}
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		h.releaseServers()
+		return fmt.Errorf("metrics: %v", err)
+	}
+	h.provisioned = time.Now()
+	registerFrontend(h)
 	h.queue = &queue{h: h}
 	for _, b := range h.backends {
 		b.srv.addQueue(h.queue)
@@ -433,6 +445,7 @@ func (h *Handler) Validate() error { return nil }
 // reload provisions the new config before the old one is cleaned up, so a
 // server kept by the new config is never destroyed here.
 func (h *Handler) Cleanup() error {
+	unregisterFrontend(h)
 	if h.queue != nil {
 		h.queue.close()
 	}
@@ -555,6 +568,21 @@ func (b *Backend) provision() error {
 		}
 	}
 	return nil
+}
+
+// eventsApp returns the config's events app, or nil when there is none: a
+// handler provisioned outside a loaded config (a unit test, a tool) has a
+// context without one, and Context.App does not guard against that.
+func eventsApp(ctx caddy.Context) (app *caddyevents.App) {
+	defer func() {
+		if recover() != nil {
+			app = nil
+		}
+	}()
+	if v, err := ctx.App("events"); err == nil {
+		app, _ = v.(*caddyevents.App)
+	}
+	return app
 }
 
 func validName(name string) bool {
