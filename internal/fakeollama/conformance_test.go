@@ -1,12 +1,16 @@
 package fakeollama_test
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"io"
 	"net/http"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 
@@ -109,4 +113,121 @@ func postQuietly(url, body string) {
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 	}
+}
+
+// TestManagementConformsToRealOllama compares copy, create, blob uploads and push with a real
+// Ollama the same way, as a sequence of requests that change both servers alike. Names and
+// blob contents are new on every run, so it can run again against the same server. Error
+// messages that name the real server's registry or model store are masked where they must
+// differ (the fake has no network and keeps no files). A GGUF file for create from files is
+// taken from FAKEOLLAMA_GGUF, by default the rig's tiny-llama.gguf; without one those cases are
+// left out.
+func TestManagementConformsToRealOllama(t *testing.T) {
+	real := os.Getenv("FAKEOLLAMA_REAL_URL")
+	if real == "" {
+		t.Skip("FAKEOLLAMA_REAL_URL is not set")
+	}
+	f := newFake(t, fakeollama.Config{Models: []string{"tiny-bert", "tiny-llama"}})
+	run := strconv.FormatInt(time.Now().UnixNano(), 36)
+	text := []byte("a blob of run " + run)
+	td := sha256Digest(text)
+	zero := "sha256:" + strings.Repeat("0", 64)
+	missing := "sha256:" + strings.Repeat("5", 64)
+
+	type step struct {
+		method, path, body string
+		mask               bool // the error message names the registry or the store: mask it
+	}
+	steps := []step{
+		{"HEAD", "/api/blobs/" + td, "", false},
+		{"POST", "/api/blobs/" + td, string(text), false},
+		{"HEAD", "/api/blobs/" + td, "", false},
+		{"HEAD", "/api/blobs/" + strings.Replace(td, ":", "-", 1), "", false},
+		{"POST", "/api/blobs/" + td, string(text), false},
+		{"POST", "/api/blobs/" + zero, string(text), false},
+		{"POST", "/api/blobs/" + strings.Replace(zero, ":", "-", 1), string(text), false},
+		{"POST", "/api/blobs/xyz", string(text), false},
+		{"HEAD", "/api/blobs/xyz", "", false},
+		{"GET", "/api/blobs/" + td, "", false},
+		{"POST", "/api/blobs/", string(text), false},
+
+		{"POST", "/api/copy", `{"source":"tiny-llama","destination":"cf-copy-` + run + `"}`, false},
+		{"POST", "/api/copy", `{"source":"nope-` + run + `","destination":"x"}`, false},
+		{"POST", "/api/copy", `{"source":"","destination":"x"}`, false},
+		{"POST", "/api/copy", `{"source":"tiny-llama","destination":"Bad Name!"}`, false},
+		{"POST", "/api/copy", ``, false},
+		{"GET", "/api/copy", ``, false},
+
+		{"POST", "/api/create", `{"model":"cf-a-` + run + `","from":"tiny-llama"}`, false},
+		{"POST", "/api/create", `{"model":"cf-b-` + run + `","from":"tiny-llama","system":"be brief ` + run + `"}`, false},
+		{"POST", "/api/create", `{"model":"cf-c-` + run + `","from":"cf-copy-` + run + `","stream":false}`, false},
+		{"POST", "/api/create", `{"model":"cf-d-` + run + `","from":"tiny-llama","license":"L ` + run + `","messages":[{"role":"user","content":"hi ` + run + `"}]}`, false},
+		{"POST", "/api/create", `{"model":"cf-e"}`, false},
+		{"POST", "/api/create", `{"model":"cf-e","stream":false}`, false},
+		{"POST", "/api/create", `{"from":"tiny-llama"}`, false},
+		{"POST", "/api/create", `{"model":"cf-e","from":"nope-` + run + `"}`, true},
+		{"POST", "/api/create", `{"model":"cf-e","from":"nope-` + run + `","stream":false}`, true},
+		{"POST", "/api/create", `{"model":"cf-e","files":{"x.gguf":"` + missing + `"}}`, true},
+		{"POST", "/api/create", `{"model":"cf-e","files":{"x.gguf":"` + missing + `"},"stream":false}`, true},
+		{"POST", "/api/create", `{"model":"cf-e","files":{"x":"` + missing + `"}}`, false},
+		{"POST", "/api/create", `{"model":"cf-e","files":{"x.gguf":"` + td + `"}}`, false},
+		{"POST", "/api/create", `{"model":"cf-e","files":{"x.gguf":"bogus"}}`, false},
+		{"POST", "/api/create", `{"model":"cf-e","files":{"../x.gguf":"` + td + `"}}`, false},
+		{"POST", "/api/create", `{"model":"cf-e","files":{}}`, false},
+		{"GET", "/api/create", ``, false},
+
+		{"POST", "/api/pull", `{"model":"nope-` + run + `"}`, true},
+		{"POST", "/api/pull", `{"model":"nope-` + run + `","stream":false}`, true},
+		{"POST", "/api/pull", `{"model":""}`, false},
+		{"DELETE", "/api/delete", `{"model":"cf-a-` + run + `"}`, false},
+
+		{"POST", "/api/push", `{"model":"nope-` + run + `"}`, true},
+		{"POST", "/api/push", `{"model":"nope-` + run + `","stream":false}`, true},
+		{"POST", "/api/push", `{}`, false},
+		{"POST", "/api/push", `{"model":"tiny-llama"}`, true}, // no registry here: it fails
+		{"POST", "/api/push", `{"model":"tiny-llama","stream":false}`, true},
+	}
+	gguf := os.Getenv("FAKEOLLAMA_GGUF")
+	if gguf == "" {
+		home, _ := os.UserHomeDir()
+		gguf = home + "/.cache/ollama-rig/models/tiny-llama.gguf"
+	}
+	if b, err := os.ReadFile(gguf); err == nil {
+		// Upload to each (the real one may have it already: not compared), then create from it.
+		d := sha256Digest(b)
+		for _, base := range []string{real, f.URL} {
+			postQuietly(base+"/api/blobs/"+d, string(b))
+		}
+		steps = append(steps,
+			step{"POST", "/api/create", `{"model":"cf-f-` + run + `","files":{"tiny.gguf":"` + d + `"}}`, false},
+			step{"POST", "/api/create", `{"model":"cf-g-` + run + `","files":{"tiny":"` + d + `"},"stream":false}`, false},
+			step{"HEAD", "/api/blobs/" + d, "", false},
+		)
+	}
+	f.FailPushes(`Head "https://registry.ollama.ai/v2/library/tiny-llama/blobs/sha256:0": dial tcp: lookup registry.ollama.ai: no such host`)
+	f.FailPulls(`pull model manifest: Get "https://registry.ollama.ai/v2/library/nope/manifests/latest": dial tcp: lookup registry.ollama.ai: no such host`)
+	for _, s := range steps {
+		want := mgmtShape(t, real, s.method, s.path, s.body, s.mask)
+		got := mgmtShape(t, f.URL, s.method, s.path, s.body, s.mask)
+		assert.Equal(t, want, got, "%s %s %s", s.method, s.path, s.body)
+	}
+}
+
+var (
+	maskDigest = regexp.MustCompile(`sha256[:-][0-9a-fA-F]{64}|pushing [0-9a-f]{12}`)
+	maskError  = regexp.MustCompile(`"error":"(\\.|[^"\\])*"`)
+)
+
+func mgmtShape(t *testing.T, base, method, path, body string, mask bool) string {
+	s := shape(t, base, method, path, body)
+	s = maskDigest.ReplaceAllString(s, "D")
+	if mask {
+		s = maskError.ReplaceAllString(s, `"error":E`)
+	}
+	return s
+}
+
+func sha256Digest(b []byte) string {
+	sum := sha256.Sum256(b)
+	return "sha256:" + hex.EncodeToString(sum[:])
 }

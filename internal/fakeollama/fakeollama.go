@@ -10,31 +10,43 @@
 //
 // Endpoints: GET|HEAD /, GET|HEAD /api/version, GET|HEAD /api/tags, GET /api/ps, POST /api/show,
 // /api/generate, /api/chat, /api/embed, /api/embeddings, /api/pull, DELETE /api/delete, POST
-// /v1/chat/completions, /v1/completions, /v1/embeddings, GET /v1/models, /v1/models/{model}.
-// Anything else is 404 "404 page not found", a wrong method 405 "405 method not allowed" with
-// Allow, in "text/plain", as gin answers in Ollama. Every completion generates Text(n): n = Tokens, or
-// the request's num_predict / max_tokens (then done_reason "length").
+// /api/copy, /api/create, /api/push, HEAD|POST /api/blobs/{digest}, POST /v1/chat/completions,
+// /v1/completions, /v1/embeddings, GET /v1/models, /v1/models/{model}. Anything else is 404 "404
+// page not found", a wrong method 405 "405 method not allowed" with Allow, in "text/plain", as gin
+// answers in Ollama. Every completion generates Text(n): n = Tokens, or the request's num_predict /
+// max_tokens (then done_reason "length").
+//
+// Capacity, like Ollama's scheduler: with Config.Parallel set, at most that many completions and
+// embeddings are processed at once (OLLAMA_NUM_PARALLEL); up to Config.MaxQueue more wait inside,
+// first come first served, and any beyond get 503 with ServerBusy (OLLAMA_MAX_QUEUE). A request
+// holds its slot for its service time: LoadDelay when its model is cold, then FirstByteDelay, then
+// Tokens × TokenGap. A fast and a slow box: Config{Parallel: 4, FirstByteDelay: 100 * time.Millisecond}
+// and Config{Parallel: 1, FirstByteDelay: 400 * time.Millisecond}.
 //
 // Assertions: Count(path), Counts(), Requests() and LastRequest() (method, path, raw query,
-// headers, body), InFlight(), MaxInFlight(), Cancellations() (requests whose client went away,
-// with when the context was cancelled and when the fake noticed), Models(), Loaded(),
-// ResetStats().
+// headers, body), InFlight(), MaxInFlight(), Busy(), MaxBusy(), Waiting(), Rejected() (the
+// slots and the queue), Cancellations() (requests whose client went away, with when the context
+// was cancelled and when the fake noticed), Models(), Loaded(), Blobs(), ResetStats().
 //
 // Faults, each optionally restricted to exact paths (Completions, Embeddings, or your own list):
 //
 //	f.FailWith(503, fakeollama.ServerBusy, fakeollama.Completions...) // a busy box: health passes
+//	f.FailAfter(time.Millisecond, 503, fakeollama.ServerBusy) // a box that fails fast, probes too
 //	f.HangAfterHeaders()       // 200 + headers, then silence until the client leaves or Close
 //	f.DieMidStream(2)          // two chunks, then the connection is hijacked and closed
 //	f.ErrorMidStream(2, "an error was encountered while running the model: unexpected EOF")
 //	f.SlowFirstByte(time.Second)
 //	f.Hold(fakeollama.Completions...); ...; f.Release() // keep requests in flight, deterministically
 //	f.FailPulls("pull model manifest: file does not exist")
+//	f.FailPushes(`Head "https://registry.ollama.ai/v2/library/x/blobs/sha256:…": dial tcp: …`)
 //	f.ClearFaults()
 //	f.Close(); f.Restart()     // a dead box (refused connections, cut streams), then back on its port
 //	f.SetModels(...); f.SetLoaded(...) // change what /api/tags and /api/ps report
 //
 // Every method is safe for concurrent use, also while requests are being served. Files:
-// fakeollama.go (lifecycle, instrumentation, faults), ollama.go (native API), openai.go (/v1).
+// fakeollama.go (lifecycle, instrumentation, faults, slots), ollama.go (native API: inference and
+// model reads), manage.go (model management: pull, delete, copy, create, blobs, push), openai.go
+// (/v1).
 package fakeollama
 
 import (
@@ -48,6 +60,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,7 +75,9 @@ var (
 
 // ServerBusy is the body real Ollama answers with status 503 when its queue is full
 // (OLLAMA_MAX_QUEUE); note the two spaces.
-const ServerBusy = `{"error":"server busy, please try again.  maximum pending requests exceeded"}`
+const ServerBusy = `{"error":"` + serverBusyMsg + `"}`
+
+const serverBusyMsg = "server busy, please try again.  maximum pending requests exceeded"
 
 // Config describes the fake server. The zero value serves no models.
 type Config struct {
@@ -88,7 +103,17 @@ type Config struct {
 	EmbedDim int
 	// History is the number of requests Requests keeps (default 100).
 	History int
+	// Parallel is the number of completions and embeddings processed at once, like
+	// OLLAMA_NUM_PARALLEL; the others wait for a slot inside the server. 0 means no limit.
+	Parallel int
+	// MaxQueue is the number of requests that may wait for a slot when Parallel is set, like
+	// OLLAMA_MAX_QUEUE; beyond it the fake answers 503 with ServerBusy. 0 means Ollama's default,
+	// 512; a negative value means none may wait (503 as soon as every slot is taken).
+	MaxQueue int
 }
+
+// defaultMaxQueue is Ollama's OLLAMA_MAX_QUEUE default.
+const defaultMaxQueue = 512
 
 // Request is one request the fake received.
 type Request struct {
@@ -124,9 +149,17 @@ type Server struct {
 	inFlight    atomic.Int64
 	maxInFlight atomic.Int64
 
+	// Slots (Config.Parallel): sem holds a token per busy slot; waiting counts requests queued
+	// for one.
+	sem      chan struct{}
+	waiting  atomic.Int64
+	maxBusy  atomic.Int64
+	rejected atomic.Int64
+
 	mu      sync.Mutex
 	models  []model
-	loaded  []string // keys of loaded models, in load order
+	loaded  []string        // keys of loaded models, in load order
+	blobs   map[string]blob // by digest with "-" for ":", as Ollama names its blob files
 	counts  map[string]int
 	history []Request // ring of cfg.History entries; next is the oldest once full
 	next    int
@@ -143,6 +176,7 @@ type faults struct {
 	failStatus int
 	failBody   string
 	failPaths  []string
+	failDelay  time.Duration
 
 	hang      bool
 	hangPaths []string
@@ -161,6 +195,7 @@ type faults struct {
 	holdPaths []string
 
 	pullError string
+	pushError string
 }
 
 // New starts a fake on a random port of 127.0.0.1.
@@ -185,11 +220,18 @@ func NewUnstarted(cfg Config) *Server {
 	if cfg.History <= 0 {
 		cfg.History = 100
 	}
+	if cfg.MaxQueue == 0 {
+		cfg.MaxQueue = defaultMaxQueue
+	}
 	s := &Server{
 		cfg:     cfg,
 		started: time.Now(),
 		counts:  map[string]int{},
+		blobs:   map[string]blob{},
 		killed:  make(chan struct{}),
+	}
+	if cfg.Parallel > 0 {
+		s.sem = make(chan struct{}, cfg.Parallel)
 	}
 	s.faults.dieAfter, s.faults.errAfter = -1, -1
 	s.SetModels(cfg.Models...)
@@ -272,9 +314,15 @@ func (s *Server) Restart() error {
 // FailWith answers every request (or those to paths) with status and body, before anything
 // else happens. A body starting with "{" is sent as JSON, anything else as text.
 func (s *Server) FailWith(status int, body string, paths ...string) {
+	s.FailAfter(0, status, body, paths...)
+}
+
+// FailAfter is FailWith answering after d, the time a box takes to fail: a server that answers
+// 503 in a millisecond to everything is FailAfter(time.Millisecond, 503, ServerBusy).
+func (s *Server) FailAfter(d time.Duration, status int, body string, paths ...string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.faults.failStatus, s.faults.failBody, s.faults.failPaths = status, body, paths
+	s.faults.failStatus, s.faults.failBody, s.faults.failPaths, s.faults.failDelay = status, body, paths, d
 }
 
 // HangAfterHeaders makes every request (or those to paths) answer 200 with its headers and then
@@ -346,6 +394,14 @@ func (s *Server) FailPulls(msg string) {
 	s.faults.pullError = msg
 }
 
+// FailPushes makes /api/push fail the way real Ollama does when the registry is unreachable:
+// status 200, "retrieving manifest", then an {"error":msg} line (status 500 when not streamed).
+func (s *Server) FailPushes(msg string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults.pushError = msg
+}
+
 // ClearFaults turns every fault mode off and releases held requests. Hung requests stay hung.
 func (s *Server) ClearFaults() {
 	s.mu.Lock()
@@ -400,13 +456,29 @@ func (s *Server) Cancellations() []Cancellation {
 	return slices.Clone(s.cancels)
 }
 
-// ResetStats clears counters, history, cancellations and the in-flight maximum.
+// Busy is the number of slots (Config.Parallel) processing a request now; 0 without Parallel.
+func (s *Server) Busy() int { return len(s.sem) }
+
+// MaxBusy is the highest Busy seen since the start or ResetStats (0 without Config.Parallel).
+func (s *Server) MaxBusy() int { return int(s.maxBusy.Load()) }
+
+// Waiting is the number of requests waiting for a slot inside the fake.
+func (s *Server) Waiting() int { return int(s.waiting.Load()) }
+
+// Rejected is the number of requests answered 503 ServerBusy because every slot was taken and
+// Config.MaxQueue requests were already waiting.
+func (s *Server) Rejected() int { return int(s.rejected.Load()) }
+
+// ResetStats clears counters, history, cancellations, the rejection count and the in-flight and
+// busy maxima.
 func (s *Server) ResetStats() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.counts = map[string]int{}
 	s.history, s.next, s.cancels = nil, 0, nil
 	s.maxInFlight.Store(s.inFlight.Load())
+	s.maxBusy.Store(int64(len(s.sem)))
+	s.rejected.Store(0)
 }
 
 // serve instruments a request, applies the fault modes in order (fail, slow, hold, hang, die)
@@ -417,14 +489,18 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	for m := s.maxInFlight.Load(); n > m && !s.maxInFlight.CompareAndSwap(m, n); m = s.maxInFlight.Load() {
 	}
 
-	body, err := io.ReadAll(r.Body)
-	if err != nil {
-		return
+	var body []byte
+	if !isBlobPath(r.URL.Path) { // a blob streams through its digest; it may be gigabytes
+		var err error
+		if body, err = io.ReadAll(r.Body); err != nil {
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
 	}
-	r.Body = io.NopCloser(bytes.NewReader(body))
 	c := &call{s: s, w: w, r: r, body: body, start: time.Now(), dieAfter: -1, errAfter: -1}
 	stop := context.AfterFunc(r.Context(), func() { c.cancelledAt.Store(time.Now().UnixNano()) })
 	defer stop()
+	defer c.releaseSlot()
 
 	s.mu.Lock()
 	s.record(r, body, c.start)
@@ -434,6 +510,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 
 	path := r.URL.Path
 	if f.failStatus != 0 && applies(f.failPaths, path) {
+		if !c.wait(f.failDelay) {
+			return
+		}
 		ct := "text/plain; charset=utf-8"
 		if len(f.failBody) > 0 && f.failBody[0] == '{' {
 			ct = jsonUTF8
@@ -490,6 +569,61 @@ func hangContentType(path string) string {
 	return jsonUTF8
 }
 
+// Slots.
+
+// acquireSlot takes one of Config.Parallel slots for a completion or embedding, waiting in FIFO
+// order behind at most Config.MaxQueue others, as Ollama's scheduler does. busy is true when
+// the queue was full: the caller answers 503 ServerBusy. ok is false when the client went away
+// or the fake was closed while waiting.
+func (c *call) acquireSlot() (ok, busy bool) {
+	s := c.s
+	if s.sem == nil || c.holdsSlot {
+		return true, false
+	}
+	select {
+	case s.sem <- struct{}{}:
+	default:
+		if n := s.waiting.Add(1); n > int64(max(s.cfg.MaxQueue, 0)) {
+			s.waiting.Add(-1)
+			s.rejected.Add(1)
+			return false, true
+		}
+		select {
+		case s.sem <- struct{}{}: // blocked senders are served in arrival order
+			s.waiting.Add(-1)
+		case <-c.r.Context().Done():
+			s.waiting.Add(-1)
+			c.notice()
+			return false, false
+		case <-c.killed:
+			s.waiting.Add(-1)
+			return false, false
+		}
+	}
+	c.holdsSlot = true
+	n := int64(len(s.sem))
+	for m := s.maxBusy.Load(); n > m && !s.maxBusy.CompareAndSwap(m, n); m = s.maxBusy.Load() {
+	}
+	return true, false
+}
+
+// releaseSlot gives the request's slot back, if it holds one.
+func (c *call) releaseSlot() {
+	if c.holdsSlot {
+		c.holdsSlot = false
+		<-c.s.sem
+	}
+}
+
+// busy answers 503 with Ollama's ErrMaxQueue, in the format of the API the request came in on.
+func (c *call) busy() {
+	if strings.HasPrefix(c.r.URL.Path, "/v1/") {
+		c.openaiModelError(http.StatusServiceUnavailable, serverBusyMsg)
+		return
+	}
+	c.ollamaError(http.StatusServiceUnavailable, serverBusyMsg)
+}
+
 // call is one request being answered.
 type call struct {
 	s           *Server
@@ -507,6 +641,7 @@ type call struct {
 	errMsg      string
 	streaming   bool // set by completion handlers, for runnerDied
 	noticed     bool
+	holdsSlot   bool // one of Config.Parallel slots
 }
 
 // header sets the status and content type the first chunk will carry.

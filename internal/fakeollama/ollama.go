@@ -69,6 +69,12 @@ func (s *Server) endpoint(path string) ([]string, func(*call)) {
 		return post, s.pull
 	case "/api/delete":
 		return []string{http.MethodDelete}, s.delete
+	case "/api/copy":
+		return post, s.copyModel
+	case "/api/create":
+		return post, s.create
+	case "/api/push":
+		return post, s.push
 	case "/v1/chat/completions":
 		return post, s.openaiChat
 	case "/v1/completions":
@@ -80,6 +86,15 @@ func (s *Server) endpoint(path string) ([]string, func(*call)) {
 	}
 	if m, ok := strings.CutPrefix(path, "/v1/models/"); ok && m != "" && !strings.Contains(m, "/") {
 		return get, s.openaiModel
+	}
+	if isBlobPath(path) {
+		return []string{http.MethodHead, http.MethodPost}, func(c *call) {
+			if c.r.Method == http.MethodHead {
+				s.headBlob(c)
+			} else {
+				s.postBlob(c)
+			}
+		}
 	}
 	return nil, nil
 }
@@ -164,6 +179,7 @@ type model struct {
 	size     int64
 	modified time.Time
 	embed    bool // a BERT-like embedding model, by its name
+	layers   []layer
 }
 
 // displayName is what Ollama lists: a tag always, the default registry and namespace never.
@@ -187,6 +203,7 @@ func newModel(name string, modified time.Time) model {
 	m.digest = hex.EncodeToString(sum[:])
 	m.size = 100_000_000 + int64(binary.BigEndian.Uint32(sum[:4])%1_000_000_000)
 	m.embed = strings.Contains(m.key, "bert") || strings.Contains(m.key, "embed")
+	m.layers = defaultLayers(m)
 	return m
 }
 
@@ -204,7 +221,7 @@ func (s *Server) SetModels(names ...string) {
 	s.models = s.models[:0:0]
 	for i, n := range names {
 		// Ollama lists the most recently modified first: keep the order given.
-		s.models = append(s.models, newModel(n, s.started.Add(-time.Duration(i)*time.Minute)))
+		s.addModelLocked(newModel(n, s.started.Add(-time.Duration(i)*time.Minute)))
 	}
 }
 
@@ -255,8 +272,16 @@ func (s *Server) lookup(name string) (model, bool) {
 	return model{}, false
 }
 
-// load makes m loaded, taking LoadDelay when it was not.
+// load is Ollama's scheduler at work for a completion or embedding: it takes a slot
+// (Config.Parallel), answering 503 ServerBusy when the queue is full, then makes m loaded,
+// taking LoadDelay when it was not. The slot is held until the request ends.
 func (c *call) load(m model) bool {
+	if ok, busy := c.acquireSlot(); !ok {
+		if busy {
+			c.busy()
+		}
+		return false
+	}
 	c.s.mu.Lock()
 	loaded := slices.Contains(c.s.loaded, m.key)
 	c.s.mu.Unlock()
@@ -693,90 +718,6 @@ func (s *Server) show(c *call) {
 		Capabilities: caps,
 		ModifiedAt:   m.modified,
 	})
-}
-
-// Model management: pull and delete, enough for model sync tests.
-
-func (s *Server) pull(c *call) {
-	var req apiRequest
-	if !c.decodeOllama(&req) {
-		return
-	}
-	name := cmp.Or(req.Model, req.Name)
-	if strings.TrimSpace(name) == "" {
-		c.ollamaError(http.StatusBadRequest, "invalid model name")
-		return
-	}
-	s.mu.Lock()
-	failure := s.faults.pullError
-	s.mu.Unlock()
-	m := newModel(name, time.Now())
-	short := m.digest[:12]
-	steps := []progress{
-		{Status: "pulling manifest"},
-		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size},
-		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size, Completed: m.size / 2},
-		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size, Completed: m.size},
-		{Status: "verifying sha256 digest"},
-		{Status: "writing manifest"},
-		{Status: "success"},
-	}
-	if failure != "" {
-		steps = steps[:1]
-	}
-	stream := req.streaming()
-	if stream {
-		c.header(http.StatusOK, ndjson)
-	}
-	for i, p := range steps {
-		if i > 0 && !c.wait(s.cfg.TokenGap) {
-			return
-		}
-		if p.Status == "success" {
-			s.addModel(m)
-		}
-		if stream && !c.line(p) {
-			return
-		}
-	}
-	switch {
-	case failure != "" && stream:
-		c.line(map[string]string{"error": failure})
-	case failure != "":
-		c.ollamaError(http.StatusInternalServerError, failure)
-	case !stream:
-		c.json(http.StatusOK, progress{Status: "success"})
-	}
-}
-
-func (s *Server) addModel(m model) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.models = slices.DeleteFunc(s.models, func(o model) bool { return o.key == m.key })
-	s.models = append(s.models, m)
-}
-
-func (s *Server) delete(c *call) {
-	var req apiRequest
-	if !c.decodeOllama(&req) {
-		return
-	}
-	name := cmp.Or(req.Model, req.Name)
-	if strings.TrimSpace(name) == "" {
-		c.ollamaError(http.StatusBadRequest, fmt.Sprintf("name %q is invalid", name))
-		return
-	}
-	m, ok := s.lookup(name)
-	if !ok {
-		c.ollamaError(http.StatusNotFound, fmt.Sprintf("model '%s' not found", name))
-		return
-	}
-	s.mu.Lock()
-	s.models = slices.DeleteFunc(s.models, func(o model) bool { return o.key == m.key })
-	s.loaded = slices.DeleteFunc(s.loaded, func(k string) bool { return k == m.key })
-	s.mu.Unlock()
-	c.header(http.StatusOK, "")
-	c.writeHeader()
 }
 
 // Writing.
