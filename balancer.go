@@ -57,7 +57,7 @@ func newBackendView(cfg *Backend, base *url.URL) *backend {
 }
 
 // settings builds what the pooled server needs from this backend's config.
-func (b *backend) settings(ctx caddy.Context, logger *zap.Logger, events *caddyevents.App) *serverSettings {
+func (b *backend) settings(ctx caddy.Context, logger *zap.Logger, events *caddyevents.App, dialTimeout time.Duration) *serverSettings {
 	u := *b.base
 	u.Path = b.base.Path + b.cfg.HealthURI
 	u.RawQuery = b.query
@@ -73,6 +73,7 @@ func (b *backend) settings(ctx caddy.Context, logger *zap.Logger, events *caddye
 		failThreshold: b.cfg.FailThreshold,
 		header:        b.header,
 		query:         b.query,
+		dialTimeout:   dialTimeout,
 		modelRefresh:  time.Duration(b.cfg.ModelRefresh),
 		pullConc:      b.cfg.PullConcurrency,
 		logger:        logger,

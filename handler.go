@@ -403,7 +403,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 
 	out := h.outboundRequest(ctx, r, b, body)
 	firstByte := time.AfterFunc(time.Duration(h.FirstByteTimeout), func() { cancel(errFirstByteTimeout) })
-	res, err := h.transport.RoundTrip(out)
+	res, err := h.roundTrip(b, out)
 	if !firstByte.Stop() && err == nil {
 		// The timer fired as the headers arrived: the attempt is cancelled.
 		res.Body.Close()
@@ -678,12 +678,26 @@ func openAIErrorKind(status int) (typ string, code any) {
 	}
 }
 
-// newTransport is the HTTP client side to backends: no environment proxy,
+// roundTrip sends out to b over its server's pooled connections (or the
+// handler's own transport, which tests set).
+func (h *Handler) roundTrip(b *backend, out *http.Request) (*http.Response, error) {
+	if h.transport != nil {
+		return h.transport.RoundTrip(out)
+	}
+	return b.srv.transport.RoundTrip(out)
+}
+
+// newTransport is the HTTP client side to a server: no environment proxy,
 // bytes passed through as sent (no transparent decompression), and enough
-// idle connections per server for a busy frontend.
-func newTransport(dialTimeout time.Duration) *http.Transport {
+// idle connections for a busy frontend. It belongs to the pooled server,
+// so its connections survive reloads; the dial timeout is the one the
+// latest config gave.
+func newTransport(dialTimeout func() time.Duration) *http.Transport {
 	return &http.Transport{
-		DialContext:           (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			d := net.Dialer{Timeout: dialTimeout(), KeepAlive: 30 * time.Second}
+			return d.DialContext(ctx, network, addr)
+		},
 		ForceAttemptHTTP2:     true,
 		MaxIdleConns:          1024,
 		MaxIdleConnsPerHost:   256,

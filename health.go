@@ -56,6 +56,7 @@ type serverSettings struct {
 	failThreshold int
 	header        http.Header // bearer token and configured headers
 	query         string      // appended to every URL on the server
+	dialTimeout   time.Duration
 	modelRefresh  time.Duration
 	pullConc      int
 	logger        *zap.Logger
@@ -100,10 +101,11 @@ type server struct {
 	required map[any][]requiredModel // by the handler that requires them
 	pulls    map[string]*pullState   // by normalised model name
 
-	client *http.Client
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // every goroutine the server owns
+	transport *http.Transport // every call to the server: proxied, probes, discovery
+	client    *http.Client
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup // every goroutine the server owns
 }
 
 // acquireServer returns the pooled server for base, creating and starting it
@@ -129,7 +131,6 @@ func newServer(base *url.URL, st *serverSettings) *server {
 		key:      base.String(),
 		base:     base,
 		since:    time.Now(),
-		client:   &http.Client{Transport: newTransport(defaultDialTimeout)},
 		ctx:      ctx,
 		cancel:   cancel,
 		wake:     make(chan struct{}, 1),
@@ -138,6 +139,13 @@ func newServer(base *url.URL, st *serverSettings) *server {
 		pulls:    make(map[string]*pullState),
 	}
 	s.settings.Store(st)
+	s.transport = newTransport(func() time.Duration {
+		if d := s.settings.Load().dialTimeout; d > 0 {
+			return d
+		}
+		return defaultDialTimeout
+	})
+	s.client = &http.Client{Transport: s.transport}
 	s.models.Store(&modelSnapshot{})
 	s.goSafe("health checker", s.probeLoop)
 	s.goSafe("model discovery", s.discoveryLoop)
@@ -164,7 +172,7 @@ func (s *server) goSafe(what string, fn func()) {
 func (s *server) Destruct() error {
 	s.cancel()
 	s.wg.Wait()
-	s.client.CloseIdleConnections()
+	s.transport.CloseIdleConnections()
 	return nil
 }
 

@@ -73,6 +73,14 @@ func loadCaddy(t *testing.T, body string) {
 // reload tests that must not wait a second between loads.
 func loadCaddyRaw(t *testing.T, cfg string) {
 	t.Helper()
+	if res, err := http.Get(fmt.Sprintf("http://localhost:%d/config/", adminPort)); err == nil {
+		res.Body.Close()
+	} else {
+		// No Caddy yet: caddytest starts it in-process with this config.
+		caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: adminPort, LoadRequestTimeout: 30 * time.Second}).InitServer(cfg, "caddyfile")
+		require.False(t, t.Failed(), "caddy did not load the config")
+		return
+	}
 	res, err := http.Post(fmt.Sprintf("http://localhost:%d/load", adminPort), "text/caddyfile", strings.NewReader(cfg))
 	require.NoError(t, err)
 	defer res.Body.Close()

@@ -182,7 +182,7 @@ func (h *Handler) send(ctx context.Context, r *http.Request, b *backend, body io
 			out.ContentLength = -1
 		}
 	}
-	res, err := h.transport.RoundTrip(out)
+	res, err := h.roundTrip(b, out)
 	if err != nil {
 		return nil, redactURLError(err)
 	}

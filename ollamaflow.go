@@ -169,7 +169,7 @@ type Handler struct {
 	allowCompl  bool
 	models      map[string]struct{}
 	labels      []string
-	transport   http.RoundTripper
+	transport   http.RoundTripper // nil: each server's own; tests set one
 	logger      *zap.Logger
 	poolKeys    []string
 	rrCounter   uint64
@@ -380,7 +380,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return errors.New("backends: a frontend needs at least one backend")
 	}
 
-	h.transport = newTransport(time.Duration(h.DialTimeout))
 
 	names := make(map[string]bool)
 	keys := make(map[string]string)
@@ -413,7 +412,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	// Take pool references last, so a config error above leaks nothing.
 	for _, b := range h.backends {
-		srv, err := acquireServer(b.base, b.settings(ctx, h.logger, events))
+		srv, err := acquireServer(b.base, b.settings(ctx, h.logger, events, time.Duration(h.DialTimeout)))
 		if err != nil {
 			h.releaseServers()
 			return fmt.Errorf("backend %q: %w", b.cfg.Name, err)
@@ -450,9 +449,7 @@ func (h *Handler) Cleanup() error {
 		h.queue.close()
 	}
 	h.releaseServers()
-	if t, ok := h.transport.(interface{ CloseIdleConnections() }); ok {
-		t.CloseIdleConnections()
-	}
+
 	return nil
 }
 
