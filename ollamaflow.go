@@ -380,7 +380,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return errors.New("backends: a frontend needs at least one backend")
 	}
 
-
 	names := make(map[string]bool)
 	keys := make(map[string]string)
 	for i, bc := range h.Backends {
