@@ -77,8 +77,8 @@ const (
 // routes is SPEC §3's route table for exact paths; prefixRoutes covers the
 // paths that end in a parameter.
 var routes = map[string]route{
-	"/":                    {kindRoot, "GET, HEAD", modelNone},
-	"/api/version":         {kindVersion, "GET", modelNone},
+	"/":                    {kindRoot, "HEAD, GET", modelNone},
+	"/api/version":         {kindVersion, "HEAD, GET", modelNone},
 	"/api/generate":        {kindCompletion, "POST", modelInBody},
 	"/api/chat":            {kindCompletion, "POST", modelInBody},
 	"/v1/completions":      {kindCompletion, "POST", modelInBody},
@@ -86,7 +86,7 @@ var routes = map[string]route{
 	"/api/embed":           {kindEmbedding, "POST", modelInBody},
 	"/api/embeddings":      {kindEmbedding, "POST", modelInBody},
 	"/v1/embeddings":       {kindEmbedding, "POST", modelInBody},
-	"/api/tags":            {kindModelRead, "GET", modelNone},
+	"/api/tags":            {kindModelRead, "HEAD, GET", modelNone},
 	"/api/ps":              {kindModelRead, "GET", modelNone},
 	"/api/show":            {kindModelRead, "POST", modelInBodyName},
 	"/v1/models":           {kindModelRead, "GET", modelNone},
@@ -135,6 +135,9 @@ func apiOf(path string) apiFormat {
 	return apiOllama
 }
 
+// rootBody is what Ollama answers on /, which clients use as a liveness check.
+const rootBody = "Ollama is running"
+
 // Sentinel causes for cancelling an attempt.
 var (
 	errFirstByteTimeout = errors.New("no response headers within first_byte_timeout")
@@ -172,9 +175,10 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 	switch rt.kind {
 	case kindRoot:
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("Content-Length", strconv.Itoa(len(rootBody)))
 		w.WriteHeader(http.StatusOK)
 		if r.Method != http.MethodHead {
-			_, _ = io.WriteString(w, "Ollama is running")
+			_, _ = io.WriteString(w, rootBody)
 		}
 		return nil
 	case kindManagement:
@@ -441,7 +445,8 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 			retry, head := modelMissing(res)
 			if retry {
 				res.Body.Close()
-				b.srv.poke() // its lists are stale: read them again
+				b.srv.markMissing(model) // stop routing it there before the refresh
+				b.srv.poke()             // its lists are stale: read them again
 				h.logAttempt(b, "model missing on backend, retrying", nil)
 				return attemptResult{status: res.StatusCode, cause: fmt.Sprintf("backend %s does not have the model", b.cfg.Name)}
 			}

@@ -183,6 +183,34 @@ func (s *server) markLoaded(model string) {
 	}
 }
 
+// markMissing records that the server answered "model not found" for
+// model, so no more requests for it go there until a refresh says
+// otherwise.
+func (s *server) markMissing(model string) {
+	for {
+		cur := s.models.Load()
+		if _, ok := cur.present[model]; !ok || !cur.known {
+			return
+		}
+		next := *cur
+		next.present = make(map[string][]byte, len(cur.present))
+		for k, v := range cur.present {
+			if k != model {
+				next.present[k] = v
+			}
+		}
+		next.loaded = make(map[string][]byte, len(cur.loaded))
+		for k, v := range cur.loaded {
+			if k != model {
+				next.loaded[k] = v
+			}
+		}
+		if s.models.CompareAndSwap(cur, &next) {
+			return
+		}
+	}
+}
+
 // get fetches path from the server with its credentials and query.
 func (s *server) get(ctx context.Context, path string) ([]byte, error) {
 	res, err := s.do(ctx, http.MethodGet, path, nil)
