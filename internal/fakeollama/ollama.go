@@ -274,7 +274,8 @@ func (s *Server) lookup(name string) (model, bool) {
 
 // load is Ollama's scheduler at work for a completion or embedding: it takes a slot
 // (Config.Parallel), answering 503 ServerBusy when the queue is full, then makes m loaded,
-// taking LoadDelay when it was not. The slot is held until the request ends.
+// taking LoadDelay when it was not. The slot is held until the work is done, before the final
+// chunk is written (or until the request ends, whichever comes first).
 func (c *call) load(m model) bool {
 	if ok, busy := c.acquireSlot(); !ok {
 		if busy {
@@ -362,6 +363,7 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 		return metrics{}, false
 	}
 	t3 := time.Now()
+	c.releaseSlot() // the work is done: a client that sees the final chunk finds the slot free
 	return metrics{
 		TotalDuration:      t3.Sub(c.start),
 		LoadDuration:       max(t1.Sub(t0), time.Microsecond),
@@ -400,6 +402,7 @@ func (s *Server) generate(c *call) {
 	}
 	if req.Prompt == "" { // Ollama loads the model and answers one object, streaming or not
 		if c.load(m) {
+			c.releaseSlot()
 			c.json(http.StatusOK, generateResponse{Model: req.Model, CreatedAt: now(), Done: true, DoneReason: "load"})
 		}
 		return
@@ -449,6 +452,7 @@ func (s *Server) chat(c *call) {
 	assistant := func(text string) message { return message{Role: "assistant", Content: text} }
 	if len(req.Messages) == 0 { // Ollama loads the model and answers one object
 		if c.load(m) {
+			c.releaseSlot()
 			c.json(http.StatusOK, chatResponse{Model: req.Model, CreatedAt: now(), Message: assistant(""), Done: true, DoneReason: "load"})
 		}
 		return
@@ -547,6 +551,7 @@ func (c *call) embedAll(m model, inputs []string) ([][]float32, metrics, bool) {
 		out = append(out, vector(in, c.s.cfg.EmbedDim))
 		count += max(len(strings.Fields(in)), 1)
 	}
+	c.releaseSlot()
 	return out, metrics{
 		TotalDuration:   time.Since(c.start),
 		LoadDuration:    max(t1.Sub(t0), time.Microsecond),
