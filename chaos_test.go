@@ -197,7 +197,7 @@ func TestChaosKillOneOfThree(t *testing.T) {
 		f := fs[i]
 		victim.Store(f)
 		killedAt, inFlightAtKill, victimName = time.Since(start), f.InFlight(), string(rune('a'+i))
-		f.Close() // a dead box: listener closed, open connections cut
+		f.Close()                           // a dead box: listener closed, open connections cut
 		servedAtKill = f.Count("/api/chat") // received, at most: nothing arrives after Close
 	})
 	elapsed := time.Since(start)
