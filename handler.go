@@ -205,6 +205,10 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 		if err != nil {
 			return h.fail(w, api, status, err.Error())
 		}
+		// Frontend pins go in before routing, so a pinned model routes.
+		if body, err = h.pinsFor(rt.kind).apply(body); err != nil {
+			return h.fail(w, api, http.StatusBadRequest, err.Error())
+		}
 	}
 	model, err := requestModel(rt.model, r.URL.Path, body)
 	if err != nil {
@@ -248,7 +252,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 			return h.failCode(w, api, status, "model_not_found", msg)
 		}
 	}
-	return h.proxy(w, r, api, body, cands, model)
+	return h.proxy(w, r, api, body, cands, model, rt.kind)
 }
 
 // readBody reads the whole request body within max_request_body.
@@ -323,7 +327,7 @@ type attemptResult struct {
 
 // proxy runs the attempt loop: each attempt takes a slot on a different
 // backend; failures before the first response byte move on to the next.
-func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string) error {
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind) error {
 	tried := make([]*backend, 0, h.retries+1)
 	var last attemptResult
 	for attempt := 0; attempt <= h.retries; attempt++ {
@@ -360,7 +364,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		}
 		tried = append(tried, b)
 		final := attempt == h.retries || len(avail) == 1
-		last = h.attempt(w, r, api, body, b, final, model)
+		last = h.attempt(w, r, api, body, b, final, model, kind)
 		if last.done {
 			return nil
 		}
@@ -399,12 +403,19 @@ func retryable(status int) bool {
 // attempt sends the request to b (holding a slot on it) and, unless it
 // fails in a way another backend may fix, streams the answer to the client.
 // It always releases the slot.
-func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string) attemptResult {
+func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string, kind routeKind) attemptResult {
 	defer b.srv.release()
 	started, concurrent := time.Now(), int(b.srv.inFlight.Load())
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)
 
+	// The backend's pins apply to the frontend-pinned body, afresh on each
+	// attempt: a retry on another server gets that server's pins only.
+	body, err := b.cfg.pinsFor(kind).apply(body)
+	if err != nil {
+		_ = h.fail(w, api, http.StatusBadRequest, err.Error())
+		return attemptResult{done: true}
+	}
 	out := h.outboundRequest(ctx, r, b, body)
 	firstByte := time.AfterFunc(time.Duration(h.FirstByteTimeout), func() { cancel(errFirstByteTimeout) })
 	res, err := h.roundTrip(b, out)
