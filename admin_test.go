@@ -282,3 +282,59 @@ func TestEventsBackendDownAndUp(t *testing.T) {
 	require.NoError(t, a.Restart())
 	require.Eventually(t, func() bool { return len(eventsNamed("ollamaflow.backend_up", a.URL)) == 2 }, 10*time.Second, 5*time.Millisecond)
 }
+
+// adminDo sends a config-API request, as the README's curl examples do.
+func adminDo(t *testing.T, method, path, body string) {
+	t.Helper()
+	req, err := http.NewRequest(method, fmt.Sprintf("http://localhost:%d%s", adminPort, path), strings.NewReader(body))
+	require.NoError(t, err)
+	req.Header.Set("Content-Type", "application/json")
+	res, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	msg, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	require.Equal(t, http.StatusOK, res.StatusCode, "%s %s: %s", method, path, msg)
+}
+
+func TestLiveReconfigurationByID(t *testing.T) {
+	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 1})
+	defer a.Close()
+	b := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 1})
+	defer b.Close()
+	cfg := fmt.Sprintf(`{
+		"admin": {"listen": "localhost:%d"},
+		"apps": {"http": {"servers": {"llm": {
+			"listen": [":%d"],
+			"routes": [{"handle": [{
+				"handler": "ollamaflow", "@id": "llm", "name": "llm", "lb_policy": "first",
+				"backends": [{"name": "a", "url": %q}]
+			}]}]
+		}}}}
+	}`, adminPort, sitePort, a.URL)
+	loadCaddyRaw(t, caddyConfig(fmt.Sprintf("backend a %s", a.URL))) // starts Caddy if need be
+	adminDo(t, http.MethodPost, "/load", cfg)
+	backendOf := func() string {
+		res, body := post(t, "/api/chat", chatFor("tiny-llama"))
+		require.Equal(t, http.StatusOK, res.StatusCode, body)
+		return res.Header.Get("X-OllamaFlow-Backend")
+	}
+	assert.Equal(t, "a", backendOf())
+
+	// Add a backend in front of a: "first" now picks it.
+	adminDo(t, http.MethodPut, "/id/llm/backends/0", fmt.Sprintf(`{"name":"b","url":%q}`, b.URL))
+	assert.Equal(t, "b", backendOf())
+	// Append one, change one, remove one, change the policy.
+	adminDo(t, http.MethodPost, "/id/llm/backends", fmt.Sprintf(`{"name":"c","url":%q,"disabled":true}`, "127.0.0.1:1"))
+	adminDo(t, http.MethodPost, "/id/llm/backends/0/disabled", `true`)
+	assert.Equal(t, "a", backendOf(), "b is disabled")
+	adminDo(t, http.MethodDelete, "/id/llm/backends/0", "")
+	adminDo(t, http.MethodPatch, "/id/llm/lb_policy", `"round_robin"`)
+	_, raw := adminGet(t, "/ollamaflow/frontends")
+	var fr []frontendJSON
+	require.NoError(t, json.Unmarshal(raw, &fr))
+	require.Len(t, fr, 1)
+	assert.Equal(t, "round_robin", fr[0].Policy)
+	assert.Equal(t, []string{"a", "c"}, fr[0].Backends)
+	assert.Nil(t, pooled(t, b.URL), "the removed backend's server is gone")
+	assert.Equal(t, "a", backendOf())
+}
