@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode"
+	"unicode/utf16"
+	"unicode/utf8"
 	"unsafe"
 
 	"github.com/tidwall/gjson"
@@ -340,8 +343,10 @@ func collectRun(srcs clientObjects, nodes []pinNode, n, depth int) []string {
 // equals as encoding/json compares them, or -1.
 func matchPin(nodes []pinNode, key string, escaped bool) int {
 	name := key[1 : len(key)-1]
+	var buf [64]byte
 	if escaped {
-		name = unquoteKey(key)
+		b := appendUnquoted(buf[:0], key)
+		name = unsafe.String(unsafe.SliceData(b), len(b))
 	}
 	for i := range nodes {
 		if strings.EqualFold(name, nodes[i].name) {
@@ -352,13 +357,92 @@ func matchPin(nodes []pinNode, key string, escaped bool) int {
 }
 
 // unquoteKey unescapes a raw JSON string exactly as encoding/json does,
-// including its replacement of invalid surrogates and bytes.
+// including its replacement of invalid surrogates and bytes. It is for
+// configuration; matchPin uses the allocation-free appendUnquoted.
 func unquoteKey(raw string) string {
 	var s string
 	if err := json.Unmarshal([]byte(raw), &s); err != nil {
-		return raw[1 : len(raw)-1] // not valid JSON: the body will be refused
+		return raw[1 : len(raw)-1]
 	}
 	return s
+}
+
+// appendUnquoted appends the JSON string raw (quotes included) to dst,
+// unescaped as encoding/json unescapes it: a \u surrogate that does not
+// pair with the next escape is U+FFFD. Invalid UTF-8 is copied as it is:
+// strings.EqualFold reads each bad byte as U+FFFD, which is what
+// encoding/json turns it into. A malformed escape ends the name early; the
+// body is refused by validation anyway.
+func appendUnquoted(dst []byte, raw string) []byte {
+	s := raw[1 : len(raw)-1]
+	for i := 0; i < len(s); {
+		if s[i] != '\\' {
+			dst = append(dst, s[i])
+			i++
+			continue
+		}
+		if i+1 == len(s) {
+			return dst
+		}
+		switch c := s[i+1]; c {
+		case 'b':
+			dst = append(dst, '\b')
+		case 'f':
+			dst = append(dst, '\f')
+		case 'n':
+			dst = append(dst, '\n')
+		case 'r':
+			dst = append(dst, '\r')
+		case 't':
+			dst = append(dst, '\t')
+		case 'u':
+			r := hex4(s, i+2)
+			if r < 0 {
+				return dst
+			}
+			i += 6
+			if utf16.IsSurrogate(r) {
+				next := rune(-1)
+				if i+1 < len(s) && s[i] == '\\' && s[i+1] == 'u' {
+					next = hex4(s, i+2)
+				}
+				if pair := utf16.DecodeRune(r, next); pair != unicode.ReplacementChar {
+					r = pair
+					i += 6
+				} else {
+					r = unicode.ReplacementChar
+				}
+			}
+			dst = utf8.AppendRune(dst, r)
+			continue
+		default: // '"', '\\', '/'
+			dst = append(dst, c)
+		}
+		i += 2
+	}
+	return dst
+}
+
+// hex4 reads the four hex digits at s[i:], or returns -1.
+func hex4(s string, i int) rune {
+	if i+4 > len(s) {
+		return -1
+	}
+	var r rune
+	for _, c := range []byte(s[i : i+4]) {
+		switch {
+		case '0' <= c && c <= '9':
+			c -= '0'
+		case 'a' <= c && c <= 'f':
+			c -= 'a' - 10
+		case 'A' <= c && c <= 'F':
+			c -= 'A' - 10
+		default:
+			return -1
+		}
+		r = r<<4 | rune(c)
+	}
+	return r
 }
 
 // eachMember calls fn with the raw key and value of each member of the

@@ -225,7 +225,7 @@ func TestProvisionPins(t *testing.T) {
 	if err == nil {
 		body, err = b.pinsFor(kindCompletion).apply(body)
 	}
-	if want := `{"options":{"seed":1,"num_ctx":8192},"model":"m"}`; err != nil || string(body) != want {
+	if want := `{"model":"m","options":{"seed":1,"num_ctx":8192}}`; err != nil || string(body) != want {
 		t.Errorf("frontend then backend pins: %s, %v; want %s", body, err, want)
 	}
 }
@@ -469,9 +469,7 @@ func FuzzPin(f *testing.F) {
 
 		// The generic view: each pinned key once per level, with its value.
 		var got, orig map[string]any
-		if err := json.Unmarshal(out, &got); err != nil {
-			t.Fatalf("decoding the output: %v", err)
-		}
+		decodeLikeOllama(t, out, &got)
 		checkPinned(t, got, pinned, out)
 
 		// Nothing else changes at the top level.
@@ -487,6 +485,39 @@ func FuzzPin(f *testing.F) {
 			}
 		}
 	})
+}
+
+// FuzzUnquoteKey checks that matchPin reads keys as encoding/json does:
+// appendUnquoted, with each invalid byte read as U+FFFD the way
+// strings.EqualFold reads it, must give encoding/json's string.
+func FuzzUnquoteKey(f *testing.F) {
+	for _, s := range []string{`"model"`, `"mod\u0065l"`, `"\u004D\u004f"`, `"\ud800"`, `"\ud800x"`, `"\ud83d\ude00"`, `"\ud83d\u0041"`,
+		`"\udc00\ud800"`, `"\ud800\ud800\udc00"`, `"a\"b\\c\/d\b\f\n\r\t"`, "\"\xff\xfe\xe2\x84\"", `"\u212a"`, `"\uD834\uDD1E"`, `"\u0000"`} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		var want string
+		if len(raw) < 2 || raw[0] != '"' || raw[len(raw)-1] != '"' || json.Unmarshal([]byte(raw), &want) != nil {
+			return
+		}
+		if got := string([]rune(string(appendUnquoted(nil, raw)))); got != want {
+			t.Fatalf("appendUnquoted(%q) = %q, encoding/json reads %q", raw, got, want)
+		}
+	})
+}
+
+// TestPinsEscapedKeysDoNotAllocate: a body full of escaped keys costs no
+// more allocations than a plain one.
+func TestPinsEscapedKeysDoNotAllocate(t *testing.T) {
+	p := mustPins(t, `{"model":"m","options":{"temperature":0.7}}`)
+	body := []byte(`{"mod\u0065l":"a","\u006d\u006f\u0064\u0065\u006c":"b","x\ud83d\ude00":1,"opti\u006fns":{"t\u0065mperature":2},"a":1}`)
+	if n := testing.AllocsPerRun(100, func() { _, _ = p.apply(body) }); n != 1 {
+		t.Errorf("%v allocations per apply, want 1 (the output)", n)
+	}
+	out, _ := p.apply(body)
+	if want := `{"x\ud83d\ude00":1,"a":1,"model":"m","options":{"temperature":0.7}}`; string(out) != want {
+		t.Errorf("apply = %s, want %s", out, want)
+	}
 }
 
 // checkPinned asserts that obj holds each key of want exactly once, up to
@@ -558,6 +589,18 @@ func generateBody1MiB() []byte {
 	return b.Bytes()
 }
 
+// escapedKeysBody1MiB is a hostile body: about 1 MiB of short members
+// whose keys are escaped, so every key must be unescaped to be compared.
+func escapedKeysBody1MiB() []byte {
+	var b bytes.Buffer
+	b.WriteString(`{"model":"llama3.2:1b"`)
+	for i := 0; b.Len() < 1<<20; i++ {
+		fmt.Fprintf(&b, `,"m\u006fdel%d":%d`, i, i)
+	}
+	b.WriteString(`,"MOD\u0045L":"evil"}`)
+	return b.Bytes()
+}
+
 // BenchmarkPin1MiB pins a model and two options into 1 MiB bodies.
 //
 //	go test -run '^$' -bench '^BenchmarkPin1MiB$' -benchmem .
@@ -569,6 +612,7 @@ func BenchmarkPin1MiB(b *testing.B) {
 	}{
 		{"chat", chatBody1MiB()},
 		{"generate", generateBody1MiB()},
+		{"escaped-keys", escapedKeysBody1MiB()},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			if !json.Valid(bc.body) {
