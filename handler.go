@@ -300,7 +300,38 @@ func requestModel(from modelFrom, path string, body []byte) (string, error) {
 
 func isJSONObject(body []byte) bool {
 	trimmed := bytes.TrimLeft(body, " \t\r\n")
-	return len(trimmed) > 0 && trimmed[0] == '{' && gjson.ValidBytes(trimmed)
+	// gjson's validator recurses once per level without a limit: a body of
+	// millions of '[' would overflow the stack and take Caddy down. Count
+	// the depth first, as encoding/json (and so Ollama) limits it anyway.
+	return len(trimmed) > 0 && trimmed[0] == '{' && nestingWithin(trimmed, maxJSONDepth) && gjson.ValidBytes(trimmed)
+}
+
+// nestingWithin reports whether the brackets of a JSON text nest at most
+// limit deep, ignoring those inside strings. It does not validate.
+func nestingWithin(data []byte, limit int) bool {
+	depth, inString, escaped := 0, false, false
+	for _, c := range data {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			if depth++; depth > limit {
+				return false
+			}
+		case c == '}' || c == ']':
+			depth--
+		}
+	}
+	return true
 }
 
 // requestLabels is the frontend's labels plus any the client adds in the

@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -182,4 +183,19 @@ func TestParseBackendURL(t *testing.T) {
 		_, err := parseBackendURL(bad)
 		assert.Error(t, err, bad)
 	}
+}
+
+func TestDeepBodiesAreRefusedWithoutCrashing(t *testing.T) {
+	// 20 million '[' would overflow gjson's recursive validator (a fatal,
+	// unrecoverable error) if it ever saw them.
+	deep := append([]byte(`{"model":"m","x":`), bytes.Repeat([]byte("["), 20<<20)...)
+	_, err := requestModel(modelInBody, "/api/chat", deep)
+	require.Error(t, err)
+	ok := append([]byte(`{"model":"m","x":"`), bytes.Repeat([]byte("["), 20000)...)
+	ok = append(ok, `"}`...)
+	m, err := requestModel(modelInBody, "/api/chat", ok)
+	require.NoError(t, err, "brackets inside strings do not count")
+	assert.Equal(t, "m:latest", m)
+	assert.True(t, nestingWithin([]byte(`{"a":[[["\"]]]"]]]}`), 4), "the object and three arrays")
+	assert.False(t, nestingWithin([]byte(`{"a":[[[[1]]]]}`), 4))
 }
