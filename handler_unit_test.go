@@ -199,3 +199,25 @@ func TestDeepBodiesAreRefusedWithoutCrashing(t *testing.T) {
 	assert.True(t, nestingWithin([]byte(`{"a":[[["\"]]]"]]]}`), 4), "the object and three arrays")
 	assert.False(t, nestingWithin([]byte(`{"a":[[[[1]]]]}`), 4))
 }
+
+// FuzzRequestModel: for any client body, finding the model never panics,
+// and a body it accepts is a JSON object Ollama would decode, naming a
+// model. go test -run '^$' -fuzz FuzzRequestModel -fuzztime 60s .
+func FuzzRequestModel(f *testing.F) {
+	for _, s := range []string{`{"model":"llama3"}`, `{"model":"a","MODEL":"b"}`, `[`, `{"model":"\u0061"}`, `{"x":[[[{"y":"]"}]]],"model":"m"}`, `{"model":1}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		model, err := requestModel(modelInBody, "/api/chat", body)
+		if err != nil {
+			return
+		}
+		var v map[string]any
+		if jerr := json.Unmarshal(body, &v); jerr != nil {
+			t.Fatalf("accepted a body encoding/json rejects: %v: %q", jerr, body)
+		}
+		if model == "" {
+			t.Fatalf("accepted without a model: %q", body)
+		}
+	})
+}
