@@ -21,6 +21,7 @@ func TestRendezvousSpreadsEvenly(t *testing.T) {
 	for i := 0; i < 1000; i++ {
 		counts[rendezvous(list, fmt.Sprintf("h:conversation-%d", i)).cfg.Name]++
 	}
+	t.Logf("1000 keys over 4 backends: %v", counts)
 	for name, n := range counts {
 		assert.InDelta(t, 250, n, 250*0.15, "backend %s got %d of 1000 keys", name, n)
 	}
@@ -45,6 +46,7 @@ func TestRendezvousMovesOnlyTheLostBackendsKeys(t *testing.T) {
 		assert.Equal(t, was, now, "key %s moved though its backend stayed", k)
 	}
 	assert.Positive(t, moved)
+	t.Logf("removing c moved %d of 1000 keys, all of them c's", moved)
 	// Order of the candidates does not matter: every instance agrees.
 	for k, was := range before {
 		assert.Equal(t, was, rendezvous([]*backend{d, c, b, a}, k).cfg.Name)
