@@ -261,9 +261,11 @@ func (h *Handler) readBody(r *http.Request) ([]byte, int, error) {
 	if r.ContentLength > limit {
 		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("request body of %d bytes exceeds the limit of %d bytes (max_request_body)", r.ContentLength, limit)
 	}
-	size := r.ContentLength
-	if size < 0 || size > 64<<10 {
-		size = 512
+	// Size the buffer from Content-Length, but never trust it for more
+	// than a megabyte up front: a client may claim 64 MiB and send nothing.
+	size := min(r.ContentLength, 1<<20)
+	if size < 0 {
+		size = 4 << 10
 	}
 	buf := bytes.NewBuffer(make([]byte, 0, size+1))
 	n, err := buf.ReadFrom(io.LimitReader(r.Body, limit+1))
