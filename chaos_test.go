@@ -222,8 +222,8 @@ func TestChaosKillOneOfThree(t *testing.T) {
 
 // TestChaosFastFailingServer: one of three servers answers 503 "server busy" in 1 ms. A
 // balancer that counts connections sends it the most traffic, since it always looks idle.
-// Target: after its breaker first opens it receives under 2% of the requests, and no client
-// sees an error. Two variants: it fails everything (probes too: the breaker stays open), and it
+// Target: after its breaker first opens (or over the whole run, if the policy keeps it from
+// ever opening) it receives under 2% of the requests, and no client sees an error. Two variants: it fails everything (probes too: the breaker stays open), and it
 // fails only inference while its health probe passes, so the active checker closes the breaker
 // every couple of health_interval and it must be caught again each time.
 func TestChaosFastFailingServer(t *testing.T) {
@@ -269,14 +269,20 @@ func TestChaosFastFailingServer(t *testing.T) {
 			outs := chaosLoad(total, conc, func(n int64) { sent.Store(n) })
 			close(stop)
 			<-watched
-			require.GreaterOrEqual(t, openSent.Load(), int64(0), "the breaker never opened")
 
+			// A policy may avoid the server so well that its breaker never opens (passing
+			// probes clear its failure run): then the share is over the whole run.
+			opened := fmt.Sprintf("breaker opened after %d requests; then", openSent.Load())
+			if openSent.Load() < 0 {
+				opened = "breaker never opened (the policy kept it below fail_threshold); over the whole run"
+				openSent.Store(0)
+			}
 			after := float64(total) - float64(openSent.Load())
 			reached := float64(int64(bad.Count("/api/chat")) - openBad.Load())
 			share := reached / after
 			failed, some := failures(outs)
-			t.Logf("FIGURE fast-failing server (%s): breaker opened after %d requests; then it received %.0f of %.0f requests = %.2f%% (target < 2%%); %d attempts in all = %.2f%% of %d requests; client errors %d (target 0); served %v",
-				tc.name, openSent.Load(), reached, after, 100*share, bad.Count("/api/chat"), 100*float64(bad.Count("/api/chat"))/total, total, failed, servedBy(outs))
+			t.Logf("FIGURE fast-failing server (%s): %s it received %.0f of %.0f requests = %.2f%% (target < 2%%); %d attempts in all = %.2f%% of %d requests; client errors %d (target 0); served %v",
+				tc.name, opened, reached, after, 100*share, bad.Count("/api/chat"), 100*float64(bad.Count("/api/chat"))/total, total, failed, servedBy(outs))
 			assert.Less(t, share, 0.02)
 			assert.Zero(t, failed, "client errors: %v", some)
 		})
