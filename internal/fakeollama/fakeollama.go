@@ -14,7 +14,9 @@
 // /v1/completions, /v1/embeddings, GET /v1/models, /v1/models/{model}. Anything else is 404 "404
 // page not found", a wrong method 405 "405 method not allowed" with Allow, in "text/plain", as gin
 // answers in Ollama. Every completion generates Text(n): n = Tokens, or the request's num_predict /
-// max_tokens (then done_reason "length").
+// max_tokens (then done_reason "length"). Embedding models (Config.Embedding, and names with
+// "bert" or "embed") refuse completions with 400 "\"NAME\" does not support chat" (or generate),
+// as Ollama refuses a model without the completion capability; any model embeds.
 //
 // Capacity, like Ollama's scheduler: with Config.Parallel set, at most that many completions and
 // embeddings are processed at once (OLLAMA_NUM_PARALLEL); up to Config.MaxQueue more wait inside,
@@ -84,6 +86,12 @@ type Config struct {
 	// Models are the names served, e.g. "tiny-llama:latest"; a name without a tag means
 	// ":latest", as in Ollama. Names match case-insensitively.
 	Models []string
+	// Embedding are models that only embed, like BERT models: /api/generate, /api/chat and /v1
+	// completions answer 400 "\"NAME\" does not support generate" (or chat), as Ollama does for a
+	// model without the completion capability; /api/show reports the bert family and the
+	// "embedding" capability. Models whose name contains "bert" or "embed" (tiny-bert,
+	// nomic-embed-text) are embedding models without being listed.
+	Embedding []string
 	// Loaded are the models shown as loaded by /api/ps. A completion or embedding request loads
 	// its model (after LoadDelay) and adds it here, as Ollama does.
 	Loaded []string
@@ -106,6 +114,10 @@ type Config struct {
 	// Parallel is the number of completions and embeddings processed at once, like
 	// OLLAMA_NUM_PARALLEL; the others wait for a slot inside the server. 0 means no limit.
 	Parallel int
+	// ModelsDir is where the fake pretends to keep its models (OLLAMA_MODELS), as error messages
+	// name it; default "/root/.ollama/models", Ollama's directory when it runs as root (its Docker
+	// image).
+	ModelsDir string
 	// MaxQueue is the number of requests that may wait for a slot when Parallel is set, like
 	// OLLAMA_MAX_QUEUE; beyond it the fake answers 503 with ServerBusy. 0 means Ollama's default,
 	// 512; a negative value means none may wait (503 as soon as every slot is taken).
@@ -158,8 +170,9 @@ type Server struct {
 
 	mu      sync.Mutex
 	models  []model
-	loaded  []string        // keys of loaded models, in load order
-	blobs   map[string]blob // by digest with "-" for ":", as Ollama names its blob files
+	loaded  []string         // keys of loaded models, in load order
+	blobs   map[string]blob  // by digest with "-" for ":", as Ollama names its blob files
+	pushed  map[string]model // the registry: what was pushed, by key, for pulls to find
 	counts  map[string]int
 	history []Request // ring of cfg.History entries; next is the oldest once full
 	next    int
@@ -223,11 +236,16 @@ func NewUnstarted(cfg Config) *Server {
 	if cfg.MaxQueue == 0 {
 		cfg.MaxQueue = defaultMaxQueue
 	}
+	if cfg.ModelsDir == "" {
+		cfg.ModelsDir = defaultModelsDir
+	}
+	cfg.Embedding = slices.Clone(cfg.Embedding)
 	s := &Server{
 		cfg:     cfg,
 		started: time.Now(),
 		counts:  map[string]int{},
 		blobs:   map[string]blob{},
+		pushed:  map[string]model{},
 		killed:  make(chan struct{}),
 	}
 	if cfg.Parallel > 0 {

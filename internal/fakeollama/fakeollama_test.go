@@ -819,3 +819,70 @@ func TestErrorMidStreamIsARunnerDying(t *testing.T) {
 	resp, _ = post(t, f.URL+"/api/embed", `{"model":"tiny-bert","input":"x"}`)
 	assert.Equal(t, 200, resp.StatusCode, "embeddings have no stream to break")
 }
+
+func TestEmbeddingModelsDoNotComplete(t *testing.T) {
+	t.Parallel()
+	f := newFake(t, fakeollama.Config{Models: []string{"tiny-llama", "tiny-bert", "all-minilm"}, Embedding: []string{"all-minilm:latest"}, Parallel: 1})
+
+	for _, c := range []struct{ path, body, want string }{
+		{"/api/chat", `{"model":"tiny-bert","messages":[{"role":"user","content":"hi"}]}`, `{"error":"\"tiny-bert\" does not support chat"}`},
+		{"/api/chat", `{"model":"TINY-BERT"}`, `{"error":"\"TINY-BERT\" does not support chat"}`},
+		{"/api/generate", `{"model":"all-minilm","prompt":"hi"}`, `{"error":"\"all-minilm\" does not support generate"}`},
+		{"/api/generate", `{"model":"tiny-bert"}`, `{"error":"\"tiny-bert\" does not support generate"}`},
+		{"/v1/chat/completions", `{"model":"tiny-bert","messages":[{"role":"user","content":"hi"}],"stream":true}`,
+			`{"error":{"message":"\"tiny-bert\" does not support chat","type":"api_error","param":null,"code":null}}` + "\n"},
+		{"/v1/completions", `{"model":"tiny-bert","prompt":"hi"}`,
+			`{"error":{"message":"\"tiny-bert\" does not support generate","type":"api_error","param":null,"code":null}}` + "\n"},
+	} {
+		resp, body := post(t, f.URL+c.path, c.body)
+		assert.Equal(t, http.StatusBadRequest, resp.StatusCode, c.body)
+		assert.Equal(t, c.want, body, c.body)
+	}
+	assert.Empty(t, f.Loaded(), "refused before the model is scheduled")
+
+	// A completion model embeds too, as in Ollama.
+	resp, _ := post(t, f.URL+"/api/embed", `{"model":"tiny-llama","input":"a"}`)
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+
+	for model, want := range map[string]string{"tiny-llama": "completion", "tiny-bert": "embedding", "all-minilm": "embedding"} {
+		_, body := post(t, f.URL+"/api/show", `{"model":"`+model+`"}`)
+		assert.Equal(t, []any{want}, decode(t, body)["capabilities"], model)
+	}
+	// A model created from an embedding model embeds only.
+	post(t, f.URL+"/api/create", `{"model":"mini2","from":"all-minilm","stream":false}`)
+	resp, _ = post(t, f.URL+"/api/generate", `{"model":"mini2","prompt":"hi"}`)
+	assert.Equal(t, http.StatusBadRequest, resp.StatusCode)
+}
+
+func TestShowDescribesTheGGUF(t *testing.T) {
+	t.Parallel()
+	f := newFake(t, fakeollama.Config{Models: []string{"tiny-llama", "tiny-bert"}, EmbedDim: 16})
+
+	resp, body := post(t, f.URL+"/api/show", `{"model":"tiny-llama"}`)
+	assert.Equal(t, []string{"chunked"}, resp.TransferEncoding, "over 2 KB, as Ollama's")
+	show := decode(t, body)
+	info := show["model_info"].(map[string]any)
+	assert.Equal(t, "llama", info["general.architecture"])
+	assert.EqualValues(t, 16, info["llama.embedding_length"])
+	for _, k := range []string{"general.file_type", "llama.block_count", "llama.vocab_size", "llama.rope.freq_base", "tokenizer.ggml.bos_token_id"} {
+		assert.Contains(t, info, k)
+	}
+	for _, k := range []string{"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"} {
+		assert.Contains(t, info, k)
+		assert.Nil(t, info[k], "without verbose")
+	}
+	assert.NotContains(t, info, "general.quantization_version")
+	tensors := show["tensors"].([]any)
+	require.NotEmpty(t, tensors)
+	first := tensors[0].(map[string]any)
+	assert.Equal(t, "blk.0.attn_k.weight", first["name"])
+	assert.Contains(t, first, "type")
+	assert.Contains(t, first, "shape")
+	assert.Equal(t, []any{"completion"}, show["capabilities"])
+
+	_, body = post(t, f.URL+"/api/show", `{"model":"tiny-bert"}`)
+	info = decode(t, body)["model_info"].(map[string]any)
+	assert.Equal(t, "bert", info["general.architecture"])
+	assert.EqualValues(t, 16, info["bert.embedding_length"], "the length of its vectors")
+	assert.Contains(t, info, "bert.pooling_type")
+}

@@ -30,12 +30,13 @@ import (
 // with digests derived from its name; blobs are kept as digest, size and whether they start
 // with the GGUF magic, never as content, and never pruned; a blob is a usable GGUF when it
 // starts with "GGUF" (Ollama decodes it); safetensors files are "converted" without looking at
-// them; pushes always reach the registry unless FailPushes is set; every progress step waits
-// TokenGap.
+// them; the registry has every model (FailPulls makes it fail), with the layers of what this
+// fake pushed under that name, else layers derived from the name; pushes always reach it unless
+// FailPushes is set; every progress step waits TokenGap.
 
-// modelsDir is where Ollama keeps its models when it runs as root (its Docker image), as error
-// messages show it.
-const modelsDir = "/root/.ollama/models"
+// defaultModelsDir is where Ollama keeps its models when it runs as root (its Docker image), as
+// error messages show it.
+const defaultModelsDir = "/root/.ollama/models"
 
 // layer is one layer of a model's manifest.
 type layer struct {
@@ -88,7 +89,7 @@ func (s *Server) addModel(m model) {
 func (s *Server) addModelLocked(m model) {
 	s.models = slices.DeleteFunc(s.models, func(o model) bool { return o.key == m.key })
 	s.models = append(s.models, m)
-	for _, l := range m.layers {
+	for _, l := range append(slices.Clone(m.layers), configLayer(m)) {
 		if _, ok := s.blobs[blobKey(l.digest)]; !ok {
 			s.blobs[blobKey(l.digest)] = blob{size: l.size, gguf: l.kind == "model"}
 		}
@@ -166,7 +167,7 @@ func validPart(s string, maxLen int, extra string) bool {
 }
 
 // manifestPath is where Ollama keeps the manifest of name, for its error messages.
-func manifestPath(name string) string {
+func (s *Server) manifestPath(name string) string {
 	n := displayName(name)
 	i := strings.LastIndex(n, ":")
 	base, tag := n[:i], n[i+1:]
@@ -177,7 +178,7 @@ func manifestPath(name string) string {
 	case 2:
 		parts = append([]string{"registry.ollama.ai"}, parts...)
 	}
-	return path.Join(append([]string{modelsDir, "manifests"}, append(parts, tag)...)...)
+	return path.Join(append([]string{s.cfg.ModelsDir, "manifests"}, append(parts, tag)...)...)
 }
 
 // progressStream answers a long operation as Ollama's streamResponse (stream) or waitForStream
@@ -262,24 +263,32 @@ func (s *Server) pull(c *call) {
 }
 
 // pullSteps pulls name from the "registry", reporting progress on ps, and returns the model.
-// false: the pull failed (answered) or the client went away.
+// false: the pull failed (answered) or the client went away. Like Ollama: "pulling manifest",
+// then each layer and the config blob ("pulling DIGEST12"; one line for a blob it has, more while
+// the model's weights download), "verifying sha256 digest", "writing manifest", "success".
 func (s *Server) pullSteps(ps *progressStream, name string) (model, bool) {
 	s.mu.Lock()
 	failure := s.faults.pullError
 	s.mu.Unlock()
-	m := newModel(name, time.Now())
-	short := m.digest[:12]
-	steps := []progress{
-		{Status: "pulling manifest"},
-		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size},
-		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size, Completed: m.size / 2},
-		{Status: "pulling " + short, Digest: "sha256:" + m.digest, Total: m.size, Completed: m.size},
-		{Status: "verifying sha256 digest"},
-		{Status: "writing manifest"},
-		{Status: "success"},
+	m := s.newModel(name, time.Now())
+	s.mu.Lock()
+	if p, ok := s.pushed[m.key]; ok { // the manifest this fake pushed under that name
+		m.digest, m.size, m.embed, m.layers = p.digest, p.size, p.embed, slices.Clone(p.layers)
 	}
-	if failure != "" {
-		steps = steps[:1]
+	s.mu.Unlock()
+	steps := []progress{{Status: "pulling manifest"}}
+	if failure == "" {
+		for _, l := range append(slices.Clone(m.layers), configLayer(m)) {
+			p := progress{Status: "pulling " + l.digest[7:19], Digest: l.digest, Total: l.size}
+			if _, ok := s.hasBlob(l.digest); !ok && l.kind == "model" {
+				half := p
+				half.Completed = l.size / 2
+				steps = append(steps, p, half)
+			}
+			p.Completed = l.size
+			steps = append(steps, p)
+		}
+		steps = append(steps, progress{Status: "verifying sha256 digest"}, progress{Status: "writing manifest"}, progress{Status: "success"})
 	}
 	for i, p := range steps {
 		if i > 0 && !ps.gap() {
@@ -391,6 +400,7 @@ func (s *Server) create(c *call) {
 	ps := c.progressStream(req.Stream == nil || *req.Stream)
 
 	var base []layer
+	embed := false
 	switch {
 	case req.From != "":
 		if !validName(req.From) {
@@ -403,7 +413,7 @@ func (s *Server) create(c *call) {
 				return
 			}
 		}
-		base = slices.Clone(from.layers)
+		base, embed = slices.Clone(from.layers), from.embed
 	case req.Files != nil:
 		var ok bool
 		if base, ok = s.fileLayers(ps, req.Files); !ok {
@@ -423,8 +433,8 @@ func (s *Server) create(c *call) {
 	if !ps.gap() || !ps.step(progress{Status: "writing manifest"}) {
 		return
 	}
-	m := newModel(name, time.Now())
-	m.layers = layers
+	m := s.newModel(name, time.Now())
+	m.layers, m.embed = layers, m.embed || embed
 	if len(layers) > 0 && layers[0].kind == "model" {
 		m.size = layers[0].size
 	}
@@ -476,7 +486,7 @@ detect:
 			}
 			b, ok := s.hasBlob(d)
 			if !ok {
-				ps.fail(http.StatusInternalServerError, fmt.Sprintf("open %s/blobs/%s: no such file or directory", modelsDir, blobKey(d)))
+				ps.fail(http.StatusInternalServerError, fmt.Sprintf("open %s/blobs/%s: no such file or directory", s.cfg.ModelsDir, blobKey(d)))
 				return nil, false
 			}
 			if !b.gguf {
@@ -495,7 +505,7 @@ detect:
 		for _, n := range names {
 			b, ok := s.hasBlob(files[n])
 			if !ok || !digestFormat.MatchString(files[n]) {
-				ps.fail(http.StatusInternalServerError, fmt.Sprintf("open %s/blobs/%s: no such file or directory", modelsDir, blobKey(files[n])))
+				ps.fail(http.StatusInternalServerError, fmt.Sprintf("open %s/blobs/%s: no such file or directory", s.cfg.ModelsDir, blobKey(files[n])))
 				return nil, false
 			}
 			all = append(all, files[n]...)
@@ -663,7 +673,7 @@ func (s *Server) push(c *call) {
 	m, ok := s.lookup(name)
 	if !ok {
 		if ps.step(progress{Status: "couldn't retrieve manifest"}) {
-			ps.fail(http.StatusInternalServerError, fmt.Sprintf("open %s: no such file or directory", manifestPath(name)))
+			ps.fail(http.StatusInternalServerError, fmt.Sprintf("open %s: no such file or directory", s.manifestPath(name)))
 		}
 		return
 	}
@@ -678,6 +688,11 @@ func (s *Server) push(c *call) {
 		}
 	}
 	for _, st := range []string{"pushing manifest", "success"} {
+		if st == "success" {
+			s.mu.Lock()
+			s.pushed[m.key] = m
+			s.mu.Unlock()
+		}
 		if !ps.gap() || !ps.step(progress{Status: st}) {
 			return
 		}

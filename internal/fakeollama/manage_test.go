@@ -235,3 +235,60 @@ func TestManagementUnderConcurrency(t *testing.T) {
 	wg.Wait()
 	assert.Len(t, f.Models(), 17)
 }
+
+func TestPullReportsEveryLayer(t *testing.T) {
+	t.Parallel()
+	f := newFake(t, fakeollama.Config{Models: []string{"tiny-llama"}})
+
+	// A model it lacks: the weights download (three lines), the template, the parameters and the
+	// config blob arrive in one line each.
+	_, body := post(t, f.URL+"/api/pull", `{"model":"fresh"}`)
+	var statuses []string
+	for _, l := range lines(t, body) {
+		statuses = append(statuses, l["status"].(string))
+	}
+	require.Len(t, statuses, 10, body)
+	assert.Equal(t, "pulling manifest", statuses[0])
+	for _, s := range statuses[1:7] {
+		assert.Regexp(t, `^pulling [0-9a-f]{12}$`, s)
+	}
+	assert.Equal(t, []string{"verifying sha256 digest", "writing manifest", "success"}, statuses[7:])
+
+	// Pulled again, every blob is there: one line per layer, as in Ollama.
+	_, body = post(t, f.URL+"/api/pull", `{"model":"fresh"}`)
+	ls := lines(t, body)
+	require.Len(t, ls, 8, body)
+	for _, l := range ls[1:5] {
+		assert.Equal(t, l["total"], l["completed"])
+		assert.Equal(t, l["status"].(string)[8:], l["digest"].(string)[7:19])
+	}
+
+	// The registry keeps what the fake pushed: a copy of tiny-llama pushed and deleted comes back
+	// with tiny-llama's blobs, which the fake still has.
+	post(t, f.URL+"/api/copy", `{"source":"tiny-llama","destination":"reg.internal:5000/team/copy"}`)
+	resp, _ := post(t, f.URL+"/api/push", `{"model":"reg.internal:5000/team/copy","stream":false}`)
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	resp, _ = do(t, http.MethodDelete, f.URL+"/api/delete", `{"model":"reg.internal:5000/team/copy"}`)
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	_, body = post(t, f.URL+"/api/pull", `{"model":"reg.internal:5000/team/copy"}`)
+	assert.Len(t, lines(t, body), 8, body)
+	_, tags := do(t, http.MethodGet, f.URL+"/api/tags", "")
+	var list struct {
+		Models []struct{ Name, Digest string }
+	}
+	require.NoError(t, json.Unmarshal([]byte(tags), &list))
+	digests := map[string]string{}
+	for _, m := range list.Models {
+		digests[m.Name] = m.Digest
+	}
+	assert.Equal(t, digests["tiny-llama:latest"], digests["reg.internal:5000/team/copy:latest"], "the pushed manifest")
+}
+
+func TestModelsDir(t *testing.T) {
+	t.Parallel()
+	f := newFake(t, fakeollama.Config{Models: []string{"tiny-llama"}, ModelsDir: "/srv/ollama"})
+	_, body := post(t, f.URL+"/api/push", `{"model":"nope"}`)
+	assert.Contains(t, body, `"open /srv/ollama/manifests/registry.ollama.ai/library/nope/latest: no such file or directory"`)
+	_, body = post(t, f.URL+"/api/show", `{"model":"tiny-llama"}`)
+	assert.Contains(t, body, `FROM /srv/ollama/blobs/sha256-`)
+}

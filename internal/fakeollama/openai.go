@@ -113,6 +113,10 @@ func (s *Server) openaiChat(c *call) {
 		c.openaiModelError(http.StatusNotFound, fmt.Sprintf("model '%s' not found", req.Model))
 		return
 	}
+	if m.embed {
+		c.openaiModelError(http.StatusBadRequest, cannot(req.Model, "chat"))
+		return
+	}
 	var texts []string
 	for _, msg := range req.Messages {
 		texts = append(texts, contentText(msg.Content))
@@ -166,6 +170,10 @@ func (s *Server) openaiCompletion(c *call) {
 	m, ok := s.lookup(req.Model)
 	if !ok {
 		c.openaiModelError(http.StatusNotFound, fmt.Sprintf("model '%s' not found", req.Model))
+		return
+	}
+	if m.embed {
+		c.openaiModelError(http.StatusBadRequest, cannot(req.Model, "generate"))
 		return
 	}
 	p := s.plan(m, deref(req.MaxTokens), req.Prompt)

@@ -19,6 +19,7 @@ import (
 	"net/textproto"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -248,7 +249,7 @@ func describe(p probe, r wireResponse) map[string]string {
 		}
 		if json.Unmarshal(body, &e) == nil && e.Error != nil {
 			b, _ := json.Marshal(e.Error)
-			d["error"] = string(b)
+			d["error"] = environmental(string(b))
 		}
 	default:
 		d["body"] = truncate(body, 200)
@@ -275,7 +276,17 @@ func errKind(e string) string {
 	if e == "" {
 		return ""
 	}
-	return "error(" + e + ")"
+	return "error(" + environmental(e) + ")"
+}
+
+// resolver is the DNS server a failed lookup names ("lookup registry.ollama.ai
+// on 10.0.0.53:53: no such host"): the machine's, not the server's.
+var resolver = regexp.MustCompile(`(lookup \S+) on \S+:\d+:`)
+
+// environmental removes from an error message what depends on the machine
+// rather than on the server that answered.
+func environmental(msg string) string {
+	return resolver.ReplaceAllString(msg, "$1:")
 }
 
 func framing(r wireResponse) string {
@@ -310,7 +321,8 @@ func headerNames(h http.Header) string {
 func TestFakeMatchesReal(t *testing.T) {
 	scenario(t)
 	real := env.servers[0]
-	fake := fakeollama.New(fakeollama.Config{Models: []string{chatModel, embedModel}, Tokens: 5})
+	// The fake keeps its models where the real server does: error messages name the directory.
+	fake := fakeollama.New(fakeollama.Config{Models: []string{chatModel, embedModel}, Tokens: 5, ModelsDir: filepath.Join(real.dir, "models")})
 	defer fake.Close()
 	probes := wireProbes(t)
 	diffs, report := compareWire(t, probes, real.hostPort(), fake.HostPort(), "fake", func(p probe) {
@@ -406,6 +418,24 @@ func wireProbes(t *testing.T) []probe {
 	fakePullFails := func(f *fakeollama.Server) {
 		f.FailPulls("pull model manifest: file does not exist")
 	}
+	// The fake's registry has every model, with the layers of what the fake
+	// pushed under that name: arrange it like the real one's.
+	fakePushed := func(f *fakeollama.Server) {
+		for _, step := range []struct{ path, body string }{
+			{"/api/copy", fmt.Sprintf(`{"source":%q,"destination":%q}`, chatModel, pushed)},
+			{"/api/push", fmt.Sprintf(`{"model":%q,"insecure":true,"stream":false}`, pushed)},
+		} {
+			if r, err := rawDo(f.HostPort(), http.MethodPost, step.path, step.body); err != nil || r.status != http.StatusOK {
+				t.Fatalf("arranging the fake: %s: %v %d %s", step.path, err, r.status, r.body())
+			}
+		}
+		f.SetModels(chatModel, embedModel)
+	}
+	// No model hub is reachable from the rig (see ollama-rig's README): a base
+	// the real server lacks cannot be pulled from registry.ollama.ai.
+	fakeHubUnreachable := func(f *fakeollama.Server) {
+		f.FailPulls(`pull model manifest: Get "https://registry.ollama.ai/v2/library/nope/manifests/latest": dial tcp: lookup registry.ollama.ai: no such host`)
+	}
 	zeroDigest := "sha256:" + strings.Repeat("0", 64)
 
 	chat3 := `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"options":{"num_predict":3}`
@@ -465,7 +495,7 @@ func wireProbes(t *testing.T) []probe {
 		{name: "v1 model", method: "GET", path: "/v1/models/tiny-llama"},
 		{ownErrors: true, name: "v1 model, unknown", method: "GET", path: "/v1/models/nope"},
 
-		{management: true, name: "pull from the registry", method: "POST", path: "/api/pull", body: fmt.Sprintf(`{"model":%q,"insecure":true}`, pushed)},
+		{management: true, name: "pull from the registry", method: "POST", path: "/api/pull", body: fmt.Sprintf(`{"model":%q,"insecure":true}`, pushed), fake: fakePushed},
 		{management: true, name: "pull again (present)", method: "POST", path: "/api/pull", body: fmt.Sprintf(`{"model":%q,"insecure":true,"stream":false}`, pushed)},
 		{management: true, name: "pull, not in the registry", method: "POST", path: "/api/pull", body: fmt.Sprintf(`{"model":%q,"insecure":true}`, missingInRegistry), fake: fakePullFails},
 		{management: true, name: "pull, not in the registry, stream:false", method: "POST", path: "/api/pull", body: fmt.Sprintf(`{"model":%q,"insecure":true,"stream":false}`, missingInRegistry), fake: fakePullFails},
@@ -476,7 +506,7 @@ func wireProbes(t *testing.T) []probe {
 		{management: true, name: "copy, unknown source", method: "POST", path: "/api/copy", body: `{"source":"nope","destination":"wire-copy2"}`},
 		{management: true, name: "create from a model", method: "POST", path: "/api/create", body: `{"model":"wire-created","from":"tiny-llama","parameters":{"num_predict":4}}`},
 		{management: true, name: "create, stream:false", method: "POST", path: "/api/create", body: `{"model":"wire-created","from":"tiny-llama","stream":false}`},
-		{management: true, name: "create, unknown base", method: "POST", path: "/api/create", body: `{"model":"wire-created2","from":"nope"}`},
+		{management: true, name: "create, unknown base", method: "POST", path: "/api/create", body: `{"model":"wire-created2","from":"nope"}`, fake: fakeHubUnreachable},
 		{management: true, name: "push, unknown model", method: "POST", path: "/api/push", body: fmt.Sprintf(`{"model":"%s/library/nope:latest","insecure":true}`, env.registry)},
 		{management: true, name: "HEAD blob, missing", method: "HEAD", path: "/api/blobs/" + zeroDigest},
 		{management: true, name: "POST blob, digest mismatch", method: "POST", path: "/api/blobs/" + zeroDigest, body: "not the blob"},
