@@ -40,7 +40,7 @@ import (
 )
 
 func init() {
-	caddy.RegisterModule(Handler{})
+	caddy.RegisterModule((*Handler)(nil))
 }
 
 // Defaults applied in Provision.
@@ -282,8 +282,11 @@ type Backend struct {
 	pinEmbed *pins
 }
 
-// CaddyModule returns the Caddy module information.
-func (Handler) CaddyModule() caddy.ModuleInfo {
+// CaddyModule returns the Caddy module information. The pointer receiver
+// matters: Caddy's events app asks the emitting module for its info from the
+// health checker's goroutine, and a value receiver would copy (read) the
+// whole handler while its counters change.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "http.handlers.ollamaflow",
 		New: func() caddy.Module { return new(Handler) },
