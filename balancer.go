@@ -190,6 +190,9 @@ func (h *Handler) acquire(cands []*backend, model string) *backend {
 	}
 	for len(avail) > 0 {
 		b := h.policy(h, avail, model)
+		if b == nil {
+			return nil // the policy holds the request back: it waits in the queue
+		}
 		if b.srv.tryAcquire(b.cfg.MaxParallel) {
 			return b
 		}
@@ -415,6 +418,19 @@ type queue struct {
 	waiters []*waiter
 	waiting atomic.Int64 // len(waiters), readable without the lock
 	closed  bool         // the handler is cleaned up: leave servers once empty
+	wakeSet atomic.Bool  // a wakeAt timer is pending
+}
+
+// wakeAt makes the queue try its waiters again at t even if no slot frees:
+// for a policy that holds requests back until then. One timer at a time; it
+// never takes q.mu, so a policy may call it from dispatch.
+func (q *queue) wakeAt(t time.Time) {
+	if q.wakeSet.CompareAndSwap(false, true) {
+		time.AfterFunc(time.Until(t), func() {
+			q.wakeSet.Store(false)
+			q.dispatch()
+		})
+	}
 }
 
 type waiter struct {
@@ -557,6 +573,27 @@ type speed struct {
 	slots       int     // learned parallel capacity, at least 1
 	coldLoad    float64 // seconds, EWMA of load_duration when a model was loaded
 	coldSamples int
+	probing     time.Time // when least_delay first sent it a request, before any sample
+}
+
+// startProbe notes that a request is going to a server not observed yet.
+func (sp *speed) startProbe(now time.Time) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.samples == 0 && sp.probing.IsZero() {
+		sp.probing = now
+	}
+}
+
+// probingSince is when the server's first request went out, zero if none
+// did or it has been observed.
+func (sp *speed) probingSince() time.Time {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.samples > 0 {
+		return time.Time{}
+	}
+	return sp.probing
 }
 
 const (
@@ -590,6 +627,17 @@ func (sp *speed) observe(d time.Duration, k int) {
 	case k <= sp.slots:
 		sp.service += speedAlpha * (sec - sp.service)
 	}
+}
+
+// coldCost is what a model load is expected to cost on the server, in
+// seconds: learned, or the prior.
+func (sp *speed) coldCost() float64 {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.coldSamples > 0 {
+		return sp.coldLoad
+	}
+	return coldLoadPrior
 }
 
 // observeLoad records a model load that took d.
@@ -628,25 +676,32 @@ func (sp *speed) expectedDelay(inFlight int64, slots int, cold bool) (float64, b
 	return delay, true
 }
 
+// bootstrapHold bounds how long least_delay holds requests back while it
+// knows the speed of no candidate.
+const bootstrapHold = time.Second
+
 // pickLeastDelay takes the backend with the shortest expected completion
 // time: the work already on it over its slots, times the service time it
 // has been seen to deliver, plus a cold-load penalty where the model is not
 // loaded. A slow server that merely looks idle does not win against a fast
-// one with free slots. Until every candidate has been observed it behaves
-// like least_conn, which also spreads the first requests so each server
-// gets measured.
+// one with free slots.
+//
+// A server it has not observed yet is measured with one request at a time
+// (or up to its max_parallel, slots it is known to have): it gets a request
+// whenever it has room for one, and none beyond. When every candidate is
+// being measured (a fresh pool, a burst), the
+// request waits in the queue for the first answer, which comes from the
+// fastest server, instead of piling onto servers of unknown speed; after
+// bootstrapHold without an answer it falls back to least_conn.
 func pickLeastDelay(h *Handler, avail []*backend, model string) *backend {
 	avail = leastFailing(avail)
-	var ties []*backend
+	var ties, unobserved []*backend
 	best := math.Inf(1)
 	for _, b := range avail {
-		cold := false
-		if model != "" {
-			cold = !b.srv.models.Load().isLoaded(model)
-		}
-		d, ok := b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, cold)
+		d, ok := b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, coldFor(b, model))
 		if !ok {
-			return pickLeastConn(h, avail, model)
+			unobserved = append(unobserved, b)
+			continue
 		}
 		d /= float64(b.cfg.Weight)
 		switch {
@@ -656,9 +711,46 @@ func pickLeastDelay(h *Handler, avail []*backend, model string) *backend {
 			ties = append(ties, b)
 		}
 	}
-	if len(ties) == 1 {
-		return ties[0]
+	// An unobserved server is measured with one request at a time (or up
+	// to its max_parallel, slots it is known to have), unless it is cold
+	// for the model and a model load alone would take longer than the best
+	// observed choice.
+	var explore []*backend
+	var oldestProbe time.Time
+	for _, b := range unobserved {
+		if b.srv.inFlight.Load() >= int64(max(b.cfg.MaxParallel, 1)) {
+			if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
+				oldestProbe = p
+			}
+			continue
+		}
+		if coldFor(b, model) && b.srv.speed.coldCost() >= best {
+			continue
+		}
+		explore = append(explore, b)
 	}
-	n := atomic.AddUint64(&h.rrCounter, 1)
-	return ties[n%uint64(len(ties))]
+	switch {
+	case len(explore) > 0:
+		b := pickLeastConn(h, explore, model)
+		b.srv.speed.startProbe(time.Now())
+		return b
+	case len(ties) == 1:
+		return ties[0]
+	case len(ties) > 1:
+		n := atomic.AddUint64(&h.rrCounter, 1)
+		return ties[n%uint64(len(ties))]
+	case len(avail) == 1:
+		return avail[0] // nothing to choose between: no point waiting
+	}
+	// Every candidate is unobserved and busy being measured.
+	if !oldestProbe.IsZero() && time.Since(oldestProbe) < bootstrapHold && h.queue != nil {
+		h.queue.wakeAt(oldestProbe.Add(bootstrapHold))
+		return nil
+	}
+	return pickLeastConn(h, avail, model)
+}
+
+// coldFor reports whether model is known not to be loaded on b.
+func coldFor(b *backend, model string) bool {
+	return model != "" && !b.srv.models.Load().isLoaded(model)
 }

@@ -238,3 +238,65 @@ func TestTailKeeper(t *testing.T) {
 	big.keep([]byte(strings.Repeat("y", 10000) + `"usage":{"prompt_tokens":5,"completion_tokens":9}`))
 	assert.EqualValues(t, 9, big.number("completion_tokens"))
 }
+
+func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
+	fast := testBackend("fast", nil)
+	slow1 := testBackend("slow1", nil)
+	slow2 := testBackend("slow2", nil)
+	h := &Handler{}
+	h.queue = &queue{h: h}
+	all := []*backend{fast, slow1, slow2}
+	take := func() *backend {
+		b := pickLeastDelay(h, all, "")
+		if b != nil {
+			b.srv.inFlight.Add(1)
+		}
+		return b
+	}
+
+	// A fresh pool: one request to each server measures it; the next waits
+	// for the first answer instead of piling onto servers of unknown speed.
+	seen := map[string]bool{}
+	for range 3 {
+		seen[take().cfg.Name] = true
+	}
+	assert.Len(t, seen, 3)
+	assert.Nil(t, take(), "held back: every server is being measured")
+
+	// The first answer comes from the fast one: it takes everything while
+	// the slow ones are still being measured.
+	ms := time.Millisecond
+	fast.srv.speed.observe(100*ms, 1)
+	fast.srv.inFlight.Add(-1)
+	for range 6 {
+		assert.Equal(t, "fast", take().cfg.Name)
+	}
+
+	// A server with configured slots is measured with all of them.
+	capped := testBackend("capped", func(c *Backend) { c.MaxParallel = 2 })
+	for range 2 {
+		assert.Equal(t, "capped", pickLeastDelay(h, []*backend{capped, fast}, "").cfg.Name)
+		capped.srv.inFlight.Add(1)
+	}
+	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{capped, fast}, "").cfg.Name)
+
+	// A cold unobserved server is not measured at the price of a model
+	// load when a warm observed one would answer sooner.
+	warm := &modelSnapshot{known: true, loaded: map[string][]byte{"m:latest": nil}}
+	fast.srv.models.Store(warm)
+	fast.srv.inFlight.Store(0)
+	fresh := testBackend("fresh", nil)
+	fresh.srv.models.Store(&modelSnapshot{known: true, loaded: map[string][]byte{}})
+	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{fresh, fast}, "m:latest").cfg.Name)
+	assert.Equal(t, "fresh", pickLeastDelay(h, []*backend{fresh, fast}, "").cfg.Name, "warm for a request without a model: measured")
+
+	// No answer within bootstrapHold: least_conn, as before.
+	a, b := testBackend("a", nil), testBackend("b", nil)
+	a.srv.inFlight.Store(1)
+	b.srv.inFlight.Store(2)
+	a.srv.speed.startProbe(time.Now().Add(-2 * bootstrapHold))
+	b.srv.speed.startProbe(time.Now().Add(-2 * bootstrapHold))
+	assert.Equal(t, "a", pickLeastDelay(h, []*backend{a, b}, "").cfg.Name)
+	// A single candidate is never held back: there is nothing to choose.
+	assert.Equal(t, "b", pickLeastDelay(h, []*backend{b}, "").cfg.Name)
+}

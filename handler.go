@@ -499,8 +499,15 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 	}
 	var tail tailKeeper
 	if h.stream(w, r, res, b, ctx, cancel, &tail) && res.StatusCode == http.StatusOK && model != "" {
-		b.srv.markLoaded(model) // it just answered: the model is in memory there
-		b.srv.speed.observe(time.Since(started), concurrent)
+		if kind == kindCompletion || kind == kindEmbedding {
+			b.srv.markLoaded(model) // it just answered: the model is in memory there
+			// Only a completion that generated tokens measures the server's
+			// speed for least_delay: /api/show, a load-only chat (no messages,
+			// no eval_count) and embeddings take a fraction of its time.
+			if kind == kindCompletion && (api == apiOpenAI || tail.number("eval_count") > 0) {
+				b.srv.speed.observe(time.Since(started), concurrent)
+			}
+		}
 		h.recordFinalCounts(b, model, &tail)
 	}
 	return attemptResult{done: true, status: res.StatusCode}

@@ -1,0 +1,36 @@
+//go:build chaos
+
+package ollamaflow
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
+)
+
+// least_delay's service time must come from inference only: /api/show and a load-only chat
+// (no messages: Ollama loads the model and answers at once) are not completions.
+func TestChaosLeastDelayLearnsOnlyFromInference(t *testing.T) {
+	fs, lines := chaosFakes(t, 1, fakeollama.Config{Tokens: 1, FirstByteDelay: 200 * time.Millisecond}, "")
+	loadCaddy(t, lines)
+	waitKnown(t, fs)
+	o := chaosSend(context.Background(), "/api/chat", chaosChat, "")
+	require.True(t, o.ok(), o.err)
+	srv := pooled(t, fs[0].URL)
+	before, ok := srv.speed.expectedDelay(0, 0, false)
+	require.True(t, ok)
+	for range 10 {
+		res, body := post(t, "/api/show", `{"model":"tiny-llama"}`)
+		require.Equal(t, 200, res.StatusCode, body)
+		res, body = post(t, "/api/chat", `{"model":"tiny-llama","messages":[]}`)
+		require.Equal(t, 200, res.StatusCode, body)
+	}
+	after, _ := srv.speed.expectedDelay(0, 0, false)
+	t.Logf("learned service time: %.3fs after one 200 ms completion, %.3fs after 10 /api/show and 10 load-only chats", before, after)
+	assert.InDelta(t, before, after, 0.05, "model reads and load-only requests taught least_delay a service time")
+}
