@@ -337,7 +337,37 @@ func (s *server) transitionLocked(from, to healthState, reason string) func() {
 		return nil
 	}
 	data := map[string]any{"backend": st.name, "url": s.key, "reason": reason, "from": from.String(), "to": to.String()}
-	return func() { st.events.Emit(st.ctx, event, data) }
+	return func() { s.emit(event, data) }
+}
+
+// emit sends an event through the events app of the running config. The
+// first probe runs while a config is still being provisioned, before its
+// events app has started (and subscribed its handlers), so an event that
+// early waits, briefly, for its config to become the running one.
+func (s *server) emit(event string, data map[string]any) {
+	if st := s.settings.Load(); eventsRunning(st.events) {
+		st.events.Emit(st.ctx, event, data)
+		return
+	}
+	s.goSafe("event", func() {
+		for range 250 { // 5 s
+			select {
+			case <-s.ctx.Done():
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if st := s.settings.Load(); eventsRunning(st.events) {
+				st.events.Emit(st.ctx, event, data)
+				return
+			}
+		}
+	})
+}
+
+// eventsRunning reports whether app belongs to the config Caddy is running.
+func eventsRunning(app *caddyevents.App) bool {
+	v, err := caddy.ActiveContext().AppIfConfigured("events")
+	return err == nil && v == app
 }
 
 // setDraining turns drain on or off. A draining server takes no new
