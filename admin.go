@@ -339,6 +339,9 @@ type frontendJSON struct {
 	Policy         string   `json:"lb_policy"`
 	Backends       []string `json:"backends"`
 	Queued         int      `json:"queued"`
+	QueuedTotal    int64    `json:"queued_total"`
+	QueueWaitAvgMS float64  `json:"queue_wait_avg_ms"`
+	QueueWaitMaxMS float64  `json:"queue_wait_max_ms"`
 	MaxQueue       int      `json:"max_queue"`
 	QueueTimeout   string   `json:"queue_timeout"`
 	Retries        int      `json:"retries"`
@@ -361,8 +364,13 @@ func frontendStatuses() []frontendJSON {
 			Embeddings: h.allowEmbed, Completions: h.allowCompl, Management: h.AllowModelManagement,
 			Sticky: h.Sticky != nil,
 		}
-		if h.queue != nil {
-			f.Queued = h.queue.length()
+		if q := h.queue; q != nil {
+			f.Queued = q.length()
+			f.QueuedTotal = q.waited.Load()
+			if f.QueuedTotal > 0 {
+				f.QueueWaitAvgMS = float64(q.waitedNanos.Load()) / float64(f.QueuedTotal) / 1e6
+			}
+			f.QueueWaitMaxMS = float64(q.longestNanos.Load()) / 1e6
 		}
 		for _, b := range h.backends {
 			f.Backends = append(f.Backends, b.cfg.Name)

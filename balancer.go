@@ -418,6 +418,9 @@ type queue struct {
 	waiters []*waiter
 	waiting atomic.Int64 // len(waiters), readable without the lock
 	closed  bool         // the handler is cleaned up: leave servers once empty
+
+	// For the admin API: requests that waited, their total and longest wait.
+	waited, waitedNanos, longestNanos atomic.Int64
 	wakeSet atomic.Bool  // a wakeAt timer is pending
 }
 
@@ -473,11 +476,23 @@ func (q *queue) wait(ctx context.Context, cands []*backend, model string) (*back
 	defer timer.Stop()
 	select {
 	case b := <-w.got:
+		q.noteWait(time.Since(start))
 		return b, time.Since(start), nil
 	case <-ctx.Done():
 		return q.leave(w, start, ctx.Err())
 	case <-timer.C:
 		return q.leave(w, start, errQueueTimeout)
+	}
+}
+
+func (q *queue) noteWait(d time.Duration) {
+	q.waited.Add(1)
+	q.waitedNanos.Add(int64(d))
+	for {
+		cur := q.longestNanos.Load()
+		if int64(d) <= cur || q.longestNanos.CompareAndSwap(cur, int64(d)) {
+			return
+		}
 	}
 }
 
@@ -499,6 +514,7 @@ func (q *queue) leave(w *waiter, start time.Time, why error) (*backend, time.Dur
 	default:
 	}
 	q.leaveServersIfDone()
+	q.noteWait(time.Since(start))
 	return nil, time.Since(start), why
 }
 

@@ -560,6 +560,13 @@ func TestIntegrationCapsAndTimeouts(t *testing.T) {
 	res = <-queued
 	assert.Equal(t, http.StatusOK, res.StatusCode)
 	assert.Zero(t, h.queue.length())
+	// The admin API shows how many waited and how long.
+	_, raw := adminGet(t, "/ollamaflow/frontends")
+	var fr []frontendJSON
+	require.NoError(t, json.Unmarshal(raw, &fr))
+	require.Len(t, fr, 1)
+	assert.EqualValues(t, 2, fr[0].QueuedTotal, "one timed out, one was served")
+	assert.GreaterOrEqual(t, fr[0].QueueWaitMaxMS, 200.0, "the one that timed out waited queue_timeout")
 
 	loadCaddy(t, fmt.Sprintf(`
 		first_byte_timeout 300ms
