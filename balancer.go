@@ -421,7 +421,7 @@ type queue struct {
 
 	// For the admin API: requests that waited, their total and longest wait.
 	waited, waitedNanos, longestNanos atomic.Int64
-	wakeSet atomic.Bool  // a wakeAt timer is pending
+	wakeSet                           atomic.Bool // a wakeAt timer is pending
 }
 
 // wakeAt makes the queue try its waiters again at t even if no slot frees:
