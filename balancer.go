@@ -418,10 +418,10 @@ type queue struct {
 	waiters []*waiter
 	waiting atomic.Int64 // len(waiters), readable without the lock
 	closed  bool         // the handler is cleaned up: leave servers once empty
+	wakeSet atomic.Bool  // a wakeAt timer is pending
 
 	// For the admin API: requests that waited, their total and longest wait.
 	waited, waitedNanos, longestNanos atomic.Int64
-	wakeSet                           atomic.Bool // a wakeAt timer is pending
 }
 
 // wakeAt makes the queue try its waiters again at t even if no slot frees:
