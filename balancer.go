@@ -58,12 +58,9 @@ func newBackendView(cfg *Backend, base *url.URL) *backend {
 
 // settings builds what the pooled server needs from this backend's config.
 func (b *backend) settings(ctx caddy.Context, logger *zap.Logger, events *caddyevents.App, dialTimeout time.Duration) *serverSettings {
-	u := *b.base
-	u.Path = b.base.Path + b.cfg.HealthURI
-	u.RawQuery = b.query
 	return &serverSettings{
 		name:          b.cfg.Name,
-		probeURL:      u.String(),
+		probePath:     b.cfg.HealthURI,
 		probeMethod:   b.cfg.HealthMethod,
 		expectStatus:  b.cfg.HealthStatus,
 		interval:      time.Duration(b.cfg.HealthInterval),

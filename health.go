@@ -46,7 +46,7 @@ func (s healthState) String() string {
 // wins without restarting the server's goroutines.
 type serverSettings struct {
 	name          string // the backend's name in the config that last named the server
-	probeURL      string
+	probePath     string // health_uri
 	probeMethod   string
 	expectStatus  int
 	interval      time.Duration
@@ -216,19 +216,12 @@ func (s *server) probe() {
 }
 
 func (s *server) check(ctx context.Context, st *serverSettings) error {
-	req, err := http.NewRequestWithContext(ctx, st.probeMethod, st.probeURL, nil)
-	if err != nil {
-		return err
-	}
-	for k, v := range st.header {
-		req.Header[k] = v
-	}
-	res, err := s.client.Do(req)
+	res, err := s.do(ctx, st.probeMethod, st.probePath, nil)
 	if err != nil {
 		if ctx.Err() == context.DeadlineExceeded {
 			return fmt.Errorf("no answer within %s (health_timeout)", st.timeout)
 		}
-		return redactURLError(err)
+		return err
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
 	res.Body.Close()

@@ -35,9 +35,9 @@ func newProbeTarget(t *testing.T) *probeTarget {
 	return p
 }
 
-func testSettings(probeURL string, logger *zap.Logger) *serverSettings {
+func testSettings(logger *zap.Logger) *serverSettings {
 	return &serverSettings{
-		probeURL: probeURL, probeMethod: http.MethodGet, expectStatus: 2,
+		probePath: "/", probeMethod: http.MethodGet, expectStatus: 2,
 		interval: 20 * time.Millisecond, timeout: time.Second,
 		passes: 2, fails: 2, failThreshold: 3, logger: logger,
 	}
@@ -52,7 +52,7 @@ func waitState(t *testing.T, s *server, want healthState) {
 func TestFirstProbeDecidesAtOnce(t *testing.T) {
 	p := newProbeTarget(t)
 	base, _ := url.Parse(p.srv.URL)
-	st := testSettings(p.srv.URL+"/", zap.NewNop())
+	st := testSettings(zap.NewNop())
 	st.interval = time.Hour // only the immediate probe can run
 	s := newServer(base, st)
 	defer s.Destruct()
@@ -69,7 +69,7 @@ func TestProbeStreaksAndLogsOnce(t *testing.T) {
 	core, logs := observer.New(zapcore.InfoLevel)
 	p := newProbeTarget(t)
 	base, _ := url.Parse(p.srv.URL)
-	s := newServer(base, testSettings(p.srv.URL+"/", zap.New(core)))
+	s := newServer(base, testSettings(zap.New(core)))
 	defer s.Destruct()
 	waitState(t, s, stateHealthy)
 
@@ -94,7 +94,7 @@ func TestProbeStreaksAndLogsOnce(t *testing.T) {
 func TestPassiveFailuresMarkDownAndProbesBringBack(t *testing.T) {
 	p := newProbeTarget(t)
 	base, _ := url.Parse(p.srv.URL)
-	st := testSettings(p.srv.URL+"/", zap.NewNop())
+	st := testSettings(zap.NewNop())
 	st.interval = 150 * time.Millisecond
 	s := newServer(base, st)
 	defer s.Destruct()
@@ -116,7 +116,7 @@ func TestPassiveFailuresMarkDownAndProbesBringBack(t *testing.T) {
 func TestProbeSendsCredentialsAndHonoursTimeout(t *testing.T) {
 	p := newProbeTarget(t)
 	base, _ := url.Parse(p.srv.URL)
-	st := testSettings(p.srv.URL+"/?token=abc", zap.NewNop())
+	st := testSettings(zap.NewNop())
 	st.query = "token=abc"
 	st.header = http.Header{"Authorization": {"Bearer s3cret"}}
 	s := newServer(base, st)
@@ -129,7 +129,7 @@ func TestProbeSendsCredentialsAndHonoursTimeout(t *testing.T) {
 	}))
 	defer hang.Close()
 	hbase, _ := url.Parse(hang.URL)
-	hst := testSettings(hang.URL+"/", zap.NewNop())
+	hst := testSettings(zap.NewNop())
 	hst.timeout = 50 * time.Millisecond
 	hs := newServer(hbase, hst)
 	defer hs.Destruct()
@@ -140,7 +140,7 @@ func TestProbeSendsCredentialsAndHonoursTimeout(t *testing.T) {
 func TestDestructStopsProbing(t *testing.T) {
 	p := newProbeTarget(t)
 	base, _ := url.Parse(p.srv.URL)
-	s := newServer(base, testSettings(p.srv.URL+"/", zap.NewNop()))
+	s := newServer(base, testSettings(zap.NewNop()))
 	waitState(t, s, stateHealthy)
 	require.NoError(t, s.Destruct())
 	time.Sleep(50 * time.Millisecond) // a request cancelled by Destruct may still reach the handler
