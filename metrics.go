@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,7 +25,6 @@ var metrics = struct {
 	queueWait  *prometheus.HistogramVec
 	pulls      *prometheus.CounterVec
 	liveState  prometheus.Collector
-	registered sync.Map // *prometheus.Registry -> struct{}
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "ollamaflow", Name: "requests_total",
@@ -61,12 +59,11 @@ var metrics = struct {
 	liveState: liveStateCollector{},
 }
 
-// registerMetrics adds the collectors to a config's registry once.
+// registerMetrics adds the collectors to a config's registry; every
+// handler of a config calls it, and the second time is a no-op. (No record
+// of registries is kept: that would hold every old config's registry.)
 func registerMetrics(reg *prometheus.Registry) error {
 	if reg == nil {
-		return nil
-	}
-	if _, done := metrics.registered.LoadOrStore(reg, struct{}{}); done {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{metrics.requests, metrics.retries, metrics.firstByte,
