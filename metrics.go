@@ -17,14 +17,14 @@ import (
 // The model label only ever carries a model a backend served (or that the
 // frontend allows): names a client made up never become label values.
 var metrics = struct {
-	requests   *prometheus.CounterVec
-	retries    *prometheus.CounterVec
-	firstByte  *prometheus.HistogramVec
-	tokens     *prometheus.CounterVec
-	coldLoads  *prometheus.CounterVec
-	queueWait  *prometheus.HistogramVec
-	pulls      *prometheus.CounterVec
-	liveState  prometheus.Collector
+	requests  *prometheus.CounterVec
+	retries   *prometheus.CounterVec
+	firstByte *prometheus.HistogramVec
+	tokens    *prometheus.CounterVec
+	coldLoads *prometheus.CounterVec
+	queueWait *prometheus.HistogramVec
+	pulls     *prometheus.CounterVec
+	liveState prometheus.Collector
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "ollamaflow", Name: "requests_total",
