@@ -120,7 +120,9 @@ func classify(method, path string) (rt route, ok, allowed bool) {
 	if !ok {
 		return rt, false, false
 	}
-	for _, m := range strings.Split(rt.methods, ", ") {
+	for ms := rt.methods; ms != ""; {
+		var m string
+		m, ms, _ = strings.Cut(ms, ", ")
 		if m == method {
 			return rt, true, true
 		}
