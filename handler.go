@@ -355,9 +355,8 @@ func (h *Handler) requestLabels(r *http.Request) []string {
 // attemptResult says what an attempt did: wrote the response (done), or
 // left the client untouched so another backend may be tried.
 type attemptResult struct {
-	done   bool
-	status int    // backend status when it answered, 0 on a transport error
-	cause  string // what went wrong, for the final error message
+	done  bool
+	cause string // what went wrong, for the final error message
 }
 
 // proxy runs the attempt loop: each attempt takes a slot on a different
@@ -485,7 +484,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		if retryable(res.StatusCode) {
 			res.Body.Close()
 			h.logAttempt(b, "retrying after backend status", fmt.Errorf("status %d", res.StatusCode))
-			return attemptResult{status: res.StatusCode, cause: fmt.Sprintf("backend %s answered %d", b.cfg.Name, res.StatusCode)}
+			return attemptResult{cause: fmt.Sprintf("backend %s answered %d", b.cfg.Name, res.StatusCode)}
 		}
 		if res.StatusCode == http.StatusNotFound {
 			retry, head := modelMissing(res)
@@ -494,7 +493,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 				b.srv.markMissing(model) // stop routing it there before the refresh
 				b.srv.poke()             // its lists are stale: read them again
 				h.logAttempt(b, "model missing on backend, retrying", nil)
-				return attemptResult{status: res.StatusCode, cause: fmt.Sprintf("backend %s does not have the model", b.cfg.Name)}
+				return attemptResult{cause: fmt.Sprintf("backend %s does not have the model", b.cfg.Name)}
 			}
 			res.Body = readCloser{io.MultiReader(bytes.NewReader(head), res.Body), res.Body}
 		}
@@ -512,7 +511,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		}
 		h.recordFinalCounts(b, model, &tail)
 	}
-	return attemptResult{done: true, status: res.StatusCode}
+	return attemptResult{done: true}
 }
 
 type readCloser struct {
