@@ -8,13 +8,15 @@
 // Map of the files:
 //
 //	ollamaflow.go  module registration, config types, Provision/Validate/Cleanup
-//	handler.go     ServeHTTP: classify, gate, read body, the attempt loop, streaming
-//	balancer.go    candidate filtering, selection policies, slots
-//	health.go      the pooled *server (live state shared across reloads), probes, passive health
+//	handler.go     ServeHTTP: classify, gate, read and pin the body, the attempt loop, streaming
+//	balancer.go    candidates, policies (least_delay's learned speed), sticky hashing, slots, the queue
+//	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
 //	modelsync.go   model names, discovery of each server's lists, required-model pulls, model routing
 //	management.go  aggregated model lists and management fanned out to every backend
 //	pinning.go     pinned properties: parsed at provision, merged into request bodies
 //	caddyfile.go   the ollamaflow directive
+//	admin.go       admin.api.ollamaflow: status routes, drain, the embedded status.html
+//	metrics.go     Prometheus collectors in Caddy's registry
 //
 // Config is immutable after Provision. Live server state lives in a
 // package-level caddy.UsagePool keyed by the normalised URL, so every handler
