@@ -92,7 +92,13 @@ var client = &http.Client{Timeout: 30 * time.Second}
 
 func post(t *testing.T, path, body string, hdr ...string) (*http.Response, string) {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodPost, siteURL+path, strings.NewReader(body))
+	return send(t, http.MethodPost, siteURL+path, body, hdr...)
+}
+
+// send makes one request with header name/value pairs and reads the answer.
+func send(t *testing.T, method, url, body string, hdr ...string) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	require.NoError(t, err)
 	for i := 0; i+1 < len(hdr); i += 2 {
 		req.Header.Add(hdr[i], hdr[i+1])

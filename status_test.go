@@ -73,17 +73,7 @@ func TestStatusPageIsSelfContained(t *testing.T) {
 
 	get := func(url string, hdr ...string) (*http.Response, string) {
 		t.Helper()
-		req, err := http.NewRequest(http.MethodGet, url, nil)
-		require.NoError(t, err)
-		for i := 0; i+1 < len(hdr); i += 2 {
-			req.Header.Set(hdr[i], hdr[i+1])
-		}
-		res, err := client.Do(req)
-		require.NoError(t, err)
-		defer res.Body.Close()
-		b, err := io.ReadAll(res.Body)
-		require.NoError(t, err)
-		return res, string(b)
+		return send(t, http.MethodGet, url, "", hdr...)
 	}
 
 	res, page := get(fmt.Sprintf("http://localhost:%d/ollamaflow/", adminPort))

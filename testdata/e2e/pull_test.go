@@ -5,8 +5,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/ollama/ollama/api"
 )
 
 // TestCLIPullThroughProxy: `ollama pull --insecure` from the private registry
@@ -16,23 +14,7 @@ func TestCLIPullThroughProxy(t *testing.T) {
 	scenario(t)
 	ctx := context.Background()
 	model := env.registry + "/library/pulled-llama:latest"
-	a := env.servers[0].client()
-	t.Cleanup(func() {
-		for _, s := range env.servers {
-			if err := s.deleteModel(model); err != nil {
-				t.Errorf("cleanup: deleting %s on %s: %v", model, s.name, err)
-			}
-		}
-	})
-	if err := a.Copy(ctx, &api.CopyRequest{Source: chatModel, Destination: model}); err != nil {
-		t.Fatalf("arranging: ollama cp: %v", err)
-	}
-	if err := a.Push(ctx, &api.PushRequest{Model: model, Insecure: true}, func(api.ProgressResponse) error { return nil }); err != nil {
-		t.Fatalf("arranging: ollama push: %v", err)
-	}
-	if err := env.servers[0].deleteModel(model); err != nil {
-		t.Fatalf("arranging: %v", err)
-	}
+	publishToRegistry(t, model)
 
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()

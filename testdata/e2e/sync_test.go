@@ -15,32 +15,9 @@ import (
 // every server serves it.
 func TestRequiredModelSync(t *testing.T) {
 	scenario(t)
-	ctx := context.Background()
 	model := env.registry + "/library/sync-llama:latest"
 
-	// Arrange: publish the model from server a, then remove it there, so that
-	// no server has it.
-	a := env.servers[0].client()
-	t.Cleanup(func() {
-		for _, s := range env.servers {
-			if err := s.deleteModel(model); err != nil {
-				t.Errorf("cleanup: deleting %s on %s: %v", model, s.name, err)
-			}
-		}
-	})
-	if err := a.Copy(ctx, &api.CopyRequest{Source: chatModel, Destination: model}); err != nil {
-		t.Fatalf("arranging: ollama cp: %v", err)
-	}
-	var last api.ProgressResponse
-	if err := a.Push(ctx, &api.PushRequest{Model: model, Insecure: true}, func(p api.ProgressResponse) error { last = p; return nil }); err != nil {
-		t.Fatalf("arranging: ollama push to the registry: %v", err)
-	}
-	if last.Status != "success" {
-		t.Fatalf("arranging: push ended with %q", last.Status)
-	}
-	if err := env.servers[0].deleteModel(model); err != nil {
-		t.Fatalf("arranging: %v", err)
-	}
+	publishToRegistry(t, model)
 
 	start := time.Now()
 	useConfig(t, fmt.Sprintf("\t\tlb_policy round_robin\n\t\trequired_models %s\n\t\tinsecure_pulls\n", model))
@@ -71,5 +48,34 @@ func TestRequiredModelSync(t *testing.T) {
 	})
 	if !ok {
 		t.Fatalf("the synced model was not served by every server within 60s: served by %v; last error: %s", seen, lastErr)
+	}
+}
+
+// publishToRegistry copies tiny-llama to model (a name in the test registry)
+// on server a, pushes it, and removes it there again, so that the registry
+// has it and no server does. Every server drops it when the test ends.
+func publishToRegistry(t *testing.T, model string) {
+	t.Helper()
+	ctx := context.Background()
+	a := env.servers[0].client()
+	t.Cleanup(func() {
+		for _, s := range env.servers {
+			if err := s.deleteModel(model); err != nil {
+				t.Errorf("cleanup: deleting %s on %s: %v", model, s.name, err)
+			}
+		}
+	})
+	if err := a.Copy(ctx, &api.CopyRequest{Source: chatModel, Destination: model}); err != nil {
+		t.Fatalf("arranging: ollama cp: %v", err)
+	}
+	var last api.ProgressResponse
+	if err := a.Push(ctx, &api.PushRequest{Model: model, Insecure: true}, func(p api.ProgressResponse) error { last = p; return nil }); err != nil {
+		t.Fatalf("arranging: ollama push to the registry: %v", err)
+	}
+	if last.Status != "success" {
+		t.Fatalf("arranging: push ended with %q", last.Status)
+	}
+	if err := env.servers[0].deleteModel(model); err != nil {
+		t.Fatalf("arranging: %v", err)
 	}
 }
