@@ -166,49 +166,54 @@ func entriesByName(body []byte) map[string][]byte {
 // markLoaded records that model answered on the server, so it is loaded
 // there now, without waiting for the next /api/ps.
 func (s *server) markLoaded(model string) {
-	for {
-		cur := s.models.Load()
+	s.editModels(func(cur *modelSnapshot) *modelSnapshot {
 		if !cur.known || cur.isLoaded(model) {
-			return
+			return nil
 		}
 		next := *cur
-		next.loaded = make(map[string][]byte, len(cur.loaded)+1)
-		for k, v := range cur.loaded {
-			next.loaded[k] = v
-		}
+		next.loaded = copyWithout(cur.loaded, "")
 		next.loaded[model] = nil
-		if s.models.CompareAndSwap(cur, &next) {
-			return
-		}
-	}
+		return &next
+	})
 }
 
 // markMissing records that the server answered "model not found" for
 // model, so no more requests for it go there until a refresh says
 // otherwise.
 func (s *server) markMissing(model string) {
-	for {
-		cur := s.models.Load()
+	s.editModels(func(cur *modelSnapshot) *modelSnapshot {
 		if _, ok := cur.present[model]; !ok || !cur.known {
-			return
+			return nil
 		}
 		next := *cur
-		next.present = make(map[string][]byte, len(cur.present))
-		for k, v := range cur.present {
-			if k != model {
-				next.present[k] = v
-			}
-		}
-		next.loaded = make(map[string][]byte, len(cur.loaded))
-		for k, v := range cur.loaded {
-			if k != model {
-				next.loaded[k] = v
-			}
-		}
-		if s.models.CompareAndSwap(cur, &next) {
+		next.present = copyWithout(cur.present, model)
+		next.loaded = copyWithout(cur.loaded, model)
+		return &next
+	})
+}
+
+// editModels replaces the snapshot with edit's copy of it (nil: leave it),
+// retrying if a refresh or another edit got there first. Snapshots are
+// never modified in place: readers hold them without locks.
+func (s *server) editModels(edit func(cur *modelSnapshot) *modelSnapshot) {
+	for {
+		cur := s.models.Load()
+		next := edit(cur)
+		if next == nil || s.models.CompareAndSwap(cur, next) {
 			return
 		}
 	}
+}
+
+// copyWithout copies a model map, leaving out drop.
+func copyWithout(m map[string][]byte, drop string) map[string][]byte {
+	out := make(map[string][]byte, len(m)+1)
+	for k, v := range m {
+		if k != drop {
+			out[k] = v
+		}
+	}
+	return out
 }
 
 // get fetches path from the server with its credentials and query.
