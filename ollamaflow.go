@@ -8,8 +8,11 @@
 // Map of the files:
 //
 //	ollamaflow.go  module registration, config types, Provision/Validate/Cleanup
-//	handler.go     ServeHTTP: classify, gate, read and pin the body, the attempt loop, streaming
-//	balancer.go    candidates, policies (least_delay's learned speed), sticky hashing, slots, the queue
+//	handler.go     ServeHTTP: gate, read and pin the body, the attempt loop, streaming
+//	routes.go      the route table, classification, error bodies per API
+//	balancer.go    candidates, policies, sticky hashing
+//	cost.go        least_delay: the speed each server is observed to deliver, cold-load cost
+//	queue.go       the frontend's queue for requests that found every candidate at its cap
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
 //	modelsync.go   model names, discovery of each server's lists, required-model pulls, model routing
 //	management.go  aggregated model lists and management fanned out to every backend
