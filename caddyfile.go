@@ -39,7 +39,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // accumulate. Any other option given twice is an error, because the second
 // value would silently replace the first.
 var (
-	repeatableHandlerOptions = map[string]bool{"models": true, "labels": true, "backend": true, "required_models": true}
+	repeatableHandlerOptions = map[string]bool{"models": true, "labels": true, "backend": true, "required_models": true, "cors_origins": true}
 	repeatableBackendOptions = map[string]bool{"labels": true, "header": true}
 )
 
@@ -73,6 +73,7 @@ var (
 //			headers   <header...>
 //			client_ip
 //		}
+//		cors_origins           <origin...> | off
 //
 //		backend <name> <url> [{
 //			# see Backend.UnmarshalCaddyfile
@@ -80,9 +81,14 @@ var (
 //	}
 //
 // A flag without an argument means true. Sizes accept units (64MiB, 10MB)
-// or plain bytes; durations use Caddy's syntax (5s, 2m, 1d). models, labels
-// and backend may repeat; every other option may be given once. At least
-// one backend is required.
+// or plain bytes; durations use Caddy's syntax (5s, 2m, 1d). models, labels,
+// required_models, cors_origins and backend may repeat; every other option
+// may be given once. At least one backend is required.
+//
+// cors_origins lists origins (https://app.example.com), patterns with one *
+// (http://localhost:*), * (any origin), null, and default (Ollama's own
+// list, which applies when the option is absent); cors_origins off, alone,
+// turns CORS off.
 //
 // pin_completions and pin_embeddings take one JSON object (quote it with
 // backticks) or a block of lines that each set one value at an sjson path:
@@ -154,6 +160,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.PinCompletions, err = parsePinOption(d)
 		case "pin_embeddings":
 			h.PinEmbeddings, err = parsePinOption(d)
+		case "cors_origins":
+			var origins []string
+			origins, err = someArgs(d)
+			h.CORSOrigins = append(h.CORSOrigins, origins...)
+			if err == nil {
+				err = checkCORSOrigins(d, h.CORSOrigins, origins)
+			}
 		case "backend":
 			var b *Backend
 			b, err = parseBackendSegment(d, backendNames)
@@ -174,6 +187,32 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		d.Reset()
 		d.Next()
 		return d.Errf("at least one backend is required (backend <name> <url>)")
+	}
+	return nil
+}
+
+// checkCORSOrigins reports, at the line that wrote it, an origin of added
+// that provision would refuse, and off given with anything else. Entries
+// with placeholders are checked at provision, once they are replaced.
+func checkCORSOrigins(d *caddyfile.Dispenser, all, added []string) error {
+	for _, o := range all {
+		if strings.EqualFold(o, corsOff) && len(all) > 1 {
+			return d.Err("cors_origins: off turns CORS off and cannot be combined with origins")
+		}
+	}
+	for _, entry := range added {
+		if strings.Contains(entry, "{") {
+			continue
+		}
+		for _, o := range strings.Split(entry, ",") {
+			o = strings.ToLower(strings.TrimSpace(o))
+			if o == "" || o == corsOff || o == corsDefault {
+				continue
+			}
+			if err := checkOrigin(o); err != nil {
+				return d.Errf("cors_origins: %v", err)
+			}
+		}
 	}
 	return nil
 }

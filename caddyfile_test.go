@@ -92,6 +92,12 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"models without value", frontend("\t\tmodels\n" + ok), "models: want at least one argument", 3},
 		{"labels without value", frontend("\t\tlabels\n" + ok), "labels: want at least one argument", 3},
 		{"label_header without value", frontend("\t\tlabel_header\n" + ok), "label_header: want exactly one argument", 3},
+		{"cors_origins without value", frontend("\t\tcors_origins\n" + ok), "cors_origins: want at least one argument", 3},
+		{"cors_origins with a path", frontend("\t\tcors_origins https://a.example/\n" + ok), `cors_origins: origin "https://a.example/": an origin has no path`, 3},
+		{"cors_origins without scheme", frontend("\t\tcors_origins default app.example.com\n" + ok), `cors_origins: origin "app.example.com": no scheme`, 3},
+		{"cors_origins two stars", frontend("\t\tcors_origins http://*.a.*\n" + ok), "at most one *", 3},
+		{"cors_origins off with origins", frontend("\t\tcors_origins off http://localhost:3000\n" + ok), "off turns CORS off and cannot be combined", 3},
+		{"cors_origins off on a second line", frontend("\t\tcors_origins http://localhost:3000\n\t\tcors_origins off\n" + ok), "off turns CORS off and cannot be combined", 4},
 
 		// The backend line.
 		{"backend without url", frontend("\t\tbackend a"), "backend 'a': wrong argument count", 3},

@@ -48,6 +48,9 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 	api := apiOf(r.URL.Path)
 	rt, known, allowed := classify(r.Method, r.URL.Path)
 	info.kind = rt.kind
+	if h.handleCORS(w, r, api) {
+		return nil // a preflight answered, or an origin refused (cors.go)
+	}
 	if !known {
 		return h.fail(w, api, http.StatusNotFound, fmt.Sprintf("unknown path %s: this endpoint serves the Ollama API (/api/*) and the OpenAI-compatible API (/v1/*)", r.URL.Path))
 	}
@@ -437,6 +440,7 @@ func (h *Handler) outboundRequest(ctx context.Context, r *http.Request, b *backe
 	stripHopByHop(hdr)
 	hdr.Del("Authorization")
 	hdr.Del(h.labelHeader)
+	hdr.Del("Origin") // the frontend decides CORS (cors.go); a backend's own list must not
 	for k, v := range b.header {
 		hdr[k] = v
 	}
@@ -517,9 +521,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 	defer res.Body.Close()
 	hdr := w.Header()
 	stripHopByHop(res.Header)
-	for k, v := range res.Header {
-		hdr[k] = v
-	}
+	copyBackendHeaders(hdr, res.Header)
 	hdr.Set("X-OllamaFlow-Backend", b.cfg.Name)
 	w.WriteHeader(res.StatusCode)
 

@@ -17,6 +17,7 @@
 //	modelsync.go   model names, discovery of each server's lists, required-model pulls, model routing
 //	management.go  aggregated model lists and management fanned out to every backend
 //	pinning.go     pinned properties: parsed at provision, merged into request bodies
+//	cors.go        CORS as Ollama answers it: origins, preflights, headers on every answer
 //	caddyfile.go   the ollamaflow directive
 //	admin.go       admin.api.ollamaflow: status routes, drain, the embedded status.html
 //	metrics.go     Prometheus collectors in Caddy's registry
@@ -161,6 +162,21 @@ type Handler struct {
 	// context stays warm there. Off by default.
 	Sticky *StickyConfig `json:"sticky,omitempty"`
 
+	// CORSOrigins are the origins whose pages may call this frontend from a
+	// browser, matched case-insensitively, as Ollama matches OLLAMA_ORIGINS:
+	// an exact origin (https://app.example.com), a pattern with one *
+	// (http://localhost:*, app://*, https://*.example.com), "*" for any
+	// origin, "null" for sandboxed and file pages, and "default" for
+	// Ollama's own default list, so `["default", "https://app.example.com"]`
+	// adds to it as OLLAMA_ORIGINS does. An entry may be a comma-separated
+	// list and hold placeholders ({env.OLLAMA_ORIGINS}). A request from any
+	// other origin is refused with 403. An empty list, or ["off"], turns
+	// CORS off: no preflights answered, no origin refused, no
+	// Access-Control-* headers. Default: Ollama's list (http and https on
+	// localhost, 127.0.0.1 and 0.0.0.0 with any port, app://*, file://*,
+	// tauri://*, vscode-webview://*, vscode-file://*).
+	CORSOrigins []string `json:"cors_origins,omitempty"`
+
 	// Backends are the Ollama servers this frontend proxies to.
 	Backends []*Backend `json:"backends,omitempty"`
 
@@ -181,6 +197,7 @@ type Handler struct {
 	labelHeader string
 	pinCompl    *pins
 	pinEmbed    *pins
+	cors        *corsPolicy // nil: CORS off
 }
 
 // StickyConfig says how a request's session key is found.
@@ -377,6 +394,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Sticky != nil && len(h.Sticky.Headers) == 0 && !h.Sticky.ClientIP {
 		return errors.New("sticky: name at least one header, or client_ip")
 	}
+	cors, err := newCORSPolicy(h.CORSOrigins, h.corsRequestHeaders())
+	if err != nil {
+		return fmt.Errorf("cors_origins: %w", err)
+	}
+	h.cors = cors
 	var required []requiredModel
 	for _, m := range h.RequiredModels {
 		if strings.TrimSpace(m) == "" {
