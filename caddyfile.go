@@ -52,7 +52,9 @@ var (
 //		max_request_body       <size>
 //		dial_timeout           <duration>
 //		first_byte_timeout     <duration>
+//		response_timeout       <duration>
 //		stream_idle_timeout    <duration>
+//		client_write_timeout   <duration>
 //		max_queue              <count>
 //		queue_timeout          <duration>
 //		allow_embeddings       [true|false]
@@ -128,6 +130,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.FirstByteTimeout, err = parseDuration(d)
 		case "stream_idle_timeout":
 			h.StreamIdleTimeout, err = parseDuration(d)
+		case "response_timeout":
+			h.ResponseTimeout, err = parseDuration(d)
+		case "client_write_timeout":
+			h.ClientWriteTimeout, err = parseDuration(d)
 		case "max_queue":
 			h.MaxQueue, err = parseInt(d, 1)
 		case "queue_timeout":
@@ -262,6 +268,7 @@ func parseBackendSegment(d *caddyfile.Dispenser, names map[string]bool) (*Backen
 //		health_passes     <count>
 //		health_fails      <count>
 //		fail_threshold    <count>
+//		fail_status       <code|Nxx...>
 //
 //		model_refresh     <duration>
 //		pull_concurrency  <count>
@@ -332,6 +339,8 @@ func (b *Backend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			b.HealthFails, err = parseInt(d, 1)
 		case "fail_threshold":
 			b.FailThreshold, err = parseInt(d, 1)
+		case "fail_status":
+			b.FailStatus, err = parseStatusList(d)
 		case "model_refresh":
 			b.ModelRefresh, err = parseDuration(d)
 		case "pull_concurrency":
@@ -544,6 +553,30 @@ func parseHealthStatus(d *caddyfile.Dispenser) (int, error) {
 		return 0, d.Errf("%s: want a status code (100-599) or a class (1xx-5xx), got '%s'", opt, s)
 	}
 	return code, nil
+}
+
+// parseStatusList reads fail_status: one or more codes (502) or classes
+// (5xx), stored as reverse_proxy stores unhealthy_status (a class as its
+// digit).
+func parseStatusList(d *caddyfile.Dispenser) ([]int, error) {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return nil, d.ArgErr()
+	}
+	out := make([]int, 0, len(args))
+	for _, s := range args {
+		if len(s) == 3 && strings.EqualFold(s[1:], "xx") && s[0] >= '1' && s[0] <= '5' {
+			out = append(out, int(s[0]-'0'))
+			continue
+		}
+		code, err := strconv.Atoi(s)
+		if err != nil || len(s) != 3 || code < 100 || code > 599 {
+			return nil, d.Errf("%s: want status codes (100-599) or classes (1xx-5xx), got '%s'", opt, s)
+		}
+		out = append(out, code)
+	}
+	return out, nil
 }
 
 // parsePinOption reads pin_completions or pin_embeddings: one JSON object

@@ -131,6 +131,10 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"zero health_passes", frontend("\t\tbackend a localhost {\n\t\t\thealth_passes 0\n\t\t}"), "health_passes: must be at least 1, got 0", 4},
 		{"negative health_fails", frontend("\t\tbackend a localhost {\n\t\t\thealth_fails -2\n\t\t}"), "health_fails: must be at least 1, got -2", 4},
 		{"non-integer fail_threshold", frontend("\t\tbackend a localhost {\n\t\t\tfail_threshold three\n\t\t}"), "fail_threshold: want an integer, got 'three'", 4},
+		{"fail_status 5x", frontend("\t\tbackend a localhost {\n\t\t\tfail_status 502 5x\n\t\t}"), "fail_status: want status codes (100-599) or classes (1xx-5xx), got '5x'", 4},
+		{"fail_status without codes", frontend("\t\tbackend a localhost {\n\t\t\tfail_status\n\t\t}"), "wrong argument count", 4},
+		{"bad response_timeout", frontend("\t\tresponse_timeout soon\n" + ok), "response_timeout: invalid duration 'soon'", 3},
+		{"zero client_write_timeout", frontend("\t\tclient_write_timeout 0s\n" + ok), "client_write_timeout: must be positive", 3},
 		{"backend error names the backend", frontend("\t\tbackend gpu1 localhost {\n\t\t\tweight 0\n\t\t}"), "backend 'gpu1': weight", 4},
 	}
 

@@ -373,8 +373,9 @@ func cmpOr(v, fallback int) int {
 }
 
 // TestChaosHangAfterHeaders: a server sends 200 and its headers, then nothing. Targets: the
-// stream ends within stream_idle_timeout (plus a margin), the client sees a clean end of the
-// body (no transport error), and the server is marked failed.
+// stream ends within stream_idle_timeout (plus a margin) with an error in the API's format (an
+// {"error":…} line, a data: {"error":{…}} event; no transport error, no done marker), and the
+// server is marked failed.
 func TestChaosHangAfterHeaders(t *testing.T) {
 	const idle = 500 * time.Millisecond
 	for _, path := range []string{"/api/chat", "/v1/chat/completions"} {
@@ -393,14 +394,21 @@ func TestChaosHangAfterHeaders(t *testing.T) {
 			took := time.Since(start)
 			srv := pooled(t, hang.URL)
 			require.NotNil(t, srv)
-			t.Logf("FIGURE hang after headers (%s): status %d from %s, stream ended after %v (stream_idle_timeout %v), read error %v, %d body bytes; server %s (fail streak %d)",
-				path, res.StatusCode, res.Header.Get("X-OllamaFlow-Backend"), took.Round(time.Millisecond), idle, readErr, len(body),
+			t.Logf("FIGURE hang after headers (%s): status %d from %s, stream ended after %v (stream_idle_timeout %v), read error %v, body %q; server %s (fail streak %d)",
+				path, res.StatusCode, res.Header.Get("X-OllamaFlow-Backend"), took.Round(time.Millisecond), idle, readErr, body,
 				healthState(srv.state.Load()), srv.failStreak.Load())
 			assert.Equal(t, http.StatusOK, res.StatusCode)
 			assert.Equal(t, "a", res.Header.Get("X-OllamaFlow-Backend"))
 			assert.GreaterOrEqual(t, took, idle)
 			assert.Less(t, took, idle+500*time.Millisecond, "the stall is cut at stream_idle_timeout")
-			assert.NoError(t, readErr, "the client sees a clean end of the stream")
+			assert.NoError(t, readErr, "the stream ends cleanly, with an error in it")
+			wantErr := `{"error":"backend a sent nothing for 500ms (stream_idle_timeout)`
+			if strings.HasPrefix(path, "/v1/") {
+				wantErr = `data: {"error":{"code":"stream_stalled","message":"backend a sent nothing for 500ms (stream_idle_timeout)`
+			}
+			assert.True(t, strings.HasPrefix(string(body), wantErr), "the client is told the answer is incomplete")
+			assert.NotContains(t, string(body), "[DONE]")
+			assert.NotContains(t, string(body), `"done":true`)
 			assert.Equal(t, stateUnhealthy, healthState(srv.state.Load()), "the hanging server is marked failed")
 			require.Eventually(t, func() bool { return len(hang.Cancellations()) == 1 }, 5*time.Second, 5*time.Millisecond,
 				"the upstream request is cancelled")

@@ -22,12 +22,6 @@ import (
 // rootBody is what Ollama answers on /, which clients use as a liveness check.
 const rootBody = "Ollama is running"
 
-// Sentinel causes for cancelling an attempt.
-var (
-	errFirstByteTimeout = errors.New("no response headers within first_byte_timeout")
-	errStreamIdle       = errors.New("stream idle beyond stream_idle_timeout")
-)
-
 // ServeHTTP classifies the request, gates it, reads and checks its body,
 // and proxies it to a backend.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
@@ -35,6 +29,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	var info requestInfo
 	err := h.serve(sw, r, &info)
 	h.countRequest(sw, info.kind, info.model)
+	if errors.Is(err, errAbortResponse) {
+		// As reverse_proxy does: net/http resets the HTTP/2 stream or
+		// closes the HTTP/1 connection before the body's end, so the client
+		// sees an error instead of a truncated answer that looks whole.
+		panic(http.ErrAbortHandler)
+	}
 	return err
 }
 
@@ -241,6 +241,7 @@ func (h *Handler) requestLabels(r *http.Request) []string {
 // left the client untouched so another backend may be tried.
 type attemptResult struct {
 	done  bool
+	abort bool   // the body was cut where no error can be written: abort the response
 	cause string // what went wrong, for the final error message
 }
 
@@ -250,13 +251,16 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 	tried := make([]*backend, 0, h.retries+1)
 	var last attemptResult
 	for attempt := 0; attempt <= h.retries; attempt++ {
-		avail := cands
+		remaining := cands
 		if len(tried) > 0 {
-			avail = exclude(cands, tried)
+			remaining = exclude(cands, tried)
 		}
-		if len(avail) == 0 {
+		if len(remaining) == 0 {
 			break
 		}
+		// Servers that just answered 503 "server busy" sit out a moment,
+		// unless nothing else is left.
+		avail := notBusy(remaining, time.Now())
 		var b *backend
 		if attempt == 0 && h.Sticky != nil {
 			var how string
@@ -282,8 +286,11 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			}
 		}
 		tried = append(tried, b)
-		final := attempt == h.retries || len(avail) == 1
+		final := attempt == h.retries || len(remaining) == 1
 		last = h.attempt(w, r, api, body, b, final, model, kind)
+		if last.abort {
+			return errAbortResponse
+		}
 		if last.done {
 			return nil
 		}
@@ -297,6 +304,32 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		msg += ": " + last.cause
 	}
 	return h.fail(w, api, http.StatusBadGateway, msg)
+}
+
+// busyBackoff is how long a server that answered 503 "server busy" is
+// passed over while other candidates remain: long enough for its queue to
+// drain a little, short enough that it is back as soon as it has room.
+const busyBackoff = time.Second
+
+// notBusy drops the servers still backing off after a 503 "server busy",
+// unless that would leave none: a busy server is better than no server.
+func notBusy(list []*backend, now time.Time) []*backend {
+	n := 0
+	for _, b := range list {
+		if !b.srv.backingOff(now) {
+			n++
+		}
+	}
+	if n == len(list) || n == 0 {
+		return list
+	}
+	out := make([]*backend, 0, n)
+	for _, b := range list {
+		if !b.srv.backingOff(now) {
+			out = append(out, b)
+		}
+	}
+	return out
 }
 
 func exclude(list, drop []*backend) []*backend {
@@ -323,7 +356,8 @@ func retryable(status int) bool {
 // fails in a way another backend may fix, streams the answer to the client.
 // It always releases the slot.
 func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string, kind routeKind) attemptResult {
-	defer b.srv.release()
+	release := sync.OnceFunc(b.srv.release) // the stall watchdog may free it early
+	defer release()
 	started, concurrent := time.Now(), int(b.srv.inFlight.Load())
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)
@@ -336,10 +370,24 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		return attemptResult{done: true}
 	}
 	out := h.outboundRequest(ctx, r, b, body)
-	firstByte := time.AfterFunc(time.Duration(h.FirstByteTimeout), func() { cancel(errFirstByteTimeout) })
+
+	// A stream must show its headers within first_byte_timeout; a
+	// non-streaming answer, whose headers come only with the whole answer,
+	// gets response_timeout for all of it (the timer runs on through the
+	// body).
+	streams := requestStreams(api, r.URL.Path, body)
+	limit, limitErr := time.Duration(h.FirstByteTimeout), errFirstByteTimeout
+	if !streams {
+		limit, limitErr = time.Duration(h.ResponseTimeout), errResponseTimeout
+	}
+	timer := time.AfterFunc(limit, func() { cancel(limitErr) })
+	defer timer.Stop()
 	res, err := h.roundTrip(b, out)
-	if !firstByte.Stop() && err == nil {
-		// The timer fired as the headers arrived: the attempt is cancelled.
+	if streams {
+		timer.Stop()
+	}
+	if err == nil && ctx.Err() != nil {
+		// Cancelled as the headers arrived (a timer, or the client left).
 		res.Body.Close()
 		err = context.Cause(ctx)
 	}
@@ -347,10 +395,16 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		if r.Context().Err() != nil {
 			return attemptResult{done: true} // client went away: not the backend's fault
 		}
-		if errors.Is(context.Cause(ctx), errFirstByteTimeout) {
+		switch cause := context.Cause(ctx); {
+		case errors.Is(cause, errFirstByteTimeout):
 			b.srv.recordFailure(errFirstByteTimeout.Error())
 			h.logAttempt(b, "first byte timeout", errFirstByteTimeout)
 			_ = h.fail(w, api, http.StatusGatewayTimeout, fmt.Sprintf("backend %s sent no response within %s (first_byte_timeout); the model may still be loading, retry later", b.cfg.Name, time.Duration(h.FirstByteTimeout)))
+			return attemptResult{done: true}
+		case errors.Is(cause, errResponseTimeout):
+			// A long answer is not the server's failure: no charge.
+			h.logAttempt(b, "response timeout", errResponseTimeout)
+			_ = h.fail(w, api, http.StatusGatewayTimeout, fmt.Sprintf("backend %s did not finish the answer within %s (response_timeout); ask for less (num_predict, max_tokens), stream it, or raise response_timeout", b.cfg.Name, time.Duration(h.ResponseTimeout)))
 			return attemptResult{done: true}
 		}
 		err = redactURLError(err)
@@ -360,9 +414,14 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 	}
 
 	metrics.firstByte.WithLabelValues(h.Name, b.cfg.Name, model).Observe(time.Since(started).Seconds())
-	if res.StatusCode >= 500 {
+	switch {
+	case b.failStatus(res.StatusCode):
 		b.srv.recordFailure(fmt.Sprintf("status %d", res.StatusCode))
-	} else {
+	case res.StatusCode == http.StatusServiceUnavailable:
+		// Ollama's "server busy": back-pressure, not a fault. The server
+		// sits out a moment; the breaker does not count it.
+		b.srv.backOff(busyBackoff)
+	default:
 		b.srv.recordSuccess()
 	}
 	if !final {
@@ -384,7 +443,8 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		}
 	}
 	var tail tailKeeper
-	if h.stream(w, r, res, b, ctx, cancel, &tail) && res.StatusCode == http.StatusOK && model != "" {
+	end := h.stream(w, r, res, b, ctx, cancel, release, &tail)
+	if end == endComplete && res.StatusCode == http.StatusOK && model != "" {
 		if kind == kindCompletion || kind == kindEmbedding {
 			b.srv.markLoaded(model) // it just answered: the model is in memory there
 			// Only a completion that generated tokens measures the server's
@@ -396,7 +456,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		}
 		h.recordFinalCounts(b, model, &tail)
 	}
-	return attemptResult{done: true}
+	return attemptResult{done: true, abort: end == endAbort}
 }
 
 type readCloser struct {
@@ -510,62 +570,6 @@ func setForwarded(hdr http.Header, r *http.Request) {
 	}
 }
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
-
-// stream copies the backend's answer to the client byte for byte, flushing
-// after every write so tokens arrive as they are generated. A stall longer
-// than stream_idle_timeout, or a backend that dies mid-stream, ends the
-// stream: it is never restarted, since the client already has part of it.
-// It reports whether the whole body went through.
-func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc, tail *tailKeeper) bool {
-	defer res.Body.Close()
-	hdr := w.Header()
-	stripHopByHop(res.Header)
-	copyBackendHeaders(hdr, res.Header)
-	hdr.Set("X-OllamaFlow-Backend", b.cfg.Name)
-	w.WriteHeader(res.StatusCode)
-
-	rc := http.NewResponseController(w)
-	_ = rc.Flush()
-
-	idle := time.Duration(h.StreamIdleTimeout)
-	idleTimer := time.AfterFunc(idle, func() { cancel(errStreamIdle) })
-	defer idleTimer.Stop()
-
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
-	for {
-		n, rerr := res.Body.Read(buf)
-		if n > 0 {
-			idleTimer.Reset(idle)
-			tail.keep(buf[:n])
-			if _, werr := w.Write(buf[:n]); werr != nil {
-				return false // client gone; deferred cancel stops the backend
-			}
-			if err := rc.Flush(); err != nil {
-				return false
-			}
-		}
-		if rerr == io.EOF {
-			return true
-		}
-		if rerr != nil {
-			switch {
-			case r.Context().Err() != nil:
-				// The client went away; the backend did nothing wrong.
-			case errors.Is(context.Cause(ctx), errStreamIdle):
-				b.srv.recordFailure(errStreamIdle.Error())
-				h.logAttempt(b, "stream stalled, ending it", errStreamIdle)
-			default:
-				b.srv.recordFailure("stream broken: " + redactURLError(rerr).Error())
-				h.logAttempt(b, "stream broken", redactURLError(rerr))
-			}
-			return false
-		}
-	}
-}
-
 func (h *Handler) logAttempt(b *backend, msg string, err error) {
 	if ce := h.logger.Check(zap.WarnLevel, msg); ce != nil {
 		ce.Write(zap.String("frontend", h.Name), zap.String("backend", b.cfg.Name), zap.Error(err))
@@ -600,51 +604,4 @@ func newTransport(dialTimeout func() time.Duration) *http.Transport {
 		ExpectContinueTimeout: time.Second,
 		DisableCompression:    true,
 	}
-}
-
-// coldLoadThreshold is the load_duration above which a request counts as
-// having loaded its model (warm requests report a few milliseconds).
-const coldLoadThreshold = time.Second
-
-// tailKeeper keeps the last bytes of a response body, where Ollama puts
-// its final counts (load_duration, eval_count …) and OpenAI its usage, so
-// they can be read without buffering the stream.
-type tailKeeper struct {
-	buf [2048]byte
-	n   int
-}
-
-func (t *tailKeeper) keep(p []byte) {
-	if len(p) >= len(t.buf) {
-		t.n = copy(t.buf[:], p[len(p)-len(t.buf):])
-		return
-	}
-	if over := t.n + len(p) - len(t.buf); over > 0 {
-		copy(t.buf[:], t.buf[over:t.n])
-		t.n -= over
-	}
-	t.n += copy(t.buf[t.n:], p)
-}
-
-// number is the last integer value of "key" in the tail, or -1.
-func (t *tailKeeper) number(key string) int64 {
-	data := t.buf[:t.n]
-	i := bytes.LastIndex(data, []byte(`"`+key+`":`))
-	if i < 0 {
-		return -1
-	}
-	data = bytes.TrimLeft(data[i+len(key)+3:], " ")
-	var v int64
-	digits := 0
-	for _, c := range data {
-		if c < '0' || c > '9' {
-			break
-		}
-		v = v*10 + int64(c-'0')
-		digits++
-	}
-	if digits == 0 {
-		return -1
-	}
-	return v
 }

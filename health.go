@@ -77,6 +77,9 @@ type server struct {
 	speed    speed       // observed service times, for least_delay
 	// failStreak counts consecutive proxy failures (passive health).
 	failStreak atomic.Int32
+	// busyUntil (Unix nanoseconds) is when a server that answered 503
+	// "server busy" is picked again while other candidates remain.
+	busyUntil atomic.Int64
 
 	mu         sync.Mutex
 	passStreak int // consecutive passing probes
@@ -276,15 +279,39 @@ func (s *server) recordProbe(err error) {
 	}
 }
 
-// recordSuccess notes a proxied request the server answered without a 5xx.
+// failStatus reports whether an answer with status counts as the server's
+// failure (fail_status).
+func (b *backend) failStatus(status int) bool {
+	for _, want := range b.cfg.FailStatus {
+		if statusMatches(status, want) {
+			return true
+		}
+	}
+	return false
+}
+
+// backOff passes the server over for d while other candidates remain: it
+// answered 503 "server busy", which is back-pressure, not a fault, so it
+// neither counts towards the breaker nor resets its failure run.
+func (s *server) backOff(d time.Duration) {
+	s.busyUntil.Store(time.Now().Add(d).UnixNano())
+}
+
+// backingOff reports whether the server is still sitting out a 503.
+func (s *server) backingOff(now time.Time) bool {
+	return now.UnixNano() < s.busyUntil.Load()
+}
+
+// recordSuccess notes a proxied request the server answered with a status
+// outside fail_status (and other than 503).
 func (s *server) recordSuccess() {
 	if s.failStreak.Load() != 0 {
 		s.failStreak.Store(0)
 	}
 }
 
-// recordFailure notes a proxy failure (connection error, 5xx, stalled
-// stream). fail_threshold of them in a row mark the server unhealthy at
+// recordFailure notes a proxy failure (connection error, an answer in
+// fail_status, a first-byte timeout, a broken or stalled stream). fail_threshold of them in a row mark the server unhealthy at
 // once; the active checker brings it back.
 func (s *server) recordFailure(cause string) {
 	n := int(s.failStreak.Add(1))

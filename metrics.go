@@ -24,7 +24,9 @@ var metrics = struct {
 	coldLoads *prometheus.CounterVec
 	queueWait *prometheus.HistogramVec
 	pulls     *prometheus.CounterVec
-	liveState prometheus.Collector
+	// responsesCut counts responses ended after their first byte, by reason.
+	responsesCut *prometheus.CounterVec
+	liveState    prometheus.Collector
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "ollamaflow", Name: "requests_total",
@@ -56,6 +58,10 @@ var metrics = struct {
 		Namespace: "ollamaflow", Name: "pulls_total",
 		Help: "Pulls of required models, by outcome (success or failure).",
 	}, []string{"backend", "model", "outcome"}),
+	responsesCut: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "ollamaflow", Name: "responses_cut_total",
+		Help: "Responses ended after their first byte: backend_failed (connection broke), stream_idle_timeout, response_timeout (the client got an error in the stream, or an aborted body) and client_write_timeout (the client stopped reading).",
+	}, []string{"frontend", "backend", "reason"}),
 	liveState: liveStateCollector{},
 }
 
@@ -67,7 +73,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{metrics.requests, metrics.retries, metrics.firstByte,
-		metrics.tokens, metrics.coldLoads, metrics.queueWait, metrics.pulls, metrics.liveState} {
+		metrics.tokens, metrics.coldLoads, metrics.queueWait, metrics.pulls, metrics.responsesCut, metrics.liveState} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -8,7 +8,8 @@
 // Map of the files:
 //
 //	ollamaflow.go  module registration, config types, Provision/Validate/Cleanup
-//	handler.go     ServeHTTP: gate, read and pin the body, the attempt loop, streaming
+//	handler.go     ServeHTTP: gate, read and pin the body, the attempt loop and its timeouts
+//	stream.go      copying an answer to the client: idle and client-write clocks, honest ends of cut answers
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
 //	cost.go        least_delay: the speed each server is observed to deliver, cold-load cost
@@ -51,17 +52,19 @@ func init() {
 
 // Defaults applied in Provision.
 const (
-	defaultName              = "ollamaflow"
-	defaultPolicy            = "least_delay"
-	defaultRetries           = 2
-	defaultMaxRequestBody    = 64 << 20
-	defaultDialTimeout       = 5 * time.Second
-	defaultFirstByteTimeout  = 5 * time.Minute
-	defaultStreamIdleTimeout = 2 * time.Minute
-	defaultLabelHeader       = "X-OllamaFlow-Label"
-	defaultMaxQueue          = 256
-	defaultQueueTimeout      = 60 * time.Second
-	defaultOllamaPort        = "11434"
+	defaultName               = "ollamaflow"
+	defaultPolicy             = "least_delay"
+	defaultRetries            = 2
+	defaultMaxRequestBody     = 64 << 20
+	defaultDialTimeout        = 5 * time.Second
+	defaultFirstByteTimeout   = 5 * time.Minute
+	defaultStreamIdleTimeout  = 2 * time.Minute
+	defaultResponseTimeout    = 30 * time.Minute
+	defaultClientWriteTimeout = 30 * time.Second
+	defaultLabelHeader        = "X-OllamaFlow-Label"
+	defaultMaxQueue           = 256
+	defaultQueueTimeout       = 60 * time.Second
+	defaultOllamaPort         = "11434"
 
 	defaultHealthURI      = "/"
 	defaultHealthMethod   = http.MethodGet
@@ -97,13 +100,33 @@ type Handler struct {
 	// DialTimeout bounds connecting to a backend. Default: 5s.
 	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
 
-	// FirstByteTimeout bounds the wait for a backend's response headers,
-	// which covers model load and prompt evaluation; 504 beyond. Default: 5m.
+	// FirstByteTimeout bounds the wait for a backend's response headers on a
+	// streaming request ("stream":true, the default of Ollama's native API),
+	// which covers model load and prompt evaluation; 504 beyond, and the
+	// backend is charged a failure. Non-streaming requests are bounded by
+	// ResponseTimeout instead. Default: 5m.
 	FirstByteTimeout caddy.Duration `json:"first_byte_timeout,omitempty"`
 
-	// StreamIdleTimeout is the longest silence allowed between two chunks of
-	// a response body; the stream is ended beyond it. Default: 2m.
+	// ResponseTimeout bounds the whole answer to a non-streaming request
+	// ("stream":false, the default of the OpenAI-compatible API, and
+	// embeddings), headers and body: Ollama sends nothing before such an
+	// answer is complete, so a long generation must not be cut at
+	// first_byte_timeout. 504 beyond (or an aborted response if the body had
+	// begun); a long answer is never charged to the backend as a failure.
+	// Default: 30m.
+	ResponseTimeout caddy.Duration `json:"response_timeout,omitempty"`
+
+	// StreamIdleTimeout is the longest the proxy waits for the next chunk of
+	// a response body from the backend (time spent writing to the client
+	// does not count); beyond it the response ends with an error in the
+	// API's format and the backend is charged a failure. Default: 2m.
 	StreamIdleTimeout caddy.Duration `json:"stream_idle_timeout,omitempty"`
+
+	// ClientWriteTimeout bounds each write of a response to the client: a
+	// client that stops reading for longer is cut off, its backend request
+	// cancelled and its slot freed, and the backend is not blamed.
+	// Default: 30s.
+	ClientWriteTimeout caddy.Duration `json:"client_write_timeout,omitempty"`
 
 	// MaxQueue is the number of requests that may wait for a free backend
 	// slot when every candidate is at its max_parallel cap; 429 beyond.
@@ -288,9 +311,17 @@ type Backend struct {
 	HealthFails int `json:"health_fails,omitempty"`
 
 	// FailThreshold is the number of consecutive proxy failures (connection
-	// errors and 5xx answers) that mark the server unhealthy at once.
-	// Default: 3.
+	// errors, broken or stalled streams, first-byte timeouts and answers in
+	// FailStatus) that mark the server unhealthy at once. Default: 3.
 	FailThreshold int `json:"fail_threshold,omitempty"`
+
+	// FailStatus are the answer statuses that count as the server's
+	// failures for FailThreshold: full codes (502) or class digits (5 means
+	// any 5xx). Default: 502 and 504. A 500 is left out because clients can
+	// provoke it (a num_ctx the server has no memory for), and a 503 "server
+	// busy" is back-pressure: the request moves on and the server is skipped
+	// for a second, but the breaker does not count it unless listed here.
+	FailStatus []int `json:"fail_status,omitempty"`
 
 	// ModelRefresh is how often the server's model lists (/api/tags and
 	// /api/ps) are read while it is healthy. Default: 15s.
@@ -344,10 +375,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.MaxRequestBody = defaultMaxRequestBody
 	}
 	for opt, d := range map[string]*caddy.Duration{
-		"dial_timeout":        &h.DialTimeout,
-		"first_byte_timeout":  &h.FirstByteTimeout,
-		"stream_idle_timeout": &h.StreamIdleTimeout,
-		"queue_timeout":       &h.QueueTimeout,
+		"dial_timeout":         &h.DialTimeout,
+		"first_byte_timeout":   &h.FirstByteTimeout,
+		"stream_idle_timeout":  &h.StreamIdleTimeout,
+		"queue_timeout":        &h.QueueTimeout,
+		"response_timeout":     &h.ResponseTimeout,
+		"client_write_timeout": &h.ClientWriteTimeout,
 	} {
 		if *d < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", opt, time.Duration(*d))
@@ -361,6 +394,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.StreamIdleTimeout == 0 {
 		h.StreamIdleTimeout = caddy.Duration(defaultStreamIdleTimeout)
+	}
+	if h.ResponseTimeout == 0 {
+		h.ResponseTimeout = caddy.Duration(defaultResponseTimeout)
+	}
+	if h.ClientWriteTimeout == 0 {
+		h.ClientWriteTimeout = caddy.Duration(defaultClientWriteTimeout)
 	}
 	if h.QueueTimeout == 0 {
 		h.QueueTimeout = caddy.Duration(defaultQueueTimeout)
@@ -581,6 +620,14 @@ func (b *Backend) provision() error {
 	}
 	if b.FailThreshold == 0 {
 		b.FailThreshold = defaultFailThreshold
+	}
+	if len(b.FailStatus) == 0 {
+		b.FailStatus = []int{http.StatusBadGateway, http.StatusGatewayTimeout}
+	}
+	for _, code := range b.FailStatus {
+		if !validStatusExpectation(code) {
+			return fmt.Errorf("fail_status: want status codes (100-599) or class digits (1-5), got %d", code)
+		}
 	}
 	if b.ModelRefresh == 0 {
 		b.ModelRefresh = caddy.Duration(defaultModelRefresh)

@@ -38,6 +38,7 @@
 //	f.DieMidStream(2)          // two chunks, then the connection is hijacked and closed
 //	f.ErrorMidStream(2, "an error was encountered while running the model: unexpected EOF")
 //	f.SlowFirstByte(time.Second)
+//	fakeollama.Config{MaxContext: 8192} // {"options":{"num_ctx":1000000}} gets 500: out of memory
 //	f.Hold(fakeollama.Completions...); ...; f.Release() // keep requests in flight, deterministically
 //	f.FailPulls("pull model manifest: file does not exist")
 //	f.FailPushes(`Head "https://registry.ollama.ai/v2/library/x/blobs/sha256:…": dial tcp: …`)
@@ -118,6 +119,11 @@ type Config struct {
 	// name it; default "/root/.ollama/models", Ollama's directory when it runs as root (its Docker
 	// image).
 	ModelsDir string
+	// MaxContext is the largest options.num_ctx the box has memory for; a completion or
+	// embedding asking for more answers 500 "model requires more system memory (…) than is
+	// available (…)", as Ollama's scheduler does when the model cannot be loaded that large (a
+	// failure any client can provoke). 0 means no limit.
+	MaxContext int
 	// MaxQueue is the number of requests that may wait for a slot when Parallel is set, like
 	// OLLAMA_MAX_QUEUE; beyond it the fake answers 503 with ServerBusy. 0 means Ollama's default,
 	// 512; a negative value means none may wait (503 as soon as every slot is taken).

@@ -886,3 +886,17 @@ func TestShowDescribesTheGGUF(t *testing.T) {
 	assert.EqualValues(t, 16, info["bert.embedding_length"], "the length of its vectors")
 	assert.Contains(t, info, "bert.pooling_type")
 }
+
+func TestMaxContextIsAnOutOfMemoryLoad(t *testing.T) {
+	t.Parallel()
+	f := newFake(t, fakeollama.Config{MaxContext: 8192})
+	resp, body := post(t, f.URL+"/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false,"OPTIONS":{"num_ctx":1000000}}`)
+	assert.Equal(t, http.StatusInternalServerError, resp.StatusCode)
+	assert.Equal(t, `{"error":"model requires more system memory (61.0 GiB) than is available (0.5 GiB)"}`, body)
+	assert.Empty(t, f.Loaded(), "nothing was loaded")
+
+	resp, body = post(t, f.URL+"/v1/chat/completions", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}]}`)
+	assert.Equal(t, http.StatusOK, resp.StatusCode, "the OpenAI layer passes no num_ctx: %s", body)
+	resp, body = post(t, f.URL+"/api/generate", `{"model":"tiny-llama","prompt":"hi","stream":false,"options":{"num_ctx":8192}}`)
+	assert.Equal(t, http.StatusOK, resp.StatusCode, body)
+}

@@ -298,6 +298,12 @@ func (s *Server) lookup(name string) (model, bool) {
 // taking LoadDelay when it was not. The slot is held until the work is done, before the final
 // chunk is written (or until the request ends, whichever comes first).
 func (c *call) load(m model) bool {
+	if limit := c.s.cfg.MaxContext; limit > 0 {
+		if n := c.numCtx(); n > limit {
+			c.outOfMemory(n, limit)
+			return false
+		}
+	}
 	if ok, busy := c.acquireSlot(); !ok {
 		if busy {
 			c.busy()
@@ -319,6 +325,31 @@ func (c *call) load(m model) bool {
 		c.s.loaded = append(c.s.loaded, m.key)
 	}
 	return true
+}
+
+// numCtx reads options.num_ctx from the request body as Ollama does (encoding/json: keys match
+// case-insensitively); 0 when absent.
+func (c *call) numCtx() int {
+	var req struct {
+		Options struct {
+			NumCtx float64 `json:"num_ctx"`
+		} `json:"options"`
+	}
+	_ = json.Unmarshal(c.body, &req)
+	return int(req.Options.NumCtx)
+}
+
+// outOfMemory answers the way Ollama's scheduler does when a model cannot be loaded with the
+// context asked for: 500 with llm's error, in the format of the API the request came in on.
+// The sizes are made up (64 KiB per token of context), like the fake's models.
+func (c *call) outOfMemory(numCtx, limit int) {
+	gib := func(tokens int) string { return fmt.Sprintf("%.1f GiB", float64(tokens)*64/(1<<20)) }
+	msg := fmt.Sprintf("model requires more system memory (%s) than is available (%s)", gib(numCtx), gib(limit))
+	if strings.HasPrefix(c.r.URL.Path, "/v1/") {
+		c.openaiModelError(http.StatusInternalServerError, msg)
+		return
+	}
+	c.ollamaError(http.StatusInternalServerError, msg)
 }
 
 // Generation.

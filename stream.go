@@ -1,0 +1,402 @@
+package ollamaflow
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Streaming: copying a backend's answer to the client, and ending it
+// honestly when the backend fails after the first byte.
+//
+// Three clocks run while an answer is copied, each blaming the right party:
+//   - stream_idle_timeout measures only the wait for the backend (the time
+//     blocked reading its body); a stall is the backend's failure;
+//   - client_write_timeout bounds each write to the client; a client that
+//     stops reading is cut off, and nobody else is blamed;
+//   - response_timeout (non-streaming requests only) bounds the whole
+//     answer, started in attempt; a long answer is nobody's failure.
+
+// Causes of a cancelled attempt, read back with context.Cause.
+var (
+	errFirstByteTimeout = errors.New("no response headers within first_byte_timeout")
+	errResponseTimeout  = errors.New("no complete answer within response_timeout")
+	errStreamIdle       = errors.New("stream idle beyond stream_idle_timeout")
+	errClientStalled    = errors.New("client stopped reading beyond client_write_timeout")
+)
+
+// errAbortResponse tells ServeHTTP to abort the response (reset the HTTP/2
+// stream, close the HTTP/1 connection before the body's end) rather than
+// let a truncated body look complete.
+var errAbortResponse = errors.New("response aborted mid-body")
+
+// streamEnd says how copying an answer ended.
+type streamEnd int
+
+const (
+	endComplete   streamEnd = iota // the whole body went through
+	endClientGone                  // the client left or stopped reading: nobody to tell
+	endReported                    // the backend failed; the stream ends with an error in the API's format
+	endAbort                       // the backend failed in a body that cannot carry an error: abort it
+)
+
+// bodyFormat is how a response body is framed, which decides how a failure
+// after the first byte can be reported in it.
+type bodyFormat int
+
+const (
+	bodyOther  bodyFormat = iota // one JSON document (or anything else): cannot carry a late error
+	bodyNDJSON                   // Ollama's streams: a last {"error":"…"} line
+	bodySSE                      // OpenAI's streams: a data: {"error":{…}} event
+)
+
+func formatOf(contentType string) bodyFormat {
+	mt, _, _ := mime.ParseMediaType(contentType)
+	switch mt {
+	case "application/x-ndjson":
+		return bodyNDJSON
+	case "text/event-stream":
+		return bodySSE
+	}
+	return bodyOther
+}
+
+// requestStreams reports whether the backend will answer body with a
+// stream (NDJSON or SSE) rather than one JSON document, which decides
+// whether first_byte_timeout or response_timeout bounds the wait. Ollama's
+// native completions and model transfers (pull, push, create) stream unless
+// "stream" is false; the OpenAI-compatible API streams only when "stream"
+// is true; nothing else streams. The key is matched as Ollama's
+// encoding/json matches it (case-insensitively with Unicode simple folding,
+// escapes decoded, the last duplicate winning); a value that is not a
+// boolean leaves the default, as Ollama refuses such a body anyway.
+func requestStreams(api apiFormat, path string, body []byte) bool {
+	var def bool
+	switch path {
+	case "/api/generate", "/api/chat", "/api/pull", "/api/push", "/api/create":
+		def = true
+	case "/v1/chat/completions", "/v1/completions":
+		def = false
+	default:
+		return false
+	}
+	trimmed := bytes.TrimLeft(body, " \t\r\n")
+	if len(trimmed) == 0 || trimmed[0] != '{' {
+		return def
+	}
+	val := ""
+	_ = eachMember(string(trimmed), 1, func(key string, escaped bool, value string) {
+		name := key[1 : len(key)-1]
+		if escaped {
+			name = string(appendUnquoted(nil, key))
+		}
+		if strings.EqualFold(name, "stream") {
+			val = value
+		}
+	})
+	switch val {
+	case "true":
+		return true
+	case "false":
+		return false
+	}
+	return def
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// stream copies the backend's answer to the client byte for byte, flushing
+// after every write so tokens arrive as they are generated. A backend that
+// dies or stalls after the first byte ends the stream with an error in the
+// API's format (a body that cannot carry one is aborted): the stream is
+// never restarted, since the client already has part of it, and never
+// ended so that a truncated answer looks complete. release frees the slot
+// early when a client that stops reading cannot be cut off at once.
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc, release func(), tail *tailKeeper) streamEnd {
+	defer res.Body.Close()
+	hdr := w.Header()
+	stripHopByHop(res.Header)
+	copyBackendHeaders(hdr, res.Header)
+	hdr.Set("X-OllamaFlow-Backend", b.cfg.Name)
+
+	cw := newClientWriter(w, time.Duration(h.ClientWriteTimeout), func() {
+		cancel(errClientStalled)
+		release()
+	})
+	defer cw.stop()
+	if err := cw.writeHeader(res.StatusCode); err != nil {
+		return h.clientFailed(b, cw, cancel)
+	}
+
+	// The idle timer runs only while waiting for the backend: armed before
+	// each read, stopped as it returns, so a slow client is never mistaken
+	// for a stalled backend.
+	idle := time.Duration(h.StreamIdleTimeout)
+	idleTimer := time.AfterFunc(idle, func() { cancel(errStreamIdle) })
+	defer idleTimer.Stop()
+
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	for {
+		idleTimer.Reset(idle)
+		n, rerr := res.Body.Read(buf)
+		idleTimer.Stop()
+		if n > 0 {
+			tail.keep(buf[:n])
+			if err := cw.write(buf[:n]); err != nil {
+				return h.clientFailed(b, cw, cancel)
+			}
+		}
+		if rerr == io.EOF {
+			return endComplete
+		}
+		if rerr != nil {
+			if r.Context().Err() != nil || cw.stalled.Load() {
+				return endClientGone // the client left; the backend did nothing wrong
+			}
+			return h.backendFailed(b, cw, res, ctx, rerr)
+		}
+	}
+}
+
+// backendFailed ends a response whose backend failed after the first byte:
+// it charges the backend when the failure is its own, logs and counts the
+// cut once, and tells the client in the body's format.
+func (h *Handler) backendFailed(b *backend, cw *clientWriter, res *http.Response, ctx context.Context, rerr error) streamEnd {
+	var reason, msg, code string
+	switch cause := context.Cause(ctx); {
+	case errors.Is(cause, errStreamIdle):
+		reason, code = "stream_idle_timeout", "stream_stalled"
+		msg = fmt.Sprintf("backend %s sent nothing for %s (stream_idle_timeout); the answer is incomplete, retry the request", b.cfg.Name, time.Duration(h.StreamIdleTimeout))
+		b.srv.recordFailure(errStreamIdle.Error())
+		h.logAttempt(b, "stream stalled, ending it with an error", errStreamIdle)
+	case errors.Is(cause, errResponseTimeout):
+		// A long answer is not a failure of the server: no charge.
+		reason, code = "response_timeout", "timeout"
+		msg = fmt.Sprintf("backend %s did not finish the answer within %s (response_timeout); the answer is incomplete", b.cfg.Name, time.Duration(h.ResponseTimeout))
+		h.logAttempt(b, "answer cut at response_timeout", errResponseTimeout)
+	default:
+		reason, code = "backend_failed", "stream_broken"
+		words := brokenInWords(rerr)
+		msg = fmt.Sprintf("backend %s failed mid-answer: %s; the answer is incomplete, retry the request", b.cfg.Name, words)
+		b.srv.recordFailure("stream broken: " + words)
+		h.logAttempt(b, "stream broken, ending it with an error", redactURLError(rerr))
+	}
+	metrics.responsesCut.WithLabelValues(h.Name, b.cfg.Name, reason).Inc()
+
+	format := formatOf(res.Header.Get("Content-Type"))
+	if format == bodyOther {
+		// One JSON document cut short: nothing can be appended that a
+		// client would read as an error, and a clean end would pass the
+		// truncated body off as whole. Send what arrived, then abort.
+		cw.flush()
+		return endAbort
+	}
+	_ = cw.endWithError(format, msg, code)
+	return endReported
+}
+
+// brokenInWords describes a broken backend connection without the
+// addresses its error carries (they are internal).
+func brokenInWords(err error) string {
+	switch {
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+		return "the connection closed before the answer was complete"
+	case errors.Is(err, syscall.ECONNRESET):
+		return "the connection was reset"
+	case errors.Is(err, syscall.EPIPE):
+		return "the connection broke"
+	}
+	var ne interface{ Timeout() bool }
+	if errors.As(err, &ne) && ne.Timeout() {
+		return "reading from it timed out"
+	}
+	return "reading its answer failed"
+}
+
+// clientFailed handles a write to the client that failed: the client left,
+// or stopped reading for client_write_timeout. The backend request is
+// cancelled (freeing its slot when attempt returns) and nobody is charged.
+func (h *Handler) clientFailed(b *backend, cw *clientWriter, cancel context.CancelCauseFunc) streamEnd {
+	if cw.stalled.Load() {
+		cancel(errClientStalled)
+		metrics.responsesCut.WithLabelValues(h.Name, b.cfg.Name, "client_write_timeout").Inc()
+		if ce := h.logger.Check(zap.InfoLevel, "client stopped reading, cutting it off"); ce != nil {
+			ce.Write(zap.String("frontend", h.Name), zap.String("backend", b.cfg.Name), zap.Duration("client_write_timeout", cw.timeout))
+		}
+	}
+	return endClientGone
+}
+
+// clientWriter writes a response under client_write_timeout: each write
+// and flush gets a deadline (http.ResponseController.SetWriteDeadline). A
+// writer without deadlines gets a watchdog instead, which cancels the
+// backend request and frees the slot when a write blocks too long; the
+// blocked write itself then ends when the server's own timeouts close the
+// connection.
+type clientWriter struct {
+	w        http.ResponseWriter
+	rc       *http.ResponseController
+	timeout  time.Duration
+	onStall  func() // the watchdog's action
+	noDL     bool   // SetWriteDeadline is not supported
+	watchdog *time.Timer
+	stalled  atomic.Bool
+	written  int64
+	last     [2]byte // the last two bytes written, to start an error on a fresh line
+}
+
+func newClientWriter(w http.ResponseWriter, timeout time.Duration, onStall func()) *clientWriter {
+	return &clientWriter{w: w, rc: http.NewResponseController(w), timeout: timeout, onStall: onStall}
+}
+
+func (c *clientWriter) arm() {
+	if !c.noDL {
+		err := c.rc.SetWriteDeadline(time.Now().Add(c.timeout))
+		if err == nil {
+			return
+		}
+		c.noDL = true
+	}
+	if c.watchdog == nil {
+		c.watchdog = time.AfterFunc(c.timeout, func() {
+			c.stalled.Store(true)
+			c.onStall()
+		})
+		return
+	}
+	c.watchdog.Reset(c.timeout)
+}
+
+// disarm stops the watchdog and notes a write that failed at its deadline.
+func (c *clientWriter) disarm(started time.Time, err error) error {
+	if c.watchdog != nil {
+		c.watchdog.Stop()
+	}
+	if err != nil && time.Since(started) >= c.timeout {
+		c.stalled.Store(true)
+	}
+	return err
+}
+
+func (c *clientWriter) writeHeader(status int) error {
+	started := time.Now()
+	c.arm()
+	c.w.WriteHeader(status)
+	return c.disarm(started, c.rc.Flush())
+}
+
+func (c *clientWriter) write(p []byte) error {
+	started := time.Now()
+	c.arm()
+	_, err := c.w.Write(p)
+	if err == nil {
+		err = c.rc.Flush()
+	}
+	if len(p) >= 2 {
+		c.last = [2]byte{p[len(p)-2], p[len(p)-1]}
+	} else if len(p) == 1 {
+		c.last = [2]byte{c.last[1], p[0]}
+	}
+	c.written += int64(len(p))
+	return c.disarm(started, err)
+}
+
+func (c *clientWriter) flush() {
+	started := time.Now()
+	c.arm()
+	_ = c.disarm(started, c.rc.Flush())
+}
+
+func (c *clientWriter) stop() {
+	if c.watchdog != nil {
+		c.watchdog.Stop()
+	}
+}
+
+// endWithError appends an error to a stream, on a line (or, for SSE, in
+// an event) of its own: the cut may have come mid-line. It never adds a
+// done marker or [DONE].
+func (c *clientWriter) endWithError(format bodyFormat, msg, code string) error {
+	var out []byte
+	switch format {
+	case bodyNDJSON:
+		if c.written > 0 && c.last[1] != '\n' {
+			out = append(out, '\n')
+		}
+		line, _ := json.Marshal(map[string]string{"error": msg})
+		out = append(append(out, line...), '\n')
+	case bodySSE:
+		// An event ends at a blank line; close a cut one first.
+		switch {
+		case c.written == 0:
+		case c.last[1] != '\n':
+			out = append(out, "\n\n"...)
+		case c.last[0] != '\n':
+			out = append(out, '\n')
+		}
+		event, _ := json.Marshal(map[string]any{"error": map[string]any{"message": msg, "type": "server_error", "code": code}})
+		out = append(append(append(out, "data: "...), event...), "\n\n"...)
+	}
+	return c.write(out)
+}
+
+// coldLoadThreshold is the load_duration above which a request counts as
+// having loaded its model (warm requests report a few milliseconds).
+const coldLoadThreshold = time.Second
+
+// tailKeeper keeps the last bytes of a response body, where Ollama puts
+// its final counts (load_duration, eval_count …) and OpenAI its usage, so
+// they can be read without buffering the stream.
+type tailKeeper struct {
+	buf [2048]byte
+	n   int
+}
+
+func (t *tailKeeper) keep(p []byte) {
+	if len(p) >= len(t.buf) {
+		t.n = copy(t.buf[:], p[len(p)-len(t.buf):])
+		return
+	}
+	if over := t.n + len(p) - len(t.buf); over > 0 {
+		copy(t.buf[:], t.buf[over:t.n])
+		t.n -= over
+	}
+	t.n += copy(t.buf[t.n:], p)
+}
+
+// number is the last integer value of "key" in the tail, or -1.
+func (t *tailKeeper) number(key string) int64 {
+	data := t.buf[:t.n]
+	i := bytes.LastIndex(data, []byte(`"`+key+`":`))
+	if i < 0 {
+		return -1
+	}
+	data = bytes.TrimLeft(data[i+len(key)+3:], " ")
+	var v int64
+	digits := 0
+	for _, c := range data {
+		if c < '0' || c > '9' {
+			break
+		}
+		v = v*10 + int64(c-'0')
+		digits++
+	}
+	if digits == 0 {
+		return -1
+	}
+	return v
+}

@@ -1,0 +1,136 @@
+package ollamaflow
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestRequestStreams(t *testing.T) {
+	cases := []struct {
+		path, body string
+		want       bool
+	}{
+		// Ollama's native API streams unless told not to.
+		{"/api/chat", `{"model":"m"}`, true},
+		{"/api/chat", `{"model":"m","stream":false}`, false},
+		{"/api/generate", `{"model":"m","stream":true}`, true},
+		{"/api/generate", `{"model":"m","stream":null}`, true},
+		{"/api/pull", `{"model":"m","stream":false}`, false},
+		{"/api/push", `{"model":"m"}`, true},
+		{"/api/create", `{"model":"m"}`, true},
+		// encoding/json's matching: any case, Unicode folding, escapes, last wins.
+		{"/api/chat", `{"model":"m","STREAM":false}`, false},
+		{"/api/chat", `{"model":"m","ſtream":false}`, false},
+		{"/api/chat", `{"model":"m","\u0073tream":false}`, false},
+		{"/api/chat", `{"model":"m","stream":false,"Stream":true}`, true},
+		{"/api/chat", `{"model":"m","stream":true,"stream":false}`, false},
+		{"/api/chat", `{"options":{"stream":false},"model":"m"}`, true},
+		{"/api/chat", `{"model":"m","stream":"false"}`, true}, // not a boolean: Ollama refuses it
+		// The OpenAI-compatible API streams only when asked.
+		{"/v1/chat/completions", `{"model":"m"}`, false},
+		{"/v1/chat/completions", `{"model":"m","stream":true}`, true},
+		{"/v1/completions", `{"model":"m","Stream":true}`, true},
+		{"/v1/completions", `{"model":"m","stream":false}`, false},
+		// Nothing else streams.
+		{"/api/embed", `{"model":"m","stream":true}`, false},
+		{"/api/show", `{"model":"m"}`, false},
+		{"/v1/embeddings", `{"model":"m","stream":true}`, false},
+		{"/api/version", ``, false},
+	}
+	for _, c := range cases {
+		assert.Equal(t, c.want, requestStreams(apiOf(c.path), c.path, []byte(c.body)), "%s %s", c.path, c.body)
+	}
+}
+
+// FuzzRequestStreams checks requestStreams against encoding/json, which is
+// how Ollama reads "stream": wherever Ollama accepts the body, both agree.
+func FuzzRequestStreams(f *testing.F) {
+	for _, s := range []string{`{"stream":false}`, `{"STREAM":true}`, `{"ſtream":false}`, `{"\u0053tream":false,"x":[1,{"stream":true}]}`,
+		`{"stream":true,"stream":false}`, `{"stream":null}`, `{"a":"\"stream\":false"}`, ` {"stream" : false } `} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, body string) {
+		var req struct {
+			Stream *bool `json:"stream"`
+		}
+		if err := json.Unmarshal([]byte(body), &req); err != nil || !isJSONObject([]byte(body)) {
+			requestStreams(apiOllama, "/api/chat", []byte(body)) // must not panic
+			return
+		}
+		want := req.Stream == nil || *req.Stream
+		if got := requestStreams(apiOllama, "/api/chat", []byte(body)); got != want {
+			t.Fatalf("requestStreams(%q) = %v, encoding/json says %v", body, got, want)
+		}
+		wantOpenAI := req.Stream != nil && *req.Stream
+		if got := requestStreams(apiOpenAI, "/v1/chat/completions", []byte(body)); got != wantOpenAI {
+			t.Fatalf("requestStreams(/v1, %q) = %v, encoding/json says %v", body, got, wantOpenAI)
+		}
+	})
+}
+
+func TestFormatOf(t *testing.T) {
+	assert.Equal(t, bodyNDJSON, formatOf("application/x-ndjson"))
+	assert.Equal(t, bodySSE, formatOf("text/event-stream; charset=utf-8"))
+	assert.Equal(t, bodyOther, formatOf("application/json; charset=utf-8"))
+	assert.Equal(t, bodyOther, formatOf(""))
+}
+
+// The error that ends a cut stream starts on a line (an event) of its own,
+// wherever the cut fell, and carries no done marker.
+func TestEndWithErrorStartsOnAFreshLine(t *testing.T) {
+	cases := []struct {
+		format     bodyFormat
+		sent, want string
+	}{
+		{bodyNDJSON, "", `{"error":"boom"}` + "\n"},
+		{bodyNDJSON, "{\"a\":1}\n", "{\"a\":1}\n" + `{"error":"boom"}` + "\n"},
+		{bodyNDJSON, `{"a":`, `{"a":` + "\n" + `{"error":"boom"}` + "\n"},
+		{bodySSE, "", `data: {"error":{"code":"c","message":"boom","type":"server_error"}}` + "\n\n"},
+		{bodySSE, "data: {}\n\n", "data: {}\n\n" + `data: {"error":{"code":"c","message":"boom","type":"server_error"}}` + "\n\n"},
+		{bodySSE, "data: {}\n", "data: {}\n\n" + `data: {"error":{"code":"c","message":"boom","type":"server_error"}}` + "\n\n"},
+		{bodySSE, "data: {", "data: {\n\n" + `data: {"error":{"code":"c","message":"boom","type":"server_error"}}` + "\n\n"},
+	}
+	for _, c := range cases {
+		rec := httptest.NewRecorder()
+		cw := newClientWriter(rec, time.Minute, func() { t.Error("the watchdog fired") })
+		require.NoError(t, cw.writeHeader(http.StatusOK))
+		for i := range len(c.sent) { // byte by byte: the last-bytes bookkeeping sees every split
+			require.NoError(t, cw.write([]byte(c.sent[i:i+1])))
+		}
+		require.NoError(t, cw.endWithError(c.format, "boom", "c"))
+		cw.stop()
+		assert.Equal(t, c.want, rec.Body.String(), "after %q", c.sent)
+	}
+}
+
+func TestBusyBackoff(t *testing.T) {
+	now := time.Now()
+	a, b := &backend{srv: &server{}}, &backend{srv: &server{}}
+	assert.Equal(t, []*backend{a, b}, notBusy([]*backend{a, b}, now))
+	a.srv.busyUntil.Store(now.Add(busyBackoff).UnixNano())
+	assert.True(t, a.srv.backingOff(now))
+	assert.Equal(t, []*backend{b}, notBusy([]*backend{a, b}, now), "a busy server sits out while others remain")
+	assert.Equal(t, []*backend{a}, notBusy([]*backend{a}, now), "but not when it is the only one")
+	assert.False(t, a.srv.backingOff(now.Add(busyBackoff)), "and only for busyBackoff")
+	assert.Equal(t, []*backend{a, b}, notBusy([]*backend{a, b}, now.Add(busyBackoff)))
+}
+
+func TestFailStatus(t *testing.T) {
+	b := &backend{cfg: &Backend{Name: "a", URL: "localhost"}}
+	require.NoError(t, b.cfg.provision())
+	for code, want := range map[int]bool{500: false, 502: true, 503: false, 504: true, 404: false, 200: false} {
+		assert.Equal(t, want, b.failStatus(code), "default fail_status, %d", code)
+	}
+	b.cfg.FailStatus = []int{5, 429}
+	for code, want := range map[int]bool{500: true, 503: true, 429: true, 404: false} {
+		assert.Equal(t, want, b.failStatus(code), "fail_status 5xx 429, %d", code)
+	}
+	bad := &Backend{Name: "a", URL: "localhost", FailStatus: []int{42}}
+	assert.ErrorContains(t, bad.provision(), "fail_status")
+}
