@@ -464,3 +464,147 @@ func TestChaosClientDisconnect(t *testing.T) {
 	assert.Zero(t, srv.failStreak.Load(), "a client that leaves is not the server's failure")
 	assert.Equal(t, stateHealthy, healthState(srv.state.Load()))
 }
+
+// watchHealth samples the servers' health every 100µs until stop is closed and returns how
+// many times each was seen unhealthy.
+func watchHealth(srvs []*server, stop <-chan struct{}) <-chan []int {
+	out := make(chan []int, 1)
+	go func() {
+		downs := make([]int, len(srvs))
+		for {
+			for i, s := range srvs {
+				if healthState(s.state.Load()) == stateUnhealthy {
+					downs[i]++
+				}
+			}
+			select {
+			case <-stop:
+				out <- downs
+				return
+			case <-time.After(100 * time.Microsecond):
+			}
+		}
+	}()
+	return out
+}
+
+// TestChaosCraftedFiveHundreds: while honest traffic runs over three servers, a client sends 50
+// requests that server a cannot serve (a num_ctx it has no memory for: Ollama answers 500
+// "model requires more system memory …"), steered onto a with a label. Targets: a answers all
+// 50 with 500 (they pass through to the client that asked), no server ever leaves rotation, and
+// no honest request fails.
+func TestChaosCraftedFiveHundreds(t *testing.T) {
+	const honest, conc, crafted = 3000, 8, 50
+	var fs []*fakeollama.Server
+	for i := range 3 {
+		cfg := fakeollama.Config{Models: []string{"tiny-llama"}, Loaded: []string{"tiny-llama"}, Tokens: 3, FirstByteDelay: time.Millisecond, Parallel: 4}
+		if i == 0 {
+			cfg.MaxContext = 8192 // only a lacks the memory
+		}
+		f := fakeollama.New(cfg)
+		t.Cleanup(f.Close)
+		fs = append(fs, f)
+	}
+	loadCaddy(t, fmt.Sprintf("backend a %s {\nlabels small\n}\nbackend b %s\nbackend c %s", fs[0].URL, fs[1].URL, fs[2].URL))
+	waitKnown(t, fs)
+	var srvs []*server
+	for _, f := range fs {
+		srvs = append(srvs, pooled(t, f.URL))
+	}
+
+	stop := make(chan struct{})
+	downs := watchHealth(srvs, stop)
+	var craftedStatus sync.Map
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		// Five at a time, so that a's answers come in runs, as an attacker would send them.
+		var inner sync.WaitGroup
+		for i := range crafted {
+			inner.Go(func() {
+				req, _ := http.NewRequest(http.MethodPost, siteURL+"/api/chat", strings.NewReader(`{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false,"options":{"num_ctx":10000000}}`))
+				req.Header.Set("X-OllamaFlow-Label", "small")
+				res, err := chaosClient.Do(req)
+				if err != nil {
+					craftedStatus.Store(i, err.Error())
+					return
+				}
+				body, _ := io.ReadAll(res.Body)
+				res.Body.Close()
+				craftedStatus.Store(i, fmt.Sprintf("%d %s %s", res.StatusCode, res.Header.Get("X-OllamaFlow-Backend"), bytes.TrimSpace(body)))
+			})
+			if i%5 == 4 {
+				inner.Wait()
+			}
+		}
+		inner.Wait()
+	})
+	outs := chaosLoad(honest, conc, nil)
+	wg.Wait()
+	close(stop)
+	seenDown := <-downs
+
+	fiveHundreds := 0
+	craftedStatus.Range(func(_, v any) bool {
+		if strings.HasPrefix(v.(string), "500 a ") && strings.Contains(v.(string), "model requires more system memory") {
+			fiveHundreds++
+		}
+		return true
+	})
+	failed, some := failures(outs)
+	served := servedBy(outs)
+	t.Logf("FIGURE crafted 500s: %d requests with num_ctx 10M steered onto a amid %d honest requests at concurrency %d: a answered 500 to %d (target %d); samples with a server out of rotation a=%d b=%d c=%d (target 0); honest failures %d (target 0); honest served a=%d b=%d c=%d; a's fail streak %d",
+		crafted, honest, conc, fiveHundreds, crafted, seenDown[0], seenDown[1], seenDown[2], failed, served["a"], served["b"], served["c"], srvs[0].failStreak.Load())
+	assert.Equal(t, crafted, fiveHundreds)
+	assert.Equal(t, []int{0, 0, 0}, seenDown, "no server left rotation")
+	assert.Zero(t, failed, "honest failures: %v", some)
+	assert.Positive(t, served["a"], "a kept serving honest traffic")
+}
+
+// TestChaosBusyServerKeepsServing: server "busy" has 2 slots and no queue of its own, so under
+// load it answers 503 "server busy" to anything beyond them (Ollama with OLLAMA_MAX_QUEUE
+// reached); server "ok" has room. The proxy does not know busy's capacity (no max_parallel).
+// Targets: no client error (each 503 moves on to ok), busy never leaves rotation and serves
+// throughout the overload, and once the overload ends it serves again within the back-off.
+func TestChaosBusyServerKeepsServing(t *testing.T) {
+	const total, conc = 3000, 12
+	busy := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Loaded: []string{"tiny-llama"}, Tokens: 3, FirstByteDelay: 20 * time.Millisecond, Parallel: 2, MaxQueue: -1})
+	t.Cleanup(busy.Close)
+	ok := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Loaded: []string{"tiny-llama"}, Tokens: 3, FirstByteDelay: 20 * time.Millisecond, Parallel: 16})
+	t.Cleanup(ok.Close)
+	loadCaddy(t, fmt.Sprintf("lb_policy round_robin\nbackend busy %s\nbackend ok %s", busy.URL, ok.URL))
+	fs := []*fakeollama.Server{busy, ok}
+	waitKnown(t, fs)
+	sb := pooled(t, busy.URL)
+
+	stop := make(chan struct{})
+	downs := watchHealth([]*server{sb}, stop)
+	start := time.Now()
+	outs := chaosLoad(total, conc, nil)
+	elapsed := time.Since(start)
+	ended := time.Now()
+	failed, some := failures(outs)
+	served := servedBy(outs)
+	rejected := busy.Rejected()
+
+	// Overload over: the next requests (round robin) reach busy again once its back-off ends.
+	var back time.Duration
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		o := chaosSend(context.Background(), "/api/chat", chaosChat, "")
+		require.True(t, o.ok(), o.err)
+		if o.backend == "busy" {
+			back = time.Since(ended)
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(stop)
+	seenDown := <-downs
+	t.Logf("FIGURE busy server: %d requests at concurrency %d over %.1fs to busy (2 slots, no queue) and ok: busy answered 503 %d times, served %d (%.1f/s) during the overload; samples with busy out of rotation %d (target 0); client errors %d (target 0); after the overload busy served again %v after it ended (target ≤ %v back-off + 500ms); fail streak %d",
+		total, conc, elapsed.Seconds(), rejected, served["busy"], float64(served["busy"])/elapsed.Seconds(), seenDown[0], failed, back.Round(time.Millisecond), busyBackoff, sb.failStreak.Load())
+	assert.Positive(t, rejected, "busy was overloaded")
+	assert.Zero(t, seenDown[0], "busy never left rotation")
+	assert.Zero(t, failed, "client errors: %v", some)
+	assert.Positive(t, served["busy"], "busy served during the overload")
+	assert.Positive(t, back, "busy served after the overload")
+	assert.LessOrEqual(t, back, busyBackoff+500*time.Millisecond)
+}

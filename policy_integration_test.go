@@ -71,6 +71,7 @@ func TestPinsThroughTheProxy(t *testing.T) {
 	assert.Equal(t, 7.0, opts["seed"])
 	assert.Equal(t, 0.2, opts["temperature"])
 	a.ClearFaults()
+	pooled(t, a.URL).busyUntil.Store(0) // a sits out a second after its 503; not for this test
 
 	// Embeddings get no completion pins.
 	res, body = post(t, "/api/embed", `{"model":"tiny-llama","input":"x","options":{"num_ctx":5}}`)

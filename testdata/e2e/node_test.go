@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
@@ -18,17 +19,9 @@ func TestNodeClients(t *testing.T) {
 	scenario(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	for _, tool := range []string{"node", "npm"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("%s is not on PATH: the npm scenario needs Node.js 20 or later", tool)
-		}
-	}
 
-	// The exact versions of package-lock.json (ollama 0.6.4, openai 7.55.0).
-	install := exec.CommandContext(ctx, "npm", "ci", "--no-audit", "--no-fund", "--loglevel=error")
-	install.Dir = "node"
-	if out, err := install.CombinedOutput(); err != nil {
-		t.Fatalf("npm ci: %v\n%s", err, out)
+	if err := npmCI(ctx); err != nil {
+		t.Fatal(err)
 	}
 
 	cmd := exec.CommandContext(ctx, "node", "clients.mjs")
@@ -81,4 +74,19 @@ func TestNodeClients(t *testing.T) {
 			t.Logf("%s: %+v", name, r.Result)
 		}
 	}
+}
+
+// npmCI installs the exact versions of node/package-lock.json (ollama 0.6.4, openai 7.55.0).
+func npmCI(ctx context.Context) error {
+	for _, tool := range []string{"node", "npm"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s is not on PATH: the npm scenarios need Node.js 20 or later", tool)
+		}
+	}
+	install := exec.CommandContext(ctx, "npm", "ci", "--no-audit", "--no-fund", "--loglevel=error")
+	install.Dir = "node"
+	if out, err := install.CombinedOutput(); err != nil {
+		return fmt.Errorf("npm ci: %v\n%s", err, out)
+	}
+	return nil
 }
