@@ -306,9 +306,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 	return h.fail(w, api, http.StatusBadGateway, msg)
 }
 
-// busyBackoff is how long a server that answered 503 "server busy" is
-// passed over while other candidates remain: long enough for its queue to
-// drain a little, short enough that it is back as soon as it has room.
+// busyBackoff is the longest a server that answered 503 "server busy" is
+// passed over while other candidates remain; it is back sooner when one of
+// the requests it was serving finishes (see server.backingOff).
 const busyBackoff = time.Second
 
 // notBusy drops the servers still backing off after a 503 "server busy",

@@ -78,8 +78,11 @@ type server struct {
 	// failStreak counts consecutive proxy failures (passive health).
 	failStreak atomic.Int32
 	// busyUntil (Unix nanoseconds) is when a server that answered 503
-	// "server busy" is picked again while other candidates remain.
+	// "server busy" is picked again while other candidates remain, unless
+	// it has room sooner: busyLevel is how many of our requests it was
+	// serving besides the refused one, and one of them finishing frees room.
 	busyUntil atomic.Int64
+	busyLevel atomic.Int64
 
 	mu         sync.Mutex
 	passStreak int // consecutive passing probes
@@ -290,16 +293,22 @@ func (b *backend) failStatus(status int) bool {
 	return false
 }
 
-// backOff passes the server over for d while other candidates remain: it
-// answered 503 "server busy", which is back-pressure, not a fault, so it
-// neither counts towards the breaker nor resets its failure run.
+// backOff passes the server over for at most d while other candidates
+// remain: it answered 503 "server busy", which is back-pressure, not a
+// fault, so it neither counts towards the breaker nor resets its failure
+// run. The refused request still holds its slot when this is called.
 func (s *server) backOff(d time.Duration) {
+	s.busyLevel.Store(s.inFlight.Load() - 1)
 	s.busyUntil.Store(time.Now().Add(d).UnixNano())
 }
 
-// backingOff reports whether the server is still sitting out a 503.
+// backingOff reports whether the server is still sitting out a 503: until
+// the back-off ends, or until one of the requests it was serving when it
+// refused finishes (it has room again), whichever comes first. When our
+// requests were not what filled it (another client of the server), only
+// the time counts.
 func (s *server) backingOff(now time.Time) bool {
-	return now.UnixNano() < s.busyUntil.Load()
+	return now.UnixNano() < s.busyUntil.Load() && s.inFlight.Load() >= s.busyLevel.Load()
 }
 
 // recordSuccess notes a proxied request the server answered with a status

@@ -320,7 +320,8 @@ type Backend struct {
 	// any 5xx). Default: 502 and 504. A 500 is left out because clients can
 	// provoke it (a num_ctx the server has no memory for), and a 503 "server
 	// busy" is back-pressure: the request moves on and the server is skipped
-	// for a second, but the breaker does not count it unless listed here.
+	// until it has room (a second at most), but the breaker does not count
+	// it unless listed here.
 	FailStatus []int `json:"fail_status,omitempty"`
 
 	// ModelRefresh is how often the server's model lists (/api/tags and

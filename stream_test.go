@@ -113,12 +113,27 @@ func TestBusyBackoff(t *testing.T) {
 	now := time.Now()
 	a, b := &backend{srv: &server{}}, &backend{srv: &server{}}
 	assert.Equal(t, []*backend{a, b}, notBusy([]*backend{a, b}, now))
-	a.srv.busyUntil.Store(now.Add(busyBackoff).UnixNano())
+
+	// a refuses a request while serving two others of ours.
+	a.srv.inFlight.Store(3)
+	a.srv.backOff(busyBackoff)
+	a.srv.inFlight.Store(2) // the refused request let go of its slot
+	now = time.Now()
 	assert.True(t, a.srv.backingOff(now))
 	assert.Equal(t, []*backend{b}, notBusy([]*backend{a, b}, now), "a busy server sits out while others remain")
 	assert.Equal(t, []*backend{a}, notBusy([]*backend{a}, now), "but not when it is the only one")
-	assert.False(t, a.srv.backingOff(now.Add(busyBackoff)), "and only for busyBackoff")
-	assert.Equal(t, []*backend{a, b}, notBusy([]*backend{a, b}, now.Add(busyBackoff)))
+	assert.False(t, a.srv.backingOff(now.Add(busyBackoff)), "at most for busyBackoff")
+	a.srv.inFlight.Store(1)
+	assert.False(t, a.srv.backingOff(now), "and only until one of its requests finishes: it has room")
+	assert.Equal(t, []*backend{a, b}, notBusy([]*backend{a, b}, now))
+
+	// Busy with other clients' work (none of ours): only the time counts.
+	b.srv.inFlight.Store(1)
+	b.srv.backOff(busyBackoff)
+	b.srv.inFlight.Store(0)
+	now = time.Now()
+	assert.True(t, b.srv.backingOff(now))
+	assert.False(t, b.srv.backingOff(now.Add(busyBackoff)))
 }
 
 func TestFailStatus(t *testing.T) {
