@@ -149,3 +149,36 @@ func TestFailStatus(t *testing.T) {
 	bad := &Backend{Name: "a", URL: "localhost", FailStatus: []int{42}}
 	assert.ErrorContains(t, bad.provision(), "fail_status")
 }
+
+// blockingWriter is a ResponseWriter without write deadlines whose writes
+// block until released, like a connection to a client that stopped reading.
+type blockingWriter struct {
+	hdr     http.Header
+	release chan struct{}
+}
+
+func (w *blockingWriter) Header() http.Header { return w.hdr }
+func (w *blockingWriter) WriteHeader(int)     {}
+func (w *blockingWriter) Flush()              {}
+func (w *blockingWriter) Write(p []byte) (int, error) {
+	<-w.release
+	return 0, http.ErrHandlerTimeout
+}
+
+// Where the connection offers no write deadline, a watchdog acts at
+// client_write_timeout: it cancels the backend request and frees the slot
+// while the write is still blocked, and the write is then known as a stall.
+func TestClientWriterWatchdogWithoutDeadlines(t *testing.T) {
+	w := &blockingWriter{hdr: http.Header{}, release: make(chan struct{})}
+	stalled := make(chan struct{})
+	cw := newClientWriter(w, 10*time.Millisecond, func() { close(stalled) })
+	defer cw.stop()
+	require.NoError(t, cw.writeHeader(http.StatusOK))
+	done := make(chan error)
+	go func() { done <- cw.write([]byte("x")) }()
+	<-stalled // the watchdog fired during the blocked write
+	assert.True(t, cw.stalled.Load())
+	assert.True(t, cw.noDL, "the writer has no deadlines")
+	close(w.release)
+	assert.Error(t, <-done)
+}
