@@ -85,6 +85,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 	// Blob uploads stream through untouched: they can be gigabytes.
 	isBlob := strings.HasPrefix(r.URL.Path, "/api/blobs/")
 	var body []byte
+	validated := false
 	if !isBlob && (r.Method == http.MethodPost || r.Method == http.MethodDelete) {
 		var status int
 		var err error
@@ -93,11 +94,13 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 			return h.fail(w, api, status, err.Error())
 		}
 		// Frontend pins go in before routing, so a pinned model routes.
-		if body, err = h.pinsFor(rt.kind).apply(body); err != nil {
+		p := h.pinsFor(rt.kind)
+		if body, err = p.apply(body); err != nil {
 			return h.fail(w, api, http.StatusBadRequest, err.Error())
 		}
+		validated = !p.empty()
 	}
-	model, err := requestModel(rt.model, r.URL.Path, body)
+	model, body, err := requestModel(rt.model, api, r.URL.Path, body, validated)
 	if err != nil {
 		return h.fail(w, api, http.StatusBadRequest, err.Error())
 	}
@@ -165,26 +168,27 @@ func (h *Handler) readBody(r *http.Request) ([]byte, int, error) {
 	return buf.Bytes(), 0, nil
 }
 
-// requestModel finds the model a request is about, normalised, and checks
-// that a body the model is read from is a JSON object.
-func requestModel(from modelFrom, path string, body []byte) (string, error) {
+// requestModel finds the model a request is about, normalised. A body it
+// is read from is read as Ollama reads it (readFields) and comes back
+// canonical: a decided field spelled more than once is spelled once, with
+// the decided value. validated says body is known to be valid JSON.
+func requestModel(from modelFrom, api apiFormat, path string, body []byte, validated bool) (string, []byte, error) {
 	switch from {
 	case modelNone:
-		return "", nil
+		return "", body, nil
 	case modelInPath:
-		return normalizeModel(path[strings.LastIndexByte(path, '/')+1:]), nil
+		return normalizeModel(path[strings.LastIndexByte(path, '/')+1:]), body, nil
 	}
-	if !isJSONObject(body) {
-		return "", errors.New("request body must be a JSON object")
+	f, err := readFields(body, from, api, validated)
+	if err != nil {
+		return "", nil, err
 	}
-	m := gjson.GetBytes(body, "model")
-	if from == modelInBodyName && (m.Type != gjson.String || m.Str == "") {
-		m = gjson.GetBytes(body, "name")
+	if f.needsCanonical(from) {
+		if body, err = canonicalBody(body, &f, from, api); err != nil {
+			return "", nil, err
+		}
 	}
-	if m.Type != gjson.String || strings.TrimSpace(m.Str) == "" {
-		return "", errors.New(`request body must name a model: {"model":"NAME",…}`)
-	}
-	return normalizeModel(m.Str), nil
+	return normalizeModel(f.model), body, nil
 }
 
 func isJSONObject(body []byte) bool {
@@ -434,8 +438,12 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 			retry, head := modelMissing(res)
 			if retry {
 				res.Body.Close()
-				b.srv.markMissing(model) // stop routing it there before the refresh
-				b.srv.poke()             // its lists are stale: read them again
+				// Read its lists again rather than strike the model off:
+				// the lists are what the server said, and a client can
+				// provoke a "not found" (an odd spelling, a model only a
+				// backend pin names), which must not make a real model
+				// look absent. The request moves on to the next backend.
+				b.srv.poke()
 				h.logAttempt(b, "model missing on backend, retrying", nil)
 				return attemptResult{cause: fmt.Sprintf("backend %s does not have the model", b.cfg.Name)}
 			}

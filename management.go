@@ -194,16 +194,17 @@ func (h *Handler) send(ctx context.Context, r *http.Request, b *backend, body io
 func (h *Handler) fanOut(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend) error {
 	switch r.URL.Path {
 	case "/api/pull", "/api/create":
-		if !isJSONObject(body) {
-			return h.fail(w, api, http.StatusBadRequest, "request body must be a JSON object")
-		}
-		stream := gjson.GetBytes(body, "stream")
-		clientStreams := !stream.Exists() || stream.Type != gjson.False
-		// The backends always stream: their progress is how we tell
-		// success from failure.
-		upstream, err := sjson.SetBytes(body, "stream", true)
+		// Ollama's pull and create take stream as *bool: unset streams.
+		f, err := readFields(body, modelNone, apiOllama, false)
 		if err != nil {
-			return h.fail(w, api, http.StatusBadRequest, "request body must be a JSON object")
+			return h.fail(w, api, http.StatusBadRequest, err.Error())
+		}
+		clientStreams := f.streams(apiOllama)
+		// The backends always stream: their progress is how we tell
+		// success from failure. Every spelling of stream goes, as for a pin.
+		upstream, err := alwaysStream.apply(body)
+		if err != nil {
+			return h.fail(w, api, http.StatusBadRequest, err.Error())
 		}
 		return h.mergeProgress(w, r, upstream, cands, clientStreams)
 	default: // delete, copy
@@ -224,6 +225,10 @@ func (h *Handler) fanOut(w http.ResponseWriter, r *http.Request, api apiFormat, 
 		return h.mergeShort(w, api, answers, true)
 	}
 }
+
+// alwaysStream pins stream on for the backends of a fanned-out pull or
+// create.
+var alwaysStream = &pins{root: []pinNode{{name: "stream", keyRaw: `"stream"`, value: "true"}}, extra: len(`,"stream":true`)}
 
 // shortAnswer sends a request whose answer is small and reads it whole.
 func (h *Handler) shortAnswer(r *http.Request, b *backend, body io.Reader, size int64) answer {

@@ -50,6 +50,7 @@ type pinNode struct {
 	object   bool      // the pinned value is an object
 	value    string    // compact JSON of a non-object value
 	children []pinNode // the members of an object value
+	drop     bool      // remove every spelling of the key and write nothing
 }
 
 // provisionPins parses the frontend's pin options.
@@ -180,6 +181,9 @@ func jsonKind(s []byte) string {
 	}
 }
 
+// empty reports whether p pins nothing.
+func (p *pins) empty() bool { return p == nil || len(p.root) == 0 }
+
 // apply merges the pins into body, which must be a JSON object: objects
 // merge recursively, anything else (scalars, arrays, null) replaces the
 // client's value, and client keys that Ollama would take for a pinned key
@@ -263,6 +267,9 @@ func mergeObject(out []byte, srcs clientObjects, nodes []pinNode, depth int) ([]
 	}
 
 	for n := range nodes {
+		if nodes[n].drop {
+			continue
+		}
 		if !first {
 			out = append(out, ',')
 		}

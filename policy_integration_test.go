@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -83,4 +84,84 @@ func TestPinsThroughTheProxy(t *testing.T) {
 	// A body that is not a JSON object: 400.
 	res, _ = post(t, "/api/chat", `["model","x"]`)
 	assert.Equal(t, http.StatusBadRequest, res.StatusCode)
+}
+
+// TestAllowListReadsTheModelOllamaRuns: a model hidden behind a case
+// variant, an escaped key or a duplicate is the model the allow-list sees,
+// on both APIs, and the backend gets one spelling of it.
+func TestAllowListReadsTheModelOllamaRuns(t *testing.T) {
+	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama", "forbidden"}, Tokens: 1})
+	defer a.Close()
+	loadCaddy(t, fmt.Sprintf(`
+		models tiny-llama
+		backend a %s`, a.URL))
+	waitKnown(t, []*fakeollama.Server{a})
+
+	for _, tc := range []struct{ path, body string }{
+		{"/api/chat", `{"model":"tiny-llama","MODEL":"forbidden","messages":[{"role":"user","content":"hi"}],"stream":false}`},
+		{"/api/generate", `{"model":"tiny-llama","mod\u0065l":"forbidden","prompt":"hi","stream":false}`},
+		{"/api/embed", `{"model":"tiny-llama","input":"x","Model":"forbidden"}`},
+		{"/v1/chat/completions", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"\u004dODEL":"forbidden"}`},
+		{"/v1/completions", `{"model":"tiny-llama","prompt":"hi","model":"forbidden"}`},
+		{"/v1/embeddings", `{"model":"tiny-llama","input":"x","MoDeL":"forbidden"}`},
+		{"/api/show", `{"model":"","name":"forbidden"}`},
+	} {
+		before := len(a.Requests())
+		res, body := post(t, tc.path, tc.body)
+		assert.Equal(t, http.StatusForbidden, res.StatusCode, "%s %s: %s", tc.path, tc.body, body)
+		assert.Contains(t, body, `forbidden`)
+		assert.Len(t, a.Requests(), before, "%s: nothing reached the backend", tc.path)
+	}
+
+	// The other way round the allowed model is the one that runs, and the
+	// backend reads it from the only spelling left.
+	for _, tc := range []struct{ path, body string }{
+		{"/api/chat", `{"model":"forbidden","MODEL":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false}`},
+		{"/v1/chat/completions", `{"model":"forbidden","messages":[{"role":"user","content":"hi"}],"mod\u0065l":"tiny-llama"}`},
+		{"/v1/embeddings", `{"MODEL":"forbidden","input":"x","model":"tiny-llama"}`},
+		{"/api/show", `{"model":"tiny-llama","name":"forbidden","NAME":"forbidden"}`},
+	} {
+		res, body := post(t, tc.path, tc.body)
+		require.Equal(t, http.StatusOK, res.StatusCode, "%s: %s", tc.path, body)
+		r, ok := a.LastRequest()
+		require.True(t, ok)
+		var req struct {
+			Model string `json:"model"`
+			Name  string `json:"name"`
+		}
+		require.NoError(t, json.Unmarshal(r.Body, &req))
+		assert.Equal(t, "tiny-llama", req.Model, "%s: %s", tc.path, r.Body)
+		assert.Empty(t, req.Name, "%s: %s", tc.path, r.Body)
+		assert.Equal(t, 1, countFold(topLevelKeys(t, r.Body), "model", "name"), "%s: %s", tc.path, r.Body)
+	}
+}
+
+// TestModelNotFoundRefreshesInsteadOfRemoving: a backend whose lists say
+// it has the model answers "model not found". The request moves on to
+// another backend, the first one's lists are read again, and the model is
+// not struck off them on the strength of that answer alone.
+func TestModelNotFoundRefreshesInsteadOfRemoving(t *testing.T) {
+	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 1})
+	defer a.Close()
+	b := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 1})
+	defer b.Close()
+	loadCaddy(t, fmt.Sprintf(`
+		lb_policy first
+		backend a %s {
+			fail_threshold 1000
+		}
+		backend b %s`, a.URL, b.URL))
+	waitKnown(t, []*fakeollama.Server{a, b})
+
+	a.FailWith(http.StatusNotFound, `{"error":"model 'tiny-llama' not found"}`, "/api/chat")
+	a.Hold("/api/tags") // the refresh the answer asks for stays in flight
+	defer a.Release()
+	tagsBefore := a.Count("/api/tags")
+	res, body := post(t, "/api/chat", chatFor("tiny-llama"))
+	require.Equal(t, http.StatusOK, res.StatusCode, body)
+	assert.Equal(t, "b", res.Header.Get("X-OllamaFlow-Backend"))
+	has, _ := pooled(t, a.URL).models.Load().has("tiny-llama:latest")
+	assert.True(t, has, "one not-found answer must not remove the model from a's lists")
+	require.Eventually(t, func() bool { return a.Count("/api/tags") > tagsBefore }, 10*time.Second, 5*time.Millisecond,
+		"a's lists are read again")
 }
