@@ -94,7 +94,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 			return h.fail(w, api, status, err.Error())
 		}
 		// Frontend pins go in before routing, so a pinned model routes.
-		p := h.pinsFor(rt.kind)
+		p := h.pinsFor(rt.kind, vocabOf(r.URL.Path))
 		if body, err = p.apply(body); err != nil {
 			return h.fail(w, api, http.StatusBadRequest, err.Error())
 		}
@@ -368,7 +368,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 
 	// The backend's pins apply to the frontend-pinned body, afresh on each
 	// attempt: a retry on another server gets that server's pins only.
-	body, err := b.cfg.pinsFor(kind).apply(body)
+	body, err := b.cfg.pinsFor(kind, vocabOf(r.URL.Path)).apply(body)
 	if err != nil {
 		_ = h.fail(w, api, http.StatusBadRequest, err.Error())
 		return attemptResult{done: true}

@@ -218,8 +218,8 @@ type Handler struct {
 	poolKeys    []string
 	rrCounter   uint64
 	labelHeader string
-	pinCompl    *pins
-	pinEmbed    *pins
+	pinCompl    pinTrees
+	pinEmbed    pinTrees
 	cors        *corsPolicy // nil: CORS off
 }
 
@@ -332,8 +332,9 @@ type Backend struct {
 	// server at once. Default: 1.
 	PullConcurrency int `json:"pull_concurrency,omitempty"`
 
-	pinCompl *pins
-	pinEmbed *pins
+	pinCompl    pinTrees
+	pinEmbed    pinTrees
+	pinWarnings []string // pins an API has no field for, logged by the frontend
 }
 
 // CaddyModule returns the Caddy module information. The pointer receiver
@@ -459,6 +460,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err := bc.provision(); err != nil {
 			return fmt.Errorf("backend %q: %w", bc.Name, err)
 		}
+		for _, w := range bc.pinWarnings {
+			h.logger.Warn("pin does not apply on every API", zap.String("frontend", h.Name), zap.String("backend", bc.Name), zap.String("pin", w))
+		}
 		if names[bc.Name] {
 			return fmt.Errorf("backend %q: duplicate backend name", bc.Name)
 		}
@@ -561,7 +565,8 @@ func (b *Backend) provision() error {
 	if strings.TrimSpace(b.URL) == "" {
 		return errors.New("url: required")
 	}
-	if err := b.provisionPins(); err != nil {
+	var err error
+	if b.pinWarnings, err = b.provisionPins(); err != nil {
 		return err
 	}
 	for opt, n := range map[string]int{

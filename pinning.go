@@ -12,6 +12,7 @@ import (
 	"unsafe"
 
 	"github.com/tidwall/gjson"
+	"go.uber.org/zap"
 )
 
 // Pinned properties (SPEC §6) are values the operator fixes in request
@@ -53,43 +54,54 @@ type pinNode struct {
 	drop     bool      // remove every spelling of the key and write nothing
 }
 
-// provisionPins parses the frontend's pin options.
+// provisionPins compiles the frontend's pin options for each API and logs,
+// once, each pin an API has no field for.
 func (h *Handler) provisionPins() error {
 	var err error
-	if h.pinCompl, err = parsePins(h.PinCompletions, "pin_completions"); err != nil {
+	var warns, more []string
+	if h.pinCompl, warns, err = compilePins(h.PinCompletions, "pin_completions", kindCompletion); err != nil {
 		return err
 	}
-	h.pinEmbed, err = parsePins(h.PinEmbeddings, "pin_embeddings")
-	return err
+	if h.pinEmbed, more, err = compilePins(h.PinEmbeddings, "pin_embeddings", kindEmbedding); err != nil {
+		return err
+	}
+	for _, w := range append(warns, more...) {
+		h.logger.Warn("pin does not apply on every API", zap.String("frontend", h.Name), zap.String("pin", w))
+	}
+	return nil
 }
 
-// provisionPins parses the backend's pin options.
-func (b *Backend) provisionPins() error {
+// provisionPins compiles the backend's pin options for each API and
+// returns what a frontend's provision should warn about.
+func (b *Backend) provisionPins() ([]string, error) {
 	var err error
-	if b.pinCompl, err = parsePins(b.PinCompletions, "pin_completions"); err != nil {
-		return err
+	var warns, more []string
+	if b.pinCompl, warns, err = compilePins(b.PinCompletions, "pin_completions", kindCompletion); err != nil {
+		return nil, err
 	}
-	b.pinEmbed, err = parsePins(b.PinEmbeddings, "pin_embeddings")
-	return err
+	if b.pinEmbed, more, err = compilePins(b.PinEmbeddings, "pin_embeddings", kindEmbedding); err != nil {
+		return nil, err
+	}
+	return append(warns, more...), nil
 }
 
-// pinsFor returns the frontend's pins for requests of kind: nil, the empty
-// set, for kinds other than completions and embeddings.
-func (h *Handler) pinsFor(kind routeKind) *pins {
-	return choosePins(kind, h.pinCompl, h.pinEmbed)
+// pinsFor returns the frontend's pins for requests of kind in vocabulary
+// v: nil, the empty set, for kinds other than completions and embeddings.
+func (h *Handler) pinsFor(kind routeKind, v vocab) *pins {
+	return choosePins(kind, v, &h.pinCompl, &h.pinEmbed)
 }
 
-// pinsFor returns the backend's pins for requests of kind.
-func (b *Backend) pinsFor(kind routeKind) *pins {
-	return choosePins(kind, b.pinCompl, b.pinEmbed)
+// pinsFor returns the backend's pins for requests of kind in vocabulary v.
+func (b *Backend) pinsFor(kind routeKind, v vocab) *pins {
+	return choosePins(kind, v, &b.pinCompl, &b.pinEmbed)
 }
 
-func choosePins(kind routeKind, compl, embed *pins) *pins {
+func choosePins(kind routeKind, v vocab, compl, embed *pinTrees) *pins {
 	switch kind {
 	case kindCompletion:
-		return compl
+		return compl[v]
 	case kindEmbedding:
-		return embed
+		return embed[v]
 	}
 	return nil
 }

@@ -214,16 +214,16 @@ func TestProvisionPins(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := h.backends[0].cfg
-	if h.pinsFor(kindCompletion) == nil || h.pinsFor(kindEmbedding) == nil || h.pinsFor(kindModelRead) != nil || h.pinsFor(kindManagement) != nil {
+	if h.pinsFor(kindCompletion, vocabNative) == nil || h.pinsFor(kindEmbedding, vocabNative) == nil || h.pinsFor(kindModelRead, vocabNative) != nil || h.pinsFor(kindManagement, vocabNative) != nil {
 		t.Errorf("frontend pinsFor: completion %v, embedding %v, model read %v, management %v; want the first two only",
-			h.pinsFor(kindCompletion), h.pinsFor(kindEmbedding), h.pinsFor(kindModelRead), h.pinsFor(kindManagement))
+			h.pinsFor(kindCompletion, vocabNative), h.pinsFor(kindEmbedding, vocabNative), h.pinsFor(kindModelRead, vocabNative), h.pinsFor(kindManagement, vocabNative))
 	}
-	if b.pinsFor(kindCompletion) == nil || b.pinsFor(kindEmbedding) != nil {
-		t.Errorf("backend pinsFor: completion %v, embedding %v; want completion only", b.pinsFor(kindCompletion), b.pinsFor(kindEmbedding))
+	if b.pinsFor(kindCompletion, vocabNative) == nil || b.pinsFor(kindEmbedding, vocabNative) != nil {
+		t.Errorf("backend pinsFor: completion %v, embedding %v; want completion only", b.pinsFor(kindCompletion, vocabNative), b.pinsFor(kindEmbedding, vocabNative))
 	}
-	body, err := h.pinsFor(kindCompletion).apply([]byte(`{"MODEL":"x","options":{"seed":1}}`))
+	body, err := h.pinsFor(kindCompletion, vocabNative).apply([]byte(`{"MODEL":"x","options":{"seed":1}}`))
 	if err == nil {
-		body, err = b.pinsFor(kindCompletion).apply(body)
+		body, err = b.pinsFor(kindCompletion, vocabNative).apply(body)
 	}
 	if want := `{"model":"m","options":{"seed":1,"num_ctx":8192}}`; err != nil || string(body) != want {
 		t.Errorf("frontend then backend pins: %s, %v; want %s", body, err, want)

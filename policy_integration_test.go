@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -164,4 +165,117 @@ func TestModelNotFoundRefreshesInsteadOfRemoving(t *testing.T) {
 	assert.True(t, has, "one not-found answer must not remove the model from a's lists")
 	require.Eventually(t, func() bool { return a.Count("/api/tags") > tagsBefore }, 10*time.Second, 5*time.Millisecond,
 		"a's lists are read again")
+}
+
+// TestPolicyHoldsOnBothAPIs: hostile bodies on the six inference
+// endpoints, through a frontend with an allow-list and pins. Whatever the
+// client sends, every body the backend gets, decoded the way Ollama's own
+// request types decode it, runs an allowed model with every pinned field
+// at its pin, on the native and the OpenAI-compatible API alike.
+func TestPolicyHoldsOnBothAPIs(t *testing.T) {
+	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama", "forbidden"}, Tokens: 1})
+	defer a.Close()
+	loadCaddy(t, fmt.Sprintf(`
+		models tiny-llama
+		pin_completions {
+			options.temperature 0.25
+			options.top_p 0.5
+			options.seed 7
+			options.stop ["END"]
+			max_tokens 64
+		}
+		pin_embeddings {
+			dimensions 128
+		}
+		backend a %s`, a.URL))
+	waitKnown(t, []*fakeollama.Server{a})
+
+	wantOpts := map[string]any{"temperature": 0.25, "top_p": 0.5, "seed": 7.0, "stop": []any{"END"}, "num_predict": 64.0}
+	models := []string{
+		`"model":"tiny-llama"`,
+		`"model":"tiny-llama","MODEL":"forbidden"`,
+		`"model":"forbidden","mod\u0065l":"tiny-llama"`,
+		`"MODEL":"tiny-llama","model":null`,
+		`"model":"tiny-llama","\u004dODEL":"forbidden","model":"tiny-llama"`,
+	}
+	completion := []string{
+		`"temperature":2,"TEMPERATURE":1.5,"top_p":0.99,"seed":1,"stop":"x","max_tokens":100000,"MAX_TOKENS":5`,
+		`"options":{"temperature":2,"Temperature":3,"num_predict":-1,"seed":9},"OPTIONS":{"stop":["y"]}`,
+		`"t\u0065mperature":2,"Top_P":1,"options":null,"max_tokens":null,"SEED":null`,
+	}
+	embedding := []string{`"dimensions":4096`, `"Dimensions":1,"dimensions":null`, `"d\u0069mensions":2`}
+
+	ran, refused := 0, 0
+	for _, path := range []string{"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions", "/api/embed", "/v1/embeddings"} {
+		extras, payload := completion, `"messages":[{"role":"user","content":"hi"}],"prompt":"hi","stream":false`
+		if strings.Contains(path, "embed") {
+			extras, payload = embedding, `"input":"x"`
+		}
+		for _, m := range models {
+			for _, x := range extras {
+				body := "{" + m + "," + payload + "," + x + "}"
+				before := len(a.Requests())
+				res, answer := post(t, path, body)
+				reqs := a.Requests()
+				if res.StatusCode != http.StatusOK {
+					assert.Equal(t, http.StatusForbidden, res.StatusCode, "%s %s: %s", path, body, answer)
+					assert.Len(t, reqs, before, "%s %s: refused, yet it reached the backend", path, body)
+					refused++
+					continue
+				}
+				ran++
+				require.Len(t, reqs, before+1, "%s %s", path, body)
+				got := reqs[len(reqs)-1].Body
+				switch path {
+				case "/api/chat", "/api/generate":
+					var req struct {
+						Model   string         `json:"model"`
+						Options map[string]any `json:"options"`
+					}
+					decodeLikeOllama(t, got, &req)
+					assert.Equal(t, "tiny-llama", req.Model, "%s %s\n%s", path, body, got)
+					for k, v := range wantOpts {
+						assert.Equal(t, v, req.Options[k], "%s options.%s\n%s\n%s", path, k, body, got)
+					}
+				case "/v1/chat/completions":
+					var req oaChatRequest
+					decodeLikeOllama(t, got, &req)
+					e := effectiveChat(t, req)
+					assert.Equal(t, "tiny-llama", e.Model, "%s %s\n%s", path, body, got)
+					for k, v := range wantOpts {
+						assert.Equal(t, v, e.Options[k], "%s %s\n%s\n%s", path, k, body, got)
+					}
+				case "/v1/completions":
+					var req oaCompletionRequest
+					decodeLikeOllama(t, got, &req)
+					assert.Equal(t, "tiny-llama", req.Model, "%s %s\n%s", path, body, got)
+					if assert.NotNil(t, req.Temperature) && assert.NotNil(t, req.Seed) && assert.NotNil(t, req.MaxTokens) {
+						assert.Equal(t, float32(0.25), *req.Temperature)
+						assert.Equal(t, 7, *req.Seed)
+						assert.Equal(t, 64, *req.MaxTokens)
+					}
+					assert.Equal(t, float32(0.5), req.TopP)
+					assert.Equal(t, []any{"END"}, req.Stop, "%s\n%s", body, got)
+				case "/api/embed":
+					var req struct {
+						Model      string `json:"model"`
+						Dimensions int    `json:"dimensions"`
+					}
+					decodeLikeOllama(t, got, &req)
+					assert.Equal(t, "tiny-llama", req.Model, "%s %s\n%s", path, body, got)
+					assert.Equal(t, 128, req.Dimensions, "%s %s\n%s", path, body, got)
+				case "/v1/embeddings":
+					var req oaEmbedRequest
+					decodeLikeOllama(t, got, &req)
+					assert.Equal(t, "tiny-llama", req.Model, "%s %s\n%s", path, body, got)
+					assert.Equal(t, 128, req.Dimensions, "%s %s\n%s", path, body, got)
+				}
+			}
+		}
+	}
+	// Both ways round were tried: the allowed model hidden behind the
+	// forbidden one ran, the forbidden one hidden behind the allowed one
+	// was refused.
+	assert.Equal(t, 6*3*4, ran)
+	assert.Equal(t, 6*3*1, refused)
 }
