@@ -176,8 +176,8 @@ func TestCompilePinsInOpenAIVocabulary(t *testing.T) {
 
 func TestCompilePinsRefuses(t *testing.T) {
 	for raw, want := range map[string]string{
-		`{"temperature":0.1,"options":{"temperature":0.2}}`:      "temperature and options.temperature are the same setting",
-		`{"max_tokens":5,"options":{"NUM_PREDICT":6}}`:           "max_tokens and options.NUM_PREDICT",
+		`{"temperature":0.1,"options":{"temperature":0.2}}`: "temperature and options.temperature are the same setting",
+		`{"max_tokens":5,"options":{"NUM_PREDICT":6}}`:      "max_tokens and options.NUM_PREDICT",
 		`{"seed":1.5}`:                                           "seed must be an integer",
 		`{"options":{"num_predict":"x"}}`:                        "options.num_predict must be an integer",
 		`{"options":{"stop":5}}`:                                 "options.stop must be a string or an array of strings",
