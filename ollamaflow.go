@@ -17,7 +17,9 @@
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
 //	modelsync.go   model names, discovery of each server's lists, required-model pulls, model routing
 //	management.go  aggregated model lists and management fanned out to every backend
+//	body.go        one reading of a request body, the way Ollama reads it (model, name, stream)
 //	pinning.go     pinned properties: parsed at provision, merged into request bodies
+//	pinvocab.go    pins compiled per API vocabulary: the fields Ollama's OpenAI layer reads
 //	cors.go        CORS as Ollama answers it: origins, preflights, headers on every answer
 //	caddyfile.go   the ollamaflow directive
 //	admin.go       admin.api.ollamaflow: status routes, drain, the embedded status.html
