@@ -177,9 +177,10 @@ func readFields(body []byte, from modelFrom, api apiFormat, validated bool) (bod
 // matches keys to struct fields.
 func fieldOf(key string, escaped bool) int {
 	name := key[1 : len(key)-1]
-	// An escape decodes to at least one byte from at most six, and no name
-	// here is longer than 18 bytes folded: longer keys cannot match.
-	if len(name) > 6*18 {
+	// Of the letters in these names only s folds with a longer rune (ſ, two
+	// bytes; k's Kelvin sign does not occur), so a match is 4 to 7 bytes
+	// once unescaped, and an escape gives at least one byte from six.
+	if len(name) < 4 || len(name) > 6*7 {
 		return fieldNone
 	}
 	var buf [64]byte
@@ -187,9 +188,7 @@ func fieldOf(key string, escaped bool) int {
 		b := appendUnquoted(buf[:0], key)
 		name = unsafe.String(unsafe.SliceData(b), len(b))
 	}
-	// Folding never shrinks a letter below one byte nor grows it past three
-	// ("K" is three bytes): most keys are ruled out by length.
-	if len(name) < 4 || len(name) > 18 {
+	if len(name) < 4 || len(name) > 7 {
 		return fieldNone
 	}
 	switch {

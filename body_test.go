@@ -238,3 +238,42 @@ func TestDecodeStringMatchesEncodingJSON(t *testing.T) {
 		assert.Equal(t, want, decodeString(raw), raw)
 	}
 }
+
+// BenchmarkBodyPath1MiB is what a request body costs before routing: the
+// frontend's pins, then the one reading of the decided fields, for 1 MiB
+// bodies, with and without pins.
+//
+//	go test -run '^$' -bench '^BenchmarkBodyPath1MiB$' -benchmem .
+func BenchmarkBodyPath1MiB(b *testing.B) {
+	trees, _, err := compilePins([]byte(`{"options":{"temperature":0.7,"num_ctx":8192}}`), "pin_completions", kindCompletion)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, pc := range []struct {
+		name string
+		p    *pins
+	}{{"pinned", trees[vocabNative]}, {"unpinned", nil}} {
+		for _, bc := range []struct {
+			name string
+			body []byte
+		}{
+			{"chat", chatBody1MiB()},
+			{"generate", generateBody1MiB()},
+			{"escaped-keys", escapedKeysBody1MiB()},
+		} {
+			b.Run(pc.name+"/"+bc.name, func(b *testing.B) {
+				b.SetBytes(int64(len(bc.body)))
+				b.ReportAllocs()
+				for b.Loop() {
+					out, err := pc.p.apply(bc.body)
+					if err != nil {
+						b.Fatal(err)
+					}
+					if _, _, err := requestModel(modelInBody, apiOllama, "/api/chat", out, !pc.p.empty()); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}
