@@ -9,7 +9,6 @@ import (
 	"io"
 	"mime"
 	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -78,41 +77,24 @@ func formatOf(contentType string) bodyFormat {
 // whether first_byte_timeout or response_timeout bounds the wait. Ollama's
 // native completions and model transfers (pull, push, create) stream unless
 // "stream" is false; the OpenAI-compatible API streams only when "stream"
-// is true; nothing else streams. The key is matched as Ollama's
-// encoding/json matches it (case-insensitively with Unicode simple folding,
-// escapes decoded, the last duplicate winning); a value that is not a
-// boolean leaves the default, as Ollama refuses such a body anyway.
+// is true; nothing else streams. The field is read as Ollama reads it
+// (readFields: folded keys, escapes, the last duplicate, null resetting
+// Ollama's *bool but not the OpenAI layer's bool); a body whose stream is
+// not a boolean gets the default, as Ollama refuses it anyway.
 func requestStreams(api apiFormat, path string, body []byte) bool {
-	var def bool
 	switch path {
-	case "/api/generate", "/api/chat", "/api/pull", "/api/push", "/api/create":
-		def = true
-	case "/v1/chat/completions", "/v1/completions":
-		def = false
+	case "/api/generate", "/api/chat", "/api/pull", "/api/push", "/api/create",
+		"/v1/chat/completions", "/v1/completions":
 	default:
 		return false
 	}
-	trimmed := bytes.TrimLeft(body, " \t\r\n")
-	if len(trimmed) == 0 || trimmed[0] != '{' {
-		return def
+	// The handler has validated the body; an invalid one only gets the
+	// default here.
+	f, err := readFields(body, modelNone, api, true)
+	if err != nil {
+		return api == apiOllama
 	}
-	val := ""
-	_ = eachMember(string(trimmed), 1, func(key string, escaped bool, value string) {
-		name := key[1 : len(key)-1]
-		if escaped {
-			name = string(appendUnquoted(nil, key))
-		}
-		if strings.EqualFold(name, "stream") {
-			val = value
-		}
-	})
-	switch val {
-	case "true":
-		return true
-	case "false":
-		return false
-	}
-	return def
+	return f.streams(api)
 }
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}

@@ -37,6 +37,8 @@ func TestRequestStreams(t *testing.T) {
 		{"/v1/chat/completions", `{"model":"m","stream":true}`, true},
 		{"/v1/completions", `{"model":"m","Stream":true}`, true},
 		{"/v1/completions", `{"model":"m","stream":false}`, false},
+		{"/v1/completions", `{"model":"m","stream":true,"STREAM":null}`, true}, // a bool: null changes nothing
+		{"/api/chat", `{"model":"m","stream":false,"STREAM":null}`, true},      // a *bool: null resets it
 		// Nothing else streams.
 		{"/api/embed", `{"model":"m","stream":true}`, false},
 		{"/api/show", `{"model":"m"}`, false},
@@ -67,7 +69,15 @@ func FuzzRequestStreams(f *testing.F) {
 		if got := requestStreams(apiOllama, "/api/chat", []byte(body)); got != want {
 			t.Fatalf("requestStreams(%q) = %v, encoding/json says %v", body, got, want)
 		}
-		wantOpenAI := req.Stream != nil && *req.Stream
+		// Ollama's OpenAI layer holds stream as a bool, which null leaves
+		// as it was ({"stream":true,"stream":null} streams).
+		var oa struct {
+			Stream bool `json:"stream"`
+		}
+		if err := json.Unmarshal([]byte(body), &oa); err != nil {
+			t.Fatalf("encoding/json decodes %q into *bool but not bool: %v", body, err)
+		}
+		wantOpenAI := oa.Stream
 		if got := requestStreams(apiOpenAI, "/v1/chat/completions", []byte(body)); got != wantOpenAI {
 			t.Fatalf("requestStreams(/v1, %q) = %v, encoding/json says %v", body, got, wantOpenAI)
 		}
