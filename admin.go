@@ -120,7 +120,7 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		case "undrain":
 			srv.setDraining(false)
 		case "refresh":
-			if err := srv.refreshModels(r.Context(), true); err != nil {
+			if err := srv.refreshModels(r.Context(), 0); err != nil {
 				return caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("refreshing %s: %v", parts[1], err)}
 			}
 		default:

@@ -221,23 +221,23 @@ func pickLeastConn(h *Handler, avail []*backend, model string) *backend {
 	}
 	var ties []*backend
 	var bestLoad, bestCap int64
-	var bestWeight int
+	var bestWeight uint64
 	for _, b := range avail {
 		load := b.srv.inFlight.Load()
-		capacity := int64(b.cfg.MaxParallel)
+		capacity, weight := int64(b.cfg.MaxParallel), b.weight()
 		if capacity <= 0 {
-			capacity = int64(b.cfg.Weight)
+			capacity = int64(weight)
 		}
 		if len(ties) == 0 {
-			ties, bestLoad, bestCap, bestWeight = append(ties, b), load, capacity, b.cfg.Weight
+			ties, bestLoad, bestCap, bestWeight = append(ties, b), load, capacity, weight
 			continue
 		}
 		// load/capacity compared without division.
 		lhs, rhs := load*bestCap, bestLoad*capacity
 		switch {
-		case lhs < rhs, lhs == rhs && b.cfg.Weight > bestWeight:
-			ties, bestLoad, bestCap, bestWeight = append(ties[:0], b), load, capacity, b.cfg.Weight
-		case lhs == rhs && b.cfg.Weight == bestWeight:
+		case lhs < rhs, lhs == rhs && weight > bestWeight:
+			ties, bestLoad, bestCap, bestWeight = append(ties[:0], b), load, capacity, weight
+		case lhs == rhs && weight == bestWeight:
 			ties = append(ties, b)
 		}
 	}
@@ -288,12 +288,12 @@ func loadedOn(list []*backend, model string) []*backend {
 // pickRoundRobin walks the candidates in turn, each weight times per cycle.
 func pickRoundRobin(h *Handler, avail []*backend, _ string) *backend {
 	n := atomic.AddUint64(&h.rrCounter, 1) - 1
-	return byWeight(avail, int(n%uint64(totalWeight(avail))))
+	return byWeight(avail, n%totalWeight(avail))
 }
 
 // pickRandom picks at random, in proportion to weight.
 func pickRandom(_ *Handler, avail []*backend, _ string) *backend {
-	return byWeight(avail, rand.IntN(totalWeight(avail)))
+	return byWeight(avail, rand.Uint64N(totalWeight(avail)))
 }
 
 // pickFirst takes the first candidate in config order.
@@ -301,21 +301,31 @@ func pickFirst(_ *Handler, avail []*backend, _ string) *backend {
 	return avail[0]
 }
 
-func totalWeight(list []*backend) int {
-	total := 0
+// weight is the backend's weight within [1, maxWeight]: Provision refuses
+// more, and the clamp keeps sums of weights far from overflowing even for
+// a view built without it.
+func (b *backend) weight() uint64 {
+	return uint64(min(max(b.cfg.Weight, 1), maxWeight))
+}
+
+// totalWeight sums the weights; at most maxWeight per backend, it cannot
+// overflow for any number of backends a process can hold.
+func totalWeight(list []*backend) uint64 {
+	var total uint64
 	for _, b := range list {
-		total += b.cfg.Weight
+		total += b.weight()
 	}
 	return total
 }
 
 // byWeight returns the backend whose cumulative weight range holds x.
-func byWeight(list []*backend, x int) *backend {
+func byWeight(list []*backend, x uint64) *backend {
 	for _, b := range list {
-		if x < b.cfg.Weight {
+		w := b.weight()
+		if x < w {
 			return b
 		}
-		x -= b.cfg.Weight
+		x -= w
 	}
 	return list[len(list)-1]
 }
@@ -350,7 +360,7 @@ func rendezvous(list []*backend, key string) *backend {
 	for _, b := range list {
 		// Weighted rendezvous: -weight / ln(u), u uniform in (0,1).
 		u := (float64(mix64(fnv64(key, b.base.String()))) + 0.5) / (1 << 64)
-		score := -float64(b.cfg.Weight) / math.Log(u)
+		score := -float64(b.weight()) / math.Log(u)
 		if score > bestScore {
 			best, bestScore = b, score
 		}

@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"math"
 	"net/url"
 	"strings"
 	"testing"
@@ -299,4 +300,33 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	assert.Equal(t, "a", pickLeastDelay(h, []*backend{a, b}, "").cfg.Name)
 	// A single candidate is never held back: there is nothing to choose.
 	assert.Equal(t, "b", pickLeastDelay(h, []*backend{b}, "").cfg.Name)
+}
+
+func TestHugeWeightsAreRefusedAndSumsCannotOverflow(t *testing.T) {
+	cfg := &Backend{Name: "huge", URL: "127.0.0.1:1", Weight: math.MaxInt}
+	err := cfg.provision()
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "weight")
+	cfg = &Backend{Name: "top", URL: "127.0.0.1:1", Weight: maxWeight}
+	require.NoError(t, cfg.provision(), "the largest weight allowed")
+
+	// A view built without Provision's check (weights near the integer
+	// maximum) must still pick without a panic, in proportion.
+	list := []*backend{testBackend("a", nil), testBackend("b", nil), testBackend("c", nil)}
+	for _, b := range list {
+		b.cfg.Weight = math.MaxInt
+	}
+	h := &Handler{}
+	rr := map[string]int{}
+	for i := 0; i < 3*maxWeight/1000; i++ {
+		rr[pickRoundRobin(h, list, "").cfg.Name]++
+		pickRandom(h, list, "")
+	}
+	assert.Len(t, rr, 1, "round robin walks each weight in turn: the first of the cycle")
+	list[1].cfg.Weight, list[2].cfg.Weight = 1, 1
+	rnd := map[string]int{}
+	for i := 0; i < 1000; i++ {
+		rnd[pickRandom(h, list, "").cfg.Name]++
+	}
+	assert.Greater(t, rnd["a"], 990, "a weighs a million times more: %v", rnd)
 }

@@ -148,7 +148,7 @@ func pickLeastDelay(h *Handler, avail []*backend, model string) *backend {
 			unobserved = append(unobserved, b)
 			continue
 		}
-		d /= float64(b.cfg.Weight)
+		d /= float64(b.weight())
 		switch {
 		case d < best*(1-1e-9):
 			best, ties = d, append(ties[:0], b)

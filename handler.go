@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/textproto"
@@ -142,6 +143,9 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 			return h.failCode(w, api, status, "model_not_found", msg)
 		}
 	}
+	if rt.kind == kindModelRead || rt.kind == kindVersion {
+		return h.serveMetadata(w, r, api, body, cands) // never waits for an inference slot
+	}
 	return h.proxy(w, r, api, body, cands, model, rt.kind)
 }
 
@@ -158,7 +162,9 @@ func (h *Handler) readBody(r *http.Request) ([]byte, int, error) {
 		size = 4 << 10
 	}
 	buf := bytes.NewBuffer(make([]byte, 0, size+1))
-	n, err := buf.ReadFrom(io.LimitReader(r.Body, limit+1))
+	// Room for one byte beyond the limit tells "at the limit" from "over
+	// it"; at the integer maximum limit+1 would wrap and read nothing.
+	n, err := buf.ReadFrom(io.LimitReader(r.Body, min(limit, math.MaxInt64-1)+1))
 	if err != nil {
 		return nil, http.StatusBadRequest, fmt.Errorf("reading the request body: %v", err)
 	}
@@ -254,6 +260,7 @@ type attemptResult struct {
 func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind) error {
 	tried := make([]*backend, 0, h.retries+1)
 	var last attemptResult
+	var failed *backend // the backend of the last failed attempt
 	for attempt := 0; attempt <= h.retries; attempt++ {
 		remaining := cands
 		if len(tried) > 0 {
@@ -290,6 +297,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			}
 		}
 		tried = append(tried, b)
+		if failed != nil { // counted only now: a failure with nothing left to try is no retry
+			metrics.retries.WithLabelValues(h.Name, failed.cfg.Name).Inc()
+		}
 		final := attempt == h.retries || len(remaining) == 1
 		last = h.attempt(w, r, api, body, b, final, model, kind)
 		if last.abort {
@@ -298,7 +308,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		if last.done {
 			return nil
 		}
-		metrics.retries.WithLabelValues(h.Name, b.cfg.Name).Inc()
+		failed = b
 	}
 	if r.Context().Err() != nil {
 		return nil // the client is gone; nobody to answer

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -121,6 +122,19 @@ func TestReadBodyLimit(t *testing.T) {
 	body, _, err := h.readBody(r)
 	require.NoError(t, err)
 	assert.Equal(t, `{"a":1}`, string(body))
+}
+
+// A limit at the integer maximum must not wrap around when the reader is
+// given room for one byte more: the body would be read as empty.
+func TestReadBodyLimitNearIntegerMaximum(t *testing.T) {
+	for _, limit := range []int64{math.MaxInt64, math.MaxInt64 - 1} {
+		h := &Handler{MaxRequestBody: limit}
+		r := httptest.NewRequest("POST", "/api/chat", strings.NewReader(`{"model":"a"}`))
+		body, status, err := h.readBody(r)
+		require.NoError(t, err, "limit %d", limit)
+		assert.Zero(t, status)
+		assert.Equal(t, `{"model":"a"}`, string(body), "limit %d", limit)
+	}
 }
 
 func TestOutboundRequest(t *testing.T) {

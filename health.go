@@ -98,8 +98,9 @@ type server struct {
 
 	// Models (modelsync.go): the latest lists, replaced whole on refresh.
 	models      atomic.Pointer[modelSnapshot]
-	refreshMu   sync.Mutex // one refresh at a time
-	lastRefresh time.Time  // guarded by refreshMu
+	refreshMu   sync.Mutex   // guards the two below
+	refreshing  *refreshCall // the read of the lists in progress, if any
+	lastRefresh *refreshCall // the last read that ended, good or failed
 	wake        chan struct{}
 
 	// Required models and their pulls (modelsync.go), guarded by pullMu.
@@ -151,7 +152,12 @@ func newServer(base *url.URL, st *serverSettings) *server {
 		}
 		return defaultDialTimeout
 	})
-	s.client = &http.Client{Transport: s.transport}
+	// A redirect is an answer, never followed: the request carries the
+	// backend's secrets (bearer token, headers, query), and Go's client
+	// would send most of them on to wherever the redirect points.
+	s.client = &http.Client{Transport: s.transport, CheckRedirect: func(*http.Request, []*http.Request) error {
+		return http.ErrUseLastResponse
+	}}
 	s.models.Store(&modelSnapshot{})
 	s.goSafe("health checker", s.probeLoop)
 	s.goSafe("model discovery", s.discoveryLoop)
@@ -351,7 +357,8 @@ func (s *server) transitionLocked(from, to healthState, reason string) func() {
 	s.since = time.Now()
 	if to == stateHealthy {
 		s.failStreak.Store(0)
-		s.poke() // read its model lists at once
+		s.poke()            // read its model lists at once
+		modelListsChanged() // a miss remembered while it was down may be on it
 	}
 	msg, event := "backend up", "ollamaflow.backend_up"
 	if to == stateUnhealthy {

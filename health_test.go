@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"context"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -154,4 +155,43 @@ func TestStatusMatches(t *testing.T) {
 	assert.False(t, statusMatches(301, 2))
 	assert.True(t, statusMatches(200, 200))
 	assert.False(t, statusMatches(204, 200))
+}
+
+// A backend that redirects (a misconfigured proxy in front of it, or a
+// hostile one) must not receive our secrets on the redirect's target:
+// probes, discovery and pulls take a redirect as the answer.
+func TestOwnRequestsDoNotFollowRedirects(t *testing.T) {
+	var leaked atomic.Int32
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		leaked.Add(1)
+		w.WriteHeader(http.StatusOK)
+	}))
+	defer elsewhere.Close()
+	var redirected atomic.Int32
+	redirecting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		redirected.Add(1)
+		// Same host, another port: Go's client would keep Authorization.
+		http.Redirect(w, r, elsewhere.URL+r.URL.Path, http.StatusTemporaryRedirect)
+	}))
+	defer redirecting.Close()
+
+	base, _ := url.Parse(redirecting.URL)
+	st := testSettings(zap.NewNop())
+	st.header = http.Header{"Authorization": {"Bearer s3cret"}, "X-Api-Key": {"k3y"}}
+	st.interval = time.Hour
+	s := newServer(base, st)
+	defer s.Destruct()
+
+	waitState(t, s, stateUnhealthy) // the probe saw 307, not the 200 behind it
+	assert.Contains(t, s.lastErr, "status 307")
+	s.state.Store(int32(stateHealthy))
+	err := s.refreshModels(context.Background(), 0)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "status 307")
+	err = s.runPull(requiredModel{name: "tiny", key: "tiny:latest"}, &pullState{})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "status 307")
+
+	assert.GreaterOrEqual(t, redirected.Load(), int32(3), "probe, discovery and pull each reached the backend")
+	assert.Zero(t, leaked.Load(), "nothing reached the redirect's target")
 }

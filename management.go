@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tidwall/gjson"
@@ -69,7 +70,7 @@ type modelEntry struct {
 // config order that has it, limited to the frontend's allow-list, newest
 // first like Ollama's own list.
 func (h *Handler) unionModels(ctx context.Context, cands []*backend) []modelEntry {
-	refreshAll(ctx, cands, false)
+	refreshAll(ctx, cands, minRefreshGap)
 	seen := make(map[string]bool)
 	var out []modelEntry
 	for _, b := range cands {
@@ -118,42 +119,122 @@ func ownerOf(name string) string {
 }
 
 // servePS answers GET /api/ps with the models loaded on each eligible
-// backend, read live, each entry tagged with "backend".
+// backend, each entry tagged with "backend". It answers from the lists
+// discovery keeps, read at most psMaxAge ago: older ones are read again,
+// once per server however many clients ask at the same time. A server
+// whose latest read failed contributes nothing.
 func (h *Handler) servePS(w http.ResponseWriter, r *http.Request, cands []*backend) error {
-	ctx, cancel := context.WithTimeout(r.Context(), refreshTimeout)
-	defer cancel()
-	lists := make([][]byte, len(cands))
-	var wg sync.WaitGroup
-	for i, b := range cands {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			lists[i], _ = b.srv.get(ctx, "/api/ps")
-		}()
-	}
-	wg.Wait()
+	refreshAll(r.Context(), cands, psMaxAge)
 	var buf bytes.Buffer
 	buf.WriteString(`{"models":[`)
 	n := 0
-	for i, b := range cands {
-		gjson.GetBytes(lists[i], "models").ForEach(func(_, m gjson.Result) bool {
-			if !h.modelAllowed(normalizeModel(m.Get("name").String())) {
-				return true
+	for _, b := range cands {
+		if b.srv.lastReadFailed() {
+			continue
+		}
+		snap := b.srv.models.Load()
+		for _, raw := range snap.ps {
+			m := gjson.ParseBytes(raw)
+			name := m.Get("name").String()
+			if name == "" {
+				name = m.Get("model").String()
 			}
-			tagged, err := sjson.SetBytes([]byte(m.Raw), "backend", b.cfg.Name)
+			key := normalizeModel(name)
+			if !snap.isLoaded(key) || !h.modelAllowed(key) {
+				continue // unloaded since (a request found it missing), or not for this frontend
+			}
+			tagged, err := sjson.SetBytes(raw, "backend", b.cfg.Name)
 			if err != nil {
-				return true
+				continue
 			}
 			if n > 0 {
 				buf.WriteByte(',')
 			}
 			buf.Write(tagged)
 			n++
-			return true
-		})
+		}
 	}
 	buf.WriteString("]}")
 	return writeJSON(w, http.StatusOK, buf.Bytes())
+}
+
+// serveMetadata answers /api/show, /api/version and /v1/models/{model}
+// from one of cands (healthy, not draining, and with the model when one is
+// named), outside the slot accounting and the queue: `ollama run` asks
+// /api/show before it generates, and must not wait behind generations (nor
+// get 429) because every inference slot is busy. The answers are small and
+// quick, so they take no capacity worth counting. A server that cannot be
+// reached, answers 502/503/504 or lacks the model gives way to the next.
+func (h *Handler) serveMetadata(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend) error {
+	order := metadataOrder(cands, atomic.AddUint64(&h.rrCounter, 1))
+	cause := "no backend answered"
+	for i, b := range order {
+		if i > h.retries {
+			break
+		}
+		last := i == len(order)-1 || i == h.retries
+		ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.FirstByteTimeout))
+		res, err := h.roundTrip(b, h.outboundRequest(ctx, r, b, body))
+		if err != nil {
+			cancel()
+			if r.Context().Err() != nil {
+				return nil // the client left
+			}
+			cause = fmt.Sprintf("backend %s: %v", b.cfg.Name, redactURLError(err))
+			h.logAttempt(b, "metadata request failed", redactURLError(err))
+			continue
+		}
+		if !last && retryable(res.StatusCode) {
+			res.Body.Close()
+			cancel()
+			cause = fmt.Sprintf("backend %s answered %d", b.cfg.Name, res.StatusCode)
+			continue
+		}
+		if !last && res.StatusCode == http.StatusNotFound {
+			missing, head := modelMissing(res)
+			if missing {
+				res.Body.Close()
+				cancel()
+				b.srv.poke() // its lists are stale: read them again
+				cause = fmt.Sprintf("backend %s does not have the model", b.cfg.Name)
+				continue
+			}
+			res.Body = readCloser{io.MultiReader(bytes.NewReader(head), res.Body), res.Body}
+		}
+		stripHopByHop(res.Header)
+		hdr := w.Header()
+		for k, v := range res.Header {
+			hdr[k] = v
+		}
+		hdr.Set("X-OllamaFlow-Backend", b.cfg.Name)
+		w.WriteHeader(res.StatusCode)
+		if r.Method != http.MethodHead {
+			_, _ = io.Copy(w, res.Body)
+		}
+		res.Body.Close()
+		cancel()
+		return nil
+	}
+	return h.fail(w, api, http.StatusBadGateway, "no backend could serve the request: "+cause)
+}
+
+// metadataOrder is the order cands are tried in for a metadata request:
+// the servers that have not been failing first, the least busy first
+// among them, equals taken in turn so no one server answers them all.
+func metadataOrder(cands []*backend, turn uint64) []*backend {
+	n := len(cands)
+	out := make([]*backend, 0, n)
+	for i := range n {
+		out = append(out, cands[(int(turn%uint64(n))+i)%n])
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		fi, fj := out[i].srv.failStreak.Load(), out[j].srv.failStreak.Load()
+		if fi != fj {
+			return fi < fj
+		}
+		return out[i].srv.inFlight.Load() < out[j].srv.inFlight.Load()
+	})
+	return out
 }
 
 func writeJSON(w http.ResponseWriter, status int, body []byte) error {
@@ -221,7 +302,7 @@ func (h *Handler) fanOut(w http.ResponseWriter, r *http.Request, api apiFormat, 
 			}()
 		}
 		wg.Wait()
-		refreshAll(r.Context(), cands, true) // routing sees the change at once
+		refreshAll(r.Context(), cands, 0) // routing sees the change at once
 		return h.mergeShort(w, api, answers, true)
 	}
 }
@@ -375,7 +456,7 @@ func (h *Handler) mergeProgress(w http.ResponseWriter, r *http.Request, body []b
 	if r.Context().Err() != nil {
 		return nil
 	}
-	refreshAll(r.Context(), cands, true) // routing sees the new model at once
+	refreshAll(r.Context(), cands, 0) // routing sees the new model at once
 	if len(p.failed) > 0 {
 		sort.Strings(p.failed)
 		msg := "failed on backends " + strings.Join(p.failed, ", ")

@@ -4,12 +4,17 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 )
 
 // BenchmarkMetricsScrape measures one scrape of the module's collectors
@@ -44,4 +49,45 @@ func BenchmarkMetricsScrape(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// retries_total counts retries that happened: an attempt that failed with
+// no other backend left to try is not one.
+func TestRetriesCountOnlyRetriesThatHappen(t *testing.T) {
+	// Probes pass; every chat is cut before any answer (a connection error).
+	cutter := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/api/chat" {
+			if r.URL.Path == "/api/tags" {
+				fmt.Fprint(w, `{"models":[{"name":"tiny-llama:latest","model":"tiny-llama:latest"}]}`)
+				return
+			}
+			if r.URL.Path == "/api/ps" {
+				fmt.Fprint(w, `{"models":[]}`)
+			}
+			return
+		}
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			conn.Close()
+		}
+	}))
+	defer cutter.Close()
+	good := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
+	defer good.Close()
+
+	const metric = `ollamaflow_retries_total{backend="cutter",frontend="retries-test"}`
+	loadCaddy(t, fmt.Sprintf("name retries-test\nlb_policy first\nretries 1\nbackend cutter %s {\n\tfail_threshold 100\n}", cutter.URL))
+	before := max(scrape(t, metric), 0)
+	waitHealthy(t, cutter.URL, stateHealthy)
+	res, body := post(t, "/api/chat", chatFor("tiny-llama"))
+	require.Equal(t, http.StatusBadGateway, res.StatusCode, body)
+	assert.Equal(t, before, max(scrape(t, metric), 0), "a failure with nobody left to try is no retry")
+
+	loadCaddy(t, fmt.Sprintf("name retries-test\nlb_policy first\nretries 1\nbackend cutter %s {\n\tfail_threshold 100\n}\nbackend good %s", cutter.URL, good.URL))
+	waitHealthy(t, good.URL, stateHealthy)
+	waitKnown(t, []*fakeollama.Server{good})
+	res, body = post(t, "/api/chat", chatFor("tiny-llama"))
+	require.Equal(t, http.StatusOK, res.StatusCode, body)
+	assert.Equal(t, "good", res.Header.Get("X-OllamaFlow-Backend"))
+	assert.Equal(t, before+1, scrape(t, metric), "the retry on good")
 }

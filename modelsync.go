@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tidwall/gjson"
@@ -38,7 +39,8 @@ func normalizeModel(name string) string {
 
 // Timings of discovery and pulls; variables so tests can shorten them.
 var (
-	minRefreshGap    = time.Second      // a routing miss refreshes a server at most this often
+	minRefreshGap    = time.Second      // a server's lists are read at most this often for routing misses, failed or not
+	psMaxAge         = time.Second      // /api/ps answers from lists at most this old (else one shared read)
 	refreshTimeout   = 10 * time.Second // one read of /api/tags + /api/ps
 	pullStallTimeout = 5 * time.Minute  // a pull with no progress line this long is aborted
 	pullBackoffBase  = 30 * time.Second // first retry delay of a failed pull, doubled each time
@@ -52,6 +54,7 @@ type modelSnapshot struct {
 	at      time.Time         // when
 	present map[string][]byte // normalised name -> the raw /api/tags entry
 	loaded  map[string][]byte // normalised name -> the raw /api/ps entry (nil when learned)
+	ps      [][]byte          // the raw /api/ps entries, in the server's order
 }
 
 // has reports whether the server is known to have model (normalised), and
@@ -97,9 +100,7 @@ func (s *server) discoveryLoop() {
 			timer.Stop()
 			// Woken within minRefreshGap of the last refresh: wait out
 			// the gap rather than skip, so the wake-up is never lost.
-			s.refreshMu.Lock()
-			gap := minRefreshGap - time.Since(s.lastRefresh)
-			s.refreshMu.Unlock()
+			gap := minRefreshGap - time.Since(s.lastRefreshEnd())
 			if gap > 0 {
 				t := time.NewTimer(gap)
 				select {
@@ -113,24 +114,114 @@ func (s *server) discoveryLoop() {
 		if healthState(s.state.Load()) != stateHealthy {
 			continue
 		}
-		if err := s.refreshModels(s.ctx, false); err != nil && s.ctx.Err() == nil {
+		if err := s.refreshModels(s.ctx, 0); err != nil && s.ctx.Err() == nil {
 			s.logger().Debug("model refresh failed", zap.Error(err))
 		}
 		s.syncRequired()
 	}
 }
 
-// refreshModels reads /api/tags and /api/ps and stores the result. Unless
-// forced, a server refreshed less than minRefreshGap ago is left alone, so
-// a burst of routing misses costs one round trip. Concurrent callers wait
-// for the refresh in progress and share its result.
-func (s *server) refreshModels(ctx context.Context, force bool) error {
+// refreshCall is one read of a server's lists, shared by every caller that
+// asks while it runs or, within their maxAge, after it ended.
+type refreshCall struct {
+	started time.Time
+	ended   time.Time     // set before done closes
+	done    chan struct{} // closed when err is set
+	err     error
+}
+
+// refreshModels makes sure the server's lists were read (successfully or
+// not) no longer than maxAge ago, and returns that read's error. There is
+// one read at a time per server whatever the number of callers: they wait
+// for the one in progress, each only as long as its own ctx allows, and a
+// failed read counts as recent as well as a good one, so a server whose
+// /api/tags fails is not asked again on every routing miss. maxAge 0
+// asks for a read that starts now (after a pull, say).
+func (s *server) refreshModels(ctx context.Context, maxAge time.Duration) error {
+	return s.refreshSince(ctx, time.Now().Add(-maxAge), maxAge == 0)
+}
+
+// refreshSince waits for a read of the lists that answers for since (see
+// startRefresh), starting one if needed.
+func (s *server) refreshSince(ctx context.Context, since time.Time, strict bool) error {
+	for {
+		c, fresh := s.startRefresh(since, strict)
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if fresh {
+			return c.err
+		}
+		// The read that was in progress started before since, and the
+		// caller knows of a change it may have missed. Start another.
+	}
+}
+
+// startRefresh returns a read that answers for lists as of since, and
+// whether it does (fresh): the read in progress (only if it started at or
+// after since when strict), else the last one if it ended at or after
+// since (and, when strict, started then too), else a new one. Ending, not
+// starting, is what rate-limits: a read that took longer than the gap is
+// not followed at once by another.
+func (s *server) startRefresh(since time.Time, strict bool) (c *refreshCall, fresh bool) {
 	s.refreshMu.Lock()
 	defer s.refreshMu.Unlock()
-	if !force && time.Since(s.lastRefresh) < minRefreshGap {
-		return nil
+	if c := s.refreshing; c != nil {
+		return c, !strict || !c.started.Before(since)
 	}
-	ctx, cancel := context.WithTimeout(ctx, refreshTimeout)
+	if c := s.lastRefresh; c != nil && !c.ended.Before(since) && (!strict || !c.started.Before(since)) {
+		return c, true
+	}
+	c = &refreshCall{started: time.Now(), done: make(chan struct{})}
+	s.refreshing = c
+	// Not in s.wg: a request of a config being replaced may ask after
+	// Destruct began waiting. s.ctx ends the read when the server goes.
+	go func() {
+		defer func() {
+			if rec := recover(); rec != nil {
+				s.logger().Error("panic in model refresh", zap.Any("panic", rec), zap.Stack("stack"))
+				c.err = fmt.Errorf("model refresh panicked")
+			}
+			s.refreshMu.Lock()
+			c.ended = time.Now()
+			s.refreshing, s.lastRefresh = nil, c
+			s.refreshMu.Unlock()
+			close(c.done)
+		}()
+		c.err = s.readModels()
+	}()
+	return c, true
+}
+
+// lastRefreshEnd is when the last read of the lists ended: now while one
+// is in progress, zero before the first.
+func (s *server) lastRefreshEnd() time.Time {
+	s.refreshMu.Lock()
+	defer s.refreshMu.Unlock()
+	if s.refreshing != nil {
+		return time.Now()
+	}
+	if s.lastRefresh != nil {
+		return s.lastRefresh.ended
+	}
+	return time.Time{}
+}
+
+// lastReadFailed reports whether the latest read of the lists that ended
+// failed.
+func (s *server) lastReadFailed() bool {
+	s.refreshMu.Lock()
+	defer s.refreshMu.Unlock()
+	return s.lastRefresh != nil && s.lastRefresh.err != nil
+}
+
+// readModels reads /api/tags and /api/ps and stores the result; when the
+// set of models present changed, answers cached for missing models are
+// dropped.
+func (s *server) readModels() error {
+	ctx, cancel := context.WithTimeout(s.ctx, refreshTimeout)
 	defer cancel()
 	tags, err := s.get(ctx, "/api/tags")
 	if err != nil {
@@ -140,10 +231,35 @@ func (s *server) refreshModels(ctx context.Context, force bool) error {
 	if err != nil {
 		return fmt.Errorf("reading /api/ps: %w", err)
 	}
-	snap := &modelSnapshot{known: true, at: time.Now(), present: entriesByName(tags), loaded: entriesByName(ps)}
-	s.models.Store(snap)
-	s.lastRefresh = snap.at
+	snap := &modelSnapshot{known: true, at: time.Now(), present: entriesByName(tags), loaded: entriesByName(ps), ps: rawEntries(ps)}
+	old := s.models.Swap(snap)
+	if !old.known || !sameKeys(old.present, snap.present) {
+		modelListsChanged()
+	}
 	return nil
+}
+
+func sameKeys(a, b map[string][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k := range a {
+		if _, ok := b[k]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// rawEntries is the "models" array of an Ollama list answer, entry by
+// entry.
+func rawEntries(body []byte) [][]byte {
+	var out [][]byte
+	gjson.GetBytes(body, "models").ForEach(func(_, m gjson.Result) bool {
+		out = append(out, []byte(m.Raw))
+		return true
+	})
+	return out
 }
 
 // entriesByName indexes the "models" array of an Ollama list answer by
@@ -424,7 +540,8 @@ func (s *server) pull(m requiredModel, p *pullState) {
 		return
 	}
 	log.Info("pulled required model", zap.Duration("took", time.Since(started)))
-	_ = s.refreshModels(s.ctx, true)
+	modelListsChanged()
+	_ = s.refreshModels(s.ctx, 0)
 	s.poke() // start the next queued pull
 }
 
@@ -487,14 +604,26 @@ func (s *server) runPull(m requiredModel, p *pullState) error {
 
 // routeModel narrows cands to the backends that have model (normalised).
 // Servers whose lists are not known yet stay in (a 404 from them moves the
-// request on). On a miss every candidate is refreshed once (rate-limited)
-// before the verdict: 503 if the model is only being pulled or only on
-// servers that are down, 404 if nobody has it.
+// request on). On a miss every candidate is refreshed once (at most once
+// per minRefreshGap per server, shared by concurrent misses) before the
+// verdict: 503 if the model is only being pulled or only on servers that
+// are down, 404 if nobody has it. A 404 is remembered for missTTL, so a
+// flood of requests for a model nobody has costs no backend a round trip.
 func (h *Handler) routeModel(ctx context.Context, cands []*backend, model string) ([]*backend, int, string) {
+	// Lists read within the gap before now will do, even if this request
+	// gets to ask only later (a busy machine): a read that ended while it
+	// waited for the CPU answers for it.
+	since := time.Now().Add(-minRefreshGap)
 	if have := withModel(cands, model); len(have) > 0 {
 		return have, 0, ""
 	}
-	refreshAll(ctx, cands, false)
+	notFound := fmt.Sprintf("model %q not found on any backend of this frontend; pull it first", model)
+	key := missKey(cands, model)
+	if h.misses.has(key) {
+		return nil, http.StatusNotFound, notFound
+	}
+	gen := missGeneration.Load() // before the refresh: a change during it invalidates
+	refreshAllSince(ctx, cands, since, false)
 	if have := withModel(cands, model); len(have) > 0 {
 		return have, 0, ""
 	}
@@ -508,7 +637,10 @@ func (h *Handler) routeModel(ctx context.Context, cands []*backend, model string
 			return nil, http.StatusServiceUnavailable, fmt.Sprintf("model %q is only on backends that are unavailable now (%s); retry shortly", model, b.cfg.Name)
 		}
 	}
-	return nil, http.StatusNotFound, fmt.Sprintf("model %q not found on any backend of this frontend; pull it first", model)
+	if ctx.Err() == nil {
+		h.misses.add(key, gen)
+	}
+	return nil, http.StatusNotFound, notFound
 }
 
 func withModel(cands []*backend, model string) []*backend {
@@ -521,16 +653,102 @@ func withModel(cands []*backend, model string) []*backend {
 	return out
 }
 
-// refreshAll refreshes the servers' lists concurrently and waits. Unless
-// forced, servers refreshed within minRefreshGap are skipped.
-func refreshAll(ctx context.Context, list []*backend, force bool) {
-	var wg sync.WaitGroup
-	for _, b := range list {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_ = b.srv.refreshModels(ctx, force)
-		}()
+// refreshAll makes sure the servers' lists were read no longer than maxAge
+// ago, reading those that are older all at once, and waits for them (as
+// long as ctx allows).
+func refreshAll(ctx context.Context, list []*backend, maxAge time.Duration) {
+	refreshAllSince(ctx, list, time.Now().Add(-maxAge), maxAge == 0)
+}
+
+// refreshAllSince is refreshAll for lists as of since (see startRefresh).
+func refreshAllSince(ctx context.Context, list []*backend, since time.Time, strict bool) {
+	calls := make([]*refreshCall, len(list))
+	fresh := make([]bool, len(list))
+	for i, b := range list {
+		calls[i], fresh[i] = b.srv.startRefresh(since, strict)
 	}
-	wg.Wait()
+	for i, c := range calls {
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			return
+		}
+		if !fresh[i] {
+			_ = list[i].srv.refreshSince(ctx, since, strict)
+		}
+	}
+}
+
+// Answers for missing models, remembered briefly. A remembered miss is
+// forgotten after missTTL, and at once when any server's model lists
+// change, a server turns healthy or a pull completes.
+var (
+	missTTL        atomic.Int64 // nanoseconds; 2 s (init), tests lengthen it
+	missCacheSize  = 1024       // per frontend: distinct missing models remembered
+	missGeneration atomic.Uint64
+)
+
+func init() { missTTL.Store(int64(2 * time.Second)) }
+
+// modelListsChanged forgets every remembered miss.
+func modelListsChanged() { missGeneration.Add(1) }
+
+// missKey names a miss: the model and the servers it was missing from.
+func missKey(cands []*backend, model string) string {
+	var sb strings.Builder
+	sb.WriteString(model)
+	for _, b := range cands {
+		sb.WriteByte(0)
+		sb.WriteString(b.srv.key)
+	}
+	return sb.String()
+}
+
+// missCache is a frontend's remembered misses, bounded: a client naming
+// endless distinct models evicts old entries, it cannot grow the map.
+type missCache struct {
+	mu sync.Mutex
+	m  map[string]missEntry
+}
+
+type missEntry struct {
+	until time.Time
+	gen   uint64
+}
+
+func (c *missCache) has(key string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[key]
+	if !ok {
+		return false
+	}
+	if e.gen != missGeneration.Load() || time.Now().After(e.until) {
+		delete(c.m, key)
+		return false
+	}
+	return true
+}
+
+func (c *missCache) add(key string, gen uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = make(map[string]missEntry)
+	}
+	if len(c.m) >= missCacheSize {
+		now, cur := time.Now(), missGeneration.Load()
+		for k, e := range c.m {
+			if e.gen != cur || now.After(e.until) {
+				delete(c.m, k)
+			}
+		}
+		for k := range c.m { // all live: drop arbitrary ones
+			if len(c.m) < missCacheSize {
+				break
+			}
+			delete(c.m, k)
+		}
+	}
+	c.m[key] = missEntry{until: time.Now().Add(time.Duration(missTTL.Load())), gen: gen}
 }

@@ -80,6 +80,10 @@ const (
 	defaultPullConc       = 1
 )
 
+// maxWeight bounds a backend's weight, so that sums of weights over any
+// pool cannot overflow.
+const maxWeight = 1_000_000
+
 // Handler is a frontend: it serves the Ollama and OpenAI-compatible APIs by
 // proxying each request to one of its backends.
 type Handler struct {
@@ -208,6 +212,7 @@ type Handler struct {
 	backends    []*backend
 	provisioned time.Time
 	queue       *queue
+	misses      missCache // models recently found nowhere
 	maxQueue    int
 	policy      selectionPolicy
 	retries     int
@@ -256,7 +261,8 @@ type Backend struct {
 	// frontend, counted on the server's shared state. 0 means no cap.
 	MaxParallel int `json:"max_parallel,omitempty"`
 
-	// Weight biases round_robin, random and least_conn ties. Default: 1.
+	// Weight biases round_robin, random, sticky hashing, least_delay and
+	// least_conn ties; at most 1000000. Default: 1.
 	Weight int `json:"weight,omitempty"`
 
 	// AllowEmbeddings lets this backend serve embedding requests. Default: true.
@@ -594,6 +600,9 @@ func (b *Backend) provision() error {
 	}
 	if b.Weight == 0 {
 		b.Weight = 1
+	}
+	if b.Weight > maxWeight {
+		return fmt.Errorf("weight: at most %d, got %d (weights are relative: divide them all)", maxWeight, b.Weight)
 	}
 	if b.HealthURI == "" {
 		b.HealthURI = defaultHealthURI

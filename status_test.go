@@ -310,3 +310,35 @@ func renderedBackends(dom string) map[string]renderedBackend {
 	}
 	return out
 }
+
+// A server that recovered keeps its last error on record, but not in red:
+// red means "failing now".
+func TestStatusPageShowsRecoveredErrorsAsPast(t *testing.T) {
+	browser := findBrowser(t)
+	mux := http.NewServeMux()
+	mux.HandleFunc("/ollamaflow/", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.Write(statusPage)
+	})
+	row := func(name, state string) string {
+		return fmt.Sprintf(`{"url":"http://%[1]s","names":[%[1]q],"frontends":[{"frontend":"f","name":%[1]q}],"state":%[2]q,
+			"since":"2026-01-01T00:00:00Z","last_error":"dial tcp: connection refused","fail_streak":0,"in_flight":0,"queued":0,
+			"draining":false,"idle":true,"models":[],"loaded_models":[],"pulls":[],"labels":[],"max_parallel":{"f":0}}`, name, state)
+	}
+	mux.HandleFunc("/ollamaflow/backends", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, "[%s,%s]", row("down", "unhealthy"), row("back", "healthy"))
+	})
+	mux.HandleFunc("/ollamaflow/frontends", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `[{"name":"f","lb_policy":"first","backends":["down","back"],"queued":0,"max_queue":8,"queue_timeout":"30s","retries":1,"labels":[]}]`)
+	})
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+
+	rows := renderedBackends(runBrowser(t, browser, "--dump-dom", "--virtual-time-budget=3000", srv.URL+"/ollamaflow/"))
+	require.Len(t, rows, 2)
+	assert.Contains(t, rows["down"].html, `<div class="err">dial tcp: connection refused</div>`, "a failing server's error is current")
+	assert.NotContains(t, rows["back"].html, `class="err"`, "a recovered server's error is not shown as current")
+	assert.Contains(t, rows["back"].html, "last error (recovered): dial tcp: connection refused")
+}
