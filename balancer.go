@@ -27,6 +27,9 @@ type backend struct {
 	allowCompl bool
 	header     http.Header // bearer token and configured headers, set on every call
 	query      string      // encoded, appended to every backend URL
+	// staged is what the server gets from this frontend once the config
+	// has started (adoptSettings); requests always use header and query.
+	staged *serverSettings
 }
 
 func newBackendView(cfg *Backend, base *url.URL) *backend {

@@ -41,9 +41,11 @@ func (s healthState) String() string {
 	}
 }
 
-// serverSettings is what the pooled server needs from the config. Every
-// Provision that names the server stores a fresh copy, so the latest config
-// wins without restarting the server's goroutines.
+// serverSettings is what the pooled server needs from the config. Each
+// Provision that names the server builds a copy; the server adopts it only
+// once that config has started (see adopt), so a config that fails to
+// provision or start changes nothing, and the newest running config wins
+// without restarting the server's goroutines.
 type serverSettings struct {
 	name          string // the backend's name in the config that last named the server
 	probePath     string // health_uri
@@ -84,6 +86,12 @@ type server struct {
 	busyUntil atomic.Int64
 	busyLevel atomic.Int64
 
+	// Which config and which of its backends the settings came from, for
+	// adopt; guarded by settingsMu.
+	settingsMu     sync.Mutex
+	settingsConfig any
+	settingsRank   string
+
 	mu         sync.Mutex
 	passStreak int // consecutive passing probes
 	probeFails int // consecutive failing probes
@@ -116,20 +124,33 @@ type server struct {
 }
 
 // acquireServer returns the pooled server for base, creating and starting it
-// if this is its first user, and gives it the latest settings.
+// with st if this is its first user. A server that already runs keeps its
+// settings: st is the caller's to adopt once its config has started.
 func acquireServer(base *url.URL, st *serverSettings) (*server, error) {
 	key := base.String()
-	val, loaded, err := servers.LoadOrNew(key, func() (caddy.Destructor, error) {
+	val, _, err := servers.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return newServer(base, st), nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	srv := val.(*server)
-	if loaded {
-		srv.settings.Store(st)
+	return val.(*server), nil
+}
+
+// adopt makes st the server's settings, on behalf of config (an identity of
+// the Caddy config, which has started) and of the backend ranked rank in
+// it. A config that started later replaces the settings of an earlier
+// one; within one config, when several frontends name the server, the
+// lowest rank wins whatever the order Caddy provisions them in, so probes,
+// discovery and pulls use one frontend's settings consistently.
+func (s *server) adopt(st *serverSettings, config any, rank string) {
+	s.settingsMu.Lock()
+	defer s.settingsMu.Unlock()
+	if s.settingsConfig == config && rank >= s.settingsRank {
+		return
 	}
-	return srv, nil
+	s.settingsConfig, s.settingsRank = config, rank
+	s.settings.Store(st)
 }
 
 func newServer(base *url.URL, st *serverSettings) *server {

@@ -203,9 +203,7 @@ func (h *Handler) serveMetadata(w http.ResponseWriter, r *http.Request, api apiF
 		}
 		stripHopByHop(res.Header)
 		hdr := w.Header()
-		for k, v := range res.Header {
-			hdr[k] = v
-		}
+		copyBackendHeaders(hdr, res.Header)
 		hdr.Set("X-OllamaFlow-Backend", b.cfg.Name)
 		w.WriteHeader(res.StatusCode)
 		if r.Method != http.MethodHead {

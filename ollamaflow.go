@@ -32,6 +32,7 @@
 package ollamaflow
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -213,6 +214,7 @@ type Handler struct {
 	provisioned time.Time
 	queue       *queue
 	misses      missCache // models recently found nowhere
+	events      *caddyevents.App
 	maxQueue    int
 	policy      selectionPolicy
 	retries     int
@@ -490,16 +492,28 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// Health transitions are Caddy events; the events app is loaded even
 	// when the config does not name it, as reverse_proxy does.
 	events := eventsApp(ctx)
+	h.events = events
 
 	// Take pool references last, so a config error above leaks nothing.
 	for _, b := range h.backends {
-		srv, err := acquireServer(b.base, b.settings(ctx, h.logger, events, time.Duration(h.DialTimeout)))
+		b.staged = b.settings(ctx, h.logger, events, time.Duration(h.DialTimeout))
+		srv, err := acquireServer(b.base, b.staged)
 		if err != nil {
 			h.releaseServers()
 			return fmt.Errorf("backend %q: %w", b.cfg.Name, err)
 		}
 		b.srv = srv
 		h.poolKeys = append(h.poolKeys, b.base.String())
+	}
+	// A server this config shares with the running one keeps the running
+	// config's settings until this one has started: Caddy emits "started"
+	// only once every app of the config started, so a config that fails
+	// to provision or to start never gets here.
+	if events == nil { // provisioned outside a loaded config (tests, tools)
+		h.adoptSettings(nil)
+	} else if err := events.On("started", startedHook{h}); err != nil {
+		h.releaseServers()
+		return fmt.Errorf("events: %v", err)
 	}
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		h.releaseServers()
@@ -515,6 +529,25 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 	return nil
+}
+
+// startedHook is subscribed to Caddy's "started" event of the handler's
+// own config. No exported fields: the events app logs handlers at debug.
+type startedHook struct{ h *Handler }
+
+func (sh startedHook) Handle(_ context.Context, e caddy.Event) error {
+	sh.h.adoptSettings(sh.h.events)
+	return nil
+}
+
+// adoptSettings gives each server the settings this handler built for it,
+// now that its config runs. config identifies the config (its events app).
+// Among several frontends of one config naming the same server, the one
+// whose frontend name, then backend name, sorts first wins.
+func (h *Handler) adoptSettings(config any) {
+	for _, b := range h.backends {
+		b.srv.adopt(b.staged, config, h.Name+"\x00"+b.cfg.Name)
+	}
 }
 
 // Validate is a no-op: Provision validates as it applies defaults, because
