@@ -179,11 +179,18 @@ func TestTwoFrontendsOneServerCredentials(t *testing.T) {
 
 // lastAuth is the Authorization of the last request to path.
 func lastAuth(f *fakeollama.Server, path string) string {
+	r, _ := lastRequestTo(f, path)
+	return r.Header.Get("Authorization")
+}
+
+// lastRequestTo is the last request the fake received on path: probes and
+// discovery reach it too, at their own pace.
+func lastRequestTo(f *fakeollama.Server, path string) (fakeollama.Request, bool) {
 	reqs := f.Requests()
 	for i := len(reqs) - 1; i >= 0; i-- {
 		if reqs[i].Path == path {
-			return reqs[i].Header.Get("Authorization")
+			return reqs[i], true
 		}
 	}
-	return ""
+	return fakeollama.Request{}, false
 }

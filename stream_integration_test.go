@@ -49,6 +49,7 @@ func TestIntegrationBrokenStreamsEndWithAnError(t *testing.T) {
 		stream_idle_timeout 300ms
 		backend a %s {
 			fail_threshold 1000
+			health_interval 1h # a passing probe would reset the failure run counted below
 		}`, f.URL))
 	srv := waitHealthy(t, f.URL, stateHealthy)
 
