@@ -143,6 +143,8 @@ func TestAdminDrain(t *testing.T) {
 	}
 	fs[0].Release()
 	assert.Equal(t, http.StatusOK, <-held, "in-flight work finishes")
+	// The slot is given back just after the answer's last byte went out.
+	require.Eventually(t, func() bool { return sa.inFlight.Load() == 0 }, 5*time.Second, time.Millisecond)
 	_, raw = adminGet(t, "/ollamaflow/backends/a")
 	require.NoError(t, json.Unmarshal(raw, &st))
 	assert.True(t, st.Draining)
