@@ -120,11 +120,34 @@ func ownerOf(name string) string {
 
 // servePS answers GET /api/ps with the models loaded on each eligible
 // backend, each entry tagged with "backend". It answers from the lists
-// discovery keeps, read at most psMaxAge ago: older ones are read again,
-// once per server however many clients ask at the same time. A server
-// whose latest read failed contributes nothing.
+// discovery keeps, read at most psMaxAge ago and after any model a request
+// found loaded since (`ollama ps` right after `ollama run` shows the model):
+// other lists are read again, once per server however many clients ask at
+// the same time. A server whose latest read failed contributes nothing.
 func (h *Handler) servePS(w http.ResponseWriter, r *http.Request, cands []*backend) error {
-	refreshAll(r.Context(), cands, psMaxAge)
+	oldest := time.Now().Add(-psMaxAge)
+	calls := make([]*refreshCall, len(cands))
+	for i, b := range cands {
+		since, strict := oldest, false
+		if learned := b.srv.models.Load().learnedAt; learned.After(since) {
+			since, strict = learned, true // only a read that started after it shows it
+		}
+		var fresh bool
+		if calls[i], fresh = b.srv.startRefresh(since, strict); !fresh {
+			calls[i] = nil // a read is in progress, older than the news: wait, then read
+			_ = b.srv.refreshSince(r.Context(), since, strict)
+		}
+	}
+	for _, c := range calls {
+		if c == nil {
+			continue
+		}
+		select {
+		case <-c.done:
+		case <-r.Context().Done():
+			return nil
+		}
+	}
 	var buf bytes.Buffer
 	buf.WriteString(`{"models":[`)
 	n := 0

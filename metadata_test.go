@@ -43,7 +43,9 @@ func TestMetadataNeverWaitsForInference(t *testing.T) {
 	res, body := post(t, "/api/chat", chatFor("tiny-llama"))
 	require.Equal(t, http.StatusTooManyRequests, res.StatusCode, "inference is at capacity: %s", body)
 
+	start := time.Now()
 	res, body = post(t, "/api/show", `{"model":"tiny-llama"}`)
+	t.Logf("/api/show answered in %s with every slot busy and the queue full", time.Since(start).Round(time.Microsecond))
 	assert.Equal(t, http.StatusOK, res.StatusCode, body)
 	assert.Contains(t, body, `"modelfile"`)
 	assert.Equal(t, "a", res.Header.Get("X-OllamaFlow-Backend"))

@@ -134,3 +134,21 @@ func TestPSAnswersFromDiscovery(t *testing.T) {
 	}
 	assert.Equal(t, map[string]string{"tiny-llama:latest": "a", "other:latest": "b"}, got)
 }
+
+// `ollama ps` right after `ollama run` shows the model the run loaded,
+// even though the lists were read less than psMaxAge before.
+func TestPSShowsAModelJustLoaded(t *testing.T) {
+	fs, lines := fakes(t, [][]string{{"tiny-llama"}}, "model_refresh 1h")
+	loadCaddy(t, lines)
+	waitKnown(t, fs)
+	s := pooled(t, fs[0].URL)
+	require.NoError(t, s.refreshModels(context.Background(), 0)) // lists fresh: nothing loaded
+	require.False(t, s.models.Load().isLoaded("tiny-llama:latest"))
+
+	res, body := post(t, "/api/chat", chatFor("tiny-llama"))
+	require.Equal(t, http.StatusOK, res.StatusCode, body)
+	res, body = send(t, http.MethodGet, siteURL+"/api/ps", "")
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Contains(t, body, `"name":"tiny-llama:latest"`)
+	assert.Contains(t, body, `"backend":"a"`)
+}

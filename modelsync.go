@@ -55,6 +55,9 @@ type modelSnapshot struct {
 	present map[string][]byte // normalised name -> the raw /api/tags entry
 	loaded  map[string][]byte // normalised name -> the raw /api/ps entry (nil when learned)
 	ps      [][]byte          // the raw /api/ps entries, in the server's order
+	// learnedAt is when a request last found a model loaded that ps does
+	// not list: /api/ps must read the server again to show it.
+	learnedAt time.Time
 }
 
 // has reports whether the server is known to have model (normalised), and
@@ -289,6 +292,7 @@ func (s *server) markLoaded(model string) {
 		next := *cur
 		next.loaded = copyWithout(cur.loaded, "")
 		next.loaded[model] = nil
+		next.learnedAt = time.Now()
 		return &next
 	})
 }
