@@ -209,14 +209,14 @@ func (h *Handler) handleCORS(w http.ResponseWriter, r *http.Request, api apiForm
 	if c == nil {
 		return false
 	}
-	hdr := w.Header()
-	// Every answer depends on Origin, also one to a request without it, so
-	// a shared cache must not hand one origin's answer to another.
-	addVary(hdr, "Origin")
 	origin := r.Header.Get("Origin")
 	if origin == "" || sameHost(origin, r.Host) {
-		return false // not a cross-origin request (Ollama's rule too)
+		// Not a cross-origin request: untouched, as Ollama leaves it, so a
+		// client that is not a browser cannot tell the frontend from Ollama.
+		return false
 	}
+	hdr := w.Header()
+	addVary(hdr, "Origin")
 	if !c.allows(origin) {
 		shown := origin
 		if len(shown) > 100 {

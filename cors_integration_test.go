@@ -142,14 +142,16 @@ func TestCORSPreflightsAndHeadersOnEveryAnswer(t *testing.T) {
 	a.Release()
 	wg.Wait()
 
-	// The site's own pages are not cross-origin: nothing to allow or refuse.
-	res, body = post(t, "/api/chat", chatBody, "Origin", siteURL)
-	assert.Equal(t, http.StatusOK, res.StatusCode, body)
-	assert.Empty(t, res.Header.Values("Access-Control-Allow-Origin"))
-	// A client without Origin gets no CORS headers but Vary: Origin.
-	res, _ = send(t, http.MethodGet, siteURL+"/api/tags", "")
-	assert.Empty(t, res.Header.Values("Access-Control-Allow-Origin"))
-	assert.Equal(t, []string{"Origin"}, res.Header.Values("Vary"))
+	// The site's own pages are not cross-origin: nothing to allow or
+	// refuse; nor is a client without Origin, which sees what Ollama sends.
+	own, body := post(t, "/api/chat", chatBody, "Origin", siteURL)
+	assert.Equal(t, http.StatusOK, own.StatusCode, body)
+	plain, _ := send(t, http.MethodGet, siteURL+"/api/tags", "")
+	for _, res := range []*http.Response{own, plain} {
+		for k := range res.Header {
+			assert.False(t, strings.HasPrefix(k, "Access-Control-") || k == "Vary", "no %s", k)
+		}
+	}
 }
 
 func TestCORSRefusesOtherOrigins(t *testing.T) {
@@ -430,4 +432,41 @@ HTML 200
 	assert.Empty(t, text(dom, "out"))
 	assert.Equal(t, "refused: TypeError: Failed to fetch", text(dom, "status"))
 	assert.Equal(t, 2, a.Count("/api/chat"), "the refused page ran no chat")
+}
+
+// TestCORSOnTheProxysOwnFailures covers the answers the frontend makes
+// when a request cannot be served: too large, a backend too slow or gone,
+// and the merged answer of a management fan-out.
+func TestCORSOnTheProxysOwnFailures(t *testing.T) {
+	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
+	defer a.Close()
+	loadCaddy(t, fmt.Sprintf(`
+		max_request_body 1KiB
+		first_byte_timeout 300ms
+		allow_model_management
+		backend a %s {
+			health_interval 1h
+			fail_threshold 1000
+		}`, a.URL))
+	waitKnown(t, []*fakeollama.Server{a})
+	origin := []string{"Origin", pageOrigin}
+
+	res, body := post(t, "/api/copy", `{"source":"tiny-llama","destination":"copied"}`, origin...)
+	assert.Equal(t, http.StatusOK, res.StatusCode, body)
+	assertCORS(t, res, pageOrigin, "management fan-out")
+
+	res, body = post(t, "/api/chat", `{"model":"tiny-llama","prompt":"`+strings.Repeat("x", 2048)+`"}`, origin...)
+	assert.Equal(t, http.StatusRequestEntityTooLarge, res.StatusCode, body)
+	assertCORS(t, res, pageOrigin, "413")
+
+	a.SlowFirstByte(2*time.Second, "/api/chat")
+	res, body = post(t, "/api/chat", chatBody, origin...)
+	assert.Equal(t, http.StatusGatewayTimeout, res.StatusCode, body)
+	assertCORS(t, res, pageOrigin, "504")
+	a.ClearFaults()
+
+	a.Close() // still healthy for the frontend: its next probe is an hour away
+	res, body = post(t, "/v1/chat/completions", chatBody, origin...)
+	assert.Equal(t, http.StatusBadGateway, res.StatusCode, body)
+	assertCORS(t, res, pageOrigin, "502")
 }

@@ -3,7 +3,10 @@ package ollamaflow
 import (
 	"net/http"
 	"net/http/httptest"
+	"regexp"
+	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -268,6 +271,7 @@ func TestHandleCORS(t *testing.T) {
 	assert.True(t, done)
 	assert.Equal(t, http.StatusForbidden, w.Code)
 	assert.Empty(t, w.Header().Get("Access-Control-Allow-Origin"))
+	assert.Equal(t, "Origin", w.Header().Get("Vary"))
 	assert.JSONEq(t, `{"error":"origin \"https://evil.example\" may not call this API from a browser; the frontend's cors_origins does not list it"}`, w.Body.String())
 
 	w, done = do("OPTIONS", "https://evil.example", "Access-Control-Request-Method", "POST")
@@ -276,13 +280,11 @@ func TestHandleCORS(t *testing.T) {
 
 	w, done = do("POST", "https://llm.example.com")
 	assert.False(t, done, "the site's own pages are not cross-origin")
-	assert.Empty(t, w.Header().Get("Access-Control-Allow-Origin"))
-	assert.Equal(t, "Origin", w.Header().Get("Vary"))
+	assert.Empty(t, w.Header(), "left as Ollama leaves it")
 
 	w, done = do("POST", "")
 	assert.False(t, done)
-	assert.Empty(t, w.Header().Get("Access-Control-Allow-Origin"))
-	assert.Equal(t, "Origin", w.Header().Get("Vary"), "the answer still depends on Origin")
+	assert.Empty(t, w.Header(), "a client that is no browser sees what Ollama would send")
 
 	h.cors = nil // off
 	w, done = do("OPTIONS", "https://evil.example", "Access-Control-Request-Method", "POST")
@@ -299,4 +301,69 @@ func BenchmarkCORSAllowsDefault(b *testing.B) {
 			b.Fatal("wrong answer")
 		}
 	}
+}
+
+// FuzzCORSOrigin checks, for any one-entry cors_origins and any Origin a
+// client sends, that the matcher agrees with a plain reading of the
+// pattern (one * for any run of characters, case-insensitive), and that
+// an allowed origin is echoed exactly.
+func FuzzCORSOrigin(f *testing.F) {
+	for _, s := range [][2]string{
+		{"http://localhost:*", "http://localhost:3000"},
+		{"http://localhost:*", "http://localhost.evil.example"},
+		{"https://*.example.com", "https://a.example.com"},
+		{"http://a*a", "http://a"},
+		{"app://*", "APP://obsidian.md"},
+		{"*", "null"},
+		{"null", "null"},
+		{"https://app.example.com", "https://app.example.com"},
+		{"*.example.com", "https://x.example.com"},
+	} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, pattern, origin string) {
+		if strings.ContainsAny(pattern, ",{") || !utf8.ValidString(pattern) || !utf8.ValidString(origin) {
+			return // lists and placeholders are split and replaced first; the reference needs UTF-8
+		}
+		p, err := newCORSPolicy([]string{pattern}, nil)
+		if err != nil || p == nil {
+			return
+		}
+		lp := strings.ToLower(strings.TrimSpace(pattern))
+		if lp == corsDefault {
+			return
+		}
+		want := lp == "*"
+		if !want {
+			before, after, _ := strings.Cut(lp, "*")
+			re := "(?s)^" + regexp.QuoteMeta(before) + "$"
+			if strings.Contains(lp, "*") {
+				re = "(?s)^" + regexp.QuoteMeta(before) + ".*" + regexp.QuoteMeta(after) + "$"
+			}
+			want = regexp.MustCompile(re).MatchString(strings.ToLower(origin))
+		}
+		if got := p.allows(origin); got != want {
+			t.Fatalf("pattern %q, origin %q: allows = %v, want %v", pattern, origin, got, want)
+		}
+
+		h := &Handler{cors: p, labelHeader: defaultLabelHeader}
+		r := httptest.NewRequest(http.MethodPost, "http://llm.example.com/api/chat", nil)
+		r.Header.Set("Origin", origin)
+		w := httptest.NewRecorder()
+		answered := h.handleCORS(w, r, apiOllama)
+		switch {
+		case origin == "" || sameHost(origin, r.Host):
+			if answered || w.Header().Get("Access-Control-Allow-Origin") != "" {
+				t.Fatalf("origin %q is not cross-origin, yet answered %v with %q", origin, answered, w.Header())
+			}
+		case want:
+			if answered || w.Header().Get("Access-Control-Allow-Origin") != origin {
+				t.Fatalf("allowed origin %q: answered %v, Access-Control-Allow-Origin %q", origin, answered, w.Header().Get("Access-Control-Allow-Origin"))
+			}
+		default:
+			if !answered || w.Code != http.StatusForbidden || w.Header().Get("Access-Control-Allow-Origin") != "" {
+				t.Fatalf("refused origin %q: answered %v, status %d, headers %q", origin, answered, w.Code, w.Header())
+			}
+		}
+	})
 }
