@@ -335,35 +335,49 @@ func credentialsOf(b *backend) *credentialsJ {
 }
 
 type frontendJSON struct {
-	Name           string   `json:"name"`
-	Policy         string   `json:"lb_policy"`
-	Backends       []string `json:"backends"`
-	Queued         int      `json:"queued"`
-	QueuedTotal    int64    `json:"queued_total"`
-	QueueWaitAvgMS float64  `json:"queue_wait_avg_ms"`
-	QueueWaitMaxMS float64  `json:"queue_wait_max_ms"`
-	MaxQueue       int      `json:"max_queue"`
-	QueueTimeout   string   `json:"queue_timeout"`
-	Retries        int      `json:"retries"`
-	Labels         []string `json:"labels"`
-	Models         []string `json:"models,omitempty"`
-	RequiredModels []string `json:"required_models,omitempty"`
-	Embeddings     bool     `json:"allow_embeddings"`
-	Completions    bool     `json:"allow_completions"`
-	Management     bool     `json:"allow_model_management"`
-	Sticky         bool     `json:"sticky"`
+	Name           string         `json:"name"`
+	Policy         string         `json:"lb_policy"`
+	Backends       []string       `json:"backends"`
+	Queued         int            `json:"queued"`
+	QueuedTotal    int64          `json:"queued_total"`
+	QueueWaitAvgMS float64        `json:"queue_wait_avg_ms"`
+	QueueWaitMaxMS float64        `json:"queue_wait_max_ms"`
+	MaxQueue       int            `json:"max_queue"`
+	MaxPerClient   int            `json:"max_queue_per_client"`
+	QueueTimeout   string         `json:"queue_timeout"`
+	BodyMemory     bodyMemoryJSON `json:"body_memory"`
+	Retries        int            `json:"retries"`
+	Labels         []string       `json:"labels"`
+	Models         []string       `json:"models,omitempty"`
+	RequiredModels []string       `json:"required_models,omitempty"`
+	Embeddings     bool           `json:"allow_embeddings"`
+	Completions    bool           `json:"allow_completions"`
+	Management     bool           `json:"allow_model_management"`
+	Sticky         bool           `json:"sticky"`
+}
+
+// bodyMemoryJSON is the request body budget: this frontend's share and
+// the process-wide pool every frontend draws from.
+type bodyMemoryJSON struct {
+	Used         int64 `json:"used_bytes"`
+	Limit        int64 `json:"max_body_memory"`
+	ProcessUsed  int64 `json:"process_used_bytes"`
+	ProcessPeak  int64 `json:"process_peak_bytes"`
+	ProcessLimit int64 `json:"process_limit_bytes"`
 }
 
 func frontendStatuses() []frontendJSON {
 	out := []frontendJSON{}
 	for _, h := range liveFrontends() {
 		f := frontendJSON{
-			Name: h.Name, Policy: h.LBPolicy, Backends: []string{}, MaxQueue: h.maxQueue,
+			Name: h.Name, Policy: h.LBPolicy, Backends: []string{}, MaxQueue: h.maxQueue, MaxPerClient: h.maxQueuePerClient,
 			QueueTimeout: time.Duration(h.QueueTimeout).String(), Retries: h.retries,
 			Labels: append([]string{}, h.labels...), Models: h.Models, RequiredModels: h.RequiredModels,
 			Embeddings: h.allowEmbed, Completions: h.allowCompl, Management: h.AllowModelManagement,
 			Sticky: h.Sticky != nil,
 		}
+		f.BodyMemory.ProcessUsed, f.BodyMemory.ProcessPeak, f.BodyMemory.ProcessLimit = bodyMemory.state()
+		f.BodyMemory.Used, f.BodyMemory.Limit = heldBy(h), h.maxBodyMemory
 		if q := h.queue; q != nil {
 			f.Queued = q.length()
 			f.QueuedTotal = q.waited.Load()

@@ -176,15 +176,25 @@ func policyNames() string {
 }
 
 // acquire picks a backend with the frontend's policy and takes a slot on
-// it. It returns nil if every candidate is at its cap. A slot lost to a
-// concurrent request drops that backend and picks again.
+// it, for a request that is not queued. It returns nil if every candidate
+// is at its cap. A server with queued requests is left to them (the queue
+// hands its next free slot to the oldest), so a newcomer never overtakes.
 func (h *Handler) acquire(cands []*backend, model string) *backend {
-	var avail []*backend
+	var buf [16]*backend
+	avail := buf[:0]
 	for _, b := range cands {
-		if b.hasRoom() {
+		if b.hasRoom() && b.srv.queued.Load() == 0 {
 			avail = append(avail, b)
 		}
 	}
+	return h.take(avail, model)
+}
+
+// take runs the policy over avail (backends with room) and takes a slot on
+// the backend it picks. A slot lost to a concurrent request drops that
+// backend and picks again; nil means none was had, or the policy holds the
+// request back.
+func (h *Handler) take(avail []*backend, model string) *backend {
 	for len(avail) > 0 {
 		b := h.policy(h, avail, model)
 		if b == nil {
@@ -196,6 +206,33 @@ func (h *Handler) acquire(cands []*backend, model string) *backend {
 		avail = without(avail, b)
 	}
 	return nil
+}
+
+// queueCandidates are the backends a queued request may be served by: the
+// frontend's enabled backends that allow kind, carry labels and may have
+// model, except the servers it already tried. Unlike candidates, it keeps
+// unhealthy and draining ones: one that recovers or is undrained serves
+// the queue at once (hasRoom checks health and drain at that time).
+func (h *Handler) queueCandidates(kind routeKind, labels []string, model string, tried []*server) []*backend {
+	var out []*backend
+next:
+	for _, b := range h.backends {
+		if b.cfg.Disabled || !b.allows(kind) || !b.carries(labels) {
+			continue
+		}
+		for _, s := range tried {
+			if b.srv == s {
+				continue next
+			}
+		}
+		if model != "" {
+			if has, known := b.srv.models.Load().has(model); !has && known {
+				continue
+			}
+		}
+		out = append(out, b)
+	}
+	return out
 }
 
 func without(list []*backend, drop *backend) []*backend {
@@ -409,7 +446,7 @@ func (h *Handler) acquireSticky(avail []*backend, key, model string) (*backend, 
 	if key == "" {
 		return h.acquire(avail, model), stickyNone
 	}
-	if b := rendezvous(avail, key); b.hasRoom() && b.srv.tryAcquire(b.cfg.MaxParallel) {
+	if b := rendezvous(avail, key); b.hasRoom() && b.srv.queued.Load() == 0 && b.srv.tryAcquire(b.cfg.MaxParallel) {
 		return b, stickyHit
 	}
 	return h.acquire(avail, model), stickyOverflow

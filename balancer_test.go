@@ -245,7 +245,7 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	slow1 := testBackend("slow1", nil)
 	slow2 := testBackend("slow2", nil)
 	h := &Handler{}
-	h.queue = &queue{h: h}
+	h.queue = newQueue(h)
 	all := []*backend{fast, slow1, slow2}
 	take := func() *backend {
 		b := pickLeastDelay(h, all, "")

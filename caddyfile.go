@@ -50,12 +50,14 @@ var (
 //		lb_policy              least_conn|round_robin|random|first
 //		retries                <count>
 //		max_request_body       <size>
+//		max_body_memory        <size>
 //		dial_timeout           <duration>
 //		first_byte_timeout     <duration>
 //		response_timeout       <duration>
 //		stream_idle_timeout    <duration>
 //		client_write_timeout   <duration>
 //		max_queue              <count>
+//		max_queue_per_client   <count>
 //		queue_timeout          <duration>
 //		allow_embeddings       [true|false]
 //		allow_completions      [true|false]
@@ -124,6 +126,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Retries = &n
 		case "max_request_body":
 			h.MaxRequestBody, err = parseSize(d)
+		case "max_body_memory":
+			h.MaxBodyMemory, err = parseSize(d)
 		case "dial_timeout":
 			h.DialTimeout, err = parseDuration(d)
 		case "first_byte_timeout":
@@ -136,6 +140,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.ClientWriteTimeout, err = parseDuration(d)
 		case "max_queue":
 			h.MaxQueue, err = parseInt(d, 1)
+		case "max_queue_per_client":
+			h.MaxQueuePerClient, err = parseInt(d, 1)
 		case "queue_timeout":
 			h.QueueTimeout, err = parseDuration(d)
 		case "allow_embeddings":

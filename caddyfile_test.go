@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -8,9 +9,12 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"github.com/tidwall/sjson"
 )
 
@@ -333,4 +337,49 @@ func TestPinPathMatchesSjson(t *testing.T) {
 			t.Errorf("path %q: sjson built %s, keys %q", path, obj, keys)
 		}
 	}
+}
+
+func TestCaddyfileMemoryAndQueueShare(t *testing.T) {
+	d := caddyfile.NewTestDispenser("ollamaflow {\n\tmax_body_memory 512MiB\n\tmax_queue_per_client 8\n\tbackend a localhost\n}")
+	var h Handler
+	require.NoError(t, h.UnmarshalCaddyfile(d))
+	assert.EqualValues(t, int64(512<<20), h.MaxBodyMemory)
+	assert.Equal(t, 8, h.MaxQueuePerClient)
+
+	for _, tc := range []struct{ in, want string }{
+		{"\t\tmax_body_memory lots\n", "max_body_memory: invalid size 'lots'"},
+		{"\t\tmax_queue_per_client 0\n", "max_queue_per_client"},
+		{"\t\tmax_queue_per_client\n", "max_queue_per_client"},
+	} {
+		var h Handler
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("ollamaflow {\n" + tc.in + "\tbackend a localhost\n}"))
+		if assert.Error(t, err, tc.in) {
+			assert.Contains(t, err.Error(), tc.want)
+		}
+	}
+}
+
+func TestProvisionMemoryAndQueueShareDefaults(t *testing.T) {
+	provision := func(js string) (*Handler, error) {
+		var h Handler
+		require.NoError(t, json.Unmarshal([]byte(js), &h))
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		defer cancel()
+		err := h.Provision(ctx)
+		if err == nil {
+			t.Cleanup(func() { _ = h.Cleanup() })
+		}
+		return &h, err
+	}
+	h, err := provision(`{"max_queue":10,"backends":[{"name":"a","url":"127.0.0.1:9","health_interval":"1h"}]}`)
+	require.NoError(t, err)
+	assert.EqualValues(t, 256<<20, h.maxBodyMemory)
+	assert.Equal(t, 2, h.maxQueuePerClient, "a quarter of max_queue")
+	h, err = provision(`{"max_queue":2,"backends":[{"name":"a","url":"127.0.0.1:9","health_interval":"1h"}]}`)
+	require.NoError(t, err)
+	assert.Equal(t, 1, h.maxQueuePerClient, "never zero")
+	_, err = provision(`{"max_request_body":2048,"max_body_memory":1024,"backends":[{"name":"a","url":"127.0.0.1:9"}]}`)
+	assert.ErrorContains(t, err, "max_body_memory")
+	_, err = provision(`{"max_queue_per_client":-1,"backends":[{"name":"a","url":"127.0.0.1:9"}]}`)
+	assert.ErrorContains(t, err, "max_queue_per_client")
 }

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"net/http"
 	"net/textproto"
@@ -83,40 +82,61 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 		}
 	}
 
+	// Admission: everything that does not need the body is decided before
+	// it is read, so a request that cannot be served costs no memory.
+	labels := h.requestLabels(r)
+	cands, why := h.candidates(rt.kind, labels)
+	if why != nil {
+		w.Header().Set("Retry-After", "5")
+		return h.fail(w, api, http.StatusServiceUnavailable, why.msg)
+	}
+	if err := h.admitQueue(r, rt.kind, cands); err != nil {
+		return h.failQueue(w, api, err)
+	}
+
 	// Blob uploads stream through untouched: they can be gigabytes.
 	isBlob := strings.HasPrefix(r.URL.Path, "/api/blobs/")
 	var body []byte
 	validated := false
 	if !isBlob && (r.Method == http.MethodPost || r.Method == http.MethodDelete) {
+		lease := h.newBodyLease()
+		defer lease.close()
+		r = r.WithContext(context.WithValue(r.Context(), bodyLeaseKey{}, lease))
 		var status int
 		var err error
-		body, status, err = h.readBody(r)
+		body, status, err = h.readBody(r, lease)
 		if err != nil {
+			switch {
+			case errors.Is(err, errBodyMemory):
+				return h.failBodyMemory(w, api)
+			case r.Context().Err() != nil:
+				return nil // the client left while waiting for memory
+			}
 			return h.fail(w, api, status, err.Error())
 		}
 		// Frontend pins go in before routing, so a pinned model routes.
 		p := h.pinsFor(rt.kind, vocabOf(r.URL.Path))
-		if body, err = p.apply(body); err != nil {
+		if body, err = h.frontendPinned(r, lease, p, body); err != nil {
+			if errors.Is(err, errBodyMemory) {
+				return h.failBodyMemory(w, api)
+			}
 			return h.fail(w, api, http.StatusBadRequest, err.Error())
 		}
 		validated = !p.empty()
 	}
+	read := body
 	model, body, err := requestModel(rt.model, api, r.URL.Path, body, validated)
 	if err != nil {
 		return h.fail(w, api, http.StatusBadRequest, err.Error())
+	}
+	if lease := leaseFrom(r.Context()); lease != nil && lease.replaced(r.Context(), read, body) != nil {
+		return h.failBodyMemory(w, api) // or the client left: then nobody reads it
 	}
 	info.model = model
 	if model != "" && h.models != nil {
 		if _, ok := h.models[model]; !ok {
 			return h.fail(w, api, http.StatusForbidden, fmt.Sprintf("model %q is not allowed on this frontend", model))
 		}
-	}
-
-	labels := h.requestLabels(r)
-	cands, why := h.candidates(rt.kind, labels)
-	if why != nil {
-		w.Header().Set("Retry-After", "5")
-		return h.fail(w, api, http.StatusServiceUnavailable, why.msg)
 	}
 
 	switch {
@@ -147,31 +167,6 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 		return h.serveMetadata(w, r, api, body, cands) // never waits for an inference slot
 	}
 	return h.proxy(w, r, api, body, cands, model, rt.kind)
-}
-
-// readBody reads the whole request body within max_request_body.
-func (h *Handler) readBody(r *http.Request) ([]byte, int, error) {
-	limit := h.MaxRequestBody
-	if r.ContentLength > limit {
-		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("request body of %d bytes exceeds the limit of %d bytes (max_request_body)", r.ContentLength, limit)
-	}
-	// Size the buffer from Content-Length, but never trust it for more
-	// than a megabyte up front: a client may claim 64 MiB and send nothing.
-	size := min(r.ContentLength, 1<<20)
-	if size < 0 {
-		size = 4 << 10
-	}
-	buf := bytes.NewBuffer(make([]byte, 0, size+1))
-	// Room for one byte beyond the limit tells "at the limit" from "over
-	// it"; at the integer maximum limit+1 would wrap and read nothing.
-	n, err := buf.ReadFrom(io.LimitReader(r.Body, min(limit, math.MaxInt64-1)+1))
-	if err != nil {
-		return nil, http.StatusBadRequest, fmt.Errorf("reading the request body: %v", err)
-	}
-	if n > limit {
-		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("request body exceeds the limit of %d bytes (max_request_body)", limit)
-	}
-	return buf.Bytes(), 0, nil
 }
 
 // requestModel finds the model a request is about, normalised. A body it
@@ -283,12 +278,11 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		if b == nil {
 			var err error
 			var waited time.Duration
-			b, waited, err = h.queue.wait(r.Context(), avail, model)
+			b, waited, err = h.queue.wait(r.Context(), h.newWaiter(r, kind, model, avail, tried))
 			metrics.queueWait.WithLabelValues(h.Name).Observe(waited.Seconds())
 			switch {
-			case errors.Is(err, errQueueFull):
-				w.Header().Set("Retry-After", "1")
-				return h.fail(w, api, http.StatusTooManyRequests, fmt.Sprintf("every backend is at its max_parallel limit and the queue is full (max_queue %d); retry shortly", h.maxQueue))
+			case errors.Is(err, errQueueFull), errors.Is(err, errClientShare):
+				return h.failQueue(w, api, err)
 			case errors.Is(err, errQueueTimeout):
 				w.Header().Set("Retry-After", "5")
 				return h.fail(w, api, http.StatusServiceUnavailable, fmt.Sprintf("no backend slot freed within %s (queue_timeout); retry shortly", time.Duration(h.QueueTimeout)))
@@ -378,9 +372,14 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 
 	// The backend's pins apply to the frontend-pinned body, afresh on each
 	// attempt: a retry on another server gets that server's pins only.
-	body, err := b.cfg.pinsFor(kind, vocabOf(r.URL.Path)).apply(body)
+	body, unpin, err := h.backendPinned(r, b.cfg.pinsFor(kind, vocabOf(r.URL.Path)), body)
+	defer unpin()
 	if err != nil {
-		_ = h.fail(w, api, http.StatusBadRequest, err.Error())
+		if errors.Is(err, errBodyMemory) {
+			_ = h.failBodyMemory(w, api)
+		} else if r.Context().Err() == nil {
+			_ = h.fail(w, api, http.StatusBadRequest, err.Error())
+		}
 		return attemptResult{done: true}
 	}
 	out := h.outboundRequest(ctx, r, b, body)

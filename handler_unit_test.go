@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"io"
-	"math"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -102,39 +101,6 @@ func TestErrorBodiesFollowTheAPI(t *testing.T) {
 	require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &oa))
 	assert.Equal(t, "queue full", oa.Error.Message)
 	assert.Equal(t, "rate_limit_error", oa.Error.Type)
-}
-
-func TestReadBodyLimit(t *testing.T) {
-	h := &Handler{MaxRequestBody: 10}
-	r := httptest.NewRequest("POST", "/api/chat", strings.NewReader(`{"model":"a"}`))
-	_, status, err := h.readBody(r)
-	require.Error(t, err)
-	assert.Equal(t, http.StatusRequestEntityTooLarge, status)
-
-	// Without a Content-Length the limit still holds.
-	r = httptest.NewRequest("POST", "/api/chat", io.MultiReader(strings.NewReader(`{"model":`), strings.NewReader(`"abc"}`)))
-	r.ContentLength = -1
-	_, status, err = h.readBody(r)
-	require.Error(t, err)
-	assert.Equal(t, http.StatusRequestEntityTooLarge, status)
-
-	r = httptest.NewRequest("POST", "/api/chat", strings.NewReader(`{"a":1}`))
-	body, _, err := h.readBody(r)
-	require.NoError(t, err)
-	assert.Equal(t, `{"a":1}`, string(body))
-}
-
-// A limit at the integer maximum must not wrap around when the reader is
-// given room for one byte more: the body would be read as empty.
-func TestReadBodyLimitNearIntegerMaximum(t *testing.T) {
-	for _, limit := range []int64{math.MaxInt64, math.MaxInt64 - 1} {
-		h := &Handler{MaxRequestBody: limit}
-		r := httptest.NewRequest("POST", "/api/chat", strings.NewReader(`{"model":"a"}`))
-		body, status, err := h.readBody(r)
-		require.NoError(t, err, "limit %d", limit)
-		assert.Zero(t, status)
-		assert.Equal(t, `{"model":"a"}`, string(body), "limit %d", limit)
-	}
 }
 
 func TestOutboundRequest(t *testing.T) {

@@ -99,10 +99,13 @@ type server struct {
 	lastProbe  time.Time
 	lastErr    string
 
-	// Queues (balancer.go) of the frontends using the server, woken when a
-	// slot frees.
+	// Queues (queue.go) of the frontends using the server, woken when a
+	// slot frees or the server recovers or is undrained; queued counts the
+	// requests waiting in them that could use the server, which newcomers
+	// must not overtake.
 	queuesMu sync.Mutex
 	queues   map[*queue]struct{}
+	queued   atomic.Int64
 
 	// Models (modelsync.go): the latest lists, replaced whole on refresh.
 	models      atomic.Pointer[modelSnapshot]
@@ -307,6 +310,9 @@ func (s *server) recordProbe(err error) {
 	if emit != nil {
 		emit()
 	}
+	if next == stateHealthy {
+		s.wakeQueues() // requests queued for it need not wait for a release
+	}
 }
 
 // failStatus reports whether an answer with status counts as the server's
@@ -468,8 +474,12 @@ func (s *server) release() {
 	s.wakeQueues()
 }
 
-// wakeQueues lets every queue waiting on the server try for a slot.
+// wakeQueues lets every queue with requests waiting for the server hand
+// them its free slots.
 func (s *server) wakeQueues() {
+	if s.queued.Load() == 0 {
+		return
+	}
 	var buf [8]*queue
 	qs := buf[:0]
 	s.queuesMu.Lock()
@@ -478,7 +488,7 @@ func (s *server) wakeQueues() {
 	}
 	s.queuesMu.Unlock()
 	for _, q := range qs {
-		q.dispatch()
+		q.dispatchFor(s)
 	}
 }
 

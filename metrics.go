@@ -93,6 +93,10 @@ var (
 		"1 if the backend is draining.", []string{"frontend", "backend"}, nil)
 	descQueue = prometheus.NewDesc("ollamaflow_queue_length",
 		"Requests waiting in the frontend's queue for a backend slot.", []string{"frontend"}, nil)
+	descBodyMemory = prometheus.NewDesc("ollamaflow_body_memory_bytes",
+		"Bytes of request bodies held in memory now, by every frontend of the process (max_body_memory).", nil, nil)
+	descBodyMemoryLimit = prometheus.NewDesc("ollamaflow_body_memory_limit_bytes",
+		"The process-wide budget for request bodies in memory: the largest max_body_memory of the live frontends.", nil, nil)
 )
 
 // liveStateCollector reads health, in-flight counts and queues from the
@@ -104,9 +108,14 @@ func (liveStateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descInFlight
 	ch <- descDraining
 	ch <- descQueue
+	ch <- descBodyMemory
+	ch <- descBodyMemoryLimit
 }
 
 func (liveStateCollector) Collect(ch chan<- prometheus.Metric) {
+	used, _, limit := bodyMemory.state()
+	ch <- prometheus.MustNewConstMetric(descBodyMemory, prometheus.GaugeValue, float64(used))
+	ch <- prometheus.MustNewConstMetric(descBodyMemoryLimit, prometheus.GaugeValue, float64(limit))
 	seen := map[[2]string]bool{}
 	for _, h := range liveFrontends() {
 		// During a reload the old and the new handler are both live;

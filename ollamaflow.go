@@ -13,7 +13,8 @@
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
 //	cost.go        least_delay: the speed each server is observed to deliver, cold-load cost
-//	queue.go       the frontend's queue for requests that found every candidate at its cap
+//	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
+//	bodymem.go     the process-wide budget for request bodies in memory (max_body_memory), reading bodies against it
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
 //	modelsync.go   model names, discovery of each server's lists, required-model pulls, model routing
 //	management.go  aggregated model lists and management fanned out to every backend
@@ -59,6 +60,7 @@ const (
 	defaultPolicy             = "least_delay"
 	defaultRetries            = 2
 	defaultMaxRequestBody     = 64 << 20
+	defaultMaxBodyMemory      = 256 << 20
 	defaultDialTimeout        = 5 * time.Second
 	defaultFirstByteTimeout   = 5 * time.Minute
 	defaultStreamIdleTimeout  = 2 * time.Minute
@@ -104,6 +106,14 @@ type Handler struct {
 	// bodies get 413. Default: 64 MiB.
 	MaxRequestBody int64 `json:"max_request_body,omitempty"`
 
+	// MaxBodyMemory bounds the request bodies held in memory at once, pinned
+	// copies included. The budget is per process: every frontend draws from
+	// one pool sized by the largest max_body_memory among them, and each
+	// frontend also stays within its own. A request whose body finds no room
+	// waits up to a second for others to finish, then gets 503 with
+	// Retry-After. It must be at least max_request_body. Default: 256 MiB.
+	MaxBodyMemory int64 `json:"max_body_memory,omitempty"`
+
 	// DialTimeout bounds connecting to a backend. Default: 5s.
 	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
 
@@ -139,6 +149,13 @@ type Handler struct {
 	// slot when every candidate is at its max_parallel cap; 429 beyond.
 	// Default: 256.
 	MaxQueue int `json:"max_queue,omitempty"`
+
+	// MaxQueuePerClient is the number of places in the queue one client may
+	// hold at once; its further requests get 429 while others still queue.
+	// A client is the session key when sticky is on and the request carries
+	// one, else the client IP (Caddy's client_ip, trusted_proxies aware).
+	// Default: a quarter of max_queue, at least 1.
+	MaxQueuePerClient int `json:"max_queue_per_client,omitempty"`
 
 	// QueueTimeout is how long a request may wait in the queue; 503 beyond.
 	// Default: 60s.
@@ -216,20 +233,24 @@ type Handler struct {
 	misses      missCache // models recently found nowhere
 	events      *caddyevents.App
 	maxQueue    int
-	policy      selectionPolicy
-	retries     int
-	allowEmbed  bool
-	allowCompl  bool
-	models      map[string]struct{}
-	labels      []string
-	transport   http.RoundTripper // nil: each server's own; tests set one
-	logger      *zap.Logger
-	poolKeys    []string
-	rrCounter   uint64
-	labelHeader string
-	pinCompl    pinTrees
-	pinEmbed    pinTrees
-	cors        *corsPolicy // nil: CORS off
+	// maxQueuePerClient is MaxQueuePerClient with its default applied.
+	maxQueuePerClient int
+	maxBodyMemory     int64
+	bodyUsed          int64 // bytes of bodies this frontend holds; guarded by bodyMemory.mu
+	policy            selectionPolicy
+	retries           int
+	allowEmbed        bool
+	allowCompl        bool
+	models            map[string]struct{}
+	labels            []string
+	transport         http.RoundTripper // nil: each server's own; tests set one
+	logger            *zap.Logger
+	poolKeys          []string
+	rrCounter         uint64
+	labelHeader       string
+	pinCompl          pinTrees
+	pinEmbed          pinTrees
+	cors              *corsPolicy // nil: CORS off
 }
 
 // StickyConfig says how a request's session key is found.
@@ -386,6 +407,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxRequestBody == 0 {
 		h.MaxRequestBody = defaultMaxRequestBody
 	}
+	if h.MaxBodyMemory < 0 {
+		return fmt.Errorf("max_body_memory: must not be negative, got %d", h.MaxBodyMemory)
+	}
+	h.maxBodyMemory = h.MaxBodyMemory
+	if h.maxBodyMemory == 0 {
+		h.maxBodyMemory = defaultMaxBodyMemory
+	}
+	if h.MaxRequestBody > h.maxBodyMemory {
+		return fmt.Errorf("max_body_memory: %d bytes cannot hold one body of max_request_body (%d bytes); raise it or lower max_request_body", h.maxBodyMemory, h.MaxRequestBody)
+	}
 	for opt, d := range map[string]*caddy.Duration{
 		"dial_timeout":         &h.DialTimeout,
 		"first_byte_timeout":   &h.FirstByteTimeout,
@@ -422,6 +453,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.maxQueue = h.MaxQueue
 	if h.maxQueue == 0 {
 		h.maxQueue = defaultMaxQueue
+	}
+	if h.MaxQueuePerClient < 0 {
+		return fmt.Errorf("max_queue_per_client: must not be negative, got %d", h.MaxQueuePerClient)
+	}
+	h.maxQueuePerClient = h.MaxQueuePerClient
+	if h.maxQueuePerClient == 0 {
+		h.maxQueuePerClient = max(1, h.maxQueue/4)
 	}
 	h.allowEmbed = h.AllowEmbeddings == nil || *h.AllowEmbeddings
 	h.allowCompl = h.AllowCompletions == nil || *h.AllowCompletions
@@ -521,7 +559,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.provisioned = time.Now()
 	registerFrontend(h)
-	h.queue = &queue{h: h}
+	bodyMemory.register(h, h.maxBodyMemory)
+	h.queue = newQueue(h)
 	for _, b := range h.backends {
 		b.srv.addQueue(h.queue)
 		if !b.cfg.Disabled && len(required) > 0 {
@@ -559,6 +598,7 @@ func (h *Handler) Validate() error { return nil }
 // server kept by the new config is never destroyed here.
 func (h *Handler) Cleanup() error {
 	unregisterFrontend(h)
+	bodyMemory.unregister(h)
 	if h.queue != nil {
 		h.queue.close()
 	}

@@ -1,0 +1,274 @@
+package ollamaflow
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sort"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
+)
+
+// queueHandler is a frontend over detached servers (no probes), its queue
+// registered on them as Provision does.
+func queueHandler(policy selectionPolicy, bs ...*backend) *Handler {
+	h := &Handler{Name: "q", backends: bs, policy: policy, maxQueue: 1024, maxQueuePerClient: 1024,
+		QueueTimeout: caddy.Duration(time.Minute), logger: zap.NewNop()}
+	h.queue = newQueue(h)
+	for _, b := range bs {
+		b.srv.queues = map[*queue]struct{}{h.queue: {}}
+		b.srv.settings.Store(&serverSettings{name: b.cfg.Name, passes: 1, fails: 1, failThreshold: 1, logger: zap.NewNop()})
+		b.srv.wake = make(chan struct{}, 1)
+	}
+	return h
+}
+
+type served struct {
+	id  int
+	b   *backend
+	err error
+}
+
+// enqueue starts a waiter and returns once it is in the queue.
+func enqueue(t *testing.T, ctx context.Context, h *Handler, id int, client string, cands []*backend, out chan<- served) {
+	t.Helper()
+	before := h.queue.length()
+	go func() {
+		w := &waiter{client: client, kind: kindCompletion, cands: cands}
+		b, _, err := h.queue.wait(ctx, w)
+		out <- served{id, b, err}
+	}()
+	require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond, "waiter %d never queued", id)
+}
+
+func TestQueueFreedSlotGoesToOldestAndNewcomersQueueBehind(t *testing.T) {
+	a := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
+	h := queueHandler(pickLeastConn, a)
+	cands := []*backend{a}
+	require.NotNil(t, h.acquire(cands, ""))
+
+	out := make(chan served, 3)
+	for id := 1; id <= 3; id++ {
+		enqueue(t, context.Background(), h, id, fmt.Sprint("c", id), cands, out)
+	}
+
+	// The race the old queue lost: the slot is free before the queue is
+	// told, and a newcomer tries first. It must not take it.
+	a.srv.inFlight.Add(-1)
+	assert.Nil(t, h.acquire(cands, ""), "a newcomer took a slot the queue's head was owed")
+	sticky, _ := h.acquireSticky(cands, "session", "")
+	assert.Nil(t, sticky, "nor through its sticky server")
+	a.srv.wakeQueues()
+
+	var order []int
+	for range 3 {
+		s := <-out
+		require.NoError(t, s.err)
+		assert.Same(t, a, s.b)
+		order = append(order, s.id)
+		a.srv.release() // that request finishes; the next waiter gets the slot
+	}
+	assert.Equal(t, []int{1, 2, 3}, order, "served in arrival order")
+	assert.Zero(t, h.queue.length())
+	assert.Zero(t, a.srv.queued.Load())
+	assert.Zero(t, a.srv.inFlight.Load())
+}
+
+func TestQueueServesTheOldestWaiterThatCanUseTheServer(t *testing.T) {
+	a := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
+	b := testBackend("b", func(c *Backend) { c.MaxParallel = 1 })
+	h := queueHandler(pickLeastConn, a, b)
+	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	require.NotNil(t, h.acquire([]*backend{b}, ""))
+
+	out := make(chan served, 3)
+	enqueue(t, context.Background(), h, 1, "x", []*backend{b}, out)    // only b
+	enqueue(t, context.Background(), h, 2, "y", []*backend{a, b}, out) // either
+	enqueue(t, context.Background(), h, 3, "z", []*backend{a}, out)    // only a
+
+	a.srv.release() // waiter 1 cannot use a: 2 is the oldest that can
+	s := <-out
+	assert.Equal(t, 2, s.id)
+	assert.Same(t, a, s.b)
+	b.srv.release()
+	s = <-out
+	assert.Equal(t, 1, s.id)
+	assert.Same(t, b, s.b)
+	assert.Equal(t, 1, h.queue.length(), "waiter 3 waits for a")
+	assert.EqualValues(t, 1, a.srv.queued.Load())
+	assert.Zero(t, b.srv.queued.Load())
+	a.srv.release()
+	s = <-out
+	assert.Equal(t, 3, s.id)
+}
+
+func TestQueueWakesWhenAServerRecoversOrIsUndrained(t *testing.T) {
+	busy := testBackend("busy", func(c *Backend) { c.MaxParallel = 1 })
+	down := testBackend("down", func(c *Backend) { c.MaxParallel = 1 })
+	drained := testBackend("drained", func(c *Backend) { c.MaxParallel = 1 })
+	h := queueHandler(pickLeastConn, busy, down, drained)
+	require.NotNil(t, h.acquire([]*backend{busy}, ""))
+	down.srv.state.Store(int32(stateUnhealthy))
+	drained.srv.draining.Store(true)
+
+	// A request arriving now finds only the busy server among the live
+	// candidates; it queues for every server that could serve it.
+	cands, why := h.candidates(kindCompletion, nil)
+	require.Nil(t, why)
+	assert.Equal(t, []string{"busy"}, names(cands))
+	w := h.newWaiter(httptestRequest(), kindCompletion, "", cands, nil)
+	assert.Equal(t, []string{"busy", "down", "drained"}, names(w.cands))
+
+	out := make(chan served, 2)
+	go func() {
+		b, _, err := h.queue.wait(context.Background(), w)
+		out <- served{1, b, err}
+	}()
+	require.Eventually(t, func() bool { return h.queue.length() == 1 }, 5*time.Second, time.Millisecond)
+	enqueue(t, context.Background(), h, 2, "other", w.cands, out)
+
+	down.srv.recordProbe(nil) // one passing probe (health_passes 1): healthy again
+	s := <-out
+	require.NoError(t, s.err)
+	assert.Equal(t, 1, s.id)
+	assert.Same(t, down, s.b, "the recovered server serves the queue at once")
+
+	drained.srv.setDraining(false)
+	s = <-out
+	require.NoError(t, s.err)
+	assert.Equal(t, 2, s.id)
+	assert.Same(t, drained, s.b, "the undrained server serves the queue at once")
+	assert.Zero(t, h.queue.length())
+}
+
+func TestQueueLimitsEachClientsShare(t *testing.T) {
+	a := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
+	h := queueHandler(pickLeastConn, a)
+	h.maxQueue, h.maxQueuePerClient = 4, 2
+	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	out := make(chan served, 8)
+	enqueue(t, ctx, h, 1, "greedy", []*backend{a}, out)
+	enqueue(t, ctx, h, 2, "greedy", []*backend{a}, out)
+	_, _, err := h.queue.wait(ctx, &waiter{client: "greedy", cands: []*backend{a}})
+	assert.ErrorIs(t, err, errClientShare, "a third place for the same client")
+	assert.ErrorIs(t, h.queue.admits("greedy"), errClientShare, "refused before its body is read, too")
+	assert.NoError(t, h.queue.admits("polite"))
+
+	enqueue(t, ctx, h, 3, "polite", []*backend{a}, out)
+	enqueue(t, ctx, h, 4, "other", []*backend{a}, out)
+	_, _, err = h.queue.wait(ctx, &waiter{client: "fourth", cands: []*backend{a}})
+	assert.ErrorIs(t, err, errQueueFull)
+
+	// A place given back is the client's to use again.
+	a.srv.release()
+	s := <-out
+	assert.Equal(t, 1, s.id)
+	assert.NoError(t, h.queue.admits("greedy"))
+	cancel()
+	for range 3 {
+		assert.ErrorIs(t, (<-out).err, context.Canceled)
+	}
+	assert.Zero(t, h.queue.length())
+	assert.Empty(t, h.queue.clients, "no client count outlives its waiters")
+	assert.Zero(t, a.srv.queued.Load())
+}
+
+func TestQueueLeavingAfterASlotWasHandedGivesItBack(t *testing.T) {
+	a := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
+	h := queueHandler(pickLeastConn, a)
+	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	w := &waiter{client: "c", cands: []*backend{a}, got: make(chan *backend, 1), seq: queueSeq.Add(1)}
+	h.queue.mu.Lock()
+	h.queue.enqueueLocked(w)
+	h.queue.mu.Unlock()
+	a.srv.release()
+	require.Len(t, w.got, 1, "the slot was handed to the waiter")
+	_, _, err := w.leave(time.Now(), context.Canceled) // its client left at that moment
+	assert.ErrorIs(t, err, context.Canceled)
+	assert.Zero(t, a.srv.inFlight.Load(), "the handed slot went back")
+}
+
+func TestQueueHoldBackStillWakes(t *testing.T) {
+	// least_delay holds a request back while every server is being
+	// measured; wakeAt brings it back without any release.
+	x := testBackend("x", nil)
+	y := testBackend("y", nil)
+	h := queueHandler(pickLeastDelay, x, y)
+	for _, b := range []*backend{x, y} {
+		b.srv.inFlight.Store(1)
+		b.srv.speed.startProbe(time.Now())
+	}
+	out := make(chan served, 1)
+	enqueue(t, context.Background(), h, 1, "c", []*backend{x, y}, out)
+	s := <-out // after bootstrapHold the policy falls back to least_conn
+	require.NoError(t, s.err)
+	assert.NotNil(t, s.b)
+}
+
+// BenchmarkQueueRelease measures what one completion costs the queue with
+// 256 waiters over 100 backends (every waiter may use every backend, every
+// backend at its cap of 1): release a slot, the oldest waiter gets it and
+// its request "finishes" at once, freeing the slot for the next one. It
+// reports the p99 time a waiter spends between the release and its wake.
+func BenchmarkQueueRelease(b *testing.B) {
+	const nBackends, nWaiters = 100, 256
+	var bs []*backend
+	for i := range nBackends {
+		bs = append(bs, testBackend(fmt.Sprint("b", i), func(c *Backend) { c.MaxParallel = 1 }))
+	}
+	h := queueHandler(pickLeastConn, bs...)
+	for _, be := range bs {
+		be.srv.inFlight.Store(1)
+	}
+	ws := make([]*waiter, nWaiters)
+	for i := range ws {
+		ws[i] = &waiter{client: fmt.Sprint(i), cands: bs, got: make(chan *backend, 1)}
+	}
+	h.queue.mu.Lock()
+	for _, w := range ws {
+		w.seq = queueSeq.Add(1)
+		h.queue.enqueueLocked(w)
+	}
+	h.queue.mu.Unlock()
+	var served atomic.Int64
+	lat := make([]time.Duration, 0, b.N)
+	b.ReportAllocs()
+	b.ResetTimer()
+	next := 0
+	for i := 0; i < b.N; i++ {
+		be := bs[i%nBackends]
+		start := time.Now()
+		be.srv.release()
+		w := ws[next]
+		got := <-w.got
+		lat = append(lat, time.Since(start))
+		served.Add(1)
+		// The request is over: its waiter queues again at the back, so the
+		// queue stays 256 long.
+		b.StopTimer()
+		next = (next + 1) % nWaiters
+		h.queue.mu.Lock()
+		w.seq = queueSeq.Add(1)
+		h.queue.enqueueLocked(w)
+		h.queue.mu.Unlock()
+		_ = got
+		b.StartTimer()
+	}
+	b.StopTimer()
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
+}
+
+func httptestRequest() *http.Request {
+	return httptest.NewRequest(http.MethodPost, "/api/chat", nil)
+}
