@@ -116,7 +116,9 @@ func TestIntegrationQueueShareOfOneClient(t *testing.T) {
 	assert.Contains(t, ol.Error, "max_queue_per_client")
 	res, body = post(t, "/v1/chat/completions", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}]}`, "x-session", "greedy")
 	assert.Equal(t, http.StatusTooManyRequests, res.StatusCode, body)
-	var oa struct{ Error struct{ Message, Type string } }
+	var oa struct {
+		Error struct{ Message, Type string }
+	}
 	require.NoError(t, json.Unmarshal([]byte(body), &oa), body)
 	assert.Contains(t, oa.Error.Message, "max_queue_per_client")
 	assert.Equal(t, "rate_limit_error", oa.Error.Type)
