@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"github.com/tidwall/gjson"
 	"github.com/tidwall/sjson"
 )
 
@@ -382,4 +384,74 @@ func TestProvisionMemoryAndQueueShareDefaults(t *testing.T) {
 	assert.ErrorContains(t, err, "max_body_memory")
 	_, err = provision(`{"max_queue_per_client":-1,"backends":[{"name":"a","url":"127.0.0.1:9"}]}`)
 	assert.ErrorContains(t, err, "max_queue_per_client")
+}
+// TestReadmeExamples: every file in examples/ is shown in the README exactly
+// as it is in the repository, adapts without a warning (Caddy warns about an
+// unformatted Caddyfile, inline comments included), serves on a port of this
+// machine rather than a domain (no automatic HTTPS in a quick start), and
+// passes Caddy's validation, which provisions the handler.
+func TestReadmeExamples(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var blocks []string
+	for _, part := range strings.Split(string(readme), "```caddyfile\n")[1:] {
+		end := strings.Index(part, "```\n")
+		if end < 0 {
+			t.Fatal("README: a caddyfile block is not closed")
+		}
+		blocks = append(blocks, part[:end])
+	}
+	files, err := filepath.Glob("examples/*Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) < 2 {
+		t.Fatalf("want examples/Caddyfile and examples/two-servers.Caddyfile, found %v", files)
+	}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			body, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Contains(blocks, string(body)) {
+				t.Errorf("README.md has no caddyfile block identical to %s", file)
+			}
+			if !strings.Contains(string(readme), "]("+file+")") {
+				t.Errorf("README.md does not link %s", file)
+			}
+
+			adapted, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt(body, map[string]any{"filename": file})
+			if err != nil {
+				t.Fatalf("caddy adapt %s: %v", file, err)
+			}
+			if len(warnings) > 0 {
+				t.Errorf("caddy adapt %s warns: %v", file, warnings)
+			}
+			servers := gjson.GetBytes(adapted, "apps.http.servers")
+			if len(servers.Map()) == 0 {
+				t.Fatalf("%s: no servers in %s", file, adapted)
+			}
+			for name, srv := range servers.Map() {
+				for _, l := range srv.Get("listen").Array() {
+					if !strings.HasPrefix(l.String(), ":") {
+						t.Errorf("%s: server %s listens on %s; want a port", file, name, l)
+					}
+				}
+				if hosts := srv.Get("routes.#.match.#.host").Array(); len(hosts) > 0 && hosts[0].Raw != "[]" {
+					t.Errorf("%s: server %s matches hosts %s; a domain turns on automatic HTTPS", file, name, srv.Get("routes.#.match.#.host").Raw)
+				}
+			}
+
+			var cfg caddy.Config
+			if err := json.Unmarshal(adapted, &cfg); err != nil {
+				t.Fatal(err)
+			}
+			if err := caddy.Validate(&cfg); err != nil {
+				t.Errorf("caddy validate %s: %v", file, err)
+			}
+		})
+	}
 }

@@ -23,6 +23,7 @@
 //	pinvocab.go    pins compiled per API vocabulary: the fields Ollama's OpenAI layer reads
 //	cors.go        CORS as Ollama answers it: origins, preflights, headers on every answer
 //	caddyfile.go   the ollamaflow directive
+//	command.go     the `caddy ollamaflow` subcommand: a frontend from flags, no config file
 //	admin.go       admin.api.ollamaflow: status routes, drain, the embedded status.html
 //	metrics.go     Prometheus collectors in Caddy's registry
 //
@@ -40,6 +41,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -628,16 +630,24 @@ func (b *Backend) provision() error {
 		return fmt.Errorf("name: %q may only contain letters, digits, '.', '_' and '-' (it appears in headers and admin URLs)", b.Name)
 	}
 	// Secrets usually come from the environment: {env.GPU1_TOKEN}.
-	repl := caddy.NewReplacer()
-	b.URL = repl.ReplaceKnown(b.URL, "")
-	b.BearerToken = repl.ReplaceKnown(b.BearerToken, "")
-	b.Query = repl.ReplaceKnown(b.Query, "")
+	var err error
+	if b.URL, err = resolvePlaceholders("url", b.URL); err != nil {
+		return err
+	}
+	if b.BearerToken, err = resolvePlaceholders("bearer_token", b.BearerToken); err != nil {
+		return err
+	}
+	if b.Query, err = resolvePlaceholders("query", b.Query); err != nil {
+		return err
+	}
 	for k, vs := range b.Headers {
 		if !validHeaderName(k) {
 			return fmt.Errorf("header: invalid header name %q", k)
 		}
 		for i, v := range vs {
-			vs[i] = repl.ReplaceKnown(v, "")
+			if vs[i], err = resolvePlaceholders("header "+k, v); err != nil {
+				return err
+			}
 		}
 	}
 	if b.BearerToken != "" && b.Headers.Get("Authorization") != "" {
@@ -846,3 +856,29 @@ var (
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )
+
+// placeholderRE finds Caddy placeholders such as {env.GPU1_TOKEN}.
+var placeholderRE = regexp.MustCompile(`\{[^{}\s]+\}`)
+
+// resolvePlaceholders replaces the global placeholders in a backend option.
+// A placeholder that resolves to nothing is an error, not an empty value: an
+// unset {env.GPU1_TOKEN} would otherwise send no credentials, and the
+// mistake would surface only as the backend's 401s. The message names the
+// placeholder, never the rest of the value (which may be a secret).
+func resolvePlaceholders(opt, v string) (string, error) {
+	repl := caddy.NewReplacer()
+	for _, loc := range placeholderRE.FindAllStringIndex(v, -1) {
+		if loc[0] > 0 && v[loc[0]-1] == '\\' {
+			continue // escaped: a literal brace
+		}
+		ph := v[loc[0]:loc[1]]
+		key := ph[1 : len(ph)-1]
+		if got, known := repl.Get(key); known && fmt.Sprint(got) == "" {
+			if env, ok := strings.CutPrefix(key, "env."); ok {
+				return "", fmt.Errorf("%s: %s is empty: the environment variable %s is unset or empty", opt, ph, env)
+			}
+			return "", fmt.Errorf("%s: %s is empty", opt, ph)
+		}
+	}
+	return repl.ReplaceKnown(v, ""), nil
+}

@@ -69,6 +69,37 @@ func TestProvisionDefaultsAndPlaceholders(t *testing.T) {
 	assert.Same(t, b.srv, h2.backends[0].srv, "two frontends naming one server share its state")
 }
 
+// TestProvisionRejectsEmptyPlaceholders: a credential whose placeholder
+// resolves to nothing (an unset variable) fails the config, naming the option
+// and the variable, instead of sending no credentials.
+func TestProvisionRejectsEmptyPlaceholders(t *testing.T) {
+	t.Setenv("OF_TEST_SET", "v")
+	t.Setenv("OF_TEST_EMPTY", "")
+	cases := map[string]string{
+		`"bearer_token":"{env.OF_TEST_UNSET}"`:                  "bearer_token: {env.OF_TEST_UNSET} is empty: the environment variable OF_TEST_UNSET is unset or empty",
+		`"bearer_token":"{env.OF_TEST_EMPTY}"`:                  "bearer_token: {env.OF_TEST_EMPTY} is empty",
+		`"headers":{"X-Key":["k-{env.OF_TEST_UNSET}"]}`:         "header X-Key: {env.OF_TEST_UNSET} is empty",
+		`"query":"key={env.OF_TEST_UNSET}"`:                     "query: {env.OF_TEST_UNSET} is empty",
+		`"bearer_token":"{env.OF_TEST_SET}{env.OF_TEST_UNSET}"`: "variable OF_TEST_UNSET",
+	}
+	for opt, want := range cases {
+		_, err := provisionJSON(t, `{"backends":[{"name":"a","url":"127.0.0.1:1",`+opt+`}]}`)
+		require.Error(t, err, opt)
+		assert.Contains(t, err.Error(), want, opt)
+		assert.NotContains(t, err.Error(), "k-", "the rest of the value is not shown")
+	}
+	_, err := provisionJSON(t, `{"backends":[{"name":"a","url":"{env.OF_TEST_UNSET}:11434"}]}`)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "url: {env.OF_TEST_UNSET} is empty")
+
+	// Set variables, escaped braces and unknown placeholders are not errors.
+	h, err := provisionJSON(t, `{"backends":[{"name":"a","url":"127.0.0.1:1","bearer_token":"{env.OF_TEST_SET}","headers":{"X-Lit":["\\{env.OF_TEST_UNSET}"],"X-Unknown":["{not.a.placeholder}"]}}]}`)
+	require.NoError(t, err)
+	assert.Equal(t, "Bearer v", h.backends[0].header.Get("Authorization"))
+	assert.Equal(t, "{not.a.placeholder}", h.backends[0].header.Get("X-Unknown"))
+	assert.Equal(t, "{env.OF_TEST_UNSET}", h.backends[0].header.Get("X-Lit"))
+}
+
 func TestCleanupReleasesPool(t *testing.T) {
 	var h Handler
 	require.NoError(t, json.Unmarshal([]byte(`{"backends":[{"name":"a","url":"127.0.0.1:7"}]}`), &h))
