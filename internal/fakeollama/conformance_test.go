@@ -3,9 +3,12 @@ package fakeollama_test
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -20,13 +23,15 @@ import (
 // TestConformsToRealOllama sends the same requests to a real Ollama and to the fake and compares
 // status, Content-Type, Allow, framing (Content-Length or chunked) and the JSON with values that
 // legitimately differ (times, sizes, digests, ids, generated text, vectors) masked. It runs when
-// FAKEOLLAMA_REAL_URL points to an Ollama serving tiny-llama and tiny-bert with tiny-llama
-// loaded (see /work/shared/ollama-rig: start.sh NAME PORT).
+// FAKEOLLAMA_REAL_URL points to an Ollama serving tiny-llama and tiny-bert (the e2e rig's
+// models, testdata/e2e/rig) and nothing else loaded; it loads tiny-llama itself. The e2e suite
+// runs it against a server of its own (TestFakeConformanceTests).
 func TestConformsToRealOllama(t *testing.T) {
 	real := os.Getenv("FAKEOLLAMA_REAL_URL")
 	if real == "" {
 		t.Skip("FAKEOLLAMA_REAL_URL is not set")
 	}
+	leaveNoModels(t, real, "")
 	f := newFake(t, fakeollama.Config{Models: []string{"tiny-bert", "tiny-llama"}, Loaded: []string{"tiny-llama"}})
 	postQuietly(real+"/api/chat", `{"model":"tiny-llama","messages":[]}`) // load it
 
@@ -120,15 +125,17 @@ func postQuietly(url, body string) {
 // blob contents are new on every run, so it can run again against the same server. Error
 // messages that name the real server's registry or model store are masked where they must
 // differ (the fake has no network and keeps no files). A GGUF file for create from files is
-// taken from FAKEOLLAMA_GGUF, by default the rig's tiny-llama.gguf; without one those cases are
-// left out.
+// taken from FAKEOLLAMA_GGUF, by default the e2e rig's tiny-llama.gguf (under $OLLAMAFLOW_RIG,
+// default ~/.cache/ollamaflow-rig); without one those cases are left out. Every model it
+// creates on the real server is named with the run's id and deleted when it ends.
 func TestManagementConformsToRealOllama(t *testing.T) {
 	real := os.Getenv("FAKEOLLAMA_REAL_URL")
 	if real == "" {
 		t.Skip("FAKEOLLAMA_REAL_URL is not set")
 	}
-	f := newFake(t, fakeollama.Config{Models: []string{"tiny-bert", "tiny-llama"}})
 	run := strconv.FormatInt(time.Now().UnixNano(), 36)
+	leaveNoModels(t, real, run)
+	f := newFake(t, fakeollama.Config{Models: []string{"tiny-bert", "tiny-llama"}})
 	text := []byte("a blob of run " + run)
 	td := sha256Digest(text)
 	zero := "sha256:" + strings.Repeat("0", 64)
@@ -189,8 +196,12 @@ func TestManagementConformsToRealOllama(t *testing.T) {
 	}
 	gguf := os.Getenv("FAKEOLLAMA_GGUF")
 	if gguf == "" {
-		home, _ := os.UserHomeDir()
-		gguf = home + "/.cache/ollama-rig/models/tiny-llama.gguf"
+		rig := os.Getenv("OLLAMAFLOW_RIG")
+		if rig == "" {
+			home, _ := os.UserHomeDir()
+			rig = filepath.Join(home, ".cache", "ollamaflow-rig")
+		}
+		gguf = filepath.Join(rig, "models", "tiny-llama.gguf")
 	}
 	if b, err := os.ReadFile(gguf); err == nil {
 		// Upload to each (the real one may have it already: not compared), then create from it.
@@ -225,6 +236,73 @@ func mgmtShape(t *testing.T, base, method, path, body string, mask bool) string 
 		s = maskError.ReplaceAllString(s, `"error":E`)
 	}
 	return s
+}
+
+// leaveNoModels makes the test leave the real server with the models it had: when the test
+// ends, it deletes every model that was not there before and is named with run (the models the
+// test made; empty run: none), then fails the test if any model that was not there before is
+// still listed, whatever its name. Someone else creating a model on the same server meanwhile
+// fails it too, which is why these tests want a server of their own. The blobs a test uploads
+// stay until Ollama prunes unused blobs at its next start.
+func leaveNoModels(t *testing.T, real, run string) {
+	t.Helper()
+	before, err := realModels(real)
+	if err != nil {
+		t.Fatalf("listing the models on %s: %v", real, err)
+	}
+	t.Cleanup(func() {
+		now, err := realModels(real)
+		if err != nil {
+			t.Errorf("listing the models on %s: %v", real, err)
+			return
+		}
+		for m := range now {
+			if !before[m] && run != "" && strings.Contains(m, run) {
+				req, _ := http.NewRequest("DELETE", real+"/api/delete", strings.NewReader(`{"model":"`+m+`"}`))
+				if resp, err := http.DefaultClient.Do(req); err != nil {
+					t.Errorf("deleting %s from %s: %v", m, real, err)
+				} else {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			}
+		}
+		after, err := realModels(real)
+		if err != nil {
+			t.Errorf("listing the models on %s: %v", real, err)
+			return
+		}
+		for m := range after {
+			if !before[m] {
+				t.Errorf("model %s was left behind on %s", m, real)
+			}
+		}
+	})
+}
+
+// realModels is the set of model names the server lists in /api/tags.
+func realModels(base string) (map[string]bool, error) {
+	resp, err := http.Get(base + "/api/tags")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var tags struct {
+		Models []struct {
+			Name string `json:"name"`
+		} `json:"models"`
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /api/tags: %s", resp.Status)
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&tags); err != nil {
+		return nil, err
+	}
+	names := map[string]bool{}
+	for _, m := range tags.Models {
+		names[m.Name] = true
+	}
+	return names, nil
 }
 
 func sha256Digest(b []byte) string {

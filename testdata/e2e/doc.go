@@ -11,8 +11,8 @@
 //   - three `ollama serve` instances (a, b, c) on free ports of 127.0.0.1, each
 //     with its own model store, holding the chat model tiny-llama and the
 //     embedding model tiny-bert;
-//   - an in-memory OCI registry that Ollama can push to and pull from (the same
-//     recipe as ollama-rig's ocireg), for required-model sync;
+//   - an in-memory OCI registry that Ollama can push to and pull from, for
+//     pulls through the proxy and required-model sync;
 //   - Caddy, in-process, with ollamaflow in front of the three servers; each
 //     scenario loads the config it needs through caddy.Load.
 //
@@ -22,15 +22,16 @@
 //
 // Environment:
 //
-//	OLLAMAFLOW_E2E_OLLAMA   path of the ollama binary (required), e.g. ollama-rig's bin/ollama
+//	OLLAMAFLOW_E2E_OLLAMA   path of the ollama binary (required), e.g. the rig's bin/ollama
 //	OLLAMAFLOW_E2E_MODELS   directory holding Modelfile.tiny-llama and Modelfile.tiny-bert and
-//	                        the files they name (required), e.g. ollama-rig's models/
+//	                        the files they name (required), e.g. the rig's models/
 //	OLLAMAFLOW_E2E_WORKDIR  where instances keep their stores and logs (default: a temporary
 //	                        directory, removed afterwards unless OLLAMAFLOW_E2E_KEEP=1)
 //	OLLAMAFLOW_E2E_KEEP     1 keeps the work directory (logs of every server and of Caddy)
 //
 // The npm scenario needs node and npm on PATH; it runs `npm ci` in node/.
 //
-// The usual way to run it is ../../.ci/e2e, which builds the rig and sets the
-// variables.
+// The usual way to run it is ../../.ci/e2e, which builds the rig (rig/setup.sh:
+// Ollama from source and the tiny models, written by rig/mkmodels) and sets
+// the variables.
 package e2e

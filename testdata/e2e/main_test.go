@@ -89,7 +89,7 @@ func setup() (func(), error) {
 	env.ollamaBin = os.Getenv("OLLAMAFLOW_E2E_OLLAMA")
 	env.modelsDir = os.Getenv("OLLAMAFLOW_E2E_MODELS")
 	if env.ollamaBin == "" || env.modelsDir == "" {
-		return teardown, fmt.Errorf("set OLLAMAFLOW_E2E_OLLAMA (the ollama binary) and OLLAMAFLOW_E2E_MODELS (the directory with Modelfile.%s and Modelfile.%s); .ci/e2e does this with ollama-rig", chatModel, embedModel)
+		return teardown, fmt.Errorf("set OLLAMAFLOW_E2E_OLLAMA (the ollama binary) and OLLAMAFLOW_E2E_MODELS (the directory with Modelfile.%s and Modelfile.%s); .ci/e2e does this with rig/setup.sh", chatModel, embedModel)
 	}
 	if st, err := os.Stat(env.ollamaBin); err != nil || st.IsDir() {
 		return teardown, fmt.Errorf("OLLAMAFLOW_E2E_OLLAMA=%s is not a file", env.ollamaBin)

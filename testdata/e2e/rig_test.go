@@ -235,41 +235,63 @@ func (o *ollamaServer) has(model string) bool {
 	return err == nil && slices.Contains(names, model)
 }
 
-// startRegistry serves an in-memory OCI registry on a free loopback port.
-// Ollama only follows a blob download that redirects to another host name (as
-// its registry does to a CDN), so blob GETs to 127.0.0.1 are redirected to
-// localhost: the same server under another name. This is ollama-rig's ocireg.
+// startRegistry serves an in-memory OCI registry (go-containerregistry's) on
+// a free loopback port, for `ollama push --insecure` and pulls of
+// host:port/library/name:tag.
 func startRegistry() (string, func(), error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return "", nil, err
 	}
-	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:") && r.URL.Query().Get("direct") == "" {
-			http.Redirect(w, r, "http://"+strings.Replace(r.Host, "127.0.0.1", "localhost", 1)+r.URL.Path+"?direct=1", http.StatusTemporaryRedirect)
-			return
-		}
-		if q := r.URL.Query(); q.Has("direct") {
-			q.Del("direct")
-			r.URL.RawQuery = q.Encode()
-		}
-		reg.ServeHTTP(absLocation{w, r.Host}, r)
-	})}
+	srv := &http.Server{Handler: &ollamaRegistry{inner: registry.New(registry.Logger(log.New(io.Discard, "", 0)))}}
 	go func() { _ = srv.Serve(l) }()
 	return l.Addr().String(), func() { _ = srv.Close() }, nil
 }
 
-// absLocation makes the registry's relative upload locations absolute, which
-// Ollama's push expects.
-type absLocation struct {
-	http.ResponseWriter
-	host string
+// ollamaRegistry adapts a plain OCI registry to two expectations of Ollama's
+// registry client, which is written against its own registry and CDN:
+//
+//   - a blob download is answered with a redirect to another host, where the
+//     bytes are (Ollama follows that redirect only when the host differs), so
+//     a blob GET on 127.0.0.1 is sent to localhost, the same listener under
+//     another name, marked so that it is served there and not sent on again;
+//   - upload locations are absolute URLs, while go-containerregistry gives
+//     paths.
+type ollamaRegistry struct {
+	inner http.Handler
 }
 
-func (w absLocation) WriteHeader(code int) {
+// servedHere marks a blob request that was already redirected.
+const servedHere = "served-here"
+
+func (g *ollamaRegistry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	isBlobGet := r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:")
+	switch {
+	case isBlobGet && !q.Has(servedHere):
+		host := r.Host
+		if h, port, err := net.SplitHostPort(r.Host); err == nil && h == "127.0.0.1" {
+			host = net.JoinHostPort("localhost", port)
+		}
+		http.Redirect(w, r, "http://"+host+r.URL.Path+"?"+servedHere+"=1", http.StatusTemporaryRedirect)
+		return
+	case q.Has(servedHere):
+		q.Del(servedHere)
+		r.URL.RawQuery = q.Encode()
+	}
+	g.inner.ServeHTTP(&absoluteLocation{ResponseWriter: w, base: "http://" + r.Host}, r)
+}
+
+// absoluteLocation prefixes a path-only Location header with the registry's
+// own base URL as the response goes out.
+type absoluteLocation struct {
+	http.ResponseWriter
+	base string
+}
+
+func (w *absoluteLocation) WriteHeader(code int) {
 	if loc := w.Header().Get("Location"); strings.HasPrefix(loc, "/") {
-		w.Header().Set("Location", "http://"+w.host+loc)
+		w.Header().Set("Location", w.base+loc)
 	}
 	w.ResponseWriter.WriteHeader(code)
 }

@@ -431,7 +431,7 @@ func wireProbes(t *testing.T) []probe {
 		}
 		f.SetModels(chatModel, embedModel)
 	}
-	// No model hub is reachable from the rig (see ollama-rig's README): a base
+	// The suite assumes no model hub is reachable from the machine: a base
 	// the real server lacks cannot be pulled from registry.ollama.ai.
 	fakeHubUnreachable := func(f *fakeollama.Server) {
 		f.FailPulls(`pull model manifest: Get "https://registry.ollama.ai/v2/library/nope/manifests/latest": dial tcp: lookup registry.ollama.ai: no such host`)
