@@ -90,16 +90,33 @@ func (o *ollamaServer) client() *api.Client {
 	return api.NewClient(u, &http.Client{Timeout: 2 * time.Minute})
 }
 
+// noHub is the HTTPS proxy every ollama process gets: a loopback port nothing
+// listens on. Ollama's model hub is then unreachable on every machine, with
+// or without internet access, and a pull from it fails with the same message
+// everywhere (the wire comparison depends on it). Loopback registries, the
+// suite's own included, are never proxied.
+const noHub = "http://127.0.0.1:1"
+
+// noHubError is how a manifest request to the hub fails through noHub.
+func noHubError(model string) string {
+	return `pull model manifest: Get "https://registry.ollama.ai/v2/library/` + model + `/manifests/latest": proxyconnect tcp: dial tcp 127.0.0.1:1: connect: connection refused`
+}
+
 // ollamaEnv is the environment of every ollama process we run: the caller's
-// without its OLLAMA_* settings, plus ours.
+// without its OLLAMA_* and proxy settings, plus ours.
 func ollamaEnv(extra ...string) []string {
 	var out []string
 	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		switch strings.ToUpper(name) {
+		case "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY":
+			continue
+		}
 		if !strings.HasPrefix(kv, "OLLAMA_") {
 			out = append(out, kv)
 		}
 	}
-	return append(out, extra...)
+	return append(append(out, "HTTPS_PROXY="+noHub), extra...)
 }
 
 // start runs `ollama serve` and waits until it answers. Its store survives a

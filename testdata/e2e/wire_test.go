@@ -431,10 +431,10 @@ func wireProbes(t *testing.T) []probe {
 		}
 		f.SetModels(chatModel, embedModel)
 	}
-	// The suite assumes no model hub is reachable from the machine: a base
-	// the real server lacks cannot be pulled from registry.ollama.ai.
+	// The real servers cannot reach the model hub (noHub): a base the real
+	// server lacks cannot be pulled from registry.ollama.ai.
 	fakeHubUnreachable := func(f *fakeollama.Server) {
-		f.FailPulls(`pull model manifest: Get "https://registry.ollama.ai/v2/library/nope/manifests/latest": dial tcp: lookup registry.ollama.ai: no such host`)
+		f.FailPulls(noHubError("nope"))
 	}
 	zeroDigest := "sha256:" + strings.Repeat("0", 64)
 

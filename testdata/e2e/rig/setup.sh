@@ -38,7 +38,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 	$sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 if [ ! -f "$rig/include/miniaudio/miniaudio.h" ]; then
-	malgo_dir=$(go mod download -json github.com/gen2brain/malgo@v0.11.24 | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+	malgo_dir=$(cd "$rig" && go mod download -json github.com/gen2brain/malgo@v0.11.24 | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
 	mkdir -p "$rig/include/miniaudio"
 	cp "$malgo_dir/miniaudio.h" "$rig/include/miniaudio/miniaudio.h"
 	chmod 644 "$rig/include/miniaudio/miniaudio.h"
