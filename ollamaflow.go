@@ -656,7 +656,6 @@ func (b *Backend) provision() error {
 	if strings.TrimSpace(b.URL) == "" {
 		return errors.New("url: required")
 	}
-	var err error
 	if b.pinWarnings, err = b.provisionPins(); err != nil {
 		return err
 	}
