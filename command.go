@@ -137,7 +137,7 @@ func commandConfig(o commandOptions) (*caddy.Config, error) {
 		return nil, err
 	}
 	route := caddyhttp.Route{
-		HandlersRaw: []json.RawMessage{caddyconfig.JSONModuleObject(h, "handler", "ollamaflow", nil)},
+		HandlersRaw: []json.RawMessage{caddyconfig.JSONModuleObject(&h, "handler", "ollamaflow", nil)},
 	}
 	server := &caddyhttp.Server{Routes: caddyhttp.RouteList{route}, Listen: []string{from.listen}}
 	if from.domain != "" {
