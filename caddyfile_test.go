@@ -385,6 +385,7 @@ func TestProvisionMemoryAndQueueShareDefaults(t *testing.T) {
 	_, err = provision(`{"max_queue_per_client":-1,"backends":[{"name":"a","url":"127.0.0.1:9"}]}`)
 	assert.ErrorContains(t, err, "max_queue_per_client")
 }
+
 // TestReadmeExamples: every file in examples/ is shown in the README exactly
 // as it is in the repository, adapts without a warning (Caddy warns about an
 // unformatted Caddyfile, inline comments included), serves on a port of this
