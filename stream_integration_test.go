@@ -45,31 +45,46 @@ func cutCount(t *testing.T, backend, reason string) int {
 func TestIntegrationBrokenStreamsEndWithAnError(t *testing.T) {
 	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 5})
 	defer f.Close()
-	loadCaddy(t, fmt.Sprintf(`
-		stream_idle_timeout 300ms
+	// Two configs: the stall cases need stream_idle_timeout to fire, and a
+	// short one keeps them quick; the cases where the backend dies must
+	// not race it (under load a gap of 300 ms between the fake's chunks
+	// happens, and the cut was then blamed on idleness), so they get one
+	// that only bounds a hang. The pooled server, its failure run and its
+	// probe schedule (one probe, at the first load) survive the reloads.
+	const (
+		shortIdle = "300ms"
+		longIdle  = "5m"
+	)
+	load := func(idle string) {
+		loadCaddy(t, fmt.Sprintf(`
+		stream_idle_timeout %s
 		backend a %s {
 			fail_threshold 1000
 			health_interval 1h # a passing probe would reset the failure run counted below
-		}`, f.URL))
+		}`, idle, f.URL))
+	}
+	load(longIdle)
 	srv := waitHealthy(t, f.URL, stateHealthy)
 
 	cases := []struct {
 		name, path, body string
+		idle             string
 		fault            func()
 		reason           string
 		wantTail         *regexp.Regexp
 	}{
-		{"native chat, backend dies", "/api/chat", chatBody, func() { f.DieMidStream(2, "/api/chat") }, "backend_failed",
+		{"native chat, backend dies", "/api/chat", chatBody, longIdle, func() { f.DieMidStream(2, "/api/chat") }, "backend_failed",
 			regexp.MustCompile(`\n\{"error":"backend a failed mid-answer: the connection closed before the answer was complete; the answer is incomplete, retry the request"\}\n$`)},
-		{"native generate, stall", "/api/generate", `{"model":"tiny-llama","prompt":"hi"}`, func() { f.HangAfterHeaders("/api/generate") }, "stream_idle_timeout",
+		{"native generate, stall", "/api/generate", `{"model":"tiny-llama","prompt":"hi"}`, shortIdle, func() { f.HangAfterHeaders("/api/generate") }, "stream_idle_timeout",
 			regexp.MustCompile(`^\{"error":"backend a sent nothing for 300ms \(stream_idle_timeout\); the answer is incomplete, retry the request"\}\n$`)},
-		{"openai stream, backend dies", "/v1/chat/completions", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":true}`, func() { f.DieMidStream(2, "/v1/chat/completions") }, "backend_failed",
+		{"openai stream, backend dies", "/v1/chat/completions", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":true}`, longIdle, func() { f.DieMidStream(2, "/v1/chat/completions") }, "backend_failed",
 			regexp.MustCompile(`\n\ndata: \{"error":\{"code":"stream_broken","message":"backend a failed mid-answer: [^"]+","type":"server_error"\}\}\n\n$`)},
-		{"openai stream, stall", "/v1/chat/completions", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":true}`, func() { f.HangAfterHeaders("/v1/chat/completions") }, "stream_idle_timeout",
+		{"openai stream, stall", "/v1/chat/completions", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":true}`, shortIdle, func() { f.HangAfterHeaders("/v1/chat/completions") }, "stream_idle_timeout",
 			regexp.MustCompile(`^data: \{"error":\{"code":"stream_stalled","message":"backend a sent nothing for 300ms \(stream_idle_timeout\)[^"]*","type":"server_error"\}\}\n\n$`)},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			load(c.idle)
 			f.ClearFaults()
 			c.fault()
 			before := cutCount(t, "a", c.reason)
@@ -85,6 +100,7 @@ func TestIntegrationBrokenStreamsEndWithAnError(t *testing.T) {
 	}
 
 	t.Run("non-streaming body cut", func(t *testing.T) {
+		load(longIdle)
 		f.ClearFaults()
 		f.DieMidStream(0, "/api/chat")
 		before := cutCount(t, "a", "backend_failed")
@@ -151,7 +167,17 @@ func TestIntegrationResponseTimeout(t *testing.T) {
 // and the healthy backend is not blamed, although the proxy is blocked
 // writing for longer than stream_idle_timeout.
 func TestIntegrationStalledClientIsCutNotTheBackend(t *testing.T) {
-	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 200_000})
+	// The stream must be longer than everything the kernel can buffer
+	// between the fake and a client that never reads (the fake's send
+	// buffer, our receive buffer from it, which autotunes up to
+	// net.ipv4.tcp_rmem's maximum, 32 MiB on CI, our send buffer to the
+	// client): a shorter one lets a fast fake finish its whole answer into
+	// those buffers before client_write_timeout expires, and then there is
+	// no backend request left to cancel. 200,000 tokens (~18 MiB) did fit
+	// on an idle machine. 5,000,000 (~450 MiB) cannot; the fake produces
+	// only until the cut, so the cost does not grow with this number.
+	const tokens = 5_000_000
+	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: tokens})
 	defer f.Close()
 	loadCaddy(t, fmt.Sprintf(`
 		stream_idle_timeout 1s
@@ -187,12 +213,14 @@ func TestIntegrationStalledClientIsCutNotTheBackend(t *testing.T) {
 	// Each took a slot and began streaming.
 	require.Eventually(t, func() bool { return f.Count("/api/generate") == clients }, 10*time.Second, 10*time.Millisecond)
 
-	require.Eventually(t, func() bool { return srv.inFlight.Load() == 0 }, 20*time.Second, 10*time.Millisecond,
+	// Generous: filling the buffers takes seconds under -race on a loaded
+	// machine, before the 3 s client_write_timeout even starts.
+	require.Eventually(t, func() bool { return srv.inFlight.Load() == 0 }, 60*time.Second, 10*time.Millisecond,
 		"the stalled clients' slots are freed")
-	require.Eventually(t, func() bool { return len(f.Cancellations()) == clients }, 10*time.Second, 10*time.Millisecond,
+	require.Eventually(t, func() bool { return len(f.Cancellations()) == clients }, 30*time.Second, 10*time.Millisecond,
 		"their backend requests are cancelled")
 	for _, c := range f.Cancellations() {
-		assert.Less(t, c.Chunks, 200_000, "the generation stopped early")
+		assert.Less(t, c.Chunks, tokens, "the generation stopped early")
 	}
 	assert.Equal(t, stateHealthy, healthState(srv.state.Load()), "the backend's breaker stays closed")
 	assert.Zero(t, srv.failStreak.Load(), "nothing is charged to the backend")
