@@ -22,6 +22,13 @@ func TestChaosLeastDelayLearnsOnlyFromInference(t *testing.T) {
 	o := chaosSend(context.Background(), "/api/chat", chaosChat, "")
 	require.True(t, o.ok(), o.err)
 	srv := pooled(t, fs[0].URL)
+	// The handler learns after the last byte reached the client and frees
+	// the slot after that: the client can read its answer first. Waiting
+	// for the slot to be free is waiting for the lesson.
+	settled := func() {
+		require.Eventually(t, func() bool { return srv.inFlight.Load() == 0 }, 10*time.Second, time.Millisecond)
+	}
+	settled()
 	before, ok := srv.speed.expectedDelay(0, 0, false)
 	require.True(t, ok)
 	for range 10 {
@@ -30,6 +37,7 @@ func TestChaosLeastDelayLearnsOnlyFromInference(t *testing.T) {
 		res, body = post(t, "/api/chat", `{"model":"tiny-llama","messages":[]}`)
 		require.Equal(t, 200, res.StatusCode, body)
 	}
+	settled() // a wrong lesson from the last request would come before this
 	after, _ := srv.speed.expectedDelay(0, 0, false)
 	t.Logf("learned service time: %.3fs after one 200 ms completion, %.3fs after 10 /api/show and 10 load-only chats", before, after)
 	assert.InDelta(t, before, after, 0.05, "model reads and load-only requests taught least_delay a service time")
