@@ -297,21 +297,6 @@ func (s *server) markLoaded(model string) {
 	})
 }
 
-// markMissing records that the server answered "model not found" for
-// model, so no more requests for it go there until a refresh says
-// otherwise.
-func (s *server) markMissing(model string) {
-	s.editModels(func(cur *modelSnapshot) *modelSnapshot {
-		if _, ok := cur.present[model]; !ok || !cur.known {
-			return nil
-		}
-		next := *cur
-		next.present = copyWithout(cur.present, model)
-		next.loaded = copyWithout(cur.loaded, model)
-		return &next
-	})
-}
-
 // editModels replaces the snapshot with edit's copy of it (nil: leave it),
 // retrying if a refresh or another edit got there first. Snapshots are
 // never modified in place: readers hold them without locks.
