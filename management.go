@@ -484,8 +484,7 @@ func (h *Handler) mergeProgress(w http.ResponseWriter, r *http.Request, body []b
 		if !stream {
 			return h.fail(w, apiOllama, http.StatusBadGateway, msg)
 		}
-		out, _ := json.Marshal(map[string]string{"error": msg})
-		p.line(out)
+		p.line(errorBody(apiOllama, msg, "", nil))
 		return nil
 	}
 	if !stream {

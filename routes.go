@@ -135,22 +135,32 @@ func (h *Handler) fail(w http.ResponseWriter, api apiFormat, status int, msg str
 
 // failCode is fail with an explicit OpenAI error code (nil: by status).
 func (h *Handler) failCode(w http.ResponseWriter, api apiFormat, status int, code any, msg string) error {
-	var body []byte
-	if api == apiOpenAI {
-		typ, byStatus := openAIErrorKind(status)
-		if code == nil {
-			code = byStatus
-		}
-		body, _ = json.Marshal(map[string]any{"error": map[string]any{"message": msg, "type": typ, "code": code}})
-	} else {
-		body, _ = json.Marshal(map[string]string{"error": msg})
+	typ, byStatus := openAIErrorKind(status)
+	if code == nil {
+		code = byStatus
 	}
+	body := errorBody(api, msg, typ, code)
 	hdr := w.Header()
 	hdr.Set("Content-Type", "application/json; charset=utf-8")
 	hdr.Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
 	return nil
+}
+
+// errorBody is msg as an error document in the format of api: Ollama's
+// {"error":"…"} or OpenAI's {"error":{"message":…,"type":…,"code":…}}
+// (typ and code are for OpenAI only). Every error the handler writes, whole
+// answers and stream ends alike, is built here so both APIs' shapes live in
+// one place.
+func errorBody(api apiFormat, msg, typ string, code any) []byte {
+	var body []byte
+	if api == apiOpenAI {
+		body, _ = json.Marshal(map[string]any{"error": map[string]any{"message": msg, "type": typ, "code": code}})
+	} else {
+		body, _ = json.Marshal(map[string]string{"error": msg})
+	}
+	return body
 }
 
 // openAIErrorKind maps a status to the error type and code OpenAI clients

@@ -3,7 +3,6 @@ package ollamaflow
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -319,8 +318,7 @@ func (c *clientWriter) endWithError(format bodyFormat, msg, code string) error {
 		if c.written > 0 && c.last[1] != '\n' {
 			out = append(out, '\n')
 		}
-		line, _ := json.Marshal(map[string]string{"error": msg})
-		out = append(append(out, line...), '\n')
+		out = append(append(out, errorBody(apiOllama, msg, "", nil)...), '\n')
 	case bodySSE:
 		// An event ends at a blank line; close a cut one first.
 		switch {
@@ -330,7 +328,7 @@ func (c *clientWriter) endWithError(format bodyFormat, msg, code string) error {
 		case c.last[0] != '\n':
 			out = append(out, '\n')
 		}
-		event, _ := json.Marshal(map[string]any{"error": map[string]any{"message": msg, "type": "server_error", "code": code}})
+		event := errorBody(apiOpenAI, msg, "server_error", code)
 		out = append(append(append(out, "data: "...), event...), "\n\n"...)
 	}
 	return c.write(out)
