@@ -47,7 +47,7 @@ var (
 //
 //	ollamaflow [<matcher>] {
 //		name                   <name>
-//		lb_policy              least_conn|round_robin|random|first
+//		lb_policy              least_delay|least_conn|round_robin|random|first
 //		retries                <count>
 //		max_request_body       <size>
 //		max_body_memory        <size>
