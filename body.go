@@ -237,7 +237,7 @@ func decodeString(raw string) string {
 // model (and, on the routes that take it, name, which is then dropped) and
 // stream. It reuses the pin merge, which already drops every spelling of a
 // key; it runs only for the rare body that needs it.
-func canonicalBody(body []byte, f *bodyFields, from modelFrom, api apiFormat) ([]byte, error) {
+func canonicalBody(body []byte, f *bodyFields, from modelFrom) ([]byte, error) {
 	var nodes []pinNode
 	models := f.modelKeys
 	if from == modelInBodyName {

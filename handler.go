@@ -185,7 +185,7 @@ func requestModel(from modelFrom, api apiFormat, path string, body []byte, valid
 		return "", nil, err
 	}
 	if f.needsCanonical(from) {
-		if body, err = canonicalBody(body, &f, from, api); err != nil {
+		if body, err = canonicalBody(body, &f, from); err != nil {
 			return "", nil, err
 		}
 	}
