@@ -31,6 +31,7 @@ package ollamaflow
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -112,13 +113,13 @@ func compilePins(raw []byte, option string, kind routeKind) (pinTrees, []string,
 	trees[vocabNative], trees[vocabChat], trees[vocabCompletion] = newPins(native), newPins(chat), newPins(compl)
 	for _, path := range missChat {
 		where := "/v1/chat/completions and /v1/completions"
-		if !contains(missCompl, path) {
+		if !slices.Contains(missCompl, path) {
 			where = "/v1/chat/completions"
 		}
 		warns = append(warns, missingWarning(option, path, where))
 	}
 	for _, path := range missCompl {
-		if !contains(missChat, path) {
+		if !slices.Contains(missChat, path) {
 			warns = append(warns, missingWarning(option, path, "/v1/completions"))
 		}
 	}
@@ -127,15 +128,6 @@ func compilePins(raw []byte, option string, kind routeKind) (pinTrees, []string,
 
 func missingWarning(option, path, where string) string {
 	return fmt.Sprintf("%s: %s has no equivalent on %s, which Ollama's OpenAI-compatible API does not read; requests there get the server's default", option, path, where)
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 func newPins(nodes []pinNode) *pins {
