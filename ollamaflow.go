@@ -17,7 +17,8 @@
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	bodymem.go     the process-wide budget for request bodies in memory (max_body_memory), reading bodies against it
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
-//	modelsync.go   model names, discovery of each server's lists, required-model pulls, model routing
+//	modelsync.go   model names, discovery of each server's lists, model routing, the miss cache
+//	pulls.go       required_models: pulls onto each server that lacks them, backoff, stalled pulls
 //	management.go  aggregated model lists and management fanned out to every backend
 //	body.go        one reading of a request body, the way Ollama reads it (model, name, stream)
 //	pinning.go     pinned properties: parsed at provision, merged into request bodies
