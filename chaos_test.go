@@ -46,6 +46,8 @@ var chaosClient = &http.Client{
 	},
 }
 
+func init() { testClients = append(testClients, chaosClient) }
+
 const chaosChat = `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false}`
 
 // chaosFakes starts n fakes serving tiny-llama (loaded) and returns them with the Caddyfile

@@ -67,6 +67,20 @@ func loadCaddy(t *testing.T, body string) {
 	tester := caddytest.NewTester(t).WithDefaultOverrides(caddytest.Config{AdminPort: adminPort, LoadRequestTimeout: 30 * time.Second})
 	tester.InitServer(cfg, "caddyfile")
 	require.False(t, t.Failed(), "caddy did not load the config")
+	dropIdleConnections()
+}
+
+// testClients are the clients tests share across configs. A load stops
+// the old config's server, which closes its idle keep-alive connections;
+// a client that picks one before it has seen the close writes a POST on a
+// dead connection and, as POSTs are not retried, gets EOF. Dropping them
+// after every load keeps one test's connections out of the next.
+var testClients = []*http.Client{client}
+
+func dropIdleConnections() {
+	for _, c := range testClients {
+		c.CloseIdleConnections()
+	}
 }
 
 // loadCaddyRaw posts a Caddyfile to /load without caddytest's checks, for
@@ -86,6 +100,7 @@ func loadCaddyRaw(t *testing.T, cfg string) {
 	defer res.Body.Close()
 	msg, _ := io.ReadAll(res.Body)
 	require.Equal(t, http.StatusOK, res.StatusCode, string(msg))
+	dropIdleConnections()
 }
 
 var client = &http.Client{Timeout: 30 * time.Second}
