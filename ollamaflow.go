@@ -470,7 +470,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // own config. No exported fields: the events app logs handlers at debug.
 type startedHook struct{ h *Handler }
 
-func (sh startedHook) Handle(_ context.Context, e caddy.Event) error {
+func (sh startedHook) Handle(context.Context, caddy.Event) error {
 	sh.h.adoptSettings(sh.h.events)
 	return nil
 }
