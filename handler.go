@@ -26,9 +26,10 @@ const rootBody = "Ollama is running"
 // and proxies it to a backend.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	sw := &statusWriter{ResponseWriter: w}
-	var info requestInfo
+	info := requestInfo{inputTokens: -1, outputTokens: -1}
 	err := h.serve(sw, r, &info)
 	h.countRequest(sw, info.kind, info.model)
+	h.annotateSpan(r, sw.status, &info)
 	if errors.Is(err, errAbortResponse) {
 		// As reverse_proxy does: net/http resets the HTTP/2 stream or
 		// closes the HTTP/1 connection before the body's end, so the client
@@ -38,16 +39,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	return err
 }
 
-// requestInfo is what serve learned about a request, for the metrics.
-type requestInfo struct {
-	kind  routeKind
-	model string
-}
-
 func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInfo) error {
 	api := apiOf(r.URL.Path)
 	rt, known, allowed := classify(r.Method, r.URL.Path)
-	info.kind = rt.kind
+	info.kind, info.api = rt.kind, api
 	if h.handleCORS(w, r, api) {
 		return nil // a preflight answered, or an origin refused (cors.go)
 	}
@@ -133,6 +128,9 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 		return h.failBodyMemory(w, api) // or the client left: then nobody reads it
 	}
 	info.model = model
+	if model != "" {
+		setPlaceholder(r, placeholderModel, model)
+	}
 	if model != "" && h.models != nil {
 		if _, ok := h.models[model]; !ok {
 			return h.fail(w, api, http.StatusForbidden, fmt.Sprintf("model %q is not allowed on this frontend", model))
@@ -166,7 +164,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 	if rt.kind == kindModelRead || rt.kind == kindVersion {
 		return h.serveMetadata(w, r, api, body, cands) // never waits for an inference slot
 	}
-	return h.proxy(w, r, api, body, cands, model, rt.kind)
+	return h.proxy(w, r, api, body, cands, model, rt.kind, info)
 }
 
 // requestModel finds the model a request is about, normalised. A body it
@@ -252,7 +250,7 @@ type attemptResult struct {
 
 // proxy runs the attempt loop: each attempt takes a slot on a different
 // backend; failures before the first response byte move on to the next.
-func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind) error {
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind, info *requestInfo) error {
 	tried := make([]*backend, 0, h.retries+1)
 	var last attemptResult
 	var failed *backend // the backend of the last failed attempt
@@ -272,6 +270,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			var how string
 			b, how = h.acquireSticky(avail, h.stickyKey(r), model)
 			w.Header().Set("X-OllamaFlow-Sticky", how)
+			info.sticky = how
 		} else {
 			b = h.acquire(avail, model)
 		}
@@ -295,7 +294,11 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			metrics.retries.WithLabelValues(h.Name, failed.cfg.Name).Inc()
 		}
 		final := attempt == h.retries || len(remaining) == 1
-		last = h.attempt(w, r, api, body, b, final, model, kind)
+		// Per attempt, so the last one wins: the backend that answered.
+		info.backend, info.attempts = b.cfg.Name, info.attempts+1
+		setPlaceholder(r, placeholderBackend, b.cfg.Name)
+		last = h.attempt(w, r, api, body, b, final, model, kind, info)
+		traceAttempt(r, b.cfg.Name, last.cause)
 		if last.abort {
 			return errAbortResponse
 		}
@@ -363,7 +366,7 @@ func retryable(status int) bool {
 // attempt sends the request to b (holding a slot on it) and, unless it
 // fails in a way another backend may fix, streams the answer to the client.
 // It always releases the slot.
-func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string, kind routeKind) attemptResult {
+func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string, kind routeKind, info *requestInfo) attemptResult {
 	release := sync.OnceFunc(b.srv.release) // the stall watchdog may free it early
 	defer release()
 	started, concurrent := time.Now(), int(b.srv.inFlight.Load())
@@ -426,7 +429,8 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		return attemptResult{cause: fmt.Sprintf("backend %s: %v", b.cfg.Name, err)}
 	}
 
-	metrics.firstByte.WithLabelValues(h.Name, b.cfg.Name, model).Observe(time.Since(started).Seconds())
+	info.ttfb = time.Since(started)
+	metrics.firstByte.WithLabelValues(h.Name, b.cfg.Name, model).Observe(info.ttfb.Seconds())
 	switch {
 	case b.failStatus(res.StatusCode):
 		b.srv.recordFailure(fmt.Sprintf("status %d", res.StatusCode))
@@ -471,7 +475,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 				b.srv.speed.observe(time.Since(started), concurrent)
 			}
 		}
-		h.recordFinalCounts(b, model, &tail)
+		info.inputTokens, info.outputTokens = h.recordFinalCounts(b, model, &tail)
 	}
 	return attemptResult{done: true, abort: end == endAbort}
 }

@@ -180,9 +180,10 @@ func (h *Handler) countRequest(w *statusWriter, kind routeKind, model string) {
 	metrics.requests.WithLabelValues(h.Name, backend, model, kind.String(), strconv.Itoa(status)).Inc()
 }
 
-// recordFinalCounts reads the counts in the last chunk of a response.
-func (h *Handler) recordFinalCounts(b *backend, model string, tail *tailKeeper) {
-	prompt, completion := tail.number("prompt_eval_count"), tail.number("eval_count")
+// recordFinalCounts reads the counts in the last chunk of a response and
+// returns the token counts it found (-1: not in the answer).
+func (h *Handler) recordFinalCounts(b *backend, model string, tail *tailKeeper) (prompt, completion int64) {
+	prompt, completion = tail.number("prompt_eval_count"), tail.number("eval_count")
 	if prompt < 0 && completion < 0 {
 		prompt, completion = tail.number("prompt_tokens"), tail.number("completion_tokens")
 	}
@@ -196,4 +197,5 @@ func (h *Handler) recordFinalCounts(b *backend, model string, tail *tailKeeper) 
 		metrics.coldLoads.WithLabelValues(h.Name, b.cfg.Name, model).Inc()
 		b.srv.speed.observeLoad(time.Duration(load))
 	}
+	return prompt, completion
 }

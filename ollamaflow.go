@@ -28,6 +28,7 @@
 //	command.go     the `caddy ollamaflow` subcommand: a frontend from flags, no config file
 //	admin.go       admin.api.ollamaflow: status routes, drain, the embedded status.html
 //	metrics.go     Prometheus collectors in Caddy's registry
+//	trace.go       the {http.ollamaflow.*} placeholders, attributes of the request's tracing span
 //
 // Config is immutable after Provision. Live server state lives in a
 // package-level caddy.UsagePool keyed by the normalised URL, so every handler
