@@ -27,6 +27,10 @@ const rootBody = "Ollama is running"
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	sw := &statusWriter{ResponseWriter: w}
 	info := requestInfo{inputTokens: -1, outputTokens: -1}
+	if h.stats != nil {
+		h.stats.inFlight.Add(1)
+		defer h.stats.inFlight.Add(-1)
+	}
 	err := h.serve(sw, r, &info)
 	h.countRequest(sw, info.kind, info.model)
 	h.annotateSpan(r, sw.status, &info)
@@ -411,6 +415,8 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		if r.Context().Err() != nil {
 			return attemptResult{done: true} // client went away: not the backend's fault
 		}
+		b.srv.stats.requests.Add(1)
+		b.srv.stats.errors.Add(1)
 		switch cause := context.Cause(ctx); {
 		case errors.Is(cause, errFirstByteTimeout):
 			b.srv.recordFailure(errFirstByteTimeout.Error())
@@ -431,6 +437,14 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 
 	info.ttfb = time.Since(started)
 	metrics.firstByte.WithLabelValues(h.Name, b.cfg.Name, model).Observe(info.ttfb.Seconds())
+	b.srv.stats.requests.Add(1)
+	b.srv.stats.observeTTFB(info.ttfb)
+	if h.stats != nil {
+		h.stats.observeTTFB(info.ttfb)
+	}
+	if res.StatusCode >= 500 {
+		b.srv.stats.errors.Add(1)
+	}
 	switch {
 	case b.failStatus(res.StatusCode):
 		b.srv.recordFailure(fmt.Sprintf("status %d", res.StatusCode))

@@ -85,6 +85,7 @@ type server struct {
 	// serving besides the refused one, and one of them finishing frees room.
 	busyUntil atomic.Int64
 	busyLevel atomic.Int64
+	stats     flowStats // traffic counters and history (history.go)
 
 	// Which config and which of its backends the settings came from, for
 	// adopt; guarded by settingsMu.

@@ -178,6 +178,12 @@ func (h *Handler) countRequest(w *statusWriter, kind routeKind, model string) {
 		model = "" // not served: the name may be made up by the client
 	}
 	metrics.requests.WithLabelValues(h.Name, backend, model, kind.String(), strconv.Itoa(status)).Inc()
+	if h.stats != nil {
+		h.stats.requests.Add(1)
+		if status >= 500 {
+			h.stats.errors.Add(1)
+		}
+	}
 }
 
 // recordFinalCounts reads the counts in the last chunk of a response and
@@ -187,6 +193,12 @@ func (h *Handler) recordFinalCounts(b *backend, model string, tail *tailKeeper) 
 	if prompt < 0 && completion < 0 {
 		prompt, completion = tail.number("prompt_tokens"), tail.number("completion_tokens")
 	}
+	if n := max(prompt, 0) + max(completion, 0); n > 0 {
+		b.srv.stats.tokens.Add(n)
+		if h.stats != nil {
+			h.stats.tokens.Add(n)
+		}
+	}
 	if prompt > 0 {
 		metrics.tokens.WithLabelValues(h.Name, b.cfg.Name, model, "prompt").Add(float64(prompt))
 	}
@@ -195,6 +207,10 @@ func (h *Handler) recordFinalCounts(b *backend, model string, tail *tailKeeper) 
 	}
 	if load := tail.number("load_duration"); load > int64(coldLoadThreshold) {
 		metrics.coldLoads.WithLabelValues(h.Name, b.cfg.Name, model).Inc()
+		b.srv.stats.coldLoads.Add(1)
+		if h.stats != nil {
+			h.stats.coldLoads.Add(1)
+		}
 		b.srv.speed.observeLoad(time.Duration(load))
 	}
 	return prompt, completion

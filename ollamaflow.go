@@ -28,6 +28,7 @@
 //	command.go     the `caddy ollamaflow` subcommand: a frontend from flags, no config file
 //	admin.go       admin.api.ollamaflow: status routes, drain, the embedded status.html
 //	metrics.go     Prometheus collectors in Caddy's registry
+//	history.go     the sampled 15-minute history of GET /ollamaflow/history
 //	trace.go       the {http.ollamaflow.*} placeholders, attributes of the request's tracing span
 //
 // Config is immutable after Provision. Live server state lives in a
@@ -247,6 +248,7 @@ type Handler struct {
 	transport         http.RoundTripper // nil: each server's own; tests set one
 	logger            *zap.Logger
 	poolKeys          []string
+	stats             *flowStats // this frontend name's counters and history (history.go)
 	rrCounter         uint64
 	labelHeader       string
 	pinCompl          pinTrees
@@ -455,6 +457,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("metrics: %v", err)
 	}
 	h.provisioned = time.Now()
+	h.stats = acquireFrontendStats(h.Name)
+	startHistory()
 	registerFrontend(h)
 	bodyMemory.register(h, h.maxBodyMemory)
 	h.queue = newQueue(h)
@@ -496,6 +500,10 @@ func (h *Handler) Validate() error { return nil }
 func (h *Handler) Cleanup() error {
 	unregisterFrontend(h)
 	bodyMemory.unregister(h)
+	if h.stats != nil {
+		_, _ = frontendStatsPool.Delete(h.Name)
+		stopHistory()
+	}
 	if h.queue != nil {
 		h.queue.close()
 	}

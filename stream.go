@@ -177,6 +177,7 @@ func (h *Handler) backendFailed(b *backend, cw *clientWriter, res *http.Response
 		h.logAttempt(b, "stream broken, ending it with an error", redactURLError(rerr))
 	}
 	metrics.responsesCut.WithLabelValues(h.Name, b.cfg.Name, reason).Inc()
+	b.srv.stats.errors.Add(1)
 
 	format := formatOf(res.Header.Get("Content-Type"))
 	if format == bodyOther {
