@@ -140,4 +140,39 @@ func TestAdminHistoryAfterKnownTraffic(t *testing.T) {
 
 	status, _ = adminPost(t, "/ollamaflow/history")
 	assert.Equal(t, http.StatusMethodNotAllowed, status)
+
+	// A reload keeps both histories: the server and the frontend name stay.
+	loadCaddy(t, fmt.Sprintf("name history-test\nmodels tiny-llama\nretries 0\nbackend a %s", a.URL))
+	status, raw = adminGet(t, "/ollamaflow/history")
+	require.Equal(t, http.StatusOK, status, string(raw))
+	var after historyJSON
+	require.NoError(t, json.Unmarshal(raw, &after))
+	require.Len(t, after.Backends, 1)
+	require.Len(t, after.Frontends, 1)
+	assert.InDelta(t, 3.0, totalOf(after.IntervalSeconds, after.Backends[0].Samples, reqs), 1e-6)
+	assert.InDelta(t, 4.0, totalOf(after.IntervalSeconds, after.Frontends[0].Samples, reqs), 1e-6)
+}
+
+func TestHistorySamplerStopsWithItsLastUser(t *testing.T) {
+	historySampler.Lock()
+	before := historySampler.users
+	historySampler.Unlock()
+	startHistory()
+	startHistory()
+	historySampler.Lock()
+	stop := historySampler.stop
+	assert.Equal(t, before+2, historySampler.users)
+	historySampler.Unlock()
+	stopHistory()
+	stopHistory()
+	historySampler.Lock()
+	assert.Equal(t, before, historySampler.users)
+	historySampler.Unlock()
+	if before == 0 {
+		select {
+		case <-stop:
+		default:
+			t.Fatal("the sampler's stop channel is still open with no user left")
+		}
+	}
 }
