@@ -159,32 +159,41 @@ func acquireFrontendStats(name string) *flowStats {
 	return v.(pooledStats).flowStats
 }
 
-// historySampler is the one sampling goroutine, running while any handler
-// is provisioned.
-var historySampler struct {
+// sampler runs one goroutine while it has users: started by the first,
+// stopped when the last one leaves.
+type sampler struct {
 	sync.Mutex
 	users int
 	stop  chan struct{}
+	run   func(stop <-chan struct{})
 }
 
-func startHistory() {
-	historySampler.Lock()
-	defer historySampler.Unlock()
-	historySampler.users++
-	if historySampler.users == 1 {
-		historySampler.stop = make(chan struct{})
-		go runHistory(historySampler.stop)
+func (s *sampler) start() {
+	s.Lock()
+	defer s.Unlock()
+	s.users++
+	if s.users == 1 {
+		s.stop = make(chan struct{})
+		go s.run(s.stop)
 	}
 }
 
-func stopHistory() {
-	historySampler.Lock()
-	defer historySampler.Unlock()
-	historySampler.users--
-	if historySampler.users == 0 {
-		close(historySampler.stop)
+func (s *sampler) leave() {
+	s.Lock()
+	defer s.Unlock()
+	s.users--
+	if s.users == 0 {
+		close(s.stop)
 	}
 }
+
+// historySampler is the one sampling goroutine, running while any handler
+// is provisioned.
+var historySampler = &sampler{run: runHistory}
+
+func startHistory() { historySampler.start() }
+
+func stopHistory() { historySampler.leave() }
 
 func runHistory(stop <-chan struct{}) {
 	t := time.NewTicker(historyInterval)
