@@ -11,20 +11,8 @@ cd "$(dirname "$0")/.."
 
 CLIENTS=${CLIENTS:-40} BODY_MIB=${BODY_MIB:-16} MAX_BODY_MEMORY=${MAX_BODY_MEMORY:-256MiB}
 TOKEN_GAP=${TOKEN_GAP:-20ms}
-WORK=${WORK:-$(mktemp -d -t ollamaflow-bodymem.XXXXXX)}
-mkdir -p "$WORK"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-echo "building into $WORK ..." >&2
-go build -o "$WORK/caddy" ./bench/caddy
-go build -o "$WORK/fakeollama" ./internal/fakeollama/cmd/fakeollama
-go build -o "$WORK/loadgen" ./bench/loadgen
+. bench/lib.sh
+bench_setup bodymem
 read -r PORT_A PORT_OF PORT_ADMIN <<<"$("$WORK/loadgen" -free-ports 3)"
 
 "$WORK/fakeollama" -listen "127.0.0.1:$PORT_A" -models tiny-llama -loaded tiny-llama \

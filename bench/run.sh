@@ -19,21 +19,8 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5s} WARMUP=${WARMUP:-1s} ROUNDS=${ROUNDS:-3}
 CONC=${CONC:-1,32} MODES=${MODES:-chat,chat-stream}
 TOKENS=${TOKENS:-16} TOKEN_GAP=${TOKEN_GAP:-0s}
-WORK=${WORK:-$(mktemp -d -t ollamaflow-bench.XXXXXX)}
-mkdir -p "$WORK"
-
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-echo "building into $WORK ..." >&2
-go build -o "$WORK/caddy" ./bench/caddy
-go build -o "$WORK/fakeollama" ./internal/fakeollama/cmd/fakeollama
-go build -o "$WORK/loadgen" ./bench/loadgen
+. bench/lib.sh
+bench_setup bench
 
 read -r PORT_A PORT_B PORT_RP PORT_OF PORT_ADMIN <<<"$("$WORK/loadgen" -free-ports 5)"
 
