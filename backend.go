@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // Backend is one Ollama server as this frontend sees it: its address and the
@@ -314,4 +315,143 @@ func resolvePlaceholders(opt, v string) (string, error) {
 		}
 	}
 	return repl.ReplaceKnown(v, ""), nil
+}
+
+// parseBackendSegment parses the backend line (and its block) under the
+// cursor into a new Backend, rejecting a name already used in this handler.
+func parseBackendSegment(d *caddyfile.Dispenser, names map[string]bool) (*Backend, error) {
+	sub := caddyfile.NewDispenser(d.NextSegment())
+	b := new(Backend)
+	if err := b.UnmarshalCaddyfile(sub); err != nil {
+		if b.Name != "" {
+			return nil, fmt.Errorf("backend '%s': %w", b.Name, err)
+		}
+		return nil, err
+	}
+	if names[b.Name] {
+		// Report at the name, not at the end of the backend's block.
+		sub.Reset()
+		sub.Next()
+		sub.NextArg()
+		return nil, sub.Errf("duplicate backend name '%s'", b.Name)
+	}
+	names[b.Name] = true
+	return b, nil
+}
+
+// UnmarshalCaddyfile sets up the backend from Caddyfile tokens. Syntax:
+//
+//	backend <name> <url> {
+//		labels            <label...>
+//		max_parallel      <count>
+//		weight            <weight>
+//		allow_embeddings  [true|false]
+//		allow_completions [true|false]
+//		pin_completions   <json-object> | { <path> <value> ... }
+//		pin_embeddings    <json-object> | { <path> <value> ... }
+//		bearer_token      <token>
+//		header            <field> <value>
+//		query             <query>
+//		disabled          [true|false]
+//
+//		health_uri        <path>
+//		health_method     GET|HEAD
+//		health_status     <code>|<class>xx
+//		health_interval   <duration>
+//		health_timeout    <duration>
+//		health_passes     <count>
+//		health_fails      <count>
+//		fail_threshold    <count>
+//		fail_status       <code|Nxx...>
+//
+//		model_refresh     <duration>
+//		pull_concurrency  <count>
+//	}
+//
+// The url is host[:port] (http and port 11434 implied) or a full http or
+// https URL. labels and header may repeat; every other option may be given
+// once. max_parallel 0 means no cap; the other counts must be at least 1.
+func (b *Backend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume "backend"
+	if !d.Args(&b.Name, &b.URL) {
+		return d.ArgErr()
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	if _, err := parseBackendURL(b.URL); err != nil {
+		return d.Errf("url: %v", err)
+	}
+
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] && !repeatableBackendOptions[opt] {
+			return d.Errf("duplicate backend option '%s'", opt)
+		}
+		seen[opt] = true
+
+		if err := b.unmarshalOption(d, opt); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// unmarshalOption parses one backend option, the cursor on its name. It is
+// shared by backend blocks and by backends_from blocks, whose options apply
+// to every discovered server.
+func (b *Backend) unmarshalOption(d *caddyfile.Dispenser, opt string) error {
+	var err error
+	switch opt {
+	case "labels":
+		var labels []string
+		labels, err = someArgs(d)
+		b.Labels = append(b.Labels, labels...)
+	case "max_parallel":
+		b.MaxParallel, err = parseInt(d, 0)
+	case "weight":
+		b.Weight, err = parseInt(d, 1)
+	case "allow_embeddings":
+		b.AllowEmbeddings, err = parseFlagPtr(d)
+	case "allow_completions":
+		b.AllowCompletions, err = parseFlagPtr(d)
+	case "pin_completions":
+		b.PinCompletions, err = parsePinOption(d)
+	case "pin_embeddings":
+		b.PinEmbeddings, err = parsePinOption(d)
+	case "bearer_token":
+		b.BearerToken, err = oneArg(d)
+	case "header":
+		err = parseHeader(d, b)
+	case "query":
+		b.Query, err = parseQuery(d)
+	case "disabled":
+		b.Disabled, err = parseFlag(d)
+	case "health_uri":
+		b.HealthURI, err = parseHealthURI(d)
+	case "health_method":
+		b.HealthMethod, err = parseHealthMethod(d)
+	case "health_status":
+		b.HealthStatus, err = parseHealthStatus(d)
+	case "health_interval":
+		b.HealthInterval, err = parseDuration(d)
+	case "health_timeout":
+		b.HealthTimeout, err = parseDuration(d)
+	case "health_passes":
+		b.HealthPasses, err = parseInt(d, 1)
+	case "health_fails":
+		b.HealthFails, err = parseInt(d, 1)
+	case "fail_threshold":
+		b.FailThreshold, err = parseInt(d, 1)
+	case "fail_status":
+		b.FailStatus, err = parseStatusList(d)
+	case "model_refresh":
+		b.ModelRefresh, err = parseDuration(d)
+	case "pull_concurrency":
+		b.PullConcurrency, err = parseInt(d, 1)
+	default:
+		return unrecognized(d, "backend")
+	}
+	return err
 }
