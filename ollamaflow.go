@@ -8,7 +8,7 @@
 // Map of the files:
 //
 //	ollamaflow.go  module registration, config types, Provision/Validate/Cleanup
-//	backend.go     a backend's options: defaults, validation, its URL, placeholders in credentials
+//	backend.go     a backend's options: defaults, validation, its URL, placeholders in credentials, its Caddyfile block
 //	handler.go     ServeHTTP: gate, read and pin the body, the attempt loop and its timeouts
 //	stream.go      copying an answer to the client: idle and client-write clocks, honest ends of cut answers
 //	routes.go      the route table, classification, error bodies per API
