@@ -284,7 +284,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			b, waited, err = h.queue.wait(r.Context(), h.newWaiter(r, kind, model, avail, tried))
 			metrics.queueWait.WithLabelValues(h.Name).Observe(waited.Seconds())
 			switch {
-			case errors.Is(err, errQueueFull), errors.Is(err, errClientShare):
+			case errors.Is(err, errQueueFull), errors.Is(err, errClientShare), errors.Is(err, errClassShare), errors.Is(err, errPushedOut):
 				return h.failQueue(w, api, err)
 			case errors.Is(err, errQueueTimeout):
 				w.Header().Set("Retry-After", "5")

@@ -15,6 +15,7 @@
 //	balancer.go    candidates, policies, sticky hashing
 //	cost.go        least_delay: the speed each server is observed to deliver, cold-load cost
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
+//	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
 //	bodymem.go     the process-wide budget for request bodies in memory (max_body_memory), reading bodies against it
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
 //	modelsync.go   model names, discovery of each server's lists, model routing, the miss cache

@@ -11,29 +11,38 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 )
 
 // queue holds a frontend's requests that found every candidate at its
-// max_parallel cap, first come first served.
+// max_parallel cap (or requests_per_minute), and hands them freed slots by
+// class (fairshare.go): strict priority, then weighted fair share among the
+// classes of one priority, first come first served within a class. Without
+// tenants every request is in one class and the queue is plain FIFO.
 //
 // Every waiter sits in one list per server it could use (its candidates,
 // including those unhealthy or draining when it arrived, so a server that
-// comes back serves it), oldest first, plus one list of all waiters. A slot
-// freed on a server walks that server's list only, and the policy runs for
-// the waiter being served only: a release costs O(waiters that could use
-// the server), not O(waiters × backends). A server is given to a waiter only
-// if no older waiter of this queue could use it, and a newcomer never takes
-// a slot on a server that has waiters (server.queued): it queues behind
-// them, so a freed slot always goes to the longest waiter that can use it.
+// comes back serves it) in its class, oldest first, plus its class's list
+// and the queue's list of all waiters. A slot freed on a server picks the
+// class among those waiting for that server, then walks that class's list
+// for the server, and the policy runs for the waiter being served only: a
+// release costs O(classes waiting + waiters of the class that could use
+// the server), not O(waiters × backends). A server is given to a waiter
+// only if its class is the one owed that server and no older waiter of
+// its class could use it, and a newcomer never takes a slot on a server
+// that has waiters (server.queued): it queues behind them.
 type queue struct {
-	h        *Handler
-	mu       sync.Mutex
-	all      waitList              // every waiter, oldest first
-	byServer map[*server]*waitList // waiters that could use each server, oldest first
-	clients  map[string]int        // waiting requests per client key
-	waiting  atomic.Int64          // all.n, readable without the lock
-	closed   bool                  // the handler is cleaned up: leave servers once empty
-	wakeSet  atomic.Bool           // a wakeAt timer is pending
+	h         *Handler
+	mu        sync.Mutex
+	all       waitList               // every waiter, oldest first
+	backendOf map[*server]*backend   // this frontend's view of each server (its caps)
+	classes   map[string]*classState // by class name (fairshare.go)
+	live      []*classState          // the classes with waiters
+	vclock    map[int]float64        // per priority: the virtual time of the last dispatch
+	clients   map[string]int         // waiting requests per client key
+	waiting   atomic.Int64           // all.n, readable without the lock
+	closed    bool                   // the handler is cleaned up: leave servers once empty
+	wakeSet   atomic.Bool            // a wakeAt timer is pending
 
 	// For the admin API: requests that waited, their total and longest wait.
 	waited, waitedNanos, longestNanos atomic.Int64
@@ -45,9 +54,10 @@ type queue struct {
 var queueSeq atomic.Uint64
 
 func newQueue(h *Handler) *queue {
-	q := &queue{h: h, byServer: make(map[*server]*waitList, len(h.backends)), clients: make(map[string]int)}
+	q := &queue{h: h, backendOf: make(map[*server]*backend, len(h.backends)), classes: make(map[string]*classState),
+		vclock: make(map[int]float64), clients: make(map[string]int)}
 	for _, b := range h.backends {
-		q.byServer[b.srv] = &waitList{b: b}
+		q.backendOf[b.srv] = b
 	}
 	return q
 }
@@ -56,15 +66,20 @@ func newQueue(h *Handler) *queue {
 type waiter struct {
 	seq    uint64
 	model  string
-	client string // the key max_queue_per_client counts by
+	client string     // the key max_queue_per_client counts by
+	class  queueClass // who it is scheduled as (fairshare.go)
 	kind   routeKind
 	labels []string
 	tried  []*server // servers a retry must not go back to
 	cands  []*backend
-	all    waitNode
-	nodes  []waitNode    // one per candidate, in that server's list
-	got    chan *backend // receives the backend whose slot it was given
-	q      atomic.Pointer[queue]
+	all    waitNode    // in the queue's list
+	inCls  waitNode    // in its class's list
+	nodes  []waitNode  // one per candidate, in its class's list for that server
+	cls    *classState // its class in the queue it waits in; guarded by that queue's mu
+	// got receives the backend whose slot it was given, or nil when it was
+	// pushed out of a full queue for a class under its share.
+	got chan *backend
+	q   atomic.Pointer[queue]
 }
 
 // waitNode links a waiter into one list; intrusive, so that removal is
@@ -76,7 +91,7 @@ type waitNode struct {
 }
 
 // waitList is a FIFO of waiters; for a server's list, b is this queue's
-// view of the server (its max_parallel for this frontend).
+// view of the server (its caps for this frontend).
 type waitList struct {
 	head, tail *waitNode
 	n          int
@@ -112,11 +127,14 @@ func (l *waitList) remove(n *waitNode) {
 	l.n--
 }
 
-// errQueueFull, errClientShare and errQueueTimeout are the ways a wait ends
-// without a slot (besides the client leaving).
+// errQueueFull, errClientShare, errClassShare, errPushedOut and
+// errQueueTimeout are the ways a wait ends without a slot (besides the
+// client leaving).
 var (
 	errQueueFull    = errors.New("queue full")
 	errClientShare  = errors.New("client's share of the queue used up")
+	errClassShare   = errors.New("queue full and the class holds its share of it")
+	errPushedOut    = errors.New("pushed out of the full queue for a class under its share")
 	errQueueTimeout = errors.New("queue wait expired")
 )
 
@@ -126,6 +144,11 @@ var (
 func (q *queue) wakeAt(t time.Time) {
 	if q.wakeSet.CompareAndSwap(false, true) {
 		time.AfterFunc(time.Until(t), func() {
+			defer func() {
+				if rec := recover(); rec != nil {
+					q.h.logger.Error("panic in queue wake", zap.Any("panic", rec), zap.Stack("stack"))
+				}
+			}()
 			q.wakeSet.Store(false)
 			q.dispatchAll()
 		})
@@ -133,17 +156,29 @@ func (q *queue) wakeAt(t time.Time) {
 }
 
 // admits reports, before a request's body is read, whether it could wait
-// here if it has to: the queue has room, and so has the client's share.
-func (q *queue) admits(client string) error {
+// here if it has to: the queue has room (or the class may push out a
+// class over its share), and the client's share has room.
+func (q *queue) admits(client string, class queueClass) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	switch {
-	case q.all.n >= q.h.maxQueue:
-		return errQueueFull
-	case q.clients[client] >= q.h.maxQueuePerClient:
-		return errClientShare
+	_, err := q.roomLocked(client, class)
+	return err
+}
+
+// roomLocked decides whether a request of client and class may queue now:
+// nil, or the waiter it must push out first, or why not. q.mu must be held.
+func (q *queue) roomLocked(client string, class queueClass) (*waiter, error) {
+	var victim *waiter
+	if q.all.n >= q.h.maxQueue {
+		var err error
+		if victim, err = q.victimLocked(class); err != nil {
+			return nil, err
+		}
 	}
-	return nil
+	if q.clients[client] >= q.h.maxQueuePerClient {
+		return nil, errClientShare
+	}
+	return victim, nil
 }
 
 // wait takes a slot on one of w.cands, queueing behind the waiters that
@@ -159,13 +194,14 @@ func (q *queue) wait(ctx context.Context, w *waiter) (*backend, time.Duration, e
 		q.mu.Unlock()
 		return b, 0, nil
 	}
-	switch {
-	case q.all.n >= q.h.maxQueue:
+	victim, err := q.roomLocked(w.client, w.class)
+	if err != nil {
 		q.mu.Unlock()
-		return nil, 0, errQueueFull
-	case q.clients[w.client] >= q.h.maxQueuePerClient:
-		q.mu.Unlock()
-		return nil, 0, errClientShare
+		return nil, 0, err
+	}
+	if victim != nil {
+		q.removeLocked(victim)
+		victim.got <- nil // it answers 429; its place is ours
 	}
 	w.got = make(chan *backend, 1)
 	w.seq = queueSeq.Add(1)
@@ -186,6 +222,9 @@ func (q *queue) wait(ctx context.Context, w *waiter) (*backend, time.Duration, e
 	select {
 	case b := <-w.got:
 		q.noteWait(time.Since(start))
+		if b == nil {
+			return nil, time.Since(start), errPushedOut
+		}
 		return b, time.Since(start), nil
 	case <-ctx.Done():
 		return w.leave(start, ctx.Err())
@@ -197,18 +236,25 @@ func (q *queue) wait(ctx context.Context, w *waiter) (*backend, time.Duration, e
 // enqueueLocked links w into q's lists. q.mu must be held.
 func (q *queue) enqueueLocked(w *waiter) {
 	w.q.Store(q)
+	cs := q.joinClassLocked(w.class)
+	w.cls = cs
 	w.all = waitNode{w: w}
 	q.all.push(&w.all)
+	w.inCls = waitNode{w: w}
+	cs.all.push(&w.inCls)
 	if cap(w.nodes) < len(w.cands) {
 		w.nodes = make([]waitNode, len(w.cands))
 	}
 	w.nodes = w.nodes[:len(w.cands)]
 	for i, b := range w.cands {
 		w.nodes[i] = waitNode{w: w}
-		l := q.byServer[b.srv]
-		if l == nil { // not one of q's backends: cannot happen, but never strand
+		l := cs.byServer[b.srv]
+		if l == nil {
 			l = &waitList{b: b}
-			q.byServer[b.srv] = l
+			if qb := q.backendOf[b.srv]; qb != nil {
+				l.b = qb
+			}
+			cs.byServer[b.srv] = l
 		}
 		l.push(&w.nodes[i])
 		b.srv.queued.Add(1)
@@ -228,6 +274,10 @@ func (q *queue) removeLocked(w *waiter) {
 			l.remove(&w.nodes[i])
 			l.b.srv.queued.Add(-1)
 		}
+	}
+	w.cls.all.remove(&w.inCls)
+	if w.cls.all.n == 0 {
+		q.leaveClassLocked(w.cls)
 	}
 	if q.clients[w.client]--; q.clients[w.client] <= 0 {
 		delete(q.clients, w.client)
@@ -266,7 +316,9 @@ func (w *waiter) leave(start time.Time, why error) (*backend, time.Duration, err
 	q.mu.Unlock()
 	select {
 	case b := <-w.got:
-		b.srv.release()
+		if b != nil {
+			b.srv.release()
+		}
 	default:
 	}
 	q.leaveServersIfDone()
@@ -274,22 +326,38 @@ func (w *waiter) leave(start time.Time, why error) (*backend, time.Duration, err
 	return nil, time.Since(start), why
 }
 
-// dispatchFor hands the free slots of s to the waiters that can use it,
-// oldest first.
+// dispatchFor hands the free slots of s to the waiters that can use it:
+// each slot to the class owed it, within the class to the oldest.
 func (q *queue) dispatchFor(s *server) {
 	if q.waiting.Load() == 0 {
 		return
 	}
 	q.mu.Lock()
-	if l := q.byServer[s]; l != nil {
-		for n := l.head; n != nil && l.b.hasRoom(); {
-			next := n.next // w's removal unlinks n only from l
-			q.serveLocked(n.w)
-			n = next
+	if b := q.backendOf[s]; b != nil {
+		for b.hasRoom() && q.serveOneLocked(s) {
 		}
 	}
 	q.mu.Unlock()
 	q.leaveServersIfDone()
+}
+
+// serveOneLocked gives one slot of s to a waiter: the classes waiting for
+// s in the order they are owed it, each class's waiters oldest first,
+// until one takes a slot (the policy may prefer another of its servers,
+// or hold it back). It reports whether a waiter was served. q.mu must be
+// held.
+func (q *queue) serveOneLocked(s *server) bool {
+	var buf [8]*classState
+	for _, cs := range q.classesForLocked(s, buf[:0]) {
+		for n := cs.byServer[s].head; n != nil; {
+			next := n.next
+			if q.serveLocked(n.w, s) {
+				return true
+			}
+			n = next
+		}
+	}
+	return false
 }
 
 // dispatchAll tries every waiter, oldest first: after a policy's hold-back
@@ -301,28 +369,35 @@ func (q *queue) dispatchAll() {
 	q.mu.Lock()
 	for n := q.all.head; n != nil; {
 		next := n.next
-		q.serveLocked(n.w)
+		q.serveLocked(n.w, nil)
 		n = next
 	}
 	q.mu.Unlock()
 	q.leaveServersIfDone()
 }
 
-// serveLocked runs the policy for w over its candidates that have room and
-// no older waiter in this queue, and hands w the slot it takes, if any.
-// q.mu must be held.
-func (q *queue) serveLocked(w *waiter) bool {
+// serveLocked runs the policy for w over its candidates that have room,
+// where its class is owed the slot (always on owed, which the caller chose
+// w's class for) and no older waiter of its class waits, and hands w the
+// slot it takes, if any. q.mu must be held.
+func (q *queue) serveLocked(w *waiter, owed *server) bool {
 	var buf [16]*backend
 	avail := buf[:0]
 	for i, b := range w.cands {
-		if l := w.nodes[i].list; l != nil && l.head == &w.nodes[i] && b.hasRoom() {
-			avail = append(avail, b)
+		l := w.nodes[i].list
+		if l == nil || l.head != &w.nodes[i] || !b.hasRoom() {
+			continue
 		}
+		if b.srv != owed && len(q.live) > 1 && q.owedLocked(b.srv) != w.cls {
+			continue
+		}
+		avail = append(avail, b)
 	}
 	b := q.h.take(avail, w.model)
 	if b == nil {
 		return false
 	}
+	q.chargeLocked(w.cls)
 	q.removeLocked(w)
 	w.got <- b
 	return true
@@ -332,10 +407,13 @@ func (q *queue) serveLocked(w *waiter) bool {
 func (q *queue) waitingFor(s *server) int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if l := q.byServer[s]; l != nil {
-		return l.n
+	n := 0
+	for _, cs := range q.live {
+		if l := cs.byServer[s]; l != nil {
+			n += l.n
+		}
 	}
-	return 0
+	return n
 }
 
 // length is the number of waiting requests.
@@ -380,6 +458,9 @@ func (q *queue) enqueueLockedKeepSeq(w *waiter) {
 	q.enqueueLocked(w)
 	// Moves are rare (reloads) and lists short: walking back is fine.
 	for node := &w.all; node.prev != nil && node.prev.w.seq > w.seq; {
+		swapWithPrev(node)
+	}
+	for node := &w.inCls; node.prev != nil && node.prev.w.seq > w.seq; {
 		swapWithPrev(node)
 	}
 	for i := range w.nodes {
@@ -460,7 +541,7 @@ func (h *Handler) clientKey(r *http.Request) string {
 // newWaiter describes a request about to queue: avail are the candidates
 // it found, tried the backends earlier attempts used.
 func (h *Handler) newWaiter(r *http.Request, kind routeKind, model string, avail, tried []*backend) *waiter {
-	w := &waiter{model: model, kind: kind, labels: h.requestLabels(r), client: h.clientKey(r)}
+	w := &waiter{model: model, kind: kind, labels: h.requestLabels(r), client: h.clientKey(r), class: queueClassOf(r)}
 	for _, b := range tried {
 		w.tried = append(w.tried, b.srv)
 	}
@@ -475,8 +556,13 @@ func (h *Handler) newWaiter(r *http.Request, kind routeKind, model string, avail
 // Retry-After, in the API's format.
 func (h *Handler) failQueue(w http.ResponseWriter, api apiFormat, err error) error {
 	w.Header().Set("Retry-After", "1")
-	if errors.Is(err, errClientShare) {
+	switch {
+	case errors.Is(err, errClientShare):
 		return h.fail(w, api, http.StatusTooManyRequests, fmt.Sprintf("this client already has %d requests waiting for a backend slot (max_queue_per_client); retry when one has finished", h.maxQueuePerClient))
+	case errors.Is(err, errClassShare):
+		return h.fail(w, api, http.StatusTooManyRequests, fmt.Sprintf("every backend is at its limit and the queue is full (max_queue %d); this tenant already holds its share of the queue, retry when one of its requests has finished", h.maxQueue))
+	case errors.Is(err, errPushedOut):
+		return h.fail(w, api, http.StatusTooManyRequests, fmt.Sprintf("the queue filled up (max_queue %d) while this tenant held more than its share of it: this request gave its place to another tenant's; retry shortly", h.maxQueue))
 	}
 	return h.fail(w, api, http.StatusTooManyRequests, fmt.Sprintf("every backend is at its max_parallel limit and the queue is full (max_queue %d); retry shortly", h.maxQueue))
 }
@@ -494,5 +580,5 @@ func (h *Handler) admitQueue(r *http.Request, kind routeKind, cands []*backend) 
 			return nil
 		}
 	}
-	return h.queue.admits(h.clientKey(r))
+	return h.queue.admits(h.clientKey(r), queueClassOf(r))
 }
