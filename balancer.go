@@ -21,6 +21,8 @@ import (
 type backend struct {
 	cfg        *Backend
 	base       *url.URL
+	pos        int    // index in the frontend's backends, for the model index
+	idHash     uint64 // the server's half of its rendezvous hash
 	srv        *server
 	labels     map[string]struct{}
 	allowEmbed bool
@@ -41,6 +43,7 @@ func newBackendView(cfg *Backend, base *url.URL) *backend {
 		allowCompl: cfg.AllowCompletions == nil || *cfg.AllowCompletions,
 		header:     make(http.Header),
 		query:      strings.TrimPrefix(cfg.Query, "?"),
+		idHash:     mix64(fnv64(base.String())),
 	}
 	for _, l := range normalizeLabels(cfg.Labels) {
 		b.labels[l] = struct{}{}
@@ -110,6 +113,12 @@ func (b *backend) hasRoom() bool {
 	return b.cfg.MaxParallel <= 0 || b.srv.inFlight.Load() < int64(b.cfg.MaxParallel)
 }
 
+// free reports whether a request that is not queued may take a slot on
+// the backend now: it has room, and no queued request waits for it.
+func (b *backend) free() bool {
+	return b.hasRoom() && b.srv.queued.Load() == 0
+}
+
 // noCandidate explains why a request found no backend; the handler turns it
 // into a 503 naming what is missing.
 type noCandidate struct{ msg string }
@@ -118,26 +127,22 @@ type noCandidate struct{ msg string }
 // a request of kind requiring labels. Filters run from the static to the
 // live, so the explanation names the first requirement nobody meets.
 func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCandidate) {
-	var out []*backend
 	var enabled, typed, labelled int
-	for _, b := range h.backends {
+	out := filterBackends(h.backends, func(b *backend) bool {
 		if b.cfg.Disabled || b.srv.draining.Load() {
-			continue
+			return false
 		}
 		enabled++
 		if !b.allows(kind) {
-			continue
+			return false
 		}
 		typed++
 		if !b.carries(labels) {
-			continue
+			return false
 		}
 		labelled++
-		if !b.srv.healthy() {
-			continue
-		}
-		out = append(out, b)
-	}
+		return b.srv.healthy()
+	})
 	if len(out) > 0 {
 		return out, nil
 	}
@@ -180,14 +185,7 @@ func policyNames() string {
 // is at its cap. A server with queued requests is left to them (the queue
 // hands its next free slot to the oldest), so a newcomer never overtakes.
 func (h *Handler) acquire(cands []*backend, model string) *backend {
-	var buf [16]*backend
-	avail := buf[:0]
-	for _, b := range cands {
-		if b.hasRoom() && b.srv.queued.Load() == 0 {
-			avail = append(avail, b)
-		}
-	}
-	return h.take(avail, model)
+	return h.take(filterBackends(cands, (*backend).free), model)
 }
 
 // take runs the policy over avail (backends with room) and takes a slot on
@@ -255,7 +253,7 @@ func without(list []*backend, drop *backend) []*backend {
 func pickLeastConn(h *Handler, avail []*backend, model string) *backend {
 	avail = leastFailing(avail)
 	if model != "" {
-		if warm := loadedOn(avail, model); len(warm) > 0 {
+		if warm := h.loadedOn(avail, model); len(warm) > 0 {
 			avail = warm
 		}
 	}
@@ -311,16 +309,6 @@ func leastFailing(list []*backend) []*backend {
 	}
 	if len(out) == 0 { // the streaks moved under us
 		return list
-	}
-	return out
-}
-
-func loadedOn(list []*backend, model string) []*backend {
-	var out []*backend
-	for _, b := range list {
-		if b.srv.models.Load().isLoaded(model) {
-			out = append(out, b)
-		}
 	}
 	return out
 }
@@ -394,12 +382,17 @@ func (h *Handler) stickyKey(r *http.Request) string {
 // for key. Every Caddy instance with the same config computes the same
 // answer without sharing state, and removing a backend moves only the keys
 // it held: every other key's top score is unchanged.
+//
+// The server's half of the hash is computed once per backend view, so a
+// pick costs one mix and one logarithm per candidate, not a hash of the
+// server's URL.
 func rendezvous(list []*backend, key string) *backend {
 	var best *backend
 	bestScore := math.Inf(-1)
+	hk := fnv64(key)
 	for _, b := range list {
 		// Weighted rendezvous: -weight / ln(u), u uniform in (0,1).
-		u := (float64(mix64(fnv64(key, b.base.String()))) + 0.5) / (1 << 64)
+		u := (float64(mix64(hk^b.idHash)) + 0.5) / (1 << 64)
 		score := -float64(b.weight()) / math.Log(u)
 		if score > bestScore {
 			best, bestScore = b, score
@@ -408,16 +401,12 @@ func rendezvous(list []*backend, key string) *backend {
 	return best
 }
 
-// fnv64 hashes key and id with FNV-1a, a separator between them.
-func fnv64(key, id string) uint64 {
+// fnv64 hashes s with FNV-1a.
+func fnv64(s string) uint64 {
 	const offset, prime = 14695981039346656037, 1099511628211
 	h := uint64(offset)
-	for i := 0; i < len(key); i++ {
-		h = (h ^ uint64(key[i])) * prime
-	}
-	h = (h ^ 0xff) * prime
-	for i := 0; i < len(id); i++ {
-		h = (h ^ uint64(id[i])) * prime
+	for i := 0; i < len(s); i++ {
+		h = (h ^ uint64(s[i])) * prime
 	}
 	return h
 }

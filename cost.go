@@ -143,7 +143,7 @@ func pickLeastDelay(h *Handler, avail []*backend, model string) *backend {
 	var ties, unobserved []*backend
 	best := math.Inf(1)
 	for _, b := range avail {
-		d, ok := b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, coldFor(b, model))
+		d, ok := b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, h.coldFor(b, model))
 		if !ok {
 			unobserved = append(unobserved, b)
 			continue
@@ -169,7 +169,7 @@ func pickLeastDelay(h *Handler, avail []*backend, model string) *backend {
 			}
 			continue
 		}
-		if coldFor(b, model) && b.srv.speed.coldCost() >= best {
+		if h.coldFor(b, model) && b.srv.speed.coldCost() >= best {
 			continue
 		}
 		explore = append(explore, b)
@@ -196,6 +196,6 @@ func pickLeastDelay(h *Handler, avail []*backend, model string) *backend {
 }
 
 // coldFor reports whether model is known not to be loaded on b.
-func coldFor(b *backend, model string) bool {
-	return model != "" && !b.srv.models.Load().isLoaded(model)
+func (h *Handler) coldFor(b *backend, model string) bool {
+	return model != "" && !h.isLoaded(b, model)
 }

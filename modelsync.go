@@ -236,6 +236,9 @@ func (s *server) readModels() error {
 	if !old.known || !sameKeys(old.present, snap.present) {
 		modelListsChanged()
 	}
+	if !sameKeys(old.loaded, snap.loaded) {
+		loadedGeneration.Add(1) // the frontends' model indexes (modelindex.go)
+	}
 	return nil
 }
 
@@ -301,7 +304,11 @@ func (s *server) editModels(edit func(cur *modelSnapshot) *modelSnapshot) {
 	for {
 		cur := s.models.Load()
 		next := edit(cur)
-		if next == nil || s.models.CompareAndSwap(cur, next) {
+		if next == nil {
+			return
+		}
+		if s.models.CompareAndSwap(cur, next) {
+			loadedGeneration.Add(1) // edits change what is loaded (markLoaded)
 			return
 		}
 	}
@@ -374,7 +381,7 @@ func (h *Handler) routeModel(ctx context.Context, cands []*backend, model string
 	// gets to ask only later (a busy machine): a read that ended while it
 	// waited for the CPU answers for it.
 	since := time.Now().Add(-minRefreshGap)
-	if have := withModel(cands, model); len(have) > 0 {
+	if have := h.withModel(cands, model); len(have) > 0 {
 		return have, 0, ""
 	}
 	notFound := fmt.Sprintf("model %q not found on any backend of this frontend; pull it first", model)
@@ -384,7 +391,7 @@ func (h *Handler) routeModel(ctx context.Context, cands []*backend, model string
 	}
 	gen := missGeneration.Load() // before the refresh: a change during it invalidates
 	refreshAllSince(ctx, cands, since, false)
-	if have := withModel(cands, model); len(have) > 0 {
+	if have := h.withModel(cands, model); len(have) > 0 {
 		return have, 0, ""
 	}
 	for _, b := range cands {
@@ -401,16 +408,6 @@ func (h *Handler) routeModel(ctx context.Context, cands []*backend, model string
 		h.misses.add(key, gen)
 	}
 	return nil, http.StatusNotFound, notFound
-}
-
-func withModel(cands []*backend, model string) []*backend {
-	var out []*backend
-	for _, b := range cands {
-		if has, known := b.srv.models.Load().has(model); has || !known {
-			out = append(out, b)
-		}
-	}
-	return out
 }
 
 // refreshAll makes sure the servers' lists were read no longer than maxAge

@@ -19,6 +19,7 @@
 //	bodymem.go     the process-wide budget for request bodies in memory (max_body_memory), reading bodies against it
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
 //	modelsync.go   model names, discovery of each server's lists, model routing, the miss cache
+//	modelindex.go  per frontend and model, which backends may have it: a bitset per model list generation
 //	pulls.go       required_models: pulls onto each server that lacks them, backoff, stalled pulls
 //	management.go  aggregated model lists and management fanned out to every backend
 //	body.go        one reading of a request body, the way Ollama reads it (model, name, stream)
@@ -45,6 +46,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -233,7 +235,8 @@ type Handler struct {
 	backends    []*backend
 	provisioned time.Time
 	queue       *queue
-	misses      missCache // models recently found nowhere
+	misses      missCache                  // models recently found nowhere
+	index       atomic.Pointer[modelIndex] // which backends may have each model (modelindex.go)
 	events      *caddyevents.App
 	maxQueue    int
 	// maxQueuePerClient is MaxQueuePerClient with its default applied.
@@ -424,7 +427,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("backend %q: same server as backend %q (%s)", bc.Name, other, key)
 		}
 		keys[key] = bc.Name
-		h.backends = append(h.backends, newBackendView(bc, base))
+		view := newBackendView(bc, base)
+		view.pos = len(h.backends)
+		h.backends = append(h.backends, view)
 	}
 
 	// Health transitions are Caddy events; the events app is loaded even
