@@ -465,7 +465,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.provisioned = time.Now()
 	h.stats = acquireFrontendStats(h.Name)
 	startHistory()
-	registerFrontend(h)
 	bodyMemory.register(h, h.maxBodyMemory)
 	h.queue = newQueue(h)
 	for _, b := range h.backends {
@@ -474,6 +473,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			b.srv.setRequired(h, required)
 		}
 	}
+	// Last: the history sampler reads registered frontends (their queue)
+	// from its own goroutine.
+	registerFrontend(h)
 	return nil
 }
 
