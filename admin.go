@@ -202,26 +202,31 @@ func serverByName(name, frontend string) (*server, error) {
 // backendJSON is a server's live state as the admin API shows it. It never
 // carries a secret: no token, header value or query string.
 type backendJSON struct {
-	URL          string                  `json:"url"`
-	Names        []string                `json:"names"`
-	Frontends    []frontendRefJSON       `json:"frontends"`
-	State        string                  `json:"state"`
-	Since        time.Time               `json:"since"`
-	LastProbe    time.Time               `json:"last_probe,omitzero"`
-	LastError    string                  `json:"last_error,omitempty"`
-	FailStreak   int32                   `json:"fail_streak"`
-	InFlight     int64                   `json:"in_flight"`
-	Queued       int                     `json:"queued"`
-	Draining     bool                    `json:"draining"`
-	Idle         bool                    `json:"idle"`
-	Models       []string                `json:"models"`
-	LoadedModels []string                `json:"loaded_models"`
-	ModelsAt     time.Time               `json:"models_refreshed,omitzero"`
-	Pulls        []pullState             `json:"pulls"`
-	Speed        *speedJSON              `json:"speed,omitempty"`
-	Labels       []string                `json:"labels"`
-	Caps         map[string]int          `json:"max_parallel"`
-	Credentials  map[string]credentialsJ `json:"credentials,omitempty"`
+	URL          string            `json:"url"`
+	Names        []string          `json:"names"`
+	Frontends    []frontendRefJSON `json:"frontends"`
+	State        string            `json:"state"`
+	Since        time.Time         `json:"since"`
+	LastProbe    time.Time         `json:"last_probe,omitzero"`
+	LastError    string            `json:"last_error,omitempty"`
+	FailStreak   int32             `json:"fail_streak"`
+	InFlight     int64             `json:"in_flight"`
+	Queued       int               `json:"queued"`
+	Draining     bool              `json:"draining"`
+	Idle         bool              `json:"idle"`
+	Models       []string          `json:"models"`
+	LoadedModels []string          `json:"loaded_models"`
+	ModelsAt     time.Time         `json:"models_refreshed,omitzero"`
+	Pulls        []pullState       `json:"pulls"`
+	Speed        *speedJSON        `json:"speed,omitempty"`
+	Labels       []string          `json:"labels"`
+	Caps         map[string]int    `json:"max_parallel"`
+	// Per frontend that limits the server, its requests_per_minute, and
+	// the requests started on the server in the last minute (counted once
+	// some frontend limits it).
+	RateLimits    map[string]int          `json:"requests_per_minute,omitempty"`
+	StartedRecent *int                    `json:"requests_last_minute,omitempty"`
+	Credentials   map[string]credentialsJ `json:"credentials,omitempty"`
 }
 
 type frontendRefJSON struct {
@@ -312,6 +317,14 @@ func backendStatus(s *server, views []view) backendJSON {
 			}
 		}
 		out.Caps[v.h.Name] = v.b.cfg.MaxParallel
+		if rpm := v.b.cfg.RequestsPerMinute; rpm > 0 {
+			if out.RateLimits == nil {
+				out.RateLimits = map[string]int{}
+				n := s.rate.startedSince(s.clock().Now().Add(-rateSpan).UnixNano())
+				out.StartedRecent = &n
+			}
+			out.RateLimits[v.h.Name] = rpm
+		}
 		if v.h.queue != nil && !queued[v.h.queue] {
 			queued[v.h.queue] = true
 			out.Queued += v.h.queue.waitingFor(s)

@@ -36,6 +36,15 @@ type Backend struct {
 	// frontend, counted on the server's shared state. 0 means no cap.
 	MaxParallel int `json:"max_parallel,omitempty"`
 
+	// RequestsPerMinute caps the inference requests started on this server
+	// in any 60-second window, counted on the server's shared state (every
+	// frontend's requests count, and the count survives reloads), against
+	// this frontend's limit. A server at its rate is skipped like one at its
+	// max_parallel; when every candidate is, requests wait in the queue and
+	// are handed a slot when the window admits again. 0 means no limit; at
+	// most 100000.
+	RequestsPerMinute int `json:"requests_per_minute,omitempty"`
+
 	// Weight biases round_robin, random, sticky hashing, least_delay and
 	// least_conn ties; at most 1000000. Default: 1.
 	Weight int `json:"weight,omitempty"`
@@ -159,12 +168,13 @@ func (b *Backend) provision() error {
 		return err
 	}
 	for opt, n := range map[string]int{
-		"max_parallel":     b.MaxParallel,
-		"weight":           b.Weight,
-		"health_passes":    b.HealthPasses,
-		"health_fails":     b.HealthFails,
-		"fail_threshold":   b.FailThreshold,
-		"pull_concurrency": b.PullConcurrency,
+		"max_parallel":        b.MaxParallel,
+		"requests_per_minute": b.RequestsPerMinute,
+		"weight":              b.Weight,
+		"health_passes":       b.HealthPasses,
+		"health_fails":        b.HealthFails,
+		"fail_threshold":      b.FailThreshold,
+		"pull_concurrency":    b.PullConcurrency,
 	} {
 		if n < 0 {
 			return fmt.Errorf("%s: must not be negative, got %d", opt, n)
@@ -178,6 +188,9 @@ func (b *Backend) provision() error {
 		if d < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", opt, time.Duration(d))
 		}
+	}
+	if b.RequestsPerMinute > maxRequestsPerMinute {
+		return fmt.Errorf("requests_per_minute: at most %d, got %d", maxRequestsPerMinute, b.RequestsPerMinute)
 	}
 	if b.Weight == 0 {
 		b.Weight = 1
@@ -344,6 +357,7 @@ func parseBackendSegment(d *caddyfile.Dispenser, names map[string]bool) (*Backen
 //	backend <name> <url> {
 //		labels            <label...>
 //		max_parallel      <count>
+//		requests_per_minute <count>
 //		weight            <weight>
 //		allow_embeddings  [true|false]
 //		allow_completions [true|false]
@@ -370,7 +384,8 @@ func parseBackendSegment(d *caddyfile.Dispenser, names map[string]bool) (*Backen
 //
 // The url is host[:port] (http and port 11434 implied) or a full http or
 // https URL. labels and header may repeat; every other option may be given
-// once. max_parallel 0 means no cap; the other counts must be at least 1.
+// once. max_parallel and requests_per_minute 0 mean no limit; the other
+// counts must be at least 1.
 func (b *Backend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume "backend"
 	if !d.Args(&b.Name, &b.URL) {
@@ -410,6 +425,8 @@ func (b *Backend) unmarshalOption(d *caddyfile.Dispenser, opt string) error {
 		b.Labels = append(b.Labels, labels...)
 	case "max_parallel":
 		b.MaxParallel, err = parseInt(d, 0)
+	case "requests_per_minute":
+		b.RequestsPerMinute, err = parseInt(d, 0)
 	case "weight":
 		b.Weight, err = parseInt(d, 1)
 	case "allow_embeddings":

@@ -104,13 +104,22 @@ func (b *backend) carries(want []string) bool {
 }
 
 // hasRoom reports whether the backend may take a request now: below its
-// max_parallel cap, and still healthy and not draining (a queued request
-// chose its candidates a while ago).
+// max_parallel cap and its requests_per_minute, and still healthy and not
+// draining (a queued request chose its candidates a while ago).
 func (b *backend) hasRoom() bool {
 	if b.srv.draining.Load() || !b.srv.healthy() {
 		return false
 	}
-	return b.cfg.MaxParallel <= 0 || b.srv.inFlight.Load() < int64(b.cfg.MaxParallel)
+	if b.cfg.MaxParallel > 0 && b.srv.inFlight.Load() >= int64(b.cfg.MaxParallel) {
+		return false
+	}
+	return b.srv.rateAdmits(b.cfg.RequestsPerMinute)
+}
+
+// tryAcquire takes a slot on the backend's server within this frontend's
+// max_parallel and requests_per_minute.
+func (b *backend) tryAcquire() bool {
+	return b.srv.tryAcquire(b.cfg.MaxParallel, b.cfg.RequestsPerMinute)
 }
 
 // free reports whether a request that is not queued may take a slot on
@@ -198,7 +207,7 @@ func (h *Handler) take(avail []*backend, model string) *backend {
 		if b == nil {
 			return nil // the policy holds the request back: it waits in the queue
 		}
-		if b.srv.tryAcquire(b.cfg.MaxParallel) {
+		if b.tryAcquire() {
 			return b
 		}
 		avail = without(avail, b)
@@ -435,7 +444,7 @@ func (h *Handler) acquireSticky(avail []*backend, key, model string) (*backend, 
 	if key == "" {
 		return h.acquire(avail, model), stickyNone
 	}
-	if b := rendezvous(avail, key); b.hasRoom() && b.srv.queued.Load() == 0 && b.srv.tryAcquire(b.cfg.MaxParallel) {
+	if b := rendezvous(avail, key); b.hasRoom() && b.srv.queued.Load() == 0 && b.tryAcquire() {
 		return b, stickyHit
 	}
 	return h.acquire(avail, model), stickyOverflow

@@ -108,6 +108,10 @@ type server struct {
 	queues   map[*queue]struct{}
 	queued   atomic.Int64
 
+	// requests_per_minute (rate.go), and the clock it reads (nil: real).
+	rate rateWindow
+	clk  clock
+
 	// Models (modelsync.go): the latest lists, replaced whole on refresh.
 	models      atomic.Pointer[modelSnapshot]
 	refreshMu   sync.Mutex   // guards the two below
@@ -208,6 +212,7 @@ func (s *server) goSafe(what string, fn func()) {
 // handler using the server is cleaned up.
 func (s *server) Destruct() error {
 	s.cancel()
+	s.stopRateWake()
 	s.wg.Wait()
 	s.transport.CloseIdleConnections()
 	return nil
@@ -470,10 +475,9 @@ func (s *server) setDraining(on bool) {
 	s.logger().Info(msg, zap.Int64("in_flight", s.inFlight.Load()))
 }
 
-// tryAcquire takes a request slot if the server has fewer than limit in
-// flight (limit 0: no cap). The count lives on the shared server, so it
-// spans every handler and survives reloads.
-func (s *server) tryAcquire(limit int) bool {
+// takeSlot takes a request slot if the server has fewer than limit in
+// flight (limit 0: no cap); see tryAcquire (rate.go).
+func (s *server) takeSlot(limit int) bool {
 	if limit <= 0 {
 		s.inFlight.Add(1)
 		return true

@@ -17,6 +17,7 @@
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
 //	bodymem.go     the process-wide budget for request bodies in memory (max_body_memory), reading bodies against it
+//	rate.go        a backend's requests_per_minute: the server's sliding window of request starts, waking its queues
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
 //	modelsync.go   model names, discovery of each server's lists, model routing, the miss cache
 //	modelindex.go  per frontend and model, which backends may have it: a bitset per model list generation
