@@ -92,6 +92,11 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 		return writeAdminJSON(w, frontendStatuses())
+	case path == "/usage":
+		if err := allowMethods(r, http.MethodGet); err != nil {
+			return err
+		}
+		return writeAdminJSON(w, usageStatus())
 	case path == "/history":
 		if err := allowMethods(r, http.MethodGet); err != nil {
 			return err

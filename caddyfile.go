@@ -78,6 +78,9 @@ var (
 //			client_ip
 //		}
 //		cors_origins           <origin...> | off
+//		tenants {
+//			# see Tenants.UnmarshalCaddyfile
+//		}
 //
 //		backend <name> <url> [{
 //			# see Backend.UnmarshalCaddyfile
@@ -179,6 +182,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err == nil {
 				err = checkCORSOrigins(d, h.CORSOrigins, origins)
 			}
+		case "tenants":
+			h.Tenants = new(Tenants)
+			err = h.Tenants.UnmarshalCaddyfile(caddyfile.NewDispenser(d.NextSegment()))
 		case "backend":
 			var b *Backend
 			b, err = parseBackendSegment(d, backendNames)

@@ -190,11 +190,15 @@ func (c *corsPolicy) allows(origin string) bool {
 }
 
 // corsRequestHeaders are the frontend's own request headers a page may
-// send besides Ollama's: the label header and the sticky session headers.
+// send besides Ollama's: the label header, the sticky session headers and
+// the headers that carry tenants' keys.
 func (h *Handler) corsRequestHeaders() []string {
 	hdrs := []string{h.labelHeader}
 	if h.Sticky != nil {
 		hdrs = append(hdrs, h.Sticky.Headers...)
+	}
+	if h.Tenants != nil {
+		hdrs = append(hdrs, h.Tenants.keyHeaders()...)
 	}
 	return hdrs
 }

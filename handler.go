@@ -31,6 +31,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		h.stats.inFlight.Add(1)
 		defer h.stats.inFlight.Add(-1)
 	}
+	// Deferred: a tenant's max_parallel place must be given back even if
+	// serving panics.
+	defer h.finishTenant(sw, &info)
 	err := h.serve(sw, r, &info)
 	h.countRequest(sw, info.kind, info.model)
 	h.annotateSpan(r, sw.status, &info)
@@ -57,6 +60,16 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 		w.Header().Set("Allow", rt.methods)
 		return h.fail(w, api, http.StatusMethodNotAllowed, fmt.Sprintf("method %s is not allowed on %s; use %s", r.Method, r.URL.Path, rt.methods))
 	}
+	// The tenant, found once and before the body is read: 401 without
+	// one, 429 over its limits (tenants.go, tenantusage.go).
+	var tenant *Tenant
+	if h.Tenants != nil {
+		var ok bool
+		if tenant, ok = h.admitTenant(w, r, api, info); !ok {
+			return nil
+		}
+		r = r.WithContext(context.WithValue(r.Context(), tenantKey{}, tenant))
+	}
 
 	switch rt.kind {
 	case kindRoot:
@@ -75,15 +88,24 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 		if !h.allowCompl {
 			return h.fail(w, api, http.StatusForbidden, "completion requests are not allowed on this frontend")
 		}
+		if !tenant.allows(rt.kind) {
+			return h.rejectTenant(w, api, info, rejectRequestType, fmt.Sprintf("completion requests are not allowed for tenant %q", tenant.Name))
+		}
 	case kindEmbedding:
 		if !h.allowEmbed {
 			return h.fail(w, api, http.StatusForbidden, "embedding requests are not allowed on this frontend")
+		}
+		if !tenant.allows(rt.kind) {
+			return h.rejectTenant(w, api, info, rejectRequestType, fmt.Sprintf("embedding requests are not allowed for tenant %q", tenant.Name))
 		}
 	}
 
 	// Admission: everything that does not need the body is decided before
 	// it is read, so a request that cannot be served costs no memory.
 	labels := h.requestLabels(r)
+	if tenant != nil && len(tenant.labels) > 0 {
+		labels = normalizeLabels(append(append([]string(nil), labels...), tenant.labels...))
+	}
 	cands, why := h.candidates(rt.kind, labels)
 	if why != nil {
 		w.Header().Set("Retry-After", "5")
@@ -113,15 +135,19 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 			}
 			return h.fail(w, api, status, err.Error())
 		}
-		// Frontend pins go in before routing, so a pinned model routes.
-		p := h.pinsFor(rt.kind, vocabOf(r.URL.Path))
-		if body, err = h.frontendPinned(r, lease, p, body); err != nil {
-			if errors.Is(err, errBodyMemory) {
-				return h.failBodyMemory(w, api)
+		// The tenant's pins, then the frontend's (which win) go in before
+		// routing, so a pinned model routes.
+		v := vocabOf(r.URL.Path)
+		tp, p := tenant.pinsFor(rt.kind, v), h.pinsFor(rt.kind, v)
+		for _, pin := range []*pins{tp, p} {
+			if body, err = h.frontendPinned(r, lease, pin, body); err != nil {
+				if errors.Is(err, errBodyMemory) {
+					return h.failBodyMemory(w, api)
+				}
+				return h.fail(w, api, http.StatusBadRequest, err.Error())
 			}
-			return h.fail(w, api, http.StatusBadRequest, err.Error())
 		}
-		validated = !p.empty()
+		validated = !p.empty() || !tp.empty()
 	}
 	read := body
 	model, body, err := requestModel(rt.model, api, r.URL.Path, body, validated)
@@ -139,6 +165,9 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 		if _, ok := h.models[model]; !ok {
 			return h.fail(w, api, http.StatusForbidden, fmt.Sprintf("model %q is not allowed on this frontend", model))
 		}
+	}
+	if model != "" && !tenant.modelAllowed(model) {
+		return h.rejectTenant(w, api, info, rejectModel, fmt.Sprintf("model %q is not allowed for tenant %q", model, tenant.Name))
 	}
 
 	switch {

@@ -67,15 +67,16 @@ type modelEntry struct {
 
 // unionModels refreshes the candidates' lists (at most once a second per
 // server) and merges them: each model once, taken from the first backend in
-// config order that has it, limited to the frontend's allow-list, newest
+// config order that has it, limited to the frontend's and the tenant's allow-lists, newest
 // first like Ollama's own list.
 func (h *Handler) unionModels(ctx context.Context, cands []*backend) []modelEntry {
+	t := tenantOf(ctx)
 	refreshAll(ctx, cands, minRefreshGap)
 	seen := make(map[string]bool)
 	var out []modelEntry
 	for _, b := range cands {
 		for key, raw := range b.srv.models.Load().present {
-			if seen[key] || !h.modelAllowed(key) {
+			if seen[key] || !h.modelAllowed(key) || !t.modelAllowed(key) {
 				continue
 			}
 			seen[key] = true
@@ -163,7 +164,7 @@ func (h *Handler) servePS(w http.ResponseWriter, r *http.Request, cands []*backe
 				name = m.Get("model").String()
 			}
 			key := normalizeModel(name)
-			if !snap.isLoaded(key) || !h.modelAllowed(key) {
+			if !snap.isLoaded(key) || !h.modelAllowed(key) || !tenantOf(r.Context()).modelAllowed(key) {
 				continue // unloaded since (a request found it missing), or not for this frontend
 			}
 			tagged, err := sjson.SetBytes(raw, "backend", b.cfg.Name)

@@ -26,7 +26,10 @@ var metrics = struct {
 	pulls     *prometheus.CounterVec
 	// responsesCut counts responses ended after their first byte, by reason.
 	responsesCut *prometheus.CounterVec
-	liveState    prometheus.Collector
+	// Per tenant: names come from the config, so cardinality is bounded.
+	tenantRequests *prometheus.CounterVec
+	tenantTokens   *prometheus.CounterVec
+	liveState      prometheus.Collector
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "ollamaflow", Name: "requests_total",
@@ -62,6 +65,14 @@ var metrics = struct {
 		Namespace: "ollamaflow", Name: "responses_cut_total",
 		Help: "Responses ended after their first byte: backend_failed (connection broke), stream_idle_timeout, response_timeout (the client got an error in the stream, or an aborted body) and client_write_timeout (the client stopped reading).",
 	}, []string{"frontend", "backend", "reason"}),
+	tenantRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "ollamaflow", Name: "tenant_requests_total",
+		Help: "Requests of each tenant, by status code (429 for its limits, 403 for its policy).",
+	}, []string{"frontend", "tenant", "code"}),
+	tenantTokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "ollamaflow", Name: "tenant_tokens_total",
+		Help: "Tokens of each tenant's answers, from Ollama's final counts or OpenAI usage; direction is prompt or completion.",
+	}, []string{"frontend", "tenant", "model", "direction"}),
 	liveState: liveStateCollector{},
 }
 
@@ -73,7 +84,8 @@ func registerMetrics(reg *prometheus.Registry) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{metrics.requests, metrics.retries, metrics.firstByte,
-		metrics.tokens, metrics.coldLoads, metrics.queueWait, metrics.pulls, metrics.responsesCut, metrics.liveState} {
+		metrics.tokens, metrics.coldLoads, metrics.queueWait, metrics.pulls, metrics.responsesCut,
+		metrics.tenantRequests, metrics.tenantTokens, metrics.liveState} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

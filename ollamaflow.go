@@ -33,6 +33,8 @@
 //	metrics.go     Prometheus collectors in Caddy's registry
 //	history.go     the sampled 15-minute history of GET /ollamaflow/history
 //	trace.go       the {http.ollamaflow.*} placeholders, attributes of the request's tracing span
+//	tenants.go     tenants: config and Caddyfile block, keys and identity, per-tenant policy
+//	tenantusage.go tenants' limits (GCRA buckets, max_parallel), x-ratelimit-* headers, usage counts
 //
 // Config is immutable after Provision. Live server state lives in a
 // package-level caddy.UsagePool keyed by the normalised URL, so every handler
@@ -230,6 +232,11 @@ type Handler struct {
 	// tauri://*, vscode-webview://*, vscode-file://*).
 	CORSOrigins []string `json:"cors_origins,omitempty"`
 
+	// Tenants, if set, turns tenancy on: every request must name one of
+	// these tenants by API key or identity (401 otherwise), and each
+	// tenant's policy and limits apply to its requests. Off by default.
+	Tenants *Tenants `json:"tenants,omitempty"`
+
 	// Backends are the Ollama servers this frontend proxies to.
 	Backends []*Backend `json:"backends,omitempty"`
 
@@ -258,7 +265,9 @@ type Handler struct {
 	labelHeader       string
 	pinCompl          pinTrees
 	pinEmbed          pinTrees
-	cors              *corsPolicy // nil: CORS off
+	cors              *corsPolicy  // nil: CORS off
+	tenantsState      *tenantState // the frontend's own tenancy counts (unauthorized)
+	tenantKeys        []string     // tenantPool keys this handler holds
 }
 
 // StickyConfig says how a request's session key is found.
@@ -384,6 +393,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			h.models[normalizeModel(m)] = struct{}{}
 		}
 	}
+	if h.Tenants != nil {
+		if err := h.Tenants.provision(h); err != nil {
+			return err
+		}
+	}
 	if h.Sticky != nil && len(h.Sticky.Headers) == 0 && !h.Sticky.ClientIP {
 		return errors.New("sticky: name at least one header, or client_ip")
 	}
@@ -465,6 +479,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.provisioned = time.Now()
 	h.stats = acquireFrontendStats(h.Name)
+	h.acquireTenants()
 	startHistory()
 	bodyMemory.register(h, h.maxBodyMemory)
 	h.queue = newQueue(h)
@@ -517,7 +532,7 @@ func (h *Handler) Cleanup() error {
 		h.queue.close()
 	}
 	h.releaseServers()
-
+	h.releaseTenants()
 	return nil
 }
 

@@ -169,6 +169,8 @@ func openAIErrorKind(status int) (typ string, code any) {
 	switch status {
 	case http.StatusBadRequest, http.StatusMethodNotAllowed:
 		return "invalid_request_error", nil
+	case http.StatusUnauthorized:
+		return "invalid_request_error", "invalid_api_key"
 	case http.StatusForbidden:
 		return "permission_error", "forbidden"
 	case http.StatusNotFound:

@@ -18,6 +18,8 @@ type requestInfo struct {
 	backend  string        // the backend of the last attempt
 	attempts int           // attempts made on backends
 	sticky   string        // X-OllamaFlow-Sticky's value, when sticky is on
+	tenant   *Tenant       // the tenant the request named (nil: tenancy off, or none)
+	admitted bool          // the tenant's limits let it in: it holds a max_parallel place
 	ttfb     time.Duration // time to the backend's response headers, last attempt
 	// Token counts from the answer's final counts; -1 when unknown.
 	inputTokens, outputTokens int64
@@ -28,6 +30,7 @@ type requestInfo struct {
 const (
 	placeholderBackend = "http.ollamaflow.backend"
 	placeholderModel   = "http.ollamaflow.model"
+	placeholderTenant  = "http.ollamaflow.tenant"
 )
 
 // setPlaceholder sets a placeholder in the request's replacer, the one
@@ -69,6 +72,9 @@ func (h *Handler) annotateSpan(r *http.Request, status int, info *requestInfo) {
 			attribute.Int("ollamaflow.retries", info.attempts-1),
 			attribute.Float64("ollamaflow.time_to_first_byte_ms", float64(info.ttfb.Microseconds())/1000),
 		)
+	}
+	if info.tenant != nil {
+		attrs = append(attrs, attribute.String("ollamaflow.tenant", info.tenant.Name))
 	}
 	if info.sticky != "" {
 		attrs = append(attrs, attribute.String("ollamaflow.sticky", info.sticky))
