@@ -69,6 +69,8 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, info *requestInf
 			return nil
 		}
 		r = r.WithContext(context.WithValue(r.Context(), tenantKey{}, tenant))
+		// Its queued requests are scheduled by its share and priority.
+		r = withQueueClass(r, queueClass{name: tenant.Name, share: tenant.share, priority: tenant.Priority})
 	}
 
 	switch rt.kind {
