@@ -25,6 +25,13 @@
 // Tokens × TokenGap. A fast and a slow box: Config{Parallel: 4, FirstByteDelay: 100 * time.Millisecond}
 // and Config{Parallel: 1, FirstByteDelay: 400 * time.Millisecond}.
 //
+// Prompt cache, like Ollama's runner: each parallel slot of a loaded model keeps the tokens of
+// its last prompt and answer, a completion takes the free slot with the longest common prefix
+// and pays Config.PromptTokenCost only for the tokens it does not find there.
+// prompt_eval_count is the whole prompt, prompt_eval_duration the evaluated part.
+// PromptCacheStats() counts hits and evaluated tokens; GET CachePath (a path real Ollama does
+// not have) answers the same as JSON.
+//
 // Assertions: Count(path), Counts(), Requests() and LastRequest() (method, path, raw query,
 // headers, body), InFlight(), MaxInFlight(), Busy(), MaxBusy(), Waiting(), Rejected() (the
 // slots and the queue), Cancellations() (requests whose client went away, with when the context
@@ -49,7 +56,7 @@
 // Every method is safe for concurrent use, also while requests are being served. Files:
 // fakeollama.go (lifecycle, instrumentation, faults, slots), ollama.go (native API: inference and
 // model reads), manage.go (model management: pull, delete, copy, create, blobs, push), openai.go
-// (/v1).
+// (/v1), promptcache.go (the per-slot prompt cache).
 package fakeollama
 
 import (
@@ -104,6 +111,11 @@ type Config struct {
 	// FirstByteDelay is the prompt evaluation time of completions and embeddings: nothing is
 	// written before it has passed.
 	FirstByteDelay time.Duration
+	// PromptTokenCost is the evaluation time of each prompt token a completion does not find in
+	// its cache slot, added to FirstByteDelay (see promptcache.go): a follow-up turn of a
+	// conversation on the server that answered the previous one evaluates only its new
+	// messages. 0 makes the cache invisible in timings; its counters still count.
+	PromptTokenCost time.Duration
 	// LoadDelay is the time to load a model that is not loaded yet, reported as load_duration.
 	LoadDelay time.Duration
 	// Version is what /api/version reports (default "0.17.4").
@@ -188,6 +200,8 @@ type Server struct {
 	addr    string
 	dead    bool          // Close was called and Restart was not
 	killed  chan struct{} // closed by Close; a new one per incarnation
+
+	promptCacheState
 }
 
 // faults are the active fault modes; paths restrict a mode to those request paths (none = all).
@@ -493,8 +507,8 @@ func (s *Server) Waiting() int { return int(s.waiting.Load()) }
 // Config.MaxQueue requests were already waiting.
 func (s *Server) Rejected() int { return int(s.rejected.Load()) }
 
-// ResetStats clears counters, history, cancellations, the rejection count and the in-flight and
-// busy maxima.
+// ResetStats clears counters, history, cancellations, the rejection count, the in-flight and
+// busy maxima and the prompt cache's counters (not its contents).
 func (s *Server) ResetStats() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -503,6 +517,9 @@ func (s *Server) ResetStats() {
 	s.maxInFlight.Store(s.inFlight.Load())
 	s.maxBusy.Store(int64(len(s.sem)))
 	s.rejected.Store(0)
+	s.cacheMu.Lock()
+	s.cacheStats = CacheStats{}
+	s.cacheMu.Unlock()
 }
 
 // serve instruments a request, applies the fault modes in order (fail, slow, hold, hang, die)

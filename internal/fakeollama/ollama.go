@@ -84,6 +84,8 @@ func (s *Server) endpoint(path string) ([]string, func(*call)) {
 		return post, s.openaiEmbeddings
 	case "/v1/models":
 		return get, s.openaiModels
+	case CachePath:
+		return get, s.serveCacheStats
 	}
 	if m, ok := strings.CutPrefix(path, "/v1/models/"); ok && m != "" && !strings.Contains(m, "/") {
 		return get, s.openaiModel
@@ -156,6 +158,8 @@ type apiRequest struct {
 	Model    string         `json:"model"`
 	Name     string         `json:"name"`
 	Prompt   string         `json:"prompt"`
+	System   string         `json:"system"`
+	Context  []int          `json:"context"`
 	Raw      bool           `json:"raw"`
 	Messages []message      `json:"messages"`
 	Stream   *bool          `json:"stream"`
@@ -323,6 +327,7 @@ func (c *call) load(m model) bool {
 	defer c.s.mu.Unlock()
 	if !slices.Contains(c.s.loaded, m.key) {
 		c.s.loaded = append(c.s.loaded, m.key)
+		c.s.dropCache(m.key) // a new runner: its cache slots start empty
 	}
 	return true
 }
@@ -370,20 +375,17 @@ func token(i int) string { return words[i%len(words)] }
 // plan is what a completion will do.
 type plan struct {
 	model  model
-	prompt int    // prompt tokens
+	seq    []int  // the prompt's tokens (promptcache.go)
+	prompt int    // prompt tokens, as prompt_eval_count reports them
 	tokens int    // tokens to generate
 	reason string // done_reason
 }
 
-func (s *Server) plan(m model, numPredict int, prompt ...string) plan {
-	p := plan{model: m, tokens: s.cfg.Tokens, reason: "stop"}
+func (s *Server) plan(m model, numPredict int, seq []int) plan {
+	p := plan{model: m, seq: seq, prompt: max(len(seq), 1), tokens: s.cfg.Tokens, reason: "stop"}
 	if numPredict > 0 {
 		p.tokens, p.reason = numPredict, "length"
 	}
-	for _, t := range prompt {
-		p.prompt += len(strings.Fields(t))
-	}
-	p.prompt = max(p.prompt, 1)
 	return p
 }
 
@@ -395,7 +397,10 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 		return metrics{}, false
 	}
 	t1 := time.Now()
-	if !c.wait(c.s.cfg.FirstByteDelay) {
+	cache := c.s.takeCacheSlot(p.model.key, p.seq, true)
+	finished := false
+	defer func() { cache.done(generated(p.tokens), finished) }()
+	if !c.wait(c.s.cfg.FirstByteDelay + time.Duration(cache.evaluated())*c.s.cfg.PromptTokenCost) {
 		return metrics{}, false
 	}
 	t2 := time.Now()
@@ -415,6 +420,9 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 		return metrics{}, false
 	}
 	t3 := time.Now()
+	finished = true
+	cache.done(generated(p.tokens), true) // before the slot is free: the next one finds it
+	cache = nil
 	c.releaseSlot() // the work is done: a client that sees the final chunk finds the slot free
 	return metrics{
 		TotalDuration:      t3.Sub(c.start),
@@ -463,14 +471,15 @@ func (s *Server) generate(c *call) {
 		}
 		return
 	}
-	p := s.plan(m, req.numPredict(), req.Prompt)
+	msgs := []message{{Role: "user", Content: req.Prompt}}
+	if req.System != "" && !req.Raw {
+		msgs = append([]message{{Role: "system", Content: req.System}}, msgs...)
+	}
+	p := s.plan(m, req.numPredict(), promptOf(req.Context, msgs...))
 	final := func(text string, mt metrics) generateResponse {
 		r := generateResponse{Model: req.Model, CreatedAt: now(), Response: text, Done: true, DoneReason: p.reason, metrics: mt}
-		if !req.Raw {
-			r.Context = make([]int, p.prompt+p.tokens)
-			for i := range r.Context {
-				r.Context[i] = 1000 + i
-			}
+		if !req.Raw { // the prompt and the answer, which a follow-up sends back
+			r.Context = append(append([]int{}, p.seq...), generated(p.tokens)...)
 		}
 		return r
 	}
@@ -517,11 +526,7 @@ func (s *Server) chat(c *call) {
 		}
 		return
 	}
-	var texts []string
-	for _, msg := range req.Messages {
-		texts = append(texts, msg.Content)
-	}
-	p := s.plan(m, req.numPredict(), texts...)
+	p := s.plan(m, req.numPredict(), promptOf(nil, req.Messages...))
 	final := func(text string, mt metrics) chatResponse {
 		return chatResponse{Model: req.Model, CreatedAt: now(), Message: assistant(text), Done: true, DoneReason: p.reason, metrics: mt}
 	}
@@ -606,6 +611,12 @@ func (c *call) embedAll(m model, inputs []string) ([][]float32, metrics, bool) {
 		return nil, metrics{}, false
 	}
 	t1 := time.Now()
+	var seq []int
+	for _, in := range inputs {
+		seq = append(seq, tokens("user", in)...)
+	}
+	// Ollama's runner takes a cache slot for an embedding without reusing it, which empties it.
+	c.s.takeCacheSlot(m.key, seq, false).done(nil, false)
 	if !c.wait(c.s.cfg.FirstByteDelay) {
 		return nil, metrics{}, false
 	}

@@ -117,11 +117,11 @@ func (s *Server) openaiChat(c *call) {
 		c.openaiModelError(http.StatusBadRequest, cannot(req.Model, "chat"))
 		return
 	}
-	var texts []string
+	var msgs []message
 	for _, msg := range req.Messages {
-		texts = append(texts, contentText(msg.Content))
+		msgs = append(msgs, message{Role: msg.Role, Content: contentText(msg.Content)})
 	}
-	p := s.plan(m, deref(req.MaxTokens), texts...)
+	p := s.plan(m, deref(req.MaxTokens), promptOf(nil, msgs...))
 	id := fmt.Sprintf("chatcmpl-%d", rand.IntN(999))
 	chunk := func(delta string, finish *string) oaiChat {
 		return oaiChat{ID: id, Object: "chat.completion.chunk", Created: time.Now().Unix(), Model: req.Model,
@@ -176,7 +176,7 @@ func (s *Server) openaiCompletion(c *call) {
 		c.openaiModelError(http.StatusBadRequest, cannot(req.Model, "generate"))
 		return
 	}
-	p := s.plan(m, deref(req.MaxTokens), req.Prompt)
+	p := s.plan(m, deref(req.MaxTokens), promptOf(nil, message{Role: "user", Content: req.Prompt}))
 	id := fmt.Sprintf("cmpl-%d", rand.IntN(999))
 	withUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
 	chunk := func(text string, finish *string) oaiTextChunk {
