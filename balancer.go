@@ -438,6 +438,28 @@ const (
 	stickyNone     = "none"     // no session key
 )
 
+// acquireFirst takes a slot for a request's first attempt: on the
+// session's server when sticky sessions are on and the request carries a
+// key (sticky wins over affinity: the operator asked for it), else on the
+// conversation's server (affinity.go), else where the policy says. It
+// returns X-OllamaFlow-Sticky's value ("" without sticky sessions) and
+// X-OllamaFlow-Route's. A nil backend means the request queues.
+func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversation, model string) (b *backend, sticky, route string) {
+	if h.Sticky != nil {
+		if key := h.stickyKey(r); key != "" {
+			b, sticky = h.acquireSticky(avail, key, model)
+			route = routeStickyHit
+			if sticky == stickyOverflow {
+				route = routeStickyOverflow
+			}
+			return b, sticky, route
+		}
+		sticky = stickyNone
+	}
+	b, route = h.acquireConversation(avail, conv, model)
+	return b, sticky, route
+}
+
 // acquireSticky takes a slot on the session's server if it has room; else
 // it falls back to the policy.
 func (h *Handler) acquireSticky(avail []*backend, key, model string) (*backend, string) {

@@ -77,6 +77,7 @@ var (
 //			headers   <header...>
 //			client_ip
 //		}
+//		conversation_affinity  [on|off]
 //		cors_origins           <origin...> | off
 //		tenants {
 //			# see Tenants.UnmarshalCaddyfile
@@ -171,6 +172,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.InsecurePulls, err = parseFlag(d)
 		case "sticky":
 			h.Sticky, err = parseSticky(d)
+		case "conversation_affinity":
+			h.ConversationAffinity, err = parseSwitch(d)
 		case "pin_completions":
 			h.PinCompletions, err = parsePinOption(d)
 		case "pin_embeddings":
@@ -293,6 +296,24 @@ func parseFlagPtr(d *caddyfile.Dispenser) (*bool, error) {
 		return nil, err
 	}
 	return &v, nil
+}
+
+// parseSwitch reads an option that is on or off (true or false): bare
+// means on.
+func parseSwitch(d *caddyfile.Dispenser) (*bool, error) {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	on := true
+	switch {
+	case len(args) > 1:
+		return nil, d.Errf("%s: want at most one argument (on or off), got %d", opt, len(args))
+	case len(args) == 0, args[0] == "on", args[0] == "true":
+	case args[0] == "off", args[0] == "false":
+		on = false
+	default:
+		return nil, d.Errf("%s: want on or off, got '%s'", opt, args[0])
+	}
+	return &on, nil
 }
 
 // parseInt reads an integer option that must be at least minimum.

@@ -55,7 +55,7 @@ var corsAllowHeaders = []string{
 // corsExposeHeaders are the frontend's own response headers a page may
 // read; Ollama has none, and without this a page could not see why to
 // wait (Retry-After) or which server answered.
-const corsExposeHeaders = "Retry-After, X-OllamaFlow-Backend, X-OllamaFlow-Sticky"
+const corsExposeHeaders = "Retry-After, X-OllamaFlow-Backend, X-OllamaFlow-Sticky, X-OllamaFlow-Route"
 
 // corsPolicy is cors_origins parsed at provision. A nil policy is CORS off.
 type corsPolicy struct {

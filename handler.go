@@ -287,6 +287,10 @@ type attemptResult struct {
 // backend; failures before the first response byte move on to the next.
 func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind, info *requestInfo) error {
 	tried := make([]*backend, 0, h.retries+1)
+	var conv conversation
+	if h.affinity != nil && kind == kindCompletion {
+		conv = conversationOf(r.URL.Path, model, body)
+	}
 	var last attemptResult
 	var failed *backend // the backend of the last failed attempt
 	for attempt := 0; attempt <= h.retries; attempt++ {
@@ -301,11 +305,12 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		// unless nothing else is left.
 		avail := notBusy(remaining, time.Now())
 		var b *backend
-		if attempt == 0 && h.Sticky != nil {
-			var how string
-			b, how = h.acquireSticky(avail, h.stickyKey(r), model)
-			w.Header().Set("X-OllamaFlow-Sticky", how)
-			info.sticky = how
+		if attempt == 0 {
+			b, info.sticky, info.route = h.acquireFirst(r, avail, conv, model)
+			if info.sticky != "" {
+				w.Header().Set("X-OllamaFlow-Sticky", info.sticky)
+			}
+			w.Header().Set("X-OllamaFlow-Route", info.route)
 		} else {
 			b = h.acquire(avail, model)
 		}
@@ -325,6 +330,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			}
 		}
 		tried = append(tried, b)
+		if !conv.none() { // the next turn finds the server that has this one in its cache
+			h.affinity.record(conv, b.srv.key, time.Now())
+		}
 		if failed != nil { // counted only now: a failure with nothing left to try is no retry
 			metrics.retries.WithLabelValues(h.Name, failed.cfg.Name).Inc()
 		}

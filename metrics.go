@@ -29,6 +29,7 @@ var metrics = struct {
 	// Per tenant: names come from the config, so cardinality is bounded.
 	tenantRequests *prometheus.CounterVec
 	tenantTokens   *prometheus.CounterVec
+	affinity       *prometheus.CounterVec
 	liveState      prometheus.Collector
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -73,6 +74,10 @@ var metrics = struct {
 		Namespace: "ollamaflow", Name: "tenant_tokens_total",
 		Help: "Tokens of each tenant's answers, from Ollama's final counts or OpenAI usage; direction is prompt or completion.",
 	}, []string{"frontend", "tenant", "model", "direction"}),
+	affinity: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "ollamaflow", Name: "affinity_total",
+		Help: "Completions whose conversation was looked up for affinity, by outcome: hit (sent to the server of its previous turn), overflow (that server was busy or much slower: the policy chose) or miss (a conversation not seen before).",
+	}, []string{"frontend", "outcome"}),
 	liveState: liveStateCollector{},
 }
 
@@ -85,7 +90,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	}
 	for _, c := range []prometheus.Collector{metrics.requests, metrics.retries, metrics.firstByte,
 		metrics.tokens, metrics.coldLoads, metrics.queueWait, metrics.pulls, metrics.responsesCut,
-		metrics.tenantRequests, metrics.tenantTokens, metrics.liveState} {
+		metrics.tenantRequests, metrics.tenantTokens, metrics.affinity, metrics.liveState} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -13,6 +13,7 @@
 //	stream.go      copying an answer to the client: idle and client-write clocks, honest ends of cut answers
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
+//	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
 //	cost.go        least_delay: the speed each server is observed to deliver, cold-load cost
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
@@ -217,6 +218,18 @@ type Handler struct {
 	// context stays warm there. Off by default.
 	Sticky *StickyConfig `json:"sticky,omitempty"`
 
+	// ConversationAffinity sends the next turn of a conversation to the
+	// server that answered the previous one, where Ollama still holds the
+	// conversation's prompt in its cache and evaluates only the new
+	// messages, without any header from the client: completions are
+	// matched by a hash of their model and earlier messages (or prompt and
+	// context on /api/generate and /v1/completions). That server is
+	// preferred while its expected delay is within 1.5 × the best
+	// candidate's plus 0.25s; when it is at its cap or much slower the
+	// policy chooses. Sticky sessions, when a request carries a session
+	// key, win over it. Default: true.
+	ConversationAffinity *bool `json:"conversation_affinity,omitempty"`
+
 	// CORSOrigins are the origins whose pages may call this frontend from a
 	// browser, matched case-insensitively, as Ollama matches OLLAMA_ORIGINS:
 	// an exact origin (https://app.example.com), a pattern with one *
@@ -265,9 +278,10 @@ type Handler struct {
 	labelHeader       string
 	pinCompl          pinTrees
 	pinEmbed          pinTrees
-	cors              *corsPolicy  // nil: CORS off
-	tenantsState      *tenantState // the frontend's own tenancy counts (unauthorized)
-	tenantKeys        []string     // tenantPool keys this handler holds
+	cors              *corsPolicy    // nil: CORS off
+	tenantsState      *tenantState   // the frontend's own tenancy counts (unauthorized)
+	tenantKeys        []string       // tenantPool keys this handler holds
+	affinity          *affinityTable // nil: conversation_affinity off
 }
 
 // StickyConfig says how a request's session key is found.
@@ -480,6 +494,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.provisioned = time.Now()
 	h.stats = acquireFrontendStats(h.Name)
 	h.acquireTenants()
+	if h.ConversationAffinity == nil || *h.ConversationAffinity {
+		h.affinity = acquireAffinity(h.Name)
+	}
 	startHistory()
 	bodyMemory.register(h, h.maxBodyMemory)
 	h.queue = newQueue(h)
@@ -530,6 +547,9 @@ func (h *Handler) Cleanup() error {
 	}
 	if h.queue != nil {
 		h.queue.close()
+	}
+	if h.affinity != nil {
+		_, _ = affinityPool.Delete(h.Name)
 	}
 	h.releaseServers()
 	h.releaseTenants()

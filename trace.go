@@ -20,6 +20,7 @@ type requestInfo struct {
 	sticky   string        // X-OllamaFlow-Sticky's value, when sticky is on
 	tenant   *Tenant       // the tenant the request named (nil: tenancy off, or none)
 	admitted bool          // the tenant's limits let it in: it holds a max_parallel place
+	route    string        // X-OllamaFlow-Route's value, when proxied
 	ttfb     time.Duration // time to the backend's response headers, last attempt
 	// Token counts from the answer's final counts; -1 when unknown.
 	inputTokens, outputTokens int64
@@ -75,6 +76,9 @@ func (h *Handler) annotateSpan(r *http.Request, status int, info *requestInfo) {
 	}
 	if info.tenant != nil {
 		attrs = append(attrs, attribute.String("ollamaflow.tenant", info.tenant.Name))
+	}
+	if info.route != "" {
+		attrs = append(attrs, attribute.String("ollamaflow.route", info.route))
 	}
 	if info.sticky != "" {
 		attrs = append(attrs, attribute.String("ollamaflow.sticky", info.sticky))

@@ -116,6 +116,13 @@ type Config struct {
 	// conversation on the server that answered the previous one evaluates only its new
 	// messages. 0 makes the cache invisible in timings; its counters still count.
 	PromptTokenCost time.Duration
+	// MultiUserCache chooses cache slots as OLLAMA_MULTIUSER_CACHE=1 does: a slot whose whole
+	// content starts the prompt is reused; otherwise the least recently used free slot takes
+	// the longest common prefix found in any slot (a fork) and evaluates the rest, so Parallel
+	// conversations keep their prefixes. Without it (Ollama's default) the free slot with the
+	// longest common prefix is taken, the lowest on a tie: conversations that share nothing
+	// and arrive one after the other all take slot 0, and each evicts the one before.
+	MultiUserCache bool
 	// LoadDelay is the time to load a model that is not loaded yet, reported as load_duration.
 	LoadDelay time.Duration
 	// Version is what /api/version reports (default "0.17.4").

@@ -11,7 +11,8 @@ import (
 // a loaded model has one cache slot per parallel slot; each slot remembers the token sequence
 // it last held (the prompt and the tokens generated after it). A completion takes the free slot
 // whose sequence shares the longest common prefix with its prompt (findLongestCacheSlot, the
-// default without OLLAMA_MULTIUSER_CACHE; ties go to the lowest slot), reuses that prefix and
+// default without OLLAMA_MULTIUSER_CACHE; ties go to the lowest slot; Config.MultiUserCache
+// has findBestCacheSlot's least recently used choice instead), reuses that prefix and
 // evaluates only the rest, always at least one token (a prompt entirely cached re-evaluates its
 // last token so there is something to sample from). prompt_eval_count still reports the whole
 // prompt, as Ollama's does (numPromptInputs); prompt_eval_duration covers only what was
@@ -79,8 +80,9 @@ type modelCache struct {
 }
 
 type cacheSlot struct {
-	tokens []int
-	inUse  bool
+	tokens   []int
+	inUse    bool
+	lastUsed uint64 // a clock of lookups, for MultiUserCache's least recently used slot
 }
 
 // cacheUse is a completion's hold on a cache slot, from lookup to the end of its work.
@@ -109,14 +111,11 @@ func (s *Server) takeCacheSlot(key string, prompt []int, reuse bool) *cacheUse {
 		s.caches[key] = mc
 	}
 	u := &cacheUse{s: s, key: key, slot: -1, prompt: prompt}
-	longest := -1
-	for i := range mc.slots {
-		if mc.slots[i].inUse {
-			continue
-		}
-		if n := commonPrefix(mc.slots[i].tokens, prompt); n > longest {
-			longest, u.slot = n, i
-		}
+	var longest int
+	if s.cfg.MultiUserCache {
+		longest = mc.bestSlot(u)
+	} else {
+		longest = mc.longestSlot(u)
 	}
 	if reuse {
 		s.cacheStats.Lookups++
@@ -137,6 +136,8 @@ func (s *Server) takeCacheSlot(key string, prompt []int, reuse bool) *cacheUse {
 	}
 	sl := &mc.slots[u.slot]
 	sl.inUse = true
+	s.cacheClock++
+	sl.lastUsed = s.cacheClock
 	sl.tokens = sl.tokens[:u.past:u.past] // what is kept; the rest is evaluated anew
 	if reuse {
 		if u.past > 0 {
@@ -146,6 +147,50 @@ func (s *Server) takeCacheSlot(key string, prompt []int, reuse bool) *cacheUse {
 		s.cacheStats.EvaluatedTokens += u.evaluated()
 	}
 	return u
+}
+
+// longestSlot is findLongestCacheSlot: the free slot with the longest common prefix, the
+// lowest on a tie. It sets u.slot (-1: none free) and returns the prefix's length.
+func (mc *modelCache) longestSlot(u *cacheUse) int {
+	longest := -1
+	for i := range mc.slots {
+		if mc.slots[i].inUse {
+			continue
+		}
+		if n := commonPrefix(mc.slots[i].tokens, u.prompt); n > longest {
+			longest, u.slot = n, i
+		}
+	}
+	return longest
+}
+
+// bestSlot is findBestCacheSlot (OLLAMA_MULTIUSER_CACHE): the slot holding the longest common
+// prefix if it holds nothing more and is free, else the least recently used free slot, into
+// which that prefix is copied.
+func (mc *modelCache) bestSlot(u *cacheUse) int {
+	longest, from := -1, -1
+	oldest := -1
+	for i := range mc.slots {
+		sl := &mc.slots[i]
+		if n := commonPrefix(sl.tokens, u.prompt); n > longest {
+			longest, from = n, i
+		}
+		if !sl.inUse && (oldest < 0 || sl.lastUsed < mc.slots[oldest].lastUsed) {
+			oldest = i
+		}
+	}
+	if src := &mc.slots[from]; longest == len(src.tokens) && !src.inUse {
+		u.slot = from
+		return longest
+	}
+	if oldest < 0 {
+		return 0
+	}
+	if longest > 0 && from != oldest {
+		mc.slots[oldest].tokens = append(mc.slots[oldest].tokens[:0], mc.slots[from].tokens[:longest]...)
+	}
+	u.slot = oldest
+	return longest
 }
 
 // done frees the slot; it now holds what was evaluated: the prompt and the generated tokens
@@ -235,4 +280,5 @@ type promptCacheState struct {
 	cacheMu    sync.Mutex
 	caches     map[string]*modelCache
 	cacheStats CacheStats
+	cacheClock uint64
 }

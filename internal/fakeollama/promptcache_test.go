@@ -149,3 +149,27 @@ func TestPromptCacheGenerateContextAndReload(t *testing.T) {
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	assert.Equal(t, cached, f.PromptCacheStats().CachedTokens)
 }
+
+func TestPromptCacheOneAfterAnotherSharesSlotZeroUnlessMultiUser(t *testing.T) {
+	t.Parallel()
+	for _, multi := range []bool{false, true} {
+		f := newFake(t, fakeollama.Config{Parallel: 2, Tokens: 1, MultiUserCache: multi})
+		a := []map[string]string{{"role": "user", "content": "alpha beta gamma"}}
+		b := []map[string]string{{"role": "user", "content": "one two three four"}}
+		ansA, _ := chatTurn(t, f.URL, a)
+		ansB, _ := chatTurn(t, f.URL, b)
+		chatTurn(t, f.URL, append(a, map[string]string{"role": "assistant", "content": ansA}, map[string]string{"role": "user", "content": "more"}))
+		chatTurn(t, f.URL, append(b, map[string]string{"role": "assistant", "content": ansB}, map[string]string{"role": "user", "content": "more"}))
+		st := f.PromptCacheStats()
+		if multi {
+			// Each conversation kept its own slot.
+			assert.Equal(t, 2, st.Hits)
+			assert.Equal(t, 3+4+1+1, st.EvaluatedTokens)
+		} else {
+			// b took slot 0 from a (nothing shared, the lowest wins); a's follow-up then took
+			// it back from b: neither follow-up found its conversation.
+			assert.Equal(t, 0, st.Hits)
+			assert.Equal(t, 3+4+5+6, st.EvaluatedTokens)
+		}
+	}
+}

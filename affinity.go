@@ -1,0 +1,440 @@
+package ollamaflow
+
+// Conversation affinity: the next turn of a conversation goes back to the
+// server that answered the previous one, where Ollama still holds the
+// conversation's prompt in a cache slot and evaluates only the new
+// messages, with no session header from the client.
+//
+// A completion's conversation is read from its body the way Ollama decodes
+// it and hashed at boundaries: on /api/chat and /v1/chat/completions after
+// each message (the model, and the tools, are hashed first), on
+// /api/generate and /v1/completions every affinityContextChunk tokens of
+// context and every affinityPromptChunk bytes of the system prompt and
+// prompt. The hash of a prefix is the same whatever the spelling: keys
+// match as encoding/json matches them, escapes are decoded, the last
+// duplicate wins, and values that are not strings are compared in
+// canonical JSON. After a backend is chosen, the hash of the whole request
+// is recorded for that server, with those of the boundaries a longer
+// request would share: the message before the last (an edited question),
+// the last full chunk of context and of prompt. A later request looks its
+// boundaries up, longest first: turn N+1 holds turn N's messages, the
+// answer and a new question, so the hash of turn N's messages is one of
+// its prefixes. On /api/generate a follow-up's context holds the previous
+// context, so from the third turn on its chunks match.
+//
+// The table is bounded (affinityMaxEntries, least recently recorded out
+// first, entries older than affinityTTL ignored) and pooled by frontend
+// name, so a reload keeps it. A wrong or stale entry costs a cache miss,
+// never correctness: affinity only says which server to prefer.
+
+import (
+	"container/list"
+	"encoding/json"
+	"hash/maphash"
+	"math"
+	"strings"
+	"sync"
+	"time"
+	"unsafe"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+const (
+	// affinityMaxEntries bounds each frontend's table: up to three entries
+	// per request, about 100 bytes each.
+	affinityMaxEntries = 16384
+	// affinityTTL is how long a recorded conversation is remembered;
+	// Ollama unloads an idle model (its cache with it) after 5 minutes by
+	// default (keep_alive).
+	affinityTTL = 15 * time.Minute
+	// A conversation's server is preferred while its expected delay is at
+	// most affinityFactor × the best candidate's plus affinityMargin
+	// seconds: the cache it holds saves prompt evaluation that the
+	// estimate does not count.
+	affinityFactor = 1.5
+	affinityMargin = 0.25
+	// Boundaries of /api/generate and /v1/completions: context tokens and
+	// prompt bytes between two of them.
+	affinityContextChunk = 64
+	affinityPromptChunk  = 256
+	// affinityMaxProbes bounds the lookups of one request, longest prefix
+	// first.
+	affinityMaxProbes = 64
+)
+
+// Values of the X-OllamaFlow-Route response header: why the first attempt
+// went where it went.
+const (
+	routeStickyHit        = "sticky-hit"        // the session's server (sticky)
+	routeStickyOverflow   = "sticky-overflow"   // the session's server was busy: the policy chose
+	routeAffinityHit      = "affinity-hit"      // the conversation's server
+	routeAffinityOverflow = "affinity-overflow" // the conversation's server was busy or much slower: the policy chose
+	routePolicy           = "policy"            // nothing known about the request: the policy chose
+)
+
+// conversation is the prefix hashes of a completion, shortest first; the
+// last is the whole request. keep are the hashes to record. None: not a
+// conversation (or affinity off).
+type conversation struct {
+	prefixes []uint64
+	keep     []uint64
+}
+
+func (c conversation) none() bool { return len(c.prefixes) == 0 }
+
+// affinitySeed keys the hashes: per process, so a client cannot aim
+// collisions at other clients' conversations.
+var affinitySeed = maphash.MakeSeed()
+
+// conversationOf reads the conversation of a completion body on path, for
+// model (normalised). A body it cannot read gives none: Ollama refuses it.
+func conversationOf(path, model string, body []byte) conversation {
+	s := unsafe.String(unsafe.SliceData(body), len(body))
+	i := skipSpace(s, 0)
+	if i == len(s) || s[i] != '{' {
+		return conversation{}
+	}
+	chat := path == "/api/chat" || path == "/v1/chat/completions"
+	var messages, tools, system, context, prompt string
+	err := eachMember(s[i:], 1, func(key string, escaped bool, value string) {
+		switch {
+		case chat && keyIs(key, escaped, "messages"):
+			messages = value
+		case chat && keyIs(key, escaped, "tools"):
+			tools = value
+		case !chat && keyIs(key, escaped, "system"):
+			system = value
+		case !chat && keyIs(key, escaped, "context"):
+			context = value
+		case !chat && keyIs(key, escaped, "prompt"):
+			prompt = value
+		}
+	})
+	if err != nil {
+		return conversation{}
+	}
+	c := &convHasher{}
+	c.h.SetSeed(affinitySeed)
+	c.h.WriteString(path)
+	c.h.WriteByte(0)
+	c.h.WriteString(model)
+	c.h.WriteByte(0)
+	if chat {
+		c.value(tools)
+		if len(messages) == 0 || messages[0] != '[' {
+			return conversation{}
+		}
+		if eachArrayElement(messages, 2, func(m string) {
+			c.message(m)
+			c.boundary()
+		}) != nil {
+			return conversation{}
+		}
+		if n := len(c.out.prefixes); n > 1 {
+			c.out.keep = append(c.out.keep, c.out.prefixes[n-2])
+		}
+		return c.finish()
+	}
+	c.value(system)
+	c.h.WriteByte(1)
+	if len(context) > 0 && context[0] == '[' {
+		n := 0
+		if eachArrayElement(context, 2, func(tok string) {
+			c.h.WriteString(tok)
+			c.h.WriteByte(',')
+			if n++; n%affinityContextChunk == 0 {
+				c.boundary()
+			}
+		}) != nil {
+			return conversation{}
+		}
+		if n >= affinityContextChunk {
+			c.keepLast()
+		}
+		if n%affinityContextChunk != 0 {
+			c.boundary()
+		}
+	}
+	if len(prompt) > 0 && prompt[0] == '"' {
+		text := decodeString(prompt)
+		full := false
+		for len(text) > affinityPromptChunk {
+			c.h.WriteString(text[:affinityPromptChunk])
+			c.boundary()
+			text, full = text[affinityPromptChunk:], true
+		}
+		if full {
+			c.keepLast()
+		}
+		if text != "" {
+			c.h.WriteString(text)
+			c.boundary()
+		}
+	}
+	return c.finish()
+}
+
+// convHasher hashes a conversation as it is read, keeping the hash at each
+// boundary.
+type convHasher struct {
+	h   maphash.Hash
+	out conversation
+}
+
+func (c *convHasher) boundary() { c.out.prefixes = append(c.out.prefixes, c.h.Sum64()) }
+
+// keepLast marks the last boundary for recording.
+func (c *convHasher) keepLast() {
+	c.out.keep = append(c.out.keep, c.out.prefixes[len(c.out.prefixes)-1])
+}
+
+// finish records the whole request too.
+func (c *convHasher) finish() conversation {
+	if n := len(c.out.prefixes); n > 0 {
+		c.out.keep = append(c.out.keep, c.out.prefixes[n-1])
+	}
+	return c.out
+}
+
+// The fields of a message that change what a model is shown, on both APIs.
+var messageFields = []string{"role", "content", "images", "tool_calls", "tool_name", "tool_call_id"}
+
+// message hashes the fields of one message object, each as the last
+// member that spells it (case-insensitively, as encoding/json) holds it.
+func (c *convHasher) message(m string) {
+	if len(m) == 0 || m[0] != '{' {
+		c.value(m)
+		return
+	}
+	var vals [6]string
+	_ = eachMember(m, 3, func(key string, escaped bool, value string) {
+		for i, f := range messageFields {
+			if keyIs(key, escaped, f) {
+				if value != "null" { // null leaves a decoded field as it was
+					vals[i] = value
+				}
+				return
+			}
+		}
+	})
+	for _, v := range vals {
+		c.value(v)
+	}
+}
+
+// value hashes a JSON value canonically: a string decoded, anything else
+// decoded and encoded again (object keys sorted, numbers and escapes in
+// one spelling), so spellings Ollama reads alike hash alike.
+func (c *convHasher) value(raw string) {
+	switch {
+	case raw == "" || raw == "null":
+		c.h.WriteByte('n')
+	case raw[0] == '"':
+		c.h.WriteByte('s')
+		c.h.WriteString(decodeString(raw))
+	default:
+		var v any
+		canon := raw
+		if json.Unmarshal([]byte(raw), &v) == nil {
+			if b, err := json.Marshal(v); err == nil {
+				canon = string(b)
+			}
+		}
+		c.h.WriteByte('j')
+		c.h.WriteString(canon)
+	}
+	c.h.WriteByte(0)
+}
+
+// keyIs reports whether a raw member key names field as encoding/json
+// matches keys: unescaped, then equal under Unicode simple folding.
+func keyIs(key string, escaped bool, field string) bool {
+	name := key[1 : len(key)-1]
+	if escaped {
+		var buf [64]byte
+		if len(name) > 6*len(field)+8 {
+			return false
+		}
+		b := appendUnquoted(buf[:0], key)
+		name = string(b)
+	}
+	// A folded letter is at most three bytes (ſ, K): longer names differ.
+	if len(name) < len(field) || len(name) > 3*len(field) {
+		return false
+	}
+	return strings.EqualFold(name, field)
+}
+
+// eachArrayElement calls fn with each raw element of the array at the start of
+// s, whose nesting level is depth. Like eachMember it matches brackets and
+// strings without checking the grammar.
+func eachArrayElement(s string, depth int, fn func(value string)) error {
+	i := skipSpace(s, 1) // s[0] is '['
+	if i < len(s) && s[i] == ']' {
+		return nil
+	}
+	for {
+		end, err := skipValue(s, i, depth)
+		if err != nil {
+			return err
+		}
+		fn(s[i:end])
+		i = skipSpace(s, end)
+		if i >= len(s) {
+			return errBodyNotObject
+		}
+		switch s[i] {
+		case ',':
+			i = skipSpace(s, i+1)
+		case ']':
+			return nil
+		default:
+			return errBodyNotObject
+		}
+	}
+}
+
+// affinityTable maps conversation prefixes to the server (its key) that
+// last served them: at most max entries, each valid for ttl.
+type affinityTable struct {
+	mu      sync.Mutex
+	max     int
+	ttl     time.Duration
+	entries map[uint64]*list.Element
+	lru     list.List // of *affinityEntry, most recently recorded first
+}
+
+type affinityEntry struct {
+	key    uint64
+	server string
+	at     time.Time
+}
+
+func newAffinityTable(maxEntries int, ttl time.Duration) *affinityTable {
+	return &affinityTable{max: maxEntries, ttl: ttl, entries: make(map[uint64]*list.Element)}
+}
+
+// lookup returns the server of the longest recorded prefix of c, probing
+// at most affinityMaxProbes of them.
+func (t *affinityTable) lookup(c conversation, now time.Time) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	p := c.prefixes
+	for i, probes := len(p)-1, 0; i >= 0 && probes < affinityMaxProbes; i, probes = i-1, probes+1 {
+		el, ok := t.entries[p[i]]
+		if !ok {
+			continue
+		}
+		e := el.Value.(*affinityEntry)
+		if now.Sub(e.at) > t.ttl {
+			t.lru.Remove(el)
+			delete(t.entries, e.key)
+			continue
+		}
+		return e.server
+	}
+	return ""
+}
+
+// record notes that server serves c: the whole request and the
+// boundaries a longer one would share.
+func (t *affinityTable) record(c conversation, server string, now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, k := range c.keep {
+		t.put(k, server, now)
+	}
+}
+
+func (t *affinityTable) put(key uint64, server string, now time.Time) {
+	if el, ok := t.entries[key]; ok {
+		e := el.Value.(*affinityEntry)
+		e.server, e.at = server, now
+		t.lru.MoveToFront(el)
+		return
+	}
+	for t.lru.Len() >= t.max {
+		oldest := t.lru.Back()
+		t.lru.Remove(oldest)
+		delete(t.entries, oldest.Value.(*affinityEntry).key)
+	}
+	t.entries[key] = t.lru.PushFront(&affinityEntry{key: key, server: server, at: now})
+}
+
+func (t *affinityTable) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.lru.Len()
+}
+
+// affinityPool holds each frontend name's table, shared by the old and
+// new config across a reload.
+var affinityPool = caddy.NewUsagePool()
+
+type pooledAffinity struct{ *affinityTable }
+
+func (pooledAffinity) Destruct() error { return nil }
+
+func acquireAffinity(name string) *affinityTable {
+	v, _, _ := affinityPool.LoadOrNew(name, func() (caddy.Destructor, error) {
+		return pooledAffinity{newAffinityTable(affinityMaxEntries, affinityTTL)}, nil
+	})
+	return v.(pooledAffinity).affinityTable
+}
+
+// acquireConversation takes a slot on the server that served the
+// conversation's previous turn, when it has room and its expected delay is
+// not much worse than the best candidate's; otherwise the policy chooses.
+// It reports the route taken.
+func (h *Handler) acquireConversation(avail []*backend, conv conversation, model string) (*backend, string) {
+	if conv.none() || h.affinity == nil {
+		return h.acquire(avail, model), routePolicy
+	}
+	key := h.affinity.lookup(conv, time.Now())
+	if key == "" {
+		metrics.affinity.WithLabelValues(h.Name, "miss").Inc()
+		return h.acquire(avail, model), routePolicy
+	}
+	var free []*backend
+	var prev *backend
+	for _, b := range avail {
+		if b.hasRoom() && b.srv.queued.Load() == 0 {
+			free = append(free, b)
+			if b.srv.key == key {
+				prev = b
+			}
+		}
+	}
+	if prev != nil && preferConversation(free, prev, model) && prev.srv.tryAcquire(prev.cfg.MaxParallel) {
+		metrics.affinity.WithLabelValues(h.Name, "hit").Inc()
+		return prev, routeAffinityHit
+	}
+	metrics.affinity.WithLabelValues(h.Name, "overflow").Inc()
+	return h.take(free, model), routeAffinityOverflow
+}
+
+// preferConversation decides whether prev, the conversation's server, is
+// worth its cache: its expected delay within affinityFactor × the best
+// plus affinityMargin. Without observed speeds to compare, it must be no
+// busier than the least busy candidate.
+func preferConversation(free []*backend, prev *backend, model string) bool {
+	dPrev, okPrev := expectedDelayOf(prev, model)
+	best, minLoad := math.Inf(1), int64(math.MaxInt64)
+	for _, b := range free {
+		if d, ok := expectedDelayOf(b, model); ok && d < best {
+			best = d
+		}
+		minLoad = min(minLoad, b.srv.inFlight.Load())
+	}
+	if okPrev && !math.IsInf(best, 1) {
+		return dPrev <= best*affinityFactor+affinityMargin
+	}
+	return prev.srv.inFlight.Load() <= minLoad
+}
+
+// expectedDelayOf is the cost model's estimate of a new request's delay
+// on b, in seconds; ok is false while b has not been observed.
+func expectedDelayOf(b *backend, model string) (float64, bool) {
+	return b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, coldFor(b, model))
+}
