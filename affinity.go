@@ -32,6 +32,7 @@ import (
 	"encoding/json"
 	"hash/maphash"
 	"math"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -54,6 +55,14 @@ const (
 	// estimate does not count.
 	affinityFactor = 1.5
 	affinityMargin = 0.25
+	// A new conversation is spread over the servers whose expected delay
+	// is within newConvFactor × the best plus newConvMargin seconds: about
+	// as fast, so spreading costs nothing.
+	newConvFactor = 1.1
+	newConvMargin = 0.02
+	// startedHalfLife is how fast a server's count of conversations it
+	// started fades.
+	startedHalfLife = 2 * time.Minute
 	// Boundaries of /api/generate and /v1/completions: context tokens and
 	// prompt bytes between two of them.
 	affinityContextChunk = 64
@@ -303,6 +312,20 @@ type affinityTable struct {
 	ttl     time.Duration
 	entries map[uint64]*list.Element
 	lru     list.List // of *affinityEntry, most recently recorded first
+	// started counts the conversations each server (by key) started
+	// lately, fading by half every startedHalfLife. Its keys are servers of
+	// this frontend's configs; one that faded away is dropped.
+	started map[string]fading
+}
+
+// fading is a count that halves every startedHalfLife.
+type fading struct {
+	n    float64
+	when time.Time
+}
+
+func (f fading) at(now time.Time) float64 {
+	return f.n * math.Exp2(-now.Sub(f.when).Seconds()/startedHalfLife.Seconds())
 }
 
 type affinityEntry struct {
@@ -312,7 +335,7 @@ type affinityEntry struct {
 }
 
 func newAffinityTable(maxEntries int, ttl time.Duration) *affinityTable {
-	return &affinityTable{max: maxEntries, ttl: ttl, entries: make(map[uint64]*list.Element)}
+	return &affinityTable{max: maxEntries, ttl: ttl, entries: make(map[uint64]*list.Element), started: make(map[string]fading)}
 }
 
 // lookup returns the server of the longest recorded prefix of c, probing
@@ -338,13 +361,40 @@ func (t *affinityTable) lookup(c conversation, now time.Time) string {
 }
 
 // record notes that server serves c: the whole request and the
-// boundaries a longer one would share.
-func (t *affinityTable) record(c conversation, server string, now time.Time) {
+// boundaries a longer one would share. fresh says c is a new conversation,
+// which server starts.
+func (t *affinityTable) record(c conversation, server string, now time.Time, fresh bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, k := range c.keep {
 		t.put(k, server, now)
 	}
+	if fresh {
+		for k, f := range t.started {
+			if f.at(now) < 0.01 {
+				delete(t.started, k)
+			}
+		}
+		t.started[server] = fading{n: t.started[server].at(now) + 1, when: now}
+	}
+}
+
+// leastStarted keeps the backends that started the fewest conversations
+// lately (within half of one).
+func (t *affinityTable) leastStarted(list []*backend, now time.Time) []*backend {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	fewest := math.Inf(1)
+	for _, b := range list {
+		fewest = min(fewest, t.started[b.srv.key].at(now))
+	}
+	out := make([]*backend, 0, len(list))
+	for _, b := range list {
+		if t.started[b.srv.key].at(now) < fewest+0.5 {
+			out = append(out, b)
+		}
+	}
+	return out
 }
 
 func (t *affinityTable) put(key uint64, server string, now time.Time) {
@@ -386,27 +436,37 @@ func acquireAffinity(name string) *affinityTable {
 // acquireConversation takes a slot on the server that served the
 // conversation's previous turn, when it has room and its expected delay is
 // not much worse than the best candidate's; otherwise the policy chooses.
-// It reports the route taken.
+// A new conversation goes, among the servers about as fast as the best,
+// to the one that started the fewest conversations lately: Ollama's cache
+// keeps one conversation per slot (by default, one in all: see README), so
+// conversations piled on one server evict each other. It reports the
+// route taken.
 func (h *Handler) acquireConversation(avail []*backend, conv conversation, model string) (*backend, string) {
 	if conv.none() || h.affinity == nil {
 		return h.acquire(avail, model), routePolicy
 	}
-	key := h.affinity.lookup(conv, time.Now())
-	if key == "" {
-		metrics.affinity.WithLabelValues(h.Name, "miss").Inc()
-		return h.acquire(avail, model), routePolicy
-	}
+	now := time.Now()
+	key := h.affinity.lookup(conv, now)
 	var free []*backend
 	var prev *backend
 	for _, b := range avail {
 		if b.hasRoom() && b.srv.queued.Load() == 0 {
 			free = append(free, b)
-			if b.srv.key == key {
+			if key != "" && b.srv.key == key {
 				prev = b
 			}
 		}
 	}
-	if prev != nil && preferConversation(free, prev, model) && prev.srv.tryAcquire(prev.cfg.MaxParallel) {
+	if key == "" {
+		metrics.affinity.WithLabelValues(h.Name, "miss").Inc()
+		spread := h.affinity.leastStarted(nearBest(free, model, newConvFactor, newConvMargin), now)
+		b := h.take(spread, model)
+		if b == nil && len(spread) < len(free) {
+			b = h.take(free, model)
+		}
+		return b, routePolicy
+	}
+	if prev != nil && slices.Contains(nearBest(free, model, affinityFactor, affinityMargin), prev) && prev.srv.tryAcquire(prev.cfg.MaxParallel) {
 		metrics.affinity.WithLabelValues(h.Name, "hit").Inc()
 		return prev, routeAffinityHit
 	}
@@ -414,23 +474,36 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, model
 	return h.take(free, model), routeAffinityOverflow
 }
 
-// preferConversation decides whether prev, the conversation's server, is
-// worth its cache: its expected delay within affinityFactor × the best
-// plus affinityMargin. Without observed speeds to compare, it must be no
-// busier than the least busy candidate.
-func preferConversation(free []*backend, prev *backend, model string) bool {
-	dPrev, okPrev := expectedDelayOf(prev, model)
+// nearBest keeps the backends whose expected delay is within factor × the
+// best plus margin seconds. A backend not observed yet (no delay to
+// compare) is kept when it is no busier than the least busy one.
+func nearBest(list []*backend, model string, factor, margin float64) []*backend {
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
-	for _, b := range free {
-		if d, ok := expectedDelayOf(b, model); ok && d < best {
+	delays := make([]float64, len(list))
+	for i, b := range list {
+		d, ok := expectedDelayOf(b, model)
+		if !ok {
+			d = math.NaN()
+		} else if d < best {
 			best = d
 		}
+		delays[i] = d
 		minLoad = min(minLoad, b.srv.inFlight.Load())
 	}
-	if okPrev && !math.IsInf(best, 1) {
-		return dPrev <= best*affinityFactor+affinityMargin
+	out := make([]*backend, 0, len(list))
+	for i, b := range list {
+		d := delays[i]
+		if math.IsNaN(d) || math.IsInf(best, 1) {
+			if b.srv.inFlight.Load() <= minLoad {
+				out = append(out, b)
+			}
+			continue
+		}
+		if d <= best*factor+margin {
+			out = append(out, b)
+		}
 	}
-	return prev.srv.inFlight.Load() <= minLoad
+	return out
 }
 
 // expectedDelayOf is the cost model's estimate of a new request's delay

@@ -101,7 +101,7 @@ func TestConversationHashOfGenerate(t *testing.T) {
 	assert.Equal(t, []uint64{c1.prefixes[0], c1.prefixes[2]}, c1.keep)
 	assert.Equal(t, c1.prefixes[0], c2.prefixes[0])
 	tab := newAffinityTable(10, time.Minute)
-	tab.record(c1, "s1", time.Now())
+	tab.record(c1, "s1", time.Now(), false)
 	assert.Equal(t, "s1", tab.lookup(c2, time.Now()))
 }
 
@@ -112,7 +112,7 @@ func TestAffinityTableIsBounded(t *testing.T) {
 	convs := make([]conversation, 10)
 	for i := range convs {
 		convs[i] = conv(uint64(100+2*i), uint64(101+2*i))
-		tab.record(convs[i], fmt.Sprintf("server-%d", i), now)
+		tab.record(convs[i], fmt.Sprintf("server-%d", i), now, false)
 		assert.LessOrEqual(t, tab.len(), 6)
 	}
 	assert.Equal(t, 6, tab.len(), "two entries per record, the oldest out first")
@@ -121,9 +121,9 @@ func TestAffinityTableIsBounded(t *testing.T) {
 	assert.Equal(t, "server-7", tab.lookup(conv(convs[7].prefixes[0], 999, 998), now), "the longest recorded prefix")
 
 	// Recording again refreshes an entry: it is not the next one out.
-	tab.record(convs[7], "server-7b", now)
-	tab.record(conv(1, 2), "x", now)
-	tab.record(conv(3, 4), "x", now)
+	tab.record(convs[7], "server-7b", now, false)
+	tab.record(conv(1, 2), "x", now, false)
+	tab.record(conv(3, 4), "x", now, false)
 	assert.Equal(t, "server-7b", tab.lookup(convs[7], now))
 	assert.Equal(t, "", tab.lookup(convs[8], now))
 
@@ -136,7 +136,7 @@ func TestAffinityTableIsBounded(t *testing.T) {
 	for i := range long {
 		long[i] = uint64(10_000 + i)
 	}
-	tab.record(conv(long[0]), "deep", now)
+	tab.record(conv(long[0]), "deep", now, false)
 	assert.Equal(t, "", tab.lookup(conv(long...), now))
 	assert.Equal(t, "deep", tab.lookup(conv(long[:affinityMaxProbes]...), now))
 }
@@ -223,6 +223,11 @@ func TestIntegrationConversationAffinity(t *testing.T) {
 		assert.Equal(t, routePolicy, route, "a new conversation")
 		convs = append(convs, c)
 	}
+	homes := map[string]int{}
+	for _, c := range convs {
+		homes[c.home]++
+	}
+	assert.Equal(t, map[string]int{"a": 2, "b": 2, "c": 2}, homes, "new conversations spread over servers about as fast")
 	for round := range 3 {
 		for i, c := range convs {
 			got, route := turn(t, c.path, &c.msgs, fmt.Sprintf("question %d", round))
@@ -319,4 +324,28 @@ func TestIntegrationConversationAffinityOffAndSticky(t *testing.T) {
 	}
 	res, _ := post(t, "/api/chat", chatFor("tiny-llama"))
 	assert.Equal(t, "none", res.Header.Get("X-OllamaFlow-Sticky"))
+}
+
+func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
+	fast, slow, fresh, busy := testBackend("fast", nil), testBackend("slow", nil), testBackend("fresh", nil), testBackend("busy", nil)
+	fast.srv.speed.observe(100*time.Millisecond, 1)
+	slow.srv.speed.observe(400*time.Millisecond, 1)
+	busy.srv.inFlight.Store(1)
+	list := []*backend{fast, slow, fresh, busy}
+	assert.Equal(t, []string{"fast", "fresh"}, names(nearBest(list, "", newConvFactor, newConvMargin)),
+		"a new conversation never goes to a server four times slower; an unobserved idle one is a candidate")
+	assert.Equal(t, []string{"fast", "slow", "fresh"}, names(nearBest(list, "", affinityFactor, affinityMargin)),
+		"a conversation stays on its server while it is within 1.5x the best plus 0.25s")
+	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
+	assert.Equal(t, []string{"fast", "slow"}, names(nearBest([]*backend{fast, slow}, "", newConvFactor, newConvMargin)))
+	assert.Equal(t, []string{"fresh"}, names(nearBest([]*backend{fresh, busy}, "", newConvFactor, newConvMargin)), "no speeds: the least busy")
+
+	tab := newAffinityTable(10, time.Minute)
+	now := time.Now()
+	c := conversation{prefixes: []uint64{1}, keep: []uint64{1}}
+	tab.record(c, fast.srv.key, now, true)
+	tab.record(c, fast.srv.key, now, false) // a follow-up starts nothing
+	tab.record(c, slow.srv.key, now, true)
+	assert.Equal(t, []string{"fresh", "busy"}, names(tab.leastStarted(list, now)))
+	assert.Equal(t, []string{"fast", "slow", "fresh", "busy"}, names(tab.leastStarted(list, now.Add(20*startedHalfLife))), "the counts fade")
 }

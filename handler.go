@@ -331,7 +331,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		}
 		tried = append(tried, b)
 		if !conv.none() { // the next turn finds the server that has this one in its cache
-			h.affinity.record(conv, b.srv.key, time.Now())
+			h.affinity.record(conv, b.srv.key, time.Now(), attempt == 0 && info.route == routePolicy)
 		}
 		if failed != nil { // counted only now: a failure with nothing left to try is no retry
 			metrics.retries.WithLabelValues(h.Name, failed.cfg.Name).Inc()
