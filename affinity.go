@@ -43,7 +43,7 @@ import (
 
 const (
 	// affinityMaxEntries bounds each frontend's table: up to three entries
-	// per request, about 100 bytes each.
+	// per request, about 100 bytes each, and as many conversations.
 	affinityMaxEntries = 16384
 	// affinityTTL is how long a recorded conversation is remembered;
 	// Ollama unloads an idle model (its cache with it) after 5 minutes by
@@ -58,11 +58,12 @@ const (
 	// A new conversation is spread over the servers whose expected delay
 	// is within newConvFactor × the best plus newConvMargin seconds: about
 	// as fast, so spreading costs nothing.
-	newConvFactor = 1.1
-	newConvMargin = 0.02
-	// startedHalfLife is how fast a server's count of conversations it
-	// started fades.
-	startedHalfLife = 2 * time.Minute
+	newConvFactor = 1.25
+	newConvMargin = 0.05
+	// activeWindow is how long a conversation counts as held by the server
+	// of its last turn, for spreading new ones: Ollama unloads an idle
+	// model, and its cache, after 5 minutes by default.
+	activeWindow = 5 * time.Minute
 	// Boundaries of /api/generate and /v1/completions: context tokens and
 	// prompt bytes between two of them.
 	affinityContextChunk = 64
@@ -305,42 +306,53 @@ func eachArrayElement(s string, depth int, fn func(value string)) error {
 }
 
 // affinityTable maps conversation prefixes to the server (its key) that
-// last served them: at most max entries, each valid for ttl.
+// last served them and to the conversation they belong to: at most max
+// entries, each valid for ttl. It also knows how many conversations each
+// server holds: those whose last turn went there within activeWindow.
 type affinityTable struct {
 	mu      sync.Mutex
 	max     int
 	ttl     time.Duration
 	entries map[uint64]*list.Element
 	lru     list.List // of *affinityEntry, most recently recorded first
-	// started counts the conversations each server (by key) started
-	// lately, fading by half every startedHalfLife. Its keys are servers of
-	// this frontend's configs; one that faded away is dropped.
-	started map[string]fading
-}
 
-// fading is a count that halves every startedHalfLife.
-type fading struct {
-	n    float64
-	when time.Time
-}
-
-func (f fading) at(now time.Time) float64 {
-	return f.n * math.Exp2(-now.Sub(f.when).Seconds()/startedHalfLife.Seconds())
+	convs   map[uint64]*list.Element
+	active  list.List // of *convActivity, most recent turn first
+	hosting map[string]int
 }
 
 type affinityEntry struct {
 	key    uint64
 	server string
+	conv   uint64 // the conversation's id: the hash of its first request
+}
+
+// convActivity is where a conversation's last turn went, and when.
+type convActivity struct {
+	id     uint64
+	server string
 	at     time.Time
 }
 
+// prefixEntry is affinityEntry with its time.
+type prefixEntry = struct {
+	affinityEntry
+	at time.Time
+}
+
 func newAffinityTable(maxEntries int, ttl time.Duration) *affinityTable {
-	return &affinityTable{max: maxEntries, ttl: ttl, entries: make(map[uint64]*list.Element), started: make(map[string]fading)}
+	return &affinityTable{
+		max: maxEntries, ttl: ttl,
+		entries: make(map[uint64]*list.Element),
+		convs:   make(map[uint64]*list.Element),
+		hosting: make(map[string]int),
+	}
 }
 
 // lookup returns the server of the longest recorded prefix of c, probing
-// at most affinityMaxProbes of them.
-func (t *affinityTable) lookup(c conversation, now time.Time) string {
+// at most affinityMaxProbes of them, and the conversation it belongs to
+// ("", 0 when none is known).
+func (t *affinityTable) lookup(c conversation, now time.Time) (string, uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	p := c.prefixes
@@ -349,67 +361,100 @@ func (t *affinityTable) lookup(c conversation, now time.Time) string {
 		if !ok {
 			continue
 		}
-		e := el.Value.(*affinityEntry)
+		e := el.Value.(*prefixEntry)
 		if now.Sub(e.at) > t.ttl {
 			t.lru.Remove(el)
 			delete(t.entries, e.key)
 			continue
 		}
-		return e.server
+		return e.server, e.conv
 	}
-	return ""
+	return "", 0
 }
 
-// record notes that server serves c: the whole request and the
-// boundaries a longer one would share. fresh says c is a new conversation,
-// which server starts.
-func (t *affinityTable) record(c conversation, server string, now time.Time, fresh bool) {
+// record notes that server serves c, a turn of conversation id (0: a new
+// conversation, which takes the id of its first request): the whole
+// request and the boundaries a longer one would share.
+func (t *affinityTable) record(c conversation, server string, id uint64, now time.Time) {
+	if len(c.keep) == 0 {
+		return
+	}
+	if id == 0 {
+		id = c.keep[len(c.keep)-1] | 1 // never 0
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, k := range c.keep {
-		t.put(k, server, now)
+		t.put(affinityEntry{key: k, server: server, conv: id}, now)
 	}
-	if fresh {
-		for k, f := range t.started {
-			if f.at(now) < 0.01 {
-				delete(t.started, k)
-			}
-		}
-		t.started[server] = fading{n: t.started[server].at(now) + 1, when: now}
-	}
+	t.touch(id, server, now)
 }
 
-// leastStarted keeps the backends that started the fewest conversations
-// lately (within half of one).
-func (t *affinityTable) leastStarted(list []*backend, now time.Time) []*backend {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	fewest := math.Inf(1)
-	for _, b := range list {
-		fewest = min(fewest, t.started[b.srv.key].at(now))
-	}
-	out := make([]*backend, 0, len(list))
-	for _, b := range list {
-		if t.started[b.srv.key].at(now) < fewest+0.5 {
-			out = append(out, b)
-		}
-	}
-	return out
-}
-
-func (t *affinityTable) put(key uint64, server string, now time.Time) {
-	if el, ok := t.entries[key]; ok {
-		e := el.Value.(*affinityEntry)
-		e.server, e.at = server, now
+func (t *affinityTable) put(e affinityEntry, now time.Time) {
+	if el, ok := t.entries[e.key]; ok {
+		el.Value = &prefixEntry{e, now}
 		t.lru.MoveToFront(el)
 		return
 	}
 	for t.lru.Len() >= t.max {
 		oldest := t.lru.Back()
 		t.lru.Remove(oldest)
-		delete(t.entries, oldest.Value.(*affinityEntry).key)
+		delete(t.entries, oldest.Value.(*prefixEntry).key)
 	}
-	t.entries[key] = t.lru.PushFront(&affinityEntry{key: key, server: server, at: now})
+	t.entries[e.key] = t.lru.PushFront(&prefixEntry{e, now})
+}
+
+// touch moves conversation id to server as of now, and forgets the
+// conversations idle for longer than activeWindow (or beyond max).
+func (t *affinityTable) touch(id uint64, server string, now time.Time) {
+	if el, ok := t.convs[id]; ok {
+		a := el.Value.(*convActivity)
+		t.unhost(a.server)
+		a.server, a.at = server, now
+		t.active.MoveToFront(el)
+	} else {
+		t.convs[id] = t.active.PushFront(&convActivity{id: id, server: server, at: now})
+	}
+	t.hosting[server]++
+	t.expire(now)
+}
+
+func (t *affinityTable) expire(now time.Time) {
+	for el := t.active.Back(); el != nil; el = t.active.Back() {
+		a := el.Value.(*convActivity)
+		if now.Sub(a.at) <= activeWindow && t.active.Len() <= t.max {
+			return
+		}
+		t.active.Remove(el)
+		delete(t.convs, a.id)
+		t.unhost(a.server)
+	}
+}
+
+// unhost counts one conversation less on server; a server with none
+// leaves the map, which so holds only servers with conversations.
+func (t *affinityTable) unhost(server string) {
+	if t.hosting[server]--; t.hosting[server] <= 0 {
+		delete(t.hosting, server)
+	}
+}
+
+// leastHosting keeps the backends holding the fewest active conversations.
+func (t *affinityTable) leastHosting(list []*backend, now time.Time) []*backend {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.expire(now)
+	fewest := math.MaxInt
+	for _, b := range list {
+		fewest = min(fewest, t.hosting[b.srv.key])
+	}
+	out := make([]*backend, 0, len(list))
+	for _, b := range list {
+		if t.hosting[b.srv.key] == fewest {
+			out = append(out, b)
+		}
+	}
+	return out
 }
 
 func (t *affinityTable) len() int {
@@ -437,16 +482,16 @@ func acquireAffinity(name string) *affinityTable {
 // conversation's previous turn, when it has room and its expected delay is
 // not much worse than the best candidate's; otherwise the policy chooses.
 // A new conversation goes, among the servers about as fast as the best,
-// to the one that started the fewest conversations lately: Ollama's cache
-// keeps one conversation per slot (by default, one in all: see README), so
+// to one holding the fewest active conversations: Ollama's cache keeps one
+// conversation per slot (by default, one in all: see README), so
 // conversations piled on one server evict each other. It reports the
-// route taken.
-func (h *Handler) acquireConversation(avail []*backend, conv conversation, model string) (*backend, string) {
+// route taken and the conversation's id (0: new).
+func (h *Handler) acquireConversation(avail []*backend, conv conversation, model string) (*backend, string, uint64) {
 	if conv.none() || h.affinity == nil {
-		return h.acquire(avail, model), routePolicy
+		return h.acquire(avail, model), routePolicy, 0
 	}
 	now := time.Now()
-	key := h.affinity.lookup(conv, now)
+	key, id := h.affinity.lookup(conv, now)
 	var free []*backend
 	var prev *backend
 	for _, b := range avail {
@@ -459,19 +504,19 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, model
 	}
 	if key == "" {
 		metrics.affinity.WithLabelValues(h.Name, "miss").Inc()
-		spread := h.affinity.leastStarted(nearBest(free, model, newConvFactor, newConvMargin), now)
+		spread := h.affinity.leastHosting(nearBest(free, model, newConvFactor, newConvMargin), now)
 		b := h.take(spread, model)
 		if b == nil && len(spread) < len(free) {
 			b = h.take(free, model)
 		}
-		return b, routePolicy
+		return b, routePolicy, 0
 	}
 	if prev != nil && slices.Contains(nearBest(free, model, affinityFactor, affinityMargin), prev) && prev.srv.tryAcquire(prev.cfg.MaxParallel) {
 		metrics.affinity.WithLabelValues(h.Name, "hit").Inc()
-		return prev, routeAffinityHit
+		return prev, routeAffinityHit, id
 	}
 	metrics.affinity.WithLabelValues(h.Name, "overflow").Inc()
-	return h.take(free, model), routeAffinityOverflow
+	return h.take(free, model), routeAffinityOverflow, id
 }
 
 // nearBest keeps the backends whose expected delay is within factor × the

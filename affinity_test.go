@@ -101,34 +101,42 @@ func TestConversationHashOfGenerate(t *testing.T) {
 	assert.Equal(t, []uint64{c1.prefixes[0], c1.prefixes[2]}, c1.keep)
 	assert.Equal(t, c1.prefixes[0], c2.prefixes[0])
 	tab := newAffinityTable(10, time.Minute)
-	tab.record(c1, "s1", time.Now(), false)
-	assert.Equal(t, "s1", tab.lookup(c2, time.Now()))
+	tab.record(c1, "s1", 0, time.Now())
+	server, id := tab.lookup(c2, time.Now())
+	assert.Equal(t, "s1", server)
+	assert.NotZero(t, id)
 }
 
 func TestAffinityTableIsBounded(t *testing.T) {
 	tab := newAffinityTable(6, time.Minute)
 	now := time.Now()
 	conv := func(keys ...uint64) conversation { return conversation{prefixes: keys, keep: keys} }
+	serverOf := func(c conversation, at time.Time) string {
+		s, _ := tab.lookup(c, at)
+		return s
+	}
 	convs := make([]conversation, 10)
 	for i := range convs {
 		convs[i] = conv(uint64(100+2*i), uint64(101+2*i))
-		tab.record(convs[i], fmt.Sprintf("server-%d", i), now, false)
+		tab.record(convs[i], fmt.Sprintf("server-%d", i), 0, now)
 		assert.LessOrEqual(t, tab.len(), 6)
+		assert.LessOrEqual(t, tab.active.Len(), 6)
 	}
 	assert.Equal(t, 6, tab.len(), "two entries per record, the oldest out first")
-	assert.Equal(t, "", tab.lookup(convs[0], now), "recorded first: evicted")
-	assert.Equal(t, "server-9", tab.lookup(convs[9], now))
-	assert.Equal(t, "server-7", tab.lookup(conv(convs[7].prefixes[0], 999, 998), now), "the longest recorded prefix")
+	assert.Equal(t, 6, tab.active.Len(), "as many conversations at most")
+	assert.Equal(t, "", serverOf(convs[0], now), "recorded first: evicted")
+	assert.Equal(t, "server-9", serverOf(convs[9], now))
+	assert.Equal(t, "server-7", serverOf(conv(convs[7].prefixes[0], 999, 998), now), "the longest recorded prefix")
 
 	// Recording again refreshes an entry: it is not the next one out.
-	tab.record(convs[7], "server-7b", now, false)
-	tab.record(conv(1, 2), "x", now, false)
-	tab.record(conv(3, 4), "x", now, false)
-	assert.Equal(t, "server-7b", tab.lookup(convs[7], now))
-	assert.Equal(t, "", tab.lookup(convs[8], now))
+	tab.record(convs[7], "server-7b", 0, now)
+	tab.record(conv(1, 2), "x", 0, now)
+	tab.record(conv(3, 4), "x", 0, now)
+	assert.Equal(t, "server-7b", serverOf(convs[7], now))
+	assert.Equal(t, "", serverOf(convs[8], now))
 
 	// Entries expire.
-	assert.Equal(t, "", tab.lookup(conv(1, 2), now.Add(time.Minute+time.Second)))
+	assert.Equal(t, "", serverOf(conv(1, 2), now.Add(time.Minute+time.Second)))
 	assert.Equal(t, 4, tab.len(), "an expired entry found is dropped")
 
 	// A request probes at most affinityMaxProbes prefixes.
@@ -136,9 +144,35 @@ func TestAffinityTableIsBounded(t *testing.T) {
 	for i := range long {
 		long[i] = uint64(10_000 + i)
 	}
-	tab.record(conv(long[0]), "deep", now, false)
-	assert.Equal(t, "", tab.lookup(conv(long...), now))
-	assert.Equal(t, "deep", tab.lookup(conv(long[:affinityMaxProbes]...), now))
+	tab.record(conv(long[0]), "deep", 0, now)
+	assert.Equal(t, "", serverOf(conv(long...), now))
+	assert.Equal(t, "deep", serverOf(conv(long[:affinityMaxProbes]...), now))
+}
+
+func TestAffinityTableCountsConversationsPerServer(t *testing.T) {
+	tab := newAffinityTable(100, time.Hour)
+	now := time.Now()
+	a, b, c := testBackend("a", nil), testBackend("b", nil), testBackend("c", nil)
+	list := []*backend{a, b, c}
+	turn1 := conversation{prefixes: []uint64{1, 2}, keep: []uint64{1, 2}}
+	tab.record(turn1, a.srv.key, 0, now)
+	assert.Equal(t, []string{"b", "c"}, names(tab.leastHosting(list, now)))
+	// The next turn carries the conversation's id: still one conversation.
+	server, id := tab.lookup(conversation{prefixes: []uint64{1, 2, 3, 4}}, now)
+	require.Equal(t, a.srv.key, server)
+	require.NotZero(t, id)
+	turn2 := conversation{prefixes: []uint64{1, 2, 3, 4}, keep: []uint64{3, 4}}
+	tab.record(turn2, a.srv.key, id, now)
+	tab.record(conversation{prefixes: []uint64{9}, keep: []uint64{9}}, b.srv.key, 0, now)
+	assert.Equal(t, []string{"c"}, names(tab.leastHosting(list, now)))
+	// It moved to c (an overflow): a holds none now.
+	tab.record(conversation{prefixes: []uint64{5}, keep: []uint64{5}}, c.srv.key, id, now)
+	assert.Equal(t, []string{"a"}, names(tab.leastHosting(list, now)))
+	assert.Equal(t, map[string]int{b.srv.key: 1, c.srv.key: 1}, tab.hosting)
+	// Idle conversations stop counting.
+	assert.Equal(t, []string{"a", "b", "c"}, names(tab.leastHosting(list, now.Add(activeWindow+time.Second))))
+	assert.Empty(t, tab.hosting)
+	assert.Zero(t, tab.active.Len())
 }
 
 func TestCaddyfileConversationAffinity(t *testing.T) {
@@ -291,7 +325,7 @@ func mustJSON(t *testing.T, v any) string {
 
 func TestIntegrationConversationAffinityOffAndSticky(t *testing.T) {
 	fs, _, lines := affinityFakes(t, 3, fakeollama.Config{Tokens: 2}, "")
-	loadCaddy(t, "lb_policy round_robin\nconversation_affinity off\n"+lines)
+	loadCaddy(t, "lb_policy round_robin\n"+lines) // off by default with round_robin
 	waitKnown(t, fs)
 	msgs := []map[string]string{{"role": "system", "content": "s"}}
 	seen := map[string]bool{}
@@ -302,9 +336,17 @@ func TestIntegrationConversationAffinityOffAndSticky(t *testing.T) {
 	}
 	assert.Len(t, seen, 3, "round robin, no affinity: the turns go around")
 
+	loadCaddy(t, "lb_policy least_conn\nconversation_affinity off\n"+lines)
+	waitKnown(t, fs)
+	msgs = []map[string]string{{"role": "system", "content": "s"}}
+	for i := range 3 {
+		_, route := turn(t, "/api/chat", &msgs, fmt.Sprint("q", i))
+		assert.Equal(t, routePolicy, route, "off")
+	}
+
 	// Sticky sessions win when the request carries a key; without one,
 	// affinity applies.
-	loadCaddy(t, "lb_policy round_robin\nsticky {\n headers x-conversation-id\n}\n"+lines)
+	loadCaddy(t, "lb_policy round_robin\nconversation_affinity\nsticky {\n headers x-conversation-id\n}\n"+lines)
 	waitKnown(t, fs)
 	msgs = []map[string]string{{"role": "system", "content": "s"}}
 	first, route := turn(t, "/api/chat", &msgs, "q", "X-Conversation-Id", "c1")
@@ -339,13 +381,20 @@ func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
 	assert.Equal(t, []string{"fast", "slow"}, names(nearBest([]*backend{fast, slow}, "", newConvFactor, newConvMargin)))
 	assert.Equal(t, []string{"fresh"}, names(nearBest([]*backend{fresh, busy}, "", newConvFactor, newConvMargin)), "no speeds: the least busy")
+}
 
-	tab := newAffinityTable(10, time.Minute)
-	now := time.Now()
-	c := conversation{prefixes: []uint64{1}, keep: []uint64{1}}
-	tab.record(c, fast.srv.key, now, true)
-	tab.record(c, fast.srv.key, now, false) // a follow-up starts nothing
-	tab.record(c, slow.srv.key, now, true)
-	assert.Equal(t, []string{"fresh", "busy"}, names(tab.leastStarted(list, now)))
-	assert.Equal(t, []string{"fast", "slow", "fresh", "busy"}, names(tab.leastStarted(list, now.Add(20*startedHalfLife))), "the counts fade")
+func TestConversationAffinityDefaultsByPolicy(t *testing.T) {
+	on, off := true, false
+	for _, c := range []struct {
+		policy string
+		set    *bool
+		want   bool
+	}{
+		{"least_delay", nil, true}, {"least_conn", nil, true},
+		{"round_robin", nil, false}, {"random", nil, false}, {"first", nil, false},
+		{"least_delay", &off, false}, {"round_robin", &on, true},
+	} {
+		h := &Handler{LBPolicy: c.policy, ConversationAffinity: c.set}
+		assert.Equal(t, c.want, h.affinityOn(), "%s %v", c.policy, c.set)
+	}
 }

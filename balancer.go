@@ -442,9 +442,10 @@ const (
 // session's server when sticky sessions are on and the request carries a
 // key (sticky wins over affinity: the operator asked for it), else on the
 // conversation's server (affinity.go), else where the policy says. It
-// returns X-OllamaFlow-Sticky's value ("" without sticky sessions) and
-// X-OllamaFlow-Route's. A nil backend means the request queues.
-func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversation, model string) (b *backend, sticky, route string) {
+// returns X-OllamaFlow-Sticky's value ("" without sticky sessions),
+// X-OllamaFlow-Route's and the conversation's id (0: new, or not looked
+// up). A nil backend means the request queues.
+func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversation, model string) (b *backend, sticky, route string, id uint64) {
 	if h.Sticky != nil {
 		if key := h.stickyKey(r); key != "" {
 			b, sticky = h.acquireSticky(avail, key, model)
@@ -452,12 +453,12 @@ func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversat
 			if sticky == stickyOverflow {
 				route = routeStickyOverflow
 			}
-			return b, sticky, route
+			return b, sticky, route, 0
 		}
 		sticky = stickyNone
 	}
-	b, route = h.acquireConversation(avail, conv, model)
-	return b, sticky, route
+	b, route, id = h.acquireConversation(avail, conv, model)
+	return b, sticky, route, id
 }
 
 // acquireSticky takes a slot on the session's server if it has room; else

@@ -288,6 +288,7 @@ type attemptResult struct {
 func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind, info *requestInfo) error {
 	tried := make([]*backend, 0, h.retries+1)
 	var conv conversation
+	var convID uint64 // the conversation's, once known; 0: a new one
 	if h.affinity != nil && kind == kindCompletion {
 		conv = conversationOf(r.URL.Path, model, body)
 	}
@@ -306,7 +307,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		avail := notBusy(remaining, time.Now())
 		var b *backend
 		if attempt == 0 {
-			b, info.sticky, info.route = h.acquireFirst(r, avail, conv, model)
+			b, info.sticky, info.route, convID = h.acquireFirst(r, avail, conv, model)
 			if info.sticky != "" {
 				w.Header().Set("X-OllamaFlow-Sticky", info.sticky)
 			}
@@ -331,7 +332,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		}
 		tried = append(tried, b)
 		if !conv.none() { // the next turn finds the server that has this one in its cache
-			h.affinity.record(conv, b.srv.key, time.Now(), attempt == 0 && info.route == routePolicy)
+			h.affinity.record(conv, b.srv.key, convID, time.Now())
 		}
 		if failed != nil { // counted only now: a failure with nothing left to try is no retry
 			metrics.retries.WithLabelValues(h.Name, failed.cfg.Name).Inc()

@@ -227,7 +227,9 @@ type Handler struct {
 	// preferred while its expected delay is within 1.5 × the best
 	// candidate's plus 0.25s; when it is at its cap or much slower the
 	// policy chooses. Sticky sessions, when a request carries a session
-	// key, win over it. Default: true.
+	// key, win over it. Default: true with least_delay and least_conn,
+	// false with round_robin, random and first, whose users asked for that
+	// distribution.
 	ConversationAffinity *bool `json:"conversation_affinity,omitempty"`
 
 	// CORSOrigins are the origins whose pages may call this frontend from a
@@ -494,7 +496,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.provisioned = time.Now()
 	h.stats = acquireFrontendStats(h.Name)
 	h.acquireTenants()
-	if h.ConversationAffinity == nil || *h.ConversationAffinity {
+	if h.affinityOn() {
 		h.affinity = acquireAffinity(h.Name)
 	}
 	startHistory()
@@ -510,6 +512,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// from its own goroutine.
 	registerFrontend(h)
 	return nil
+}
+
+// affinityOn applies conversation_affinity's default: on for the policies
+// that weigh load (affinity refines their choice), off for those that
+// promise a distribution.
+func (h *Handler) affinityOn() bool {
+	if h.ConversationAffinity != nil {
+		return *h.ConversationAffinity
+	}
+	return h.LBPolicy == "least_delay" || h.LBPolicy == "least_conn"
 }
 
 // startedHook is subscribed to Caddy's "started" event of the handler's
