@@ -64,6 +64,9 @@ const (
 	// of its last turn, for spreading new ones: Ollama unloads an idle
 	// model, and its cache, after 5 minutes by default.
 	activeWindow = 5 * time.Minute
+	// recentHalfLife weighs the conversations a server holds by how
+	// recently their last turn went there.
+	recentHalfLife = time.Minute
 	// Boundaries of /api/generate and /v1/completions: context tokens and
 	// prompt bytes between two of them.
 	affinityContextChunk = 64
@@ -318,7 +321,25 @@ type affinityTable struct {
 
 	convs   map[uint64]*list.Element
 	active  list.List // of *convActivity, most recent turn first
-	hosting map[string]int
+	hosting map[string]*hosted
+}
+
+// hosted is what a server holds: conversations whose last turn went there
+// within activeWindow, and their weight, each one's halving every
+// recentHalfLife since its last turn (the conversations most likely to
+// send their next turn soon weigh most).
+type hosted struct {
+	n    int
+	w    float64 // the weight as of when
+	when time.Time
+}
+
+func (h *hosted) weight(now time.Time) float64 {
+	return h.w * decay(now.Sub(h.when))
+}
+
+func decay(age time.Duration) float64 {
+	return math.Exp2(-age.Seconds() / recentHalfLife.Seconds())
 }
 
 type affinityEntry struct {
@@ -345,7 +366,7 @@ func newAffinityTable(maxEntries int, ttl time.Duration) *affinityTable {
 		max: maxEntries, ttl: ttl,
 		entries: make(map[uint64]*list.Element),
 		convs:   make(map[uint64]*list.Element),
-		hosting: make(map[string]int),
+		hosting: make(map[string]*hosted),
 	}
 }
 
@@ -409,13 +430,18 @@ func (t *affinityTable) put(e affinityEntry, now time.Time) {
 func (t *affinityTable) touch(id uint64, server string, now time.Time) {
 	if el, ok := t.convs[id]; ok {
 		a := el.Value.(*convActivity)
-		t.unhost(a.server)
+		t.unhost(a, now)
 		a.server, a.at = server, now
 		t.active.MoveToFront(el)
 	} else {
 		t.convs[id] = t.active.PushFront(&convActivity{id: id, server: server, at: now})
 	}
-	t.hosting[server]++
+	h := t.hosting[server]
+	if h == nil {
+		h = &hosted{}
+		t.hosting[server] = h
+	}
+	h.n, h.w, h.when = h.n+1, h.weight(now)+1, now
 	t.expire(now)
 }
 
@@ -427,30 +453,43 @@ func (t *affinityTable) expire(now time.Time) {
 		}
 		t.active.Remove(el)
 		delete(t.convs, a.id)
-		t.unhost(a.server)
+		t.unhost(a, now)
 	}
 }
 
-// unhost counts one conversation less on server; a server with none
-// leaves the map, which so holds only servers with conversations.
-func (t *affinityTable) unhost(server string) {
-	if t.hosting[server]--; t.hosting[server] <= 0 {
-		delete(t.hosting, server)
+// unhost takes conversation a off its server; a server with none leaves
+// the map, which so holds only servers with conversations.
+func (t *affinityTable) unhost(a *convActivity, now time.Time) {
+	h := t.hosting[a.server]
+	if h == nil {
+		return
 	}
+	if h.n--; h.n <= 0 {
+		delete(t.hosting, a.server)
+		return
+	}
+	h.w, h.when = max(h.weight(now)-decay(now.Sub(a.at)), 0), now
 }
 
-// leastHosting keeps the backends holding the fewest active conversations.
+// leastHosting keeps the backends whose conversations weigh least (within
+// a tenth of a fresh one).
 func (t *affinityTable) leastHosting(list []*backend, now time.Time) []*backend {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.expire(now)
-	fewest := math.MaxInt
+	weight := func(b *backend) float64 {
+		if h := t.hosting[b.srv.key]; h != nil {
+			return h.weight(now)
+		}
+		return 0
+	}
+	least := math.Inf(1)
 	for _, b := range list {
-		fewest = min(fewest, t.hosting[b.srv.key])
+		least = min(least, weight(b))
 	}
 	out := make([]*backend, 0, len(list))
 	for _, b := range list {
-		if t.hosting[b.srv.key] == fewest {
+		if weight(b) < least+0.1 {
 			out = append(out, b)
 		}
 	}
@@ -482,7 +521,7 @@ func acquireAffinity(name string) *affinityTable {
 // conversation's previous turn, when it has room and its expected delay is
 // not much worse than the best candidate's; otherwise the policy chooses.
 // A new conversation goes, among the servers about as fast as the best,
-// to one holding the fewest active conversations: Ollama's cache keeps one
+// to one holding the fewest recent conversations: Ollama's cache keeps one
 // conversation per slot (by default, one in all: see README), so
 // conversations piled on one server evict each other. It reports the
 // route taken and the conversation's id (0: new).
@@ -504,14 +543,14 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, model
 	}
 	if key == "" {
 		metrics.affinity.WithLabelValues(h.Name, "miss").Inc()
-		spread := h.affinity.leastHosting(nearBest(free, model, newConvFactor, newConvMargin), now)
+		spread := h.affinity.leastHosting(h.nearBest(free, model, newConvFactor, newConvMargin), now)
 		b := h.take(spread, model)
 		if b == nil && len(spread) < len(free) {
 			b = h.take(free, model)
 		}
 		return b, routePolicy, 0
 	}
-	if prev != nil && slices.Contains(nearBest(free, model, affinityFactor, affinityMargin), prev) && prev.srv.tryAcquire(prev.cfg.MaxParallel) {
+	if prev != nil && slices.Contains(h.nearBest(free, model, affinityFactor, affinityMargin), prev) && prev.srv.tryAcquire(prev.cfg.MaxParallel) {
 		metrics.affinity.WithLabelValues(h.Name, "hit").Inc()
 		return prev, routeAffinityHit, id
 	}
@@ -522,11 +561,11 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, model
 // nearBest keeps the backends whose expected delay is within factor × the
 // best plus margin seconds. A backend not observed yet (no delay to
 // compare) is kept when it is no busier than the least busy one.
-func nearBest(list []*backend, model string, factor, margin float64) []*backend {
+func (h *Handler) nearBest(list []*backend, model string, factor, margin float64) []*backend {
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
 	delays := make([]float64, len(list))
 	for i, b := range list {
-		d, ok := expectedDelayOf(b, model)
+		d, ok := h.expectedDelayOf(b, model)
 		if !ok {
 			d = math.NaN()
 		} else if d < best {
@@ -553,6 +592,6 @@ func nearBest(list []*backend, model string, factor, margin float64) []*backend 
 
 // expectedDelayOf is the cost model's estimate of a new request's delay
 // on b, in seconds; ok is false while b has not been observed.
-func expectedDelayOf(b *backend, model string) (float64, bool) {
-	return b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, coldFor(b, model))
+func (h *Handler) expectedDelayOf(b *backend, model string) (float64, bool) {
+	return b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, h.coldFor(b, model))
 }

@@ -168,9 +168,18 @@ func TestAffinityTableCountsConversationsPerServer(t *testing.T) {
 	// It moved to c (an overflow): a holds none now.
 	tab.record(conversation{prefixes: []uint64{5}, keep: []uint64{5}}, c.srv.key, id, now)
 	assert.Equal(t, []string{"a"}, names(tab.leastHosting(list, now)))
-	assert.Equal(t, map[string]int{b.srv.key: 1, c.srv.key: 1}, tab.hosting)
+	assert.Len(t, tab.hosting, 2, "a holds none")
+	assert.Equal(t, 1, tab.hosting[c.srv.key].n)
+	// A conversation weighs less as its last turn ages: b's, a minute old,
+	// weighs half of a new one on c.
+	later := now.Add(recentHalfLife)
+	tab.record(conversation{prefixes: []uint64{20}, keep: []uint64{20}}, c.srv.key, 0, later)
+	tab.record(conversation{prefixes: []uint64{30}, keep: []uint64{30}}, a.srv.key, 0, later)
+	assert.InDelta(t, 0.5, tab.hosting[b.srv.key].weight(later), 1e-9)
+	assert.InDelta(t, 1.5, tab.hosting[c.srv.key].weight(later), 1e-9)
+	assert.Equal(t, []string{"b"}, names(tab.leastHosting(list, later)), "a holds one conversation as new as c's newest, b an older one")
 	// Idle conversations stop counting.
-	assert.Equal(t, []string{"a", "b", "c"}, names(tab.leastHosting(list, now.Add(activeWindow+time.Second))))
+	assert.Equal(t, []string{"a", "b", "c"}, names(tab.leastHosting(list, later.Add(activeWindow+time.Second))))
 	assert.Empty(t, tab.hosting)
 	assert.Zero(t, tab.active.Len())
 }
@@ -374,13 +383,14 @@ func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 	slow.srv.speed.observe(400*time.Millisecond, 1)
 	busy.srv.inFlight.Store(1)
 	list := []*backend{fast, slow, fresh, busy}
-	assert.Equal(t, []string{"fast", "fresh"}, names(nearBest(list, "", newConvFactor, newConvMargin)),
+	h := &Handler{}
+	assert.Equal(t, []string{"fast", "fresh"}, names(h.nearBest(list, "", newConvFactor, newConvMargin)),
 		"a new conversation never goes to a server four times slower; an unobserved idle one is a candidate")
-	assert.Equal(t, []string{"fast", "slow", "fresh"}, names(nearBest(list, "", affinityFactor, affinityMargin)),
+	assert.Equal(t, []string{"fast", "slow", "fresh"}, names(h.nearBest(list, "", affinityFactor, affinityMargin)),
 		"a conversation stays on its server while it is within 1.5x the best plus 0.25s")
 	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
-	assert.Equal(t, []string{"fast", "slow"}, names(nearBest([]*backend{fast, slow}, "", newConvFactor, newConvMargin)))
-	assert.Equal(t, []string{"fresh"}, names(nearBest([]*backend{fresh, busy}, "", newConvFactor, newConvMargin)), "no speeds: the least busy")
+	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest([]*backend{fast, slow}, "", newConvFactor, newConvMargin)))
+	assert.Equal(t, []string{"fresh"}, names(h.nearBest([]*backend{fresh, busy}, "", newConvFactor, newConvMargin)), "no speeds: the least busy")
 }
 
 func TestConversationAffinityDefaultsByPolicy(t *testing.T) {
