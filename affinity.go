@@ -550,7 +550,7 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, model
 		}
 		return b, routePolicy, 0
 	}
-	if prev != nil && slices.Contains(h.nearBest(free, model, affinityFactor, affinityMargin), prev) && prev.srv.tryAcquire(prev.cfg.MaxParallel) {
+	if prev != nil && slices.Contains(h.nearBest(free, model, affinityFactor, affinityMargin), prev) && prev.tryAcquire() {
 		metrics.affinity.WithLabelValues(h.Name, "hit").Inc()
 		return prev, routeAffinityHit, id
 	}
