@@ -1,10 +1,12 @@
 package ollamaflow
 
 import (
+	"context"
 	_ "embed"
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -87,26 +89,11 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		w.Header().Set("Cache-Control", "no-store")
 		_, _ = w.Write(statusPage)
 		return nil
-	case path == "/frontends":
+	case len(parts) == 1 && statusReads[parts[0]] != nil:
 		if err := allowMethods(r, http.MethodGet); err != nil {
 			return err
 		}
-		return writeAdminJSON(w, frontendStatuses())
-	case path == "/usage":
-		if err := allowMethods(r, http.MethodGet); err != nil {
-			return err
-		}
-		return writeAdminJSON(w, usageStatus())
-	case path == "/history":
-		if err := allowMethods(r, http.MethodGet); err != nil {
-			return err
-		}
-		return writeAdminJSON(w, historyStatus())
-	case path == "/backends":
-		if err := allowMethods(r, http.MethodGet); err != nil {
-			return err
-		}
-		return writeAdminJSON(w, backendStatuses())
+		return writeAdminJSON(w, statusReads[parts[0]]())
 	case len(parts) == 2 && parts[0] == "backends":
 		if err := allowMethods(r, http.MethodGet); err != nil {
 			return err
@@ -120,25 +107,50 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		if err := allowMethods(r, http.MethodPost); err != nil {
 			return err
 		}
-		srv, err := serverByName(parts[1], r.URL.Query().Get("frontend"))
+		st, err := backendAction(r.Context(), parts[1], r.URL.Query().Get("frontend"), parts[2])
 		if err != nil {
 			return err
 		}
-		switch parts[2] {
-		case "drain":
-			srv.setDraining(true)
-		case "undrain":
-			srv.setDraining(false)
-		case "refresh":
-			if err := srv.refreshModels(r.Context(), 0); err != nil {
-				return caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("refreshing %s: %v", parts[1], err)}
-			}
-		default:
-			return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use drain, undrain or refresh", parts[2])}
-		}
-		return writeAdminJSON(w, backendStatus(srv, viewsOf(srv)))
+		return writeAdminJSON(w, st)
 	}
 	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown route %s", r.URL.Path)}
+}
+
+// statusReads are the read-only JSON documents, by route, that both the
+// admin endpoint and the ollamaflow_status handler serve.
+var statusReads = map[string]func() any{
+	"backends":  func() any { return backendStatuses() },
+	"frontends": func() any { return frontendStatuses() },
+	"history":   func() any { return historyStatus() },
+	"usage":     func() any { return usageStatus() },
+}
+
+// backendActions are what an operator may do to a backend, from the admin
+// endpoint or the dashboard.
+var backendActions = []string{"drain", "undrain", "refresh"}
+
+// backendAction drains, undrains or refreshes the backend a name (and,
+// when the name is ambiguous, a frontend) refers to, and returns its state
+// afterwards. Errors are caddy.APIError with the status to answer.
+func backendAction(ctx context.Context, name, frontend, action string) (backendJSON, error) {
+	if !slices.Contains(backendActions, action) {
+		return backendJSON{}, caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use drain, undrain or refresh", action)}
+	}
+	srv, err := serverByName(name, frontend)
+	if err != nil {
+		return backendJSON{}, err
+	}
+	switch action {
+	case "drain":
+		srv.setDraining(true)
+	case "undrain":
+		srv.setDraining(false)
+	case "refresh":
+		if err := srv.refreshModels(ctx, 0); err != nil {
+			return backendJSON{}, caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("refreshing %s: %v", name, err)}
+		}
+	}
+	return backendStatus(srv, viewsOf(srv)), nil
 }
 
 func allowMethods(r *http.Request, methods ...string) error {

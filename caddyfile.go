@@ -25,6 +25,14 @@ func init() {
 	// else to a reverse_proxy or file_server, so it runs before them and
 	// users need no order line.
 	httpcaddyfile.RegisterDirectiveOrder("ollamaflow", httpcaddyfile.Before, "reverse_proxy")
+
+	httpcaddyfile.RegisterHandlerDirective("ollamaflow_status", parseStatusCaddyfile)
+	// The dashboard is a page that answers, like Caddy's own metrics: it
+	// sits right after metrics, so after respond and basic_auth/forward_auth
+	// and before ollamaflow and reverse_proxy. A site sharing the dashboard
+	// with a frontend scopes it with a path matcher (ollamaflow_status
+	// /ops/*) and the frontend gets every other path, with no order line.
+	httpcaddyfile.RegisterDirectiveOrder("ollamaflow_status", httpcaddyfile.After, "metrics")
 }
 
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
@@ -33,6 +41,46 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 		return nil, err
 	}
 	return handler, nil
+}
+
+func parseStatusCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	s := new(StatusPage)
+	if err := s.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// UnmarshalCaddyfile sets up the dashboard handler from Caddyfile tokens.
+// Syntax:
+//
+//	ollamaflow_status [<matcher>] [{
+//		read_only [true|false]
+//	}]
+func (s *StatusPage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive's name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for d.NextBlock(0) {
+		opt := d.Val()
+		if seen[opt] {
+			return d.Errf("%s given twice", opt)
+		}
+		seen[opt] = true
+		switch opt {
+		case "read_only":
+			v, err := parseFlag(d)
+			if err != nil {
+				return err
+			}
+			s.ReadOnly = v
+		default:
+			return d.Errf("unknown ollamaflow_status option %q", opt)
+		}
+	}
+	return nil
 }
 
 // Options that may be given more than once in a block; their values

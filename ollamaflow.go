@@ -28,9 +28,10 @@
 //	pinning.go     pinned properties: parsed at provision, merged into request bodies
 //	pinvocab.go    pins compiled per API vocabulary: the fields Ollama's OpenAI layer reads
 //	cors.go        CORS as Ollama answers it: origins, preflights, headers on every answer
-//	caddyfile.go   the ollamaflow directive
+//	caddyfile.go   the ollamaflow and ollamaflow_status directives
 //	command.go     the `caddy ollamaflow` subcommand: a frontend from flags, no config file
 //	admin.go       admin.api.ollamaflow: status routes, drain, the embedded status.html
+//	status.go      http.handlers.ollamaflow_status: the dashboard on any site, its JSON, actions guarded against other sites
 //	metrics.go     Prometheus collectors in Caddy's registry
 //	history.go     the sampled 15-minute history of GET /ollamaflow/history
 //	trace.go       the {http.ollamaflow.*} placeholders, attributes of the request's tracing span

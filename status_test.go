@@ -13,14 +13,18 @@ package ollamaflow
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -341,4 +345,312 @@ func TestStatusPageShowsRecoveredErrorsAsPast(t *testing.T) {
 	assert.Contains(t, rows["down"].html, `<div class="err">dial tcp: connection refused</div>`, "a failing server's error is current")
 	assert.NotContains(t, rows["back"].html, `class="err"`, "a recovered server's error is not shown as current")
 	assert.Contains(t, rows["back"].html, "last error (recovered): dial tcp: connection refused")
+}
+
+// Dashboard accounts for the ollamaflow_status tests: bcrypt at cost 4, so
+// that basic_auth stays quick.
+const (
+	opsHash    = "$2a$04$kDnz8nBrA4cszPbg.CAtC.itEp10gjBfAspCw5uqcd6U3.ym5St8." // ops-password
+	viewerHash = "$2a$04$cnY/0403HbSfNNAZ0QGDhevK3WqrZ6wz27imYRSoJ2OAomAghK9PS" // viewer-password
+)
+
+var (
+	opsAuth    = "Basic " + base64.StdEncoding.EncodeToString([]byte("ops:ops-password"))
+	viewerAuth = "Basic " + base64.StdEncoding.EncodeToString([]byte("viewer:viewer-password"))
+)
+
+// dashboardConfig is caddyConfig(body) with JSON logs to logFile, plus a
+// dashboard site on port behind basic_auth: at the root, under handle_path
+// /ops/, and read-only under /ro/.
+func dashboardConfig(port int, logFile, body string) string {
+	cfg := strings.Replace(caddyConfig(body), "skip_install_trust",
+		"skip_install_trust\n\tlog {\n\t\toutput file "+logFile+"\n\t\tformat json\n\t}", 1)
+	return cfg + fmt.Sprintf(`
+:%d {
+	basic_auth {
+		ops %s
+		viewer %s
+	}
+	handle_path /ops/* {
+		ollamaflow_status
+	}
+	ollamaflow_status /ro/* {
+		read_only
+	}
+	ollamaflow_status
+}
+`, port, opsHash, viewerHash)
+}
+
+var tokenMetaRE = regexp.MustCompile(`<meta name="ollamaflow-token" content="([^"]*)">`)
+
+// pageToken loads the dashboard page at url as auth and returns its token.
+func pageToken(t *testing.T, url, auth string) string {
+	t.Helper()
+	res, page := send(t, http.MethodGet, url, "", "Authorization", auth)
+	require.Equal(t, http.StatusOK, res.StatusCode, page)
+	m := tokenMetaRE.FindStringSubmatch(page)
+	require.NotNil(t, m, "no token meta tag in the page")
+	return m[1]
+}
+
+// logLines returns the JSON log lines whose msg is msg.
+func logLines(t *testing.T, file, msg string) []map[string]any {
+	t.Helper()
+	raw, err := os.ReadFile(file)
+	require.NoError(t, err)
+	var out []map[string]any
+	for _, line := range strings.Split(string(raw), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) == nil && m["msg"] == msg {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func TestStatusHandlerServesAndActs(t *testing.T) {
+	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
+	defer a.Close()
+	port := freePort()
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	loadCaddyfile(t, dashboardConfig(port, logFile, "name dash\nbackend a "+a.URL))
+	sa := waitHealthy(t, a.URL, stateHealthy)
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	origin := base
+	req := func(method, path string, hdr ...string) (*http.Response, string) {
+		t.Helper()
+		return send(t, method, base+path, "", hdr...)
+	}
+
+	// Caddy's own authentication guards everything, the page included.
+	res, _ := req(http.MethodGet, "/")
+	assert.Equal(t, http.StatusUnauthorized, res.StatusCode)
+	res, _ = req(http.MethodGet, "/backends")
+	assert.Equal(t, http.StatusUnauthorized, res.StatusCode)
+
+	res, page := req(http.MethodGet, "/", "Authorization", opsAuth)
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	assert.True(t, strings.HasPrefix(res.Header.Get("Content-Type"), "text/html"))
+	assert.Equal(t, "DENY", res.Header.Get("X-Frame-Options"), "no other site may frame the buttons")
+	assert.Contains(t, res.Header.Get("Content-Security-Policy"), "frame-ancestors 'none'")
+	assert.Regexp(t, `script-src 'sha256-[A-Za-z0-9+/]+=*';`, res.Header.Get("Content-Security-Policy"))
+	token := tokenMetaRE.FindStringSubmatch(page)
+	require.NotNil(t, token)
+	require.NotEmpty(t, token[1], "a page that may act carries a token")
+	assert.Equal(t, string(statusPage), strings.Replace(page, token[0], string(statusTokenMeta), 1), "the page is status.html with its token")
+	assert.NotEqual(t, token[1], pageToken(t, base+"/", viewerAuth), "a token is bound to its user")
+
+	for _, path := range []string{"/backends", "/ops/backends", "/ro/backends"} {
+		res, body := req(http.MethodGet, path, "Authorization", opsAuth)
+		require.Equal(t, http.StatusOK, res.StatusCode, path)
+		assert.Equal(t, "application/json", res.Header.Get("Content-Type"))
+		var list []backendJSON
+		require.NoError(t, json.Unmarshal([]byte(body), &list), path)
+		require.Len(t, list, 1, path)
+		assert.Equal(t, a.URL, list[0].URL, path)
+	}
+	res, body := req(http.MethodGet, "/frontends", "Authorization", opsAuth)
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Contains(t, body, `"name": "dash"`)
+	res, body = req(http.MethodGet, "/ops/history", "Authorization", opsAuth)
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Contains(t, body, `"interval_seconds": 5`)
+	assert.Equal(t, token[1] != "", pageToken(t, base+"/ops/", opsAuth) != "", "under handle_path the page acts too")
+	assert.Empty(t, pageToken(t, base+"/ro/", opsAuth), "a read-only page has no token, so no buttons")
+
+	res, body = req(http.MethodGet, "/nothing-here", "Authorization", opsAuth)
+	assert.Equal(t, http.StatusNotFound, res.StatusCode)
+	assert.Contains(t, body, `"error"`)
+	res, _ = req(http.MethodPost, "/backends", "Authorization", opsAuth)
+	assert.Equal(t, http.StatusMethodNotAllowed, res.StatusCode)
+	assert.Equal(t, "GET, HEAD", res.Header.Get("Allow"))
+	res, _ = req(http.MethodGet, "/backends/a/drain", "Authorization", opsAuth)
+	assert.Equal(t, http.StatusMethodNotAllowed, res.StatusCode)
+	assert.Equal(t, "POST", res.Header.Get("Allow"))
+
+	// Refusals: none of these drains.
+	refused := []struct {
+		name   string
+		path   string
+		status int
+		want   string
+		hdr    []string
+	}{
+		{"no token", "/backends/a/drain", 403, "X-OllamaFlow-Token", []string{"Authorization", opsAuth, "Sec-Fetch-Site", "same-origin", "Origin", origin}},
+		{"forged token", "/backends/a/drain", 403, "X-OllamaFlow-Token", []string{"Authorization", opsAuth, "X-OllamaFlow-Token", "1." + strings.Repeat("0", 64)}},
+		{"another user's token", "/backends/a/drain", 403, "X-OllamaFlow-Token", []string{"Authorization", viewerAuth, "X-OllamaFlow-Token", token[1]}},
+		{"cross-site browser request", "/backends/a/drain", 403, "cross-origin", []string{"Authorization", opsAuth, "X-OllamaFlow-Token", token[1], "Sec-Fetch-Site", "cross-site"}},
+		{"same-site browser request", "/backends/a/drain", 403, "cross-origin", []string{"Authorization", opsAuth, "X-OllamaFlow-Token", token[1], "Sec-Fetch-Site", "same-site"}},
+		{"foreign Origin", "/backends/a/drain", 403, "cross-origin", []string{"Authorization", opsAuth, "X-OllamaFlow-Token", token[1], "Origin", "http://evil.example"}},
+		{"read-only dashboard", "/ro/backends/a/drain", 403, "read-only", []string{"Authorization", opsAuth, "X-OllamaFlow-Token", token[1]}},
+		{"no credentials", "/backends/a/drain", 401, "", []string{"X-OllamaFlow-Token", token[1]}},
+	}
+	for _, tc := range refused {
+		res, body := req(http.MethodPost, tc.path, tc.hdr...)
+		assert.Equal(t, tc.status, res.StatusCode, "%s: %s", tc.name, body)
+		assert.Contains(t, body, tc.want, tc.name)
+		assert.False(t, sa.draining.Load(), "%s: drained anyway", tc.name)
+	}
+
+	// The page's own request: same origin, its token, its user.
+	act := func(path string) (*http.Response, string) {
+		return req(http.MethodPost, path, "Authorization", opsAuth, "X-OllamaFlow-Token", token[1], "Sec-Fetch-Site", "same-origin", "Origin", origin)
+	}
+	res, body = act("/backends/a/drain?frontend=dash")
+	require.Equal(t, http.StatusOK, res.StatusCode, body)
+	var st backendJSON
+	require.NoError(t, json.Unmarshal([]byte(body), &st))
+	assert.True(t, st.Draining)
+	_, raw := adminGet(t, "/ollamaflow/backends/a")
+	require.NoError(t, json.Unmarshal(raw, &st))
+	assert.True(t, st.Draining, "the admin API sees the drain")
+
+	res, body = act("/backends/nobody/drain")
+	assert.Equal(t, http.StatusNotFound, res.StatusCode)
+	assert.Contains(t, body, `no backend named \"nobody\"`)
+	res, body = act("/backends/a/undrain")
+	require.Equal(t, http.StatusOK, res.StatusCode, body)
+	assert.False(t, sa.draining.Load())
+	res, body = act("/backends/a/refresh")
+	require.Equal(t, http.StatusOK, res.StatusCode, body)
+	// Without Sec-Fetch-Site or Origin (curl, a script) the token is enough.
+	res, body = req(http.MethodPost, "/ops/backends/a/drain", "Authorization", opsAuth, "X-OllamaFlow-Token", token[1])
+	require.Equal(t, http.StatusOK, res.StatusCode, body)
+	assert.True(t, sa.draining.Load())
+	sa.setDraining(false)
+
+	// Every action and every refusal is logged with who asked.
+	require.Eventually(t, func() bool { return len(logLines(t, logFile, "dashboard action")) == 4 }, 5*time.Second, 10*time.Millisecond)
+	done := logLines(t, logFile, "dashboard action")
+	assert.Equal(t, "drain", done[0]["action"])
+	assert.Equal(t, "a", done[0]["backend"])
+	assert.Equal(t, "dash", done[0]["frontend"])
+	assert.Equal(t, "ops", done[0]["user"])
+	assert.Contains(t, done[0]["remote_addr"], "127.0.0.1:")
+	assert.Equal(t, "http.handlers.ollamaflow_status", done[0]["logger"])
+	assert.Equal(t, []any{"drain", "undrain", "refresh", "drain"}, []any{done[0]["action"], done[1]["action"], done[2]["action"], done[3]["action"]})
+	refusals := logLines(t, logFile, "dashboard action refused")
+	require.Len(t, refusals, len(refused)-1, "every refusal after authentication is logged")
+	assert.Equal(t, "viewer", refusals[2]["user"])
+	assert.Contains(t, refusals[3]["reason"], "cross-origin")
+	raw, err := os.ReadFile(logFile)
+	require.NoError(t, err)
+	assert.NotContains(t, string(raw), token[1], "tokens are not logged")
+}
+
+func TestStatusToken(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	tok := statusToken("ops", now)
+	assert.NoError(t, checkStatusToken(tok, "ops", now))
+	assert.NoError(t, checkStatusToken(tok, "ops", now.Add(statusTokenTTL-time.Second)))
+	assert.ErrorContains(t, checkStatusToken(tok, "ops", now.Add(statusTokenTTL+time.Second)), "expired")
+	assert.ErrorContains(t, checkStatusToken(tok, "ops", now.Add(-2*time.Minute)), "expired", "issued in the future")
+	assert.ErrorIs(t, checkStatusToken(tok, "viewer", now), errStatusToken)
+	assert.ErrorIs(t, checkStatusToken(tok, "", now), errStatusToken)
+	ts, mac, _ := strings.Cut(tok, ".")
+	assert.ErrorIs(t, checkStatusToken(fmt.Sprint(now.Unix()+60)+"."+mac, "ops", now), errStatusToken, "a changed time breaks the MAC")
+	for _, bad := range []string{"", ".", ts, ts + ".", "x." + mac, tok + "0"} {
+		assert.ErrorIs(t, checkStatusToken(bad, "ops", now), errStatusToken, bad)
+	}
+	assert.NoError(t, checkStatusToken(statusToken("", now), "", now), "no authentication: a token for nobody")
+}
+
+// TestStatusPageContrast checks the page's colours in both themes against
+// WCAG 2: text at least 4.5:1 on the surfaces it sits on, the chart series
+// too (their names and values are written in their colour).
+func TestStatusPageContrast(t *testing.T) {
+	page := string(statusPage)
+	light, dark := cssVars(t, page, ":root {"), cssVars(t, page, "@media (prefers-color-scheme: dark) {")
+	pairs := [][2]string{
+		{"fg", "card"}, {"fg", "bg"}, {"fg", "head"}, {"muted", "card"}, {"muted", "head"},
+		{"ok", "ok-bg"}, {"bad", "bad-bg"}, {"warn", "warn-bg"}, {"unk", "unk-bg"}, {"accent", "accent-bg"},
+		{"bad", "card"}, {"warn", "card"}, {"ok", "card"},
+	}
+	for _, c := range []string{"c-req", "c-tok", "c-p50", "c-p99", "c-inflight", "c-queued", "c-err", "c-cold"} {
+		pairs = append(pairs, [2]string{c, "card"})
+	}
+	for theme, vars := range map[string]map[string]string{"light": light, "dark": dark} {
+		for _, p := range pairs {
+			fg, bg := vars[p[0]], vars[p[1]]
+			require.NotEmpty(t, fg, "%s: --%s", theme, p[0])
+			require.NotEmpty(t, bg, "%s: --%s", theme, p[1])
+			ratio := contrast(t, fg, bg)
+			assert.GreaterOrEqual(t, ratio, 4.5, "%s theme: --%s %s on --%s %s is %.2f:1", theme, p[0], fg, p[1], bg, ratio)
+		}
+	}
+}
+
+var cssVarRE = regexp.MustCompile(`--([a-z0-9-]+):\s*(#[0-9a-fA-F]{3,6})`)
+
+// cssVars reads the custom properties of the first block after marker,
+// up to its closing brace.
+func cssVars(t *testing.T, page, marker string) map[string]string {
+	t.Helper()
+	_, rest, ok := strings.Cut(page, marker)
+	require.True(t, ok, "no %q in the page", marker)
+	if strings.HasPrefix(marker, "@media") {
+		_, rest, ok = strings.Cut(rest, ":root {")
+		require.True(t, ok)
+	}
+	block, _, _ := strings.Cut(rest, "}")
+	out := map[string]string{}
+	for _, m := range cssVarRE.FindAllStringSubmatch(block, -1) {
+		out[m[1]] = m[2]
+	}
+	return out
+}
+
+// contrast is the WCAG 2 contrast ratio of two #rrggbb or #rgb colours.
+func contrast(t *testing.T, a, b string) float64 {
+	t.Helper()
+	lum := func(hex string) float64 {
+		if len(hex) == 4 { // #abc is #aabbcc
+			hex = string([]byte{'#', hex[1], hex[1], hex[2], hex[2], hex[3], hex[3]})
+		}
+		require.Len(t, hex, 7, hex)
+		var rgb [3]float64
+		for i := range rgb {
+			v, err := strconv.ParseUint(hex[1+2*i:3+2*i], 16, 8)
+			require.NoError(t, err)
+			c := float64(v) / 255
+			if c <= 0.03928 {
+				rgb[i] = c / 12.92
+			} else {
+				rgb[i] = math.Pow((c+0.055)/1.055, 2.4)
+			}
+		}
+		return 0.2126*rgb[0] + 0.7152*rgb[1] + 0.0722*rgb[2]
+	}
+	la, lb := lum(a), lum(b)
+	if la < lb {
+		la, lb = lb, la
+	}
+	return (la + 0.05) / (lb + 0.05)
+}
+
+// The README's shared site: the dashboard and its authentication under a
+// path, the frontend on every other path, with no order line.
+func TestStatusBesideFrontend(t *testing.T) {
+	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
+	defer a.Close()
+	cfg := strings.Replace(caddyConfig("backend a "+a.URL), "\tollamaflow {", fmt.Sprintf("\tbasic_auth /ops/* {\n\t\tops %s\n\t}\n\tollamaflow_status /ops/*\n\tollamaflow {", opsHash), 1)
+	loadCaddyfile(t, cfg)
+	waitHealthy(t, a.URL, stateHealthy)
+
+	res, _ := send(t, http.MethodGet, siteURL+"/ops/", "")
+	assert.Equal(t, http.StatusUnauthorized, res.StatusCode, "the dashboard needs the password")
+	res, page := send(t, http.MethodGet, siteURL+"/ops/", "", "Authorization", opsAuth)
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Contains(t, page, "<title>ollamaflow status</title>")
+	res, body := send(t, http.MethodGet, siteURL+"/ops/backends", "", "Authorization", opsAuth)
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Contains(t, body, a.URL)
+
+	res, body = send(t, http.MethodGet, siteURL+"/api/tags", "")
+	require.Equal(t, http.StatusOK, res.StatusCode, "the API needs no password: %s", body)
+	assert.Contains(t, body, "tiny-llama")
+	res, body = send(t, http.MethodGet, siteURL+"/", "")
+	assert.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Equal(t, "Ollama is running", body, "the frontend keeps /")
 }
