@@ -29,12 +29,14 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"path"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
@@ -60,6 +62,99 @@ var processInstance = sync.OnceValue(func() string {
 	_, _ = rand.Read(b[:])
 	return hex.EncodeToString(b[:])
 })
+
+// DistributedCounters shares a frontend's tenant counters through Caddy's
+// storage.
+type DistributedCounters struct {
+	// Interval is how often this instance writes its consumption to the
+	// storage and reads the other instances'. Shorter is more exact and
+	// costs more storage I/O. Default: 5s; at least 100ms.
+	Interval caddy.Duration `json:"interval,omitempty"`
+}
+
+// minSyncInterval keeps a misconfigured interval from hammering a remote
+// storage.
+const minSyncInterval = 100 * time.Millisecond
+
+// provision applies the default interval and checks it; nil is off.
+func (dc *DistributedCounters) provision() error {
+	if dc == nil {
+		return nil
+	}
+	if dc.Interval == 0 {
+		dc.Interval = caddy.Duration(defaultSyncInterval)
+	}
+	if time.Duration(dc.Interval) < minSyncInterval {
+		return fmt.Errorf("distributed: interval must be at least %s, got %s", minSyncInterval, time.Duration(dc.Interval))
+	}
+	return nil
+}
+
+// parseDistributed parses "distributed [<interval>]".
+func parseDistributed(d *caddyfile.Dispenser) (*DistributedCounters, error) {
+	dc := new(DistributedCounters)
+	if !d.NextArg() {
+		return dc, nil
+	}
+	iv, err := caddy.ParseDuration(d.Val())
+	if err != nil {
+		return nil, d.Errf("distributed: invalid interval '%s'", d.Val())
+	}
+	if iv < minSyncInterval {
+		return nil, d.Errf("distributed: interval must be at least %s, got %s", minSyncInterval, iv)
+	}
+	dc.Interval = caddy.Duration(iv)
+	if d.NextArg() {
+		return nil, d.Errf("distributed: want at most one argument (the interval)")
+	}
+	return dc, nil
+}
+
+// acquireTenantSync joins the frontend's counter sync when its tenants are
+// distributed. The sync keeps the settings of the config that runs until
+// this one has started (adoptSettings).
+func (h *Handler) acquireTenantSync(ctx caddy.Context) {
+	if h.Tenants == nil || h.Tenants.Distributed == nil {
+		return
+	}
+	st := &syncSettings{
+		storage:  contextStorage(ctx),
+		interval: time.Duration(h.Tenants.Distributed.Interval),
+		logger:   h.logger.Named("tenants"),
+	}
+	for _, t := range h.Tenants.List {
+		st.tenants = append(st.tenants, syncedTenant{
+			name:  t.Name,
+			delta: t.state.localDelta,
+			charge: func(requests, tokens int64, now time.Time) {
+				t.state.addRemote(t, requests, tokens, now)
+			},
+		})
+	}
+	h.syncStaged = st
+	h.tenantSync = acquireTenantSync(h.Name, st)
+}
+
+// contextStorage is the storage of ctx's config, Caddy's default (the
+// file system under its data directory) for a context outside a config.
+func contextStorage(ctx caddy.Context) (st certmagic.Storage) {
+	defer func() {
+		if recover() != nil { // no config behind ctx
+			st = nil
+		}
+		if st == nil {
+			st = caddy.DefaultStorage
+		}
+	}()
+	return ctx.Storage()
+}
+
+func (h *Handler) releaseTenantSync() {
+	if h.tenantSync != nil {
+		releaseTenantSync(h.Name)
+		h.tenantSync = nil
+	}
+}
 
 // syncedTenant is what the sync needs of one tenant's counters: what this
 // instance consumed since the last call, and a way to charge what others
@@ -142,17 +237,14 @@ func newTenantSync(frontend, instance string, clk clock) *tenantSync {
 
 // acquireTenantSync returns the frontend's running sync, starting it with
 // st if it is the first user; the caller adopts st once its config runs.
-func acquireTenantSync(frontend string, st *syncSettings) (*tenantSync, error) {
-	v, _, err := tenantSyncs.LoadOrNew(frontend, func() (caddy.Destructor, error) {
+func acquireTenantSync(frontend string, st *syncSettings) *tenantSync {
+	v, _, _ := tenantSyncs.LoadOrNew(frontend, func() (caddy.Destructor, error) {
 		s := newTenantSync(frontend, processInstance(), realClock{})
 		s.settings.Store(st)
 		s.start()
 		return s, nil
 	})
-	if err != nil {
-		return nil, err
-	}
-	return v.(*tenantSync), nil
+	return v.(*tenantSync)
 }
 
 func releaseTenantSync(frontend string) {

@@ -18,6 +18,7 @@
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
 //	bodymem.go     the process-wide budget for request bodies in memory (max_body_memory), reading bodies against it
+//	distributed.go tenants' counters shared by the instances that use one storage (distributed)
 //	rate.go        a backend's requests_per_minute: the server's sliding window of request starts, waking its queues
 //	health.go      the pooled *server (live state shared across reloads), probes, passive health, events
 //	modelsync.go   model names, discovery of each server's lists, model routing, the miss cache
@@ -285,6 +286,8 @@ type Handler struct {
 	tenantsState      *tenantState   // the frontend's own tenancy counts (unauthorized)
 	tenantKeys        []string       // tenantPool keys this handler holds
 	affinity          *affinityTable // nil: conversation_affinity off
+	tenantSync        *tenantSync    // tenants' distributed counters, if on (distributed.go)
+	syncStaged        *syncSettings  // what this config asks of it, adopted once it runs
 }
 
 // StickyConfig says how a request's session key is found.
@@ -497,6 +500,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.provisioned = time.Now()
 	h.stats = acquireFrontendStats(h.Name)
 	h.acquireTenants()
+	h.acquireTenantSync(ctx)
 	if h.affinityOn() {
 		h.affinity = acquireAffinity(h.Name)
 	}
@@ -542,6 +546,9 @@ func (h *Handler) adoptSettings(config any) {
 	for _, b := range h.backends {
 		b.srv.adopt(b.staged, config, h.Name+"\x00"+b.cfg.Name)
 	}
+	if h.tenantSync != nil {
+		h.tenantSync.settings.Store(h.syncStaged)
+	}
 }
 
 // Validate is a no-op: Provision validates as it applies defaults, because
@@ -565,6 +572,7 @@ func (h *Handler) Cleanup() error {
 		_, _ = affinityPool.Delete(h.Name)
 	}
 	h.releaseServers()
+	h.releaseTenantSync()
 	h.releaseTenants()
 	return nil
 }

@@ -55,6 +55,12 @@ type Tenants struct {
 	// When the placeholder is empty, keys are tried. Default: none.
 	Identity string `json:"identity,omitempty"`
 
+	// Distributed, when set, shares the tenants' counters with the other
+	// Caddy instances that use the same storage (Caddy's configured
+	// storage), so that they enforce one limit per tenant together; see
+	// distributed.go. Default: off, each instance counts alone.
+	Distributed *DistributedCounters `json:"distributed,omitempty"`
+
 	// List are the tenants. Names must be unique.
 	List []*Tenant `json:"list,omitempty"`
 
@@ -158,6 +164,9 @@ func (ts *Tenants) provision(h *Handler) error {
 	}
 	if len(ts.List) == 0 {
 		return errors.New("tenants: name at least one tenant")
+	}
+	if err := ts.Distributed.provision(); err != nil {
+		return err
 	}
 	ts.byName = make(map[string]*Tenant, len(ts.List))
 	owner := make(map[[sha256.Size]byte]string)
@@ -406,12 +415,14 @@ var repeatableTenantOptions = map[string]bool{"key": true, "models": true, "labe
 //	tenants {
 //		key_header <header>
 //		identity   <placeholder>
+//		distributed [<interval>]
 //		tenant <name> {
 //			# see Tenant.UnmarshalCaddyfile
 //		}
 //	}
 //
-// tenant may repeat; key_header and identity may be given once.
+// tenant may repeat; key_header, identity and distributed may be given
+// once.
 func (ts *Tenants) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume "tenants"
 	if d.NextArg() {
@@ -437,6 +448,8 @@ func (ts *Tenants) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err == nil && !placeholderRE.MatchString(ts.Identity) {
 				err = d.Errf("identity: '%s' is not a placeholder; name one an authentication handler sets, such as {http.auth.user.id}", ts.Identity)
 			}
+		case "distributed":
+			ts.Distributed, err = parseDistributed(d)
 		case "tenant":
 			var t *Tenant
 			t, err = parseTenantSegment(d, names)
