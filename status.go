@@ -36,8 +36,8 @@ func init() {
 //
 // Routes are relative to the page, so the handler works at a site's root,
 // under a path matcher or inside handle_path: GET of a path ending in "/"
-// is the page; GET of …/backends, …/frontends, …/history is that JSON
-// document, as on the admin endpoint; POST …/backends/{name}/drain,
+// is the page; GET of …/backends, …/frontends, …/history, …/usage is that
+// JSON document, as on the admin endpoint; POST …/backends/{name}/drain,
 // /undrain and /refresh act on a backend. Anything else is 404.
 type StatusPage struct {
 	// ReadOnly serves the dashboard and its JSON without actions: the page
@@ -159,7 +159,7 @@ func (s *StatusPage) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 		}
 		return s.page(w, r)
 	}
-	return statusError(w, http.StatusNotFound, "", fmt.Errorf("not found: the dashboard is at a path ending in /, its data at backends, frontends and history beside it"))
+	return statusError(w, http.StatusNotFound, "", fmt.Errorf("not found: the dashboard is at a path ending in /, its data at backends, frontends, history and usage beside it"))
 }
 
 // page serves status.html, with a token for the user it is served to

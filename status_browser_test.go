@@ -7,6 +7,8 @@ package ollamaflow
 // when set (a directory), else to the test's temporary directory.
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"math"
@@ -314,6 +316,16 @@ func TestDashboardChartsInBrowser(t *testing.T) {
 	mux.HandleFunc("/dash/history", func(w http.ResponseWriter, r *http.Request) {
 		json.NewEncoder(w).Encode(hist)
 	})
+	mux.HandleFunc("/dash/usage", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, `{"frontends":[{"frontend":"llm","unauthorized":{"total":17,"minute":2},"tenants":[
+			{"tenant":"chat-app","limits":{"requests_per_minute":60,"tokens_per_minute":20000,"max_parallel":4},"in_flight":4,
+			 "remaining":{"requests":12,"tokens":3100},"share":3,"priority":1,"models":["llama3.2:1b"],
+			 "minute":{"requests":51,"by_status":{"200":48,"429":3},"prompt_tokens":5200,"completion_tokens":11900,"rejections":{"requests_per_minute":3}},
+			 "total":{"requests":48211,"by_status":{"200":48000,"429":211},"prompt_tokens":5120000,"completion_tokens":11930000,"rejections":{"requests_per_minute":180,"max_parallel":31}}},
+			{"tenant":"batch","limits":{"requests_per_minute":0,"tokens_per_minute":0,"max_parallel":0},"in_flight":2,"remaining":{},"share":1,"priority":0,
+			 "minute":{"requests":9,"prompt_tokens":18000,"completion_tokens":900},
+			 "total":{"requests":7310,"by_status":{"200":7310},"prompt_tokens":14600000,"completion_tokens":731000}}]}]}`)
+	})
 	srv := httptest.NewServer(mux)
 	defer srv.Close()
 
@@ -373,6 +385,118 @@ func TestDashboardChartsInBrowser(t *testing.T) {
 	assert.Equal(t, "8", readout.Req, "gpu1 at the burst")
 	assert.Equal(t, "9", readout.Fe, "the frontend at the same time: 8 + 1")
 	assert.NotEmpty(t, readout.At)
+	// Tenants: a bar turns amber from 70 % of a limit and red at it.
+	p.waitFor(`document.querySelector('tr[data-tenant="chat-app"]')`, "the tenants")
+	var classes struct{ Req, Tok, Par, Batch string }
+	p.eval(`(() => { const c = k => document.querySelector('tr[data-tenant="chat-app"] td[data-meter="' + k + '"]').className;
+		return {Req: c("requests"), Tok: c("tokens"), Par: c("parallel"),
+			Batch: document.querySelector('tr[data-tenant="batch"] td[data-meter="requests"]').className}; })()`, &classes)
+	assert.Equal(t, "meter high", classes.Req, "48 of 60")
+	assert.Equal(t, "meter high", classes.Tok, "16.9k of 20k")
+	assert.Equal(t, "meter full", classes.Par, "4 of 4")
+	assert.Equal(t, "meter", classes.Batch, "no limit, no bar")
 	shoot(t, p, "light", "dashboard-15min-light.png")
 	shoot(t, p, "dark", "dashboard-15min-dark.png")
+}
+
+// Tenants' usage against their limits, from real traffic: a tenant with
+// limits spends its request bucket and is refused once, another has none,
+// and a request without a key counts as unauthorized.
+func TestDashboardTenantsInBrowser(t *testing.T) {
+	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 6})
+	defer f.Close()
+	hash := func(key string) string {
+		sum := sha256.Sum256([]byte(key))
+		return "sha256:" + hex.EncodeToString(sum[:])
+	}
+	port := freePort()
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	loadCaddyfile(t, dashboardConfig(port, logFile, fmt.Sprintf(`
+		name dash-tenants
+		tenants {
+			tenant chat-app {
+				key %s
+				requests_per_minute 5
+				tokens_per_minute 100000
+				max_parallel 2
+			}
+			tenant batch {
+				key %s
+				priority 0
+			}
+		}
+		backend a %s`, hash("sk-chat-app"), hash("sk-batch"), f.URL)))
+	waitKnown(t, []*fakeollama.Server{f})
+
+	codes := map[int]int{}
+	for range 6 { // the bucket holds 5: the sixth is refused
+		res, body := post(t, "/api/chat", chatFor("tiny-llama"), "Authorization", "Bearer sk-chat-app")
+		codes[res.StatusCode]++
+		_ = body
+	}
+	require.Equal(t, map[int]int{200: 5, 429: 1}, codes)
+	for range 2 {
+		res, body := post(t, "/api/chat", chatFor("tiny-llama"), "Authorization", "Bearer sk-batch")
+		require.Equal(t, http.StatusOK, res.StatusCode, body)
+	}
+	res, _ := post(t, "/api/chat", chatFor("tiny-llama"))
+	require.Equal(t, http.StatusUnauthorized, res.StatusCode)
+
+	res, raw := send(t, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/usage", port), "", "Authorization", opsAuth)
+	require.Equal(t, http.StatusOK, res.StatusCode, raw)
+	var usage usageReport
+	require.NoError(t, json.Unmarshal([]byte(raw), &usage))
+	require.Len(t, usage.Frontends, 1)
+	require.Len(t, usage.Frontends[0].Tenants, 2)
+	chat := usage.Frontends[0].Tenants[0]
+	require.Equal(t, "chat-app", chat.Tenant)
+	assert.NotContains(t, raw, "sk-chat-app", "no key in the usage the dashboard serves")
+
+	b := startCDPBrowser(t)
+	p := b.newPage(1400, 900)
+	p.headers(map[string]string{"Authorization": opsAuth})
+	p.navigate(fmt.Sprintf("http://localhost:%d/", port))
+	p.waitFor(`document.querySelector('#tenants:not([hidden]) tr[data-tenant="chat-app"]')`, "the tenants")
+
+	type meterJS struct {
+		Used  float64 `json:"used"`
+		Limit float64 `json:"limit"`
+		Text  string  `json:"text"`
+		Class string  `json:"class"`
+	}
+	meter := func(tenant, kind string) meterJS {
+		var m meterJS
+		p.eval(fmt.Sprintf(`(() => {
+			const td = document.querySelector('tr[data-tenant=%q] td[data-meter=%q]');
+			return {used: +td.getAttribute("data-used"), limit: +(td.getAttribute("data-limit") || 0), text: td.innerText, class: td.className};
+		})()`, tenant, kind), &m)
+		return m
+	}
+	req := meter("chat-app", "requests")
+	assert.Equal(t, 5.0, req.Limit)
+	// The bucket refills one request every 12 s: used is 5 when the page
+	// read it, less if it read it later.
+	assert.True(t, req.Used >= 3 && req.Used <= 5, "used %v of 5", req.Used)
+	assert.Contains(t, req.Text, " of 5 per min")
+	par := meter("chat-app", "parallel")
+	assert.Equal(t, 2.0, par.Limit)
+	assert.Zero(t, par.Used)
+	tok := meter("chat-app", "tokens")
+	assert.Equal(t, 100000.0, tok.Limit)
+	assert.Contains(t, tok.Text, " of 100k per min")
+	assert.Contains(t, meter("batch", "requests").Text, "no limit")
+
+	var total struct{ Chat, Batch, Unauth string }
+	p.eval(`({Chat: document.querySelector('tr[data-tenant="chat-app"] td.total').innerText,
+		Batch: document.querySelector('tr[data-tenant="batch"] td.total').innerText,
+		Unauth: document.querySelector('[data-usage-frontend="dash-tenants"] [data-unauthorized]').getAttribute("data-unauthorized")})`, &total)
+	assert.Contains(t, total.Chat, fmt.Sprintf("%d requests", chat.Total.Requests))
+	tokens := chat.Total.PromptTokens + chat.Total.CompletionTokens
+	require.Positive(t, tokens, "tokens were charged")
+	assert.Contains(t, total.Chat, fmt.Sprintf("%d tokens (%d in, %d out)", tokens, chat.Total.PromptTokens, chat.Total.CompletionTokens))
+	assert.Contains(t, total.Chat, "1 refused: 1 over requests/min")
+	assert.Contains(t, total.Batch, "2 requests")
+	assert.Equal(t, "1", total.Unauth)
+	shoot(t, p, "light", "dashboard-tenants-light.png")
+	shoot(t, p, "dark", "dashboard-tenants-dark.png")
 }
