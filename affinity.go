@@ -52,14 +52,11 @@ const (
 	// A conversation's server is preferred while its expected delay is at
 	// most affinityFactor × the best candidate's plus affinityMargin
 	// seconds: the cache it holds saves prompt evaluation that the
-	// estimate does not count.
+	// estimate does not count, but not a whole request's wait. A new
+	// conversation is spread over the servers within the same bounds: a
+	// server four times slower (issue 7's pool) is never one of them.
 	affinityFactor = 1.5
-	affinityMargin = 0.25
-	// A new conversation is spread over the servers whose expected delay
-	// is within newConvFactor × the best plus newConvMargin seconds: about
-	// as fast, so spreading costs nothing.
-	newConvFactor = 1.25
-	newConvMargin = 0.05
+	affinityMargin = 0.05
 	// activeWindow is how long a conversation counts as held by the server
 	// of its last turn, for spreading new ones: Ollama unloads an idle
 	// model, and its cache, after 5 minutes by default.
@@ -543,7 +540,7 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, model
 	}
 	if key == "" {
 		metrics.affinity.WithLabelValues(h.Name, "miss").Inc()
-		spread := h.affinity.leastHosting(h.nearBest(free, model, newConvFactor, newConvMargin), now)
+		spread := h.affinity.leastHosting(h.nearBest(free, model, affinityFactor, affinityMargin), now)
 		b := h.take(spread, model)
 		if b == nil && len(spread) < len(free) {
 			b = h.take(free, model)

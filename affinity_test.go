@@ -384,13 +384,15 @@ func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 	busy.srv.inFlight.Store(1)
 	list := []*backend{fast, slow, fresh, busy}
 	h := &Handler{}
-	assert.Equal(t, []string{"fast", "fresh"}, names(h.nearBest(list, "", newConvFactor, newConvMargin)),
-		"a new conversation never goes to a server four times slower; an unobserved idle one is a candidate")
-	assert.Equal(t, []string{"fast", "slow", "fresh"}, names(h.nearBest(list, "", affinityFactor, affinityMargin)),
-		"a conversation stays on its server while it is within 1.5x the best plus 0.25s")
+	assert.Equal(t, []string{"fast", "fresh"}, names(h.nearBest(list, "", affinityFactor, affinityMargin)),
+		"never a server four times slower; an unobserved idle one is a candidate")
+	slowish := testBackend("slowish", nil)
+	slowish.srv.speed.observe(200*time.Millisecond, 1)
+	assert.Equal(t, []string{"fast", "slowish"}, names(h.nearBest([]*backend{fast, slowish, slow}, "", affinityFactor, affinityMargin)),
+		"within 1.5x the best plus 50ms")
 	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
-	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest([]*backend{fast, slow}, "", newConvFactor, newConvMargin)))
-	assert.Equal(t, []string{"fresh"}, names(h.nearBest([]*backend{fresh, busy}, "", newConvFactor, newConvMargin)), "no speeds: the least busy")
+	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest([]*backend{fast, slow}, "", affinityFactor, affinityMargin)))
+	assert.Equal(t, []string{"fresh"}, names(h.nearBest([]*backend{fresh, busy}, "", affinityFactor, affinityMargin)), "no speeds: the least busy")
 }
 
 func TestConversationAffinityDefaultsByPolicy(t *testing.T) {
@@ -407,4 +409,77 @@ func TestConversationAffinityDefaultsByPolicy(t *testing.T) {
 		h := &Handler{LBPolicy: c.policy, ConversationAffinity: c.set}
 		assert.Equal(t, c.want, h.affinityOn(), "%s %v", c.policy, c.set)
 	}
+}
+
+// escapeLetters rewrites every ASCII letter inside the JSON strings of s
+// (keys and values) as a \u escape, and puts a space after every ':' and
+// ',' outside strings: the same document to encoding/json.
+func escapeLetters(s []byte) []byte {
+	var out []byte
+	in, esc, hex := false, false, 0
+	for _, c := range s {
+		switch {
+		case hex > 0: // the digits of a \u escape stay as they are
+			hex--
+			out = append(out, c)
+		case in && esc:
+			esc = false
+			if c == 'u' {
+				hex = 4
+			}
+			out = append(out, c)
+		case in && c == '\\':
+			esc = true
+			out = append(out, c)
+		case in && c == '"':
+			in = false
+			out = append(out, c)
+		case in && (c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z'):
+			out = fmt.Appendf(out, `\u%04x`, c)
+		case !in && c == '"':
+			in = true
+			out = append(out, c)
+		case !in && (c == ':' || c == ','):
+			out = append(out, c, ' ')
+		default:
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func FuzzConversationOf(f *testing.F) {
+	for _, s := range []string{
+		`{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}`,
+		`{"MESSAGES":[{"Role":"user","content":[{"type":"text","text":"hi"}]}],"tools":[{"type":"function","function":{"name":"f"}}]}`,
+		`{"messages":[{"role":"user","content":"a","content":null,"images":["aGk="]}],"messages":[]}`,
+		`{"system":"s","context":[1,2,3],"prompt":"why is the sky blue"}`,
+		`{"prompt":"\u00e9\ud800x","context":null}`, `{"messages":[1,"x",null,{}]}`, `{"messages":[{"role":"ſyſtem"}]}`,
+		`{"messages":[`, `[]`, ``, `{"messages":[[[[[[]]]]]]}`,
+	} {
+		for path := range uint8(4) {
+			f.Add([]byte(s), path)
+		}
+	}
+	paths := []string{"/api/chat", "/v1/chat/completions", "/api/generate", "/v1/completions"}
+	f.Fuzz(func(t *testing.T, body []byte, path uint8) {
+		p := paths[int(path)%len(paths)]
+		got := conversationOf(p, "m:latest", body)
+		if again := conversationOf(p, "m:latest", body); !assert.ObjectsAreEqual(got, again) {
+			t.Fatalf("not deterministic: %v then %v", got, again)
+		}
+		if len(got.keep) > 3 || len(got.keep) > 0 && got.keep[len(got.keep)-1] != got.prefixes[len(got.prefixes)-1] {
+			t.Fatalf("records %v of %v: the whole request and at most two boundaries", got.keep, got.prefixes)
+		}
+		if !json.Valid(body) || got.none() {
+			return
+		}
+		variant := escapeLetters(body)
+		if !json.Valid(variant) {
+			t.Fatalf("escaping broke the body: %q -> %q", body, variant)
+		}
+		if v := conversationOf(p, "m:latest", variant); !assert.ObjectsAreEqual(got.prefixes, v.prefixes) {
+			t.Fatalf("escaped letters and spaces changed the hashes:\n%q\n%q\n%v\n%v", body, variant, got.prefixes, v.prefixes)
+		}
+	})
 }

@@ -227,7 +227,7 @@ type Handler struct {
 	// matched by a hash of their model and earlier messages (or prompt and
 	// context on /api/generate and /v1/completions). That server is
 	// preferred while its expected delay is within 1.5 × the best
-	// candidate's plus 0.25s; when it is at its cap or much slower the
+	// candidate's plus 50ms; when it is at its cap or much slower the
 	// policy chooses. Sticky sessions, when a request carries a session
 	// key, win over it. Default: true with least_delay and least_conn,
 	// false with round_robin, random and first, whose users asked for that

@@ -22,6 +22,16 @@ import (
 func TestConversationAffinity(t *testing.T) {
 	scenario(t)
 	useConfig(t, "\t\tlb_policy round_robin\n")
+	// Warm-up: least_delay's estimates (shared by every frontend naming a
+	// server) see each server serve the same small chat a few times, so
+	// three equal servers look about equal; new conversations are spread
+	// only over servers about as fast as the best.
+	for range 6 * len(env.servers) {
+		res, body, err := postJSON(env.extraURL, "/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false,"options":{"num_predict":8}}`)
+		if err != nil || res.StatusCode != http.StatusOK {
+			t.Fatalf("warm-up: %v %s", err, body)
+		}
+	}
 	rr := converse(t, env.extraURL)
 	aff := converse(t, env.mainURL)
 
