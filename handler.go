@@ -678,5 +678,15 @@ func newTransport(dialTimeout func() time.Duration) *http.Transport {
 		TLSHandshakeTimeout:   10 * time.Second,
 		ExpectContinueTimeout: time.Second,
 		DisableCompression:    true,
+		// A connection holds both buffers for as long as it lives, an
+		// open stream's included, and carries headers and token lines of
+		// a few hundred bytes; larger reads and writes (bodies) bypass
+		// them. The default is 4 KiB each.
+		ReadBufferSize:  transportBufferSize,
+		WriteBufferSize: transportBufferSize,
 	}
 }
+
+// transportBufferSize is the size of each of a backend connection's two
+// buffers.
+const transportBufferSize = 2 << 10

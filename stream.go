@@ -96,7 +96,51 @@ func requestStreams(api apiFormat, path string, body []byte) bool {
 	return f.streams(api)
 }
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+// Copy buffers. A stream holds its buffer while it waits for the next
+// token, for minutes with thousands of streams open, and a token is tens of
+// bytes: answers are copied through a small buffer, and one read that fills
+// it (an embedding, a long answer sent as one document) moves the rest of
+// that answer to a large one, so bulk copies keep their few large writes.
+const (
+	smallCopyBuffer = 4 << 10
+	largeCopyBuffer = 32 << 10
+)
+
+var (
+	smallBufPool = sync.Pool{New: func() any { b := make([]byte, smallCopyBuffer); return &b }}
+	largeBufPool = sync.Pool{New: func() any { b := make([]byte, largeCopyBuffer); return &b }}
+)
+
+// copyBuffer is one answer's buffer: small until a read fills it.
+type copyBuffer struct {
+	p     *[]byte
+	large bool
+}
+
+func newCopyBuffer() *copyBuffer {
+	return &copyBuffer{p: smallBufPool.Get().(*[]byte)}
+}
+
+func (c *copyBuffer) bytes() []byte { return *c.p }
+
+// used notes a read of n bytes, once they have been written out: a full
+// small buffer is swapped for a large one.
+func (c *copyBuffer) used(n int) {
+	if c.large || n < len(*c.p) {
+		return
+	}
+	smallBufPool.Put(c.p)
+	c.p, c.large = largeBufPool.Get().(*[]byte), true
+}
+
+func (c *copyBuffer) release() {
+	if c.large {
+		largeBufPool.Put(c.p)
+	} else {
+		smallBufPool.Put(c.p)
+	}
+	c.p = nil
+}
 
 // stream copies the backend's answer to the client byte for byte, flushing
 // after every write so tokens arrive as they are generated. A backend that
@@ -128,10 +172,10 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 	idleTimer := time.AfterFunc(idle, func() { cancel(errStreamIdle) })
 	defer idleTimer.Stop()
 
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
+	cb := newCopyBuffer()
+	defer cb.release()
 	for {
+		buf := cb.bytes()
 		idleTimer.Reset(idle)
 		n, rerr := res.Body.Read(buf)
 		idleTimer.Stop()
@@ -140,6 +184,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 			if err := cw.write(buf[:n]); err != nil {
 				return h.clientFailed(b, cw, cancel)
 			}
+			cb.used(n)
 		}
 		if rerr == io.EOF {
 			return endComplete
