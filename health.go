@@ -231,10 +231,10 @@ func (s *server) healthy() bool {
 
 // probeLoop probes at once, so a fresh config routes within one round trip,
 // then every interval until the server is destroyed. The second probe
-// comes after the interval plus the server's own phase within it, so
-// servers provisioned together (a config with a thousand backends) are
-// probed spread over the interval from then on, not all at once every
-// interval; never sooner than the interval, which a server may count on.
+// comes after the server's own phase within the interval rather than a
+// whole interval, so servers provisioned together (a config with a
+// thousand backends) are probed spread over the interval from then on,
+// not all at once every interval.
 func (s *server) probeLoop() {
 	s.probe()
 	wait := probePhase(s.key, s.settings.Load().interval)
@@ -258,13 +258,12 @@ func (s *server) probeLoop() {
 // a fake clock that counts probes per part of the interval.
 var probeWaitHook atomic.Pointer[func(key string, wait time.Duration)]
 
-// probePhase is the wait before a server's second probe: the interval
-// plus a fraction of it fixed by the hash of its key, in [interval,
-// 2×interval), so phases are spread evenly over a pool and a server keeps
-// its phase across restarts.
+// probePhase is the wait before a server's second probe: a fraction of
+// interval in (0, interval], fixed by the hash of its key, so phases are
+// spread evenly over a pool and a server keeps its phase across restarts.
 func probePhase(key string, interval time.Duration) time.Duration {
 	frac := float64(mix64(fnv64(key))>>11) / (1 << 53) // uniform in [0, 1)
-	return interval + time.Duration(frac*float64(interval))
+	return interval - time.Duration(frac*float64(interval))
 }
 
 // probe runs one active health check and records its verdict.
