@@ -130,6 +130,7 @@ var (
 //		tenants {
 //			# see Tenants.UnmarshalCaddyfile
 //		}
+//		explorer               [<path>]
 //
 //		backend <name> <url> [{
 //			# see Backend.UnmarshalCaddyfile
@@ -145,6 +146,9 @@ var (
 // (http://localhost:*), * (any origin), null, and default (Ollama's own
 // list, which applies when the option is absent); cors_origins off, alone,
 // turns CORS off.
+//
+// explorer serves the API Explorer page on this site, at /explorer/ unless
+// a path is given.
 //
 // pin_completions and pin_embeddings take one JSON object (quote it with
 // backticks) or a block of lines that each set one value at an sjson path:
@@ -236,6 +240,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "tenants":
 			h.Tenants = new(Tenants)
 			err = h.Tenants.UnmarshalCaddyfile(caddyfile.NewDispenser(d.NextSegment()))
+		case "explorer":
+			h.ExplorerPath, err = parseExplorer(d)
 		case "backend":
 			var b *Backend
 			b, err = parseBackendSegment(d, backendNames)
@@ -284,6 +290,21 @@ func checkCORSOrigins(d *caddyfile.Dispenser, all, added []string) error {
 		}
 	}
 	return nil
+}
+
+// parseExplorer reads `explorer [<path>]`.
+func parseExplorer(d *caddyfile.Dispenser) (string, error) {
+	args := d.RemainingArgs()
+	switch len(args) {
+	case 0:
+		return defaultExplorerPath, nil
+	case 1:
+		if _, err := normalizeExplorerPath(args[0]); err != nil {
+			return "", d.Errf("explorer: %v", err)
+		}
+		return args[0], nil
+	}
+	return "", d.Errf("explorer: want at most one argument (a path), got %d", len(args))
 }
 
 // The helpers below are called with the cursor on an option name; they

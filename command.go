@@ -20,7 +20,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "ollamaflow",
-		Usage: `--to <backend> [--to <backend>...] [--from <addr>] [--policy <name>] [--model <name>...] [--allow-model-management] [--admin <addr>] [--access-log] [--debug]`,
+		Usage: `--to <backend> [--to <backend>...] [--from <addr>] [--policy <name>] [--model <name>...] [--allow-model-management] [--admin <addr>] [--explorer] [--access-log] [--debug]`,
 		Short: "Serves several Ollama servers as one endpoint, with no config file",
 		Long: `
 Runs one ollamaflow frontend that receives Ollama and OpenAI-compatible API
@@ -44,8 +44,9 @@ https:// prefix forces the scheme.
 clients may use (repeatable), --allow-model-management lets clients pull,
 create and delete models on every backend through the endpoint. --admin
 serves Caddy's admin API, with ollamaflow's status page at /ollamaflow/, on
-the given address (disabled by default). --explorer is reserved for the
-request explorer, which does not exist yet.
+the given address (disabled by default). --explorer serves the API
+Explorer, a page for trying requests and small load tests from a browser, at
+/explorer/ on the --from address.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.Flags().StringP("from", "f", ":11434", "Address on which to receive traffic")
@@ -54,7 +55,7 @@ request explorer, which does not exist yet.
 			cmd.Flags().StringArray("model", nil, "A model clients may use (repeatable; default: any)")
 			cmd.Flags().Bool("allow-model-management", false, "Let clients pull, create, copy and delete models on every backend")
 			cmd.Flags().String("admin", "", "Serve Caddy's admin API on this address (default: disabled)")
-			cmd.Flags().Bool("explorer", false, "Serve the request explorer (not available yet)")
+			cmd.Flags().Bool("explorer", false, "Serve the API Explorer at /explorer/")
 			cmd.Flags().Bool("access-log", false, "Enable the access log")
 			cmd.Flags().BoolP("debug", "v", false, "Enable verbose debug logs")
 			cmd.RunE = caddycmd.WrapCommandFuncForCobra(cmdOllamaflow)
@@ -115,9 +116,6 @@ func cmdOllamaflow(fs caddycmd.Flags) (int, error) {
 // with one route whose handler is an ollamaflow frontend over the backends.
 // It is the whole config, so it can be checked (and run) without the command.
 func commandConfig(o commandOptions) (*caddy.Config, error) {
-	if o.explorer {
-		return nil, errors.New("--explorer: the request explorer is not available in this version")
-	}
 	if len(o.to) == 0 {
 		return nil, errors.New("--to is required: name at least one Ollama server")
 	}
@@ -130,6 +128,9 @@ func commandConfig(o commandOptions) (*caddy.Config, error) {
 		Models:               o.models,
 		AllowModelManagement: o.allowModelManagement,
 		Backends:             backends,
+	}
+	if o.explorer {
+		h.ExplorerPath = defaultExplorerPath
 	}
 
 	from, err := commandFromAddress(o.from)

@@ -79,13 +79,19 @@ func TestCommandConfig(t *testing.T) {
 		assert.Equal(t, `["`+listen+`"]`, gjson.Get(js, "apps.http.servers.ollamaflow.listen").Raw, from)
 		assert.True(t, gjson.Get(js, "apps.http.servers.ollamaflow.automatic_https.disable").Bool(), "%s: plain HTTP", from)
 	}
+	js, err = commandJSON(t, "--to", "a", "--explorer")
+	require.NoError(t, err)
+	assert.Equal(t, "/explorer/", gjson.Get(js, handler+".explorer_path").String(), "--explorer serves the API Explorer")
+	js, err = commandJSON(t, "--to", "a")
+	require.NoError(t, err)
+	assert.False(t, gjson.Get(js, handler+".explorer_path").Exists(), "off without --explorer")
+
 	js, err = commandJSON(t, "--from", "https://127.0.0.1:8443", "--to", "a")
 	require.NoError(t, err)
 	assert.Equal(t, `["127.0.0.1"]`, gjson.Get(js, "apps.http.servers.ollamaflow.routes.0.match.0.host").Raw, "HTTPS on an IP: Caddy's internal CA certifies it")
 
 	for want, args := range map[string][]string{
 		"--to is required":                  {},
-		"--explorer":                        {"--to", "a", "--explorer"},
 		"a path is not allowed":             {"--from", ":8080/v1", "--to", "a"},
 		"HTTPS needs a host name":           {"--from", "https://:8443", "--to", "a"},
 		"credentials in the URL":            {"--to", "http://u:p@a"},
@@ -108,7 +114,7 @@ func TestCommandRuns(t *testing.T) {
 	port := freePort()
 	js, err := commandJSON(t, "--from", fmt.Sprintf("127.0.0.1:%d", port),
 		"--to", "one="+a.HostPort(), "--to", "two="+b.URL, "--policy", "round_robin",
-		"--model", "tiny-llama", "--admin", fmt.Sprintf("localhost:%d", adminPort))
+		"--model", "tiny-llama", "--admin", fmt.Sprintf("localhost:%d", adminPort), "--explorer")
 	require.NoError(t, err)
 	// The shared in-process Caddy: the admin address is the tests' own, so
 	// the next test's load replaces this config as usual.
@@ -141,6 +147,13 @@ func TestCommandRuns(t *testing.T) {
 	require.Equal(t, http.StatusOK, res.StatusCode, string(body))
 	assert.Contains(t, string(body), `"one"`)
 	assert.Contains(t, string(body), `"two"`)
+
+	res, err = client.Get(base + "/explorer/")
+	require.NoError(t, err)
+	body, _ = io.ReadAll(res.Body)
+	res.Body.Close()
+	assert.Equal(t, http.StatusOK, res.StatusCode)
+	assert.Contains(t, string(body), "API Explorer", "--explorer serves the page")
 
 	res, err = client.Get(base + "/api/tags")
 	require.NoError(t, err)

@@ -25,6 +25,9 @@ const rootBody = "Ollama is running"
 // ServeHTTP classifies the request, gates it, reads and checks its body,
 // and proxies it to a backend.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if h.serveExplorer(w, r) {
+		return nil // a page, not an API request: not counted as one
+	}
 	sw := &statusWriter{ResponseWriter: w}
 	info := requestInfo{inputTokens: -1, outputTokens: -1}
 	if h.stats != nil {

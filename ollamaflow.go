@@ -30,6 +30,7 @@
 //	pinvocab.go    pins compiled per API vocabulary: the fields Ollama's OpenAI layer reads
 //	cors.go        CORS as Ollama answers it: origins, preflights, headers on every answer
 //	caddyfile.go   the ollamaflow and ollamaflow_status directives
+//	explorer.go    the API Explorer: the embedded explorer.html on the frontend's site, its CSP
 //	command.go     the `caddy ollamaflow` subcommand: a frontend from flags, no config file
 //	admin.go       admin.api.ollamaflow: status routes, drain, the embedded status.html
 //	status.go      http.handlers.ollamaflow_status: the dashboard on any site, its JSON, actions guarded against other sites
@@ -253,6 +254,13 @@ type Handler struct {
 	// these tenants by API key or identity (401 otherwise), and each
 	// tenant's policy and limits apply to its requests. Off by default.
 	Tenants *Tenants `json:"tenants,omitempty"`
+	// ExplorerPath, if set, serves the API Explorer, a self-contained page
+	// for trying requests from a browser, at this path of the frontend's
+	// own site (the Caddyfile's `explorer` gives /explorer/). The page calls
+	// the frontend's APIs same-origin, through every policy it enforces. A
+	// trailing slash is added; the path without it redirects to it. It may
+	// not be /, nor under /api/ or /v1/. Default: off.
+	ExplorerPath string `json:"explorer_path,omitempty"`
 
 	// Backends are the Ollama servers this frontend proxies to.
 	Backends []*Backend `json:"backends,omitempty"`
@@ -288,6 +296,8 @@ type Handler struct {
 	affinity          *affinityTable // nil: conversation_affinity off
 	tenantSync        *tenantSync    // tenants' distributed counters, if on (distributed.go)
 	syncStaged        *syncSettings  // what this config asks of it, adopted once it runs
+	explorerPath      string         // ExplorerPath with its slash; empty: no explorer
+	explorerPage      []byte         // explorer.html for explorerPath
 }
 
 // StickyConfig says how a request's session key is found.
@@ -426,6 +436,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("cors_origins: %w", err)
 	}
 	h.cors = cors
+	if err := h.provisionExplorer(); err != nil {
+		return err
+	}
 	var required []requiredModel
 	for _, m := range h.RequiredModels {
 		if strings.TrimSpace(m) == "" {

@@ -47,6 +47,7 @@
 //	f.SlowFirstByte(time.Second)
 //	fakeollama.Config{MaxContext: 8192} // {"options":{"num_ctx":1000000}} gets 500: out of memory
 //	f.Hold(fakeollama.Completions...); ...; f.Release() // keep requests in flight, deterministically
+//	f.StepTokens("/api/chat"); f.Step(); f.Step() // a stream that grows one token per Step
 //	f.FailPulls("pull model manifest: file does not exist")
 //	f.FailPushes(`Head "https://registry.ollama.ai/v2/library/x/blobs/sha256:…": dial tcp: …`)
 //	f.ClearFaults()
@@ -233,6 +234,9 @@ type faults struct {
 
 	hold      chan struct{} // non-nil while held; closed by Release
 	holdPaths []string
+
+	step      chan struct{} // non-nil while stepping; one value per token let through
+	stepPaths []string
 
 	pullError string
 	pushError string
@@ -431,6 +435,29 @@ func (s *Server) releaseLocked() {
 	}
 }
 
+// StepTokens makes every completion that arrives from now on (or those to paths) emit each token,
+// and then its final chunk, only when Step lets it through: a deterministic way to watch a stream
+// grow one token at a time. ClearFaults stops stepping new requests.
+func (s *Server) StepTokens(paths ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.faults.step == nil {
+		s.faults.step = make(chan struct{}, 1024)
+	}
+	s.faults.stepPaths = paths
+}
+
+// Step lets one token (or the final chunk) of a stepped completion through. Steps given before a
+// completion waits for them are kept for it (up to 1024).
+func (s *Server) Step() {
+	s.mu.Lock()
+	ch := s.faults.step
+	s.mu.Unlock()
+	if ch != nil {
+		ch <- struct{}{}
+	}
+}
+
 // FailPulls makes /api/pull fail the way real Ollama does when the registry is unreachable:
 // status 200 and an {"error":msg} line after "pulling manifest" (status 500 when not streamed).
 func (s *Server) FailPulls(msg string) {
@@ -589,6 +616,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	if f.errAfter >= 0 && applies(f.errPaths, path) {
 		c.errAfter, c.errMsg = f.errAfter, f.errMsg
 	}
+	if f.step != nil && applies(f.stepPaths, path) {
+		c.step = f.step
+	}
 	s.route(c)
 }
 
@@ -689,7 +719,8 @@ type call struct {
 	errMsg      string
 	streaming   bool // set by completion handlers, for runnerDied
 	noticed     bool
-	holdsSlot   bool // one of Config.Parallel slots
+	holdsSlot   bool          // one of Config.Parallel slots
+	step        chan struct{} // StepTokens: a value per token let through
 }
 
 // header sets the status and content type the first chunk will carry.
@@ -716,6 +747,22 @@ func (c *call) wait(d time.Duration) bool {
 	defer t.Stop()
 	select {
 	case <-t.C:
+		return true
+	case <-c.r.Context().Done():
+		c.notice()
+		return false
+	case <-c.killed:
+		return false
+	}
+}
+
+// stepped waits for Step when the call is stepped (StepTokens); false as for wait.
+func (c *call) stepped() bool {
+	if c.step == nil {
+		return true
+	}
+	select {
+	case <-c.step:
 		return true
 	case <-c.r.Context().Done():
 		c.notice()

@@ -900,3 +900,34 @@ func TestMaxContextIsAnOutOfMemoryLoad(t *testing.T) {
 	resp, body = post(t, f.URL+"/api/generate", `{"model":"tiny-llama","prompt":"hi","stream":false,"options":{"num_ctx":8192}}`)
 	assert.Equal(t, http.StatusOK, resp.StatusCode, body)
 }
+
+func TestStepTokensReleasesOneTokenPerStep(t *testing.T) {
+	t.Parallel()
+	f := newFake(t, fakeollama.Config{Tokens: 3})
+	f.StepTokens("/api/chat")
+
+	// Headers go out with the first chunk: its step is given ahead, and kept.
+	f.Step()
+	resp, err := http.Post(f.URL+"/api/chat", "application/json", strings.NewReader(`{"model":"tiny-llama","messages":[{"role":"user","content":"x"}]}`))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	rd := bufio.NewReader(resp.Body)
+	var text strings.Builder
+	for i := range 3 {
+		line, err := rd.ReadString('\n')
+		require.NoError(t, err, "token %d", i)
+		l := decode(t, line)
+		assert.Equal(t, false, l["done"], "token %d", i)
+		text.WriteString(l["message"].(map[string]any)["content"].(string))
+		assert.Equal(t, fakeollama.Text(i+1), text.String(), "exactly one more token per step")
+		f.Step()
+	}
+	line, err := rd.ReadString('\n')
+	require.NoError(t, err)
+	assert.Equal(t, true, decode(t, line)["done"], "the final chunk takes its own step")
+	_, err = rd.ReadString('\n')
+	assert.ErrorIs(t, err, io.EOF)
+
+	_, body := post(t, f.URL+"/api/generate", `{"model":"tiny-llama","prompt":"x","stream":false}`)
+	assert.Contains(t, body, `"done":true`, "paths not stepped answer at once")
+}

@@ -412,11 +412,14 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 			c.runnerDied()
 			return metrics{}, false
 		}
-		if !emit(token(i)) {
+		if !c.stepped() || !emit(token(i)) {
 			return metrics{}, false
 		}
 	}
 	if p.tokens > 0 && !c.wait(c.s.cfg.TokenGap) {
+		return metrics{}, false
+	}
+	if !c.stepped() { // the final chunk
 		return metrics{}, false
 	}
 	t3 := time.Now()
