@@ -204,6 +204,7 @@ func TestExplorerStreamsChatTokenByToken(t *testing.T) {
 	assert.Equal(t, fakeollama.Text(tokens), x.text("output"))
 	assert.Equal(t, "200 OK", x.text("status"))
 	assert.Equal(t, "backend gpu-a", x.text("backend-pill"))
+	assert.Equal(t, "route "+x.headers()["x-ollamaflow-route"], x.text("sticky-pill"), "how the backend was chosen")
 	h := x.headers()
 	assert.Equal(t, "gpu-a", h["x-ollamaflow-backend"], "every response header is listed")
 	assert.Equal(t, "application/x-ndjson", h["content-type"])
@@ -428,38 +429,27 @@ func TestExplorerShowsErrorsInTheAPIsFormat(t *testing.T) {
 	x.screenshot("explorer-error-dark")
 }
 
-// A frontend that wants a key (here Caddy itself, standing in for tenants):
-// the person enters it once, it goes as a Bearer token, stays in the tab's
-// session, and the copied curl command works with it from the environment.
+// A frontend with tenants: the person enters the key once, it goes as a
+// Bearer token, stays in the tab's session, the tenant's rate-limit headers
+// show, and the copied curl command works with the key from the environment.
 func TestExplorerKeyAndCurl(t *testing.T) {
 	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 3})
 	defer a.Close()
 	const key = "k-123"
-	loadCaddyfile(t, fmt.Sprintf(`{
-	admin localhost:%d
-	http_port %d
-	https_port %d
-	skip_install_trust
-}
-:%d {
-	route {
-		@nokey {
-			path /api/* /v1/*
-			not header Authorization "Bearer %s"
-		}
-		respond @nokey `+"`"+`{"error":"a key is required"}`+"`"+` 401
-		ollamaflow {
-			backend a %s
-			explorer
-		}
+	t.Setenv("EXPLORER_TEST_KEY", key)
+	loadCaddy(t, fmt.Sprintf(`backend a %s
+explorer
+tenants {
+	tenant team {
+		key {env.EXPLORER_TEST_KEY}
+		requests_per_minute 100
 	}
-}
-`, adminPort, sitePort, tlsPort, sitePort, key, a.URL))
-	dropIdleConnections()
+}`, a.URL))
 	waitKnown(t, []*fakeollama.Server{a})
+	_, refused := send(t, http.MethodGet, siteURL+"/api/tags", "")
 
 	x := openExplorer(t, siteURL+"/explorer/")
-	assert.Equal(t, "GET /api/tags: 401 a key is required", x.text("models-status"), "without a key the list is refused, and the page says so")
+	assert.Equal(t, "GET /api/tags: 401 "+gjson.Get(refused, "error").String(), x.text("models-status"), "without a key the list is refused, and the page says why")
 
 	x.typeInto("#key", key)
 	x.click("#refresh-models")
@@ -483,6 +473,12 @@ func TestExplorerKeyAndCurl(t *testing.T) {
 	x.click("#send")
 	x.waitFor(`document.body.dataset.state === "done"`)
 	assert.Equal(t, fakeollama.Text(3), x.text("output"))
+	h := x.headers()
+	assert.Equal(t, "100", h["x-ratelimit-limit-requests"], "the tenant's rate-limit headers are listed: %v", h)
+	assert.NotEmpty(t, h["x-ratelimit-remaining-requests"])
+	var ours []string
+	x.eval(`[...document.querySelectorAll("#headers tr.ours")].map(r => r.dataset.header)`, &ours)
+	assert.Subset(t, ours, []string{"x-ollamaflow-backend", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"}, "and highlighted")
 	assert.NotContains(t, lastRequest(t, a, "/api/chat").Header, "Authorization", "the client's key never reaches a backend")
 
 	require.NoError(t, x.b.GrantPermissions(x.ctx, siteURL, "clipboardReadWrite", "clipboardSanitizedWrite"))
@@ -523,7 +519,9 @@ func TestExplorerKeyAndCurl(t *testing.T) {
 	x.eval(`document.getElementById("body").value`, &bodyText)
 	require.NoError(t, json.Unmarshal([]byte(bodyText), &typed))
 	assert.Equal(t, typed, sent, "the command sends the body on screen")
-	assert.Equal(t, `{"error":"a key is required"}`, runCurl("OLLAMAFLOW_API_KEY=wrong"), "and needs the key")
+	wrong := runCurl("OLLAMAFLOW_API_KEY=wrong")
+	assert.NotEmpty(t, gjson.Get(wrong, "error").String(), "and needs the key: %s", wrong)
+	assert.NotContains(t, wrong, key)
 }
 
 // The explorer behind a path prefix (handle_path strips it): the page
