@@ -26,10 +26,14 @@ func TestExplorerStreamsFromRealOllama(t *testing.T) {
 	scenario(t)
 	bin := findChromium(t)
 	useConfig(t, "\t\tlb_policy first\n\t\texplorer\n")
-	if err := waitAllServing(60 * time.Second); err != nil {
-		t.Fatal(err)
-	}
 	a := env.servers[0]
+	// The new frontend's first probe must have seen a (lb_policy first).
+	if !eventually(60*time.Second, func() bool {
+		res, _, err := postJSON(env.extraURL, "/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false,"options":{"num_predict":1}}`)
+		return err == nil && res.StatusCode == 200 && res.Header.Get("X-OllamaFlow-Backend") == a.name
+	}) {
+		t.Fatal("the explorer's frontend never served a chat from a")
+	}
 	before := chatsAnswered(a)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
