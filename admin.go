@@ -179,7 +179,7 @@ type view struct {
 func viewsOf(srv *server) []view {
 	var out []view
 	for _, h := range liveFrontends() {
-		for _, b := range h.backends {
+		for _, b := range h.views() {
 			if b.srv == srv {
 				out = append(out, view{h, b})
 			}
@@ -197,7 +197,7 @@ func serverByName(name, frontend string) (*server, error) {
 		if frontend != "" && h.Name != frontend {
 			continue
 		}
-		for _, b := range h.backends {
+		for _, b := range h.views() {
 			if b.cfg.Name == name && !found[b.srv] {
 				found[b.srv] = true
 				if first == nil {
@@ -250,6 +250,10 @@ type frontendRefJSON struct {
 	Frontend string `json:"frontend"`
 	Name     string `json:"name"`
 	Disabled bool   `json:"disabled,omitempty"`
+	// Source is the backends_from source that found the server, if any;
+	// Leaving says its records are gone and it finishes its requests.
+	Source  string `json:"source,omitempty"`
+	Leaving bool   `json:"leaving,omitempty"`
 }
 
 // credentialsJ says which credentials a frontend sends, never what they are.
@@ -270,7 +274,7 @@ func backendStatuses() []backendJSON {
 	seen := map[*server]bool{}
 	var out []backendJSON
 	for _, h := range liveFrontends() {
-		for _, b := range h.backends {
+		for _, b := range h.views() {
 			if !seen[b.srv] {
 				seen[b.srv] = true
 				out = append(out, backendStatus(b.srv, viewsOf(b.srv)))
@@ -322,7 +326,8 @@ func backendStatus(s *server, views []view) backendJSON {
 	names, labels := map[string]bool{}, map[string]bool{}
 	queued := map[*queue]bool{}
 	for _, v := range views {
-		out.Frontends = append(out.Frontends, frontendRefJSON{Frontend: v.h.Name, Name: v.b.cfg.Name, Disabled: v.b.cfg.Disabled})
+		out.Frontends = append(out.Frontends, frontendRefJSON{Frontend: v.h.Name, Name: v.b.cfg.Name, Disabled: v.b.cfg.Disabled,
+			Source: v.b.source, Leaving: v.b.leaving.Load()})
 		if !names[v.b.cfg.Name] {
 			names[v.b.cfg.Name] = true
 			out.Names = append(out.Names, v.b.cfg.Name)
@@ -373,6 +378,7 @@ type frontendJSON struct {
 	Name           string         `json:"name"`
 	Policy         string         `json:"lb_policy"`
 	Backends       []string       `json:"backends"`
+	BackendsFrom   []sourceStatus `json:"backends_from,omitempty"`
 	Queued         int            `json:"queued"`
 	QueuedTotal    int64          `json:"queued_total"`
 	QueueWaitAvgMS float64        `json:"queue_wait_avg_ms"`
@@ -421,8 +427,11 @@ func frontendStatuses() []frontendJSON {
 			}
 			f.QueueWaitMaxMS = float64(q.longestNanos.Load()) / 1e6
 		}
-		for _, b := range h.backends {
+		for _, b := range h.pool() {
 			f.Backends = append(f.Backends, b.cfg.Name)
+		}
+		if h.discovery != nil {
+			f.BackendsFrom = h.discovery.status()
 		}
 		out = append(out, f)
 	}

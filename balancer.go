@@ -32,6 +32,15 @@ type backend struct {
 	// staged is what the server gets from this frontend once the config
 	// has started (adoptSettings); requests always use header and query.
 	staged *serverSettings
+
+	// Discovered servers (discovery.go) enter rotation only once a probe
+	// has passed, and leave once the requests they serve have finished:
+	// held counts this view's slots, leaving says its records are gone.
+	discovered bool
+	source     string     // the backends_from source that found it
+	owner      *discovery // nil for a static backend
+	held       atomic.Int64
+	leaving    atomic.Bool
 }
 
 func newBackendView(cfg *Backend, base *url.URL) *backend {
@@ -104,10 +113,11 @@ func (b *backend) carries(want []string) bool {
 }
 
 // hasRoom reports whether the backend may take a request now: below its
-// max_parallel cap and its requests_per_minute, and still healthy and not
-// draining (a queued request chose its candidates a while ago).
+// max_parallel cap and its requests_per_minute, and still healthy, not
+// draining and in the frontend's pool (a queued request chose its
+// candidates a while ago).
 func (b *backend) hasRoom() bool {
-	if b.srv.draining.Load() || !b.srv.healthy() {
+	if b.srv.draining.Load() || !b.healthy() || b.leaving.Load() {
 		return false
 	}
 	if b.cfg.MaxParallel > 0 && b.srv.inFlight.Load() >= int64(b.cfg.MaxParallel) {
@@ -116,16 +126,48 @@ func (b *backend) hasRoom() bool {
 	return b.srv.rateAdmits(b.cfg.RequestsPerMinute)
 }
 
-// tryAcquire takes a slot on the backend's server within this frontend's
-// max_parallel and requests_per_minute.
-func (b *backend) tryAcquire() bool {
-	return b.srv.tryAcquire(b.cfg.MaxParallel, b.cfg.RequestsPerMinute)
-}
-
 // free reports whether a request that is not queued may take a slot on
 // the backend now: it has room, and no queued request waits for it.
 func (b *backend) free() bool {
 	return b.hasRoom() && b.srv.queued.Load() == 0
+}
+
+// healthy reports whether the server may receive this frontend's requests
+// as far as health goes. A static backend not yet probed counts as
+// healthy, so a fresh config routes at once; a discovered one waits for
+// its first probe, so a server that DNS lists before it is ready (a pod
+// starting) gets no request until it answers.
+func (b *backend) healthy() bool {
+	if b.discovered {
+		return healthState(b.srv.state.Load()) == stateHealthy
+	}
+	return b.srv.healthy()
+}
+
+// tryAcquire takes a slot on the backend's server within this frontend's
+// max_parallel and requests_per_minute. The view counts its own slots, so
+// a server that left the pool is let go once its last request ends; the
+// count goes up before the leaving flag is read (see
+// discovery.takeIdleLocked).
+func (b *backend) tryAcquire() bool {
+	b.held.Add(1)
+	if b.leaving.Load() || !b.srv.tryAcquire(b.cfg.MaxParallel, b.cfg.RequestsPerMinute) {
+		b.unhold()
+		return false
+	}
+	return true
+}
+
+// release gives back a slot tryAcquire took.
+func (b *backend) release() {
+	b.srv.release()
+	b.unhold()
+}
+
+func (b *backend) unhold() {
+	if b.held.Add(-1) == 0 && b.leaving.Load() && b.owner != nil {
+		b.owner.idle()
+	}
 }
 
 // noCandidate explains why a request found no backend; the handler turns it
@@ -137,7 +179,8 @@ type noCandidate struct{ msg string }
 // live, so the explanation names the first requirement nobody meets.
 func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCandidate) {
 	var enabled, typed, labelled int
-	out := filterBackends(h.backends, func(b *backend) bool {
+	pool := h.pool()
+	out := filterBackends(pool, func(b *backend) bool {
 		if b.cfg.Disabled || b.srv.draining.Load() {
 			return false
 		}
@@ -150,12 +193,14 @@ func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCa
 			return false
 		}
 		labelled++
-		return b.srv.healthy()
+		return b.healthy()
 	})
 	if len(out) > 0 {
 		return out, nil
 	}
 	switch {
+	case len(pool) == 0:
+		return nil, &noCandidate{"no backend found yet by backends_from (" + h.sourceNames() + "); retry shortly"}
 	case enabled == 0:
 		return nil, &noCandidate{"every backend of this frontend is disabled or draining"}
 	case typed == 0:
@@ -223,7 +268,7 @@ func (h *Handler) take(avail []*backend, model string) *backend {
 func (h *Handler) queueCandidates(kind routeKind, labels []string, model string, tried []*server) []*backend {
 	var out []*backend
 next:
-	for _, b := range h.backends {
+	for _, b := range h.pool() {
 		if b.cfg.Disabled || !b.allows(kind) || !b.carries(labels) {
 			continue
 		}

@@ -87,7 +87,7 @@ func (s *StatusPage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 // accumulate. Any other option given twice is an error, because the second
 // value would silently replace the first.
 var (
-	repeatableHandlerOptions = map[string]bool{"models": true, "labels": true, "backend": true, "required_models": true, "cors_origins": true}
+	repeatableHandlerOptions = map[string]bool{"models": true, "labels": true, "backend": true, "backends_from": true, "required_models": true, "cors_origins": true}
 	repeatableBackendOptions = map[string]bool{"labels": true, "header": true}
 )
 
@@ -135,12 +135,16 @@ var (
 //		backend <name> <url> [{
 //			# see Backend.UnmarshalCaddyfile
 //		}]
+//		backends_from a <host> [<port>] | srv <name> [{
+//			# see BackendSource.UnmarshalCaddyfile
+//		}]
 //	}
 //
 // A flag without an argument means true. Sizes accept units (64MiB, 10MB)
 // or plain bytes; durations use Caddy's syntax (5s, 2m, 1d). models, labels,
-// required_models, cors_origins and backend may repeat; every other option
-// may be given once. At least one backend is required.
+// required_models, cors_origins, backend and backends_from may repeat;
+// every other option may be given once. At least one backend or
+// backends_from is required.
 //
 // cors_origins lists origins (https://app.example.com), patterns with one *
 // (http://localhost:*), * (any origin), null, and default (Ollama's own
@@ -242,6 +246,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = h.Tenants.UnmarshalCaddyfile(caddyfile.NewDispenser(d.NextSegment()))
 		case "explorer":
 			h.ExplorerPath, err = parseExplorer(d)
+		case "backends_from":
+			src := new(BackendSource)
+			err = src.UnmarshalCaddyfile(caddyfile.NewDispenser(d.NextSegment()))
+			h.BackendsFrom = append(h.BackendsFrom, src)
 		case "backend":
 			var b *Backend
 			b, err = parseBackendSegment(d, backendNames)
@@ -256,12 +264,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 
-	if len(h.Backends) == 0 {
+	if len(h.Backends) == 0 && len(h.BackendsFrom) == 0 {
 		// Point at the directive itself: the block is where the backend
 		// is missing, and its last token may be anything.
 		d.Reset()
 		d.Next()
-		return d.Errf("at least one backend is required (backend <name> <url>)")
+		return d.Errf("at least one backend is required (backend <name> <url>, or backends_from a <host> [<port>])")
 	}
 	return nil
 }

@@ -414,7 +414,7 @@ func retryable(status int) bool {
 // fails in a way another backend may fix, streams the answer to the client.
 // It always releases the slot.
 func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string, kind routeKind, info *requestInfo) attemptResult {
-	release := sync.OnceFunc(b.srv.release) // the stall watchdog may free it early
+	release := sync.OnceFunc(b.release) // the stall watchdog may free it early
 	defer release()
 	started, concurrent := time.Now(), int(b.srv.inFlight.Load())
 	ctx, cancel := context.WithCancelCause(r.Context())

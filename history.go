@@ -236,7 +236,7 @@ func sampleHistory(now time.Time) {
 		if h.queue != nil {
 			frontendsByStats[h.stats] += int64(h.queue.length())
 		}
-		for _, b := range h.backends {
+		for _, b := range h.views() {
 			if !servers[b.srv] {
 				servers[b.srv] = true
 				serverOrder = append(serverOrder, b.srv)
@@ -279,7 +279,7 @@ func historyStatus() historyJSON {
 			seenF[h.Name] = true
 			out.Frontends = append(out.Frontends, frontendHistoryJSON{Name: h.Name, Samples: h.stats.points()})
 		}
-		for _, b := range h.backends {
+		for _, b := range h.views() {
 			i, ok := seenS[b.srv]
 			if !ok {
 				i = len(out.Backends)

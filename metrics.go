@@ -142,9 +142,9 @@ func (liveStateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		seen[[2]string{h.Name, ""}] = true
 		ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(h.queue.length()), h.Name)
-		for _, b := range h.backends {
+		for _, b := range h.pool() {
 			healthy := 0.0
-			if b.srv.healthy() {
+			if b.healthy() {
 				healthy = 1
 			}
 			draining := 0.0

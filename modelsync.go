@@ -399,7 +399,7 @@ func (h *Handler) routeModel(ctx context.Context, cands []*backend, model string
 			return nil, http.StatusServiceUnavailable, fmt.Sprintf("model %q is being pulled onto backend %s; retry shortly", model, b.cfg.Name)
 		}
 	}
-	for _, b := range h.backends {
+	for _, b := range h.pool() {
 		if has, _ := b.srv.models.Load().has(model); has && !b.cfg.Disabled {
 			return nil, http.StatusServiceUnavailable, fmt.Sprintf("model %q is only on backends that are unavailable now (%s); retry shortly", model, b.cfg.Name)
 		}

@@ -14,6 +14,7 @@
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
 //	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
+//	discovery.go   backends_from: DNS sources, servers joining and leaving the pool without reloads
 //	cost.go        least_delay: the speed each server is observed to deliver, cold-load cost
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
@@ -265,7 +266,16 @@ type Handler struct {
 	// Backends are the Ollama servers this frontend proxies to.
 	Backends []*Backend `json:"backends,omitempty"`
 
+	// BackendsFrom are DNS names whose records are more backends, looked
+	// up again every refresh and applied without a reload (discovery.go).
+	// A frontend needs at least one backend or one source.
+	BackendsFrom []*BackendSource `json:"backends_from,omitempty"`
+
+	// backends are the static backends; the pool in rotation, discovered
+	// servers included, is members (read it with pool or views).
 	backends    []*backend
+	members     atomic.Pointer[memberSet]
+	discovery   *discovery // nil without backends_from
 	provisioned time.Time
 	queue       *queue
 	misses      missCache                  // models recently found nowhere
@@ -446,8 +456,22 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		required = append(required, requiredModel{name: strings.TrimSpace(m), key: normalizeModel(m), insecure: h.InsecurePulls})
 	}
-	if len(h.Backends) == 0 {
-		return errors.New("backends: a frontend needs at least one backend")
+	if len(h.Backends) == 0 && len(h.BackendsFrom) == 0 {
+		return errors.New("backends: a frontend needs at least one backend or one backends_from source")
+	}
+	var sources []*source
+	for i, bs := range h.BackendsFrom {
+		if bs == nil {
+			return fmt.Errorf("backends_from[%d]: empty source", i)
+		}
+		src, err := bs.provision()
+		if err != nil {
+			return fmt.Errorf("backends_from %s: %w", bs, err)
+		}
+		for _, w := range src.tmpl.pinWarnings {
+			h.logger.Warn("pin does not apply on every API", zap.String("frontend", h.Name), zap.String("backends_from", src.label), zap.String("pin", w))
+		}
+		sources = append(sources, src)
 	}
 
 	names := make(map[string]bool)
@@ -479,6 +503,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		view.pos = len(h.backends)
 		h.backends = append(h.backends, view)
 	}
+	h.members.Store(&memberSet{backends: h.backends})
 
 	// Health transitions are Caddy events; the events app is loaded even
 	// when the config does not name it, as reverse_proxy does.
@@ -517,9 +542,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.affinityOn() {
 		h.affinity = acquireAffinity(h.Name)
 	}
+	h.queue = newQueue(h)
+	if len(sources) > 0 {
+		h.discovery = newDiscovery(h, ctx, sources, required)
+	}
 	startHistory()
 	bodyMemory.register(h, h.maxBodyMemory)
-	h.queue = newQueue(h)
 	for _, b := range h.backends {
 		b.srv.addQueue(h.queue)
 		if !b.cfg.Disabled && len(required) > 0 {
@@ -529,6 +557,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// Last: the history sampler reads registered frontends (their queue)
 	// from its own goroutine.
 	registerFrontend(h)
+	if h.discovery != nil {
+		h.discovery.start()
+		if events == nil {
+			h.discovery.adopt(nil)
+		}
+	}
 	return nil
 }
 
@@ -562,6 +596,9 @@ func (h *Handler) adoptSettings(config any) {
 	if h.tenantSync != nil {
 		h.tenantSync.settings.Store(h.syncStaged)
 	}
+	if h.discovery != nil {
+		h.discovery.adopt(config)
+	}
 }
 
 // Validate is a no-op: Provision validates as it applies defaults, because
@@ -572,6 +609,9 @@ func (h *Handler) Validate() error { return nil }
 // reload provisions the new config before the old one is cleaned up, so a
 // server kept by the new config is never destroyed here.
 func (h *Handler) Cleanup() error {
+	if h.discovery != nil {
+		h.discovery.stop() // first: no server joins or leaves from here on
+	}
 	unregisterFrontend(h)
 	bodyMemory.unregister(h)
 	if h.stats != nil {

@@ -54,9 +54,10 @@ type queue struct {
 var queueSeq atomic.Uint64
 
 func newQueue(h *Handler) *queue {
-	q := &queue{h: h, backendOf: make(map[*server]*backend, len(h.backends)), classes: make(map[string]*classState),
+	pool := h.pool()
+	q := &queue{h: h, backendOf: make(map[*server]*backend, len(pool)), classes: make(map[string]*classState),
 		vclock: make(map[int]float64), clients: make(map[string]int)}
-	for _, b := range h.backends {
+	for _, b := range pool {
 		q.backendOf[b.srv] = b
 	}
 	return q
@@ -248,19 +249,25 @@ func (q *queue) enqueueLocked(w *waiter) {
 	w.nodes = w.nodes[:len(w.cands)]
 	for i, b := range w.cands {
 		w.nodes[i] = waitNode{w: w}
-		l := cs.byServer[b.srv]
-		if l == nil {
-			l = &waitList{b: b}
-			if qb := q.backendOf[b.srv]; qb != nil {
-				l.b = qb
-			}
-			cs.byServer[b.srv] = l
-		}
-		l.push(&w.nodes[i])
+		q.serverListLocked(cs, b).push(&w.nodes[i])
 		b.srv.queued.Add(1)
 	}
 	q.clients[w.client]++
 	q.waiting.Add(1)
+}
+
+// serverListLocked is the list of cs's waiters for b's server, made on
+// first use. q.mu must be held.
+func (q *queue) serverListLocked(cs *classState, b *backend) *waitList {
+	l := cs.byServer[b.srv]
+	if l == nil {
+		l = &waitList{b: b}
+		if qb := q.backendOf[b.srv]; qb != nil {
+			l.b = qb
+		}
+		cs.byServer[b.srv] = l
+	}
+	return l
 }
 
 // removeLocked unlinks w from q's lists. q.mu must be held.
@@ -317,7 +324,7 @@ func (w *waiter) leave(start time.Time, why error) (*backend, time.Duration, err
 	select {
 	case b := <-w.got:
 		if b != nil {
-			b.srv.release()
+			b.release()
 		}
 	default:
 	}
@@ -452,6 +459,67 @@ func (q *queue) close() {
 	q.leaveServersIfDone()
 }
 
+// membersChanged follows a change of the frontend's pool (backends_from):
+// every waiter is linked again, keeping its place and its class, into the
+// server lists of its candidates among the new pool, so a server that
+// joined serves waiters as soon as it has room, and one that left holds
+// none (a waiter left with no candidate waits for one to join, or for
+// queue_timeout).
+func (q *queue) membersChanged(joined, left []*backend) {
+	for _, b := range joined {
+		b.srv.addQueue(q)
+	}
+	q.mu.Lock()
+	for _, b := range joined {
+		q.backendOf[b.srv] = b
+	}
+	for n := q.all.head; n != nil; n = n.next {
+		w := n.w
+		q.relinkLocked(w, q.h.queueCandidates(w.kind, w.labels, w.model, w.tried))
+	}
+	for _, b := range left {
+		if q.backendOf[b.srv] == b {
+			delete(q.backendOf, b.srv)
+		}
+		for _, cs := range q.classes {
+			if l := cs.byServer[b.srv]; l != nil && l.n == 0 {
+				delete(cs.byServer, b.srv)
+			}
+		}
+	}
+	q.mu.Unlock()
+	for _, b := range left {
+		b.srv.removeQueue(q)
+	}
+	if len(joined) > 0 {
+		q.dispatchAll()
+	}
+}
+
+// relinkLocked moves w's server nodes to cands, each at w's place by
+// arrival in its class's list for the server. q.mu must be held.
+func (q *queue) relinkLocked(w *waiter, cands []*backend) {
+	for i := range w.nodes {
+		if l := w.nodes[i].list; l != nil {
+			l.remove(&w.nodes[i])
+			l.b.srv.queued.Add(-1)
+		}
+	}
+	w.cands = cands
+	if cap(w.nodes) < len(cands) {
+		w.nodes = make([]waitNode, len(cands))
+	}
+	w.nodes = w.nodes[:len(cands)]
+	for i, b := range cands {
+		w.nodes[i] = waitNode{w: w}
+		q.serverListLocked(w.cls, b).push(&w.nodes[i])
+		b.srv.queued.Add(1)
+		for node := &w.nodes[i]; node.prev != nil && node.prev.w.seq > w.seq; {
+			swapWithPrev(node)
+		}
+	}
+}
+
 // enqueueLockedKeepSeq links a waiter moved from another queue in by its
 // original arrival, so it does not lose its place to newer waiters here.
 func (q *queue) enqueueLockedKeepSeq(w *waiter) {
@@ -494,7 +562,7 @@ func (q *queue) leaveServersIfDone() {
 	done := q.closed && q.all.n == 0
 	q.mu.Unlock()
 	if done {
-		for _, b := range q.h.backends {
+		for _, b := range q.h.views() {
 			b.srv.removeQueue(q)
 		}
 	}
