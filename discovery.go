@@ -548,6 +548,7 @@ func (d *discovery) update(src *source, found []endpoint) {
 		b.leaving.Store(true)
 		d.leaving = append(d.leaving, b)
 	}
+	gone := d.takeIdleLocked()
 	d.publishLocked()
 	if q := d.h.queue; q != nil {
 		q.membersChanged(joined, left)
@@ -560,7 +561,6 @@ func (d *discovery) update(src *source, found []endpoint) {
 	for _, b := range joined {
 		d.logger.Info("backend found", zap.String("backend", b.cfg.Name), zap.String("url", b.srv.key), zap.String("source", b.source))
 	}
-	gone := d.takeIdleLocked()
 	d.mu.Unlock()
 	d.release(gone)
 }

@@ -194,7 +194,7 @@ func waitPool(t *testing.T, h *Handler, want ...string) {
 	t.Helper()
 	sort.Strings(want)
 	require.Eventually(t, func() bool { return slices.Equal(poolNames(h), want) },
-		10*time.Second, 5*time.Millisecond, "pool never became %v", want)
+		30*time.Second, 5*time.Millisecond, "pool never became %v", want)
 }
 
 // viewOf finds the frontend's view named name, leaving ones included.
@@ -318,7 +318,7 @@ func TestBackendsFromLeaveDrains(t *testing.T) {
 		status, by, body := chat(t, url)
 		done <- result{status, by, body}
 	}()
-	require.Eventually(t, func() bool { return fakes[1].InFlight() == 1 }, 10*time.Second, time.Millisecond)
+	require.Eventually(t, func() bool { return fakes[1].InFlight() == 1 }, 30*time.Second, time.Millisecond, "the request never reached the server")
 
 	z.setA("ollama.test", "127.0.0.1")
 	waitPool(t, h, a)
@@ -344,7 +344,7 @@ func TestBackendsFromLeaveDrains(t *testing.T) {
 	assert.Equal(t, b, r.by)
 	assert.Contains(t, r.content, `"done":true`, "the request in flight finished whole")
 	require.Eventually(t, func() bool { return viewOf(h, b) == nil && pooled(t, "http://"+b) == nil },
-		10*time.Second, 5*time.Millisecond, "the server never left once idle")
+		30*time.Second, 5*time.Millisecond, "the server never left once idle")
 }
 
 func TestBackendsFromKeepsServersWhenDNSFails(t *testing.T) {
