@@ -19,9 +19,12 @@ import (
 // backend is a frontend's view of one server: its config, pre-parsed, and a
 // pointer to the shared live state.
 type backend struct {
-	cfg        *Backend
-	base       *url.URL
-	pos        int    // index in the frontend's backends, for the model index
+	cfg  *Backend
+	base *url.URL
+	// pos is the index in the frontend's pool, for the model index; a
+	// membership change (discovery.go) moves discovered backends, so it
+	// is atomic, and the index checks it against its own list.
+	pos        atomic.Int64
 	idHash     uint64 // the server's half of its rendezvous hash
 	srv        *server
 	labels     map[string]struct{}

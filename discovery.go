@@ -642,6 +642,11 @@ func (d *discovery) publishLocked() {
 		backends: append(slices.Clip(d.h.backends), found...),
 		leaving:  slices.Clone(d.leaving),
 	}
+	for i, b := range found {
+		// A model index built over the previous set sees the new
+		// positions disagree with its list and takes the slow path.
+		b.pos.Store(int64(len(d.h.backends) + i))
+	}
 	d.h.members.Store(set)
 }
 

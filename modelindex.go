@@ -42,11 +42,11 @@ type modelHolders struct {
 	warm   []*backend // those of list that have it loaded
 }
 
-// holders returns the index of model over h.backends, and the list its
+// holders returns the index of model over h.pool(), and the list its
 // positions refer to; nil when the model is not indexed (no server is
 // known to have it: the slower path costs nothing a miss does not).
 func (h *Handler) holders(model string) (*modelHolders, []*backend) {
-	list := h.backends
+	list := h.pool()
 	// Read before any list: a change during the scan invalidates.
 	gen, loadedGen := missGeneration.Load(), loadedGeneration.Load()
 	idx := h.index.Load()
@@ -104,7 +104,7 @@ func sameList(a, b []*backend) bool {
 // bit reports whether b's bit is set in bits over list, and whether the
 // index covers b at all (a backend from another list does not).
 func bit(bits []uint64, list []*backend, b *backend) (set, covered bool) {
-	i := b.pos
+	i := int(b.pos.Load())
 	if bits == nil || i >= len(list) || list[i] != b {
 		return false, false
 	}

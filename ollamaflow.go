@@ -500,7 +500,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		keys[key] = bc.Name
 		view := newBackendView(bc, base)
-		view.pos = len(h.backends)
+		view.pos.Store(int64(len(h.backends)))
 		h.backends = append(h.backends, view)
 	}
 	h.members.Store(&memberSet{backends: h.backends})

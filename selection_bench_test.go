@@ -72,7 +72,7 @@ func selectionPool(n int, policy string) *Handler {
 			loaded["tiny-llama:latest"] = nil
 		}
 		b.srv.models.Store(&modelSnapshot{known: true, present: present, loaded: loaded})
-		b.pos = i
+		b.pos.Store(int64(i))
 		b.srv.state.Store(int32(stateHealthy))
 		b.srv.speed.observe(time.Duration(100+i%7)*time.Millisecond, 1)
 		h.backends = append(h.backends, b)
