@@ -10,7 +10,7 @@ import (
 
 func indexedFrontend(list ...*backend) *Handler {
 	for i, b := range list {
-		b.pos = i
+		b.pos.Store(int64(i))
 	}
 	return &Handler{backends: list}
 }
