@@ -268,6 +268,11 @@ type speedJSON struct {
 	Slots      int     `json:"slots"`
 	Samples    int     `json:"samples"`
 	ColdLoadMS float64 `json:"cold_load_ms,omitempty"`
+	// Learned from Ollama's final counts: seconds per prompt token and per
+	// generated token (in ms), and models seen resident at once (0: unknown).
+	PromptTokenMS float64 `json:"prompt_token_ms"`
+	OutputTokenMS float64 `json:"output_token_ms"`
+	ModelRoom     int     `json:"model_room,omitempty"`
 }
 
 func backendStatuses() []backendJSON {
@@ -318,11 +323,10 @@ func backendStatus(s *server, views []view) backendJSON {
 	sort.Strings(out.Models)
 	sort.Strings(out.LoadedModels)
 	out.ModelsAt = snap.at
-	s.speed.mu.Lock()
-	if s.speed.samples > 0 {
-		out.Speed = &speedJSON{ServiceMS: s.speed.service * 1000, Slots: s.speed.slots, Samples: s.speed.samples, ColdLoadMS: s.speed.coldLoad * 1000}
+	if v, ok := s.speed.view(); ok {
+		out.Speed = &speedJSON{ServiceMS: v.service * 1000, Slots: v.slots, Samples: v.samples, ColdLoadMS: v.coldLoad * 1000,
+			PromptTokenMS: v.promptTokMS, OutputTokenMS: v.genTokMS, ModelRoom: v.modelRoom}
 	}
-	s.speed.mu.Unlock()
 	names, labels := map[string]bool{}, map[string]bool{}
 	queued := map[*queue]bool{}
 	for _, v := range views {

@@ -522,9 +522,9 @@ func acquireAffinity(name string) *affinityTable {
 // conversation per slot (by default, one in all: see README), so
 // conversations piled on one server evict each other. It reports the
 // route taken and the conversation's id (0: new).
-func (h *Handler) acquireConversation(avail []*backend, conv conversation, model string) (*backend, string, uint64) {
+func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *job) (*backend, string, uint64) {
 	if conv.none() || h.affinity == nil {
-		return h.acquire(avail, model), routePolicy, 0
+		return h.acquire(avail, j), routePolicy, 0
 	}
 	now := time.Now()
 	key, id := h.affinity.lookup(conv, now)
@@ -540,29 +540,29 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, model
 	}
 	if key == "" {
 		metrics.affinity.WithLabelValues(h.Name, "miss").Inc()
-		spread := h.affinity.leastHosting(h.nearBest(free, model, affinityFactor, affinityMargin), now)
-		b := h.take(spread, model)
+		spread := h.affinity.leastHosting(h.nearBest(free, j, affinityFactor, affinityMargin), now)
+		b := h.take(spread, j)
 		if b == nil && len(spread) < len(free) {
-			b = h.take(free, model)
+			b = h.take(free, j)
 		}
 		return b, routePolicy, 0
 	}
-	if prev != nil && slices.Contains(h.nearBest(free, model, affinityFactor, affinityMargin), prev) && prev.tryAcquire() {
+	if prev != nil && slices.Contains(h.nearBest(free, j, affinityFactor, affinityMargin), prev) && prev.tryAcquire() {
 		metrics.affinity.WithLabelValues(h.Name, "hit").Inc()
 		return prev, routeAffinityHit, id
 	}
 	metrics.affinity.WithLabelValues(h.Name, "overflow").Inc()
-	return h.take(free, model), routeAffinityOverflow, id
+	return h.take(free, j), routeAffinityOverflow, id
 }
 
 // nearBest keeps the backends whose expected delay is within factor × the
 // best plus margin seconds. A backend not observed yet (no delay to
 // compare) is kept when it is no busier than the least busy one.
-func (h *Handler) nearBest(list []*backend, model string, factor, margin float64) []*backend {
+func (h *Handler) nearBest(list []*backend, j *job, factor, margin float64) []*backend {
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
 	delays := make([]float64, len(list))
 	for i, b := range list {
-		d, ok := h.expectedDelayOf(b, model)
+		d, ok := h.expectedDelayOf(b, j)
 		if !ok {
 			d = math.NaN()
 		} else if d < best {
@@ -587,8 +587,10 @@ func (h *Handler) nearBest(list []*backend, model string, factor, margin float64
 	return out
 }
 
-// expectedDelayOf is the cost model's estimate of a new request's delay
-// on b, in seconds; ok is false while b has not been observed.
-func (h *Handler) expectedDelayOf(b *backend, model string) (float64, bool) {
-	return b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, h.coldFor(b, model))
+// expectedDelayOf is the cost model's estimate of j's delay on b, in
+// seconds (cost.go's estimateDelay, through the frontend's model index);
+// ok is false while b has not been observed.
+func (h *Handler) expectedDelayOf(b *backend, j *job) (float64, bool) {
+	d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), time.Now())
+	return d.total(), ok
 }

@@ -379,20 +379,29 @@ func TestIntegrationConversationAffinityOffAndSticky(t *testing.T) {
 
 func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 	fast, slow, fresh, busy := testBackend("fast", nil), testBackend("slow", nil), testBackend("fresh", nil), testBackend("busy", nil)
-	fast.srv.speed.observe(100*time.Millisecond, 1)
-	slow.srv.speed.observe(400*time.Millisecond, 1)
+	now := time.Now()
+	fast.srv.inFlight.Store(1)
+	serve(fast, &job{}, now, final(100*time.Millisecond, 0, 0, 10, 1))
+	fast.srv.inFlight.Store(2) // the second of two waited: one slot
+	serve(fast, &job{}, now, final(100*time.Millisecond, 0, 100*time.Millisecond, 10, 1))
+	fast.srv.inFlight.Store(0)
+	slow.srv.inFlight.Store(1)
+	serve(slow, &job{}, now, final(400*time.Millisecond, 0, 0, 10, 1))
+	slow.srv.inFlight.Store(0)
 	busy.srv.inFlight.Store(1)
 	list := []*backend{fast, slow, fresh, busy}
 	h := &Handler{}
-	assert.Equal(t, []string{"fast", "fresh"}, names(h.nearBest(list, "", affinityFactor, affinityMargin)),
+	assert.Equal(t, []string{"fast", "fresh"}, names(h.nearBest(list, &job{}, affinityFactor, affinityMargin)),
 		"never a server four times slower; an unobserved idle one is a candidate")
 	slowish := testBackend("slowish", nil)
-	slowish.srv.speed.observe(200*time.Millisecond, 1)
-	assert.Equal(t, []string{"fast", "slowish"}, names(h.nearBest([]*backend{fast, slowish, slow}, "", affinityFactor, affinityMargin)),
+	slowish.srv.inFlight.Store(1)
+	serve(slowish, &job{}, now, final(200*time.Millisecond, 0, 0, 10, 1))
+	slowish.srv.inFlight.Store(0)
+	assert.Equal(t, []string{"fast", "slowish"}, names(h.nearBest([]*backend{fast, slowish, slow}, &job{}, affinityFactor, affinityMargin)),
 		"within 1.5x the best plus 50ms")
 	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
-	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest([]*backend{fast, slow}, "", affinityFactor, affinityMargin)))
-	assert.Equal(t, []string{"fresh"}, names(h.nearBest([]*backend{fresh, busy}, "", affinityFactor, affinityMargin)), "no speeds: the least busy")
+	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest([]*backend{fast, slow}, &job{}, affinityFactor, affinityMargin)))
+	assert.Equal(t, []string{"fresh"}, names(h.nearBest([]*backend{fresh, busy}, &job{}, affinityFactor, affinityMargin)), "no speeds: the least busy")
 }
 
 func TestConversationAffinityDefaultsByPolicy(t *testing.T) {

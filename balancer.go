@@ -216,9 +216,9 @@ func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCa
 }
 
 // selectionPolicy picks one backend among avail, which is never empty and
-// holds only backends with room, for a request about model (normalised,
-// or "" when the request names none).
-type selectionPolicy func(h *Handler, avail []*backend, model string) *backend
+// holds only backends with room, for a request asking for j (its model is
+// normalised, or "" when the request names none).
+type selectionPolicy func(h *Handler, avail []*backend, j *job) *backend
 
 var policies = map[string]selectionPolicy{
 	"least_delay": pickLeastDelay,
@@ -241,17 +241,20 @@ func policyNames() string {
 // it, for a request that is not queued. It returns nil if every candidate
 // is at its cap. A server with queued requests is left to them (the queue
 // hands its next free slot to the oldest), so a newcomer never overtakes.
-func (h *Handler) acquire(cands []*backend, model string) *backend {
-	return h.take(filterBackends(cands, (*backend).free), model)
+func (h *Handler) acquire(cands []*backend, j *job) *backend {
+	return h.take(filterBackends(cands, (*backend).free), j)
 }
 
 // take runs the policy over avail (backends with room) and takes a slot on
 // the backend it picks. A slot lost to a concurrent request drops that
 // backend and picks again; nil means none was had, or the policy holds the
 // request back.
-func (h *Handler) take(avail []*backend, model string) *backend {
+func (h *Handler) take(avail []*backend, j *job) *backend {
+	if j == nil {
+		j = &job{} // a request the caller did not size: a typical one
+	}
 	for len(avail) > 0 {
-		b := h.policy(h, avail, model)
+		b := h.policy(h, avail, j)
 		if b == nil {
 			return nil // the policy holds the request back: it waits in the queue
 		}
@@ -307,10 +310,10 @@ func without(list []*backend, drop *backend) []*backend {
 // capacity (capacity is max_parallel, or the weight when uncapped), then
 // the higher weight, and breaks remaining ties round-robin so equal servers
 // share the load.
-func pickLeastConn(h *Handler, avail []*backend, model string) *backend {
+func pickLeastConn(h *Handler, avail []*backend, j *job) *backend {
 	avail = leastFailing(avail)
-	if model != "" {
-		if warm := h.loadedOn(avail, model); len(warm) > 0 {
+	if j.model != "" {
+		if warm := h.loadedOn(avail, j.model); len(warm) > 0 {
 			avail = warm
 		}
 	}
@@ -343,6 +346,86 @@ func pickLeastConn(h *Handler, avail []*backend, model string) *backend {
 	return ties[n%uint64(len(ties))]
 }
 
+// bootstrapHold bounds how long least_delay holds requests back while it
+// knows the speed of no candidate.
+const bootstrapHold = time.Second
+
+// pickLeastDelay takes the backend where the request is expected to end
+// soonest (cost.go): the wait for a slot behind the work already sent
+// there, a model load where the model is not resident plus what evicting
+// another model costs the pool, and the request's own prompt and output at
+// the speed the server has shown. A slow server that merely looks idle
+// does not win against a fast one with free slots, and a long request
+// weighs the difference more than a short one.
+//
+// A server it has not observed yet is measured with one request at a time
+// (or up to its max_parallel, slots it is known to have): it gets a request
+// whenever it has room for one, and none beyond. When every candidate is
+// being measured (a fresh pool, a burst), the request waits in the queue
+// for the first answer, which comes from the fastest server, instead of
+// piling onto servers of unknown speed; after bootstrapHold without an
+// answer it falls back to least_conn.
+func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
+	avail = leastFailing(avail)
+	now := time.Now()
+	var ties, unobserved []*backend
+	best := math.Inf(1)
+	for _, b := range avail {
+		d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), now)
+		if !ok {
+			unobserved = append(unobserved, b)
+			continue
+		}
+		cost := d.total()
+		if d.load > 0 {
+			cost += evictionCost(b, j.model, avail, now)
+		}
+		cost /= float64(b.weight())
+		switch {
+		case cost < best*(1-1e-9):
+			best, ties = cost, append(ties[:0], b)
+		case cost <= best*(1+1e-9):
+			ties = append(ties, b)
+		}
+	}
+	// An unobserved server is measured with one request at a time (or up
+	// to its max_parallel), unless it is cold for the model and a model
+	// load alone would take longer than the best observed choice.
+	var explore []*backend
+	var oldestProbe time.Time
+	for _, b := range unobserved {
+		if b.srv.inFlight.Load() >= int64(max(b.cfg.MaxParallel, 1)) {
+			if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
+				oldestProbe = p
+			}
+			continue
+		}
+		if h.coldFor(b, j.model) && b.srv.speed.coldCost(j.model) >= best {
+			continue
+		}
+		explore = append(explore, b)
+	}
+	switch {
+	case len(explore) > 0:
+		b := pickLeastConn(h, explore, j)
+		b.srv.speed.startProbe(now)
+		return b
+	case len(ties) == 1:
+		return ties[0]
+	case len(ties) > 1:
+		n := atomic.AddUint64(&h.rrCounter, 1)
+		return ties[n%uint64(len(ties))]
+	case len(avail) == 1:
+		return avail[0] // nothing to choose between: no point waiting
+	}
+	// Every candidate is unobserved and busy being measured.
+	if !oldestProbe.IsZero() && time.Since(oldestProbe) < bootstrapHold && h.queue != nil {
+		h.queue.wakeAt(oldestProbe.Add(bootstrapHold))
+		return nil
+	}
+	return pickLeastConn(h, avail, j)
+}
+
 // leastFailing keeps the backends with the shortest run of consecutive
 // failures; when none is failing (the common case) it returns list as is.
 func leastFailing(list []*backend) []*backend {
@@ -371,18 +454,18 @@ func leastFailing(list []*backend) []*backend {
 }
 
 // pickRoundRobin walks the candidates in turn, each weight times per cycle.
-func pickRoundRobin(h *Handler, avail []*backend, _ string) *backend {
+func pickRoundRobin(h *Handler, avail []*backend, _ *job) *backend {
 	n := atomic.AddUint64(&h.rrCounter, 1) - 1
 	return byWeight(avail, n%totalWeight(avail))
 }
 
 // pickRandom picks at random, in proportion to weight.
-func pickRandom(_ *Handler, avail []*backend, _ string) *backend {
+func pickRandom(_ *Handler, avail []*backend, _ *job) *backend {
 	return byWeight(avail, rand.Uint64N(totalWeight(avail)))
 }
 
 // pickFirst takes the first candidate in config order.
-func pickFirst(_ *Handler, avail []*backend, _ string) *backend {
+func pickFirst(_ *Handler, avail []*backend, _ *job) *backend {
 	return avail[0]
 }
 
@@ -493,10 +576,10 @@ const (
 // returns X-OllamaFlow-Sticky's value ("" without sticky sessions),
 // X-OllamaFlow-Route's and the conversation's id (0: new, or not looked
 // up). A nil backend means the request queues.
-func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversation, model string) (b *backend, sticky, route string, id uint64) {
+func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversation, j *job) (b *backend, sticky, route string, id uint64) {
 	if h.Sticky != nil {
 		if key := h.stickyKey(r); key != "" {
-			b, sticky = h.acquireSticky(avail, key, model)
+			b, sticky = h.acquireSticky(avail, key, j)
 			route = routeStickyHit
 			if sticky == stickyOverflow {
 				route = routeStickyOverflow
@@ -505,18 +588,18 @@ func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversat
 		}
 		sticky = stickyNone
 	}
-	b, route, id = h.acquireConversation(avail, conv, model)
+	b, route, id = h.acquireConversation(avail, conv, j)
 	return b, sticky, route, id
 }
 
 // acquireSticky takes a slot on the session's server if it has room; else
 // it falls back to the policy.
-func (h *Handler) acquireSticky(avail []*backend, key, model string) (*backend, string) {
+func (h *Handler) acquireSticky(avail []*backend, key string, j *job) (*backend, string) {
 	if key == "" {
-		return h.acquire(avail, model), stickyNone
+		return h.acquire(avail, j), stickyNone
 	}
 	if b := rendezvous(avail, key); b.hasRoom() && b.srv.queued.Load() == 0 && b.tryAcquire() {
 		return b, stickyHit
 	}
-	return h.acquire(avail, model), stickyOverflow
+	return h.acquire(avail, j), stickyOverflow
 }

@@ -81,17 +81,17 @@ func TestAcquireRespectsCaps(t *testing.T) {
 
 	var got []string
 	for i := 0; i < 3; i++ {
-		picked := h.acquire(cands, "")
+		picked := h.acquire(cands, &job{})
 		require.NotNil(t, picked, "slot %d", i)
 		got = append(got, picked.cfg.Name)
 	}
 	assert.ElementsMatch(t, []string{"a", "b", "b"}, got)
-	assert.Nil(t, h.acquire(cands, ""), "every candidate is at its cap")
+	assert.Nil(t, h.acquire(cands, &job{}), "every candidate is at its cap")
 	assert.EqualValues(t, 1, a.srv.inFlight.Load())
 	assert.EqualValues(t, 2, b.srv.inFlight.Load())
 
 	b.srv.release()
-	picked := h.acquire(cands, "")
+	picked := h.acquire(cands, &job{})
 	require.NotNil(t, picked)
 	assert.Equal(t, "b", picked.cfg.Name, "a freed slot is taken at once")
 }
@@ -104,18 +104,18 @@ func TestLeastConnPrefersLowestLoadRatio(t *testing.T) {
 	h := &Handler{}
 	seen := map[string]int{}
 	for i := 0; i < 10; i++ {
-		seen[pickLeastConn(h, []*backend{a, b}, "").cfg.Name]++
+		seen[pickLeastConn(h, []*backend{a, b}, &job{}).cfg.Name]++
 	}
 	assert.Equal(t, 5, seen["a"])
 	assert.Equal(t, 5, seen["b"])
 
 	a.srv.inFlight.Store(1) // 1/4 beats 1/2
-	assert.Equal(t, "a", pickLeastConn(h, []*backend{a, b}, "").cfg.Name)
+	assert.Equal(t, "a", pickLeastConn(h, []*backend{a, b}, &job{}).cfg.Name)
 
 	heavy := testBackend("heavy", func(c *Backend) { c.Weight = 3; c.MaxParallel = 2 })
 	heavy.srv.inFlight.Store(1) // 1/2, ties with b but weighs more
 	for i := 0; i < 4; i++ {
-		assert.Equal(t, "heavy", pickLeastConn(h, []*backend{b, heavy}, "").cfg.Name)
+		assert.Equal(t, "heavy", pickLeastConn(h, []*backend{b, heavy}, &job{}).cfg.Name)
 	}
 }
 
@@ -125,19 +125,19 @@ func TestWeightedPolicies(t *testing.T) {
 	h := &Handler{}
 	rr := map[string]int{}
 	for i := 0; i < 400; i++ {
-		rr[pickRoundRobin(h, []*backend{a, b}, "").cfg.Name]++
+		rr[pickRoundRobin(h, []*backend{a, b}, &job{}).cfg.Name]++
 	}
 	assert.Equal(t, map[string]int{"a": 300, "b": 100}, rr)
 
 	rnd := map[string]int{}
 	for i := 0; i < 4000; i++ {
-		rnd[pickRandom(h, []*backend{a, b}, "").cfg.Name]++
+		rnd[pickRandom(h, []*backend{a, b}, &job{}).cfg.Name]++
 	}
 	assert.InDelta(t, 3000, rnd["a"], 200)
 	assert.InDelta(t, 1000, rnd["b"], 200)
 
 	for i := 0; i < 5; i++ {
-		assert.Equal(t, "b", pickFirst(h, []*backend{b, a}, "").cfg.Name)
+		assert.Equal(t, "b", pickFirst(h, []*backend{b, a}, &job{}).cfg.Name)
 	}
 }
 
@@ -148,46 +148,10 @@ func TestLeastConnAvoidsFailingBackends(t *testing.T) {
 	fast.srv.failStreak.Store(2)
 	h := &Handler{}
 	for i := 0; i < 5; i++ {
-		assert.Equal(t, "ok", pickLeastConn(h, []*backend{fast, ok}, "").cfg.Name)
+		assert.Equal(t, "ok", pickLeastConn(h, []*backend{fast, ok}, &job{}).cfg.Name)
 	}
 	fast.srv.failStreak.Store(0)
-	assert.Equal(t, "fast-failer", pickLeastConn(h, []*backend{fast, ok}, "").cfg.Name, "recovered: the least loaded again")
-}
-
-func TestSpeedLearnsServiceTimeAndSlots(t *testing.T) {
-	var sp speed
-	_, ok := sp.expectedDelay(0, 0, false)
-	assert.False(t, ok, "no observations yet")
-
-	ms := time.Millisecond
-	sp.observe(100*ms, 1)
-	d, ok := sp.expectedDelay(0, 0, false)
-	require.True(t, ok)
-	assert.InDelta(t, 0.1, d, 1e-9)
-	// Served 4 at once without slowing: 4 slots.
-	sp.observe(105*ms, 2)
-	sp.observe(110*ms, 4)
-	assert.Equal(t, 4, sp.slots)
-	d, _ = sp.expectedDelay(3, 0, false) // 3 in flight + this one fit in 4 slots
-	assert.InDelta(t, 0.1, d, 0.01)
-	d, _ = sp.expectedDelay(4, 0, false) // the fifth waits a round
-	assert.InDelta(t, 0.2, d, 0.02)
-	// A 5th in flight took twice as long: not a 5th slot.
-	sp.observe(210*ms, 5)
-	assert.Equal(t, 4, sp.slots)
-	// Made to wait with 3 in flight: only 2 slots after all.
-	sp.observe(250*ms, 3)
-	assert.Equal(t, 2, sp.slots)
-	// The configured max_parallel, when set, is the slot count.
-	d, _ = sp.expectedDelay(4, 4, false)
-	assert.InDelta(t, 0.2, d, 0.02)
-	// A cold model adds the prior until a load is seen, then the learned cost.
-	warm, _ := sp.expectedDelay(0, 0, false)
-	cold, _ := sp.expectedDelay(0, 0, true)
-	assert.InDelta(t, coldLoadPrior, cold-warm, 1e-9)
-	sp.observeLoad(3 * time.Second)
-	cold, _ = sp.expectedDelay(0, 0, true)
-	assert.InDelta(t, 3, cold-warm, 1e-9)
+	assert.Equal(t, "fast-failer", pickLeastConn(h, []*backend{fast, ok}, &job{}).cfg.Name, "recovered: the least loaded again")
 }
 
 func TestLeastDelayPrefersTheFastServer(t *testing.T) {
@@ -200,14 +164,20 @@ func TestLeastDelayPrefersTheFastServer(t *testing.T) {
 	// No observations: least_conn, which spreads the load.
 	slow1.srv.inFlight.Store(1)
 	slow2.srv.inFlight.Store(1)
-	assert.Equal(t, "fast", pickLeastDelay(h, all, "").cfg.Name)
+	assert.Equal(t, "fast", pickLeastDelay(h, all, &job{}).cfg.Name)
 
 	ms := time.Millisecond
-	for k := 1; k <= 4; k++ {
-		fast.srv.speed.observe(100*ms, k)
+	now := time.Now()
+	for k := int64(1); k <= 4; k++ { // 4 at once without a wait: 4 slots
+		fast.srv.inFlight.Store(k)
+		serve(fast, &job{}, now, final(100*ms, 0, 0, 5, 1))
 	}
-	slow1.srv.speed.observe(400*ms, 1)
-	slow2.srv.speed.observe(400*ms, 1)
+	fast.srv.inFlight.Store(5) // a fifth waited: no more than 4
+	serve(fast, &job{}, now, final(100*ms, 0, 50*ms, 5, 1))
+	slow1.srv.inFlight.Store(1)
+	serve(slow1, &job{}, now, final(400*ms, 0, 0, 5, 1))
+	slow2.srv.inFlight.Store(1)
+	serve(slow2, &job{}, now, final(400*ms, 0, 0, 5, 1))
 	slow1.srv.inFlight.Store(0)
 	slow2.srv.inFlight.Store(0)
 
@@ -215,16 +185,16 @@ func TestLeastDelayPrefersTheFastServer(t *testing.T) {
 	// as long as the fast one would still finish first.
 	for n := int64(0); n < 12; n++ {
 		fast.srv.inFlight.Store(n)
-		assert.Equal(t, "fast", pickLeastDelay(h, all, "").cfg.Name, "fast with %d in flight", n)
+		assert.Equal(t, "fast", pickLeastDelay(h, all, &job{}).cfg.Name, "fast with %d in flight", n)
 	}
-	fast.srv.inFlight.Store(16) // 5 rounds of 100ms: 0.5s > 0.4s
-	assert.Contains(t, []string{"slow1", "slow2"}, pickLeastDelay(h, all, "").cfg.Name)
+	fast.srv.inFlight.Store(16) // 4 rounds to wait and its own 100ms: 0.5s > 0.4s
+	assert.Contains(t, []string{"slow1", "slow2"}, pickLeastDelay(h, all, &job{}).cfg.Name)
 
 	// A cold model costs more than a busy warm server.
 	fast.srv.inFlight.Store(4)
 	fast.srv.models.Store(&modelSnapshot{known: true, loaded: map[string][]byte{}})
 	slow1.srv.models.Store(&modelSnapshot{known: true, loaded: map[string][]byte{"m:latest": nil}})
-	assert.Equal(t, "slow1", pickLeastDelay(h, all, "m:latest").cfg.Name)
+	assert.Equal(t, "slow1", pickLeastDelay(h, all, &job{model: "m:latest"}).cfg.Name)
 }
 
 func TestTailKeeper(t *testing.T) {
@@ -248,7 +218,7 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	h.queue = newQueue(h)
 	all := []*backend{fast, slow1, slow2}
 	take := func() *backend {
-		b := pickLeastDelay(h, all, "")
+		b := pickLeastDelay(h, all, &job{})
 		if b != nil {
 			b.srv.inFlight.Add(1)
 		}
@@ -267,7 +237,7 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	// The first answer comes from the fast one: it takes everything while
 	// the slow ones are still being measured.
 	ms := time.Millisecond
-	fast.srv.speed.observe(100*ms, 1)
+	serve(fast, &job{}, time.Now(), final(100*ms, 0, 0, 5, 1))
 	fast.srv.inFlight.Add(-1)
 	for range 6 {
 		assert.Equal(t, "fast", take().cfg.Name)
@@ -276,10 +246,10 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	// A server with configured slots is measured with all of them.
 	capped := testBackend("capped", func(c *Backend) { c.MaxParallel = 2 })
 	for range 2 {
-		assert.Equal(t, "capped", pickLeastDelay(h, []*backend{capped, fast}, "").cfg.Name)
+		assert.Equal(t, "capped", pickLeastDelay(h, []*backend{capped, fast}, &job{}).cfg.Name)
 		capped.srv.inFlight.Add(1)
 	}
-	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{capped, fast}, "").cfg.Name)
+	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{capped, fast}, &job{}).cfg.Name)
 
 	// A cold unobserved server is not measured at the price of a model
 	// load when a warm observed one would answer sooner.
@@ -288,8 +258,8 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	fast.srv.inFlight.Store(0)
 	fresh := testBackend("fresh", nil)
 	fresh.srv.models.Store(&modelSnapshot{known: true, loaded: map[string][]byte{}})
-	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{fresh, fast}, "m:latest").cfg.Name)
-	assert.Equal(t, "fresh", pickLeastDelay(h, []*backend{fresh, fast}, "").cfg.Name, "warm for a request without a model: measured")
+	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{fresh, fast}, &job{model: "m:latest"}).cfg.Name)
+	assert.Equal(t, "fresh", pickLeastDelay(h, []*backend{fresh, fast}, &job{}).cfg.Name, "warm for a request without a model: measured")
 
 	// No answer within bootstrapHold: least_conn, as before.
 	a, b := testBackend("a", nil), testBackend("b", nil)
@@ -297,9 +267,9 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	b.srv.inFlight.Store(2)
 	a.srv.speed.startProbe(time.Now().Add(-2 * bootstrapHold))
 	b.srv.speed.startProbe(time.Now().Add(-2 * bootstrapHold))
-	assert.Equal(t, "a", pickLeastDelay(h, []*backend{a, b}, "").cfg.Name)
+	assert.Equal(t, "a", pickLeastDelay(h, []*backend{a, b}, &job{}).cfg.Name)
 	// A single candidate is never held back: there is nothing to choose.
-	assert.Equal(t, "b", pickLeastDelay(h, []*backend{b}, "").cfg.Name)
+	assert.Equal(t, "b", pickLeastDelay(h, []*backend{b}, &job{}).cfg.Name)
 }
 
 func TestHugeWeightsAreRefusedAndSumsCannotOverflow(t *testing.T) {
@@ -319,14 +289,14 @@ func TestHugeWeightsAreRefusedAndSumsCannotOverflow(t *testing.T) {
 	h := &Handler{}
 	rr := map[string]int{}
 	for i := 0; i < 3*maxWeight/1000; i++ {
-		rr[pickRoundRobin(h, list, "").cfg.Name]++
-		pickRandom(h, list, "")
+		rr[pickRoundRobin(h, list, &job{}).cfg.Name]++
+		pickRandom(h, list, &job{})
 	}
 	assert.Len(t, rr, 1, "round robin walks each weight in turn: the first of the cycle")
 	list[1].cfg.Weight, list[2].cfg.Weight = 1, 1
 	rnd := map[string]int{}
 	for i := 0; i < 1000; i++ {
-		rnd[pickRandom(h, list, "").cfg.Name]++
+		rnd[pickRandom(h, list, &job{}).cfg.Name]++
 	}
 	assert.Greater(t, rnd["a"], 990, "a weighs a million times more: %v", rnd)
 }

@@ -2,30 +2,658 @@ package ollamaflow
 
 import (
 	"math"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tidwall/gjson"
 )
 
-// speed is what a server has been observed to deliver, for least_delay:
-// its service time with a free slot, how many requests it serves at once
-// before they start to wait inside it, and what a cold model load costs.
-// It lives on the shared server, so it survives reloads.
+// The speed and cost model behind least_delay. Each pooled server learns,
+// from the timings Ollama reports in a completion's final chunk (never from
+// wall time, which includes how fast the client reads), how fast it
+// evaluates a prompt and generates a token, how long a model load takes,
+// how many requests it serves at once, and how many models it holds. A
+// request's expected delay on a server is then the wait for one of its
+// slots behind the work already sent there, a model load where the model
+// is not resident, and the request's own work, sized from its body.
+
+// job is what a request asks of a server, read from its body: the input of
+// the cost model.
+type job struct {
+	model       string // normalised; "" for a request that names none
+	promptChars int    // characters of prompt text: prompt, system, suffix, messages, input
+	maxOutput   int    // num_predict, max_tokens or max_completion_tokens; 0 when not set
+}
+
+// newJob reads what a request asks for from its body, the way Ollama
+// decodes it (keys match case-insensitively, escapes decoded, the last
+// duplicate wins). Parts it does not understand count as nothing: the
+// estimate is a guide for routing, never a limit.
+func newJob(model string, api apiFormat, body []byte) *job {
+	j := &job{model: model}
+	if len(body) == 0 {
+		return j
+	}
+	fields := map[string]int{}
+	gjson.ParseBytes(body).ForEach(func(k, v gjson.Result) bool {
+		key := strings.ToLower(k.String())
+		switch {
+		case key == "prompt", key == "system", key == "suffix":
+			fields[key] = textChars(v)
+		case key == "messages":
+			n := 0
+			v.ForEach(func(_, m gjson.Result) bool {
+				m.ForEach(func(mk, mv gjson.Result) bool {
+					if strings.EqualFold(mk.String(), "content") {
+						n += textChars(mv)
+					}
+					return true
+				})
+				return true
+			})
+			fields[key] = n
+		case key == "input":
+			fields[key] = textChars(v)
+		case key == "options" && api == apiOllama:
+			v.ForEach(func(ok, ov gjson.Result) bool {
+				if strings.EqualFold(ok.String(), "num_predict") && ov.Type == gjson.Number {
+					j.maxOutput = max(int(ov.Int()), 0)
+				}
+				return true
+			})
+		case (key == "max_tokens" || key == "max_completion_tokens") && api == apiOpenAI && v.Type == gjson.Number:
+			j.maxOutput = max(int(v.Int()), 0)
+		}
+		return true
+	})
+	for _, n := range fields {
+		j.promptChars += n
+	}
+	return j
+}
+
+// textChars is the length of a text value: a string, or OpenAI's content
+// parts ([{"type":"text","text":…}]) and arrays of strings.
+func textChars(v gjson.Result) int {
+	switch {
+	case v.Type == gjson.String:
+		return len(v.Str)
+	case v.IsArray():
+		n := 0
+		v.ForEach(func(_, e gjson.Result) bool {
+			if e.Type == gjson.String {
+				n += len(e.Str)
+			} else if e.IsObject() {
+				e.ForEach(func(k, t gjson.Result) bool {
+					if strings.EqualFold(k.String(), "text") && t.Type == gjson.String {
+						n += len(t.Str)
+					}
+					return true
+				})
+			}
+			return true
+		})
+		return n
+	}
+	return 0
+}
+
+// delay is a request's expected time on a server, in seconds, by part.
+type delay struct {
+	wait   float64 // for a slot, behind the work already sent there
+	load   float64 // loading the model, when it is not resident (or still loading)
+	prompt float64 // evaluating the prompt; a prompt cache removes part of it
+	output float64 // generating the answer
+}
+
+func (d delay) total() float64 { return d.wait + d.load + d.prompt + d.output }
+
+// estimateDelay is the time job is expected to take on b if it were sent
+// now: waiting for a slot, loading its model where it is not resident,
+// evaluating its prompt and generating its answer. ok is false while
+// nothing has been learned about b. A caller that knows part of the prompt
+// is cached on b may subtract that share of d.prompt.
+func estimateDelay(b *backend, j *job, now time.Time) (d delay, ok bool) {
+	return b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), notResident(b, j.model), now)
+}
+
+// Tuning of the model. None of these is a threshold on what a server may
+// be: they say how fast the model forgets and how sure it must be.
+const (
+	speedAlpha      = 0.25            // least EWMA weight of a new sample
+	speedTau        = 3 * time.Second // a sample this long after the last weighs 1-1/e at least
+	coldLoadPrior   = 2.0             // seconds assumed for a model load before one is seen
+	charsPerToken   = 4.0             // prompt characters per token before one is seen
+	slotRetest      = 30 * time.Second
+	remainingFloor  = 0.1   // a request past its expected end still has this share left
+	waitSignalMin   = 0.015 // seconds of unexplained time that count as a wait, above the baseline
+	maxTrackedModel = 64    // per-model rates kept per server (least recently used dropped)
+	evictionHorizon = 60 * time.Second
+)
+
+// speed is what a server has been observed to deliver. It lives on the
+// pooled server, so it survives reloads.
 type speed struct {
-	mu          sync.Mutex
-	samples     int
-	service     float64 // seconds, EWMA, for requests that had a slot
-	slots       int     // learned parallel capacity, at least 1
-	coldLoad    float64 // seconds, EWMA of load_duration when a model was loaded
-	coldSamples int
-	probing     time.Time // when least_delay first sent it a request, before any sample
+	mu     sync.Mutex
+	all    rates             // every model together: the fallback
+	models map[string]*rates // per model
+
+	// Slots: slotsLo requests were served at once without one waiting;
+	// slotsHi is the most that can be (one more waited), known since
+	// hiAt, 0 when unknown. Estimates use slotsLo+1 while that is not ruled
+	// out, so a history at concurrency 1 never locks the count at 1: the
+	// first time more requests are there, the extra slot is tried.
+	slotsLo, slotsHi int
+	hiAt             time.Time
+	// warmIdle is the baseline of time a warm request with a free slot
+	// spends neither evaluating nor generating (HTTP, scheduling).
+	warmIdle float64
+	// room is how many models the server has been seen to hold at once
+	// (0: unknown); a load beyond it evicts one. /api/ps lists read before
+	// roomAt (an eviction noticed since) do not raise it.
+	room   int
+	roomAt time.Time
+
+	tasks   map[uint64]*task // requests in flight, with their expected end
+	nextID  uint64
+	probing time.Time // when least_delay first sent it a request, before any sample
+}
+
+// rates are learned speeds, for one model or for all.
+type rates struct {
+	at          time.Time // last sample
+	promptN     int
+	promptTok   float64 // seconds per prompt token
+	genN        int
+	genTok      float64 // seconds per generated token
+	outN        int
+	outTokens   float64 // answer length when the request set no cap
+	inN         int
+	inTokens    float64 // prompt length, for requests whose body gave none
+	charsN      int
+	charsPerTok float64
+	loads       int
+	load        float64 // seconds per model load
+	lastUsed    time.Time
+}
+
+// task is one request in flight on the server.
+type task struct {
+	id       uint64
+	sp       *speed
+	job      *job
+	started  time.Time
+	finish   time.Time // expected end
+	service  float64   // expected prompt + output seconds
+	cold     bool      // the model was not resident (or was loading) when it was sent
+	loader   bool      // it is the request that loads the model
+	inFlight int       // requests in flight on the server when it was sent, itself included
+	done     atomic.Bool
+}
+
+// ewma folds x into old with a weight that grows with the time since the
+// last sample, so a server that changed speed is re-learned within a few
+// requests, and at once after a pause.
+func ewma(old float64, n int, x float64, since time.Duration) float64 {
+	if n == 0 {
+		return x
+	}
+	a := max(speedAlpha, 1-math.Exp(-since.Seconds()/speedTau.Seconds()))
+	return old + a*(x-old)
+}
+
+// ratesLocked returns model's rates, created if need be ("" is all).
+func (sp *speed) ratesLocked(model string) *rates {
+	if model == "" {
+		return &sp.all
+	}
+	if sp.models == nil {
+		sp.models = make(map[string]*rates)
+	}
+	r := sp.models[model]
+	if r == nil {
+		if len(sp.models) >= maxTrackedModel {
+			var oldest string
+			for m, mr := range sp.models {
+				if oldest == "" || mr.lastUsed.Before(sp.models[oldest].lastUsed) {
+					oldest = m
+				}
+			}
+			delete(sp.models, oldest)
+		}
+		r = &rates{}
+		sp.models[model] = r
+	}
+	return r
+}
+
+// serviceLocked is job's expected prompt and output time, from the model's
+// rates where learned, else the server's.
+func (sp *speed) serviceLocked(j *job) (prompt, output float64) {
+	r := &sp.all
+	if mr := sp.models[j.model]; mr != nil {
+		r = mr
+	}
+	pick := func(n int, own, all float64) float64 {
+		if n > 0 {
+			return own
+		}
+		return all
+	}
+	promptTok := pick(r.promptN, r.promptTok, sp.all.promptTok)
+	genTok := pick(r.genN, r.genTok, sp.all.genTok)
+	cpt := charsPerToken
+	if r.charsN > 0 {
+		cpt = r.charsPerTok
+	} else if sp.all.charsN > 0 {
+		cpt = sp.all.charsPerTok
+	}
+	in := pick(r.inN, r.inTokens, sp.all.inTokens)
+	if j.promptChars > 0 {
+		in = float64(j.promptChars) / max(cpt, 0.5)
+	}
+	out := pick(r.outN, r.outTokens, sp.all.outTokens)
+	if j.maxOutput > 0 && (out == 0 || float64(j.maxOutput) < out || r.outN == 0 && sp.all.outN == 0) {
+		out = float64(j.maxOutput)
+	}
+	return in * promptTok, out * genTok
+}
+
+// slotsLocked is the parallel slots to plan with: max_parallel when set
+// (the operator knows), else what was seen, plus one while more is not
+// ruled out (recently).
+func (sp *speed) slotsLocked(maxParallel int, now time.Time) int {
+	if maxParallel > 0 {
+		return maxParallel
+	}
+	lo := max(sp.slotsLo, 1)
+	if sp.slotsHi > 0 && sp.slotsHi <= lo && now.Sub(sp.hiAt) < slotRetest {
+		return lo
+	}
+	return lo + 1
+}
+
+// waitLocked is how long a new request waits for a slot with inFlight
+// requests on the server: none while a slot is free, else until as many
+// of them have ended as it is behind, by their expected ends.
+func (sp *speed) waitLocked(inFlight, slots int, typical float64, now time.Time) float64 {
+	if inFlight < slots {
+		return 0
+	}
+	var buf [32]float64
+	rem := buf[:0]
+	for _, t := range sp.tasks {
+		rem = append(rem, max(t.finish.Sub(now).Seconds(), remainingFloor*t.service))
+	}
+	// Requests the model does not track (model reads, or sent before a
+	// reload) take a typical time each, the later ones queued behind the
+	// earlier.
+	for i := 0; len(rem) < inFlight; i++ {
+		rem = append(rem, typical*float64(1+i/slots))
+	}
+	slices.Sort(rem)
+	k := min(inFlight-slots, len(rem)-1)
+	return rem[k]
+}
+
+// loadCostLocked is what loading model is expected to take.
+func (sp *speed) loadCostLocked(model string) float64 {
+	if r := sp.models[model]; r != nil && r.loads > 0 {
+		return r.load
+	}
+	if sp.all.loads > 0 {
+		return sp.all.load
+	}
+	return coldLoadPrior
+}
+
+// pendingLoadLocked is the time left of a load of model already under way.
+func (sp *speed) pendingLoadLocked(model string, now time.Time) (float64, bool) {
+	left, found := 0.0, false
+	for _, t := range sp.tasks {
+		if t.loader && t.job.model == model {
+			found = true
+			end := t.started.Add(time.Duration(sp.loadCostLocked(model) * float64(time.Second)))
+			left = max(left, end.Sub(now).Seconds())
+		}
+	}
+	return left, found
+}
+
+// estimate is estimateDelay for a server with inFlight requests in flight
+// and maxParallel configured (0: learned); cold says the model is not
+// resident.
+func (sp *speed) estimate(j *job, maxParallel, inFlight int, cold bool, now time.Time) (delay, bool) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.estimateLocked(j, maxParallel, inFlight, cold, now)
+}
+
+func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, now time.Time) (delay, bool) {
+	if sp.all.promptN == 0 && sp.all.genN == 0 {
+		return delay{}, false
+	}
+	var d delay
+	d.prompt, d.output = sp.serviceLocked(j)
+	tp, to := sp.serviceLocked(&job{model: j.model})
+	d.wait = sp.waitLocked(inFlight, sp.slotsLocked(maxParallel, now), tp+to, now)
+	if j.model != "" {
+		if left, loading := sp.pendingLoadLocked(j.model, now); loading {
+			d.load = left
+		} else if cold {
+			d.load = sp.loadCostLocked(j.model)
+		}
+	}
+	return d, true
+}
+
+// begin records that a request for j was sent to b, with the delay it is
+// expected to take; end (or learn) removes it. A request for a model that
+// is not resident makes it resident in the model's belief at once, so the
+// requests that follow queue behind one load instead of each planning
+// their own, and, where the server is full, the model least recently used
+// there is taken to be evicted.
+func (b *backend) begin(j *job, now time.Time) *task {
+	s := b.srv
+	cold := notResident(b, j.model)
+	sp := &s.speed
+	sp.mu.Lock()
+	d, _ := sp.estimateLocked(j, b.cfg.MaxParallel, int(s.inFlight.Load())-1, cold, now)
+	_, loading := sp.pendingLoadLocked(j.model, now)
+	t := &task{sp: sp, job: j, started: now, service: d.prompt + d.output, cold: cold || loading, loader: cold && !loading, inFlight: int(s.inFlight.Load())}
+	t.finish = now.Add(time.Duration(d.total() * float64(time.Second)))
+	sp.nextID++
+	t.id = sp.nextID
+	if sp.tasks == nil {
+		sp.tasks = make(map[uint64]*task)
+	}
+	sp.tasks[t.id] = t
+	var evict string
+	if j.model != "" {
+		r := sp.ratesLocked(j.model)
+		r.lastUsed = now
+		if t.loader {
+			evict = sp.victimLocked(s.models.Load(), j.model)
+		}
+	}
+	sp.mu.Unlock()
+	if t.loader {
+		if evict != "" {
+			s.markUnloaded(evict)
+		}
+		s.markLoaded(j.model)
+	}
+	return t
+}
+
+// end removes the request from the work in flight; safe to call twice.
+func (t *task) end() {
+	if t == nil || !t.done.CompareAndSwap(false, true) {
+		return
+	}
+	t.sp.mu.Lock()
+	delete(t.sp.tasks, t.id)
+	t.sp.mu.Unlock()
+}
+
+// timings are the counts and durations a completion's final chunk gave
+// (-1: absent), and what the proxy measured.
+type timings struct {
+	native                  bool // Ollama's own API: durations reported; else OpenAI usage
+	promptCount, evalCount  int64
+	total, load, prompt, ev time.Duration
+	ttfb, elapsed           time.Duration
+	streamed                bool
+}
+
+// timingsFrom reads the final counts a response ended with.
+func timingsFrom(tail *tailKeeper, api apiFormat, streamed bool, ttfb, elapsed time.Duration) timings {
+	if api == apiOllama {
+		return timings{native: true,
+			promptCount: tail.number("prompt_eval_count"), evalCount: tail.number("eval_count"),
+			total: time.Duration(tail.number("total_duration")), load: time.Duration(tail.number("load_duration")),
+			prompt: time.Duration(tail.number("prompt_eval_duration")), ev: time.Duration(tail.number("eval_duration")),
+			ttfb: ttfb, elapsed: elapsed, streamed: streamed}
+	}
+	return timings{promptCount: tail.number("prompt_tokens"), evalCount: tail.number("completion_tokens"),
+		total: -1, load: -1, prompt: -1, ev: -1, ttfb: ttfb, elapsed: elapsed, streamed: streamed}
+}
+
+// learn folds a completed request's timings into the model and ends the
+// task. loaded reports that the request loaded its model (a cold load,
+// whatever it took); evicted that it found a model gone that was believed
+// resident.
+func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
+	if t == nil {
+		return false, false
+	}
+	t.end()
+	sp := t.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	r := sp.ratesLocked(t.job.model)
+	targets := []*rates{&sp.all}
+	if r != &sp.all {
+		targets = append(targets, r)
+	}
+	fold := func(x float64, field func(*rates) (*float64, *int)) {
+		for _, rr := range targets {
+			v, n := field(rr)
+			*v = ewma(*v, *n, x, now.Sub(rr.at))
+			*n++
+		}
+	}
+	promptRate := func(rr *rates) (*float64, *int) { return &rr.promptTok, &rr.promptN }
+	genRate := func(rr *rates) (*float64, *int) { return &rr.genTok, &rr.genN }
+	promptLen := func(rr *rates) (*float64, *int) { return &rr.inTokens, &rr.inN }
+	charRatio := func(rr *rates) (*float64, *int) { return &rr.charsPerTok, &rr.charsN }
+	outLen := func(rr *rates) (*float64, *int) { return &rr.outTokens, &rr.outN }
+
+	promptSec, genSec := -1.0, -1.0
+	switch {
+	case tm.native:
+		if tm.prompt > 0 {
+			promptSec = tm.prompt.Seconds()
+		}
+		if tm.ev > 0 {
+			genSec = tm.ev.Seconds()
+		}
+	case tm.streamed && tm.elapsed > tm.ttfb:
+		// OpenAI reports no durations: the first byte comes after the
+		// prompt, the rest is generation. Only a request that had a slot
+		// and a warm model measures the prompt this way.
+		genSec = (tm.elapsed - tm.ttfb).Seconds()
+		if !t.cold && t.inFlight <= max(sp.slotsLo, 1) {
+			promptSec = tm.ttfb.Seconds()
+		}
+	}
+	if tm.promptCount > 0 && promptSec >= 0 {
+		fold(promptSec/float64(tm.promptCount), promptRate)
+	}
+	if tm.evalCount > 0 && genSec >= 0 {
+		fold(genSec/float64(tm.evalCount), genRate)
+	}
+	if tm.promptCount > 0 {
+		fold(float64(tm.promptCount), promptLen)
+		if t.job.promptChars > 0 {
+			fold(float64(t.job.promptChars)/float64(tm.promptCount), charRatio)
+		}
+	}
+	if tm.evalCount > 0 && t.job.maxOutput == 0 {
+		fold(float64(tm.evalCount), outLen)
+	}
+	for _, rr := range targets {
+		rr.at = now
+	}
+
+	if !tm.native || tm.total <= 0 {
+		return false, false
+	}
+	// Time neither evaluating nor generating: a model load
+	// (load_duration), a wait for a parallel slot (Ollama takes one inside
+	// the runner, after load_duration is measured, so it shows only in
+	// total_duration), and overhead.
+	loadSec := max(tm.load, 0).Seconds()
+	waitSec := (tm.total - max(tm.load, 0) - max(tm.prompt, 0) - max(tm.ev, 0)).Seconds()
+	signal := 2*sp.warmIdle + waitSignalMin
+	switch {
+	case t.loader:
+		if loadSec > signal {
+			sp.observeLoadLocked(r, loadSec, now)
+			return true, false
+		}
+		// Resident after all: the server holds more models than believed.
+		sp.room, sp.roomAt = 0, now
+	case t.cold:
+		// It waited for another request's load: nothing to learn.
+	case loadSec > signal:
+		// A load although the model was believed resident: it was
+		// evicted (or expired) since.
+		sp.observeLoadLocked(r, loadSec, now)
+		return true, true
+	case waitSec <= signal:
+		sp.slotsLo = max(sp.slotsLo, t.inFlight)
+		if sp.slotsHi > 0 && sp.slotsHi < sp.slotsLo {
+			sp.slotsHi = 0 // served more than thought possible: it changed
+		}
+		sp.warmIdle = ewma(sp.warmIdle, 1, waitSec, time.Second)
+	default:
+		// It waited for a slot: the server has fewer than were in flight.
+		if hi := t.inFlight - 1; hi >= 1 {
+			if sp.slotsHi == 0 || hi < sp.slotsHi || now.Sub(sp.hiAt) >= slotRetest {
+				sp.slotsHi = hi
+			}
+			sp.hiAt = now
+		}
+		if sp.slotsHi > 0 && sp.slotsLo > sp.slotsHi {
+			sp.slotsLo = sp.slotsHi
+		}
+	}
+	return false, false
+}
+
+func (sp *speed) observeLoadLocked(r *rates, sec float64, now time.Time) {
+	r.load = ewma(r.load, r.loads, sec, now.Sub(r.at))
+	r.loads++
+	if r != &sp.all {
+		sp.all.load = ewma(sp.all.load, sp.all.loads, sec, time.Second)
+		sp.all.loads++
+	}
+}
+
+// noticeEviction records that the server loaded model although it was
+// believed resident: it holds fewer models than believed, and model's
+// fellows were the ones it dropped.
+func (s *server) noticeEviction(model string, now time.Time) {
+	snap := s.models.Load()
+	n := len(snap.loaded)
+	if n < 2 {
+		return // alone: it expired (keep_alive), nothing about room
+	}
+	s.speed.mu.Lock()
+	s.speed.room, s.speed.roomAt = n-1, now
+	victim := s.speed.victimLocked(snap, model)
+	s.speed.mu.Unlock()
+	if victim != "" {
+		s.markUnloaded(victim)
+	}
+}
+
+// victimLocked is the model a load of model would evict on the server:
+// the least recently used of those resident, when the server is known to
+// be full; "" when there is room or nothing is known.
+func (sp *speed) victimLocked(snap *modelSnapshot, model string) string {
+	room := sp.room
+	if snap.at.After(sp.roomAt) {
+		room = max(room, psCount(snap))
+		sp.room = room
+	}
+	others := len(snap.loaded)
+	if _, ok := snap.loaded[model]; ok {
+		others--
+	}
+	if room == 0 || others < room {
+		return "" // model fits beside the others
+	}
+	var victim string
+	var oldest time.Time
+	for m := range snap.loaded {
+		if m == model {
+			continue
+		}
+		var used time.Time
+		if r := sp.models[m]; r != nil {
+			used = r.lastUsed
+		}
+		if victim == "" || used.Before(oldest) || used.Equal(oldest) && m < victim {
+			victim, oldest = m, used
+		}
+	}
+	return victim
+}
+
+// psCount is how many models the server's /api/ps listed at once (entries
+// learned from answers carry no raw entry).
+func psCount(snap *modelSnapshot) int {
+	n := 0
+	for _, raw := range snap.loaded {
+		if raw != nil {
+			n++
+		}
+	}
+	return n
+}
+
+// markUnloaded records that model is no longer resident on the server,
+// until /api/ps says otherwise.
+func (s *server) markUnloaded(model string) {
+	s.editModels(func(cur *modelSnapshot) *modelSnapshot {
+		if !cur.isLoaded(model) {
+			return nil
+		}
+		next := *cur
+		next.loaded = copyWithout(cur.loaded, model)
+		return &next
+	})
+}
+
+// evictionCost is what loading model on b costs the rest of the pool: the
+// model it would evict must be loaded again somewhere if it is still in
+// demand (used within evictionHorizon), less so when other candidates hold
+// it too. Under a steady mix this keeps each model where it is and sends a
+// load where it evicts least, so models settle instead of thrashing.
+func evictionCost(b *backend, model string, pool []*backend, now time.Time) float64 {
+	sp := &b.srv.speed
+	snap := b.srv.models.Load()
+	sp.mu.Lock()
+	victim := sp.victimLocked(snap, model)
+	var cost float64
+	if victim != "" {
+		if r := sp.models[victim]; r != nil && now.Sub(r.lastUsed) < evictionHorizon {
+			cost = sp.loadCostLocked(victim)
+		}
+	}
+	sp.mu.Unlock()
+	if cost == 0 {
+		return 0
+	}
+	holders := 0
+	for _, o := range pool {
+		if o.srv != b.srv && o.srv.models.Load().isLoaded(victim) {
+			holders++
+		}
+	}
+	return cost / float64(1+holders)
 }
 
 // startProbe notes that a request is going to a server not observed yet.
 func (sp *speed) startProbe(now time.Time) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	if sp.samples == 0 && sp.probing.IsZero() {
+	if sp.all.promptN == 0 && sp.all.genN == 0 && sp.probing.IsZero() {
 		sp.probing = now
 	}
 }
@@ -35,167 +663,48 @@ func (sp *speed) startProbe(now time.Time) {
 func (sp *speed) probingSince() time.Time {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	if sp.samples > 0 {
+	if sp.all.promptN > 0 || sp.all.genN > 0 {
 		return time.Time{}
 	}
 	return sp.probing
 }
 
-const (
-	speedAlpha       = 0.2 // EWMA weight of a new sample
-	coldLoadPrior    = 2.0 // seconds assumed for a model load before one is seen
-	slotGrowSlack    = 1.5 // served k at once within this × service: it has k slots
-	slotShrinkFactor = 2.0 // took this × service with a slot "free": fewer slots
-)
-
-// observe records a request that took d, which had k requests in flight on
-// the server (itself included) when it started.
-func (sp *speed) observe(d time.Duration, k int) {
-	sec := d.Seconds()
+// coldCost is what a model load is expected to cost on the server.
+func (sp *speed) coldCost(model string) float64 {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	if sp.samples == 0 {
-		sp.samples, sp.service, sp.slots = 1, sec, 1
-		if k > 1 && sec > 0 {
-			// Its first answer came with others in flight: a lower
-			// bound on its slots, corrected by later samples.
-			sp.slots = k
-		}
-		return
-	}
-	sp.samples++
-	switch {
-	case k > sp.slots && sec <= slotGrowSlack*sp.service:
-		sp.slots = k // it served k at once without slowing down
-	case k > 1 && k <= sp.slots && sec > slotShrinkFactor*sp.service:
-		sp.slots = k - 1 // it made this one wait: it has fewer slots
-	case k <= sp.slots:
-		sp.service += speedAlpha * (sec - sp.service)
-	}
+	return sp.loadCostLocked(model)
 }
 
-// coldCost is what a model load is expected to cost on the server, in
-// seconds: learned, or the prior.
-func (sp *speed) coldCost() float64 {
+// speedView is what the admin API shows of a server's learned speed.
+type speedView struct {
+	samples               int
+	service, coldLoad     float64 // seconds: a typical request, a model load
+	slots                 int
+	promptTokMS, genTokMS float64
+	modelRoom             int
+}
+
+// view summarises the model; ok is false before any sample.
+func (sp *speed) view() (v speedView, ok bool) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	if sp.coldSamples > 0 {
-		return sp.coldLoad
+	if sp.all.promptN == 0 && sp.all.genN == 0 {
+		return v, false
 	}
-	return coldLoadPrior
+	p, o := sp.serviceLocked(&job{})
+	return speedView{samples: max(sp.all.promptN, sp.all.genN), service: p + o, coldLoad: sp.loadCostLocked(""),
+		slots: max(sp.slotsLo, 1), promptTokMS: sp.all.promptTok * 1000, genTokMS: sp.all.genTok * 1000,
+		modelRoom: sp.room}, true
 }
 
-// observeLoad records a model load that took d.
-func (sp *speed) observeLoad(d time.Duration) {
-	sp.mu.Lock()
-	defer sp.mu.Unlock()
-	if sp.coldSamples == 0 {
-		sp.coldLoad = d.Seconds()
-	} else {
-		sp.coldLoad += speedAlpha * (d.Seconds() - sp.coldLoad)
-	}
-	sp.coldSamples++
+// notResident reports whether model is known not to be resident on b.
+func notResident(b *backend, model string) bool {
+	return model != "" && !b.srv.models.Load().isLoaded(model)
 }
 
-// expectedDelay is the time a new request would take on the server with
-// inFlight requests already there and slots parallel slots (0: learned),
-// adding a cold load when cold. ok is false without observations.
-func (sp *speed) expectedDelay(inFlight int64, slots int, cold bool) (float64, bool) {
-	sp.mu.Lock()
-	defer sp.mu.Unlock()
-	if sp.samples == 0 {
-		return 0, false
-	}
-	if slots <= 0 {
-		slots = sp.slots
-	}
-	rounds := (inFlight + int64(slots)) / int64(slots) // ceil((inFlight+1)/slots)
-	delay := sp.service * float64(rounds)
-	if cold {
-		if sp.coldSamples > 0 {
-			delay += sp.coldLoad
-		} else {
-			delay += coldLoadPrior
-		}
-	}
-	return delay, true
-}
-
-// bootstrapHold bounds how long least_delay holds requests back while it
-// knows the speed of no candidate.
-const bootstrapHold = time.Second
-
-// pickLeastDelay takes the backend with the shortest expected completion
-// time: the work already on it over its slots, times the service time it
-// has been seen to deliver, plus a cold-load penalty where the model is not
-// loaded. A slow server that merely looks idle does not win against a fast
-// one with free slots.
-//
-// A server it has not observed yet is measured with one request at a time
-// (or up to its max_parallel, slots it is known to have): it gets a request
-// whenever it has room for one, and none beyond. When every candidate is
-// being measured (a fresh pool, a burst), the
-// request waits in the queue for the first answer, which comes from the
-// fastest server, instead of piling onto servers of unknown speed; after
-// bootstrapHold without an answer it falls back to least_conn.
-func pickLeastDelay(h *Handler, avail []*backend, model string) *backend {
-	avail = leastFailing(avail)
-	var ties, unobserved []*backend
-	best := math.Inf(1)
-	for _, b := range avail {
-		d, ok := b.srv.speed.expectedDelay(b.srv.inFlight.Load(), b.cfg.MaxParallel, h.coldFor(b, model))
-		if !ok {
-			unobserved = append(unobserved, b)
-			continue
-		}
-		d /= float64(b.weight())
-		switch {
-		case d < best*(1-1e-9):
-			best, ties = d, append(ties[:0], b)
-		case d <= best*(1+1e-9):
-			ties = append(ties, b)
-		}
-	}
-	// An unobserved server is measured with one request at a time (or up
-	// to its max_parallel, slots it is known to have), unless it is cold
-	// for the model and a model load alone would take longer than the best
-	// observed choice.
-	var explore []*backend
-	var oldestProbe time.Time
-	for _, b := range unobserved {
-		if b.srv.inFlight.Load() >= int64(max(b.cfg.MaxParallel, 1)) {
-			if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
-				oldestProbe = p
-			}
-			continue
-		}
-		if h.coldFor(b, model) && b.srv.speed.coldCost() >= best {
-			continue
-		}
-		explore = append(explore, b)
-	}
-	switch {
-	case len(explore) > 0:
-		b := pickLeastConn(h, explore, model)
-		b.srv.speed.startProbe(time.Now())
-		return b
-	case len(ties) == 1:
-		return ties[0]
-	case len(ties) > 1:
-		n := atomic.AddUint64(&h.rrCounter, 1)
-		return ties[n%uint64(len(ties))]
-	case len(avail) == 1:
-		return avail[0] // nothing to choose between: no point waiting
-	}
-	// Every candidate is unobserved and busy being measured.
-	if !oldestProbe.IsZero() && time.Since(oldestProbe) < bootstrapHold && h.queue != nil {
-		h.queue.wakeAt(oldestProbe.Add(bootstrapHold))
-		return nil
-	}
-	return pickLeastConn(h, avail, model)
-}
-
-// coldFor reports whether model is known not to be loaded on b.
+// coldFor is notResident through the frontend's model index: a bit test
+// per candidate.
 func (h *Handler) coldFor(b *backend, model string) bool {
 	return model != "" && !h.isLoaded(b, model)
 }

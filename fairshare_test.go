@@ -67,7 +67,7 @@ func busyBackend(t *testing.T, name string) *backend {
 func TestFairShareStrictPriorityThenFIFO(t *testing.T) {
 	a := busyBackend(t, "a")
 	h := queueHandler(pickLeastConn, a)
-	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	require.NotNil(t, h.acquire([]*backend{a}, &job{}))
 	batch := queueClass{name: "batch", share: 1, priority: 0}
 	interactive := queueClass{name: "interactive", share: 1, priority: 10}
 	out := make(chan served, 6)
@@ -90,7 +90,7 @@ func TestFairShareStrictPriorityThenFIFO(t *testing.T) {
 func TestFairShareWeightsByShare(t *testing.T) {
 	a := busyBackend(t, "a")
 	h := queueHandler(pickLeastConn, a)
-	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	require.NotNil(t, h.acquire([]*backend{a}, &job{}))
 	big := queueClass{name: "big", share: 3}
 	small := queueClass{name: "small", share: 1}
 	out := make(chan served, 32)
@@ -124,7 +124,7 @@ func TestFairShareWeightsByShare(t *testing.T) {
 func TestFairShareIdleClassEarnsNoCredit(t *testing.T) {
 	a := busyBackend(t, "a")
 	h := queueHandler(pickLeastConn, a)
-	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	require.NotNil(t, h.acquire([]*backend{a}, &job{}))
 	x := queueClass{name: "x", share: 1}
 	y := queueClass{name: "y", share: 1}
 	out := make(chan served, 32)
@@ -150,8 +150,8 @@ func TestFairShareOwedOnlyWhereTheClassCanGo(t *testing.T) {
 	a := busyBackend(t, "a")
 	b := busyBackend(t, "b")
 	h := queueHandler(pickLeastConn, a, b)
-	require.NotNil(t, h.acquire([]*backend{a}, ""))
-	require.NotNil(t, h.acquire([]*backend{b}, ""))
+	require.NotNil(t, h.acquire([]*backend{a}, &job{}))
+	require.NotNil(t, h.acquire([]*backend{b}, &job{}))
 	low := queueClass{name: "low", share: 1}
 	high := queueClass{name: "high", share: 1, priority: 1}
 	out := make(chan served, 4)
@@ -178,7 +178,7 @@ func TestFairShareQueueShareBound(t *testing.T) {
 	a := busyBackend(t, "a")
 	h := queueHandler(pickLeastConn, a)
 	h.maxQueue = 6
-	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	require.NotNil(t, h.acquire([]*backend{a}, &job{}))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	batch := queueClass{name: "batch", share: 1}
@@ -234,7 +234,7 @@ func TestFairShareClassFromTheRequest(t *testing.T) {
 	a := busyBackend(t, "a")
 	h := queueHandler(pickLeastConn, a)
 	r := httptestRequest()
-	assert.Equal(t, defaultClass, h.newWaiter(r, kindCompletion, "", []*backend{a}, nil).class)
+	assert.Equal(t, defaultClass, h.newWaiter(r, kindCompletion, &job{}, []*backend{a}, nil).class)
 	c := queueClass{name: "team-a", share: 3, priority: 2}
 	assert.Equal(t, c, h.newWaiter(withQueueClass(r, c), kindCompletion, "", []*backend{a}, nil).class)
 }

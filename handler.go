@@ -290,6 +290,7 @@ type attemptResult struct {
 // backend; failures before the first response byte move on to the next.
 func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind, info *requestInfo) error {
 	tried := make([]*backend, 0, h.retries+1)
+	j := newJob(model, api, body)
 	var conv conversation
 	var convID uint64 // the conversation's, once known; 0: a new one
 	if h.affinity != nil && kind == kindCompletion {
@@ -310,18 +311,18 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		avail := notBusy(remaining, time.Now())
 		var b *backend
 		if attempt == 0 {
-			b, info.sticky, info.route, convID = h.acquireFirst(r, avail, conv, model)
+			b, info.sticky, info.route, convID = h.acquireFirst(r, avail, conv, j)
 			if info.sticky != "" {
 				w.Header().Set("X-OllamaFlow-Sticky", info.sticky)
 			}
 			w.Header().Set("X-OllamaFlow-Route", info.route)
 		} else {
-			b = h.acquire(avail, model)
+			b = h.acquire(avail, j)
 		}
 		if b == nil {
 			var err error
 			var waited time.Duration
-			b, waited, err = h.queue.wait(r.Context(), h.newWaiter(r, kind, model, avail, tried))
+			b, waited, err = h.queue.wait(r.Context(), h.newWaiter(r, kind, j, avail, tried))
 			metrics.queueWait.WithLabelValues(h.Name).Observe(waited.Seconds())
 			switch {
 			case errors.Is(err, errQueueFull), errors.Is(err, errClientShare), errors.Is(err, errClassShare), errors.Is(err, errPushedOut):
@@ -344,7 +345,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		// Per attempt, so the last one wins: the backend that answered.
 		info.backend, info.attempts = b.cfg.Name, info.attempts+1
 		setPlaceholder(r, placeholderBackend, b.cfg.Name)
-		last = h.attempt(w, r, api, body, b, final, model, kind, info)
+		last = h.attempt(w, r, api, body, b, final, j, kind, info)
 		traceAttempt(r, b.cfg.Name, last.cause)
 		if last.abort {
 			return errAbortResponse
@@ -413,10 +414,18 @@ func retryable(status int) bool {
 // attempt sends the request to b (holding a slot on it) and, unless it
 // fails in a way another backend may fix, streams the answer to the client.
 // It always releases the slot.
-func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, model string, kind routeKind, info *requestInfo) attemptResult {
+func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, b *backend, final bool, j *job, kind routeKind, info *requestInfo) attemptResult {
 	release := sync.OnceFunc(b.release) // the stall watchdog may free it early
 	defer release()
-	started, concurrent := time.Now(), int(b.srv.inFlight.Load())
+	model := j.model
+	started := time.Now()
+	// The cost model counts this request as work on the server until it
+	// ends, whatever the outcome; only a complete answer teaches it.
+	var work *task
+	if kind == kindCompletion || kind == kindEmbedding {
+		work = b.begin(j, started)
+		defer work.end()
+	}
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)
 
@@ -525,14 +534,19 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 	if end == endComplete && res.StatusCode == http.StatusOK && model != "" {
 		if kind == kindCompletion || kind == kindEmbedding {
 			b.srv.markLoaded(model) // it just answered: the model is in memory there
-			// Only a completion that generated tokens measures the server's
-			// speed for least_delay: /api/show, a load-only chat (no messages,
-			// no eval_count) and embeddings take a fraction of its time.
-			if kind == kindCompletion && (api == apiOpenAI || tail.number("eval_count") > 0) {
-				b.srv.speed.observe(time.Since(started), concurrent)
+		}
+		// Only a completion that generated tokens measures the server's
+		// speed for least_delay: /api/show, a load-only chat (no messages,
+		// no eval_count) and embeddings take a fraction of its time.
+		var loaded bool
+		if kind == kindCompletion && (api == apiOpenAI || tail.number("eval_count") > 0) {
+			var evicted bool
+			loaded, evicted = work.learn(timingsFrom(&tail, api, streams, info.ttfb, time.Since(started)), time.Now())
+			if evicted {
+				b.srv.noticeEviction(model, time.Now())
 			}
 		}
-		info.inputTokens, info.outputTokens = h.recordFinalCounts(b, model, &tail)
+		info.inputTokens, info.outputTokens = h.recordFinalCounts(b, model, &tail, loaded)
 	}
 	return attemptResult{done: true, abort: end == endAbort}
 }

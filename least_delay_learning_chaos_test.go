@@ -29,7 +29,11 @@ func TestChaosLeastDelayLearnsOnlyFromInference(t *testing.T) {
 		require.Eventually(t, func() bool { return srv.inFlight.Load() == 0 }, 10*time.Second, time.Millisecond)
 	}
 	settled()
-	before, ok := srv.speed.expectedDelay(0, 0, false)
+	typical := func() (float64, bool) {
+		d, ok := srv.speed.estimate(&job{}, 0, 0, false, time.Now())
+		return d.total(), ok
+	}
+	before, ok := typical()
 	require.True(t, ok)
 	for range 10 {
 		res, body := post(t, "/api/show", `{"model":"tiny-llama"}`)
@@ -38,7 +42,7 @@ func TestChaosLeastDelayLearnsOnlyFromInference(t *testing.T) {
 		require.Equal(t, 200, res.StatusCode, body)
 	}
 	settled() // a wrong lesson from the last request would come before this
-	after, _ := srv.speed.expectedDelay(0, 0, false)
+	after, _ := typical()
 	t.Logf("learned service time: %.3fs after one 200 ms completion, %.3fs after 10 /api/show and 10 load-only chats", before, after)
 	assert.InDelta(t, before, after, 0.05, "model reads and load-only requests taught least_delay a service time")
 }

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -51,7 +50,7 @@ var metrics = struct {
 	}, []string{"frontend", "backend", "model", "direction"}),
 	coldLoads: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "ollamaflow", Name: "cold_loads_total",
-		Help: "Requests that loaded their model (load_duration over 1s).",
+		Help: "Completions that loaded their model: load_duration the cost model attributes to a load (the model was not resident, or was evicted), whatever its size.",
 	}, []string{"frontend", "backend", "model"}),
 	queueWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Namespace: "ollamaflow", Name: "queue_wait_seconds",
@@ -205,7 +204,7 @@ func (h *Handler) countRequest(w *statusWriter, kind routeKind, model string) {
 
 // recordFinalCounts reads the counts in the last chunk of a response and
 // returns the token counts it found (-1: not in the answer).
-func (h *Handler) recordFinalCounts(b *backend, model string, tail *tailKeeper) (prompt, completion int64) {
+func (h *Handler) recordFinalCounts(b *backend, model string, tail *tailKeeper, loaded bool) (prompt, completion int64) {
 	prompt, completion = tail.number("prompt_eval_count"), tail.number("eval_count")
 	if prompt < 0 && completion < 0 {
 		prompt, completion = tail.number("prompt_tokens"), tail.number("completion_tokens")
@@ -222,13 +221,12 @@ func (h *Handler) recordFinalCounts(b *backend, model string, tail *tailKeeper) 
 	if completion > 0 {
 		metrics.tokens.WithLabelValues(h.Name, b.cfg.Name, model, "completion").Add(float64(completion))
 	}
-	if load := tail.number("load_duration"); load > int64(coldLoadThreshold) {
+	if loaded {
 		metrics.coldLoads.WithLabelValues(h.Name, b.cfg.Name, model).Inc()
 		b.srv.stats.coldLoads.Add(1)
 		if h.stats != nil {
 			h.stats.coldLoads.Add(1)
 		}
-		b.srv.speed.observeLoad(time.Duration(load))
 	}
 	return prompt, completion
 }

@@ -67,6 +67,7 @@ func newQueue(h *Handler) *queue {
 type waiter struct {
 	seq    uint64
 	model  string
+	job    *job       // what it asks for, for the policy's cost estimate
 	client string     // the key max_queue_per_client counts by
 	class  queueClass // who it is scheduled as (fairshare.go)
 	kind   routeKind
@@ -191,7 +192,7 @@ func (q *queue) wait(ctx context.Context, w *waiter) (*backend, time.Duration, e
 	q.mu.Lock()
 	// Try again under the lock: a slot freed since the caller's attempt
 	// is either seen here or dispatched to us once we are queued.
-	if b := q.h.acquire(w.cands, w.model); b != nil {
+	if b := q.h.acquire(w.cands, w.job); b != nil {
 		q.mu.Unlock()
 		return b, 0, nil
 	}
@@ -400,7 +401,7 @@ func (q *queue) serveLocked(w *waiter, owed *server) bool {
 		}
 		avail = append(avail, b)
 	}
-	b := q.h.take(avail, w.model)
+	b := q.h.take(avail, w.job)
 	if b == nil {
 		return false
 	}
@@ -608,8 +609,9 @@ func (h *Handler) clientKey(r *http.Request) string {
 
 // newWaiter describes a request about to queue: avail are the candidates
 // it found, tried the backends earlier attempts used.
-func (h *Handler) newWaiter(r *http.Request, kind routeKind, model string, avail, tried []*backend) *waiter {
-	w := &waiter{model: model, kind: kind, labels: h.requestLabels(r), client: h.clientKey(r), class: queueClassOf(r)}
+func (h *Handler) newWaiter(r *http.Request, kind routeKind, j *job, avail, tried []*backend) *waiter {
+	model := j.model
+	w := &waiter{model: model, job: j, kind: kind, labels: h.requestLabels(r), client: h.clientKey(r), class: queueClassOf(r)}
 	for _, b := range tried {
 		w.tried = append(w.tried, b.srv)
 	}

@@ -52,7 +52,7 @@ func TestQueueFreedSlotGoesToOldestAndNewcomersQueueBehind(t *testing.T) {
 	a := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
 	h := queueHandler(pickLeastConn, a)
 	cands := []*backend{a}
-	require.NotNil(t, h.acquire(cands, ""))
+	require.NotNil(t, h.acquire(cands, &job{}))
 
 	out := make(chan served, 3)
 	for id := 1; id <= 3; id++ {
@@ -62,8 +62,8 @@ func TestQueueFreedSlotGoesToOldestAndNewcomersQueueBehind(t *testing.T) {
 	// The race the old queue lost: the slot is free before the queue is
 	// told, and a newcomer tries first. It must not take it.
 	a.srv.inFlight.Add(-1)
-	assert.Nil(t, h.acquire(cands, ""), "a newcomer took a slot the queue's head was owed")
-	sticky, _ := h.acquireSticky(cands, "session", "")
+	assert.Nil(t, h.acquire(cands, &job{}), "a newcomer took a slot the queue's head was owed")
+	sticky, _ := h.acquireSticky(cands, "session", &job{})
 	assert.Nil(t, sticky, "nor through its sticky server")
 	a.srv.wakeQueues()
 
@@ -85,8 +85,8 @@ func TestQueueServesTheOldestWaiterThatCanUseTheServer(t *testing.T) {
 	a := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
 	b := testBackend("b", func(c *Backend) { c.MaxParallel = 1 })
 	h := queueHandler(pickLeastConn, a, b)
-	require.NotNil(t, h.acquire([]*backend{a}, ""))
-	require.NotNil(t, h.acquire([]*backend{b}, ""))
+	require.NotNil(t, h.acquire([]*backend{a}, &job{}))
+	require.NotNil(t, h.acquire([]*backend{b}, &job{}))
 
 	out := make(chan served, 3)
 	enqueue(t, context.Background(), h, 1, "x", []*backend{b}, out)    // only b
@@ -114,7 +114,7 @@ func TestQueueWakesWhenAServerRecoversOrIsUndrained(t *testing.T) {
 	down := testBackend("down", func(c *Backend) { c.MaxParallel = 1 })
 	drained := testBackend("drained", func(c *Backend) { c.MaxParallel = 1 })
 	h := queueHandler(pickLeastConn, busy, down, drained)
-	require.NotNil(t, h.acquire([]*backend{busy}, ""))
+	require.NotNil(t, h.acquire([]*backend{busy}, &job{}))
 	down.srv.state.Store(int32(stateUnhealthy))
 	drained.srv.draining.Store(true)
 
@@ -123,7 +123,7 @@ func TestQueueWakesWhenAServerRecoversOrIsUndrained(t *testing.T) {
 	cands, why := h.candidates(kindCompletion, nil)
 	require.Nil(t, why)
 	assert.Equal(t, []string{"busy"}, names(cands))
-	w := h.newWaiter(httptestRequest(), kindCompletion, "", cands, nil)
+	w := h.newWaiter(httptestRequest(), kindCompletion, &job{}, cands, nil)
 	assert.Equal(t, []string{"busy", "down", "drained"}, names(w.cands))
 
 	out := make(chan served, 2)
@@ -152,7 +152,7 @@ func TestQueueLimitsEachClientsShare(t *testing.T) {
 	a := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
 	h := queueHandler(pickLeastConn, a)
 	h.maxQueue, h.maxQueuePerClient = 4, 2
-	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	require.NotNil(t, h.acquire([]*backend{a}, &job{}))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
@@ -186,7 +186,7 @@ func TestQueueLimitsEachClientsShare(t *testing.T) {
 func TestQueueLeavingAfterASlotWasHandedGivesItBack(t *testing.T) {
 	a := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
 	h := queueHandler(pickLeastConn, a)
-	require.NotNil(t, h.acquire([]*backend{a}, ""))
+	require.NotNil(t, h.acquire([]*backend{a}, &job{}))
 	w := &waiter{client: "c", cands: []*backend{a}, got: make(chan *backend, 1), seq: queueSeq.Add(1)}
 	h.queue.mu.Lock()
 	h.queue.enqueueLocked(w)

@@ -380,10 +380,6 @@ func (c *clientWriter) endWithError(format bodyFormat, msg, code string) error {
 	return c.write(out)
 }
 
-// coldLoadThreshold is the load_duration above which a request counts as
-// having loaded its model (warm requests report a few milliseconds).
-const coldLoadThreshold = time.Second
-
 // tailKeeper keeps the last bytes of a response body, where Ollama puts
 // its final counts (load_duration, eval_count …) and OpenAI its usage, so
 // they can be read without buffering the stream.

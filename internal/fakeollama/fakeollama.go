@@ -22,7 +22,8 @@
 // embeddings are processed at once (OLLAMA_NUM_PARALLEL); up to Config.MaxQueue more wait inside,
 // first come first served, and any beyond get 503 with ServerBusy (OLLAMA_MAX_QUEUE). A request
 // holds its slot for its service time: LoadDelay when its model is cold, then FirstByteDelay, then
-// Tokens × TokenGap. A fast and a slow box: Config{Parallel: 4, FirstByteDelay: 100 * time.Millisecond}
+// Tokens × TokenGap; Config.MaxLoaded bounds the models resident at once, SetSpeed changes the
+// box's speed mid-run, ColdLoads and Evictions count (residency.go). A fast and a slow box: Config{Parallel: 4, FirstByteDelay: 100 * time.Millisecond}
 // and Config{Parallel: 1, FirstByteDelay: 400 * time.Millisecond}.
 //
 // Prompt cache, like Ollama's runner: each parallel slot of a loaded model keeps the tokens of
@@ -57,7 +58,8 @@
 // Every method is safe for concurrent use, also while requests are being served. Files:
 // fakeollama.go (lifecycle, instrumentation, faults, slots), ollama.go (native API: inference and
 // model reads), manage.go (model management: pull, delete, copy, create, blobs, push), openai.go
-// (/v1), promptcache.go (the per-slot prompt cache).
+// (/v1), promptcache.go (the per-slot prompt cache), residency.go (room for loaded models,
+// evictions, speed changes).
 package fakeollama
 
 import (
@@ -124,8 +126,14 @@ type Config struct {
 	// longest common prefix is taken, the lowest on a tie: conversations that share nothing
 	// and arrive one after the other all take slot 0, and each evicts the one before.
 	MultiUserCache bool
-	// LoadDelay is the time to load a model that is not loaded yet, reported as load_duration.
+	// LoadDelay is the time to load a model that is not loaded yet, reported as load_duration
+	// (which, as in Ollama, does not include a wait for a parallel slot: only total_duration
+	// does).
 	LoadDelay time.Duration
+	// MaxLoaded is the number of models the box holds at once, like OLLAMA_MAX_LOADED_MODELS:
+	// loading one more evicts the least recently used model no request is using, waiting for
+	// one to be idle (see residency.go). 0 means no limit.
+	MaxLoaded int
 	// Version is what /api/version reports (default "0.17.4").
 	Version string
 	// EmbedDim is the length of embedding vectors (default 32).
@@ -210,6 +218,7 @@ type Server struct {
 	killed  chan struct{} // closed by Close; a new one per incarnation
 
 	promptCacheState
+	residencyState
 }
 
 // faults are the active fault modes; paths restrict a mode to those request paths (none = all).
@@ -542,7 +551,8 @@ func (s *Server) Waiting() int { return int(s.waiting.Load()) }
 func (s *Server) Rejected() int { return int(s.rejected.Load()) }
 
 // ResetStats clears counters, history, cancellations, the rejection count, the in-flight and
-// busy maxima and the prompt cache's counters (not its contents).
+// busy maxima, the prompt cache's counters (not its contents), and the cold-load and eviction
+// counts.
 func (s *Server) ResetStats() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -554,6 +564,8 @@ func (s *Server) ResetStats() {
 	s.cacheMu.Lock()
 	s.cacheStats = CacheStats{}
 	s.cacheMu.Unlock()
+	s.coldLoads.Store(0)
+	s.evictions.Store(0)
 }
 
 // serve instruments a request, applies the fault modes in order (fail, slow, hold, hang, die)
@@ -687,6 +699,7 @@ func (c *call) acquireSlot() (ok, busy bool) {
 
 // releaseSlot gives the request's slot back, if it holds one.
 func (c *call) releaseSlot() {
+	c.unuse()
 	if c.holdsSlot {
 		c.holdsSlot = false
 		<-c.s.sem
@@ -721,6 +734,8 @@ type call struct {
 	noticed     bool
 	holdsSlot   bool          // one of Config.Parallel slots
 	step        chan struct{} // StepTokens: a value per token let through
+	using       string        // the resident model it uses until its slot is released (residency.go)
+	loadStart   time.Time     // when it had a slot and asked for its model: load_duration counts from here
 }
 
 // header sets the status and content type the first chunk will carry.

@@ -299,7 +299,7 @@ func (s *Server) lookup(name string) (model, bool) {
 
 // load is Ollama's scheduler at work for a completion or embedding: it takes a slot
 // (Config.Parallel), answering 503 ServerBusy when the queue is full, then makes m loaded,
-// taking LoadDelay when it was not. The slot is held until the work is done, before the final
+// taking LoadDelay when it was not (and evicting another beyond Config.MaxLoaded). The slot is held until the work is done, before the final
 // chunk is written (or until the request ends, whichever comes first).
 func (c *call) load(m model) bool {
 	if limit := c.s.cfg.MaxContext; limit > 0 {
@@ -314,22 +314,7 @@ func (c *call) load(m model) bool {
 		}
 		return false
 	}
-	c.s.mu.Lock()
-	loaded := slices.Contains(c.s.loaded, m.key)
-	c.s.mu.Unlock()
-	if loaded {
-		return true
-	}
-	if !c.wait(c.s.cfg.LoadDelay) {
-		return false
-	}
-	c.s.mu.Lock()
-	defer c.s.mu.Unlock()
-	if !slices.Contains(c.s.loaded, m.key) {
-		c.s.loaded = append(c.s.loaded, m.key)
-		c.s.dropCache(m.key) // a new runner: its cache slots start empty
-	}
-	return true
+	return c.loadModel(m) // residency.go
 }
 
 // numCtx reads options.num_ctx from the request body as Ollama does (encoding/json: keys match
@@ -392,7 +377,6 @@ func (s *Server) plan(m model, numPredict int, seq []int) plan {
 // run is the fake model at work: load if cold, evaluate the prompt (FirstByteDelay), then emit
 // the tokens TokenGap apart, and one more gap before the final chunk. false: stop answering.
 func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
-	t0 := time.Now()
 	if !c.load(p.model) {
 		return metrics{}, false
 	}
@@ -400,12 +384,12 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 	cache := c.s.takeCacheSlot(p.model.key, p.seq, true)
 	finished := false
 	defer func() { cache.done(generated(p.tokens), finished) }()
-	if !c.wait(c.s.cfg.FirstByteDelay + time.Duration(cache.evaluated())*c.s.cfg.PromptTokenCost) {
+	if !c.wait(c.s.scaled(c.s.cfg.FirstByteDelay + time.Duration(cache.evaluated())*c.s.cfg.PromptTokenCost)) {
 		return metrics{}, false
 	}
 	t2 := time.Now()
 	for i := range p.tokens {
-		if i > 0 && !c.wait(c.s.cfg.TokenGap) {
+		if i > 0 && !c.wait(c.s.scaled(c.s.cfg.TokenGap)) {
 			return metrics{}, false
 		}
 		if i == c.errAfter {
@@ -416,7 +400,7 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 			return metrics{}, false
 		}
 	}
-	if p.tokens > 0 && !c.wait(c.s.cfg.TokenGap) {
+	if p.tokens > 0 && !c.wait(c.s.scaled(c.s.cfg.TokenGap)) {
 		return metrics{}, false
 	}
 	if !c.stepped() { // the final chunk
@@ -429,7 +413,7 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 	c.releaseSlot() // the work is done: a client that sees the final chunk finds the slot free
 	return metrics{
 		TotalDuration:      t3.Sub(c.start),
-		LoadDuration:       max(t1.Sub(t0), time.Microsecond),
+		LoadDuration:       max(t1.Sub(c.loadStart), time.Microsecond),
 		PromptEvalCount:    p.prompt,
 		PromptEvalDuration: max(t2.Sub(t1), time.Microsecond),
 		EvalCount:          p.tokens,
@@ -609,7 +593,6 @@ func normalize(v []float32) []float32 {
 
 // embedAll computes the vectors for inputs the way a model would: load, then evaluate.
 func (c *call) embedAll(m model, inputs []string) ([][]float32, metrics, bool) {
-	t0 := time.Now()
 	if !c.load(m) {
 		return nil, metrics{}, false
 	}
@@ -620,7 +603,7 @@ func (c *call) embedAll(m model, inputs []string) ([][]float32, metrics, bool) {
 	}
 	// Ollama's runner takes a cache slot for an embedding without reusing it, which empties it.
 	c.s.takeCacheSlot(m.key, seq, false).done(nil, false)
-	if !c.wait(c.s.cfg.FirstByteDelay) {
+	if !c.wait(c.s.scaled(c.s.cfg.FirstByteDelay)) {
 		return nil, metrics{}, false
 	}
 	out := make([][]float32, 0, len(inputs))
@@ -632,7 +615,7 @@ func (c *call) embedAll(m model, inputs []string) ([][]float32, metrics, bool) {
 	c.releaseSlot()
 	return out, metrics{
 		TotalDuration:   time.Since(c.start),
-		LoadDuration:    max(t1.Sub(t0), time.Microsecond),
+		LoadDuration:    max(t1.Sub(c.loadStart), time.Microsecond),
 		PromptEvalCount: count,
 	}, true
 }

@@ -1,0 +1,149 @@
+package fakeollama
+
+import (
+	"math"
+	"slices"
+	"sync/atomic"
+	"time"
+)
+
+// Residency and speed, for routing benchmarks: a box with room for Config.MaxLoaded models
+// evicts one to load another, as Ollama's scheduler does under OLLAMA_MAX_LOADED_MODELS (the
+// least recently used model no request is using; a load waits until one is idle); concurrent
+// requests for a model that is loading share that one load; SetSpeed makes the box slower or
+// faster mid-run. ColdLoads and Evictions count what happened, for a benchmark to report.
+
+// residencyState is the Server's part for residency and speed.
+type residencyState struct {
+	loading   map[string]chan struct{} // models being loaded, closed when done; under mu
+	active    map[string]int           // requests using each resident model; under mu
+	lastUsed  map[string]time.Time     // under mu
+	coldLoads atomic.Int64
+	evictions atomic.Int64
+	speed     atomic.Uint64 // float64 bits of the time factor; 0 means 1
+}
+
+// SetSpeed multiplies the box's times (FirstByteDelay, PromptTokenCost, TokenGap, LoadDelay)
+// by factor for requests from now on: 4 makes it four times slower, as another model loaded
+// beside it or a CPU fallback would. 1 restores it.
+func (s *Server) SetSpeed(factor float64) {
+	if factor <= 0 || math.IsNaN(factor) || math.IsInf(factor, 0) {
+		factor = 1
+	}
+	s.speed.Store(math.Float64bits(factor))
+}
+
+// scaled is d at the box's current speed.
+func (s *Server) scaled(d time.Duration) time.Duration {
+	bits := s.speed.Load()
+	if bits == 0 || d <= 0 {
+		return d
+	}
+	return time.Duration(float64(d) * math.Float64frombits(bits))
+}
+
+// ColdLoads is the number of model loads since the start or ResetStats: requests that found
+// their model not resident and loaded it (a request that waited for another's load counts
+// once, with it).
+func (s *Server) ColdLoads() int { return int(s.coldLoads.Load()) }
+
+// Evictions is the number of models unloaded to make room for another (Config.MaxLoaded) since
+// the start or ResetStats.
+func (s *Server) Evictions() int { return int(s.evictions.Load()) }
+
+// loadModel makes m resident for c, as Ollama's scheduler does: at once when it is; else after
+// LoadDelay, sharing a load already under way, and, when Config.MaxLoaded models are resident
+// (or loading), after evicting the least recently used one no request is using, waiting until
+// one is idle. load_duration counts from here: the wait for a slot before it is not a load.
+func (c *call) loadModel(m model) bool {
+	s := c.s
+	c.loadStart = time.Now()
+	for {
+		s.mu.Lock()
+		if slices.Contains(s.loaded, m.key) {
+			s.useLocked(c, m.key)
+			s.mu.Unlock()
+			return true
+		}
+		if ch := s.loading[m.key]; ch != nil {
+			s.mu.Unlock()
+			if !c.waitFor(ch) {
+				return false
+			}
+			continue
+		}
+		if room := s.cfg.MaxLoaded; room > 0 && len(s.loaded)+len(s.loading) >= room {
+			victim := s.idleLeastRecentLocked()
+			if victim == "" {
+				s.mu.Unlock()
+				if !c.wait(time.Millisecond) { // every resident model is at work: wait for one to idle
+					return false
+				}
+				continue
+			}
+			s.loaded = slices.DeleteFunc(s.loaded, func(k string) bool { return k == victim })
+			s.dropCache(victim) // its runner is gone, and its prompt cache with it
+			s.evictions.Add(1)
+		}
+		ch := make(chan struct{})
+		if s.loading == nil {
+			s.loading = map[string]chan struct{}{}
+		}
+		s.loading[m.key] = ch
+		s.mu.Unlock()
+		ok := c.wait(s.scaled(s.cfg.LoadDelay))
+		s.mu.Lock()
+		delete(s.loading, m.key)
+		close(ch)
+		if ok {
+			if !slices.Contains(s.loaded, m.key) {
+				s.loaded = append(s.loaded, m.key)
+				s.dropCache(m.key) // a new runner: its cache slots start empty
+			}
+			s.coldLoads.Add(1)
+			s.useLocked(c, m.key)
+		}
+		s.mu.Unlock()
+		return ok
+	}
+}
+
+// useLocked marks key in use by c until c's slot is released.
+func (s *Server) useLocked(c *call, key string) {
+	if s.active == nil {
+		s.active, s.lastUsed = map[string]int{}, map[string]time.Time{}
+	}
+	if c.using == "" {
+		s.active[key]++
+		c.using = key
+	}
+	s.lastUsed[key] = time.Now()
+}
+
+// unuse ends c's use of its model.
+func (c *call) unuse() {
+	if c.using == "" {
+		return
+	}
+	c.s.mu.Lock()
+	c.s.active[c.using]--
+	c.s.lastUsed[c.using] = time.Now()
+	c.s.mu.Unlock()
+	c.using = ""
+}
+
+// idleLeastRecentLocked is the resident model used longest ago that no request is using; ""
+// if every one is in use.
+func (s *Server) idleLeastRecentLocked() string {
+	var victim string
+	var oldest time.Time
+	for _, k := range s.loaded {
+		if s.active[k] > 0 {
+			continue
+		}
+		if used := s.lastUsed[k]; victim == "" || used.Before(oldest) {
+			victim, oldest = k, used
+		}
+	}
+	return victim
+}
