@@ -350,6 +350,10 @@ func pickLeastConn(h *Handler, avail []*backend, j *job) *backend {
 // knows the speed of no candidate.
 const bootstrapHold = time.Second
 
+// nearTie is the relative difference in expected delay below which
+// least_delay counts two servers as equal.
+const nearTie = 0.02
+
 // pickLeastDelay takes the backend where the request is expected to end
 // soonest (cost.go): the wait for a slot behind the work already sent
 // there, a model load where the model is not resident plus what evicting
@@ -368,7 +372,13 @@ const bootstrapHold = time.Second
 func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	avail = leastFailing(avail)
 	now := time.Now()
-	var ties, unobserved []*backend
+	var unobserved []*backend
+	type scored struct {
+		b             *backend
+		cost, service float64
+	}
+	var buf [16]scored
+	observed := buf[:0]
 	best := math.Inf(1)
 	for _, b := range avail {
 		d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), now)
@@ -381,11 +391,22 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			cost += evictionCost(b, j.model, avail, now)
 		}
 		cost /= float64(b.weight())
+		observed = append(observed, scored{b, cost, d.prompt + d.output})
+		best = min(best, cost)
+	}
+	// Among servers within nearTie of the best, the one that does the
+	// work itself fastest: its estimate rests on its own speed, the
+	// other's on a wait, and it keeps the slow ones free. Equal ones take
+	// turns.
+	var ties []*backend
+	fastest := math.Inf(1)
+	for _, c := range observed {
 		switch {
-		case cost < best*(1-1e-9):
-			best, ties = cost, append(ties[:0], b)
-		case cost <= best*(1+1e-9):
-			ties = append(ties, b)
+		case c.cost > best*(1+nearTie):
+		case c.service < fastest*(1-1e-9):
+			fastest, ties = c.service, append(ties[:0], c.b)
+		case c.service <= fastest*(1+1e-9):
+			ties = append(ties, c.b)
 		}
 	}
 	// An unobserved server is measured with one request at a time (or up

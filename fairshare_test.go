@@ -236,7 +236,7 @@ func TestFairShareClassFromTheRequest(t *testing.T) {
 	r := httptestRequest()
 	assert.Equal(t, defaultClass, h.newWaiter(r, kindCompletion, &job{}, []*backend{a}, nil).class)
 	c := queueClass{name: "team-a", share: 3, priority: 2}
-	assert.Equal(t, c, h.newWaiter(withQueueClass(r, c), kindCompletion, "", []*backend{a}, nil).class)
+	assert.Equal(t, c, h.newWaiter(withQueueClass(r, c), kindCompletion, &job{}, []*backend{a}, nil).class)
 }
 
 func TestFairShareRefusalsAnswer429InTheAPIsFormat(t *testing.T) {

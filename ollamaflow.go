@@ -15,7 +15,7 @@
 //	balancer.go    candidates, policies, sticky hashing
 //	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
 //	discovery.go   backends_from: DNS sources, servers joining and leaving the pool without reloads
-//	cost.go        least_delay: the speed each server is observed to deliver, cold-load cost
+//	cost.go        the speed/cost model behind least_delay: rates from Ollama's timings, slots, residency, placement
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
 //	bodymem.go     the process-wide budget for request bodies in memory (max_body_memory), reading bodies against it

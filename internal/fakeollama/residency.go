@@ -33,6 +33,14 @@ func (s *Server) SetSpeed(factor float64) {
 	s.speed.Store(math.Float64bits(factor))
 }
 
+// Speed is the factor SetSpeed set (1 by default).
+func (s *Server) Speed() float64 {
+	if bits := s.speed.Load(); bits != 0 {
+		return math.Float64frombits(bits)
+	}
+	return 1
+}
+
 // scaled is d at the box's current speed.
 func (s *Server) scaled(d time.Duration) time.Duration {
 	bits := s.speed.Load()

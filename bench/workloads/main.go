@@ -1,0 +1,529 @@
+// Command workloads is the routing suite of issue 13: named workloads, each run against fresh fake
+// Ollama servers (internal/fakeollama: parallel slots with a queue inside, prompt time, time per
+// generated token, model load time with room for a limited number of resident models, a speed
+// change mid-run) through an in-process Caddy, once per policy: ollamaflow's least_delay,
+// least_conn and round_robin, Caddy's own reverse_proxy (least_conn), and an oracle that routes
+// from the client side knowing every server's true slots, speed, resident models and work in
+// flight (a greedy earliest-completion router; the ideal to compare with). For each it prints
+// requests/s, p50 and p99 latency of the measured phase, model loads per 1,000 requests (the
+// fakes' own counters), the prompt cache hit rate where the fakes keep one, and, where a server
+// slows down mid-run, the share of requests it received after the change:
+//
+//	go run ./bench/workloads                                 # every workload, every policy (a few minutes)
+//	go run ./bench/workloads -workloads quiet-then-burst -policies least_delay,least_conn
+//
+// Workloads:
+//
+//	fresh-burst       fast (4 slots, 100 ms) + 2 slow (1 slot, 400 ms), 8 clients at once
+//	quiet-then-burst  the same pool: 30 requests at concurrency 1, then the burst (measured)
+//	mixed             fast (4 slots) + 2 slow (1 slot), 80% short answers, 20% long ones (16×)
+//	conversations     3 equal servers, 8 clients each holding 5-turn chats with a growing history
+//	two-models        3 servers with room for one model (1 s load), requests for two models
+//	slowdown          3 equal servers (2 slots, 100 ms); one turns 4× slower a third of the way
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	_ "github.com/caddy-ollamaflow/ollamaflow"
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
+)
+
+const ms = time.Millisecond
+
+// spec is one fake server.
+type spec struct {
+	name      string
+	parallel  int
+	prompt    time.Duration // FirstByteDelay
+	tokenGap  time.Duration
+	loadDelay time.Duration
+	maxLoaded int
+	loaded    []string
+}
+
+// request is one request a client sends: its model, body and, for the oracle, its size.
+type request struct {
+	model       string
+	body        []byte
+	tokens      int // answer length (num_predict), for the oracle
+	convo, turn int
+}
+
+// phase is a stretch of a workload: conc clients send n requests made by next.
+type phase struct {
+	conc, n  int
+	measured bool
+	before   func(fakes map[string]*fakeollama.Server) // e.g. slow a server down
+	next     func(client, i int, rng *rand.Rand) request
+}
+
+type workload struct {
+	name    string
+	servers []spec
+	models  []string
+	phases  []phase
+	slowed  string // the server that slows down, for the share after the change
+	note    string
+}
+
+var models1 = []string{"tiny-llama"}
+
+func chat(model string, tokens int, msgs ...string) request {
+	type message struct {
+		Role    string `json:"role"`
+		Content string `json:"content"`
+	}
+	var list []message
+	for i, m := range msgs {
+		role := "user"
+		if i%2 == 1 {
+			role = "assistant"
+		}
+		list = append(list, message{role, m})
+	}
+	body, _ := json.Marshal(map[string]any{"model": model, "messages": list, "stream": false, "options": map[string]any{"num_predict": tokens}})
+	return request{model: model, body: body, tokens: tokens}
+}
+
+func fastSlow(tokenGap time.Duration, prompt, slowPrompt time.Duration) []spec {
+	return []spec{
+		{name: "fast", parallel: 4, prompt: prompt, tokenGap: tokenGap, loaded: models1},
+		{name: "slow1", parallel: 1, prompt: slowPrompt, tokenGap: 4 * tokenGap, loaded: models1},
+		{name: "slow2", parallel: 1, prompt: slowPrompt, tokenGap: 4 * tokenGap, loaded: models1},
+	}
+}
+
+func simple(client, i int, _ *rand.Rand) request {
+	return chat("tiny-llama", 1, "Why is the sky blue?")
+}
+
+func workloads() []workload {
+	conversations := func(client, i int, rng *rand.Rand) request {
+		// Each client holds 5-turn conversations one after the other; every turn sends the
+		// whole history, as chat clients do.
+		convo, turn := i/5, i%5
+		msgs := []string{fmt.Sprintf("You are assistant %d-%d. %s", client, convo, strings.Repeat("Be brief and exact. ", 20))}
+		for t := 0; t < turn; t++ {
+			msgs = append(msgs, fmt.Sprintf("question %d of conversation %d-%d", t, client, convo), fakeollama.Text(10))
+		}
+		msgs = append(msgs, fmt.Sprintf("question %d of conversation %d-%d", turn, client, convo))
+		r := chat("tiny-llama", 10, msgs...)
+		r.convo, r.turn = client*1000+convo, turn
+		return r
+	}
+	return []workload{
+		{name: "fresh-burst", servers: fastSlow(0, 100*ms, 400*ms), models: models1,
+			phases: []phase{{conc: 8, n: 300, measured: true, next: simple}},
+			note:   "ideal: everything on fast, 8 at once on 4 slots: 40 req/s, p99 ~0.2 s"},
+		{name: "quiet-then-burst", servers: fastSlow(0, 100*ms, 400*ms), models: models1,
+			phases: []phase{{conc: 1, n: 30, next: simple}, {conc: 8, n: 300, measured: true, next: simple}},
+			note:   "the burst after a quiet history must look like the fresh burst"},
+		{name: "mixed", servers: fastSlow(5*ms, 20*ms, 80*ms), models: models1,
+			phases: []phase{{conc: 8, n: 300, measured: true, next: func(client, i int, rng *rand.Rand) request {
+				if rng.IntN(5) == 0 {
+					return chat("tiny-llama", 80, "Write a long story.")
+				}
+				return chat("tiny-llama", 5, "Say hi.")
+			}}}},
+		{name: "conversations", servers: []spec{
+			{name: "s1", parallel: 2, prompt: 50 * ms, tokenGap: 2 * ms, loaded: models1},
+			{name: "s2", parallel: 2, prompt: 50 * ms, tokenGap: 2 * ms, loaded: models1},
+			{name: "s3", parallel: 2, prompt: 50 * ms, tokenGap: 2 * ms, loaded: models1}}, models: models1,
+			phases: []phase{{conc: 8, n: 240, measured: true, next: conversations}}},
+		{name: "two-models", servers: []spec{
+			{name: "s1", parallel: 2, prompt: 100 * ms, loadDelay: time.Second, maxLoaded: 1, loaded: []string{"model-a"}},
+			{name: "s2", parallel: 2, prompt: 100 * ms, loadDelay: time.Second, maxLoaded: 1, loaded: []string{"model-a"}},
+			{name: "s3", parallel: 2, prompt: 100 * ms, loadDelay: time.Second, maxLoaded: 1, loaded: []string{"model-a"}}},
+			models: []string{"model-a", "model-b"},
+			phases: []phase{{conc: 6, n: 300, measured: true, next: func(client, i int, rng *rand.Rand) request {
+				if rng.IntN(3) == 0 {
+					return chat("model-b", 1, "Why is the sky blue?")
+				}
+				return chat("model-a", 1, "Why is the sky blue?")
+			}}}},
+		{name: "slowdown", servers: []spec{
+			{name: "s1", parallel: 2, prompt: 100 * ms, loaded: models1},
+			{name: "s2", parallel: 2, prompt: 100 * ms, loaded: models1},
+			{name: "s3", parallel: 2, prompt: 100 * ms, loaded: models1}}, models: models1, slowed: "s1",
+			phases: []phase{
+				{conc: 6, n: 150, next: simple},
+				{conc: 6, n: 300, measured: true, next: simple,
+					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(4) }},
+			}},
+	}
+}
+
+// result is one policy's run of one workload.
+type result struct {
+	policy         string
+	n, errs        int
+	elapsed        time.Duration
+	lat            []time.Duration
+	loads          int
+	cacheHits      string
+	slowShare      float64 // share of the measured phase's requests on the slowed server; -1 if none
+	share          map[string]int
+	sameServerTurn float64 // follow-up turns on the server of the previous turn; -1 if none
+}
+
+func (r result) rps() float64 { return float64(r.n) / r.elapsed.Seconds() }
+
+func main() {
+	only := flag.String("workloads", "", "comma-separated workloads to run (default all)")
+	pols := flag.String("policies", "least_delay,least_conn,round_robin,reverse_proxy,oracle", "comma-separated: ollamaflow policies, reverse_proxy (Caddy's least_conn) and oracle")
+	seed := flag.Uint64("seed", 1, "seed of the request mix")
+	flag.Parse()
+	port := freePort()
+	var tables []string
+	for _, w := range workloads() {
+		if *only != "" && !slices.Contains(strings.Split(*only, ","), w.name) {
+			continue
+		}
+		var rows []result
+		for _, p := range strings.Split(*pols, ",") {
+			r := run(w, strings.TrimSpace(p), port, *seed)
+			fmt.Fprintf(os.Stderr, "%-17s %-14s %6.1f req/s p50 %-7v p99 %-7v loads/1k %-5d errors %d received %v\n",
+				w.name, p, r.rps(), pct(r.lat, 0.5), pct(r.lat, 0.99), perK(r.loads, r.n+r.errs), r.errs, r.share)
+			rows = append(rows, r)
+		}
+		tables = append(tables, table(w, rows))
+	}
+	_ = caddy.Stop()
+	fmt.Println(strings.Join(tables, "\n"))
+}
+
+func perK(loads, n int) int { return (1000*loads + n/2) / max(n, 1) }
+
+// run starts fresh fakes, routes through policy and drives the workload's phases.
+func run(w workload, policy string, port int, seed uint64) result {
+	fakes := map[string]*fakeollama.Server{}
+	var addrs []string
+	for _, s := range w.servers {
+		f := fakeollama.New(fakeollama.Config{Models: w.models, Loaded: s.loaded, Parallel: s.parallel, FirstByteDelay: s.prompt,
+			TokenGap: s.tokenGap, LoadDelay: s.loadDelay, MaxLoaded: s.maxLoaded, Tokens: 1})
+		defer f.Close()
+		fakes[s.name] = f
+		addrs = append(addrs, f.HostPort())
+	}
+	var send func(req request) (string, error)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
+	defer client.CloseIdleConnections()
+	if policy == "oracle" {
+		o := newOracle(w, fakes)
+		send = func(req request) (string, error) { return o.send(client, req) }
+	} else {
+		var site string
+		if policy == "reverse_proxy" {
+			site = fmt.Sprintf("\treverse_proxy %s {\n\t\tlb_policy least_conn\n\t\tflush_interval -1\n\t}", strings.Join(addrs, " "))
+		} else {
+			var b strings.Builder
+			fmt.Fprintf(&b, "\tollamaflow {\n\t\tlb_policy %s\n", policy)
+			for i, s := range w.servers {
+				fmt.Fprintf(&b, "\t\tbackend %s %s\n", s.name, addrs[i])
+			}
+			b.WriteString("\t}")
+			site = b.String()
+		}
+		load(fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n:%d {\n%s\n}\n", port, site))
+		url := fmt.Sprintf("http://127.0.0.1:%d/api/chat", port)
+		waitUp(url)
+		send = func(req request) (string, error) { return post(client, url, req.body) }
+	}
+
+	res := result{policy: policy, slowShare: -1, sameServerTurn: -1, share: map[string]int{}}
+	rng := rand.New(rand.NewPCG(seed, 7))
+	var rngMu sync.Mutex
+	var lastServer sync.Map // convo -> server of its previous turn
+	var follow, followSame atomic.Int64
+	for _, ph := range w.phases {
+		if ph.before != nil {
+			ph.before(fakes)
+		}
+		if ph.measured {
+			for _, f := range fakes {
+				f.ResetStats()
+			}
+		}
+		var sent atomic.Int64
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		start := time.Now()
+		for c := range ph.conc {
+			wg.Go(func() {
+				for i := 0; ; i++ {
+					if sent.Add(1) > int64(ph.n) {
+						return
+					}
+					rngMu.Lock()
+					req := ph.next(c, i, rng)
+					rngMu.Unlock()
+					t0 := time.Now()
+					server, err := send(req)
+					d := time.Since(t0)
+					if req.turn > 0 && ph.measured {
+						follow.Add(1)
+						if prev, ok := lastServer.Load(req.convo); ok && prev == server {
+							followSame.Add(1)
+						}
+					}
+					lastServer.Store(req.convo, server)
+					if !ph.measured {
+						continue
+					}
+					mu.Lock()
+					if err != nil {
+						res.errs++
+					} else {
+						res.lat = append(res.lat, d)
+					}
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		if ph.measured {
+			res.elapsed = time.Since(start)
+		}
+	}
+	res.n = len(res.lat)
+	total := 0
+	for _, s := range w.servers {
+		f := fakes[s.name]
+		res.share[s.name] = f.Count("/api/chat")
+		total += res.share[s.name]
+		res.loads += f.ColdLoads()
+	}
+	if w.slowed != "" {
+		res.slowShare = float64(res.share[w.slowed]) / float64(max(total, 1))
+	}
+	if n := follow.Load(); n > 0 {
+		res.sameServerTurn = float64(followSame.Load()) / float64(n)
+	}
+	res.cacheHits = "-" // the fakes' prompt cache counters, once the fake keeps a prompt cache
+	return res
+}
+
+// post sends one chat and names the server that answered (X-OllamaFlow-Backend; "" through
+// reverse_proxy).
+func post(client *http.Client, url string, body []byte) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	res, err := client.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("transport error")
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	switch {
+	case err != nil:
+		return "", fmt.Errorf("body cut")
+	case res.StatusCode != http.StatusOK:
+		return "", fmt.Errorf("status %d", res.StatusCode)
+	case !bytes.Contains(b, []byte(`"done":true`)):
+		return "", fmt.Errorf("incomplete body")
+	}
+	return res.Header.Get("X-OllamaFlow-Backend"), nil
+}
+
+// oracle routes from the client side with what no proxy can know: each server's true slots,
+// speed (including a change the workload makes), resident models and every request in flight
+// with its true remaining time. It sends a request where it would end first, counting for a
+// load the reload of the model it evicts when no other server holds that model.
+type oracle struct {
+	mu      sync.Mutex
+	servers []*oserver
+}
+
+type oserver struct {
+	spec   spec
+	fake   *fakeollama.Server
+	url    string
+	finish map[uint64]time.Time
+	slow   float64
+}
+
+var oracleID atomic.Uint64
+
+func newOracle(w workload, fakes map[string]*fakeollama.Server) *oracle {
+	o := &oracle{}
+	for _, s := range w.servers {
+		o.servers = append(o.servers, &oserver{spec: s, fake: fakes[s.name], url: fakes[s.name].URL + "/api/chat", finish: map[uint64]time.Time{}, slow: 1})
+	}
+	return o
+}
+
+func (o *oracle) send(client *http.Client, req request) (string, error) {
+	o.mu.Lock()
+	now := time.Now()
+	var best *oserver
+	var bestEnd time.Time
+	for _, s := range o.servers {
+		s.slow = s.fake.Speed() // the workload's own change: known to the oracle
+		service := time.Duration(float64(s.spec.prompt+time.Duration(req.tokens)*s.spec.tokenGap) * s.slow)
+		var rem []time.Duration
+		for _, f := range s.finish {
+			rem = append(rem, max(f.Sub(now), 0))
+		}
+		sort.Slice(rem, func(i, j int) bool { return rem[i] < rem[j] })
+		var wait time.Duration
+		if len(rem) >= s.spec.parallel {
+			wait = rem[len(rem)-s.spec.parallel]
+		}
+		end := now.Add(wait + service)
+		if req.model != "" && !slices.Contains(s.fake.Loaded(), req.model+":latest") {
+			end = end.Add(s.spec.loadDelay)
+			if victims := s.fake.Loaded(); s.spec.maxLoaded > 0 && len(victims) >= s.spec.maxLoaded && !o.elsewhere(s, victims[0]) {
+				end = end.Add(s.spec.loadDelay)
+			}
+		}
+		if best == nil || end.Before(bestEnd) {
+			best, bestEnd = s, end
+		}
+	}
+	id := oracleID.Add(1)
+	best.finish[id] = bestEnd
+	o.mu.Unlock()
+	_, err := post(client, best.url, req.body)
+	o.mu.Lock()
+	delete(best.finish, id)
+	o.mu.Unlock()
+	return best.spec.name, err
+}
+
+func (o *oracle) elsewhere(s *oserver, model string) bool {
+	for _, t := range o.servers {
+		if t != s && slices.Contains(t.fake.Loaded(), model) {
+			return true
+		}
+	}
+	return false
+}
+
+func table(w workload, rows []result) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "### %s\n", w.name)
+	if w.note != "" {
+		fmt.Fprintf(&b, "%s\n", w.note)
+	}
+	head := []string{"policy", "req/s", "p50", "p99", "loads/1k", "cache hits", "same server next turn", "slowed server's share", "received"}
+	out := [][]string{head}
+	for _, r := range rows {
+		name := r.policy
+		if name == "reverse_proxy" {
+			name = "Caddy reverse_proxy least_conn"
+		}
+		frac := func(x float64) string {
+			if x < 0 {
+				return "-"
+			}
+			return fmt.Sprintf("%.0f%%", 100*x)
+		}
+		var parts []string
+		for _, s := range w.servers {
+			parts = append(parts, fmt.Sprintf("%s %d", s.name, r.share[s.name]))
+		}
+		out = append(out, []string{name, fmt.Sprintf("%.1f", r.rps()), pct(r.lat, 0.5).String(), pct(r.lat, 0.99).String(),
+			fmt.Sprint(perK(r.loads, r.n+r.errs)), r.cacheHits, frac(r.sameServerTurn), frac(r.slowShare), strings.Join(parts, ", ")})
+		if r.errs > 0 {
+			out[len(out)-1][0] += fmt.Sprintf(" (%d errors)", r.errs)
+		}
+	}
+	widths := make([]int, len(head))
+	for _, r := range out {
+		for i, c := range r {
+			widths[i] = max(widths[i], len(c))
+		}
+	}
+	for ri, r := range out {
+		for i, c := range r {
+			fmt.Fprintf(&b, "| %-*s ", widths[i], c)
+		}
+		b.WriteString("|\n")
+		if ri == 0 {
+			for i := range r {
+				b.WriteString("|" + strings.Repeat("-", widths[i]+2))
+			}
+			b.WriteString("|\n")
+		}
+	}
+	return b.String()
+}
+
+// load (re)loads the in-process Caddy with a Caddyfile.
+func load(caddyfile string) {
+	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		fail("adapting the Caddyfile: %v\n%s", err, caddyfile)
+	}
+	for _, w := range warnings {
+		fmt.Fprintln(os.Stderr, "caddyfile:", w.String())
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		fail("loading the config: %v", err)
+	}
+}
+
+// waitUp waits until the site proxies /api/version, which names no model and teaches the
+// policies nothing.
+func waitUp(url string) {
+	url = strings.TrimSuffix(url, "/api/chat") + "/api/version"
+	for range 200 {
+		res, err := http.Get(url)
+		if err == nil {
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			if res.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	fail("site never came up at %s", url)
+}
+
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fail("%v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func pct(lat []time.Duration, p float64) time.Duration {
+	if len(lat) == 0 {
+		return 0
+	}
+	s := slices.Clone(lat)
+	slices.Sort(s)
+	i := int(p*float64(len(s))+0.5) - 1
+	return s[min(max(i, 0), len(s)-1)].Round(time.Millisecond)
+}
+
+func fail(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "workloads: "+format+"\n", args...)
+	os.Exit(1)
+}
