@@ -133,10 +133,10 @@ func TestRateLimitedBackendIsSkippedAndTheQueueWokenWhenItAdmits(t *testing.T) {
 	h := queueHandler(pickFirst, a, b)
 	a.srv.clk = clk // queueHandler leaves it
 	cands := []*backend{a, b}
-	assert.Same(t, a, h.acquire(cands, ""))
-	assert.Same(t, a, h.acquire(cands, ""))
-	assert.Same(t, b, h.acquire(cands, ""), "a at its rate is skipped like one at its cap")
-	assert.Nil(t, h.acquire(cands, ""), "both full: the request queues")
+	assert.Same(t, a, h.acquire(cands, &job{}))
+	assert.Same(t, a, h.acquire(cands, &job{}))
+	assert.Same(t, b, h.acquire(cands, &job{}), "a at its rate is skipped like one at its cap")
+	assert.Nil(t, h.acquire(cands, &job{}), "both full: the request queues")
 
 	out := make(chan served, 2)
 	enqueue(t, context.Background(), h, 1, "c1", cands, out)

@@ -74,7 +74,9 @@ func selectionPool(n int, policy string) *Handler {
 		b.srv.models.Store(&modelSnapshot{known: true, present: present, loaded: loaded})
 		b.pos.Store(int64(i))
 		b.srv.state.Store(int32(stateHealthy))
-		b.srv.speed.observe(time.Duration(100+i%7)*time.Millisecond, 1)
+		b.srv.inFlight.Store(1)
+		serve(b, &job{}, time.Now(), final(time.Duration(100+i%7)*time.Millisecond, 0, 0, 10, 1))
+		b.srv.inFlight.Store(0)
 		h.backends = append(h.backends, b)
 	}
 	return h
@@ -97,8 +99,8 @@ func selectOnce(ctx context.Context, h *Handler, session, model string) *backend
 	}
 	avail := notBusy(cands, time.Now())
 	if h.Sticky != nil {
-		b, _ := h.acquireSticky(avail, session, model)
+		b, _ := h.acquireSticky(avail, session, &job{model: model})
 		return b
 	}
-	return h.acquire(avail, model)
+	return h.acquire(avail, &job{model: model})
 }
