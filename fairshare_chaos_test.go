@@ -52,7 +52,7 @@ func TestChaosFairShareInteractiveBesideBatch(t *testing.T) {
 			var held []time.Duration
 			request := func(c queueClass, client string) (time.Duration, error) {
 				start := time.Now()
-				b := h.acquire([]*backend{a}, "")
+				b := h.acquire([]*backend{a}, &job{})
 				if b == nil {
 					var err error
 					if b, _, err = h.queue.wait(ctx, &waiter{client: client, class: c, kind: kindCompletion, cands: []*backend{a}}); err != nil {
