@@ -381,3 +381,53 @@ func TestTenantsIdentityFromBasicAuthAndMaxParallel(t *testing.T) {
 	var u usageReport
 	require.NoError(t, json.Unmarshal(raw, &u), "the report decodes into its own type")
 }
+
+// A tenant's requests wait in the queue as its own class: with one slot
+// taken, a higher-priority tenant that queues later is served before a
+// lower one that queued first.
+func TestTenantsQueueByPriority(t *testing.T) {
+	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: 1})
+	defer f.Close()
+	t.Setenv("OLLAMAFLOW_TEST_LOW_KEY", "low-key-0123")
+	t.Setenv("OLLAMAFLOW_TEST_HIGH_KEY", "high-key-4567")
+	loadCaddy(t, fmt.Sprintf(`
+		name queue-class-test
+		tenants {
+			tenant low {
+				key {env.OLLAMAFLOW_TEST_LOW_KEY}
+			}
+			tenant high {
+				key {env.OLLAMAFLOW_TEST_HIGH_KEY}
+				priority 5
+			}
+		}
+		backend a %s {
+			max_parallel 1
+		}`, f.URL))
+	waitKnown(t, []*fakeollama.Server{f})
+	h := currentHandler(t)
+
+	f.Hold("/api/chat")
+	done := make(chan int, 3)
+	ask := func(key, word string) {
+		res, _ := post(t, "/api/chat", fmt.Sprintf(`{"model":"tiny-llama","messages":[{"role":"user","content":%q}],"stream":false}`, word), "Authorization", "Bearer "+key)
+		done <- res.StatusCode
+	}
+	go ask("low-key-0123", "first")
+	require.Eventually(t, func() bool { return f.InFlight() == 1 }, 5*time.Second, time.Millisecond)
+	go ask("low-key-0123", "second")
+	require.Eventually(t, func() bool { return h.queue.length() == 1 }, 5*time.Second, time.Millisecond)
+	go ask("high-key-4567", "third")
+	require.Eventually(t, func() bool { return h.queue.length() == 2 }, 5*time.Second, time.Millisecond)
+	f.Release()
+	for i := 0; i < 3; i++ {
+		require.Equal(t, http.StatusOK, <-done)
+	}
+	var order []string
+	for _, r := range f.Requests() {
+		if r.Path == "/api/chat" {
+			order = append(order, gjson.GetBytes(r.Body, "messages.0.content").String())
+		}
+	}
+	assert.Equal(t, []string{"first", "third", "second"}, order, "the high-priority tenant goes first")
+}
