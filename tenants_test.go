@@ -294,3 +294,27 @@ func FuzzTenantKey(f *testing.F) {
 		assert.True(t, sent, "%q/%q named %s", auth, apiKey, ten.Name)
 	})
 }
+
+// BenchmarkTenantIdentify: the cost of finding a tenant by key, which
+// compares with every configured key.
+func BenchmarkTenantIdentify(b *testing.B) {
+	for _, n := range []int{2, 100, 1000} {
+		b.Run(fmt.Sprintf("keys=%d", n), func(b *testing.B) {
+			ts := &Tenants{}
+			for i := 0; i < n; i++ {
+				ts.List = append(ts.List, &Tenant{Name: fmt.Sprintf("t%d", i), Keys: []string{fmt.Sprintf("key-%d", i)}})
+			}
+			require.NoError(b, ts.provision(&Handler{logger: zap.NewNop()}))
+			r, _ := http.NewRequest(http.MethodPost, "http://x/v1/chat/completions", nil)
+			want := ts.List[n/2]
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				r.Header["Authorization"] = []string{fmt.Sprintf("Bearer key-%d", n/2)}
+				if got, _ := ts.identify(r); got != want {
+					b.Fatal("wrong tenant")
+				}
+			}
+		})
+	}
+}
