@@ -319,6 +319,17 @@ func TestIntegrationConversationAffinity(t *testing.T) {
 	home.Release()
 	assert.Equal(t, c.home+" ", <-held)
 	assert.Equal(t, c.home+" ", <-held)
+	// The proxy frees a slot just after the client has the last byte: wait
+	// until every server is idle, so that the comparison below is between
+	// idle servers and not a race with a release.
+	require.Eventually(t, func() bool {
+		for name := range byName {
+			if scrape(t, fmt.Sprintf(`ollamaflow_backend_in_flight{backend=%q,frontend="affinity-test"}`, name)) != 0 {
+				return false
+			}
+		}
+		return true
+	}, 10*time.Second, 5*time.Millisecond, "every slot released")
 	again, route := turn(t, c.path, &c.msgs, "after")
 	assert.Equal(t, got, again, "recorded where it overflowed to")
 	assert.Equal(t, routeAffinityHit, route)

@@ -69,9 +69,9 @@ func TestSetSpeedSlowsTheBoxDown(t *testing.T) {
 func TestLoadDurationLeavesOutTheWaitForASlot(t *testing.T) {
 	t.Parallel()
 	// As in Ollama, a request that waits for a parallel slot reports the wait in total_duration
-	// only, not in load_duration: the second of two requests on one slot waits for the first's
-	// 100 ms.
-	f := newFake(t, fakeollama.Config{Models: []string{"a"}, Loaded: []string{"a"}, Parallel: 1, FirstByteDelay: 100 * time.Millisecond})
+	// only, not in load_duration: the second of two requests on one slot waits for most of the
+	// first's 300 ms (both are sent at once; the bound leaves 250 ms for the second to arrive).
+	f := newFake(t, fakeollama.Config{Models: []string{"a"}, Loaded: []string{"a"}, Parallel: 1, FirstByteDelay: 300 * time.Millisecond})
 	counts := make(chan finalCounts, 2)
 	for range 2 {
 		go func() { counts <- chatWith(t, f, "a") }()
@@ -81,6 +81,6 @@ func TestLoadDurationLeavesOutTheWaitForASlot(t *testing.T) {
 	if b.TotalDuration > a.TotalDuration {
 		second = b
 	}
-	assert.GreaterOrEqual(t, second.TotalDuration, 200*time.Millisecond, "it waited")
+	assert.GreaterOrEqual(t, second.TotalDuration, 350*time.Millisecond, "it waited")
 	assert.Less(t, second.LoadDuration, second.TotalDuration-second.PromptEvalDuration-50*time.Millisecond, "the wait is not a load")
 }
