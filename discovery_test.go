@@ -408,6 +408,10 @@ func TestBackendsFromSRV(t *testing.T) {
 	assert.Equal(t, []string{n1, n2}, poolNames(h))
 	assert.Equal(t, "http://127.0.0.1:"+p2, viewOf(h, n1).srv.key)
 
+	// A discovered server takes requests once a probe has passed: round
+	// robin splits evenly from then on.
+	require.Eventually(t, func() bool { return healthState(viewOf(h, n1).srv.state.Load()) == stateHealthy },
+		30*time.Second, 5*time.Millisecond, "the discovered server passes its probe")
 	served := map[string]int{}
 	for range 8 {
 		status, by, body := chat(t, url)
