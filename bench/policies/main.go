@@ -23,7 +23,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"slices"
@@ -32,8 +31,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-ollamaflow/ollamaflow/bench/benchkit"
+
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
@@ -80,7 +80,7 @@ func main() {
 	for _, n := range strings.Split(*order, ",") {
 		s, ok := specs[strings.TrimSpace(n)]
 		if !ok {
-			fail("unknown server %q in -order (fast, slow1, slow2)", n)
+			benchkit.Fail("unknown server %q in -order (fast, slow1, slow2)", n)
 		}
 		servers = append(servers, s)
 	}
@@ -88,7 +88,7 @@ func main() {
 		servers = append(servers, server{name: "broken", parallel: 1, service: *fastTime, broken: true})
 	}
 
-	port := freePort()
+	port := benchkit.FreePort()
 	fmt.Fprintf(os.Stderr, "servers in config order: %s; %d requests, %d clients, %d round(s) per policy\n",
 		describe(servers), *total, *conc, *rounds)
 	var results [][]result
@@ -98,7 +98,7 @@ func main() {
 		for round := range *rounds {
 			r := runPolicy(p, servers, port, *total, *conc)
 			fmt.Fprintf(os.Stderr, "%-14s round %d: %5.1f req/s  p50 %-7v p99 %-7v max %-7v errors %d %v  received %v\n",
-				p, round+1, r.rps(), pct(r.lat, 0.5), pct(r.lat, 0.99), pct(r.lat, 1), r.errs, kinds(r.errKinds), shares(r, servers))
+				p, round+1, r.rps(), benchkit.Pct(r.lat, 0.5), benchkit.Pct(r.lat, 0.99), benchkit.Pct(r.lat, 1), r.errs, kinds(r.errKinds), shares(r, servers))
 			runs = append(runs, r)
 		}
 		results = append(results, runs)
@@ -135,9 +135,9 @@ func runPolicy(policy string, servers []server, port, total, conc int) result {
 		b.WriteString("\t}")
 		site = b.String()
 	}
-	load(fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n:%d {\n%s\n}\n", port, site))
+	benchkit.Load(fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n:%d {\n%s\n}\n", port, site))
 	url := fmt.Sprintf("http://127.0.0.1:%d/api/chat", port)
-	waitUp(url)
+	benchkit.WaitUp(url)
 
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: conc * 2, DisableCompression: true}}
 	defer client.CloseIdleConnections()
@@ -202,59 +202,6 @@ func one(client *http.Client, url string, body []byte) error {
 	return nil
 }
 
-// load (re)loads the in-process Caddy with a Caddyfile.
-func load(caddyfile string) {
-	adapter := caddyconfig.GetAdapter("caddyfile")
-	cfg, warnings, err := adapter.Adapt([]byte(caddyfile), nil)
-	if err != nil {
-		fail("adapting the Caddyfile: %v\n%s", err, caddyfile)
-	}
-	for _, w := range warnings {
-		fmt.Fprintln(os.Stderr, "caddyfile:", w.String())
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		fail("loading the config: %v", err)
-	}
-}
-
-// waitUp waits until the site proxies a request. It asks for /api/version, which names no
-// model: least_delay learns nothing from it (a load-only chat would teach it a service time of a
-// millisecond).
-func waitUp(url string) {
-	url = strings.TrimSuffix(url, "/api/chat") + "/api/version"
-	for range 200 {
-		res, err := http.Get(url)
-		if err == nil {
-			io.Copy(io.Discard, res.Body)
-			res.Body.Close()
-			if res.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	fail("site never came up at %s", url)
-}
-
-func freePort() int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		fail("%v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func pct(lat []time.Duration, p float64) time.Duration {
-	if len(lat) == 0 {
-		return 0
-	}
-	s := slices.Clone(lat)
-	slices.Sort(s)
-	i := int(p*float64(len(s))+0.5) - 1
-	return s[min(max(i, 0), len(s)-1)].Round(time.Millisecond)
-}
-
 // shares is the requests each server received (attempts, retries included) and their share.
 func shares(r result, servers []server) string {
 	var parts []string
@@ -304,14 +251,14 @@ func printTable(results [][]result, servers []server) {
 		m := sorted[len(sorted)/2]
 		var p99s []string
 		for _, r := range runs {
-			p99s = append(p99s, pct(r.lat, 0.99).String())
+			p99s = append(p99s, benchkit.Pct(r.lat, 0.99).String())
 		}
 		name := m.policy
 		if name == "reverse_proxy" {
 			name = "reverse_proxy least_conn (Caddy)"
 		}
-		rows = append(rows, []string{name, fmt.Sprintf("%.1f", m.rps()), pct(m.lat, 0.5).String(), pct(m.lat, 0.99).String(),
-			pct(m.lat, 1).String(), fmt.Sprint(m.errs), shares(m, servers), strings.Join(p99s, " ")})
+		rows = append(rows, []string{name, fmt.Sprintf("%.1f", m.rps()), benchkit.Pct(m.lat, 0.5).String(), benchkit.Pct(m.lat, 0.99).String(),
+			benchkit.Pct(m.lat, 1).String(), fmt.Sprint(m.errs), shares(m, servers), strings.Join(p99s, " ")})
 	}
 	widths := make([]int, len(rows[0]))
 	for _, r := range rows {
@@ -341,9 +288,4 @@ func names(servers []server) string {
 		n = append(n, s.name)
 	}
 	return strings.Join(n, ", ")
-}
-
-func fail(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "policies: "+format+"\n", args...)
-	os.Exit(1)
 }

@@ -30,7 +30,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"slices"
@@ -40,8 +39,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-ollamaflow/ollamaflow/bench/benchkit"
+
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
@@ -194,7 +194,7 @@ func main() {
 	pols := flag.String("policies", "least_delay,least_conn,round_robin,reverse_proxy,oracle", "comma-separated: ollamaflow policies, reverse_proxy (Caddy's least_conn) and oracle")
 	seed := flag.Uint64("seed", 1, "seed of the request mix")
 	flag.Parse()
-	port := freePort()
+	port := benchkit.FreePort()
 	var tables []string
 	for _, w := range workloads() {
 		if *only != "" && !slices.Contains(strings.Split(*only, ","), w.name) {
@@ -204,7 +204,7 @@ func main() {
 		for _, p := range strings.Split(*pols, ",") {
 			r := run(w, strings.TrimSpace(p), port, *seed)
 			fmt.Fprintf(os.Stderr, "%-17s %-14s %6.1f req/s p50 %-7v p99 %-7v loads/1k %-5d errors %d received %v\n",
-				w.name, p, r.rps(), pct(r.lat, 0.5), pct(r.lat, 0.99), perK(r.loads, r.n+r.errs), r.errs, r.share)
+				w.name, p, r.rps(), benchkit.Pct(r.lat, 0.5), benchkit.Pct(r.lat, 0.99), perK(r.loads, r.n+r.errs), r.errs, r.share)
 			rows = append(rows, r)
 		}
 		tables = append(tables, table(w, rows))
@@ -245,9 +245,9 @@ func run(w workload, policy string, port int, seed uint64) result {
 			b.WriteString("\t}")
 			site = b.String()
 		}
-		load(fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n:%d {\n%s\n}\n", port, site))
+		benchkit.Load(fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n:%d {\n%s\n}\n", port, site))
 		url := fmt.Sprintf("http://127.0.0.1:%d/api/chat", port)
-		waitUp(url)
+		benchkit.WaitUp(url)
 		send = func(req request) (string, error) { return post(client, url, req.body) }
 	}
 
@@ -445,7 +445,7 @@ func table(w workload, rows []result) string {
 		for _, s := range w.servers {
 			parts = append(parts, fmt.Sprintf("%s %d", s.name, r.share[s.name]))
 		}
-		out = append(out, []string{name, fmt.Sprintf("%.1f", r.rps()), pct(r.lat, 0.5).String(), pct(r.lat, 0.99).String(),
+		out = append(out, []string{name, fmt.Sprintf("%.1f", r.rps()), benchkit.Pct(r.lat, 0.5).String(), benchkit.Pct(r.lat, 0.99).String(),
 			fmt.Sprint(perK(r.loads, r.n+r.errs)), r.cacheHits, frac(r.sameServerTurn), frac(r.slowShare), strings.Join(parts, ", ")})
 		if r.errs > 0 {
 			out[len(out)-1][0] += fmt.Sprintf(" (%d errors)", r.errs)
@@ -470,60 +470,4 @@ func table(w workload, rows []result) string {
 		}
 	}
 	return b.String()
-}
-
-// load (re)loads the in-process Caddy with a Caddyfile.
-func load(caddyfile string) {
-	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
-	if err != nil {
-		fail("adapting the Caddyfile: %v\n%s", err, caddyfile)
-	}
-	for _, w := range warnings {
-		fmt.Fprintln(os.Stderr, "caddyfile:", w.String())
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		fail("loading the config: %v", err)
-	}
-}
-
-// waitUp waits until the site proxies /api/version, which names no model and teaches the
-// policies nothing.
-func waitUp(url string) {
-	url = strings.TrimSuffix(url, "/api/chat") + "/api/version"
-	for range 200 {
-		res, err := http.Get(url)
-		if err == nil {
-			io.Copy(io.Discard, res.Body)
-			res.Body.Close()
-			if res.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	fail("site never came up at %s", url)
-}
-
-func freePort() int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		fail("%v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func pct(lat []time.Duration, p float64) time.Duration {
-	if len(lat) == 0 {
-		return 0
-	}
-	s := slices.Clone(lat)
-	slices.Sort(s)
-	i := int(p*float64(len(s))+0.5) - 1
-	return s[min(max(i, 0), len(s)-1)].Round(time.Millisecond)
-}
-
-func fail(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "workloads: "+format+"\n", args...)
-	os.Exit(1)
 }
