@@ -534,7 +534,10 @@ func TestChaosCraftedFiveHundreds(t *testing.T) {
 		t.Cleanup(f.Close)
 		fs = append(fs, f)
 	}
-	loadCaddy(t, fmt.Sprintf("backend a %s {\nlabels small\n}\nbackend b %s\nbackend c %s", fs[0].URL, fs[1].URL, fs[2].URL))
+	// The honest load repeats one chat body, which conversation affinity
+	// would take for one conversation and keep on one server; this scenario
+	// is about passive health, so the policy alone spreads it.
+	loadCaddy(t, fmt.Sprintf("conversation_affinity off\nbackend a %s {\nlabels small\n}\nbackend b %s\nbackend c %s", fs[0].URL, fs[1].URL, fs[2].URL))
 	waitKnown(t, fs)
 	var srvs []*server
 	for _, f := range fs {
