@@ -44,6 +44,14 @@ type backend struct {
 	owner      *discovery // nil for a static backend
 	held       atomic.Int64
 	leaving    atomic.Bool
+	// A server an SRV record found keeps the record's priority and weight
+	// (priority -1 for type a; unused for static backends); a record that changes them replaces the
+	// view. tier is the rank of its priority among its source's, set when
+	// the member set is published (discovery.go): requests go to the
+	// lowest tier that has a server able to serve them.
+	srvPriority int
+	srvWeight   int
+	tier        atomic.Int64
 }
 
 func newBackendView(cfg *Backend, base *url.URL) *backend {
@@ -241,8 +249,10 @@ func policyNames() string {
 // it, for a request that is not queued. It returns nil if every candidate
 // is at its cap. A server with queued requests is left to them (the queue
 // hands its next free slot to the oldest), so a newcomer never overtakes.
+// A server of a higher SRV priority takes nothing while one of a lower
+// priority among cands could serve, even when that one is full.
 func (h *Handler) acquire(cands []*backend, j *job) *backend {
-	return h.take(filterBackends(cands, (*backend).free), j)
+	return h.take(filterBackends(h.firstTier(cands), (*backend).free), j)
 }
 
 // take runs the policy over avail (backends with room) and takes a slot on

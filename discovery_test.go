@@ -396,8 +396,8 @@ func TestBackendsFromSRV(t *testing.T) {
 	z.setA("ollama-0.ollama.test", "127.0.0.1")
 	z.setA("ollama-1.ollama.test", "127.0.0.1")
 	z.setSRV("_ollama._tcp.ollama.test",
-		&dns.SRV{Priority: 10, Weight: 50, Port: port1, Target: "ollama-0.ollama.test."},
-		&dns.SRV{Priority: 10, Weight: 50, Port: port2, Target: "ollama-1.ollama.test."})
+		&dns.SRV{Priority: 10, Port: port1, Target: "ollama-0.ollama.test."},
+		&dns.SRV{Priority: 10, Port: port2, Target: "ollama-1.ollama.test."})
 
 	h, url := discoveryHandler(t, fmt.Sprintf(`{"name":"disco-srv","lb_policy":"round_robin",
 		"backends":[{"name":"static","url":%q}],

@@ -307,8 +307,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			break
 		}
 		// Servers that just answered 503 "server busy" sit out a moment,
-		// unless nothing else is left.
-		avail := notBusy(remaining, time.Now())
+		// unless nothing else is left; of those left, the lowest SRV
+		// priority that can serve takes the request.
+		avail := h.firstTier(notBusy(remaining, time.Now()))
 		var b *backend
 		if attempt == 0 {
 			b, info.sticky, info.route, convID = h.acquireFirst(r, avail, conv, j)

@@ -337,8 +337,11 @@ func (s *server) recordProbe(err error) {
 	if emit != nil {
 		emit()
 	}
-	if next == stateHealthy {
+	switch next {
+	case stateHealthy:
 		s.wakeQueues() // requests queued for it need not wait for a release
+	case stateUnhealthy:
+		s.requeue()
 	}
 }
 
@@ -471,6 +474,8 @@ func (s *server) setDraining(on bool) {
 	if !on {
 		msg = "backend undrained"
 		s.wakeQueues() // its slots are usable again
+	} else {
+		s.requeue()
 	}
 	s.logger().Info(msg, zap.Int64("in_flight", s.inFlight.Load()))
 }
@@ -515,6 +520,26 @@ func (s *server) wakeQueues() {
 	s.queuesMu.Unlock()
 	for _, q := range qs {
 		q.dispatchFor(s)
+	}
+}
+
+// requeue offers every waiter of the queues that wait for the server to
+// all their servers, once it can serve no more: when it was the last
+// usable server of a lower SRV priority, those of the next one serve the
+// waiters now instead of when one of theirs frees a slot.
+func (s *server) requeue() {
+	if s.queued.Load() == 0 {
+		return
+	}
+	var buf [8]*queue
+	qs := buf[:0]
+	s.queuesMu.Lock()
+	for q := range s.queues {
+		qs = append(qs, q)
+	}
+	s.queuesMu.Unlock()
+	for _, q := range qs {
+		q.dispatchAll()
 	}
 }
 

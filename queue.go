@@ -391,9 +391,10 @@ func (q *queue) dispatchAll() {
 func (q *queue) serveLocked(w *waiter, owed *server) bool {
 	var buf [16]*backend
 	avail := buf[:0]
+	tier, tiered := q.h.lowestTier(w.cands) // SRV priorities: only the lowest usable one serves
 	for i, b := range w.cands {
 		l := w.nodes[i].list
-		if l == nil || l.head != &w.nodes[i] || !b.hasRoom() {
+		if l == nil || l.head != &w.nodes[i] || !b.hasRoom() || tiered && b.tier.Load() != tier {
 			continue
 		}
 		if b.srv != owed && len(q.live) > 1 && q.owedLocked(b.srv) != w.cls {
