@@ -14,7 +14,8 @@
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
 //	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
-//	discovery.go   backends_from: DNS sources, servers joining and leaving the pool without reloads
+//	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
+//	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
 //	cost.go        the speed/cost model behind least_delay: rates from Ollama's timings, slots, residency, placement
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
