@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"strconv"
 	"strings"
 
@@ -15,6 +16,9 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
+
+	// The filter encoder and its delete filter, for the access log.
+	_ "github.com/caddyserver/caddy/v2/modules/logging"
 )
 
 func init() {
@@ -150,7 +154,7 @@ func commandConfig(o commandOptions) (*caddy.Config, error) {
 		server.AutoHTTPS = &caddyhttp.AutoHTTPSConfig{Disabled: true}
 	}
 	if o.accessLog {
-		server.Logs = &caddyhttp.ServerLogConfig{}
+		server.Logs = &caddyhttp.ServerLogConfig{DefaultLoggerName: accessLoggerName}
 	}
 	httpApp := caddyhttp.App{Servers: map[string]*caddyhttp.Server{"ollamaflow": server}}
 
@@ -163,12 +167,44 @@ func commandConfig(o commandOptions) (*caddy.Config, error) {
 		},
 		AppsRaw: caddy.ModuleMap{"http": caddyconfig.JSON(httpApp, nil)},
 	}
+	if o.debug || o.accessLog {
+		cfg.Logging = &caddy.Logging{Logs: map[string]*caddy.CustomLog{"default": {}}}
+	}
 	if o.debug {
-		cfg.Logging = &caddy.Logging{Logs: map[string]*caddy.CustomLog{
-			"default": {BaseLog: caddy.BaseLog{Level: zap.DebugLevel.CapitalString()}},
-		}}
+		cfg.Logging.Logs["default"].Level = zap.DebugLevel.CapitalString()
+	}
+	if o.accessLog {
+		// The access log gets its own log, so its encoder can drop the
+		// headers that carry API keys, and the default log leaves it out
+		// so no line is written twice, once unfiltered.
+		access := "http.log.access." + accessLoggerName
+		cfg.Logging.Logs["default"].Exclude = []string{access}
+		cfg.Logging.Logs["access"] = &caddy.CustomLog{
+			BaseLog: caddy.BaseLog{EncoderRaw: accessLogEncoder()},
+			Include: []string{access},
+		}
 	}
 	return cfg, nil
+}
+
+// accessLoggerName names the command's access log, http.log.access.ollamaflow.
+const accessLoggerName = "ollamaflow"
+
+// secretRequestHeaders are request headers that carry API keys and that
+// Caddy's access log, which redacts Authorization, Proxy-Authorization and
+// Cookie only, would print: X-Api-Key (OpenAI-style clients, tenants' key
+// header) and Api-Key (Azure OpenAI clients).
+var secretRequestHeaders = []string{"X-Api-Key", "Api-Key"}
+
+// accessLogEncoder is Caddy's filter encoder over its default encoder,
+// deleting secretRequestHeaders from each line.
+func accessLogEncoder() json.RawMessage {
+	fields := make(map[string]json.RawMessage, len(secretRequestHeaders))
+	for _, h := range secretRequestHeaders {
+		// Caddy logs request headers under their canonical names.
+		fields["request>headers>"+http.CanonicalHeaderKey(h)] = json.RawMessage(`{"filter":"delete"}`)
+	}
+	return caddyconfig.JSONModuleObject(map[string]any{"fields": fields}, "format", "filter", nil)
 }
 
 // commandBackends turns the --to values into backends. Names are left to the

@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
@@ -14,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/tidwall/gjson"
+	"github.com/tidwall/sjson"
 
 	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 )
@@ -160,4 +164,55 @@ func TestCommandRuns(t *testing.T) {
 	body, _ = io.ReadAll(res.Body)
 	res.Body.Close()
 	assert.Equal(t, `["tiny-llama:latest"]`, gjson.GetBytes(body, "models.#.name").Raw, "the list shows only the allowed model")
+}
+
+// TestCommandAccessLogDropsKeys runs --access-log and reads the line a
+// request leaves: headers are there, API keys are not, in any header a
+// client sends them in.
+func TestCommandAccessLogDropsKeys(t *testing.T) {
+	a := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
+	defer a.Close()
+	port := freePort()
+	js, err := commandJSON(t, "--from", fmt.Sprintf("127.0.0.1:%d", port), "--to", "one="+a.HostPort(),
+		"--access-log", "--admin", fmt.Sprintf("localhost:%d", adminPort))
+	require.NoError(t, err)
+	assert.Equal(t, `["http.log.access.ollamaflow"]`, gjson.Get(js, "logging.logs.default.exclude").Raw,
+		"the default log leaves the access log out, or it would print each line unfiltered")
+	// The command logs to stderr; the test reads a file instead.
+	logFile := filepath.Join(t.TempDir(), "access.log")
+	js, err = sjson.Set(js, "logging.logs.access.writer", map[string]string{"output": "file", "filename": logFile})
+	require.NoError(t, err)
+	require.NoError(t, caddy.Load([]byte(js), true))
+
+	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/api/chat", port), strings.NewReader(chatFor("tiny-llama")))
+	require.NoError(t, err)
+	req.Header.Set("X-Api-Key", "sk-secret-one")
+	req.Header.Set("api-key", "sk-secret-two")
+	req.Header.Set("Authorization", "Bearer sk-secret-three")
+	req.Header.Set("X-Client-Tag", "visible-tag")
+	res, err := client.Do(req)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	require.Equal(t, http.StatusOK, res.StatusCode, string(body))
+
+	var line string
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(logFile)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "visible-tag") {
+				line = l
+				return true
+			}
+		}
+		return false
+	}, 10*time.Second, 10*time.Millisecond, "no access log line for the request")
+	assert.Equal(t, "/api/chat", gjson.Get(line, "request.uri").String(), line)
+	assert.Equal(t, `["visible-tag"]`, gjson.Get(line, "request.headers.X-Client-Tag").Raw, "other headers are logged")
+	assert.True(t, gjson.Get(line, "request.headers.Authorization").Exists(), "Caddy redacts Authorization itself")
+	assert.False(t, gjson.Get(line, "request.headers.X-Api-Key").Exists(), line)
+	assert.False(t, gjson.Get(line, "request.headers.Api-Key").Exists(), line)
+	for _, secret := range []string{"sk-secret-one", "sk-secret-two", "sk-secret-three"} {
+		assert.NotContains(t, line, secret)
+	}
 }
