@@ -32,13 +32,14 @@ import (
 	"encoding/json"
 	"hash/maphash"
 	"math"
-	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 const (
@@ -49,14 +50,18 @@ const (
 	// Ollama unloads an idle model (its cache with it) after 5 minutes by
 	// default (keep_alive).
 	affinityTTL = 15 * time.Minute
-	// A conversation's server is preferred while its expected delay is at
-	// most affinityFactor × the best candidate's plus affinityMargin
-	// seconds: the cache it holds saves prompt evaluation that the
-	// estimate does not count, but not a whole request's wait. A new
-	// conversation is spread over the servers within the same bounds: a
+	// A conversation's server keeps its next turn while its expected delay
+	// less what its cache saves is no worse than the best candidate's
+	// within a tie: affinityTie of the best plus affinityTieMargin seconds
+	// (noise in the learned speeds, as least_delay's near ties).
+	affinityTie       = 0.02
+	affinityTieMargin = 0.005
+	// A new conversation is spread over the servers whose expected delay
+	// is at most spreadFactor × the best candidate's plus spreadMargin
+	// seconds, to the one holding the fewest recent conversations: a
 	// server four times slower (issue 7's pool) is never one of them.
-	affinityFactor = 1.5
-	affinityMargin = 0.05
+	spreadFactor = 1.5
+	spreadMargin = 0.05
 	// activeWindow is how long a conversation counts as held by the server
 	// of its last turn, for spreading new ones: Ollama unloads an idle
 	// model, and its cache, after 5 minutes by default.
@@ -84,11 +89,25 @@ const (
 )
 
 // conversation is the prefix hashes of a completion, shortest first; the
-// last is the whole request. keep are the hashes to record. None: not a
-// conversation (or affinity off).
+// last is the whole request. sizes are how much prompt each prefix holds,
+// what a server that has it in its cache need not evaluate again. keep are
+// the hashes to record. followUp says the request carries an earlier turn
+// (an answer in its messages, a context): only then is a cached prefix
+// credited, so that unrelated clients sending the same first message are
+// not taken for one conversation. None: not a conversation (or affinity
+// off).
 type conversation struct {
 	prefixes []uint64
+	sizes    []prefixSize
 	keep     []uint64
+	followUp bool
+}
+
+// prefixSize is the prompt a prefix holds: characters of text (messages'
+// content, system prompt, prompt), counted as newJob counts them, and
+// tokens where the body gives them (/api/generate's context).
+type prefixSize struct {
+	chars, tokens int32
 }
 
 func (c conversation) none() bool { return len(c.prefixes) == 0 }
@@ -146,19 +165,21 @@ func conversationOf(path, model string, body []byte) conversation {
 		}
 		return c.finish()
 	}
-	c.value(system)
+	c.chars += c.value(system)
 	c.h.WriteByte(1)
 	if len(context) > 0 && context[0] == '[' {
 		n := 0
 		if eachArrayElement(context, 2, func(tok string) {
 			c.h.WriteString(tok)
 			c.h.WriteByte(',')
+			c.tokens++
 			if n++; n%affinityContextChunk == 0 {
 				c.boundary()
 			}
 		}) != nil {
 			return conversation{}
 		}
+		c.out.followUp = n > 0
 		if n >= affinityContextChunk {
 			c.keepLast()
 		}
@@ -171,6 +192,7 @@ func conversationOf(path, model string, body []byte) conversation {
 		full := false
 		for len(text) > affinityPromptChunk {
 			c.h.WriteString(text[:affinityPromptChunk])
+			c.chars += affinityPromptChunk
 			c.boundary()
 			text, full = text[affinityPromptChunk:], true
 		}
@@ -179,6 +201,7 @@ func conversationOf(path, model string, body []byte) conversation {
 		}
 		if text != "" {
 			c.h.WriteString(text)
+			c.chars += int32(len(text))
 			c.boundary()
 		}
 	}
@@ -188,11 +211,15 @@ func conversationOf(path, model string, body []byte) conversation {
 // convHasher hashes a conversation as it is read, keeping the hash at each
 // boundary.
 type convHasher struct {
-	h   maphash.Hash
-	out conversation
+	h             maphash.Hash
+	out           conversation
+	chars, tokens int32 // the prompt read so far
 }
 
-func (c *convHasher) boundary() { c.out.prefixes = append(c.out.prefixes, c.h.Sum64()) }
+func (c *convHasher) boundary() {
+	c.out.prefixes = append(c.out.prefixes, c.h.Sum64())
+	c.out.sizes = append(c.out.sizes, prefixSize{c.chars, c.tokens})
+}
 
 // keepLast marks the last boundary for recording.
 func (c *convHasher) keepLast() {
@@ -228,21 +255,33 @@ func (c *convHasher) message(m string) {
 			}
 		}
 	})
-	for _, v := range vals {
-		c.value(v)
+	for i, v := range vals {
+		if n := c.value(v); i == 1 { // content
+			c.chars += n
+		}
+	}
+	if role := vals[0]; len(role) > 0 && role[0] == '"' {
+		switch decodeString(role) {
+		case "assistant", "tool":
+			c.out.followUp = true
+		}
 	}
 }
 
 // value hashes a JSON value canonically: a string decoded, anything else
 // decoded and encoded again (object keys sorted, numbers and escapes in
-// one spelling), so spellings Ollama reads alike hash alike.
-func (c *convHasher) value(raw string) {
+// one spelling), so spellings Ollama reads alike hash alike. It returns
+// the length hashed: a string's decoded, another value's canonical JSON
+// (content parts: an estimate of their text).
+func (c *convHasher) value(raw string) (n int32) {
 	switch {
 	case raw == "" || raw == "null":
 		c.h.WriteByte('n')
 	case raw[0] == '"':
 		c.h.WriteByte('s')
-		c.h.WriteString(decodeString(raw))
+		text := decodeString(raw)
+		c.h.WriteString(text)
+		n = int32(len(text))
 	default:
 		var v any
 		canon := raw
@@ -253,8 +292,10 @@ func (c *convHasher) value(raw string) {
 		}
 		c.h.WriteByte('j')
 		c.h.WriteString(canon)
+		n = int32(len(canon))
 	}
 	c.h.WriteByte(0)
+	return n
 }
 
 // keyIs reports whether a raw member key names field as encoding/json
@@ -310,7 +351,7 @@ func eachArrayElement(s string, depth int, fn func(value string)) error {
 // entries, each valid for ttl. It also knows how many conversations each
 // server holds: those whose last turn went there within activeWindow.
 type affinityTable struct {
-	mu      sync.Mutex
+	mu      sync.RWMutex
 	max     int
 	ttl     time.Duration
 	entries map[uint64]*list.Element
@@ -319,6 +360,34 @@ type affinityTable struct {
 	convs   map[uint64]*list.Element
 	active  list.List // of *convActivity, most recent turn first
 	hosting map[string]*hosted
+
+	counters atomic.Pointer[affinityCounters]
+}
+
+// affinityCounters are ollamaflow_affinity_total's counters of one
+// frontend, looked up once: a label lookup per request allocates.
+type affinityCounters struct {
+	frontend            string
+	hit, miss, overflow prometheus.Counter
+}
+
+// counter is the frontend's ollamaflow_affinity_total for outcome.
+func (t *affinityTable) counter(frontend, outcome string) prometheus.Counter {
+	c := t.counters.Load()
+	if c == nil || c.frontend != frontend {
+		c = &affinityCounters{frontend: frontend,
+			hit:      metrics.affinity.WithLabelValues(frontend, "hit"),
+			miss:     metrics.affinity.WithLabelValues(frontend, "miss"),
+			overflow: metrics.affinity.WithLabelValues(frontend, "overflow")}
+		t.counters.Store(c)
+	}
+	switch outcome {
+	case "hit":
+		return c.hit
+	case "miss":
+		return c.miss
+	}
+	return c.overflow
 }
 
 // hosted is what a server holds: conversations whose last turn went there
@@ -368,9 +437,9 @@ func newAffinityTable(maxEntries int, ttl time.Duration) *affinityTable {
 }
 
 // lookup returns the server of the longest recorded prefix of c, probing
-// at most affinityMaxProbes of them, and the conversation it belongs to
-// ("", 0 when none is known).
-func (t *affinityTable) lookup(c conversation, now time.Time) (string, uint64) {
+// at most affinityMaxProbes of them, the conversation it belongs to and
+// its index in c.prefixes ("", 0, -1 when none is known).
+func (t *affinityTable) lookup(c conversation, now time.Time) (server string, id uint64, depth int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	p := c.prefixes
@@ -385,9 +454,9 @@ func (t *affinityTable) lookup(c conversation, now time.Time) (string, uint64) {
 			delete(t.entries, e.key)
 			continue
 		}
-		return e.server, e.conv
+		return e.server, e.conv, i
 	}
-	return "", 0
+	return "", 0, -1
 }
 
 // record notes that server serves c, a turn of conversation id (0: a new
@@ -442,6 +511,12 @@ func (t *affinityTable) touch(id uint64, server string, now time.Time) {
 	t.expire(now)
 }
 
+// stale reports whether expire has work to do.
+func (t *affinityTable) stale(now time.Time) bool {
+	el := t.active.Back()
+	return el != nil && (now.Sub(el.Value.(*convActivity).at) > activeWindow || t.active.Len() > t.max)
+}
+
 func (t *affinityTable) expire(now time.Time) {
 	for el := t.active.Back(); el != nil; el = t.active.Back() {
 		a := el.Value.(*convActivity)
@@ -468,12 +543,20 @@ func (t *affinityTable) unhost(a *convActivity, now time.Time) {
 	h.w, h.when = max(h.weight(now)-decay(now.Sub(a.at)), 0), now
 }
 
-// leastHosting keeps the backends whose conversations weigh least (within
-// a tenth of a fresh one).
-func (t *affinityTable) leastHosting(list []*backend, now time.Time) []*backend {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.expire(now)
+// keepLeastHosting keeps, in place (list's array is reused), the backends
+// whose conversations weigh least (within a tenth of a fresh one). It runs
+// for every new conversation: a read lock, no allocation; the write lock
+// only when conversations went idle since the last record.
+func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*backend {
+	t.mu.RLock()
+	if t.stale(now) {
+		t.mu.RUnlock()
+		t.mu.Lock()
+		t.expire(now)
+		t.mu.Unlock()
+		t.mu.RLock()
+	}
+	defer t.mu.RUnlock()
 	weight := func(b *backend) float64 {
 		if h := t.hosting[b.srv.key]; h != nil {
 			return h.weight(now)
@@ -484,7 +567,7 @@ func (t *affinityTable) leastHosting(list []*backend, now time.Time) []*backend 
 	for _, b := range list {
 		least = min(least, weight(b))
 	}
-	out := make([]*backend, 0, len(list))
+	out := list[:0]
 	for _, b := range list {
 		if weight(b) < least+0.1 {
 			out = append(out, b)
@@ -494,8 +577,8 @@ func (t *affinityTable) leastHosting(list []*backend, now time.Time) []*backend 
 }
 
 func (t *affinityTable) len() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+	t.mu.RLock()
+	defer t.mu.RUnlock()
 	return t.lru.Len()
 }
 
@@ -514,66 +597,133 @@ func acquireAffinity(name string) *affinityTable {
 	return v.(pooledAffinity).affinityTable
 }
 
-// acquireConversation takes a slot on the server that served the
-// conversation's previous turn, when it has room and its expected delay is
-// not much worse than the best candidate's; otherwise the policy chooses.
-// A new conversation goes, among the servers about as fast as the best,
-// to one holding the fewest recent conversations: Ollama's cache keeps one
-// conversation per slot (by default, one in all: see README), so
-// conversations piled on one server evict each other. It reports the
-// route taken and the conversation's id (0: new).
+// acquireConversation takes a slot for a completion with affinity in
+// mind, and reports the route taken and the conversation's id (0: new).
+//
+// A follow-up turn goes to the server that served the conversation's
+// previous turn (keepsConversation) when it has room and what it saves is
+// worth it; otherwise the policy chooses (an overflow). A new conversation
+// goes, among the servers about as fast as the best, to one holding the
+// fewest recent conversations: Ollama's cache keeps one conversation per
+// slot (by default, one in all: see README), so conversations piled on one
+// server evict each other.
 func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *job) (*backend, string, uint64) {
 	if conv.none() || h.affinity == nil {
 		return h.acquire(avail, j), routePolicy, 0
 	}
+	t := h.affinity
 	now := time.Now()
-	key, id := h.affinity.lookup(conv, now)
-	var free []*backend
-	var prev *backend
-	for _, b := range avail {
-		if b.hasRoom() && b.srv.queued.Load() == 0 {
-			free = append(free, b)
-			if key != "" && b.srv.key == key {
-				prev = b
-			}
-		}
-	}
+	key, id, depth := t.lookup(conv, now)
 	if key == "" {
-		metrics.affinity.WithLabelValues(h.Name, "miss").Inc()
-		spread := h.affinity.leastHosting(h.nearBest(free, j, affinityFactor, affinityMargin), now)
+		t.counter(h.Name, "miss").Inc()
+		sc := scratchPool.Get().(*scratch)
+		defer sc.put()
+		spread := t.keepLeastHosting(h.nearBest(sc, avail, j, spreadFactor, spreadMargin), now)
 		b := h.take(spread, j)
-		if b == nil && len(spread) < len(free) {
-			b = h.take(free, j)
+		if b == nil {
+			b = h.acquire(avail, j)
 		}
 		return b, routePolicy, 0
 	}
-	if prev != nil && slices.Contains(h.nearBest(free, j, affinityFactor, affinityMargin), prev) && prev.tryAcquire() {
-		metrics.affinity.WithLabelValues(h.Name, "hit").Inc()
+	if prev := h.keepsConversation(avail, key, conv, depth, j); prev != nil && prev.tryAcquire() {
+		t.counter(h.Name, "hit").Inc()
 		return prev, routeAffinityHit, id
 	}
-	metrics.affinity.WithLabelValues(h.Name, "overflow").Inc()
-	return h.take(free, j), routeAffinityOverflow, id
+	t.counter(h.Name, "overflow").Inc()
+	return h.acquire(avail, j), routeAffinityOverflow, id
 }
 
-// nearBest keeps the backends whose expected delay is within factor × the
-// best plus margin seconds. A backend not observed yet (no delay to
-// compare) is kept when it is no busier than the least busy one.
-func (h *Handler) nearBest(list []*backend, j *job, factor, margin float64) []*backend {
+// keepsConversation returns the backend of server key when the
+// conversation's next turn should go there: it has room, and its expected
+// delay less what its cache saves is no worse than the best free
+// candidate's (within a tie). The saving is the prompt of the prefix it
+// served (conv.sizes[depth]) at its learned prompt seconds per token for
+// the model, at most its whole prompt time; a request with no earlier turn
+// is credited nothing (identical first messages from unrelated clients are
+// no conversation; that server keeps them on a tie only). Servers not
+// observed yet: it stays when it is no busier than the least busy. nil:
+// the policy chooses.
+func (h *Handler) keepsConversation(avail []*backend, key string, conv conversation, depth int, j *job) *backend {
+	var prev *backend
+	var prevDelay delay
+	prevKnown := false
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
-	delays := make([]float64, len(list))
-	for i, b := range list {
+	for _, b := range avail {
+		if !b.free() {
+			continue
+		}
+		d, ok := h.estimateOf(b, j)
+		if ok {
+			best = min(best, d.total())
+		}
+		minLoad = min(minLoad, b.srv.inFlight.Load())
+		if b.srv.key == key {
+			prev, prevDelay, prevKnown = b, d, ok
+		}
+	}
+	if prev == nil {
+		return nil
+	}
+	if !prevKnown || math.IsInf(best, 1) {
+		if prev.srv.inFlight.Load() <= minLoad {
+			return prev
+		}
+		return nil
+	}
+	saving := 0.0
+	if conv.followUp && depth >= 0 && depth < len(conv.sizes) {
+		if secPerTok, charsPerTok, ok := prev.srv.speed.promptCost(j.model); ok {
+			size := conv.sizes[depth]
+			tokens := float64(size.tokens) + float64(size.chars)/max(charsPerTok, 0.5)
+			saving = min(tokens*secPerTok, prevDelay.prompt)
+		}
+	}
+	if prevDelay.total()-saving <= best*(1+affinityTie)+affinityTieMargin {
+		return prev
+	}
+	return nil
+}
+
+// scratch is a request's working lists, pooled so that spreading a new
+// conversation allocates nothing.
+type scratch struct {
+	list   []*backend
+	delays []float64
+}
+
+var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
+
+// put clears the list (no backend kept alive by the pool) and returns it.
+func (sc *scratch) put() {
+	clear(sc.list[:cap(sc.list)])
+	sc.list, sc.delays = sc.list[:0], sc.delays[:0]
+	scratchPool.Put(sc)
+}
+
+// nearBest keeps, in sc.list, the free backends of list whose expected
+// delay is within factor × the best plus margin seconds. A backend not
+// observed yet (no delay to compare) is kept when it is no busier than the
+// least busy one.
+func (h *Handler) nearBest(sc *scratch, list []*backend, j *job, factor, margin float64) []*backend {
+	best, minLoad := math.Inf(1), int64(math.MaxInt64)
+	sc.list, sc.delays = sc.list[:0], sc.delays[:0]
+	for _, b := range list {
+		if !b.free() {
+			continue
+		}
 		d, ok := h.expectedDelayOf(b, j)
 		if !ok {
 			d = math.NaN()
 		} else if d < best {
 			best = d
 		}
-		delays[i] = d
+		sc.list = append(sc.list, b)
+		sc.delays = append(sc.delays, d)
 		minLoad = min(minLoad, b.srv.inFlight.Load())
 	}
-	out := make([]*backend, 0, len(list))
-	for i, b := range list {
-		d := delays[i]
+	out := sc.list[:0]
+	for i, b := range sc.list {
+		d := sc.delays[i]
 		if math.IsNaN(d) || math.IsInf(best, 1) {
 			if b.srv.inFlight.Load() <= minLoad {
 				out = append(out, b)
@@ -588,9 +738,38 @@ func (h *Handler) nearBest(list []*backend, j *job, factor, margin float64) []*b
 }
 
 // expectedDelayOf is the cost model's estimate of j's delay on b, in
-// seconds (cost.go's estimateDelay, through the frontend's model index);
-// ok is false while b has not been observed.
+// seconds; ok is false while b has not been observed.
 func (h *Handler) expectedDelayOf(b *backend, j *job) (float64, bool) {
-	d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), time.Now())
+	d, ok := h.estimateOf(b, j)
 	return d.total(), ok
+}
+
+// estimateOf is cost.go's estimateDelay through the frontend's model
+// index (a bit test per candidate).
+func (h *Handler) estimateOf(b *backend, j *job) (delay, bool) {
+	return b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), time.Now())
+}
+
+// promptCost is what the server has learned of prompt evaluation for
+// model (the server's over all models where model has no sample): seconds
+// per prompt token and characters per token (charsPerToken before a
+// sample); ok is false before any prompt was timed. It is what a cached
+// prefix saves there.
+func (sp *speed) promptCost(model string) (secPerTok, charsPerTok float64, ok bool) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	r := &sp.all
+	if mr := sp.models[model]; mr != nil && mr.promptN > 0 {
+		r = mr
+	}
+	if r.promptN == 0 {
+		return 0, 0, false
+	}
+	charsPerTok = charsPerToken
+	if mr := sp.models[model]; mr != nil && mr.charsN > 0 {
+		charsPerTok = mr.charsPerTok
+	} else if sp.all.charsN > 0 {
+		charsPerTok = sp.all.charsPerTok
+	}
+	return r.promptTok, charsPerTok, true
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -59,6 +60,13 @@ func TestConversationHashReadsBodiesAsOllama(t *testing.T) {
 	require.Len(t, next.prefixes, 4)
 	assert.Equal(t, want.prefixes, next.prefixes[:2])
 
+	// Each prefix knows how much prompt it holds; only a request with an
+	// earlier answer in it is a follow-up.
+	assert.Equal(t, []prefixSize{{chars: 8}, {chars: 10}}, want.sizes)
+	assert.Equal(t, []prefixSize{{chars: 8}, {chars: 10}, {chars: 15}, {chars: 19}}, next.sizes)
+	assert.False(t, want.followUp, "a first message")
+	assert.True(t, next.followUp, "holds an answer")
+
 	// OpenAI content parts: canonical JSON, whatever the spelling.
 	a := conversationOf("/v1/chat/completions", "m:latest", []byte(`{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}`))
 	b := conversationOf("/v1/chat/completions", "m:latest", []byte(`{"messages":[{"Role":"user","content":[ {"text":"h\u0069", "type":"text"} ]}]}`))
@@ -98,11 +106,16 @@ func TestConversationHashOfGenerate(t *testing.T) {
 	c1 := conversationOf("/api/generate", "m:latest", []byte(fmt.Sprintf(`{"context":[%s],"prompt":"q"}`, ctx(100))))
 	c2 := conversationOf("/api/generate", "m:latest", []byte(fmt.Sprintf(`{"context":[%s],"prompt":"r"}`, ctx(200))))
 	require.Len(t, c1.prefixes, 3) // 64 tokens, 100 tokens, the prompt
+	assert.Equal(t, []prefixSize{{tokens: 64}, {tokens: 100}, {tokens: 100, chars: 1}}, c1.sizes)
+	assert.True(t, c1.followUp, "a context is an earlier turn")
+	assert.False(t, first.followUp)
+	assert.Equal(t, prefixSize{chars: int32(len(long)) + 1}, first.sizes[3], "system prompt and prompt")
 	assert.Equal(t, []uint64{c1.prefixes[0], c1.prefixes[2]}, c1.keep)
 	assert.Equal(t, c1.prefixes[0], c2.prefixes[0])
 	tab := newAffinityTable(10, time.Minute)
 	tab.record(c1, "s1", 0, time.Now())
-	server, id := tab.lookup(c2, time.Now())
+	server, id, depth := tab.lookup(c2, time.Now())
+	assert.Equal(t, 0, depth, "c1's first chunk")
 	assert.Equal(t, "s1", server)
 	assert.NotZero(t, id)
 }
@@ -112,7 +125,7 @@ func TestAffinityTableIsBounded(t *testing.T) {
 	now := time.Now()
 	conv := func(keys ...uint64) conversation { return conversation{prefixes: keys, keep: keys} }
 	serverOf := func(c conversation, at time.Time) string {
-		s, _ := tab.lookup(c, at)
+		s, _, _ := tab.lookup(c, at)
 		return s
 	}
 	convs := make([]conversation, 10)
@@ -156,18 +169,19 @@ func TestAffinityTableCountsConversationsPerServer(t *testing.T) {
 	list := []*backend{a, b, c}
 	turn1 := conversation{prefixes: []uint64{1, 2}, keep: []uint64{1, 2}}
 	tab.record(turn1, a.srv.key, 0, now)
-	assert.Equal(t, []string{"b", "c"}, names(tab.leastHosting(list, now)))
+	assert.Equal(t, []string{"b", "c"}, names(tab.keepLeastHosting(slices.Clone(list), now)))
 	// The next turn carries the conversation's id: still one conversation.
-	server, id := tab.lookup(conversation{prefixes: []uint64{1, 2, 3, 4}}, now)
+	server, id, depth := tab.lookup(conversation{prefixes: []uint64{1, 2, 3, 4}}, now)
+	require.Equal(t, 1, depth)
 	require.Equal(t, a.srv.key, server)
 	require.NotZero(t, id)
 	turn2 := conversation{prefixes: []uint64{1, 2, 3, 4}, keep: []uint64{3, 4}}
 	tab.record(turn2, a.srv.key, id, now)
 	tab.record(conversation{prefixes: []uint64{9}, keep: []uint64{9}}, b.srv.key, 0, now)
-	assert.Equal(t, []string{"c"}, names(tab.leastHosting(list, now)))
+	assert.Equal(t, []string{"c"}, names(tab.keepLeastHosting(slices.Clone(list), now)))
 	// It moved to c (an overflow): a holds none now.
 	tab.record(conversation{prefixes: []uint64{5}, keep: []uint64{5}}, c.srv.key, id, now)
-	assert.Equal(t, []string{"a"}, names(tab.leastHosting(list, now)))
+	assert.Equal(t, []string{"a"}, names(tab.keepLeastHosting(slices.Clone(list), now)))
 	assert.Len(t, tab.hosting, 2, "a holds none")
 	assert.Equal(t, 1, tab.hosting[c.srv.key].n)
 	// A conversation weighs less as its last turn ages: b's, a minute old,
@@ -177,9 +191,9 @@ func TestAffinityTableCountsConversationsPerServer(t *testing.T) {
 	tab.record(conversation{prefixes: []uint64{30}, keep: []uint64{30}}, a.srv.key, 0, later)
 	assert.InDelta(t, 0.5, tab.hosting[b.srv.key].weight(later), 1e-9)
 	assert.InDelta(t, 1.5, tab.hosting[c.srv.key].weight(later), 1e-9)
-	assert.Equal(t, []string{"b"}, names(tab.leastHosting(list, later)), "a holds one conversation as new as c's newest, b an older one")
+	assert.Equal(t, []string{"b"}, names(tab.keepLeastHosting(slices.Clone(list), later)), "a holds one conversation as new as c's newest, b an older one")
 	// Idle conversations stop counting.
-	assert.Equal(t, []string{"a", "b", "c"}, names(tab.leastHosting(list, later.Add(activeWindow+time.Second))))
+	assert.Equal(t, []string{"a", "b", "c"}, names(tab.keepLeastHosting(slices.Clone(list), later.Add(activeWindow+time.Second))))
 	assert.Empty(t, tab.hosting)
 	assert.Zero(t, tab.active.Len())
 }
@@ -402,17 +416,17 @@ func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 	busy.srv.inFlight.Store(1)
 	list := []*backend{fast, slow, fresh, busy}
 	h := &Handler{}
-	assert.Equal(t, []string{"fast", "fresh"}, names(h.nearBest(list, &job{}, affinityFactor, affinityMargin)),
+	assert.Equal(t, []string{"fast", "fresh"}, names(h.nearBest(&scratch{}, list, &job{}, spreadFactor, spreadMargin)),
 		"never a server four times slower; an unobserved idle one is a candidate")
 	slowish := testBackend("slowish", nil)
 	slowish.srv.inFlight.Store(1)
 	serve(slowish, &job{}, now, final(200*time.Millisecond, 0, 0, 10, 1))
 	slowish.srv.inFlight.Store(0)
-	assert.Equal(t, []string{"fast", "slowish"}, names(h.nearBest([]*backend{fast, slowish, slow}, &job{}, affinityFactor, affinityMargin)),
+	assert.Equal(t, []string{"fast", "slowish"}, names(h.nearBest(&scratch{}, []*backend{fast, slowish, slow}, &job{}, spreadFactor, spreadMargin)),
 		"within 1.5x the best plus 50ms")
 	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
-	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest([]*backend{fast, slow}, &job{}, affinityFactor, affinityMargin)))
-	assert.Equal(t, []string{"fresh"}, names(h.nearBest([]*backend{fresh, busy}, &job{}, affinityFactor, affinityMargin)), "no speeds: the least busy")
+	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest(&scratch{}, []*backend{fast, slow}, &job{}, spreadFactor, spreadMargin)))
+	assert.Equal(t, []string{"fresh"}, names(h.nearBest(&scratch{}, []*backend{fresh, busy}, &job{}, spreadFactor, spreadMargin)), "no speeds: the least busy")
 }
 
 func TestConversationAffinityDefaultsByPolicy(t *testing.T) {
@@ -502,4 +516,142 @@ func FuzzConversationOf(f *testing.F) {
 			t.Fatalf("escaped letters and spaces changed the hashes:\n%q\n%q\n%v\n%v", body, variant, got.prefixes, v.prefixes)
 		}
 	})
+}
+
+// The affinity step of a completion's routing, per request (README,
+// "Conversation affinity"):
+//
+//	go test -run '^$' -bench BenchmarkAffinity -benchmem .
+//
+// new: a conversation not seen before, spread over the servers about as
+// fast as the best that hold the fewest recent conversations; next: a
+// follow-up turn weighed against the best server. Every server has been
+// observed and the table holds 300 conversations.
+func BenchmarkAffinity(b *testing.B) {
+	for _, n := range []int{3, 10, 100} {
+		h := selectionPool(n, "least_delay")
+		h.affinity = newAffinityTable(affinityMaxEntries, affinityTTL)
+		now := time.Now()
+		for i := range 300 {
+			c := conversationOf("/api/chat", "tiny-llama:latest", []byte(fmt.Sprintf(`{"messages":[{"role":"user","content":"hello %d"}]}`, i)))
+			h.affinity.record(c, h.backends[i%n].srv.key, 0, now)
+		}
+		var avail []*backend
+		for _, be := range h.backends {
+			if be.srv.models.Load().isLoaded("tiny-llama:latest") {
+				avail = append(avail, be)
+			}
+		}
+		body := `{"messages":[{"role":"system","content":"` + strings.Repeat("Be brief. ", 50) + `"},{"role":"user","content":"new question"}]}`
+		fresh := conversationOf("/api/chat", "tiny-llama:latest", []byte(body))
+		j := newJob("tiny-llama:latest", apiOllama, []byte(body))
+		b.Run(fmt.Sprintf("new/backends=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for range b.N {
+				be, _, _ := h.acquireConversation(avail, fresh, j)
+				if be == nil {
+					b.Fatal("no backend")
+				}
+				be.srv.release()
+			}
+		})
+		first := conversationOf("/api/chat", "tiny-llama:latest", []byte(`{"messages":[{"role":"user","content":"hi"}]}`))
+		h.affinity.record(first, avail[0].srv.key, 0, now)
+		next := conversationOf("/api/chat", "tiny-llama:latest", []byte(`{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"},{"role":"user","content":"more"}]}`))
+		b.Run(fmt.Sprintf("next/backends=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for range b.N {
+				be, _, _ := h.acquireConversation(avail, next, j)
+				if be == nil {
+					b.Fatal("no backend")
+				}
+				be.srv.release()
+			}
+		})
+	}
+}
+
+// ruleBackend is a server that has learned 1 ms per prompt token at 4
+// characters a token and 1 ms per generated token, with one slot proven
+// (two planned) and inFlight requests on it.
+func ruleBackend(name string, inFlight int64) *backend {
+	b := testBackend(name, nil)
+	b.srv.models.Store(psWith("m"))
+	now := time.Now()
+	b.srv.inFlight.Store(1)
+	serve(b, &job{model: "m", promptChars: 400, maxOutput: 10}, now, finalGen(100*ms, 10*ms, 0, 0, 100, 10))
+	b.srv.inFlight.Store(inFlight)
+	return b
+}
+
+func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
+	h := &Handler{}
+	history := []map[string]string{{"role": "system", "content": strings.Repeat("Be brief and exact. ", 100)}} // 2000 chars: 500 tokens, 0.5 s
+	for i := range 3 {
+		history = append(history, map[string]string{"role": "user", "content": fmt.Sprint("question ", i)}, map[string]string{"role": "assistant", "content": "answer"})
+	}
+	chatOf := func(msgs []map[string]string) ([]byte, conversation) {
+		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 10}}))
+		return body, conversationOf("/api/chat", "m", body)
+	}
+	_, prevTurn := chatOf(history[:len(history)-1])
+	body, conv := chatOf(append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
+	j := newJob("m", apiOllama, body)
+	tab := newAffinityTable(100, time.Hour)
+	tab.record(prevTurn, "http://home:11434", 0, time.Now())
+	key, _, depth := tab.lookup(conv, time.Now())
+	require.Equal(t, "http://home:11434", key)
+	require.Equal(t, len(conv.prefixes)-3, depth, "the previous turn's messages")
+	require.True(t, conv.followUp)
+
+	// home has eight requests in flight (about 0.4 s of wait on its two
+	// planned slots), other none: home still wins by the 0.5 s of prompt it
+	// need not evaluate.
+	home, other := ruleBackend("home", 8), ruleBackend("other", 0)
+	dHome, _ := h.estimateOf(home, j)
+	dOther, _ := h.estimateOf(other, j)
+	require.Greater(t, dHome.wait, 0.35)
+	require.Greater(t, dHome.total(), dOther.total()*1.5+0.05, "beyond the old 1.5x + 50 ms rule")
+	assert.Same(t, home, h.keepsConversation([]*backend{other, home}, key, conv, depth, j), "a long shared prefix stays despite a busier server")
+
+	// The same turn with a short history saves little: it moves.
+	short := []map[string]string{{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}}
+	sbody, sconv := chatOf(short)
+	_, sprev := chatOf(short[:1])
+	tab.record(sprev, "http://home:11434", 0, time.Now())
+	skey, _, sdepth := tab.lookup(sconv, time.Now())
+	require.Equal(t, "http://home:11434", skey)
+	assert.Nil(t, h.keepsConversation([]*backend{other, home}, skey, sconv, sdepth, newJob("m", apiOllama, sbody)), "a short history is not worth the wait")
+
+	// Without an earlier turn nothing is credited: the same long first
+	// message from unrelated clients is kept on its server only on a tie,
+	// and spreads as least_delay spreads.
+	first, fconv := chatOf(history[:1])
+	require.False(t, fconv.followUp)
+	tab.record(fconv, "http://home:11434", 0, time.Now())
+	fkey, _, fdepth := tab.lookup(fconv, time.Now())
+	require.Equal(t, len(fconv.prefixes)-1, fdepth, "identical bodies: the whole request matches")
+	fj := newJob("m", apiOllama, first)
+	assert.Nil(t, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj), "busier: no preference")
+	home.srv.inFlight.Store(1) // a slot free on both: a tie
+	assert.Same(t, home, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj), "a tie keeps it")
+	home.srv.inFlight.Store(2) // the next one waits there
+	assert.Nil(t, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj))
+
+	// The saving is at most the prompt's time: a server slower at
+	// everything by more than that loses the conversation.
+	slow := testBackend("slow", nil)
+	slow.srv.models.Store(psWith("m"))
+	slow.srv.inFlight.Store(1)
+	serve(slow, &job{model: "m", promptChars: 400, maxOutput: 10}, time.Now(), finalGen(100*ms, 2000*ms, 0, 0, 100, 10))
+	slow.srv.inFlight.Store(0)
+	tab.record(prevTurn, slow.srv.key, 0, time.Now())
+	assert.Nil(t, h.keepsConversation([]*backend{other, slow}, slow.srv.key, conv, depth, j), "2 s more of generation outweighs 0.5 s of prompt")
+	// Gone from the candidates (unhealthy, at its cap): the policy chooses.
+	assert.Nil(t, h.keepsConversation([]*backend{other}, key, conv, depth, j))
+	// Servers not observed: it stays while no busier than the least busy.
+	fresh, fresh2 := testBackend("fresh", nil), testBackend("fresh2", nil)
+	assert.Same(t, fresh, h.keepsConversation([]*backend{fresh2, fresh}, fresh.srv.key, conv, depth, j))
+	fresh.srv.inFlight.Store(1)
+	assert.Nil(t, h.keepsConversation([]*backend{fresh2, fresh}, fresh.srv.key, conv, depth, j))
 }
