@@ -627,6 +627,9 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 	}
 	if prev := h.keepsConversation(avail, key, conv, depth, j); prev != nil && prev.tryAcquire() {
 		t.counter(h.Name, "hit").Inc()
+		if j != nil {
+			j.cachedOn = &prev.srv.speed // its timing there is not its prompt rate
+		}
 		return prev, routeAffinityHit, id
 	}
 	t.counter(h.Name, "overflow").Inc()

@@ -655,3 +655,24 @@ func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
 	fresh.srv.inFlight.Store(1)
 	assert.Nil(t, h.keepsConversation([]*backend{fresh2, fresh}, fresh.srv.key, conv, depth, j))
 }
+
+func TestCacheHitsDoNotTeachThePromptRate(t *testing.T) {
+	home, other := ruleBackend("home", 0), ruleBackend("other", 0)
+	rate := func(b *backend) float64 {
+		r, _, ok := b.srv.speed.promptCost("m")
+		require.True(t, ok)
+		return r
+	}
+	require.InDelta(t, 0.001, rate(home), 1e-9)
+	// A follow-up affinity sent to its cache: Ollama counts all 1000
+	// prompt tokens but evaluated a few in 5 ms.
+	hit := &job{model: "m", promptChars: 4000, maxOutput: 10}
+	hit.cachedOn = &home.srv.speed
+	home.srv.inFlight.Store(1)
+	serve(home, hit, time.Now(), finalGen(5*ms, 10*ms, 0, 0, 1000, 10))
+	assert.InDelta(t, 0.001, rate(home), 1e-9, "a cache hit's timing is not the server's prompt rate")
+	// The same request on another server (a retry) evaluated its prompt.
+	other.srv.inFlight.Store(1)
+	serve(other, hit, time.Now().Add(time.Minute), finalGen(2000*ms, 10*ms, 0, 0, 1000, 10))
+	assert.InDelta(t, 0.002, rate(other), 1e-9)
+}

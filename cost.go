@@ -26,6 +26,11 @@ type job struct {
 	model       string // normalised; "" for a request that names none
 	promptChars int    // characters of prompt text: prompt, system, suffix, messages, input
 	maxOutput   int    // num_predict, max_tokens or max_completion_tokens; 0 when not set
+	// cachedOn is the server whose prompt cache conversation affinity sent
+	// the request to (affinity.go). Ollama counts a cached prompt whole in
+	// prompt_eval_count but times only what it evaluated, so its timing
+	// there says nothing of the server's prompt rate.
+	cachedOn *speed
 }
 
 // newJob reads what a request asks for from its body, the way Ollama
@@ -470,7 +475,7 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 			promptSec = tm.ttfb.Seconds()
 		}
 	}
-	if tm.promptCount > 0 && promptSec >= 0 {
+	if tm.promptCount > 0 && promptSec >= 0 && t.job.cachedOn != sp {
 		fold(promptSec/float64(tm.promptCount), promptRate)
 	}
 	if tm.evalCount > 0 && genSec >= 0 {
