@@ -676,3 +676,97 @@ func TestCacheHitsDoNotTeachThePromptRate(t *testing.T) {
 	serve(other, hit, time.Now().Add(time.Minute), finalGen(2000*ms, 10*ms, 0, 0, 1000, 10))
 	assert.InDelta(t, 0.002, rate(other), 1e-9)
 }
+
+func TestIntegrationAffinityWithAPromptCache(t *testing.T) {
+	// Servers whose prompt evaluation costs 200 µs a token, except what a
+	// cache slot holds (Ollama's default slot choice).
+	fs, byName, lines := affinityFakes(t, 2, fakeollama.Config{Tokens: 3, Parallel: 4, PromptTokenCost: 200 * time.Microsecond}, "")
+	loadCaddy(t, "name affinity-cache\n"+lines)
+	waitKnown(t, fs)
+
+	// Two conversations with a 1,000-token system prompt: one per server,
+	// and each follow-up turn back to its cache, which spares the history.
+	type conv struct {
+		msgs []map[string]string
+		home string
+	}
+	var convs []*conv
+	for _, name := range []string{"alpha", "beta"} {
+		c := &conv{msgs: []map[string]string{{"role": "system", "content": name + " " + fakeollama.Text(1000)}}}
+		var route string
+		c.home, route = turn(t, "/api/chat", &c.msgs, "hello")
+		require.Equal(t, routePolicy, route)
+		convs = append(convs, c)
+	}
+	require.NotEqual(t, convs[0].home, convs[1].home, "new conversations spread")
+	for round := range 3 {
+		for i, c := range convs {
+			got, route := turn(t, "/api/chat", &c.msgs, fmt.Sprintf("question %d", round))
+			assert.Equal(t, c.home, got, "conversation %d moved on turn %d", i, round+2)
+			assert.Equal(t, routeAffinityHit, route)
+		}
+	}
+	for name, f := range byName {
+		st := f.PromptCacheStats()
+		assert.Equal(t, 4, st.Lookups, name)
+		assert.Equal(t, 3, st.Hits, "%s: every follow-up found its history", name)
+		assert.GreaterOrEqual(t, st.CachedTokens, 3*1000, name)
+		assert.Less(t, st.EvaluatedTokens, 1000+3*20, "%s: the history was evaluated once", name)
+	}
+	// The hits did not teach the servers that prompts are free: each still
+	// reckons its 1,000-token first turn's rate (200 µs a token or more).
+	for _, f := range fs {
+		rate, _, ok := pooled(t, f.URL).speed.promptCost("tiny-llama:latest")
+		require.True(t, ok)
+		assert.GreaterOrEqual(t, rate, 150e-6, f.URL)
+	}
+}
+
+func TestIntegrationIdenticalFirstMessagesSpread(t *testing.T) {
+	// The same one-message chat from unrelated clients in a burst is no
+	// conversation: it spreads over both servers as least_delay spreads,
+	// instead of piling onto the server that served it first.
+	fs, byName, lines := affinityFakes(t, 2, fakeollama.Config{Tokens: 2, Parallel: 8, FirstByteDelay: 300 * time.Millisecond, PromptTokenCost: 100 * time.Microsecond}, "")
+	loadCaddy(t, "name affinity-burst\n"+lines)
+	waitKnown(t, fs)
+	for i := range 2 { // both servers observed (two new conversations spread)
+		_, body := post(t, "/api/chat", fmt.Sprintf(`{"model":"tiny-llama","messages":[{"role":"user","content":"warm up %d"}],"stream":false}`, i))
+		require.Contains(t, body, `"done":true`)
+	}
+	for name, f := range byName {
+		require.Equal(t, 1, f.Count("/api/chat"), name)
+		f.ResetStats()
+		f.Hold("/api/chat")
+	}
+	inFlight := func() int {
+		n := 0
+		for _, f := range fs {
+			n += int(f.InFlight())
+		}
+		return n
+	}
+	// One at a time, each held in flight before the next is sent: every
+	// choice sees the work the earlier ones left.
+	const n = 8
+	served := make(chan string, n)
+	for i := range n {
+		go func() {
+			res, _ := post(t, "/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"Why is the sky blue?"}],"stream":false}`)
+			served <- res.Header.Get("X-OllamaFlow-Backend")
+		}()
+		require.Eventually(t, func() bool { return inFlight() == i+1 }, 10*time.Second, time.Millisecond)
+		// A server with two in flight (its planned slots) makes the next
+		// one wait a whole request: the other, idle or less busy, wins.
+		a, b := byName["a"].InFlight(), byName["b"].InFlight()
+		assert.LessOrEqual(t, max(a, b)-min(a, b), 2, "after %d: a %d, b %d in flight", i+1, a, b)
+	}
+	for _, f := range fs {
+		f.Release()
+	}
+	count := map[string]int{}
+	for range n {
+		count[<-served]++
+	}
+	assert.GreaterOrEqual(t, count["a"], 3, "%v", count)
+	assert.GreaterOrEqual(t, count["b"], 3, "%v", count)
+}
