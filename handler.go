@@ -706,5 +706,7 @@ func newTransport(dialTimeout func() time.Duration) *http.Transport {
 }
 
 // transportBufferSize is the size of each of a backend connection's two
-// buffers.
-const transportBufferSize = 2 << 10
+// buffers: an Ollama response's headers and a token's line (NDJSON or an
+// SSE event, 100–400 bytes) fit in one read, a request's headers in one
+// write; a body larger than the buffer is read or written past it.
+const transportBufferSize = 1 << 10

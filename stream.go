@@ -96,11 +96,20 @@ func requestStreams(api apiFormat, path string, body []byte) bool {
 	return f.streams(api)
 }
 
-// Copy buffers. A stream holds its buffer while it waits for the next
-// token, for minutes with thousands of streams open, and a token is tens of
-// bytes: answers are copied through a small buffer, and one read that fills
-// it (an embedding, a long answer sent as one document) moves the rest of
-// that answer to a large one, so bulk copies keep their few large writes.
+// Copy buffers. An open stream spends nearly all its life waiting for its
+// next token, for minutes with thousands of streams open, so it waits
+// holding no buffer: a zero-length read blocks until the backend's next
+// bytes have arrived (they land in the backend connection's own read
+// buffer), and only then is a pooled buffer taken to copy them; it goes
+// back as soon as a read leaves nothing more waiting. A token is tens of
+// bytes: answers are copied through a small buffer, and one read that
+// fills it (an embedding, a long answer sent as one document) moves the
+// rest of that answer to large ones, so bulk copies keep their few large
+// writes.
+//
+// A body that cannot wait without a buffer (a zero-length read of a
+// Content-Length body returns at once) just waits in the buffered read
+// that follows, holding the buffer as before: nothing spins.
 const (
 	smallCopyBuffer = 4 << 10
 	largeCopyBuffer = 32 << 10
@@ -109,37 +118,61 @@ const (
 var (
 	smallBufPool = sync.Pool{New: func() any { b := make([]byte, smallCopyBuffer); return &b }}
 	largeBufPool = sync.Pool{New: func() any { b := make([]byte, largeCopyBuffer); return &b }}
+	// copyBuffersHeld counts the pooled buffers answers hold now; the
+	// tests check that idle streams hold none.
+	copyBuffersHeld atomic.Int64
 )
 
-// copyBuffer is one answer's buffer: small until a read fills it.
+// copyBuffer is one answer's buffer: none while it waits, small until a
+// read fills one, large after.
 type copyBuffer struct {
 	p     *[]byte
 	large bool
 }
 
-func newCopyBuffer() *copyBuffer {
-	return &copyBuffer{p: smallBufPool.Get().(*[]byte)}
+// take returns the buffer for the next read, getting one from its pool
+// if none is held.
+func (c *copyBuffer) take() []byte {
+	if c.p == nil {
+		if c.large {
+			c.p = largeBufPool.Get().(*[]byte)
+		} else {
+			c.p = smallBufPool.Get().(*[]byte)
+		}
+		copyBuffersHeld.Add(1)
+	}
+	return *c.p
 }
 
-func (c *copyBuffer) bytes() []byte { return *c.p }
-
-// used notes a read of n bytes, once they have been written out: a full
-// small buffer is swapped for a large one.
+// used notes a read of n bytes, once they have been written out: a read
+// that filled the buffer keeps it (more is likely waiting), a full small
+// one is swapped for a large one, and a read that left nothing waiting
+// gives it back before the answer waits again.
 func (c *copyBuffer) used(n int) {
-	if c.large || n < len(*c.p) {
+	if n < len(*c.p) {
+		c.release()
 		return
 	}
-	smallBufPool.Put(c.p)
-	c.p, c.large = largeBufPool.Get().(*[]byte), true
+	if !c.large {
+		c.release()
+		c.large = true
+		c.take()
+	}
 }
 
+func (c *copyBuffer) held() bool { return c.p != nil }
+
 func (c *copyBuffer) release() {
+	if c.p == nil {
+		return
+	}
 	if c.large {
 		largeBufPool.Put(c.p)
 	} else {
 		smallBufPool.Put(c.p)
 	}
 	c.p = nil
+	copyBuffersHeld.Add(-1)
 }
 
 // stream copies the backend's answer to the client byte for byte, flushing
@@ -172,20 +205,29 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 	idleTimer := time.AfterFunc(idle, func() { cancel(errStreamIdle) })
 	defer idleTimer.Stop()
 
-	cb := newCopyBuffer()
+	var cb copyBuffer
 	defer cb.release()
 	for {
-		buf := cb.bytes()
+		var n int
+		var rerr error
 		idleTimer.Reset(idle)
-		n, rerr := res.Body.Read(buf)
-		idleTimer.Stop()
-		if n > 0 {
-			tail.keep(buf[:n])
-			if err := cw.write(buf[:n]); err != nil {
-				return h.clientFailed(b, cw, cancel)
+		if !cb.held() {
+			// Wait for the next bytes without a buffer (see Copy buffers).
+			_, rerr = res.Body.Read(nil)
+		}
+		if rerr == nil {
+			buf := cb.take()
+			n, rerr = res.Body.Read(buf)
+			if n > 0 {
+				idleTimer.Stop()
+				tail.keep(buf[:n])
+				if err := cw.write(buf[:n]); err != nil {
+					return h.clientFailed(b, cw, cancel)
+				}
 			}
 			cb.used(n)
 		}
+		idleTimer.Stop()
 		if rerr == io.EOF {
 			return endComplete
 		}

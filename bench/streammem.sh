@@ -10,6 +10,9 @@
 #
 # Environment (defaults in brackets): STREAMS [5000]  PROXIES [rp,of]  TOKEN_GAP [10m]
 #   SETTLE [3s] wait after the last stream opened   WORK [mktemp]   KEEP=1 keeps WORK
+#   PROFILE [unset] a directory: with the streams open, saves each proxy's heap profile
+#     (heap-PROXY.pb.gz, for go tool pprof), goroutine stacks (goroutines-PROXY.txt) and
+#     runtime.MemStats (memstats-PROXY.json) there, the evidence behind the per-stream breakdown
 # Needs an open-file limit of at least 2×STREAMS+1000 (it raises the soft limit to the hard one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +82,13 @@ CADDY
   sleep "$SETTLE"
   after=$(awk '$1=="VmRSS:" {print $2}' "/proc/$caddy/status")
   heap1=$(metric go_memstats_heap_inuse_bytes) stack1=$(metric go_memstats_stack_inuse_bytes) gor1=$(metric go_goroutines)
+  if [ -n "${PROFILE:-}" ]; then
+    mkdir -p "$PROFILE"
+    curl -s -o "$PROFILE/heap-$1.pb.gz" "http://127.0.0.1:$PORT_ADMIN/debug/pprof/heap?gc=1"
+    curl -s -o "$PROFILE/goroutines-$1.txt" "http://127.0.0.1:$PORT_ADMIN/debug/pprof/goroutine?debug=1"
+    curl -s "http://127.0.0.1:$PORT_ADMIN/debug/vars" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["memstats"], indent=1))' \
+      >"$PROFILE/memstats-$1.json" 2>/dev/null || true
+  fi
   line=$(cat "$WORK/hold-$1.out")
   local open=${line#open }
   open=${open%% *}
