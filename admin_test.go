@@ -322,7 +322,11 @@ func TestLiveReconfigurationByID(t *testing.T) {
 	adminDo(t, http.MethodPost, "/id/llm/backends/0/disabled", `true`)
 	assert.Equal(t, "a", backendOf(), "b is disabled")
 	adminDo(t, http.MethodDelete, "/id/llm/backends/0", "")
-	adminDo(t, http.MethodPatch, "/id/llm/lb_policy", `"round_robin"`)
+	adminDo(t, http.MethodPatch, "/id/llm/lb_policy", `"least_conn"`)
+	// As the README does it: POST sets the field even where the config
+	// lacks it (a Caddyfile without lb_policy adapts to JSON without it).
+	adminDo(t, http.MethodDelete, "/id/llm/lb_policy", "")
+	adminDo(t, http.MethodPost, "/id/llm/lb_policy", `"round_robin"`)
 	_, raw := adminGet(t, "/ollamaflow/frontends")
 	var fr []frontendJSON
 	require.NoError(t, json.Unmarshal(raw, &fr))
