@@ -40,12 +40,9 @@ type explorerTab struct {
 // loaded its model list. The browser is closed when the test ends.
 func openExplorer(t *testing.T, url string) *explorerTab {
 	t.Helper()
-	bin := findBrowser(t)
+	b := startBrowser(t).b
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
-	b, err := browser.Launch(ctx, bin, t.TempDir())
-	require.NoError(t, err)
-	t.Cleanup(func() { b.Close() })
 	p, err := b.NewPage(ctx, 1400, 1000)
 	require.NoError(t, err)
 	tab := &explorerTab{t: t, ctx: ctx, b: b, p: p}

@@ -1,7 +1,7 @@
 package ollamaflow
 
 // The dashboard in a real browser, driven through the DevTools protocol
-// (cdp_test.go) as a person would use it: charts read from the history,
+// (internal/browser, through testbrowser_test.go) as a person would use it: charts read from the history,
 // a drain clicked and confirmed, and the requests another site or a page
 // without the token makes refused. Screenshots go to $STATUS_SCREENSHOTS
 // when set (a directory), else to the test's temporary directory.
@@ -38,7 +38,7 @@ func screenshotPath(t *testing.T, name string) string {
 	return filepath.Join(dir, name)
 }
 
-func shoot(t *testing.T, p *cdpPage, scheme, name string) {
+func shoot(t *testing.T, p *testPage, scheme, name string) {
 	t.Helper()
 	p.colorScheme(scheme)
 	path := screenshotPath(t, name)
@@ -72,7 +72,7 @@ type drawnSeries struct {
 }
 
 // series reads one drawn series of an entity's chart.
-func series(t *testing.T, p *cdpPage, entity, key string) drawnSeries {
+func series(t *testing.T, p *testPage, entity, key string) drawnSeries {
 	t.Helper()
 	var s drawnSeries
 	p.eval(fmt.Sprintf(`(() => {
@@ -128,7 +128,7 @@ func TestDashboardInBrowser(t *testing.T) {
 	require.Positive(t, aliveReqPeak)
 	require.Positive(t, feTokPeak)
 
-	b := startCDPBrowser(t)
+	b := startBrowser(t)
 	p := b.newPage(1400, 900)
 	p.headers(map[string]string{"Authorization": opsAuth}) // what the browser sends once the operator has logged in
 	url := fmt.Sprintf("http://localhost:%d/", port)
@@ -329,7 +329,7 @@ func TestDashboardChartsInBrowser(t *testing.T) {
 	srv := httptest.NewServer(mux)
 	defer srv.Close()
 
-	b := startCDPBrowser(t)
+	b := startBrowser(t)
 	p := b.newPage(1400, 900)
 	p.navigate(srv.URL + "/dash/")
 	p.waitFor(`document.querySelectorAll('[data-entity] figure.chart').length === 4 * 6`, "the charts of three backends and a frontend")
@@ -452,7 +452,7 @@ func TestDashboardTenantsInBrowser(t *testing.T) {
 	require.Equal(t, "chat-app", chat.Tenant)
 	assert.NotContains(t, raw, "sk-chat-app", "no key in the usage the dashboard serves")
 
-	b := startCDPBrowser(t)
+	b := startBrowser(t)
 	p := b.newPage(1400, 900)
 	p.headers(map[string]string{"Authorization": opsAuth})
 	p.navigate(fmt.Sprintf("http://localhost:%d/", port))

@@ -46,6 +46,7 @@ type Browser struct {
 	nextID  int64
 	pending map[int64]chan message
 	logs    map[string][]string // by session: console errors, exceptions, error log entries
+	answers map[string][]answer // by session: every response the page received
 	closed  chan struct{}
 	readErr error
 }
@@ -96,7 +97,8 @@ func Launch(ctx context.Context, binary, dir string, args ...string) (*Browser, 
 	}
 	inR.Close()
 	outW.Close()
-	b := &Browser{cmd: cmd, w: inW, r: outR, stderr: stderr, pending: map[int64]chan message{}, logs: map[string][]string{}, closed: make(chan struct{})}
+	b := &Browser{cmd: cmd, w: inW, r: outR, stderr: stderr, pending: map[int64]chan message{},
+		logs: map[string][]string{}, answers: map[string][]answer{}, closed: make(chan struct{})}
 	go b.read()
 	// The browser answers once it is up; a first call proves it.
 	var v struct{ Product string }
@@ -168,12 +170,31 @@ func (b *Browser) fail(err error) {
 	}
 }
 
-// event keeps what a test wants to know went wrong in a page: uncaught
-// exceptions, console.error, and the browser's own error log (a refused
-// Content-Security-Policy, a failed load).
+// answer is one response a page received.
+type answer struct {
+	url    string
+	status int
+}
+
+// event keeps what a test wants to know went wrong in a page (uncaught
+// exceptions, console.error, and the browser's own error log: a refused
+// Content-Security-Policy, a failed load), and the responses it received.
 func (b *Browser) event(m message) {
 	var line string
 	switch m.Method {
+	case "Network.responseReceived":
+		var p struct {
+			Response struct {
+				URL    string `json:"url"`
+				Status int    `json:"status"`
+			} `json:"response"`
+		}
+		if json.Unmarshal(m.Params, &p) == nil {
+			b.mu.Lock()
+			b.answers[m.SessionID] = append(b.answers[m.SessionID], answer{p.Response.URL, p.Response.Status})
+			b.mu.Unlock()
+		}
+		return
 	case "Runtime.exceptionThrown":
 		var p struct {
 			ExceptionDetails struct {
@@ -320,12 +341,12 @@ func (b *Browser) NewPage(ctx context.Context, width, height int) (*Page, error)
 		return nil, err
 	}
 	p := &Page{b: b, session: s.SessionID}
-	for _, m := range []string{"Page.enable", "Runtime.enable", "Log.enable"} {
+	for _, m := range []string{"Page.enable", "Runtime.enable", "Log.enable", "Network.enable"} {
 		if err := p.Call(ctx, m, nil, nil); err != nil {
 			return nil, err
 		}
 	}
-	if err := p.Call(ctx, "Emulation.setDeviceMetricsOverride", map[string]any{"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}, nil); err != nil {
+	if err := p.Viewport(ctx, width, height); err != nil {
 		return nil, err
 	}
 	// A headless tab never has focus; pages that check it (the clipboard)
@@ -347,6 +368,38 @@ func (p *Page) Errors() []string {
 	p.b.mu.Lock()
 	defer p.b.mu.Unlock()
 	return append([]string(nil), p.b.logs[p.session]...)
+}
+
+// Responses lists the status of every response the page received for a
+// URL containing part, in order.
+func (p *Page) Responses(part string) []int {
+	p.b.mu.Lock()
+	defer p.b.mu.Unlock()
+	var out []int
+	for _, a := range p.b.answers[p.session] {
+		if strings.Contains(a.url, part) {
+			out = append(out, a.status)
+		}
+	}
+	return out
+}
+
+// Viewport sets the page's size in CSS pixels.
+func (p *Page) Viewport(ctx context.Context, width, height int) error {
+	return p.Call(ctx, "Emulation.setDeviceMetricsOverride", map[string]any{"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}, nil)
+}
+
+// Headers adds headers to every request the page makes from now on (the
+// credentials a person would have typed into the browser's login prompt).
+func (p *Page) Headers(ctx context.Context, h map[string]string) error {
+	return p.Call(ctx, "Network.setExtraHTTPHeaders", map[string]any{"headers": h}, nil)
+}
+
+// Text is the page's visible text.
+func (p *Page) Text(ctx context.Context) (string, error) {
+	var s string
+	err := p.Eval(ctx, `document.body ? document.body.innerText : ""`, &s)
+	return s, err
 }
 
 // Navigate loads url and waits until its document has loaded.
@@ -426,6 +479,19 @@ func (p *Page) Click(ctx context.Context, selector string) error {
 		}
 	}
 	return nil
+}
+
+// Hover moves the mouse over the first element matching selector, at fx
+// of its width from its left edge and halfway down (a chart's tooltip for
+// that point in time, say).
+func (p *Page) Hover(ctx context.Context, selector string, fx float64) error {
+	var box struct{ X, Y float64 }
+	expr := fmt.Sprintf(`(() => { const e = document.querySelector(%q); if (!e) throw new Error("no element " + %[1]q);
+		e.scrollIntoView({block: "center"}); const r = e.getBoundingClientRect(); return {x: r.x + r.width * %[2]f, y: r.y + r.height / 2}; })()`, selector, fx)
+	if err := p.Eval(ctx, expr, &box); err != nil {
+		return err
+	}
+	return p.Call(ctx, "Input.dispatchMouseEvent", map[string]any{"type": "mouseMoved", "x": box.X, "y": box.Y}, nil)
 }
 
 // Type replaces the value of the input or textarea matching selector with

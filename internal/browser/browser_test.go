@@ -84,3 +84,44 @@ func TestPageClicksTypesAndReportsRefusedScripts(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "boom")
 }
+
+// Headers set on a page reach the server with every request, the page's
+// responses are listed with their status, and a hover is a real mouse move.
+func TestPageHeadersResponsesAndHover(t *testing.T) {
+	bin := chromium(t)
+	mux := http.NewServeMux()
+	mux.HandleFunc("/favicon.ico", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	mux.HandleFunc("/page", func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Basic b3BzOnB3" {
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		fmt.Fprint(w, `<!doctype html><div id="box" style="width:200px;height:50px;margin:20px"></div><p id="out"></p>
+<script>
+document.getElementById("box").onmousemove = (e) => { document.getElementById("out").textContent = "at " + Math.round(e.offsetX) + " " + e.isTrusted; };
+fetch("/missing").then(() => { document.body.dataset.done = "1"; });
+</script>`)
+	})
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	b, err := browser.Launch(ctx, bin, t.TempDir())
+	require.NoError(t, err)
+	defer b.Close()
+	p, err := b.NewPage(ctx, 800, 600)
+	require.NoError(t, err)
+
+	require.NoError(t, p.Headers(ctx, map[string]string{"Authorization": "Basic b3BzOnB3"}))
+	require.NoError(t, p.Navigate(ctx, srv.URL+"/page"))
+	require.NoError(t, p.WaitFor(ctx, `document.body.dataset.done === "1"`))
+	assert.Equal(t, []int{http.StatusOK}, p.Responses("/page"), "the page was let in with the header")
+	assert.Equal(t, []int{http.StatusNotFound}, p.Responses("/missing"))
+
+	require.NoError(t, p.Hover(ctx, "#box", 0.75))
+	require.NoError(t, p.WaitFor(ctx, `document.getElementById("out").textContent !== ""`))
+	text, err := p.Text(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "at 150 true", strings.TrimSpace(text), "the mouse is three quarters across the box")
+}
