@@ -110,16 +110,12 @@ func (d *discovery) start() {
 	cancelFirst()
 	for i, src := range d.sources {
 		found, err := results[i], errs[i]
-		d.noteLookup(src, err)
 		if err != nil {
 			d.logger.Warn("backends_from lookup failed; starting with the last known servers, if any",
 				zap.String("source", src.label), zap.Error(err))
 			found = src.remembered()
-			if found == nil {
-				continue
-			}
 		}
-		d.update(src, found)
+		d.update(src, found, err)
 	}
 	for _, src := range d.sources {
 		d.goSafe("backends_from "+src.label, func() { d.refreshLoop(ctx, src) })
@@ -186,10 +182,10 @@ func (d *discovery) refreshLoop(ctx context.Context, src *source) {
 		if ctx.Err() != nil {
 			return
 		}
-		if err == nil {
-			d.update(src, found)
+		if err != nil {
+			found = nil // keep the servers of the last good answer
 		}
-		d.noteLookup(src, err)
+		d.update(src, found, err)
 		switch {
 		case err != nil:
 			if !failing {
@@ -207,12 +203,23 @@ func (d *discovery) refreshLoop(ctx context.Context, src *source) {
 	}
 }
 
-// update applies a good answer of src: servers new to the frontend join,
-// servers no source names any more leave.
-func (d *discovery) update(src *source, found []endpoint) {
-	src.remember(found)
+// update records a lookup of src and applies its answer: servers new to
+// the frontend join, servers no source names any more leave. A failed
+// lookup (lookupErr) applies found only when it is not nil (the last good
+// answer another config had, at start). The record and the change are
+// made under one lock, so the admin API never shows a lookup's outcome
+// without its servers, or the reverse.
+func (d *discovery) update(src *source, found []endpoint, lookupErr error) {
+	if lookupErr == nil {
+		src.remember(found)
+	}
 	d.mu.Lock()
 	if d.stopped {
+		d.mu.Unlock()
+		return
+	}
+	d.noteLookupLocked(src, lookupErr)
+	if lookupErr != nil && found == nil {
 		d.mu.Unlock()
 		return
 	}
@@ -271,10 +278,9 @@ func (d *discovery) update(src *source, found []endpoint) {
 	d.release(gone)
 }
 
-// noteLookup records the outcome of a lookup of src, after it was applied.
-func (d *discovery) noteLookup(src *source, err error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+// noteLookupLocked records the outcome of a lookup of src. d.mu must be
+// held.
+func (d *discovery) noteLookupLocked(src *source, err error) {
 	src.lookups++
 	src.lastLookup = time.Now()
 	src.lastErr = ""
