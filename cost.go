@@ -169,20 +169,30 @@ type speed struct {
 
 // rates are learned speeds, for one model or for all.
 type rates struct {
-	at          time.Time // last sample
-	promptN     int
-	promptTok   float64 // seconds per prompt token
-	genN        int
-	genTok      float64 // seconds per generated token
-	outN        int
-	outTokens   float64 // answer length when the request set no cap
-	inN         int
-	inTokens    float64 // prompt length, for requests whose body gave none
-	charsN      int
-	charsPerTok float64
-	loads       int
-	load        float64 // seconds per model load
-	lastUsed    time.Time
+	at        time.Time // last sample
+	promptN   int
+	promptTok float64 // seconds per prompt token beyond the fixed part: what a cached one saves
+	// The prompt's time is fitted as fixed + per-token (a GPU evaluates a
+	// short prompt in one batch whose time barely depends on its length,
+	// a long one in proportion to it): EWMA moments of the prompt's
+	// tokens (x) and its evaluation seconds (y), with promptN samples.
+	px, py, pxx, pxy float64
+	// cacheSuspects counts prompts in a row that were much faster than
+	// the fit and than the generation rate explains (served in part from
+	// a prompt cache); they are not folded in, unless so many come in a
+	// row that the server must have changed.
+	cacheSuspects int
+	genN          int
+	genTok        float64 // seconds per generated token
+	outN          int
+	outTokens     float64 // answer length when the request set no cap
+	inN           int
+	inTokens      float64 // prompt length, for requests whose body gave none
+	charsN        int
+	charsPerTok   float64
+	loads         int
+	load          float64 // seconds per model load
+	lastUsed      time.Time
 }
 
 // task is one request in flight on the server.
@@ -208,6 +218,43 @@ func ewma(old float64, n int, x float64, since time.Duration) float64 {
 	}
 	a := max(speedAlpha, 1-math.Exp(-since.Seconds()/speedTau.Seconds()))
 	return old + a*(x-old)
+}
+
+// promptSecs is the expected evaluation time of a prompt of n tokens,
+// from the fit of the samples seen; determined says the fit covers n: the
+// samples' sizes varied enough to separate the fixed part from the
+// per-token part, or n is about the size they had. Until sizes vary, a
+// prompt is taken to cost in proportion to its tokens: an overestimate for
+// a long prompt on a GPU, never an underestimate.
+func (r *rates) promptSecs(n float64) (sec float64, determined bool) {
+	if r.promptN == 0 || r.px <= 0 {
+		return 0, false
+	}
+	if vx := r.pxx - r.px*r.px; r.promptN >= 2 && vx > 0.0625*r.px*r.px {
+		b := max((r.pxy-r.px*r.py)/vx, 0)
+		a := r.py - b*r.px
+		if a < 0 {
+			a, b = 0, r.py/r.px
+		}
+		return a + b*n, true
+	}
+	return r.py / r.px * n, n <= 1.5*r.px
+}
+
+// foldPrompt adds a prompt of n tokens evaluated in sec to the fit.
+func (r *rates) foldPrompt(n, sec float64, since time.Duration) {
+	a := 1.0
+	if r.promptN > 0 {
+		a = max(speedAlpha, 1-math.Exp(-since.Seconds()/speedTau.Seconds()))
+	}
+	r.px += a * (n - r.px)
+	r.py += a * (sec - r.py)
+	r.pxx += a * (n*n - r.pxx)
+	r.pxy += a * (n*sec - r.pxy)
+	r.promptN++
+	fixed, _ := r.promptSecs(0)
+	per, _ := r.promptSecs(1)
+	r.promptTok = per - fixed
 }
 
 // ratesLocked returns model's rates, created if need be ("" is all).
@@ -248,7 +295,6 @@ func (sp *speed) serviceLocked(j *job) (prompt, output float64) {
 		}
 		return all
 	}
-	promptTok := pick(r.promptN, r.promptTok, sp.all.promptTok)
 	genTok := pick(r.genN, r.genTok, sp.all.genTok)
 	cpt := charsPerToken
 	if r.charsN > 0 {
@@ -264,7 +310,12 @@ func (sp *speed) serviceLocked(j *job) (prompt, output float64) {
 	if j.maxOutput > 0 && (out == 0 || float64(j.maxOutput) < out || r.outN == 0 && sp.all.outN == 0) {
 		out = float64(j.maxOutput)
 	}
-	return in * promptTok, out * genTok
+	pr := r
+	if r.promptN == 0 {
+		pr = &sp.all
+	}
+	prompt, _ = pr.promptSecs(in)
+	return prompt, out * genTok
 }
 
 // slotsLocked is the parallel slots to plan with: max_parallel when set
@@ -412,6 +463,10 @@ type timings struct {
 	total, load, prompt, ev time.Duration
 	ttfb, elapsed           time.Duration
 	streamed                bool
+	// clientWait is how long writes to the client blocked: a client that
+	// reads slowly holds the stream back, and with it the timings the
+	// proxy measures (and, once buffers fill, the server's own).
+	clientWait time.Duration
 }
 
 // timingsFrom reads the final counts a response ended with.
@@ -421,11 +476,31 @@ func timingsFrom(tail *tailKeeper, api apiFormat, streamed bool, ttfb, elapsed t
 			promptCount: tail.number("prompt_eval_count"), evalCount: tail.number("eval_count"),
 			total: time.Duration(tail.number("total_duration")), load: time.Duration(tail.number("load_duration")),
 			prompt: time.Duration(tail.number("prompt_eval_duration")), ev: time.Duration(tail.number("eval_duration")),
-			ttfb: ttfb, elapsed: elapsed, streamed: streamed}
+			ttfb: ttfb, elapsed: elapsed, streamed: streamed, clientWait: tail.clientWait}
 	}
 	return timings{promptCount: tail.number("prompt_tokens"), evalCount: tail.number("completion_tokens"),
-		total: -1, load: -1, prompt: -1, ev: -1, ttfb: ttfb, elapsed: elapsed, streamed: streamed}
+		total: -1, load: -1, prompt: -1, ev: -1, ttfb: ttfb, elapsed: elapsed, streamed: streamed, clientWait: tail.clientWait}
 }
+
+// clientHeldBack reports whether the client's reading slowed the answer
+// enough to distort its timings: writes to it blocked for more than a
+// tenth of the generation (and more than a few scheduler ticks).
+func (tm timings) clientHeldBack() bool {
+	span := tm.elapsed - tm.ttfb
+	if tm.native && tm.ev > 0 {
+		span = tm.ev
+	}
+	return tm.clientWait > max(10*time.Millisecond, span/10)
+}
+
+// Prompt samples faster than the fit by more than this factor (beyond
+// what the generation rate says of the server's speed now) are taken to
+// have been served in part from the prompt cache; cacheSuspectLimit in a
+// row mean the server did get faster.
+const (
+	cacheSuspectFactor = 2.0
+	cacheSuspectLimit  = 12
+)
 
 // learn folds a completed request's timings into the model and ends the
 // task. loaded reports that the request loaded its model (a cold load,
@@ -451,7 +526,6 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 			*n++
 		}
 	}
-	promptRate := func(rr *rates) (*float64, *int) { return &rr.promptTok, &rr.promptN }
 	genRate := func(rr *rates) (*float64, *int) { return &rr.genTok, &rr.genN }
 	promptLen := func(rr *rates) (*float64, *int) { return &rr.inTokens, &rr.inN }
 	charRatio := func(rr *rates) (*float64, *int) { return &rr.charsPerTok, &rr.charsN }
@@ -475,11 +549,34 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 			promptSec = tm.ttfb.Seconds()
 		}
 	}
-	if tm.promptCount > 0 && promptSec >= 0 && t.job.cachedOn != sp {
-		fold(promptSec/float64(tm.promptCount), promptRate)
+	if t.job.cachedOn == sp {
+		// Conversation affinity sent it to its prompt cache here: its
+		// prompt time says nothing of the server's prompt rate.
+		promptSec = -1
 	}
+	heldBack := tm.clientHeldBack()
+	if heldBack {
+		// The answer went at the client's pace: its duration says
+		// nothing of the server's. The prompt was over before the first
+		// byte, so its time stands.
+		genSec = -1
+	}
+	// A generation rate of one token says little: its time is mostly the
+	// fixed cost of a step.
 	if tm.evalCount > 0 && genSec >= 0 {
-		fold(genSec/float64(tm.evalCount), genRate)
+		sample := genSec / float64(tm.evalCount)
+		// How much faster the server generates now than learned: a
+		// server that got faster evaluates prompts faster too.
+		speedup := 1.0
+		if r.genN > 0 && sample > 0 && tm.evalCount >= 2 {
+			speedup = max(r.genTok/sample, 1)
+		}
+		if tm.promptCount > 0 && promptSec >= 0 {
+			sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, speedup, now)
+		}
+		fold(sample, genRate)
+	} else if tm.promptCount > 0 && promptSec >= 0 {
+		sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, 1, now)
 	}
 	if tm.promptCount > 0 {
 		fold(float64(tm.promptCount), promptLen)
@@ -497,6 +594,7 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 	if !tm.native || tm.total <= 0 {
 		return false, false
 	}
+
 	// Time neither evaluating nor generating: a model load
 	// (load_duration), a wait for a parallel slot (Ollama takes one inside
 	// the runner, after load_duration is measured, so it shows only in
@@ -519,6 +617,9 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		// evicted (or expired) since.
 		sp.observeLoadLocked(r, loadSec, now)
 		return true, true
+	case heldBack:
+		// total_duration may hold time the server spent waiting on the
+		// client: it says nothing about slots.
 	case waitSec <= signal:
 		sp.slotsLo = max(sp.slotsLo, t.inFlight)
 		if sp.slotsHi > 0 && sp.slotsHi < sp.slotsLo {
@@ -538,6 +639,28 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		}
 	}
 	return false, false
+}
+
+// foldPromptLocked adds a prompt sample (n tokens evaluated in sec) to the
+// fits of targets, unless it was served in part from a prompt cache:
+// Ollama counts the cached tokens in prompt_eval_count while
+// prompt_eval_duration covers only those evaluated, so such a sample
+// would make the server look faster at prompts than it is. A sample is
+// taken as cached when it is more than cacheSuspectFactor faster than the
+// model's fit predicts for its size, beyond what speedup (how much faster
+// the server generates now than learned) explains; a cache only ever
+// makes a prompt faster, so slower samples always count.
+func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup float64, now time.Time) {
+	if pred, determined := r.promptSecs(n); determined && sec*cacheSuspectFactor*speedup < pred {
+		r.cacheSuspects++
+		if r.cacheSuspects < cacheSuspectLimit {
+			return
+		}
+	}
+	r.cacheSuspects = 0
+	for _, rr := range targets {
+		rr.foldPrompt(n, sec, now.Sub(rr.at))
+	}
 }
 
 func (sp *speed) observeLoadLocked(r *rates, sec float64, now time.Time) {

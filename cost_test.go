@@ -85,9 +85,10 @@ func TestSpeedForgetsSoAChangedServerIsRelearned(t *testing.T) {
 	b := testBackend("a", nil)
 	b.srv.inFlight.Store(1)
 	clock := time.Unix(1000, 0)
+	// 10 prompt tokens in 60 ms, 4 tokens generated in 40 ms.
 	for range 20 {
 		clock = clock.Add(50 * ms)
-		serve(b, &job{}, clock, final(100*ms, 0, 0, 10, 1))
+		serve(b, &job{}, clock, finalGen(60*ms, 40*ms, 0, 0, 10, 4))
 	}
 	d, _ := estimateDelay(b, &job{}, clock)
 	assert.InDelta(t, 0.1, d.total(), 1e-6)
@@ -96,14 +97,16 @@ func TestSpeedForgetsSoAChangedServerIsRelearned(t *testing.T) {
 	// re-learn it.
 	for range 8 {
 		clock = clock.Add(50 * ms)
-		serve(b, &job{}, clock, final(400*ms, 0, 0, 10, 1))
+		serve(b, &job{}, clock, finalGen(240*ms, 160*ms, 0, 0, 10, 4))
 	}
 	d, _ = estimateDelay(b, &job{}, clock)
 	assert.Greater(t, d.total(), 0.36, "re-learned within 8 answers")
 
-	// After a pause the first answer counts for nearly everything.
+	// After a pause the first answer counts for nearly everything: its
+	// generation shows the server is fast again, so its fast prompt is
+	// not mistaken for a cached one.
 	clock = clock.Add(30 * time.Second)
-	serve(b, &job{}, clock, final(100*ms, 0, 0, 10, 1))
+	serve(b, &job{}, clock, finalGen(60*ms, 40*ms, 0, 0, 10, 4))
 	d, _ = estimateDelay(b, &job{}, clock)
 	assert.InDelta(t, 0.1, d.total(), 0.01)
 }
@@ -232,4 +235,157 @@ func TestPlacementEvictsWhereItCostsLeast(t *testing.T) {
 	assert.Zero(t, evictionCost(pool[0], "c", pool, clock.Add(2*evictionHorizon)))
 	// Where the model is resident, no load at all.
 	assert.Equal(t, "only-a", pickLeastDelay(h, pool, &job{model: "a"}).cfg.Name)
+}
+
+// The learned state cannot be poisoned: what a client does, or a prompt
+// cache, must not make a server look faster or slower than it is.
+
+func TestASlowClientDoesNotMakeAServerLookSlow(t *testing.T) {
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	// /v1 reports no durations: generation is the time after the first
+	// byte. 20 tokens in 200 ms: 10 ms a token.
+	oai := func(elapsed, clientWait time.Duration) timings {
+		return timings{promptCount: 10, evalCount: 20, total: -1, load: -1, prompt: -1, ev: -1,
+			ttfb: 50 * ms, elapsed: 50*ms + elapsed, streamed: true, clientWait: clientWait}
+	}
+	serve(b, &job{maxOutput: 20}, clock, oai(200*ms, 0))
+	d, _ := estimateDelay(b, &job{maxOutput: 20}, clock)
+	require.InDelta(t, 0.2, d.output, 1e-9)
+
+	// A client that reads slowly stretches the same answer to 5 s: the
+	// proxy's writes to it blocked for 4.8 s of those.
+	for range 5 {
+		clock = clock.Add(100 * ms)
+		serve(b, &job{maxOutput: 20}, clock, oai(5*time.Second, 4800*ms))
+	}
+	d, _ = estimateDelay(b, &job{maxOutput: 20}, clock)
+	assert.InDelta(t, 0.2, d.output, 1e-9, "the client's pace is not the server's")
+
+	// On the native API the server's own eval_duration may carry the
+	// back-pressure too, and total_duration the wait: no slot is ruled
+	// out because a slow client held a stream open.
+	b.srv.inFlight.Store(3)
+	tm := finalGen(10*ms, 3*time.Second, 0, 2*time.Second, 10, 20)
+	tm.clientWait = 4 * time.Second
+	serve(b, &job{maxOutput: 20}, clock, tm)
+	assert.Zero(t, b.srv.speed.slotsHi, "no wait for a slot is read into a held-back answer")
+	d, _ = estimateDelay(b, &job{maxOutput: 20}, clock)
+	assert.InDelta(t, 0.2, d.output, 1e-9)
+
+	// The same answer with a client that kept up does teach the wait.
+	tm.clientWait = time.Millisecond
+	tm.ev = 200 * ms
+	tm.total = 10*ms + 200*ms + 2*time.Second
+	serve(b, &job{maxOutput: 20}, clock, tm)
+	assert.Equal(t, 2, b.srv.speed.slotsHi, "waited with 3 in flight: 2 slots")
+}
+
+func TestACancelledRequestTeachesNothing(t *testing.T) {
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{maxOutput: 10}, clock, finalGen(50*ms, 100*ms, 0, 0, 10, 10))
+	before, _ := estimateDelay(b, &job{maxOutput: 10}, clock)
+	sp := &b.srv.speed
+	lo, hi, n := sp.slotsLo, sp.slotsHi, sp.all.genN
+
+	// A request sent, then cancelled by its client after a long time:
+	// the handler ends its task without learning (only a complete answer
+	// teaches). It leaves nothing behind as work in flight either.
+	b.srv.inFlight.Store(5)
+	tk := b.begin(&job{maxOutput: 10}, clock)
+	tk.end()
+	tk.end() // safe twice
+	b.srv.inFlight.Store(0)
+	after, _ := estimateDelay(b, &job{maxOutput: 10}, clock.Add(time.Minute))
+	assert.Equal(t, before, after)
+	assert.Empty(t, sp.tasks)
+	assert.Equal(t, []int{lo, hi, n}, []int{sp.slotsLo, sp.slotsHi, sp.all.genN})
+}
+
+func TestAnAnswerCutByNumPredictKeepsTheTypicalLength(t *testing.T) {
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	// Uncapped answers run 200 tokens at 10 ms.
+	for range 3 {
+		clock = clock.Add(time.Second)
+		serve(b, &job{}, clock, finalGen(10*ms, 2*time.Second, 0, 0, 10, 200))
+	}
+	// Many capped ones: 5 tokens, as asked.
+	for range 20 {
+		clock = clock.Add(100 * ms)
+		serve(b, &job{maxOutput: 5}, clock, finalGen(10*ms, 50*ms, 0, 0, 10, 5))
+	}
+	d, _ := estimateDelay(b, &job{}, clock)
+	assert.InDelta(t, 2.0, d.output, 1e-9, "a request without a cap still expects the typical 200 tokens")
+	d, _ = estimateDelay(b, &job{maxOutput: 5}, clock)
+	assert.InDelta(t, 0.05, d.output, 1e-9, "a capped one its cap")
+	d, _ = estimateDelay(b, &job{maxOutput: 1000}, clock)
+	assert.InDelta(t, 2.0, d.output, 1e-9, "a cap above the typical length: the typical length")
+}
+
+func TestAPromptCacheDoesNotMakeAServerLookFaster(t *testing.T) {
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	// Prompts evaluated in full: 10 ms fixed, 1 ms a token; 100 and 1000
+	// tokens. Generation 10 ms a token.
+	for i := range 6 {
+		clock = clock.Add(200 * ms)
+		n := int64([]int{100, 1000}[i%2])
+		serve(b, &job{}, clock, finalGen(10*ms+time.Duration(n)*ms, 100*ms, 0, 0, n, 10))
+	}
+	long := &job{promptChars: 4 * 2000, maxOutput: 10}
+	short := &job{promptChars: 4 * 50, maxOutput: 10}
+	d, _ := estimateDelay(b, long, clock)
+	require.InDelta(t, 2.01, d.prompt, 1e-6, "fixed + per-token, extrapolated to 2000 tokens")
+	d, _ = estimateDelay(b, short, clock)
+	require.InDelta(t, 0.06, d.prompt, 1e-6, "a short prompt is not charged the long ones' per-token average")
+
+	// Follow-up turns found 990 of their 1000 tokens in the cache: Ollama
+	// still reports prompt_eval_count 1000, with 20 ms of evaluation.
+	for range cacheSuspectLimit - 1 {
+		clock = clock.Add(100 * ms)
+		serve(b, &job{}, clock, finalGen(20*ms, 100*ms, 0, 0, 1000, 10))
+	}
+	d, _ = estimateDelay(b, long, clock)
+	assert.InDelta(t, 2.01, d.prompt, 1e-6, "cache hits are not taken for prompt speed")
+
+	// A slower prompt always counts: a cache only makes one faster.
+	clock = clock.Add(100 * ms)
+	serve(b, &job{}, clock, finalGen(10*ms+2000*ms, 100*ms, 0, 0, 1000, 10))
+	d, _ = estimateDelay(b, long, clock)
+	assert.Greater(t, d.prompt, 2.5)
+
+	// A server that really got twice as fast shows it in generation too:
+	// its faster prompts are learned at once.
+	before := d.prompt
+	for range 4 {
+		clock = clock.Add(100 * ms)
+		n := int64(1000)
+		serve(b, &job{}, clock, finalGen(5*ms+time.Duration(n)*ms/2, 50*ms, 0, 0, n, 10))
+	}
+	d, _ = estimateDelay(b, long, clock)
+	assert.Less(t, d.prompt, before*0.6, "a real speed-up is re-learned within 4 answers")
+}
+
+func TestPromptCostIsThePerTokenPart(t *testing.T) {
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	_, _, ok := b.srv.speed.promptCost("m")
+	assert.False(t, ok, "nothing observed")
+	for i := range 4 {
+		clock = clock.Add(200 * ms)
+		n := int64([]int{100, 1000}[i%2])
+		serve(b, &job{model: "m"}, clock, finalGen(10*ms+time.Duration(n)*ms, 100*ms, 0, 0, n, 10))
+	}
+	perTok, _, ok := b.srv.speed.promptCost("m")
+	require.True(t, ok)
+	assert.InDelta(t, 0.001, perTok, 1e-9, "1 ms a cached token saves; the 10 ms fixed part is paid anyway")
+	perTok, _, _ = b.srv.speed.promptCost("other")
+	assert.InDelta(t, 0.001, perTok, 1e-9, "a model not seen: the server's fit")
 }

@@ -229,6 +229,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 		}
 		idleTimer.Stop()
 		if rerr == io.EOF {
+			tail.clientWait = cw.blocked // for the cost model: time the client held the stream back
 			return endComplete
 		}
 		if rerr != nil {
@@ -325,7 +326,8 @@ type clientWriter struct {
 	watchdog *time.Timer
 	stalled  atomic.Bool
 	written  int64
-	last     [2]byte // the last two bytes written, to start an error on a fresh line
+	last     [2]byte       // the last two bytes written, to start an error on a fresh line
+	blocked  time.Duration // time spent in writes of the body
 }
 
 func newClientWriter(w http.ResponseWriter, timeout time.Duration, onStall func()) *clientWriter {
@@ -381,6 +383,7 @@ func (c *clientWriter) write(p []byte) error {
 		c.last = [2]byte{c.last[1], p[0]}
 	}
 	c.written += int64(len(p))
+	c.blocked += time.Since(started)
 	return c.disarm(started, err)
 }
 
@@ -428,6 +431,9 @@ func (c *clientWriter) endWithError(format bodyFormat, msg, code string) error {
 type tailKeeper struct {
 	buf [2048]byte
 	n   int
+	// clientWait is how long writes to the client blocked over the whole
+	// answer (set when it completes).
+	clientWait time.Duration
 }
 
 func (t *tailKeeper) keep(p []byte) {
