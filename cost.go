@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"cmp"
 	"math"
 	"slices"
 	"strings"
@@ -162,9 +163,14 @@ type speed struct {
 	room   int
 	roomAt time.Time
 
-	tasks   map[uint64]*task // requests in flight, with their expected end
-	nextID  uint64
-	probing time.Time // when least_delay first sent it a request, before any sample
+	tasks  map[uint64]*task // requests in flight, with their expected end
+	nextID uint64
+	// ended remembers when recent requests ended, by id, so that an
+	// answer can tell how many of the requests sent before it still held
+	// a slot when it got its own (see aheadAtLocked).
+	ended    [endedRing]endedTask
+	endedPos int
+	probing  time.Time // when least_delay first sent it a request, before any sample
 }
 
 // rates are learned speeds, for one model or for all.
@@ -195,6 +201,14 @@ type rates struct {
 	lastUsed      time.Time
 }
 
+// endedRing bounds the ended requests remembered per server.
+const endedRing = 256
+
+type endedTask struct {
+	id uint64
+	at time.Time
+}
+
 // task is one request in flight on the server.
 type task struct {
 	id       uint64
@@ -203,9 +217,10 @@ type task struct {
 	started  time.Time
 	finish   time.Time // expected end
 	service  float64   // expected prompt + output seconds
+	work     float64   // expected load + prompt + output seconds
 	cold     bool      // the model was not resident (or was loading) when it was sent
 	loader   bool      // it is the request that loads the model
-	inFlight int       // requests in flight on the server when it was sent, itself included
+	inFlight int       // requests in flight on the server when it was sent (sent before it, itself included)
 	done     atomic.Bool
 }
 
@@ -333,26 +348,80 @@ func (sp *speed) slotsLocked(maxParallel int, now time.Time) int {
 }
 
 // waitLocked is how long a new request waits for a slot with inFlight
-// requests on the server: none while a slot is free, else until as many
-// of them have ended as it is behind, by their expected ends.
+// requests on the server: none while a slot is free, else until a slot
+// frees up once the work sent before it is done. The server is taken as
+// Ollama's scheduler is: first come, first served over its slots. The
+// requests in flight are replayed in the order they were sent, each
+// taking the first free slot for its expected work; one past its
+// expected end still has a share of its work left, and those queued
+// behind it start no earlier than now, so a server whose queue runs late
+// (slower than expected, or fewer slots than planned for) shows a longer
+// wait instead of looking idle.
 func (sp *speed) waitLocked(inFlight, slots int, typical float64, now time.Time) float64 {
 	if inFlight < slots {
 		return 0
 	}
-	var buf [32]float64
-	rem := buf[:0]
+	var tbuf [32]*task
+	order := tbuf[:0]
 	for _, t := range sp.tasks {
-		rem = append(rem, max(t.finish.Sub(now).Seconds(), remainingFloor*t.service))
+		order = append(order, t)
+	}
+	slices.SortFunc(order, func(a, b *task) int { return cmp.Compare(a.id, b.id) })
+	var fbuf [16]float64
+	free := fbuf[:0] // a min-heap of the slots' free times, seconds from now
+	for range slots {
+		free = append(free, math.Inf(-1))
+	}
+	take := func(arrived, work float64) {
+		start := max(arrived, free[0])
+		free[0] = max(start+work, remainingFloor*work)
+		siftDown(free)
+	}
+	for _, t := range order {
+		take(t.started.Sub(now).Seconds(), t.work)
 	}
 	// Requests the model does not track (model reads, or sent before a
-	// reload) take a typical time each, the later ones queued behind the
-	// earlier.
-	for i := 0; len(rem) < inFlight; i++ {
-		rem = append(rem, typical*float64(1+i/slots))
+	// reload) take a typical time each, after those it knows.
+	for i := len(order); i < inFlight; i++ {
+		take(0, typical)
 	}
-	slices.Sort(rem)
-	k := min(inFlight-slots, len(rem)-1)
-	return rem[k]
+	return max(free[0], 0)
+}
+
+// siftDown restores the min-heap h after h[0] grew.
+func siftDown(h []float64) {
+	for i := 0; ; {
+		l, r, m := 2*i+1, 2*i+2, i
+		if l < len(h) && h[l] < h[m] {
+			m = l
+		}
+		if r < len(h) && h[r] < h[m] {
+			m = r
+		}
+		if m == i {
+			return
+		}
+		h[i], h[m] = h[m], h[i]
+		i = m
+	}
+}
+
+// aheadAtLocked is how many of the requests sent to the server before t
+// (t itself included) were still in flight at at: those in flight now,
+// and those that ended after at.
+func (sp *speed) aheadAtLocked(t *task, at time.Time) int {
+	n := 1
+	for _, o := range sp.tasks {
+		if o.id < t.id {
+			n++
+		}
+	}
+	for _, e := range sp.ended {
+		if e.id != 0 && e.id < t.id && e.at.After(at) {
+			n++
+		}
+	}
+	return n
 }
 
 // loadCostLocked is what loading model is expected to take.
@@ -419,7 +488,12 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	sp.mu.Lock()
 	d, _ := sp.estimateLocked(j, b.cfg.MaxParallel, int(s.inFlight.Load())-1, cold, now)
 	_, loading := sp.pendingLoadLocked(j.model, now)
-	t := &task{sp: sp, job: j, started: now, service: d.prompt + d.output, cold: cold || loading, loader: cold && !loading, inFlight: int(s.inFlight.Load())}
+	// Requests in flight are counted from the model's own tasks, those
+	// sent before this one: the server's slot counter also holds
+	// requests dispatched at the same instant (a queue released at
+	// once), which reach the server after this one.
+	t := &task{sp: sp, job: j, started: now, service: d.prompt + d.output, work: d.load + d.prompt + d.output,
+		cold: cold || loading, loader: cold && !loading, inFlight: len(sp.tasks) + 1}
 	t.finish = now.Add(time.Duration(d.total() * float64(time.Second)))
 	sp.nextID++
 	t.id = sp.nextID
@@ -446,13 +520,18 @@ func (b *backend) begin(j *job, now time.Time) *task {
 }
 
 // end removes the request from the work in flight; safe to call twice.
-func (t *task) end() {
+func (t *task) end() { t.endAt(time.Now()) }
+
+func (t *task) endAt(now time.Time) {
 	if t == nil || !t.done.CompareAndSwap(false, true) {
 		return
 	}
-	t.sp.mu.Lock()
-	delete(t.sp.tasks, t.id)
-	t.sp.mu.Unlock()
+	sp := t.sp
+	sp.mu.Lock()
+	delete(sp.tasks, t.id)
+	sp.ended[sp.endedPos] = endedTask{t.id, now}
+	sp.endedPos = (sp.endedPos + 1) % endedRing
+	sp.mu.Unlock()
 }
 
 // timings are the counts and durations a completion's final chunk gave
@@ -510,7 +589,7 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 	if t == nil {
 		return false, false
 	}
-	t.end()
+	t.endAt(now)
 	sp := t.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -621,7 +700,11 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		// total_duration may hold time the server spent waiting on the
 		// client: it says nothing about slots.
 	case waitSec <= signal:
-		sp.slotsLo = max(sp.slotsLo, t.inFlight)
+		// It had a slot at once: the server serves at least as many at
+		// once as were in flight when it started work (those sent
+		// before it that had not ended by then, itself included).
+		started := now.Add(-(max(tm.load, 0) + max(tm.prompt, 0) + max(tm.ev, 0)))
+		sp.slotsLo = max(sp.slotsLo, sp.aheadAtLocked(t, started))
 		if sp.slotsHi > 0 && sp.slotsHi < sp.slotsLo {
 			sp.slotsHi = 0 // served more than thought possible: it changed
 		}

@@ -29,6 +29,22 @@ func serve(b *backend, j *job, at time.Time, tm timings) (loaded, evicted bool) 
 	return b.begin(j, at).learn(tm, at.Add(tm.total))
 }
 
+// hold sends n requests to b at at that stay in flight until the
+// returned function ends them.
+func hold(b *backend, n int, at time.Time) (release func()) {
+	var tasks []*task
+	for range n {
+		b.srv.inFlight.Add(1)
+		tasks = append(tasks, b.begin(&job{}, at))
+	}
+	return func() {
+		for _, t := range tasks {
+			t.endAt(at)
+			b.srv.inFlight.Add(-1)
+		}
+	}
+}
+
 // psWith is a model snapshot as /api/ps lists models.
 func psWith(models ...string) *modelSnapshot {
 	snap := &modelSnapshot{known: true, present: map[string][]byte{}, loaded: map[string][]byte{}}
@@ -123,23 +139,75 @@ func TestSlotsAreNeverLockedInByAQuietHistory(t *testing.T) {
 	assert.Equal(t, 2, sp.slotsLocked(0, clock), "a second slot is not ruled out: tried when a second request comes")
 
 	// The burst: 2, then 3, then 4 at once without a wait.
-	for k := int64(2); k <= 4; k++ {
-		b.srv.inFlight.Store(k)
+	for k := 2; k <= 4; k++ {
+		clock = clock.Add(time.Second)
+		release := hold(b, k-1, clock)
 		serve(b, &job{}, clock, final(100*ms, 0, 0, 10, 1))
-		assert.Equal(t, int(k)+1, sp.slotsLocked(0, clock))
+		release()
+		assert.Equal(t, k+1, sp.slotsLocked(0, clock))
 	}
 	// The fifth waited for a slot: 4, for a while.
-	b.srv.inFlight.Store(5)
+	release := hold(b, 4, clock)
 	serve(b, &job{}, clock, final(100*ms, 0, 80*ms, 10, 1))
+	release()
 	assert.Equal(t, 4, sp.slotsLocked(0, clock))
 	assert.Equal(t, 4, sp.slotsLocked(0, clock.Add(slotRetest/2)))
 	assert.Equal(t, 5, sp.slotsLocked(0, clock.Add(slotRetest+time.Second)), "re-tested after slotRetest")
 	assert.Equal(t, 8, sp.slotsLocked(8, clock), "max_parallel is trusted")
 
 	// A server that lost a slot: waited with 4 in flight.
-	b.srv.inFlight.Store(4)
+	release = hold(b, 3, clock)
 	serve(b, &job{}, clock, final(100*ms, 0, 90*ms, 10, 1))
+	release()
 	assert.Equal(t, 3, sp.slotsLo, "waited with 4 in flight: 3 slots")
+}
+
+func TestABurstReleasedAtOnceDoesNotInflateTheSlots(t *testing.T) {
+	b := testBackend("a", nil)
+	sp := &b.srv.speed
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{}, clock.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	b.srv.inFlight.Store(0)
+
+	// Ten requests held in the queue go out at the same instant; the
+	// server (2 slots) serves the first two at once and queues the rest.
+	// The first answer had a slot at once, with ten in the proxy's count:
+	// only the requests sent before it count.
+	var burst []*task
+	for range 10 {
+		b.srv.inFlight.Add(1)
+		burst = append(burst, b.begin(&job{}, clock))
+	}
+	done := clock.Add(100 * ms)
+	burst[0].learn(final(100*ms, 0, 0, 10, 1), done)
+	burst[1].learn(final(100*ms, 0, 0, 10, 1), done)
+	assert.Equal(t, 2, sp.slotsLo, "two were served at once")
+	// The third waited for one of them: the two ahead had ended when it
+	// started, so it says nothing more than 2 of those 3.
+	burst[2].learn(final(100*ms, 0, 100*ms, 10, 1), done.Add(100*ms))
+	assert.Equal(t, 2, sp.slotsLo)
+	assert.Equal(t, 2, sp.slotsHi, "it waited with two ahead: two slots")
+	for _, tk := range burst[3:] {
+		tk.end()
+	}
+}
+
+func TestAQueueRunningLateShowsAsAWait(t *testing.T) {
+	b := testBackend("a", func(c *Backend) { c.MaxParallel = 2 })
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{}, clock, final(100*ms, 0, 0, 10, 1))
+	b.srv.inFlight.Store(0)
+
+	// Ten requests of 0.1 s sent a second ago to 2 slots: all past the
+	// ends planned for them, because the server was slower. They are
+	// still there, so the eight queued behind the two in service take
+	// 4 × 0.1 s more at least.
+	release := hold(b, 10, clock)
+	defer release()
+	d, _ := estimateDelay(b, &job{}, clock.Add(time.Second))
+	assert.GreaterOrEqual(t, d.wait, 0.4, "a late queue is not an idle server")
 }
 
 func TestWaitFollowsTheWorkInFlight(t *testing.T) {
@@ -266,7 +334,8 @@ func TestASlowClientDoesNotMakeAServerLookSlow(t *testing.T) {
 	// On the native API the server's own eval_duration may carry the
 	// back-pressure too, and total_duration the wait: no slot is ruled
 	// out because a slow client held a stream open.
-	b.srv.inFlight.Store(3)
+	release := hold(b, 2, clock)
+	defer release()
 	tm := finalGen(10*ms, 3*time.Second, 0, 2*time.Second, 10, 20)
 	tm.clientWait = 4 * time.Second
 	serve(b, &job{maxOutput: 20}, clock, tm)

@@ -20,6 +20,10 @@
 //	conversations     3 equal servers, 8 clients each holding 5-turn chats with a growing history
 //	two-models        3 servers with room for one model (1 s load), requests for two models
 //	slowdown          3 equal servers (2 slots, 100 ms); one turns 4× slower a third of the way
+//
+// and the robustness workloads of robustness.go (speed classes, many models, long and short
+// prompts, a server that gets faster, a cold start, a failing server, both APIs). -affinity=false
+// turns conversation affinity off, to see the cost model alone.
 package main
 
 import (
@@ -51,23 +55,31 @@ import (
 
 const ms = time.Millisecond
 
+var affinity = true
+
 // spec is one fake server.
 type spec struct {
-	name      string
-	parallel  int
-	prompt    time.Duration // FirstByteDelay
-	tokenGap  time.Duration
-	loadDelay time.Duration
-	maxLoaded int
-	loaded    []string
+	name       string
+	parallel   int
+	prompt     time.Duration // FirstByteDelay
+	promptCost time.Duration // PromptTokenCost: per prompt token not found in the cache
+	tokenGap   time.Duration
+	tokens     int // answer length when a request sets no num_predict / max_tokens (default 1)
+	loadDelay  time.Duration
+	maxLoaded  int
+	loaded     []string
+	speed      float64 // SetSpeed at the start (0: 1)
 }
 
-// request is one request a client sends: its model, body and, for the oracle, its size.
+// request is one request a client sends: its model, path (default /api/chat), body and, for
+// the oracle, its size.
 type request struct {
-	model       string
-	body        []byte
-	tokens      int // answer length (num_predict), for the oracle
-	convo, turn int
+	model        string
+	path         string
+	body         []byte
+	tokens       int // answer length (num_predict), for the oracle; 0: the server's default
+	promptTokens int // prompt tokens, for the oracle (where the fakes charge them)
+	convo, turn  int
 }
 
 // phase is a stretch of a workload: conc clients send n requests made by next.
@@ -75,7 +87,10 @@ type phase struct {
 	conc, n  int
 	measured bool
 	before   func(fakes map[string]*fakeollama.Server) // e.g. slow a server down
-	next     func(client, i int, rng *rand.Rand) request
+	// during runs alongside the phase (e.g. a server failing for a while); down tells the
+	// oracle a server is failing, as it knows everything else.
+	during func(fakes map[string]*fakeollama.Server, down func(name string, failing bool))
+	next   func(client, i int, rng *rand.Rand) request
 }
 
 type workload struct {
@@ -83,7 +98,7 @@ type workload struct {
 	servers []spec
 	models  []string
 	phases  []phase
-	slowed  string // the server that slows down, for the share after the change
+	slowed  string // the server that changes speed, for its share after the change
 	note    string
 }
 
@@ -132,7 +147,7 @@ func workloads() []workload {
 		r.convo, r.turn = client*1000+convo, turn
 		return r
 	}
-	return []workload{
+	return append([]workload{
 		{name: "fresh-burst", servers: fastSlow(0, 100*ms, 400*ms), models: models1,
 			phases: []phase{{conc: 8, n: 300, measured: true, next: simple}},
 			note:   "ideal: everything on fast, 8 at once on 4 slots: 40 req/s, p99 ~0.2 s"},
@@ -171,7 +186,7 @@ func workloads() []workload {
 				{conc: 6, n: 300, measured: true, next: simple,
 					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(4) }},
 			}},
-	}
+	}, robustnessWorkloads()...)
 }
 
 // result is one policy's run of one workload.
@@ -193,6 +208,7 @@ func main() {
 	only := flag.String("workloads", "", "comma-separated workloads to run (default all)")
 	pols := flag.String("policies", "least_delay,least_conn,round_robin,reverse_proxy,oracle", "comma-separated: ollamaflow policies, reverse_proxy (Caddy's least_conn) and oracle")
 	seed := flag.Uint64("seed", 1, "seed of the request mix")
+	flag.BoolVar(&affinity, "affinity", true, "conversation affinity (ollamaflow policies)")
 	flag.Parse()
 	port := benchkit.FreePort()
 	var tables []string
@@ -221,16 +237,22 @@ func run(w workload, policy string, port int, seed uint64) result {
 	var addrs []string
 	for _, s := range w.servers {
 		f := fakeollama.New(fakeollama.Config{Models: w.models, Loaded: s.loaded, Parallel: s.parallel, FirstByteDelay: s.prompt,
-			TokenGap: s.tokenGap, LoadDelay: s.loadDelay, MaxLoaded: s.maxLoaded, Tokens: 1})
+			PromptTokenCost: s.promptCost, TokenGap: s.tokenGap, LoadDelay: s.loadDelay, MaxLoaded: s.maxLoaded, Tokens: max(s.tokens, 1)})
 		defer f.Close()
+		if s.speed != 0 {
+			f.SetSpeed(s.speed)
+		}
 		fakes[s.name] = f
 		addrs = append(addrs, f.HostPort())
 	}
 	var send func(req request) (string, error)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
 	defer client.CloseIdleConnections()
+	var downs sync.Map // server name -> failing, for the oracle
+	down := func(name string, failing bool) { downs.Store(name, failing) }
 	if policy == "oracle" {
 		o := newOracle(w, fakes)
+		o.down = func(name string) bool { v, _ := downs.Load(name); return v == true }
 		send = func(req request) (string, error) { return o.send(client, req) }
 	} else {
 		var site string
@@ -239,6 +261,9 @@ func run(w workload, policy string, port int, seed uint64) result {
 		} else {
 			var b strings.Builder
 			fmt.Fprintf(&b, "\tollamaflow {\n\t\tlb_policy %s\n", policy)
+			if !affinity {
+				b.WriteString("\t\tconversation_affinity off\n")
+			}
 			for i, s := range w.servers {
 				fmt.Fprintf(&b, "\t\tbackend %s %s\n", s.name, addrs[i])
 			}
@@ -246,9 +271,9 @@ func run(w workload, policy string, port int, seed uint64) result {
 			site = b.String()
 		}
 		benchkit.Load(fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n:%d {\n%s\n}\n", port, site))
-		url := fmt.Sprintf("http://127.0.0.1:%d/api/chat", port)
-		benchkit.WaitUp(url)
-		send = func(req request) (string, error) { return post(client, url, req.body) }
+		base := fmt.Sprintf("http://127.0.0.1:%d", port)
+		benchkit.WaitUp(base + "/api/chat")
+		send = func(req request) (string, error) { return post(client, base, req) }
 	}
 
 	res := result{policy: policy, slowShare: -1, sameServerTurn: -1, share: map[string]int{}}
@@ -269,8 +294,16 @@ func run(w workload, policy string, port int, seed uint64) result {
 		var mu sync.Mutex
 		var wg sync.WaitGroup
 		start := time.Now()
-		for c := range ph.conc {
+		phaseDone := make(chan struct{})
+		if ph.during != nil {
 			wg.Go(func() {
+				ph.during(fakes, down)
+				<-phaseDone
+			})
+		}
+		var clients sync.WaitGroup
+		for c := range ph.conc {
+			clients.Go(func() {
 				for i := 0; ; i++ {
 					if sent.Add(1) > int64(ph.n) {
 						return
@@ -301,16 +334,18 @@ func run(w workload, policy string, port int, seed uint64) result {
 				}
 			})
 		}
-		wg.Wait()
+		clients.Wait()
 		if ph.measured {
 			res.elapsed = time.Since(start)
 		}
+		close(phaseDone)
+		wg.Wait()
 	}
 	res.n = len(res.lat)
 	total := 0
 	for _, s := range w.servers {
 		f := fakes[s.name]
-		res.share[s.name] = f.Count("/api/chat")
+		res.share[s.name] = f.Count("/api/chat") + f.Count("/v1/chat/completions")
 		total += res.share[s.name]
 		res.loads += f.ColdLoads()
 	}
@@ -324,12 +359,18 @@ func run(w workload, policy string, port int, seed uint64) result {
 	return res
 }
 
-// post sends one chat and names the server that answered (X-OllamaFlow-Backend; "" through
-// reverse_proxy).
-func post(client *http.Client, url string, body []byte) (string, error) {
+// post sends one chat to base (the proxy, or a fake for the oracle) and names the server that
+// answered (X-OllamaFlow-Backend; "" through reverse_proxy). An answer counts when it is
+// complete in its API's format: Ollama's final object (streamed or not), OpenAI's finish_reason
+// or its stream's [DONE].
+func post(client *http.Client, base string, r request) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	path := r.path
+	if path == "" {
+		path = "/api/chat"
+	}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+path, bytes.NewReader(r.body))
 	req.Header.Set("Content-Type", "application/json")
 	res, err := client.Do(req)
 	if err != nil {
@@ -342,7 +383,8 @@ func post(client *http.Client, url string, body []byte) (string, error) {
 		return "", fmt.Errorf("body cut")
 	case res.StatusCode != http.StatusOK:
 		return "", fmt.Errorf("status %d", res.StatusCode)
-	case !bytes.Contains(b, []byte(`"done":true`)):
+	case strings.HasPrefix(path, "/v1/") && !bytes.Contains(b, []byte(`data: [DONE]`)) && !bytes.Contains(b, []byte(`"finish_reason":"`)),
+		!strings.HasPrefix(path, "/v1/") && !bytes.Contains(b, []byte(`"done":true`)):
 		return "", fmt.Errorf("incomplete body")
 	}
 	return res.Header.Get("X-OllamaFlow-Backend"), nil
@@ -355,14 +397,22 @@ func post(client *http.Client, url string, body []byte) (string, error) {
 type oracle struct {
 	mu      sync.Mutex
 	servers []*oserver
+	down    func(name string) bool // a server the workload makes fail
 }
 
 type oserver struct {
 	spec   spec
 	fake   *fakeollama.Server
 	url    string
-	finish map[uint64]time.Time
+	flight map[uint64]ojob // requests in flight
 	slow   float64
+}
+
+// ojob is a request in flight on a server, for the oracle: when it was sent and its true
+// service time.
+type ojob struct {
+	sent    time.Time
+	service time.Duration
 }
 
 var oracleID atomic.Uint64
@@ -370,7 +420,7 @@ var oracleID atomic.Uint64
 func newOracle(w workload, fakes map[string]*fakeollama.Server) *oracle {
 	o := &oracle{}
 	for _, s := range w.servers {
-		o.servers = append(o.servers, &oserver{spec: s, fake: fakes[s.name], url: fakes[s.name].URL + "/api/chat", finish: map[uint64]time.Time{}, slow: 1})
+		o.servers = append(o.servers, &oserver{spec: s, fake: fakes[s.name], url: fakes[s.name].URL, flight: map[uint64]ojob{}, slow: 1})
 	}
 	return o
 }
@@ -380,18 +430,40 @@ func (o *oracle) send(client *http.Client, req request) (string, error) {
 	now := time.Now()
 	var best *oserver
 	var bestEnd time.Time
+	var bestService time.Duration
 	for _, s := range o.servers {
+		if o.down != nil && o.down(s.spec.name) {
+			continue
+		}
 		s.slow = s.fake.Speed() // the workload's own change: known to the oracle
-		service := time.Duration(float64(s.spec.prompt+time.Duration(req.tokens)*s.spec.tokenGap) * s.slow)
-		var rem []time.Duration
-		for _, f := range s.finish {
-			rem = append(rem, max(f.Sub(now), 0))
+		tokens := req.tokens
+		if tokens == 0 {
+			tokens = max(s.spec.tokens, 1)
 		}
-		sort.Slice(rem, func(i, j int) bool { return rem[i] < rem[j] })
-		var wait time.Duration
-		if len(rem) >= s.spec.parallel {
-			wait = rem[len(rem)-s.spec.parallel]
+		service := time.Duration(float64(s.spec.prompt+time.Duration(req.promptTokens)*s.spec.promptCost+time.Duration(tokens)*s.spec.tokenGap) * s.slow)
+		// The fake serves first come, first served: replay the requests in flight in the
+		// order they were sent, each on the first free slot; one past its end (the machine's
+		// own overhead) still has a tenth of its time left, and those behind it start no
+		// earlier than now.
+		var jobs []ojob
+		for _, f := range s.flight {
+			jobs = append(jobs, f)
 		}
+		sort.Slice(jobs, func(i, j int) bool { return jobs[i].sent.Before(jobs[j].sent) })
+		free := make([]time.Time, max(s.spec.parallel, 1))
+		for _, j := range jobs {
+			k := slices.IndexFunc(free, func(t time.Time) bool { return !t.After(slices.MinFunc(free, time.Time.Compare)) })
+			start := free[k]
+			if j.sent.After(start) {
+				start = j.sent
+			}
+			end := start.Add(j.service)
+			if floor := now.Add(j.service / 10); end.Before(floor) {
+				end = floor
+			}
+			free[k] = end
+		}
+		wait := max(slices.MinFunc(free, time.Time.Compare).Sub(now), 0)
 		end := now.Add(wait + service)
 		if req.model != "" && !slices.Contains(s.fake.Loaded(), req.model+":latest") {
 			end = end.Add(s.spec.loadDelay)
@@ -400,15 +472,18 @@ func (o *oracle) send(client *http.Client, req request) (string, error) {
 			}
 		}
 		if best == nil || end.Before(bestEnd) {
-			best, bestEnd = s, end
+			best, bestEnd, bestService = s, end, end.Sub(now)-wait
 		}
 	}
+	if best == nil { // every server failing: any will do
+		best, bestEnd = o.servers[0], now
+	}
 	id := oracleID.Add(1)
-	best.finish[id] = bestEnd
+	best.flight[id] = ojob{now, bestService}
 	o.mu.Unlock()
-	_, err := post(client, best.url, req.body)
+	_, err := post(client, best.url, req)
 	o.mu.Lock()
-	delete(best.finish, id)
+	delete(best.flight, id)
 	o.mu.Unlock()
 	return best.spec.name, err
 }
@@ -428,7 +503,7 @@ func table(w workload, rows []result) string {
 	if w.note != "" {
 		fmt.Fprintf(&b, "%s\n", w.note)
 	}
-	head := []string{"policy", "req/s", "p50", "p99", "loads/1k", "cache hits", "same server next turn", "slowed server's share", "received"}
+	head := []string{"policy", "req/s", "p50", "p99", "loads/1k", "cache hits", "same server next turn", "changed server's share", "received"}
 	out := [][]string{head}
 	for _, r := range rows {
 		name := r.policy
