@@ -407,8 +407,9 @@ func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 	now := time.Now()
 	fast.srv.inFlight.Store(1)
 	serve(fast, &job{}, now, final(100*time.Millisecond, 0, 0, 10, 1))
-	fast.srv.inFlight.Store(2) // the second of two waited: one slot
+	release := hold(fast, 1, now) // the second of two waited: one slot
 	serve(fast, &job{}, now, final(100*time.Millisecond, 0, 100*time.Millisecond, 10, 1))
+	release()
 	fast.srv.inFlight.Store(0)
 	slow.srv.inFlight.Store(1)
 	serve(slow, &job{}, now, final(400*time.Millisecond, 0, 0, 10, 1))
