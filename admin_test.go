@@ -183,6 +183,23 @@ func TestMetricsAfterKnownTraffic(t *testing.T) {
 	loadCaddy(t, fmt.Sprintf("name metrics-test\nmodels tiny-llama tiny-bert\nbackend a %s {\nmax_parallel 2\n}", a.URL))
 	waitKnown(t, []*fakeollama.Server{a})
 
+	const l = `{backend="a",frontend="metrics-test",model="tiny-llama:latest",type="completion",code="200"}`
+	counters := []string{
+		`ollamaflow_requests_total` + sortLabels(l),
+		`ollamaflow_requests_total{backend="a",code="200",frontend="metrics-test",model="tiny-bert:latest",type="embedding"}`,
+		`ollamaflow_requests_total{backend="none",code="403",frontend="metrics-test",model="",type="completion"}`,
+		`ollamaflow_tokens_total{backend="a",direction="completion",frontend="metrics-test",model="tiny-llama:latest"}`,
+		`ollamaflow_tokens_total{backend="a",direction="prompt",frontend="metrics-test",model="tiny-llama:latest"}`,
+		`ollamaflow_time_to_first_byte_seconds_count{backend="a",frontend="metrics-test",model="tiny-llama:latest"}`,
+	}
+	// Counters are kept across reloads that keep the frontend's name (an
+	// earlier run of this test in the process, with -count): count from here.
+	before := map[string]float64{}
+	for _, c := range counters {
+		before[c] = max(scrape(t, c), 0)
+	}
+	added := func(c string) float64 { return scrape(t, c) - before[c] }
+
 	for i := 0; i < 3; i++ {
 		res, body := post(t, "/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"one two three"}]}`)
 		require.Equal(t, http.StatusOK, res.StatusCode, body)
@@ -194,15 +211,13 @@ func TestMetricsAfterKnownTraffic(t *testing.T) {
 	res, _ = post(t, "/api/chat", `{"model":"made-up","messages":[]}`)
 	require.Equal(t, http.StatusForbidden, res.StatusCode)
 
-	const l = `{backend="a",frontend="metrics-test",model="tiny-llama:latest",type="completion",code="200"}`
-	assert.Equal(t, 4.0, scrape(t, `ollamaflow_requests_total`+sortLabels(l)))
-	assert.Equal(t, 1.0, scrape(t, `ollamaflow_requests_total{backend="a",code="200",frontend="metrics-test",model="tiny-bert:latest",type="embedding"}`))
-	assert.Equal(t, 1.0, scrape(t, `ollamaflow_requests_total{backend="none",code="403",frontend="metrics-test",model="",type="completion"}`),
-		"a made-up model name never becomes a label value")
+	assert.Equal(t, 4.0, added(counters[0]))
+	assert.Equal(t, 1.0, added(counters[1]))
+	assert.Equal(t, 1.0, added(counters[2]), "a made-up model name never becomes a label value")
 	// 3 native chats of 4 tokens and one OpenAI stream with usage.
-	assert.Equal(t, 16.0, scrape(t, `ollamaflow_tokens_total{backend="a",direction="completion",frontend="metrics-test",model="tiny-llama:latest"}`))
-	assert.Positive(t, scrape(t, `ollamaflow_tokens_total{backend="a",direction="prompt",frontend="metrics-test",model="tiny-llama:latest"}`))
-	assert.Equal(t, 4.0, scrape(t, `ollamaflow_time_to_first_byte_seconds_count{backend="a",frontend="metrics-test",model="tiny-llama:latest"}`))
+	assert.Equal(t, 16.0, added(counters[3]))
+	assert.Positive(t, added(counters[4]))
+	assert.Equal(t, 4.0, added(counters[5]))
 	assert.Equal(t, 1.0, scrape(t, `ollamaflow_backend_healthy{backend="a",frontend="metrics-test"}`))
 	assert.Equal(t, 0.0, scrape(t, `ollamaflow_backend_in_flight{backend="a",frontend="metrics-test"}`))
 	assert.Equal(t, 0.0, scrape(t, `ollamaflow_queue_length{frontend="metrics-test"}`))
