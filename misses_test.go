@@ -8,8 +8,10 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"net/http/httptrace"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -22,6 +24,12 @@ import (
 // flood sends n requests at once and returns their statuses.
 func flood(t *testing.T, n int, method, path, body string) []int {
 	t.Helper()
+	return floodTraced(t, n, method, path, body, nil)
+}
+
+// floodTraced is flood with trace on each request (nil: none).
+func floodTraced(t *testing.T, n int, method, path, body string, trace *httptrace.ClientTrace) []int {
+	t.Helper()
 	statuses := make([]int, n)
 	var wg sync.WaitGroup
 	for i := range n {
@@ -31,6 +39,9 @@ func flood(t *testing.T, n int, method, path, body string) []int {
 			req, err := http.NewRequest(method, siteURL+path, strings.NewReader(body))
 			if err != nil {
 				return
+			}
+			if trace != nil {
+				req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
 			}
 			res, err := client.Do(req)
 			if err != nil {
@@ -114,8 +125,23 @@ func TestPSAnswersFromDiscovery(t *testing.T) {
 	waitListsAged(t, fs, psMaxAge) // stale: the flood must read them, once
 	for _, f := range fs {
 		f.ResetStats()
+		// The first read stays in progress until every request of the
+		// flood is sent, however slowly a loaded machine sends them: they
+		// all find it in progress, rather than a read that ended more than
+		// psMaxAge before the last of them arrived.
+		f.Hold("/api/ps")
 	}
-	for _, st := range flood(t, 200, http.MethodGet, "/api/ps", "") {
+	var sent atomic.Int32
+	trace := &httptrace.ClientTrace{WroteRequest: func(httptrace.WroteRequestInfo) { sent.Add(1) }}
+	done := make(chan []int, 1)
+	go func() { done <- floodTraced(t, 200, http.MethodGet, "/api/ps", "", trace) }()
+	require.Eventually(t, func() bool {
+		return sent.Load() == 200 && fs[0].Count("/api/ps") == 1 && fs[1].Count("/api/ps") == 1
+	}, 60*time.Second, 5*time.Millisecond, "every request sent, one read per server in progress")
+	for _, f := range fs {
+		f.Release()
+	}
+	for _, st := range <-done {
 		require.Equal(t, http.StatusOK, st)
 	}
 	for _, f := range fs {
