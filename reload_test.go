@@ -85,7 +85,7 @@ func reloadUnderLoad(t *testing.T, proto string) {
 	loadCaddyRaw(t, withProtocols(caddyConfig(backendLines(3))))
 	waitKnown(t, list)
 
-	var sent, failed, cut, streams, resets atomic.Int64
+	var sent, answered, failed, cut, streams, resets atomic.Int64
 	var mu sync.Mutex
 	var failures []string
 	stop := make(chan struct{})
@@ -160,8 +160,18 @@ func reloadUnderLoad(t *testing.T, proto string) {
 				if stream {
 					streams.Add(1)
 				}
+				answered.Add(1)
 			}
 		}()
+	}
+	// Between two reloads, every client gets answers: the reloads happen
+	// under load however slowly a busy machine serves (a fixed pause let
+	// a loaded CI machine reload over almost no traffic).
+	underLoad := func() {
+		t.Helper()
+		from := answered.Load() + failed.Load()
+		require.Eventually(t, func() bool { return answered.Load()+failed.Load() >= from+8 }, 60*time.Second, time.Millisecond,
+			"the clients got no answers")
 	}
 
 	configs := []string{
@@ -171,10 +181,10 @@ func reloadUnderLoad(t *testing.T, proto string) {
 		"name other\n" + backendLines(3),
 	}
 	for i := 0; i < 20; i++ {
-		time.Sleep(50 * time.Millisecond)
+		underLoad()
 		loadCaddyRaw(t, withProtocols(caddyConfig(configs[i%len(configs)])))
 	}
-	time.Sleep(100 * time.Millisecond)
+	underLoad()
 	close(stop)
 	wg.Wait()
 

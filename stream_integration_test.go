@@ -179,9 +179,12 @@ func TestIntegrationStalledClientIsCutNotTheBackend(t *testing.T) {
 	const tokens = 5_000_000
 	f := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}, Tokens: tokens})
 	defer f.Close()
+	// stream_idle_timeout is shorter than client_write_timeout, as the
+	// test means; 2 s leaves a starved fake (-race, a loaded machine) time
+	// to send its next token before the stall begins.
 	loadCaddy(t, fmt.Sprintf(`
-		stream_idle_timeout 1s
-		client_write_timeout 3s
+		stream_idle_timeout 2s
+		client_write_timeout 5s
 		backend a %s {
 			fail_threshold 1
 			max_parallel 3
@@ -211,10 +214,10 @@ func TestIntegrationStalledClientIsCutNotTheBackend(t *testing.T) {
 		conns = append(conns, conn)
 	}
 	// Each took a slot and began streaming.
-	require.Eventually(t, func() bool { return f.Count("/api/generate") == clients }, 10*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return f.Count("/api/generate") == clients }, 60*time.Second, 10*time.Millisecond)
 
 	// Generous: filling the buffers takes seconds under -race on a loaded
-	// machine, before the 3 s client_write_timeout even starts.
+	// machine, before the 5 s client_write_timeout even starts.
 	require.Eventually(t, func() bool { return srv.inFlight.Load() == 0 }, 60*time.Second, 10*time.Millisecond,
 		"the stalled clients' slots are freed")
 	require.Eventually(t, func() bool { return len(f.Cancellations()) == clients }, 30*time.Second, 10*time.Millisecond,
@@ -228,7 +231,9 @@ func TestIntegrationStalledClientIsCutNotTheBackend(t *testing.T) {
 
 	// The connections were cut: what the client can still read ends.
 	for _, conn := range conns {
-		require.NoError(t, conn.SetReadDeadline(time.Now().Add(10*time.Second)))
+		// What the kernel buffered (megabytes) is read first: the deadline
+		// only tells a connection left open from a slow read.
+		require.NoError(t, conn.SetReadDeadline(time.Now().Add(60*time.Second)))
 		_, err := io.Copy(io.Discard, bufio.NewReader(conn))
 		var ne net.Error
 		assert.False(t, errors.As(err, &ne) && ne.Timeout(), "the proxy closed the connection (read: %v)", err)
