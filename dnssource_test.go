@@ -108,7 +108,8 @@ func TestBackendsFromSRVPriorityWithStatic(t *testing.T) {
 // TestBackendsFromSRVFailoverUnderLoad streams chats through a frontend
 // whose SRV records name two servers at priority 10 and one at 20: the
 // one at 20 serves only while neither at 10 can (drained, then failing its
-// probes), and no request fails across the changes.
+// probes, then their records gone), a lower priority that appears takes
+// over, and no request fails across the changes.
 func TestBackendsFromSRVFailoverUnderLoad(t *testing.T) {
 	z := newDNSZone(t)
 	cfg := tinyLlama
@@ -205,6 +206,22 @@ func TestBackendsFromSRVFailoverUnderLoad(t *testing.T) {
 	to = settle(30)
 	assert.Equal(t, [3]bool{true, false, false}, since(from, to), "priority 10 serves again once healthy")
 
+	// The records at 10 disappear (their servers drain and leave): 20 is
+	// the first priority left, and serves; records at 5 then come first.
+	z.setSRV("_ollama._tcp.ollama.test", srvRecord(20, 0, ports[2], 2))
+	waitPool(t, h, names[2])
+	from = settle(30)
+	to = settle(30)
+	assert.Equal(t, [3]bool{false, false, true}, since(from, to), "the only priority left serves")
+	z.setSRV("_ollama._tcp.ollama.test", srvRecord(20, 0, ports[2], 2), srvRecord(5, 0, ports[1], 1))
+	waitPool(t, h, names[1], names[2])
+	// Drained above: if its live state outlived its records, undrain it.
+	viewOf(h, names[1]).srv.setDraining(false)
+	waitHealthy(t, viewOf(h, names[1]).srv.key, stateHealthy)
+	from = settle(30)
+	to = settle(30)
+	assert.Equal(t, [3]bool{false, true, false}, since(from, to), "a lower priority that appears takes over")
+
 	stop()
 	wg.Wait()
 	failures.Range(func(k, v any) bool {
@@ -212,7 +229,7 @@ func TestBackendsFromSRVFailoverUnderLoad(t *testing.T) {
 		return true
 	})
 	assert.Zero(t, failed.Load())
-	t.Logf("%d requests through 4 fail-overs, %d failed; served %v", ok.Load(), failed.Load(), counts())
+	t.Logf("%d requests through 6 fail-overs, %d failed; served %v", ok.Load(), failed.Load(), counts())
 }
 
 // TestBackendsFromSRVQueuedFailover: a request queued behind a full server
