@@ -191,6 +191,12 @@ type noCandidate struct{ msg string }
 func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCandidate) {
 	var enabled, typed, labelled int
 	pool := h.pool()
+	gen := servingGeneration.Load() // before the walk: a change during it invalidates
+	if len(pool) > largePool {
+		if list := h.cachedCandidates(pool, kind, labels, gen); list != nil {
+			return list, nil
+		}
+	}
 	out := filterBackends(pool, func(b *backend) bool {
 		if b.cfg.Disabled || b.srv.draining.Load() {
 			return false
@@ -207,6 +213,9 @@ func (h *Handler) candidates(kind routeKind, labels []string) ([]*backend, *noCa
 		return b.healthy()
 	})
 	if len(out) > 0 {
+		if len(pool) > largePool {
+			h.keepCandidates(pool, kind, labels, gen, out)
+		}
 		return out, nil
 	}
 	switch {
@@ -252,7 +261,13 @@ func policyNames() string {
 // A server of a higher SRV priority takes nothing while one of a lower
 // priority among cands could serve, even when that one is full.
 func (h *Handler) acquire(cands []*backend, j *job) *backend {
-	return h.take(filterBackends(h.firstTier(cands), (*backend).free), j)
+	cands = h.firstTier(cands)
+	if len(cands) > largePool {
+		if b, ok := h.acquireLarge(cands, j); ok {
+			return b
+		}
+	}
+	return h.take(filterBackends(cands, (*backend).free), j)
 }
 
 // take runs the policy over avail (backends with room) and takes a slot on
@@ -555,12 +570,32 @@ func (h *Handler) stickyKey(r *http.Request) string {
 // it held: every other key's top score is unchanged.
 //
 // The server's half of the hash is computed once per backend view, so a
-// pick costs one mix and one logarithm per candidate, not a hash of the
-// server's URL.
+// pick costs one mix per candidate, not a hash of the server's URL, and a
+// logarithm only when weights differ: with equal weights the score grows
+// with u, so the highest u wins (the same server).
 func rendezvous(list []*backend, key string) *backend {
+	if len(list) == 0 {
+		return nil
+	}
+	hk := fnv64(key)
+	w0 := list[0].weight()
+	var best *backend
+	bestU := -1.0
+	for _, b := range list {
+		if b.weight() != w0 {
+			return rendezvousWeighted(list, hk)
+		}
+		if u := (float64(mix64(hk^b.idHash)) + 0.5) / (1 << 64); u > bestU {
+			best, bestU = b, u
+		}
+	}
+	return best
+}
+
+// rendezvousWeighted is rendezvous over servers of different weights.
+func rendezvousWeighted(list []*backend, hk uint64) *backend {
 	var best *backend
 	bestScore := math.Inf(-1)
-	hk := fnv64(key)
 	for _, b := range list {
 		// Weighted rendezvous: -weight / ln(u), u uniform in (0,1).
 		u := (float64(mix64(hk^b.idHash)) + 0.5) / (1 << 64)

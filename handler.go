@@ -374,6 +374,9 @@ const busyBackoff = time.Second
 // notBusy drops the servers still backing off after a 503 "server busy",
 // unless that would leave none: a busy server is better than no server.
 func notBusy(list []*backend, now time.Time) []*backend {
+	if now.UnixNano() >= backOffUntil.Load() {
+		return list // nobody is backing off
+	}
 	n := 0
 	for _, b := range list {
 		if !b.srv.backingOff(now) {

@@ -362,7 +362,9 @@ func (b *backend) failStatus(status int) bool {
 // run. The refused request still holds its slot when this is called.
 func (s *server) backOff(d time.Duration) {
 	s.busyLevel.Store(s.inFlight.Load() - 1)
-	s.busyUntil.Store(time.Now().Add(d).UnixNano())
+	until := time.Now().Add(d).UnixNano()
+	s.busyUntil.Store(until)
+	noteBackOff(until)
 }
 
 // backingOff reports whether the server is still sitting out a 503: until
@@ -411,6 +413,7 @@ func (s *server) recordFailure(cause string) {
 // held.
 func (s *server) transitionLocked(from, to healthState, reason string) func() {
 	s.state.Store(int32(to))
+	servingGeneration.Add(1) // kept candidate lists (largepool.go) are stale
 	s.since = time.Now()
 	if to == stateHealthy {
 		s.failStreak.Store(0)
@@ -470,6 +473,7 @@ func (s *server) setDraining(on bool) {
 	if s.draining.Swap(on) == on {
 		return
 	}
+	servingGeneration.Add(1) // kept candidate lists (largepool.go) are stale
 	msg := "backend draining"
 	if !on {
 		msg = "backend undrained"

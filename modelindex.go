@@ -40,7 +40,14 @@ type modelHolders struct {
 	loaded []uint64   // bit i: backends[i] has it loaded
 	list   []*backend // the backends of may, in order
 	warm   []*backend // those of list that have it loaded
+	// kept is withModel's last answer for a large candidate list other
+	// than the pool (a server down or disabled), so the next request
+	// with the same candidates does not filter them again.
+	kept atomic.Pointer[keptList]
 }
+
+// keptList is a filter's answer out for the list in.
+type keptList struct{ in, out []*backend }
 
 // holders returns the index of model over h.pool(), and the list its
 // positions refer to; nil when the model is not indexed (no server is
@@ -119,7 +126,12 @@ func (h *Handler) withModel(cands []*backend, model string) []*backend {
 	if e != nil && sameList(cands, list) {
 		return e.list // every backend is a candidate
 	}
-	return filterBackends(cands, func(b *backend) bool {
+	if e != nil && len(cands) > largePool {
+		if k := e.kept.Load(); k != nil && sameList(k.in, cands) {
+			return k.out
+		}
+	}
+	out := filterBackends(cands, func(b *backend) bool {
 		if e != nil {
 			if set, ok := bit(e.may, list, b); ok {
 				return set
@@ -128,6 +140,10 @@ func (h *Handler) withModel(cands []*backend, model string) []*backend {
 		has, known := b.srv.models.Load().has(model)
 		return has || !known
 	})
+	if e != nil && len(cands) > largePool {
+		e.kept.Store(&keptList{in: cands, out: out})
+	}
+	return out
 }
 
 // loadedOn keeps the backends of list that have model loaded.

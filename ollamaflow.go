@@ -13,6 +13,7 @@
 //	stream.go      copying an answer to the client: idle and client-write clocks, honest ends of cut answers
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
+//	largepool.go   routing over large pools: kept candidate lists, sampled picks (power of d choices)
 //	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
@@ -53,6 +54,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -309,6 +311,14 @@ type Handler struct {
 	syncStaged        *syncSettings  // what this config asks of it, adopted once it runs
 	explorerPath      string         // ExplorerPath with its slash; empty: no explorer
 	explorerPage      []byte         // explorer.html for explorerPath
+
+	// Routing over large pools (largepool.go): the candidate filter's
+	// answer per kind, the list a pick saw last, and the last winners.
+	candCache  [kindManagement + 1]atomic.Pointer[candidateCache]
+	listInfo   atomic.Pointer[listInfo]
+	leaders    [sampleLeader]atomic.Pointer[backend]
+	leaderNext uint64
+	sampleRand *rand.Rand // nil: the global source; tests set a seeded one
 }
 
 // StickyConfig says how a request's session key is found.

@@ -55,9 +55,9 @@ func BenchmarkSelection(b *testing.B) {
 // selectionPool is a frontend with n detached servers (no goroutines) in
 // the state BenchmarkSelection describes.
 func selectionPool(n int, policy string) *Handler {
-	h := &Handler{policy: policies["least_conn"]}
+	h := &Handler{policy: policies["least_conn"], LBPolicy: "least_conn"}
 	if p, ok := policies[policy]; ok {
-		h.policy = p
+		h.policy, h.LBPolicy = p, policy
 	} else {
 		h.Sticky = &StickyConfig{Headers: []string{"X-Session"}}
 	}

@@ -1,0 +1,168 @@
+package ollamaflow
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
+)
+
+// largeTestPool is a frontend of n healthy servers with policy, sampling
+// with a seeded source so a run is reproducible.
+func largeTestPool(n int, policy string, mutate func(i int, b *backend)) *Handler {
+	h := &Handler{policy: policies[policy], LBPolicy: policy, sampleRand: rand.New(rand.NewPCG(1, 2))}
+	for i := range n {
+		b := testBackend(fmt.Sprintf("gpu%d", i), nil)
+		b.pos.Store(int64(i))
+		b.srv.state.Store(int32(stateHealthy))
+		if mutate != nil {
+			mutate(i, b)
+		}
+		h.backends = append(h.backends, b)
+	}
+	return h
+}
+
+func inFlightRange(h *Handler) (lo, hi int64) {
+	lo = 1 << 62
+	for _, b := range h.backends {
+		lo, hi = min(lo, b.srv.inFlight.Load()), max(hi, b.srv.inFlight.Load())
+	}
+	return lo, hi
+}
+
+// The bound on sampling's quality: with 1,000 equal servers and requests
+// that all stay in flight, least_conn comparing a sample keeps every
+// server within two requests of the average.
+func TestSampledLeastConnSpreadsTheLoad(t *testing.T) {
+	h := largeTestPool(1000, "least_conn", nil)
+	cands, why := h.candidates(kindCompletion, nil)
+	require.Nil(t, why)
+	require.Len(t, cands, 1000)
+	for i := range 3000 {
+		require.NotNil(t, h.acquire(cands, &job{}), "request %d", i)
+	}
+	lo, hi := inFlightRange(h)
+	assert.LessOrEqual(t, hi, int64(5), "the busiest server: 3 on average")
+	assert.GreaterOrEqual(t, lo, int64(1), "every server got requests")
+}
+
+// Sampled least_delay still finds a few fast servers among many slow ones:
+// once a sample has met one, it stays among the servers compared (the last
+// winners), so nearly every request goes to a fast server.
+func TestSampledLeastDelayFindsTheFewFastServers(t *testing.T) {
+	fast := map[*backend]bool{}
+	h := largeTestPool(1000, "least_delay", func(i int, b *backend) {
+		speed := time.Second // slow: a second per prompt
+		if i%200 == 7 {      // 5 fast servers
+			speed, fast[b] = 10*time.Millisecond, true
+		}
+		for range 3 {
+			b.srv.inFlight.Store(1)
+			serve(b, &job{}, time.Now(), final(speed, 0, 0, 10, 1))
+		}
+		b.srv.inFlight.Store(0)
+	})
+	require.Len(t, fast, 5)
+	cands, _ := h.candidates(kindCompletion, nil)
+	onFast := 0
+	for range 1000 {
+		b := h.acquire(cands, &job{})
+		require.NotNil(t, b)
+		if fast[b] {
+			onFast++
+		}
+		b.release() // the pool stays idle: the fastest server is the best choice each time
+	}
+	assert.Greater(t, onFast, 900, "requests served by one of the 5 fast servers, of 1,000")
+}
+
+// The servers with the request's model loaded are always in the sample
+// (from the model index): least_conn prefers them as it does in a small
+// pool, however few they are among 1,000.
+func TestSampledPicksFindTheServersWithTheModelLoaded(t *testing.T) {
+	warm := map[*backend]bool{}
+	h := largeTestPool(1000, "least_conn", func(i int, b *backend) {
+		snap := &modelSnapshot{known: true, present: map[string][]byte{"tiny-llama:latest": nil}, loaded: map[string][]byte{}}
+		if i%400 == 3 { // 3 servers have it loaded
+			snap.loaded["tiny-llama:latest"] = nil
+			warm[b] = true
+		}
+		b.srv.models.Store(snap)
+	})
+	cands, _ := h.candidates(kindCompletion, nil)
+	for i := range 300 {
+		b := h.acquire(h.withModel(cands, "tiny-llama:latest"), &job{model: "tiny-llama:latest"})
+		require.NotNil(t, b)
+		require.True(t, warm[b], "request %d went to %s, where the model is not loaded", i, b.cfg.Name)
+		b.release()
+	}
+}
+
+// The candidate list a large pool keeps is dropped when a server is
+// drained or undrained, and the sampled picks never take a server that
+// has no room.
+func TestLargePoolCandidatesFollowDrainAndRoom(t *testing.T) {
+	h := largeTestPool(100, "least_conn", func(i int, b *backend) { b.cfg.MaxParallel = 1 })
+	cands, _ := h.candidates(kindCompletion, nil)
+	require.Len(t, cands, 100)
+	again, _ := h.candidates(kindCompletion, nil)
+	require.True(t, sameList(cands, again), "kept between requests")
+
+	h.backends[42].srv.settings.Store(testSettings(zap.NewNop())) // its drain is logged
+	h.backends[42].srv.setDraining(true)
+	cands, _ = h.candidates(kindCompletion, nil)
+	require.Len(t, cands, 99)
+	assert.NotContains(t, cands, h.backends[42])
+	h.backends[42].srv.setDraining(false)
+	cands, _ = h.candidates(kindCompletion, nil)
+	require.Len(t, cands, 100)
+
+	// Every server takes one request (max_parallel 1); the 101st finds none.
+	for _, policy := range []string{"least_conn", "first", "round_robin", "random", "least_delay"} {
+		h.policy, h.LBPolicy = policies[policy], policy
+		var got []*backend
+		for range 100 {
+			b := h.acquire(cands, &job{})
+			require.NotNil(t, b, policy)
+			got = append(got, b)
+		}
+		assert.Nil(t, h.acquire(cands, &job{}), "%s: every server is at max_parallel", policy)
+		lo, hi := inFlightRange(h)
+		assert.Equal(t, [2]int64{1, 1}, [2]int64{lo, hi}, "%s: one request each", policy)
+		for _, b := range got {
+			b.release()
+		}
+	}
+}
+
+// round_robin over a large pool walks the servers in turn, each weight
+// times per cycle, as it does over a small one.
+func TestLargePoolRoundRobinKeepsWeights(t *testing.T) {
+	h := largeTestPool(100, "round_robin", func(i int, b *backend) { b.cfg.Weight = 1 + i%2 })
+	cands, _ := h.candidates(kindCompletion, nil)
+	count := map[*backend]int{}
+	for range 150 * 4 { // four cycles of total weight 150
+		b := h.acquire(cands, &job{})
+		require.NotNil(t, b)
+		count[b]++
+		b.release()
+	}
+	for i, b := range h.backends {
+		assert.Equal(t, 4*(1+i%2), count[b], "server %d (weight %d)", i, 1+i%2)
+	}
+}
+
+// Rendezvous with equal weights skips the logarithm and still picks the
+// server the weighted score picks.
+func TestRendezvousEqualWeightsPicksTheSameServer(t *testing.T) {
+	h := largeTestPool(300, "least_conn", nil)
+	for i := range 2000 {
+		key := fmt.Sprintf("session-%d", i)
+		require.Same(t, rendezvousWeighted(h.backends, fnv64(key)), rendezvous(h.backends, key), key)
+	}
+}
