@@ -593,15 +593,42 @@ func rendezvous(list []*backend, key string) *backend {
 }
 
 // rendezvousWeighted is rendezvous over servers of different weights.
+// A server of weight w beats the best score S only if its u exceeds
+// exp(-w/S); that bound, kept for a few weights until S changes, spares
+// the logarithm for nearly every server. A u near the bound gets its exact
+// score, so the pick is the one the scores alone make.
 func rendezvousWeighted(list []*backend, hk uint64) *backend {
 	var best *backend
 	bestScore := math.Inf(-1)
+	var bounds [4]struct {
+		w     uint64
+		bound float64
+	}
+	kept := 0
 	for _, b := range list {
 		// Weighted rendezvous: -weight / ln(u), u uniform in (0,1).
 		u := (float64(mix64(hk^b.idHash)) + 0.5) / (1 << 64)
-		score := -float64(b.weight()) / math.Log(u)
+		w := b.weight()
+		if best != nil {
+			bound := -1.0
+			for i := range min(kept, len(bounds)) {
+				if bounds[i].w == w {
+					bound = bounds[i].bound
+					break
+				}
+			}
+			if bound < 0 {
+				bound = math.Exp(-float64(w) / bestScore)
+				bounds[kept%len(bounds)].w, bounds[kept%len(bounds)].bound = w, bound
+				kept++
+			}
+			if u < bound*(1-1e-9) {
+				continue
+			}
+		}
+		score := -float64(w) / math.Log(u)
 		if score > bestScore {
-			best, bestScore = b, score
+			best, bestScore, kept = b, score, 0
 		}
 	}
 	return best

@@ -2,6 +2,7 @@ package ollamaflow
 
 import (
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -164,5 +165,24 @@ func TestRendezvousEqualWeightsPicksTheSameServer(t *testing.T) {
 	for i := range 2000 {
 		key := fmt.Sprintf("session-%d", i)
 		require.Same(t, rendezvousWeighted(h.backends, fnv64(key)), rendezvous(h.backends, key), key)
+	}
+}
+
+// Weighted rendezvous skips most logarithms and still picks the server
+// with the highest score, computed here for every server.
+func TestRendezvousWeightedPicksTheHighestScore(t *testing.T) {
+	h := largeTestPool(300, "least_conn", func(i int, b *backend) { b.cfg.Weight = 1 + i%5 })
+	for i := range 2000 {
+		key := fmt.Sprintf("session-%d", i)
+		hk := fnv64(key)
+		var want *backend
+		best := math.Inf(-1)
+		for _, b := range h.backends {
+			u := (float64(mix64(hk^b.idHash)) + 0.5) / (1 << 64)
+			if score := -float64(b.weight()) / math.Log(u); score > best {
+				want, best = b, score
+			}
+		}
+		require.Same(t, want, rendezvous(h.backends, key), key)
 	}
 }
