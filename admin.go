@@ -254,6 +254,11 @@ type frontendRefJSON struct {
 	// Leaving says its records are gone and it finishes its requests.
 	Source  string `json:"source,omitempty"`
 	Leaving bool   `json:"leaving,omitempty"`
+	// SRVPriority is the priority of the SRV record that named the
+	// server; Standby says a server of a lower priority in the frontend
+	// can serve, so this one takes none of its requests now.
+	SRVPriority *int `json:"srv_priority,omitempty"`
+	Standby     bool `json:"standby,omitempty"`
 }
 
 // credentialsJ says which credentials a frontend sends, never what they are.
@@ -330,8 +335,15 @@ func backendStatus(s *server, views []view) backendJSON {
 	names, labels := map[string]bool{}, map[string]bool{}
 	queued := map[*queue]bool{}
 	for _, v := range views {
-		out.Frontends = append(out.Frontends, frontendRefJSON{Frontend: v.h.Name, Name: v.b.cfg.Name, Disabled: v.b.cfg.Disabled,
-			Source: v.b.source, Leaving: v.b.leaving.Load()})
+		ref := frontendRefJSON{Frontend: v.h.Name, Name: v.b.cfg.Name, Disabled: v.b.cfg.Disabled,
+			Source: v.b.source, Leaving: v.b.leaving.Load()}
+		if v.b.discovered && v.b.srvPriority >= 0 {
+			prio := v.b.srvPriority
+			ref.SRVPriority = &prio
+			tier, ok := v.h.lowestTier(v.h.pool())
+			ref.Standby = ok && v.b.tier.Load() > tier
+		}
+		out.Frontends = append(out.Frontends, ref)
 		if !names[v.b.cfg.Name] {
 			names[v.b.cfg.Name] = true
 			out.Names = append(out.Names, v.b.cfg.Name)

@@ -247,6 +247,20 @@ func TestBackendsFromSRVQueuedFailover(t *testing.T) {
 	waitHealthy(t, viewOf(h, primary).srv.key, stateHealthy)
 	waitHealthy(t, viewOf(h, backup).srv.key, stateHealthy)
 
+	// The admin API says which server waits as a standby.
+	ref := func(name string) frontendRefJSON {
+		v := viewOf(h, name)
+		st := backendStatus(v.srv, []view{{h, v}})
+		require.Len(t, st.Frontends, 1)
+		return st.Frontends[0]
+	}
+	require.NotNil(t, ref(primary).SRVPriority)
+	require.NotNil(t, ref(backup).SRVPriority)
+	assert.Equal(t, 10, *ref(primary).SRVPriority)
+	assert.Equal(t, 20, *ref(backup).SRVPriority)
+	assert.False(t, ref(primary).Standby)
+	assert.True(t, ref(backup).Standby, "priority 20 waits while priority 10 can serve")
+
 	fakes[0].Hold("/api/chat")
 	results := make(chan string, 2)
 	for range 2 {
@@ -261,6 +275,7 @@ func TestBackendsFromSRVQueuedFailover(t *testing.T) {
 
 	viewOf(h, primary).srv.setDraining(true)
 	assert.Equal(t, fmt.Sprint(http.StatusOK, " ", backup), <-results, "the waiter goes to priority 20 once 10 is drained")
+	assert.False(t, ref(backup).Standby, "priority 20 serves")
 	fakes[0].Release()
 	assert.Equal(t, fmt.Sprint(http.StatusOK, " ", primary), <-results, "the request in flight finishes where it was")
 }
