@@ -754,10 +754,11 @@ func (h *Handler) estimateOf(b *backend, j *job) (delay, bool) {
 }
 
 // promptCost is what the server has learned of prompt evaluation for
-// model (the server's over all models where model has no sample): seconds
-// per prompt token and characters per token (charsPerToken before a
-// sample); ok is false before any prompt was timed. It is what a cached
-// prefix saves there.
+// model (the server's over all models where model has no sample): the
+// per-token part of its prompt fit in seconds (the fixed part of an
+// evaluation is paid even when the prefix is cached) and characters per
+// token (charsPerToken before a sample); ok is false before any prompt was
+// timed. It is what each cached token saves there.
 func (sp *speed) promptCost(model string) (secPerTok, charsPerTok float64, ok bool) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()

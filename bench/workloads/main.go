@@ -17,10 +17,11 @@
 //	fresh-burst       fast (4 slots, 100 ms) + 2 slow (1 slot, 400 ms), 8 clients at once
 //	quiet-then-burst  the same pool: 30 requests at concurrency 1, then the burst (measured)
 //	mixed             fast (4 slots) + 2 slow (1 slot), 80% short answers, 20% long ones (16×)
-//	conversations     3 equal servers, 8 clients each holding 5-turn chats with a growing history
 //	two-models        3 servers with room for one model (1 s load), requests for two models
 //	slowdown          3 equal servers (2 slots, 100 ms); one turns 4× slower a third of the way
 //
+// and the conversational workloads of conversations.go (multi-turn chats whose history a
+// server's prompt cache holds; a burst of the same one-message chat),
 // and the robustness workloads of robustness.go (speed classes, many models, long and short
 // prompts, a server that gets faster, a cold start, a failing server, both APIs). -affinity=false
 // turns conversation affinity off, to see the cost model alone.
@@ -134,19 +135,6 @@ func simple(client, i int, _ *rand.Rand) request {
 }
 
 func workloads() []workload {
-	conversations := func(client, i int, rng *rand.Rand) request {
-		// Each client holds 5-turn conversations one after the other; every turn sends the
-		// whole history, as chat clients do.
-		convo, turn := i/5, i%5
-		msgs := []string{fmt.Sprintf("You are assistant %d-%d. %s", client, convo, strings.Repeat("Be brief and exact. ", 20))}
-		for t := 0; t < turn; t++ {
-			msgs = append(msgs, fmt.Sprintf("question %d of conversation %d-%d", t, client, convo), fakeollama.Text(10))
-		}
-		msgs = append(msgs, fmt.Sprintf("question %d of conversation %d-%d", turn, client, convo))
-		r := chat("tiny-llama", 10, msgs...)
-		r.convo, r.turn = client*1000+convo, turn
-		return r
-	}
 	return append([]workload{
 		{name: "fresh-burst", servers: fastSlow(0, 100*ms, 400*ms), models: models1,
 			phases: []phase{{conc: 8, n: 300, measured: true, next: simple}},
@@ -161,11 +149,6 @@ func workloads() []workload {
 				}
 				return chat("tiny-llama", 5, "Say hi.")
 			}}}},
-		{name: "conversations", servers: []spec{
-			{name: "s1", parallel: 2, prompt: 50 * ms, tokenGap: 2 * ms, loaded: models1},
-			{name: "s2", parallel: 2, prompt: 50 * ms, tokenGap: 2 * ms, loaded: models1},
-			{name: "s3", parallel: 2, prompt: 50 * ms, tokenGap: 2 * ms, loaded: models1}}, models: models1,
-			phases: []phase{{conc: 8, n: 240, measured: true, next: conversations}}},
 		{name: "two-models", servers: []spec{
 			{name: "s1", parallel: 2, prompt: 100 * ms, loadDelay: time.Second, maxLoaded: 1, loaded: []string{"model-a"}},
 			{name: "s2", parallel: 2, prompt: 100 * ms, loadDelay: time.Second, maxLoaded: 1, loaded: []string{"model-a"}},
@@ -186,7 +169,7 @@ func workloads() []workload {
 				{conc: 6, n: 300, measured: true, next: simple,
 					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(4) }},
 			}},
-	}, robustnessWorkloads()...)
+	}, append(conversationWorkloads(), robustnessWorkloads()...)...)
 }
 
 // result is one policy's run of one workload.
@@ -355,7 +338,7 @@ func run(w workload, policy string, port int, seed uint64) result {
 	if n := follow.Load(); n > 0 {
 		res.sameServerTurn = float64(followSame.Load()) / float64(n)
 	}
-	res.cacheHits = "-" // the fakes' prompt cache counters, once the fake keeps a prompt cache
+	res.cacheHits = cacheHitRate(fakes)
 	return res
 }
 
@@ -398,6 +381,7 @@ type oracle struct {
 	mu      sync.Mutex
 	servers []*oserver
 	down    func(name string) bool // a server the workload makes fail
+	cached  map[int]oracleCache    // by conversation: where its last turn is cached
 }
 
 type oserver struct {
@@ -440,7 +424,8 @@ func (o *oracle) send(client *http.Client, req request) (string, error) {
 		if tokens == 0 {
 			tokens = max(s.spec.tokens, 1)
 		}
-		service := time.Duration(float64(s.spec.prompt+time.Duration(req.promptTokens)*s.spec.promptCost+time.Duration(tokens)*s.spec.tokenGap) * s.slow)
+		evaluated := req.promptTokens - o.cachedTokens(s, req)
+		service := time.Duration(float64(s.spec.prompt+time.Duration(evaluated)*s.spec.promptCost+time.Duration(tokens)*s.spec.tokenGap) * s.slow)
 		// The fake serves first come, first served: replay the requests in flight in the
 		// order they were sent, each on the first free slot; one past its end (the machine's
 		// own overhead) still has a tenth of its time left, and those behind it start no
@@ -478,6 +463,7 @@ func (o *oracle) send(client *http.Client, req request) (string, error) {
 	if best == nil { // every server failing: any will do
 		best, bestEnd = o.servers[0], now
 	}
+	o.noteCached(best, req)
 	id := oracleID.Add(1)
 	best.flight[id] = ojob{now, bestService}
 	o.mu.Unlock()

@@ -1,0 +1,125 @@
+package main
+
+// The conversational workloads: what conversation affinity is for, and what it must not cost.
+//
+//	conversations      3 equal servers whose prompt evaluation costs 200 µs a token except
+//	                   what a cache slot holds (Ollama's default slot choice); 8 clients each
+//	                   hold 5-turn chats, every turn the whole history, about 300 tokens more
+//	                   a turn (a pasted document, code): turn 5 is about 1,500 tokens
+//	same-prompt-burst  issue 7's fast/slow pool, the same prompt cost; 12 unrelated clients
+//	                   send the same one-message chat (a 200-token instruction) at once: no
+//	                   conversation, so least_delay must spread it like least_conn does
+//
+// The table's cache hits are the fakes' own counters: prompt tokens found in a cache slot over
+// prompt tokens sent (PromptCacheStats).
+
+import (
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
+)
+
+// convPromptCost is what a prompt token costs the fakes of these workloads when it is not in
+// a cache slot: 5,000 tokens/s, a small GPU.
+const convPromptCost = 200 * time.Microsecond
+
+// convMessage is a chat message as a client sends it.
+type convMessage struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// chatMessages is a non-streamed /api/chat request of msgs, asking for answer tokens, with its
+// prompt's size for the oracle.
+func chatMessages(model string, answer int, msgs []convMessage) request {
+	body, _ := json.Marshal(map[string]any{"model": model, "messages": msgs, "stream": false,
+		"options": map[string]any{"num_predict": answer}})
+	n := 0
+	for _, m := range msgs {
+		n += countTokens(m.Content)
+	}
+	return request{model: model, body: body, tokens: answer, promptTokens: n}
+}
+
+func conversationWorkloads() []workload {
+	const answer = 20 // tokens: the fakes answer fakeollama.Text(answer), which the next turn sends back
+	conversations := func(client, i int, _ *rand.Rand) request {
+		// Each client holds 5-turn conversations one after the other. Every turn sends the
+		// whole history with the fake's own answers in it, so the server that answered the
+		// previous turn holds all but the new question in a cache slot.
+		convo, turn := i/5, i%5
+		msgs := []convMessage{{"system", fmt.Sprintf("conversation %d-%d. %s", client, convo, fakeollama.Text(200))}}
+		for t := 0; t <= turn; t++ {
+			msgs = append(msgs, convMessage{"user", fmt.Sprintf("question %d of %d-%d: %s", t, client, convo, fakeollama.Text(280))})
+			if t < turn {
+				msgs = append(msgs, convMessage{"assistant", fakeollama.Text(answer)})
+			}
+		}
+		r := chatMessages("tiny-llama", answer, msgs)
+		r.convo, r.turn = client*1000+convo, turn
+		return r
+	}
+	instruction := []convMessage{{"user", "Summarise the following. " + fakeollama.Text(200)}}
+	samePrompt := func(int, int, *rand.Rand) request { return chatMessages("tiny-llama", 5, instruction) }
+
+	equal := func(name string) spec {
+		return spec{name: name, parallel: 2, prompt: 20 * ms, promptCost: convPromptCost, tokenGap: 5 * ms, loaded: models1}
+	}
+	pool := fastSlow(10*ms, 40*ms, 160*ms)
+	for i := range pool {
+		pool[i].promptCost = convPromptCost
+		if i > 0 {
+			pool[i].promptCost = 4 * convPromptCost
+		}
+	}
+	return []workload{
+		{name: "conversations", servers: []spec{equal("s1"), equal("s2"), equal("s3")}, models: models1,
+			phases: []phase{{conc: 8, n: 240, measured: true, next: conversations}},
+			note:   "a follow-up evaluates about 300 new tokens (60 ms) where its history is cached, up to 1,500 (300 ms) elsewhere"},
+		{name: "same-prompt-burst", servers: pool, models: models1,
+			phases: []phase{{conc: 12, n: 300, measured: true, next: samePrompt}},
+			note:   "identical one-message chats from unrelated clients: not a conversation"},
+	}
+}
+
+// cacheHitRate is the fakes' prompt tokens found in a cache slot over those sent, since their
+// last ResetStats; "-" when no prompt was sent.
+func cacheHitRate(fakes map[string]*fakeollama.Server) string {
+	var cached, sent int
+	for _, f := range fakes {
+		st := f.PromptCacheStats()
+		cached += st.CachedTokens
+		sent += st.PromptTokens
+	}
+	if sent == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f%%", 100*float64(cached)/float64(sent))
+}
+
+// oracleCache is what the oracle knows a server's cache holds of a conversation: the prompt
+// and answer of its last turn, on the server that served it.
+type oracleCache struct {
+	server *oserver
+	tokens int
+}
+
+// cachedTokens is how much of req's prompt s has cached: its conversation's last turn, where
+// s served it. The oracle's ideal assumes the slot still holds it.
+func (o *oracle) cachedTokens(s *oserver, req request) int {
+	if c, ok := o.cached[req.convo]; ok && req.turn > 0 && c.server == s {
+		return min(c.tokens, req.promptTokens)
+	}
+	return 0
+}
+
+// noteCached records that s serves req's turn of its conversation.
+func (o *oracle) noteCached(s *oserver, req request) {
+	if o.cached == nil {
+		o.cached = map[int]oracleCache{}
+	}
+	o.cached[req.convo] = oracleCache{server: s, tokens: req.promptTokens + req.tokens}
+}
