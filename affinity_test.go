@@ -506,6 +506,14 @@ func FuzzConversationOf(f *testing.F) {
 		if len(got.keep) > 3 || len(got.keep) > 0 && got.keep[len(got.keep)-1] != got.prefixes[len(got.prefixes)-1] {
 			t.Fatalf("records %v of %v: the whole request and at most two boundaries", got.keep, got.prefixes)
 		}
+		if len(got.sizes) != len(got.prefixes) {
+			t.Fatalf("%d sizes for %d prefixes", len(got.sizes), len(got.prefixes))
+		}
+		for i := 1; i < len(got.sizes); i++ {
+			if a, b := got.sizes[i-1], got.sizes[i]; b.chars < a.chars || b.tokens < a.tokens {
+				t.Fatalf("a longer prefix holds less prompt: %v", got.sizes)
+			}
+		}
 		if !json.Valid(body) || got.none() {
 			return
 		}
@@ -513,8 +521,12 @@ func FuzzConversationOf(f *testing.F) {
 		if !json.Valid(variant) {
 			t.Fatalf("escaping broke the body: %q -> %q", body, variant)
 		}
-		if v := conversationOf(p, "m:latest", variant); !assert.ObjectsAreEqual(got.prefixes, v.prefixes) {
+		v := conversationOf(p, "m:latest", variant)
+		if !assert.ObjectsAreEqual(got.prefixes, v.prefixes) {
 			t.Fatalf("escaped letters and spaces changed the hashes:\n%q\n%q\n%v\n%v", body, variant, got.prefixes, v.prefixes)
+		}
+		if !assert.ObjectsAreEqual(got.sizes, v.sizes) || got.followUp != v.followUp {
+			t.Fatalf("escaped letters and spaces changed the sizes or the turn:\n%q\n%q\n%v %v\n%v %v", body, variant, got.sizes, got.followUp, v.sizes, v.followUp)
 		}
 	})
 }
