@@ -618,7 +618,12 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 		t.counter(h.Name, "miss").Inc()
 		sc := scratchPool.Get().(*scratch)
 		defer sc.put()
-		spread := t.keepLeastHosting(h.nearBest(sc, avail, j, spreadFactor, spreadMargin), now)
+		// Nothing of a new conversation is cached anywhere: it goes where
+		// it ends soonest, and among servers within a tie of that, to the
+		// one holding the fewest conversations. (Spreading over servers
+		// up to spreadFactor slower made every single-turn request, the
+		// bulk of most traffic, pay up to half as much again.)
+		spread := t.keepLeastHosting(h.nearBest(sc, avail, j, 1+affinityTie, affinityTieMargin), now)
 		b := h.take(spread, j)
 		if b == nil {
 			b = h.acquire(avail, j)
@@ -658,6 +663,14 @@ func (h *Handler) keepsConversation(avail []*backend, key string, conv conversat
 		d, ok := h.estimateOf(b, j)
 		if ok {
 			best = min(best, d.total())
+		} else if b.srv.key != key && b.srv.inFlight.Load() == 0 {
+			// An idle server not observed yet may be the fastest:
+			// least_delay measures it with the next request it gets,
+			// so only a saving larger than any delay keeps the
+			// conversation from it (else a conversation, or one
+			// repeated prompt, held on a slow server keeps the pool
+			// from ever learning of a faster one).
+			best = 0
 		}
 		minLoad = min(minLoad, b.srv.inFlight.Load())
 		if b.srv.key == key {

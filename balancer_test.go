@@ -304,3 +304,20 @@ func TestHugeWeightsAreRefusedAndSumsCannotOverflow(t *testing.T) {
 	}
 	assert.Greater(t, rnd["a"], 990, "a weighs a million times more: %v", rnd)
 }
+
+func TestARepeatedPromptDoesNotKeepLeastDelayFromMeasuringAServer(t *testing.T) {
+	h := &Handler{}
+	body := []byte(`{"model":"m","messages":[{"role":"user","content":"Why is the sky blue?"}],"options":{"num_predict":100}}`)
+	conv := conversationOf("/api/chat", "m", body)
+	j := newJob("m", apiOllama, body)
+	tab := newAffinityTable(100, time.Hour)
+	// A quiet history sent the prompt to slow; fast was never tried.
+	slow, fast := ruleBackend("slow", 0), testBackend("fast", nil)
+	tab.record(conv, slow.srv.key, 0, time.Now())
+	key, _, depth := tab.lookup(conv, time.Now())
+	require.Equal(t, slow.srv.key, key)
+	assert.Nil(t, h.keepsConversation([]*backend{fast, slow}, key, conv, depth, j),
+		"an idle server not observed yet may be faster: the policy measures it")
+	fast.srv.inFlight.Store(1) // being measured: nothing more to learn from it now
+	assert.Same(t, slow, h.keepsConversation([]*backend{fast, slow}, key, conv, depth, j))
+}
