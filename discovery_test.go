@@ -212,7 +212,7 @@ func waitLookups(t *testing.T, h *Handler, n int64) {
 	t.Helper()
 	start := h.discovery.status()[0].Lookups
 	require.Eventually(t, func() bool { return h.discovery.status()[0].Lookups >= start+n },
-		10*time.Second, 5*time.Millisecond)
+		30*time.Second, 5*time.Millisecond)
 }
 
 func chat(t *testing.T, url string, hdr ...string) (status int, backend, body string) {
