@@ -700,16 +700,13 @@ func newTransport(dialTimeout func() time.Duration) *http.Transport {
 		ExpectContinueTimeout: time.Second,
 		DisableCompression:    true,
 		// A connection holds both buffers for as long as it lives, an
-		// open stream's included, and carries headers and token lines of
-		// a few hundred bytes; larger reads and writes (bodies) bypass
-		// them. The default is 4 KiB each.
-		ReadBufferSize:  transportBufferSize,
-		WriteBufferSize: transportBufferSize,
+		// open stream's included. A request's headers fit in 1 KiB (a
+		// larger body is written past the buffer). The read buffer stays
+		// at Go's 4 KiB: a token's chunk is read through it, and when
+		// tokens pile up (a burst, or a proxy short of CPU) one read takes
+		// them all; at 1 KiB, bench/run.sh's streaming chats took three
+		// times the read calls of reverse_proxy.
+		ReadBufferSize:  4 << 10,
+		WriteBufferSize: 1 << 10,
 	}
 }
-
-// transportBufferSize is the size of each of a backend connection's two
-// buffers: an Ollama response's headers and a token's line (NDJSON or an
-// SSE event, 100–400 bytes) fit in one read, a request's headers in one
-// write; a body larger than the buffer is read or written past it.
-const transportBufferSize = 1 << 10
