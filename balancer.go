@@ -401,10 +401,12 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	type scored struct {
 		b             *backend
 		cost, service float64
+		wait          float64
+		cold          bool
 	}
 	var buf [16]scored
 	observed := buf[:0]
-	best := math.Inf(1)
+	best, bestWait := math.Inf(1), 0.0
 	for _, b := range avail {
 		d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), now)
 		if !ok {
@@ -416,8 +418,10 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			cost += evictionCost(b, j.model, avail, now)
 		}
 		cost /= float64(b.weight())
-		observed = append(observed, scored{b, cost, d.prompt + d.output})
-		best = min(best, cost)
+		observed = append(observed, scored{b, cost, d.prompt + d.output, d.wait, d.load > 0})
+		if cost < best {
+			best, bestWait = cost, d.wait
+		}
 	}
 	// Among servers within nearTie of the best, the one that does the
 	// work itself fastest: its estimate rests on its own speed, the
@@ -451,11 +455,25 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		}
 		explore = append(explore, b)
 	}
-	switch {
-	case len(explore) > 0:
+	if len(explore) > 0 {
 		b := pickLeastConn(h, explore, j)
 		b.srv.speed.startProbe(now)
 		return b
+	}
+	// While the best choice means waiting in a queue, an idle server that
+	// has had no sample for remeasureAfter (it looked slower than queueing
+	// elsewhere) gets this request, to learn whether it still is: it may
+	// have recovered. With free fast slots nothing is re-measured: a slow
+	// server could not beat them anyway, unless it turned faster than
+	// them, which the next queue finds out.
+	if bestWait > 0 {
+		for _, c := range observed {
+			if !c.cold && c.b.srv.inFlight.Load() == 0 && c.b.srv.speed.claimRemeasure(now) {
+				return c.b
+			}
+		}
+	}
+	switch {
 	case len(ties) == 1:
 		return ties[0]
 	case len(ties) > 1:

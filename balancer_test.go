@@ -321,3 +321,30 @@ func TestARepeatedPromptDoesNotKeepLeastDelayFromMeasuringAServer(t *testing.T) 
 	fast.srv.inFlight.Store(1) // being measured: nothing more to learn from it now
 	assert.Same(t, slow, h.keepsConversation([]*backend{fast, slow}, key, conv, depth, j))
 }
+
+func TestLeastDelayRemeasuresAServerBelievedSlow(t *testing.T) {
+	two := func(c *Backend) { c.MaxParallel = 2 }
+	fast, slow := testBackend("fast", two), testBackend("slow", two)
+	h := &Handler{}
+	all := []*backend{fast, slow}
+	ms := time.Millisecond
+	now := time.Now()
+	serve(fast, &job{}, now.Add(-200*ms), finalGen(50*ms, 50*ms, 0, 0, 5, 5))
+	// slow was measured at 4× the time, long enough ago to be due again.
+	serve(slow, &job{}, now.Add(-2*remeasureAfter), finalGen(200*ms, 200*ms, 0, 0, 5, 5))
+
+	assert.Equal(t, "fast", pickLeastDelay(h, all, &job{}).cfg.Name,
+		"with a free fast slot nothing is worth re-measuring")
+	release := hold(fast, 2, time.Now())
+	defer release()
+	assert.Equal(t, "slow", pickLeastDelay(h, all, &job{}).cfg.Name,
+		"the fast server queues: the idle one not measured for a while is measured again")
+	assert.Equal(t, "fast", pickLeastDelay(h, all, &job{}).cfg.Name,
+		"one re-measurement at a time: until it answers, slow is still believed slow")
+
+	// It has recovered (its generation too, so this is no prompt cache):
+	// the one sample after the long gap counts at once.
+	serve(slow, &job{}, time.Now(), finalGen(50*ms, 50*ms, 0, 0, 5, 5))
+	assert.Equal(t, "slow", pickLeastDelay(h, all, &job{}).cfg.Name,
+		"a recovered server takes traffic again instead of a queue")
+}

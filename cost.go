@@ -171,6 +171,11 @@ type speed struct {
 	ended    [endedRing]endedTask
 	endedPos int
 	probing  time.Time // when least_delay first sent it a request, before any sample
+	// remeasuring is when least_delay last sent the server a request to
+	// re-measure it (see claimRemeasure); remeasureNow asks for the next
+	// one at once: the last answered much faster than believed.
+	remeasuring  time.Time
+	remeasureNow bool
 }
 
 // rates are learned speeds, for one model or for all.
@@ -593,6 +598,7 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 	sp := t.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	sp.remeasuredFasterLocked(t, tm)
 	r := sp.ratesLocked(t.job.model)
 	targets := []*rates{&sp.all}
 	if r != &sp.all {
@@ -871,6 +877,43 @@ func (sp *speed) startProbe(now time.Time) {
 
 // probingSince is when the server's first request went out, zero if none
 // did or it has been observed.
+// remeasureAfter is how long a server may go without a sample before
+// least_delay, while the others queue, sends it one request to measure it
+// again. A server believed slow is otherwise never sent anything, so it
+// could never be seen to have recovered (a model that shared its GPU was
+// unloaded, throttling ended); one request every few seconds is the price.
+const remeasureAfter = 5 * time.Second
+
+// claimRemeasure reports whether the server is due a re-measurement (it
+// has been measured, but not for remeasureAfter, and no re-measurement
+// was sent in that time) and, if so, notes that one is sent now.
+func (sp *speed) claimRemeasure(now time.Time) bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN == 0 && sp.all.genN == 0 {
+		return false
+	}
+	if !sp.remeasureNow && (now.Sub(sp.all.at) < remeasureAfter || now.Sub(sp.remeasuring) < remeasureAfter) {
+		return false
+	}
+	sp.remeasuring, sp.remeasureNow = now, false
+	return true
+}
+
+// remeasuredFaster notes the answer of a request sent at or after the
+// last re-measurement: when it took well under the time expected of it,
+// the server has recovered and the next re-measurement goes at once, so
+// a few requests re-learn it instead of one every remeasureAfter (one
+// sample after a gap moves the estimate most of the way, not all of it).
+func (sp *speed) remeasuredFasterLocked(t *task, tm timings) {
+	if sp.remeasuring.IsZero() || t.started.Before(sp.remeasuring) || !tm.native {
+		return
+	}
+	if took := (tm.prompt + tm.ev).Seconds(); took > 0 && took*1.5 < t.service {
+		sp.remeasureNow = true
+	}
+}
+
 func (sp *speed) probingSince() time.Time {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
