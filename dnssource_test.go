@@ -43,9 +43,9 @@ func srvRecord(prio, weight, port uint16, i int) *dns.SRV {
 
 func srvName(ports []uint16, i int) string { return fmt.Sprintf("s%d.ollama.test:%d", i, ports[i]) }
 
-// servedBy sends n chats one after the other and counts the servers that
+// chatsServedBy sends n chats one after the other and counts the servers that
 // answered them.
-func servedBy(t *testing.T, url string, n int) map[string]int {
+func chatsServedBy(t *testing.T, url string, n int) map[string]int {
 	t.Helper()
 	out := map[string]int{}
 	for range n {
@@ -70,7 +70,7 @@ func TestBackendsFromSRVWeights(t *testing.T) {
 	waitHealthy(t, viewOf(h, a).srv.key, stateHealthy)
 	waitHealthy(t, viewOf(h, b).srv.key, stateHealthy)
 	assert.Equal(t, 3, viewOf(h, a).cfg.Weight)
-	assert.Equal(t, map[string]int{a: 6, b: 2}, servedBy(t, url, 8), "round robin follows the records' weights 3:1")
+	assert.Equal(t, map[string]int{a: 6, b: 2}, chatsServedBy(t, url, 8), "round robin follows the records' weights 3:1")
 
 	// Weight 0 leaves the block's weight (5); the changed record replaces
 	// the view, and the old one leaves once idle.
@@ -79,7 +79,7 @@ func TestBackendsFromSRVWeights(t *testing.T) {
 		v := viewOf(h, b)
 		return v != nil && v.cfg.Weight == 5 && len(h.views()) == 2
 	}, 10*time.Second, 5*time.Millisecond, "the weight change never applied")
-	assert.Equal(t, map[string]int{a: 9, b: 15}, servedBy(t, url, 24), "round robin follows the weights 3:5")
+	assert.Equal(t, map[string]int{a: 9, b: 15}, chatsServedBy(t, url, 24), "round robin follows the weights 3:5")
 }
 
 // TestBackendsFromSRVPriorityWithStatic: a source's lowest priority serves
@@ -97,12 +97,12 @@ func TestBackendsFromSRVPriorityWithStatic(t *testing.T) {
 	waitPool(t, h, "static", s1, s2)
 	waitHealthy(t, viewOf(h, s1).srv.key, stateHealthy)
 	waitHealthy(t, viewOf(h, s2).srv.key, stateHealthy)
-	assert.Equal(t, map[string]int{"static": 3, s1: 3}, servedBy(t, url, 6))
+	assert.Equal(t, map[string]int{"static": 3, s1: 3}, chatsServedBy(t, url, 6))
 
 	z.setSRV("_ollama._tcp.ollama.test", srvRecord(9, 0, ports[2], 2))
 	waitPool(t, h, "static", s2)
 	assert.Equal(t, int64(0), viewOf(h, s2).tier.Load(), "the only priority left is the first")
-	assert.Equal(t, map[string]int{"static": 3, s2: 3}, servedBy(t, url, 6))
+	assert.Equal(t, map[string]int{"static": 3, s2: 3}, chatsServedBy(t, url, 6))
 }
 
 // TestBackendsFromSRVFailoverUnderLoad streams chats through a frontend
