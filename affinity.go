@@ -58,10 +58,17 @@ const (
 	affinityTieMargin = 0.005
 	// A new conversation is spread over the servers whose expected delay
 	// is at most spreadFactor × the best candidate's plus spreadMargin
-	// seconds, to the one holding the fewest recent conversations: a
-	// server four times slower (issue 7's pool) is never one of them.
-	spreadFactor = 1.5
-	spreadMargin = 0.05
+	// seconds, to the one holding the fewest recent conversations. The
+	// band covers servers of one class whose learned speeds differ by
+	// noise (a rack of equal GPUs), so conversations do not all start on
+	// the one measured marginally fastest and evict each other from its
+	// cache slots; a server of a slower class (twice as slow, or issue
+	// 7's four times) is not in it, so single-turn traffic, the bulk of
+	// most, pays at most a quarter more for the spreading (1.5 × cost
+	// speed-classes 36.5 against 45.2 req/s; a tie alone put both
+	// conversations of the e2e suite on one of three equal servers).
+	spreadFactor = 1.25
+	spreadMargin = 0.025
 	// activeWindow is how long a conversation counts as held by the server
 	// of its last turn, for spreading new ones: Ollama unloads an idle
 	// model, and its cache, after 5 minutes by default.
@@ -618,12 +625,10 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 		t.counter(h.Name, "miss").Inc()
 		sc := scratchPool.Get().(*scratch)
 		defer sc.put()
-		// Nothing of a new conversation is cached anywhere: it goes where
-		// it ends soonest, and among servers within a tie of that, to the
-		// one holding the fewest conversations. (Spreading over servers
-		// up to spreadFactor slower made every single-turn request, the
-		// bulk of most traffic, pay up to half as much again.)
-		spread := t.keepLeastHosting(h.nearBest(sc, avail, j, 1+affinityTie, affinityTieMargin), now)
+		// Nothing of a new conversation is cached anywhere: among the
+		// servers near the best (spreadFactor), the one holding the
+		// fewest conversations.
+		spread := t.keepLeastHosting(h.nearBest(sc, avail, j, spreadFactor, spreadMargin), now)
 		b := h.take(spread, j)
 		if b == nil {
 			b = h.acquire(avail, j)
