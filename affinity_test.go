@@ -421,10 +421,14 @@ func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 		"never a server four times slower; an unobserved idle one is a candidate")
 	slowish := testBackend("slowish", nil)
 	slowish.srv.inFlight.Store(1)
-	serve(slowish, &job{}, now, final(200*time.Millisecond, 0, 0, 10, 1))
+	serve(slowish, &job{}, now, final(130*time.Millisecond, 0, 0, 10, 1))
 	slowish.srv.inFlight.Store(0)
-	assert.Equal(t, []string{"fast", "slowish"}, names(h.nearBest(&scratch{}, []*backend{fast, slowish, slow}, &job{}, spreadFactor, spreadMargin)),
-		"within 1.5x the best plus 50ms")
+	double := testBackend("double", nil)
+	double.srv.inFlight.Store(1)
+	serve(double, &job{}, now, final(200*time.Millisecond, 0, 0, 10, 1))
+	double.srv.inFlight.Store(0)
+	assert.Equal(t, []string{"fast", "slowish"}, names(h.nearBest(&scratch{}, []*backend{fast, slowish, double, slow}, &job{}, spreadFactor, spreadMargin)),
+		"within 1.25x the best plus 25ms: one twice as slow is not")
 	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
 	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest(&scratch{}, []*backend{fast, slow}, &job{}, spreadFactor, spreadMargin)))
 	assert.Equal(t, []string{"fresh"}, names(h.nearBest(&scratch{}, []*backend{fresh, busy}, &job{}, spreadFactor, spreadMargin)), "no speeds: the least busy")
