@@ -365,6 +365,14 @@ func loadCaddy(cfg string) error {
 	if err := caddy.Load(js, true); err != nil {
 		return fmt.Errorf("loading the config: %w", err)
 	}
+	// A load stops the old server, which closes its kept-alive
+	// connections; a POST sent on one the client still thinks open fails
+	// with a reset and is not retried (TestFailover's first requests did,
+	// in CI). The tests' clients start on fresh connections.
+	httpClient.CloseIdleConnections()
+	if tr, ok := http.DefaultTransport.(*http.Transport); ok {
+		tr.CloseIdleConnections()
+	}
 	return nil
 }
 
