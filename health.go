@@ -512,19 +512,7 @@ func (s *server) release() {
 // wakeQueues lets every queue with requests waiting for the server hand
 // them its free slots.
 func (s *server) wakeQueues() {
-	if s.queued.Load() == 0 {
-		return
-	}
-	var buf [8]*queue
-	qs := buf[:0]
-	s.queuesMu.Lock()
-	for q := range s.queues {
-		qs = append(qs, q)
-	}
-	s.queuesMu.Unlock()
-	for _, q := range qs {
-		q.dispatchFor(s)
-	}
+	s.eachWaitingQueue(func(q *queue) { q.dispatchFor(s) })
 }
 
 // requeue offers every waiter of the queues that wait for the server to
@@ -532,6 +520,12 @@ func (s *server) wakeQueues() {
 // usable server of a lower SRV priority, those of the next one serve the
 // waiters now instead of when one of theirs frees a slot.
 func (s *server) requeue() {
+	s.eachWaitingQueue((*queue).dispatchAll)
+}
+
+// eachWaitingQueue calls fn for every queue with requests waiting for the
+// server, outside queuesMu (dispatching takes the queue's own lock).
+func (s *server) eachWaitingQueue(fn func(*queue)) {
 	if s.queued.Load() == 0 {
 		return
 	}
@@ -543,7 +537,7 @@ func (s *server) requeue() {
 	}
 	s.queuesMu.Unlock()
 	for _, q := range qs {
-		q.dispatchAll()
+		fn(q)
 	}
 }
 
