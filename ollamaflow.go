@@ -17,7 +17,8 @@
 //	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
-//	cost.go        the speed/cost model behind least_delay: rates from Ollama's timings, slots, residency, placement
+//	cost.go        the speed/cost model behind least_delay: rates from Ollama's timings, slots, request cost
+//	placement.go   model placement: residency, what a load would evict, what the eviction costs the pool
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
 //	bodymem.go     the process-wide budget for request bodies in memory (max_body_memory), reading bodies against it
