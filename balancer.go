@@ -337,12 +337,13 @@ func without(list []*backend, drop *backend) []*backend {
 // share the load.
 func pickLeastConn(h *Handler, avail []*backend, j *job) *backend {
 	avail = leastFailing(avail)
+	var warmBuf, tieBuf [sampleSize]*backend // a sample fits: no allocation above largePool
 	if j.model != "" {
-		if warm := h.loadedOn(avail, j.model); len(warm) > 0 {
+		if warm := h.loadedOnInto(warmBuf[:0], avail, j.model); len(warm) > 0 {
 			avail = warm
 		}
 	}
-	var ties []*backend
+	ties := tieBuf[:0]
 	var bestLoad, bestCap int64
 	var bestWeight uint64
 	for _, b := range avail {
@@ -404,7 +405,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		wait          float64
 		cold          bool
 	}
-	var buf [16]scored
+	var buf [sampleSize]scored // a sample fits: no allocation above largePool
 	observed := buf[:0]
 	best, bestWait := math.Inf(1), 0.0
 	for _, b := range avail {
@@ -427,7 +428,8 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// work itself fastest: its estimate rests on its own speed, the
 	// other's on a wait, and it keeps the slow ones free. Equal ones take
 	// turns.
-	var ties []*backend
+	var tieBuf [sampleSize]*backend
+	ties := tieBuf[:0]
 	fastest := math.Inf(1)
 	for _, c := range observed {
 		switch {

@@ -162,6 +162,32 @@ func (h *Handler) loadedOn(list []*backend, model string) []*backend {
 	})
 }
 
+// loadedOnInto is loadedOn appending to out, for a short list (a sample)
+// whose answer the caller keeps on its stack.
+func (h *Handler) loadedOnInto(out, list []*backend, model string) []*backend {
+	e, all := h.holders(model)
+	if e != nil && sameList(list, e.list) {
+		return e.warm
+	}
+	if len(list) > cap(out) {
+		return h.loadedOn(list, model)
+	}
+	for _, b := range list {
+		if e != nil {
+			if loaded, ok := bit(e.loaded, all, b); ok {
+				if loaded {
+					out = append(out, b)
+				}
+				continue
+			}
+		}
+		if b.srv.models.Load().isLoaded(model) {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
 // filterBackends returns the backends of list that keep accepts, in order:
 // list itself when every one does, so the common case allocates nothing,
 // else one copy. Callers never modify the result in place.
