@@ -656,7 +656,10 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 // no conversation; that server keeps them on a tie only). Servers not
 // observed yet: it stays when it is no busier than the least busy. nil:
 // the policy chooses.
-func (h *Handler) keepsConversation(avail []*backend, key string, conv conversation, depth int, j *job) *backend {
+func (h *Handler) keepsConversation(all []*backend, key string, conv conversation, depth int, j *job) *backend {
+	var buf [sampleSize + 1]*backend
+	avail := h.sampled(buf[:0], all, j, key) // above largePool: key's server and a sample (largepool.go)
+	noteWalk(avail)
 	var prev *backend
 	var prevDelay delay
 	prevKnown := false
@@ -725,7 +728,10 @@ func (sc *scratch) put() {
 // delay is within factor × the best plus margin seconds. A backend not
 // observed yet (no delay to compare) is kept when it is no busier than the
 // least busy one.
-func (h *Handler) nearBest(sc *scratch, list []*backend, j *job, factor, margin float64) []*backend {
+func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin float64) []*backend {
+	var buf [sampleSize]*backend
+	list := h.sampled(buf[:0], all, j, "") // above largePool: a sample (largepool.go)
+	noteWalk(list)
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
 	sc.list, sc.delays = sc.list[:0], sc.delays[:0]
 	for _, b := range list {

@@ -260,13 +260,20 @@ func policyNames() string {
 // hands its next free slot to the oldest), so a newcomer never overtakes.
 // A server of a higher SRV priority takes nothing while one of a lower
 // priority among cands could serve, even when that one is full.
+//
+// Above largePool the lowest tier is kept per list and the request's
+// avoidance (largepool.go) is applied server by server; only when that
+// finds no server with room does the request pay for the exact lists and
+// the walk over every candidate, which decides whether it queues.
 func (h *Handler) acquire(cands []*backend, j *job) *backend {
-	cands = h.firstTier(cands)
 	if len(cands) > largePool {
-		if b, ok := h.acquireLarge(cands, j); ok {
+		if b, ok := h.acquireLarge(h.firstTierKept(cands), j); ok {
 			return b
 		}
+		cands = h.exactCandidates(cands, j)
 	}
+	cands = h.firstTier(cands)
+	noteWalk(cands)
 	return h.take(filterBackends(cands, (*backend).free), j)
 }
 
@@ -711,6 +718,7 @@ func (h *Handler) acquireSticky(avail []*backend, key string, j *job) (*backend,
 	if key == "" {
 		return h.acquire(avail, j), stickyNone
 	}
+	avail = h.exactCandidates(avail, j) // hashing walks every candidate anyway
 	if b := rendezvous(avail, key); b.hasRoom() && b.srv.queued.Load() == 0 && b.tryAcquire() {
 		return b, stickyHit
 	}

@@ -32,6 +32,9 @@ type job struct {
 	// prompt_eval_count but times only what it evaluated, so its timing
 	// there says nothing of the server's prompt rate.
 	cachedOn *speed
+	// avoid is what the current attempt passes over above largePool
+	// (largepool.go).
+	avoid avoidance
 }
 
 // newJob reads what a request asks for from its body, the way Ollama

@@ -425,6 +425,7 @@ func (h *Handler) lowestTier(list []*backend) (tier int64, ok bool) {
 	if m := h.members.Load(); m == nil || !m.tiered {
 		return 0, false
 	}
+	noteWalk(list)
 	tier = math.MaxInt64
 	for _, b := range list {
 		if t := b.tier.Load(); t < tier && b.usable() {

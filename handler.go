@@ -299,17 +299,14 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 	var last attemptResult
 	var failed *backend // the backend of the last failed attempt
 	for attempt := 0; attempt <= h.retries; attempt++ {
-		remaining := cands
-		if len(tried) > 0 {
-			remaining = exclude(cands, tried)
-		}
-		if len(remaining) == 0 {
+		// Servers already tried are out; servers that just answered 503
+		// "server busy" sit out a moment, unless nothing else is left; of
+		// those left, the lowest SRV priority that can serve takes the
+		// request (largepool.go: above largePool, without copying cands).
+		avail, remaining := h.attemptCandidates(cands, tried, j)
+		if remaining == 0 {
 			break
 		}
-		// Servers that just answered 503 "server busy" sit out a moment,
-		// unless nothing else is left; of those left, the lowest SRV
-		// priority that can serve takes the request.
-		avail := h.firstTier(notBusy(remaining, time.Now()))
 		var b *backend
 		if attempt == 0 {
 			b, info.sticky, info.route, convID = h.acquireFirst(r, avail, conv, j)
@@ -321,6 +318,10 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			b = h.acquire(avail, j)
 		}
 		if b == nil {
+			avail = h.exactCandidates(avail, j) // what the queue waits on
+			if len(avail) == 0 {
+				break // every server left was tried
+			}
 			var err error
 			var waited time.Duration
 			b, waited, err = h.queue.wait(r.Context(), h.newWaiter(r, kind, j, avail, tried))
@@ -342,7 +343,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		if failed != nil { // counted only now: a failure with nothing left to try is no retry
 			metrics.retries.WithLabelValues(h.Name, failed.cfg.Name).Inc()
 		}
-		final := attempt == h.retries || len(remaining) == 1
+		final := attempt == h.retries || remaining == 1
 		// Per attempt, so the last one wins: the backend that answered.
 		info.backend, info.attempts = b.cfg.Name, info.attempts+1
 		setPlaceholder(r, placeholderBackend, b.cfg.Name)
@@ -377,6 +378,7 @@ func notBusy(list []*backend, now time.Time) []*backend {
 	if now.UnixNano() >= backOffUntil.Load() {
 		return list // nobody is backing off
 	}
+	noteWalk(list)
 	n := 0
 	for _, b := range list {
 		if !b.srv.backingOff(now) {
@@ -396,6 +398,7 @@ func notBusy(list []*backend, now time.Time) []*backend {
 }
 
 func exclude(list, drop []*backend) []*backend {
+	noteWalk(list)
 	out := make([]*backend, 0, len(list))
 outer:
 	for _, b := range list {

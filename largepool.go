@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"sort"
 	"sync/atomic"
+	"time"
 )
 
 // Large pools. Routing one request walked the frontend's servers several
@@ -105,15 +106,23 @@ type listInfo struct {
 	members []uint64 // bit i: pool[i] is in list
 	prefix  []uint64 // prefix[i]: the weights of list[:i+1]
 	uniform bool     // every weight is the same
+	tier    atomic.Pointer[tierList]
+	keys    atomic.Pointer[map[string]*backend] // by server key, built when asked
 }
 
-// infoOf returns list's listInfo, computing it when list is not the one
-// seen last (the lists of the common path are kept: see candidateCache
-// and the model index).
+// listInfoKept is how many lists' listInfo a frontend keeps: one per
+// model in recent requests (each model's holders are a list of their own).
+const listInfoKept = 8
+
+// infoOf returns list's listInfo, computing it when list is not one of
+// those seen lately (the lists of the common path are kept: see
+// candidateCache and the model index).
 func (h *Handler) infoOf(list []*backend) *listInfo {
 	pool := h.pool()
-	if li := h.listInfo.Load(); li != nil && sameList(li.list, list) && sameList(li.pool, pool) {
-		return li
+	for i := range h.listInfo {
+		if li := h.listInfo[i].Load(); li != nil && sameList(li.list, list) && sameList(li.pool, pool) {
+			return li
+		}
 	}
 	li := &listInfo{list: list, pool: pool, members: make([]uint64, (len(pool)+63)/64), prefix: make([]uint64, len(list)), uniform: true}
 	var total uint64
@@ -126,8 +135,47 @@ func (h *Handler) infoOf(list []*backend) *listInfo {
 		li.prefix[i] = total
 		li.uniform = li.uniform && w == list[0].weight()
 	}
-	h.listInfo.Store(li)
+	h.listInfo[atomic.AddUint64(&h.listInfoNext, 1)%listInfoKept].Store(li)
 	return li
+}
+
+// firstTier is firstTier(list) kept with list's listInfo until a server's
+// health or drain changes or the members do: O(1) per request instead of
+// a walk when SRV priorities tier the pool.
+func (h *Handler) firstTierKept(list []*backend) []*backend {
+	if m := h.members.Load(); m == nil || !m.tiered {
+		return list
+	}
+	li := h.infoOf(list)
+	gen, m := servingGeneration.Load(), h.members.Load()
+	if t := li.tier.Load(); t != nil && t.gen == gen && t.members == m {
+		return t.list
+	}
+	t := &tierList{gen: gen, members: m, list: h.firstTier(list)}
+	li.tier.Store(t)
+	return t.list
+}
+
+// tierList is firstTier's answer for a list while servingGeneration is gen
+// and the frontend's members are members.
+type tierList struct {
+	gen     uint64
+	members *memberSet
+	list    []*backend
+}
+
+// byKey returns the backend of list whose server is key, or nil.
+func (li *listInfo) byKey(key string) *backend {
+	m := li.keys.Load()
+	if m == nil {
+		built := make(map[string]*backend, len(li.list))
+		for _, b := range li.list {
+			built[b.srv.key] = b
+		}
+		m = &built
+		li.keys.Store(m)
+	}
+	return (*m)[key]
 }
 
 // has reports whether b is in the list.
@@ -150,10 +198,13 @@ func (li *listInfo) total() uint64 { return li.prefix[len(li.prefix)-1] }
 // acquireLarge is acquire for more than largePool candidates. ok false:
 // no server with room was found this way, and the full walk decides.
 func (h *Handler) acquireLarge(cands []*backend, j *job) (b *backend, ok bool) {
+	if j == nil {
+		j = &job{}
+	}
 	switch h.LBPolicy {
 	case "first":
 		for _, b := range cands {
-			if b.free() && b.tryAcquire() {
+			if b.free() && !j.avoid.skips(b) && b.tryAcquire() {
 				return b, true
 			}
 		}
@@ -168,7 +219,7 @@ func (h *Handler) acquireLarge(cands []*backend, j *job) (b *backend, ok bool) {
 		}
 		start := li.byWeight(x)
 		for i := range cands {
-			if b := cands[(start+i)%len(cands)]; b.free() && b.tryAcquire() {
+			if b := cands[(start+i)%len(cands)]; b.free() && !j.avoid.skips(b) && b.tryAcquire() {
 				return b, true
 			}
 		}
@@ -221,30 +272,35 @@ func (h *Handler) sample(out, cands []*backend, j *job) []*backend {
 	if h.sampleRand != nil {
 		intN = h.sampleRand.IntN
 	}
+	var avoid *avoidance
+	if j != nil {
+		avoid = &j.avoid
+	}
 	for i := range h.leaders {
 		if b := h.leaders[i].Load(); b != nil && li.has(b) {
-			out = addSampled(out, b)
+			out = addSampled(out, b, avoid)
 		}
 	}
 	if j != nil && j.model != "" {
 		if e, _ := h.holders(j.model); e != nil && len(e.warm) > 0 {
 			for range min(sampleWarm, len(e.warm)) {
 				if b := e.warm[intN(len(e.warm))]; li.has(b) {
-					out = addSampled(out, b)
+					out = addSampled(out, b, avoid)
 				}
 			}
 		}
 	}
 	for range sampleRandom {
-		out = addSampled(out, cands[intN(len(cands))])
+		out = addSampled(out, cands[intN(len(cands))], avoid)
 	}
 	return out
 }
 
-// addSampled appends b to out unless it has no room or is there already.
-// out never outgrows sampleSize, so a caller's array holds it.
-func addSampled(out []*backend, b *backend) []*backend {
-	if b == nil || len(out) == cap(out) || !b.free() {
+// addSampled appends b to out unless it has no room, the request passes
+// it over, or it is there already. out never outgrows its capacity, so a
+// caller's array holds it.
+func addSampled(out []*backend, b *backend, avoid *avoidance) []*backend {
+	if b == nil || len(out) == cap(out) || !b.free() || avoid.skips(b) {
 		return out
 	}
 	for _, s := range out {
@@ -253,4 +309,107 @@ func addSampled(out []*backend, b *backend) []*backend {
 		}
 	}
 	return append(out, b)
+}
+
+// avoidance is what an attempt above largePool passes over without copying
+// its candidates: the servers the request already tried (a retry) and,
+// while some server backs off after a 503, those backing off. The sampled
+// and walking picks skip them one by one; a request they leave without a
+// server falls back to the exact lists (exclude, notBusy, firstTier), as a
+// small pool computes them.
+type avoidance struct {
+	on    bool
+	tried []*backend
+	now   time.Time
+	busy  bool // now is before backOffUntil: look at each server
+}
+
+// skips reports whether the attempt passes b over. A nil or unset
+// avoidance passes nothing over.
+func (a *avoidance) skips(b *backend) bool {
+	if a == nil || !a.on {
+		return false
+	}
+	for _, t := range a.tried {
+		if t == b {
+			return true
+		}
+	}
+	return a.busy && b.srv.backingOff(a.now)
+}
+
+// attemptCandidates returns the candidates an attempt chooses among and
+// how many servers remain untried. Up to largePool it builds them as
+// before: cands less the servers tried, less those backing off (unless
+// none would be left), of the lowest SRV tier that can serve. Above it,
+// that would be three walks of the pool per attempt, so it returns cands
+// whole and j carries what to pass over (O(tried) per attempt); the
+// lowest tier is kept per list (firstTierKept).
+func (h *Handler) attemptCandidates(cands, tried []*backend, j *job) ([]*backend, int) {
+	now := time.Now()
+	if len(cands) <= largePool {
+		j.avoid = avoidance{}
+		remaining := cands
+		if len(tried) > 0 {
+			remaining = exclude(cands, tried)
+		}
+		return h.firstTier(notBusy(remaining, now)), len(remaining)
+	}
+	li := h.infoOf(cands)
+	n := len(cands)
+	for _, b := range tried {
+		if li.has(b) {
+			n--
+		}
+	}
+	j.avoid = avoidance{on: true, tried: tried, now: now, busy: now.UnixNano() < backOffUntil.Load()}
+	return cands, n
+}
+
+// exactCandidates turns an attempt's lazy candidates into the list a small
+// pool would have built (see attemptCandidates) and clears j's avoidance:
+// for the paths that walk every candidate anyway (sticky hashing, the
+// fallback when no sample had room, the queue).
+func (h *Handler) exactCandidates(avail []*backend, j *job) []*backend {
+	if j == nil || !j.avoid.on {
+		return avail
+	}
+	a := j.avoid
+	j.avoid = avoidance{}
+	if len(a.tried) > 0 {
+		avail = exclude(avail, a.tried)
+	}
+	return h.firstTier(notBusy(avail, a.now))
+}
+
+// largeWalks counts walks over more than largePool servers on a request's
+// path (exclude, notBusy, firstTier, the full pick, affinity's
+// comparisons): the sampled paths make none, and tests count them.
+var largeWalks atomic.Uint64
+
+func noteWalk(list []*backend) {
+	if len(list) > largePool {
+		largeWalks.Add(1)
+	}
+}
+
+// sampled returns list up to largePool; above it, a sample of the
+// servers of its lowest SRV tier that the request does not pass over,
+// with must's server (a conversation's) among them when list holds it and
+// it has room. For comparisons outside the policy (affinity.go) that would
+// otherwise estimate every server.
+func (h *Handler) sampled(buf, list []*backend, j *job, must string) []*backend {
+	if len(list) <= largePool {
+		return list
+	}
+	if j == nil {
+		j = &job{}
+	}
+	list = h.firstTierKept(list)
+	if must != "" {
+		if b := h.infoOf(list).byKey(must); b != nil {
+			buf = addSampled(buf, b, &j.avoid)
+		}
+	}
+	return h.sample(buf, list, j)
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
 
@@ -212,5 +213,180 @@ func TestSampledPickAllocatesNothing(t *testing.T) {
 			b.release()
 		})
 		assert.Zero(t, allocs, "%s: allocations per pick at 1,000 servers", policy)
+	}
+}
+
+// walksDuring returns how many walks over more than largePool servers f
+// made on the request path (largeWalks).
+func walksDuring(f func()) uint64 {
+	before := largeWalks.Load()
+	f()
+	return largeWalks.Load() - before
+}
+
+// A retry at 1,000 servers passes over the servers already tried one by
+// one instead of copying the candidates less them, for every policy: no
+// walk, and never a server tried before.
+func TestLargePoolRetryDoesNotWalk(t *testing.T) {
+	for _, policy := range []string{"least_conn", "least_delay", "round_robin", "random", "first"} {
+		h := largeTestPool(1000, policy, func(i int, b *backend) {
+			b.srv.inFlight.Store(1)
+			serve(b, &job{}, time.Now(), final(time.Duration(100+i%7)*time.Millisecond, 0, 0, 10, 1))
+			b.srv.inFlight.Store(0)
+		})
+		cands, _ := h.candidates(kindCompletion, nil)
+		j := &job{}
+		h.acquire(cands, j).release() // the kept lists are built once
+		for i := range 200 {
+			// The servers earlier attempts took: the first few in config
+			// order (first's choice) and the last winners (the sample's).
+			tried := slices.Clone(h.backends[:3])
+			for k := range 2 {
+				if b := h.leaders[k].Load(); b != nil && !slices.Contains(tried, b) {
+					tried = append(tried, b)
+				}
+			}
+			var b *backend
+			walks := walksDuring(func() {
+				avail, remaining := h.attemptCandidates(cands, tried, j)
+				require.Equal(t, 1000-len(tried), remaining, "%s: servers left to try", policy)
+				b = h.acquire(avail, j)
+			})
+			require.NotNil(t, b, policy)
+			require.NotContains(t, tried, b, "%s, retry %d: a server tried before", policy, i)
+			require.Zero(t, walks, "%s, retry %d: walks over the pool", policy, i)
+			b.release()
+		}
+	}
+}
+
+// While servers back off after a 503, a request at 1,000 servers skips
+// them one by one: no walk, and none of them takes it while others have
+// room. When every server backs off, the request still gets one (a busy
+// server is better than none), through the full walk.
+func TestLargePoolBackOffDoesNotWalk(t *testing.T) {
+	for _, policy := range []string{"least_conn", "least_delay", "round_robin", "random", "first"} {
+		h := largeTestPool(1000, policy, nil)
+		until := time.Now().Add(time.Hour).UnixNano()
+		for i, b := range h.backends {
+			if i%2 == 0 { // every other server, the first one included
+				b.srv.busyUntil.Store(until)
+			}
+		}
+		noteBackOff(until)
+		t.Cleanup(func() { backOffUntil.Store(0) })
+		cands, _ := h.candidates(kindCompletion, nil)
+		for i := range 200 {
+			j := &job{}
+			var b *backend
+			walks := walksDuring(func() {
+				avail, _ := h.attemptCandidates(cands, nil, j)
+				b = h.acquire(avail, j)
+			})
+			require.NotNil(t, b, policy)
+			require.False(t, b.srv.backingOff(time.Now()), "%s, request %d: a server backing off", policy, i)
+			require.Zero(t, walks, "%s, request %d: walks over the pool", policy, i)
+			b.release()
+		}
+		for _, b := range h.backends {
+			b.srv.busyUntil.Store(until)
+		}
+		j := &job{}
+		avail, _ := h.attemptCandidates(cands, nil, j)
+		b := h.acquire(avail, j)
+		require.NotNil(t, b, "%s: every server backs off", policy)
+		b.release()
+	}
+}
+
+// With SRV priorities at 1,000 servers, the lowest tier that can serve is
+// kept per list until a server's health or drain changes: requests go to
+// it without walking the pool, and when it cannot serve any more the next
+// tier takes over.
+func TestLargePoolTiersDoNotWalk(t *testing.T) {
+	for _, policy := range []string{"least_conn", "least_delay", "round_robin", "random", "first"} {
+		h := largeTestPool(1000, policy, func(i int, b *backend) {
+			b.tier.Store(int64(min(i%10, 1))) // a tenth of the servers in tier 0
+		})
+		h.members.Store(&memberSet{backends: h.backends, tiered: true})
+		cands, _ := h.candidates(kindCompletion, nil)
+		h.acquire(cands, &job{}).release() // the kept lists are built once
+		for i := range 200 {
+			j := &job{}
+			var b *backend
+			walks := walksDuring(func() {
+				avail, _ := h.attemptCandidates(cands, nil, j)
+				b = h.acquire(avail, j)
+			})
+			require.NotNil(t, b, policy)
+			require.Zero(t, b.tier.Load(), "%s, request %d: a server of the higher priority", policy, i)
+			require.Zero(t, walks, "%s, request %d: walks over the pool", policy, i)
+			b.release()
+		}
+		settings := testSettings(zap.NewNop())
+		for i, b := range h.backends {
+			if i%10 == 0 {
+				b.srv.settings.Store(settings) // its drain is logged
+				b.srv.setDraining(true)
+			}
+		}
+		cands, _ = h.candidates(kindCompletion, nil)
+		j := &job{}
+		avail, _ := h.attemptCandidates(cands, nil, j)
+		b := h.acquire(avail, j)
+		require.NotNil(t, b, policy)
+		assert.Equal(t, int64(1), b.tier.Load(), "%s: tier 0 drained, tier 1 serves", policy)
+		b.release()
+		for i, b := range h.backends {
+			if i%10 == 0 {
+				b.srv.setDraining(false)
+			}
+		}
+	}
+}
+
+// Conversation affinity at 1,000 servers compares a sample, not every
+// server: a new conversation goes to a server near the best without a
+// walk, and its next turn finds that server (looked up by its key) and
+// stays there, also without one.
+func TestLargePoolAffinityDoesNotWalk(t *testing.T) {
+	h := largeTestPool(1000, "least_delay", func(i int, b *backend) {
+		b.srv.inFlight.Store(1)
+		serve(b, &job{}, time.Now(), final(time.Duration(100+i%7)*time.Millisecond, 0, 0, 10, 1))
+		b.srv.inFlight.Store(0)
+	})
+	h.affinity = newAffinityTable(1000, time.Hour)
+	cands, _ := h.candidates(kindCompletion, nil)
+	h.acquire(cands, &job{}).release() // the kept lists are built once
+	for i := range 100 {
+		msgs := []map[string]string{{"role": "user", "content": fmt.Sprint("question ", i)}}
+		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs}))
+		conv := conversationOf("/api/chat", "m", body)
+		j := newJob("m", apiOllama, body)
+		var first *backend
+		var route string
+		walks := walksDuring(func() {
+			avail, _ := h.attemptCandidates(cands, nil, j)
+			first, route, _ = h.acquireConversation(avail, conv, j)
+		})
+		require.NotNil(t, first)
+		require.Equal(t, routePolicy, route)
+		require.Zero(t, walks, "new conversation %d: walks over the pool", i)
+		h.affinity.record(conv, first.srv.key, 0, time.Now())
+		first.release()
+
+		msgs = append(msgs, map[string]string{"role": "assistant", "content": "answer"}, map[string]string{"role": "user", "content": "and then?"})
+		body = []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs}))
+		conv = conversationOf("/api/chat", "m", body)
+		j = newJob("m", apiOllama, body)
+		var next *backend
+		walks = walksDuring(func() {
+			avail, _ := h.attemptCandidates(cands, nil, j)
+			next, route, _ = h.acquireConversation(avail, conv, j)
+		})
+		require.Zero(t, walks, "conversation %d's next turn: walks over the pool", i)
+		require.Same(t, first, next, "conversation %d's next turn", i)
+		require.Equal(t, routeAffinityHit, route)
+		next.release()
 	}
 }

@@ -314,12 +314,13 @@ type Handler struct {
 	explorerPage      []byte         // explorer.html for explorerPath
 
 	// Routing over large pools (largepool.go): the candidate filter's
-	// answer per kind, the list a pick saw last, and the last winners.
-	candCache  [kindManagement + 1]atomic.Pointer[candidateCache]
-	listInfo   atomic.Pointer[listInfo]
-	leaders    [sampleLeader]atomic.Pointer[backend]
-	leaderNext uint64
-	sampleRand *rand.Rand // nil: the global source; tests set a seeded one
+	// answer per kind, the lists picks saw lately, and the last winners.
+	candCache    [kindManagement + 1]atomic.Pointer[candidateCache]
+	listInfo     [listInfoKept]atomic.Pointer[listInfo]
+	listInfoNext uint64
+	leaders      [sampleLeader]atomic.Pointer[backend]
+	leaderNext   uint64
+	sampleRand   *rand.Rand // nil: the global source; tests set a seeded one
 }
 
 // StickyConfig says how a request's session key is found.
