@@ -245,22 +245,16 @@ func (h *Handler) takeSampled(sample []*backend, j *job) *backend {
 	if j == nil {
 		j = &job{}
 	}
-	for len(sample) > 0 {
-		var b *backend
-		if h.LBPolicy == "least_delay" {
-			b = pickLeastDelay(h, sample, j)
-		} else { // least_conn: acquireLarge handles the others
-			b = pickLeastConn(h, sample, j)
-		}
-		if b == nil {
-			return nil // the policy holds the request back: it waits in the queue
-		}
-		if b.tryAcquire() {
-			return b
-		}
-		sample = without(sample, b)
+	var b *backend
+	if h.LBPolicy == "least_delay" {
+		b = pickLeastDelay(h, sample, j)
+	} else { // least_conn: acquireLarge handles the others
+		b = pickLeastConn(h, sample, j)
 	}
-	return nil
+	if b == nil || b.tryAcquire() {
+		return b // nil: the policy holds the request back, it waits in the queue
+	}
+	return h.take(without(sample, b), j) // a slot lost to a concurrent request
 }
 
 // sample collects into out the candidates a comparing policy looks at:

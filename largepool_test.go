@@ -224,6 +224,21 @@ func walksDuring(f func()) uint64 {
 	return largeWalks.Load() - before
 }
 
+// attemptOnce is proxy's attempt selection (its candidates, then the
+// policy's pick) after the servers tried, and the walks it made. The
+// backend it returns holds a slot.
+func attemptOnce(t *testing.T, h *Handler, cands, tried []*backend) (*backend, uint64) {
+	var b *backend
+	walks := walksDuring(func() {
+		j := &job{}
+		avail, remaining := h.attemptCandidates(cands, tried, j)
+		require.Equal(t, len(cands)-len(tried), remaining, "servers left to try")
+		b = h.acquire(avail, j)
+	})
+	require.NotNil(t, b)
+	return b, walks
+}
+
 // A retry at 1,000 servers passes over the servers already tried one by
 // one instead of copying the candidates less them, for every policy: no
 // walk, and never a server tried before.
@@ -246,13 +261,7 @@ func TestLargePoolRetryDoesNotWalk(t *testing.T) {
 					tried = append(tried, b)
 				}
 			}
-			var b *backend
-			walks := walksDuring(func() {
-				avail, remaining := h.attemptCandidates(cands, tried, j)
-				require.Equal(t, 1000-len(tried), remaining, "%s: servers left to try", policy)
-				b = h.acquire(avail, j)
-			})
-			require.NotNil(t, b, policy)
+			b, walks := attemptOnce(t, h, cands, tried)
 			require.NotContains(t, tried, b, "%s, retry %d: a server tried before", policy, i)
 			require.Zero(t, walks, "%s, retry %d: walks over the pool", policy, i)
 			b.release()
@@ -277,13 +286,7 @@ func TestLargePoolBackOffDoesNotWalk(t *testing.T) {
 		t.Cleanup(func() { backOffUntil.Store(0) })
 		cands, _ := h.candidates(kindCompletion, nil)
 		for i := range 200 {
-			j := &job{}
-			var b *backend
-			walks := walksDuring(func() {
-				avail, _ := h.attemptCandidates(cands, nil, j)
-				b = h.acquire(avail, j)
-			})
-			require.NotNil(t, b, policy)
+			b, walks := attemptOnce(t, h, cands, nil)
 			require.False(t, b.srv.backingOff(time.Now()), "%s, request %d: a server backing off", policy, i)
 			require.Zero(t, walks, "%s, request %d: walks over the pool", policy, i)
 			b.release()
@@ -291,10 +294,7 @@ func TestLargePoolBackOffDoesNotWalk(t *testing.T) {
 		for _, b := range h.backends {
 			b.srv.busyUntil.Store(until)
 		}
-		j := &job{}
-		avail, _ := h.attemptCandidates(cands, nil, j)
-		b := h.acquire(avail, j)
-		require.NotNil(t, b, "%s: every server backs off", policy)
+		b, _ := attemptOnce(t, h, cands, nil) // every server backs off
 		b.release()
 	}
 }
@@ -312,13 +312,7 @@ func TestLargePoolTiersDoNotWalk(t *testing.T) {
 		cands, _ := h.candidates(kindCompletion, nil)
 		h.acquire(cands, &job{}).release() // the kept lists are built once
 		for i := range 200 {
-			j := &job{}
-			var b *backend
-			walks := walksDuring(func() {
-				avail, _ := h.attemptCandidates(cands, nil, j)
-				b = h.acquire(avail, j)
-			})
-			require.NotNil(t, b, policy)
+			b, walks := attemptOnce(t, h, cands, nil)
 			require.Zero(t, b.tier.Load(), "%s, request %d: a server of the higher priority", policy, i)
 			require.Zero(t, walks, "%s, request %d: walks over the pool", policy, i)
 			b.release()
@@ -331,10 +325,7 @@ func TestLargePoolTiersDoNotWalk(t *testing.T) {
 			}
 		}
 		cands, _ = h.candidates(kindCompletion, nil)
-		j := &job{}
-		avail, _ := h.attemptCandidates(cands, nil, j)
-		b := h.acquire(avail, j)
-		require.NotNil(t, b, policy)
+		b, _ := attemptOnce(t, h, cands, nil)
 		assert.Equal(t, int64(1), b.tier.Load(), "%s: tier 0 drained, tier 1 serves", policy)
 		b.release()
 		for i, b := range h.backends {
