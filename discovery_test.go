@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -468,40 +469,7 @@ func TestBackendsFromChurnUnderLoad(t *testing.T) {
 		waitHealthy(t, b.srv.key, stateHealthy)
 	}
 
-	ctx, stop := context.WithCancel(context.Background())
-	var failed, ok atomic.Int64
-	var failures sync.Map
-	var wg sync.WaitGroup
-	served := make([]atomic.Int64, 4)
-	client := &http.Client{Timeout: 30 * time.Second}
-	for w := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; ctx.Err() == nil; i++ {
-				res, err := client.Post(url+"/api/chat", "application/json", strings.NewReader(chatBody))
-				if err != nil {
-					failed.Add(1)
-					failures.Store(fmt.Sprint(w, "-", i), err.Error())
-					continue
-				}
-				body, err := io.ReadAll(res.Body)
-				res.Body.Close()
-				if err != nil || res.StatusCode != http.StatusOK || !strings.Contains(string(body), `"done":true`) {
-					failed.Add(1)
-					failures.Store(fmt.Sprint(w, "-", i), fmt.Sprintf("%d %v %s", res.StatusCode, err, body))
-					continue
-				}
-				ok.Add(1)
-				by := res.Header.Get("X-OllamaFlow-Backend")
-				for j := range 4 {
-					if strings.HasPrefix(by, ip(j)+":") {
-						served[j].Add(1)
-					}
-				}
-			}
-		}()
-	}
+	load := startChatLoad(url, 8)
 
 	// Each step keeps one server of the last set (as a rolling update
 	// does) and moves on once the new one is in rotation.
@@ -513,23 +481,93 @@ func TestBackendsFromChurnUnderLoad(t *testing.T) {
 		for _, b := range h.pool() {
 			waitHealthy(t, b.srv.key, stateHealthy)
 		}
-		before := ok.Load()
-		require.Eventually(t, func() bool { return ok.Load() >= before+8 }, 20*time.Second, time.Millisecond)
+		load.answers(t, 8, 20*time.Second)
 		changes++
 	}
-	stop()
-	wg.Wait()
+	served := load.finish(t)
+	assert.Equal(t, 12, changes)
+	for j := range 4 {
+		n := 0
+		for by, c := range served {
+			if strings.HasPrefix(by, ip(j)+":") {
+				n += c
+			}
+		}
+		assert.Positive(t, n, "server %s never served", ip(j))
+	}
+	t.Logf("%d requests through %d membership changes, %d failed", load.ok.Load(), changes, load.failed.Load())
+}
 
-	failures.Range(func(k, v any) bool {
+// chatLoad is clients streaming chats through a frontend one after the
+// other until finished, for tests that change the pool under load: every
+// failure is kept, every answer counted by the backend that served it.
+type chatLoad struct {
+	stop       context.CancelFunc
+	wg         sync.WaitGroup
+	ok, failed atomic.Int64
+	failures   sync.Map // "client-request" -> what went wrong
+	mu         sync.Mutex
+	served     map[string]int // X-OllamaFlow-Backend -> answers
+}
+
+func startChatLoad(url string, clients int) *chatLoad {
+	ctx, stop := context.WithCancel(context.Background())
+	l := &chatLoad{stop: stop, served: make(map[string]int)}
+	client := &http.Client{Timeout: 30 * time.Second}
+	for w := range clients {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for i := 0; ctx.Err() == nil; i++ {
+				res, err := client.Post(url+"/api/chat", "application/json", strings.NewReader(chatBody))
+				if err != nil {
+					l.failed.Add(1)
+					l.failures.Store(fmt.Sprint(w, "-", i), err.Error())
+					continue
+				}
+				body, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				if err != nil || res.StatusCode != http.StatusOK || !strings.Contains(string(body), `"done":true`) {
+					l.failed.Add(1)
+					l.failures.Store(fmt.Sprint(w, "-", i), fmt.Sprintf("%d %v %s", res.StatusCode, err, body))
+					continue
+				}
+				l.ok.Add(1)
+				l.mu.Lock()
+				l.served[res.Header.Get("X-OllamaFlow-Backend")]++
+				l.mu.Unlock()
+			}
+		}()
+	}
+	return l
+}
+
+// answers waits for n more answers.
+func (l *chatLoad) answers(t *testing.T, n int64, within time.Duration) {
+	t.Helper()
+	before := l.ok.Load()
+	require.Eventually(t, func() bool { return l.ok.Load() >= before+n }, within, time.Millisecond)
+}
+
+// servedBy is how many answers each backend gave so far.
+func (l *chatLoad) servedBy() map[string]int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return maps.Clone(l.served)
+}
+
+// finish stops the clients, fails the test for every request that
+// failed, and returns the answers per backend.
+func (l *chatLoad) finish(t *testing.T) map[string]int {
+	t.Helper()
+	l.stop()
+	l.wg.Wait()
+	l.failures.Range(func(k, v any) bool {
 		t.Errorf("request %v failed: %v", k, v)
 		return true
 	})
-	assert.Zero(t, failed.Load())
-	assert.Equal(t, 12, changes)
-	for j := range 4 {
-		assert.Positive(t, served[j].Load(), "server %s never served", ip(j))
-	}
-	t.Logf("%d requests through %d membership changes, %d failed", ok.Load(), changes, failed.Load())
+	assert.Zero(t, l.failed.Load())
+	return l.servedBy()
 }
 
 func TestBackendsFromQueueFollowsMembers(t *testing.T) {

@@ -1,14 +1,9 @@
 package ollamaflow
 
 import (
-	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -128,48 +123,17 @@ func TestBackendsFromSRVFailoverUnderLoad(t *testing.T) {
 		waitHealthy(t, views[i].srv.key, stateHealthy)
 	}
 
-	ctx, stop := context.WithCancel(context.Background())
-	var failed, ok atomic.Int64
-	var failures sync.Map
-	served := make([]atomic.Int64, 3)
-	var wg sync.WaitGroup
-	client := &http.Client{Timeout: 30 * time.Second}
-	for w := range 6 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; ctx.Err() == nil; i++ {
-				res, err := client.Post(url+"/api/chat", "application/json", strings.NewReader(chatBody))
-				if err != nil {
-					failed.Add(1)
-					failures.Store(fmt.Sprint(w, "-", i), err.Error())
-					continue
-				}
-				body, err := io.ReadAll(res.Body)
-				res.Body.Close()
-				if err != nil || res.StatusCode != http.StatusOK || !strings.Contains(string(body), `"done":true`) {
-					failed.Add(1)
-					failures.Store(fmt.Sprint(w, "-", i), fmt.Sprintf("%d %v %s", res.StatusCode, err, body))
-					continue
-				}
-				ok.Add(1)
-				for j, n := range names {
-					if res.Header.Get("X-OllamaFlow-Backend") == n {
-						served[j].Add(1)
-					}
-				}
-			}
-		}()
+	load := startChatLoad(url, 6)
+	counts := func() [3]int64 {
+		by := load.servedBy()
+		return [3]int64{int64(by[names[0]]), int64(by[names[1]]), int64(by[names[2]])}
 	}
-	counts := func() [3]int64 { return [3]int64{served[0].Load(), served[1].Load(), served[2].Load()} }
 	// settle lets requests placed before a change finish, then returns the
 	// counts after n more answers.
 	settle := func(n int64) [3]int64 {
 		t.Helper()
-		for range 2 {
-			before := ok.Load()
-			require.Eventually(t, func() bool { return ok.Load() >= before+n }, 30*time.Second, time.Millisecond)
-		}
+		load.answers(t, n, 30*time.Second)
+		load.answers(t, n, 30*time.Second)
 		return counts()
 	}
 	// since reports which servers answered between two snapshots.
@@ -222,14 +186,8 @@ func TestBackendsFromSRVFailoverUnderLoad(t *testing.T) {
 	to = settle(30)
 	assert.Equal(t, [3]bool{false, true, false}, since(from, to), "a lower priority that appears takes over")
 
-	stop()
-	wg.Wait()
-	failures.Range(func(k, v any) bool {
-		t.Errorf("request %v failed: %v", k, v)
-		return true
-	})
-	assert.Zero(t, failed.Load())
-	t.Logf("%d requests through 6 fail-overs, %d failed; served %v", ok.Load(), failed.Load(), counts())
+	served := load.finish(t)
+	t.Logf("%d requests through 6 fail-overs, %d failed; served %v", load.ok.Load(), load.failed.Load(), served)
 }
 
 // TestBackendsFromSRVQueuedFailover: a request queued behind a full server
