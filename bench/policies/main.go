@@ -123,23 +123,8 @@ func runPolicy(policy string, servers []server, port, total, conc int) result {
 		fakes = append(fakes, f)
 		addrs = append(addrs, f.HostPort())
 	}
-	var site string
-	if policy == "reverse_proxy" {
-		site = fmt.Sprintf("\treverse_proxy %s {\n\t\tlb_policy least_conn\n\t\tflush_interval -1\n\t}", strings.Join(addrs, " "))
-	} else {
-		var b strings.Builder
-		fmt.Fprintf(&b, "\tollamaflow {\n\t\tlb_policy %s\n", policy)
-		for i, s := range servers {
-			fmt.Fprintf(&b, "\t\tbackend %s %s\n", s.name, addrs[i])
-		}
-		b.WriteString("\t}")
-		site = b.String()
-	}
-	benchkit.Load(fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n:%d {\n%s\n}\n", port, site))
-	url := fmt.Sprintf("http://127.0.0.1:%d/api/chat", port)
-	benchkit.WaitUp(url)
-
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: conc * 2, DisableCompression: true}}
+	url := benchkit.Serve(port, benchkit.Site(policy, serverNames(servers), addrs)) + "/api/chat"
+	client := benchkit.Client(conc * 2)
 	defer client.CloseIdleConnections()
 	body := []byte(`{"model":"tiny-llama","messages":[{"role":"user","content":"Why is the sky blue?"}],"stream":false}`)
 	var (
@@ -260,32 +245,15 @@ func printTable(results [][]result, servers []server) {
 		rows = append(rows, []string{name, fmt.Sprintf("%.1f", m.rps()), benchkit.Pct(m.lat, 0.5).String(), benchkit.Pct(m.lat, 0.99).String(),
 			benchkit.Pct(m.lat, 1).String(), fmt.Sprint(m.errs), shares(m, servers), strings.Join(p99s, " ")})
 	}
-	widths := make([]int, len(rows[0]))
-	for _, r := range rows {
-		for i, c := range r {
-			widths[i] = max(widths[i], len(c))
-		}
-	}
-	for ri, r := range rows {
-		var b strings.Builder
-		for i, c := range r {
-			fmt.Fprintf(&b, "| %-*s ", widths[i], c)
-		}
-		fmt.Println(b.String() + "|")
-		if ri == 0 {
-			b.Reset()
-			for i := range r {
-				b.WriteString("|" + strings.Repeat("-", widths[i]+2))
-			}
-			fmt.Println(b.String() + "|")
-		}
-	}
+	fmt.Print(benchkit.Table(rows, false))
 }
 
-func names(servers []server) string {
+func names(servers []server) string { return strings.Join(serverNames(servers), ", ") }
+
+func serverNames(servers []server) []string {
 	var n []string
 	for _, s := range servers {
 		n = append(n, s.name)
 	}
-	return strings.Join(n, ", ")
+	return n
 }

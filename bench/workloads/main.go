@@ -229,7 +229,7 @@ func run(w workload, policy string, port int, seed uint64) result {
 		addrs = append(addrs, f.HostPort())
 	}
 	var send func(req request) (string, error)
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
+	client := benchkit.Client(64)
 	defer client.CloseIdleConnections()
 	var downs sync.Map // server name -> failing, for the oracle
 	down := func(name string, failing bool) { downs.Store(name, failing) }
@@ -238,24 +238,14 @@ func run(w workload, policy string, port int, seed uint64) result {
 		o.down = func(name string) bool { v, _ := downs.Load(name); return v == true }
 		send = func(req request) (string, error) { return o.send(client, req) }
 	} else {
-		var site string
-		if policy == "reverse_proxy" {
-			site = fmt.Sprintf("\treverse_proxy %s {\n\t\tlb_policy least_conn\n\t\tflush_interval -1\n\t}", strings.Join(addrs, " "))
-		} else {
-			var b strings.Builder
-			fmt.Fprintf(&b, "\tollamaflow {\n\t\tlb_policy %s\n", policy)
-			if !affinity {
-				b.WriteString("\t\tconversation_affinity off\n")
-			}
-			for i, s := range w.servers {
-				fmt.Fprintf(&b, "\t\tbackend %s %s\n", s.name, addrs[i])
-			}
-			b.WriteString("\t}")
-			site = b.String()
+		var extra, names []string
+		if !affinity {
+			extra = append(extra, "conversation_affinity off")
 		}
-		benchkit.Load(fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n:%d {\n%s\n}\n", port, site))
-		base := fmt.Sprintf("http://127.0.0.1:%d", port)
-		benchkit.WaitUp(base + "/api/chat")
+		for _, s := range w.servers {
+			names = append(names, s.name)
+		}
+		base := benchkit.Serve(port, benchkit.Site(policy, names, addrs, extra...))
 		send = func(req request) (string, error) { return post(client, base, req) }
 	}
 
@@ -512,23 +502,6 @@ func table(w workload, rows []result) string {
 			out[len(out)-1][0] += fmt.Sprintf(" (%d errors)", r.errs)
 		}
 	}
-	widths := make([]int, len(head))
-	for _, r := range out {
-		for i, c := range r {
-			widths[i] = max(widths[i], len(c))
-		}
-	}
-	for ri, r := range out {
-		for i, c := range r {
-			fmt.Fprintf(&b, "| %-*s ", widths[i], c)
-		}
-		b.WriteString("|\n")
-		if ri == 0 {
-			for i := range r {
-				b.WriteString("|" + strings.Repeat("-", widths[i]+2))
-			}
-			b.WriteString("|\n")
-		}
-	}
+	b.WriteString(benchkit.Table(out, false))
 	return b.String()
 }
