@@ -40,7 +40,7 @@ func TestModelAwareRouting(t *testing.T) {
 		time.Sleep(pause)
 		before := map[string]int{}
 		for _, s := range others {
-			before[s.name] = chatMisses(s)
+			before[s.name] = chatsLogged(s, http.StatusNotFound)
 		}
 		landed, failures := chatBurst(50, 5)
 		if len(failures) > 0 {
@@ -51,7 +51,7 @@ func TestModelAwareRouting(t *testing.T) {
 		}
 		// Retries hide a wrong choice from the client; the servers' logs do not.
 		for _, s := range others {
-			m := chatMisses(s) - before[s.name]
+			m := chatsLogged(s, http.StatusNotFound) - before[s.name]
 			t.Logf("round %d: server %s answered %d chats with 404 (model not found)", round+1, s.name, m)
 			if round == 1 && m > 0 {
 				t.Errorf("round 2: the proxy still sent %d chats to %s, which has not had %s for %s", m, s.name, chatModel, pause)
@@ -91,9 +91,10 @@ func chatBurst(n, conc int) (map[string]int, []string) {
 	return landed, failures
 }
 
-// chatMisses counts the chats a server answered with 404, from its log: Ollama
-// logs every request in gin's format (`| 404 | ... | POST "/api/chat"`).
-func chatMisses(s *ollamaServer) int {
+// chatsLogged counts the chats a server answered with status, from its
+// log: Ollama logs every request in gin's format (`| 404 | ... | POST
+// "/api/chat"`).
+func chatsLogged(s *ollamaServer, status int) int {
 	time.Sleep(100 * time.Millisecond) // let the server finish writing its log line
 	b, err := os.ReadFile(filepath.Join(s.dir, "serve.log"))
 	if err != nil {
@@ -101,7 +102,7 @@ func chatMisses(s *ollamaServer) int {
 	}
 	n := 0
 	for _, line := range strings.Split(string(b), "\n") {
-		if strings.Contains(line, "| 404 |") && strings.Contains(line, `"/api/chat"`) {
+		if strings.Contains(line, fmt.Sprintf("| %d |", status)) && strings.Contains(line, `"/api/chat"`) {
 			n++
 		}
 	}
