@@ -344,7 +344,7 @@ func without(list []*backend, drop *backend) []*backend {
 // share the load.
 func pickLeastConn(h *Handler, avail []*backend, j *job) *backend {
 	avail = leastFailing(avail)
-	var warmBuf, tieBuf [sampleSize]*backend // a sample fits: no allocation above largePool
+	var warmBuf, tieBuf [largePool]*backend // a sample or a small pool fits: no allocation
 	if j.model != "" {
 		if warm := h.loadedOnInto(warmBuf[:0], avail, j.model); len(warm) > 0 {
 			avail = warm
@@ -412,7 +412,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		wait          float64
 		cold          bool
 	}
-	var buf [sampleSize]scored // a sample fits: no allocation above largePool
+	var buf [largePool]scored // a sample or a small pool fits: no allocation
 	observed := buf[:0]
 	best, bestWait := math.Inf(1), 0.0
 	for _, b := range avail {
@@ -435,7 +435,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// work itself fastest: its estimate rests on its own speed, the
 	// other's on a wait, and it keeps the slow ones free. Equal ones take
 	// turns.
-	var tieBuf [sampleSize]*backend
+	var tieBuf [largePool]*backend
 	ties := tieBuf[:0]
 	fastest := math.Inf(1)
 	for _, c := range observed {

@@ -312,10 +312,9 @@ func addSampled(out []*backend, b *backend, avoid *avoidance) []*backend {
 // server falls back to the exact lists (exclude, notBusy, firstTier), as a
 // small pool computes them.
 type avoidance struct {
-	on    bool
-	tried []*backend
-	now   time.Time
-	busy  bool // now is before backOffUntil: look at each server
+	tried    []*backend
+	now      int64 // Unix nanoseconds: the job stays small
+	on, busy bool  // busy: now is before backOffUntil, look at each server
 }
 
 // skips reports whether the attempt passes b over. A nil or unset
@@ -329,7 +328,7 @@ func (a *avoidance) skips(b *backend) bool {
 			return true
 		}
 	}
-	return a.busy && b.srv.backingOff(a.now)
+	return a.busy && b.srv.backingOff(time.Unix(0, a.now))
 }
 
 // attemptCandidates returns the candidates an attempt chooses among and
@@ -356,7 +355,7 @@ func (h *Handler) attemptCandidates(cands, tried []*backend, j *job) ([]*backend
 			n--
 		}
 	}
-	j.avoid = avoidance{on: true, tried: tried, now: now, busy: now.UnixNano() < backOffUntil.Load()}
+	j.avoid = avoidance{on: true, tried: tried, now: now.UnixNano(), busy: now.UnixNano() < backOffUntil.Load()}
 	return cands, n
 }
 
@@ -373,7 +372,7 @@ func (h *Handler) exactCandidates(avail []*backend, j *job) []*backend {
 	if len(a.tried) > 0 {
 		avail = exclude(avail, a.tried)
 	}
-	return h.firstTier(notBusy(avail, a.now))
+	return h.firstTier(notBusy(avail, time.Unix(0, a.now)))
 }
 
 // largeWalks counts walks over more than largePool servers on a request's

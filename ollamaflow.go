@@ -13,7 +13,7 @@
 //	stream.go      copying an answer to the client: idle and client-write clocks, honest ends of cut answers
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
-//	largepool.go   routing over large pools: kept candidate lists, sampled picks (power of d choices)
+//	largepool.go   routing over large pools: kept candidate lists, sampled picks (power of d choices), retries, back-off and SRV tiers without walks
 //	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
