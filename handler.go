@@ -675,11 +675,15 @@ func (h *Handler) logAttempt(b *backend, msg string, err error) {
 	}
 }
 
-// roundTrip sends out to b over its server's pooled connections (or the
-// handler's own transport, which tests set).
+// roundTrip sends out to b over its server's pooled connections: the lean
+// client's for an http server (backendconn.go), the Transport's for https
+// (or the handler's own transport, which tests set).
 func (h *Handler) roundTrip(b *backend, out *http.Request) (*http.Response, error) {
 	if h.transport != nil {
 		return h.transport.RoundTrip(out)
+	}
+	if b.srv.lean != nil && out.URL.Scheme == "http" {
+		return b.srv.lean.roundTrip(out)
 	}
 	return b.srv.transport.RoundTrip(out)
 }

@@ -124,7 +124,8 @@ type server struct {
 	required map[any][]requiredModel // by the handler that requires them
 	pulls    map[string]*pullState   // by normalised model name
 
-	transport *http.Transport // every call to the server: proxied, probes, discovery
+	transport *http.Transport // probes, discovery, management, and proxied requests to https servers
+	lean      *leanPool       // proxied requests to http servers (backendconn.go); nil for https
 	client    *http.Client
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -175,12 +176,16 @@ func newServer(base *url.URL, st *serverSettings) *server {
 		pulls:    make(map[string]*pullState),
 	}
 	s.settings.Store(st)
-	s.transport = newTransport(func() time.Duration {
+	dialTimeout := func() time.Duration {
 		if d := s.settings.Load().dialTimeout; d > 0 {
 			return d
 		}
 		return defaultDialTimeout
-	})
+	}
+	s.transport = newTransport(dialTimeout)
+	if base.Scheme == "http" {
+		s.lean = newLeanPool(base.Host, dialTimeout)
+	}
 	// A redirect is an answer, never followed: the request carries the
 	// backend's secrets (bearer token, headers, query), and Go's client
 	// would send most of them on to wherever the redirect points.
@@ -215,6 +220,9 @@ func (s *server) Destruct() error {
 	s.stopRateWake()
 	s.wg.Wait()
 	s.transport.CloseIdleConnections()
+	if s.lean != nil {
+		s.lean.closeAll()
+	}
 	return nil
 }
 

@@ -11,6 +11,7 @@
 //	backend.go     a backend's options: defaults, validation, its URL, placeholders in credentials, its Caddyfile block
 //	handler.go     ServeHTTP: gate, read and pin the body, the attempt loop and its timeouts
 //	stream.go      copying an answer to the client: idle and client-write clocks, honest ends of cut answers
+//	backendconn.go the lean HTTP/1.1 client to http backends: no goroutines per connection, buffers only while bytes wait
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
 //	largepool.go   routing over large pools: kept candidate lists, sampled picks (power of d choices), retries, back-off and SRV tiers without walks

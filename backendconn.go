@@ -1,0 +1,616 @@
+package ollamaflow
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// The lean HTTP/1.1 client to plain-http backends.
+//
+// An open stream spends nearly all its life waiting for its next token,
+// and with thousands open what each waiting stream holds is the proxy's
+// memory. net/http's Transport keeps, for every backend connection, a read
+// and a write goroutine (4 KiB of stack each, plus their descriptors), a
+// persistConn with its channels, and a read and a write buffer for as long
+// as the connection lives. Here the request's own goroutine writes the
+// request and reads the answer from the connection; between requests a
+// connection is a socket in the pool and a timer. Its read buffer is taken
+// from a pool only while bytes wait in it: a body waiting for the next
+// token waits for the socket to have bytes without reading them (see
+// leanBody.Read), so an idle stream holds no buffer at all.
+//
+// What the Transport did for the proxied requests and still holds here:
+// the same dialer (the server's dial timeout, TCP keep-alive 30 s), no
+// environment proxy, no transparent decompression, keep-alive connections
+// kept per server (at most leanMaxIdle idle, closed after leanIdleTimeout),
+// a reused connection that fails before any byte of the answer retried
+// once on a fresh one (the backend closed it while it sat idle), 1xx
+// answers skipped, Connection: close honoured, the answer's headers bound
+// to Go's default size, and the request's context closing the connection
+// (a client gone, a timeout) so it is never pooled again. HTTPS backends
+// keep the Transport (TLS, HTTP/2), and so do the probes and the model
+// lists, which are few.
+const (
+	leanMaxIdle        = 256 // idle connections kept per server, as the Transport's MaxIdleConnsPerHost
+	leanIdleTimeout    = 90 * time.Second
+	leanMaxHeaderBytes = 10 << 20 // net/http's default MaxResponseHeaderBytes, which the Transport used
+	leanReadBuffer     = 4 << 10  // the Transport's ReadBufferSize; also bounds a chunk-size line
+	leanMaxTrailers    = 64       // trailer lines read (each within leanReadBuffer) before giving up
+)
+
+var (
+	leanReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, leanReadBuffer) }}
+	// A request is written through a pooled writer and flushed at once;
+	// http.Request.Write would allocate a 4 KiB one per request otherwise.
+	leanWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
+
+	errLeanHeaderTooLarge = fmt.Errorf("backend response headers exceeded %d bytes", leanMaxHeaderBytes)
+	errLeanChunkLine      = errors.New("malformed chunked encoding: bad chunk size line")
+	errLeanChunkCRLF      = errors.New("malformed chunked encoding: chunk data not followed by CRLF")
+	errLeanTrailers       = errors.New("malformed chunked encoding: trailer too large")
+	errLeanBodyClosed     = errors.New("read on closed response body")
+	errLeanSwitching      = errors.New("backend switched protocols unasked (101)")
+)
+
+// leanPool is one server's keep-alive connections.
+type leanPool struct {
+	addr string
+	dial func(ctx context.Context, addr string) (net.Conn, error)
+
+	mu     sync.Mutex
+	idle   []*leanConn // most recently used last
+	closed bool
+}
+
+func newLeanPool(addr string, dialTimeout func() time.Duration) *leanPool {
+	return &leanPool{addr: addr, dial: func(ctx context.Context, addr string) (net.Conn, error) {
+		d := net.Dialer{Timeout: dialTimeout(), KeepAlive: 30 * time.Second}
+		return d.DialContext(ctx, "tcp", addr)
+	}}
+}
+
+// leanConn is one connection to the backend; one request uses it at a time.
+type leanConn struct {
+	pool *leanPool
+	nc   net.Conn
+	br   *bufio.Reader // pooled; held only while bytes wait in it
+	src  leanSource    // what br reads from
+
+	raw    syscall.RawConn // nc's, to wait for bytes without reading them; nil: cannot
+	peek   [1]byte         // where that wait peeks
+	peekFn func(fd uintptr) bool
+	limit  int64 // bytes the headers may still take; <0: no limit
+	got    int64 // bytes of the current answer read from nc
+	reused bool  // it served a request before this one
+	idleT  *time.Timer
+}
+
+// leanSource feeds br from the socket, counting the bytes and bounding
+// the headers.
+type leanSource struct{ c *leanConn }
+
+func (s leanSource) Read(p []byte) (int, error) {
+	c := s.c
+	if c.limit >= 0 {
+		if c.limit == 0 {
+			return 0, errLeanHeaderTooLarge
+		}
+		if int64(len(p)) > c.limit {
+			p = p[:c.limit]
+		}
+	}
+	n, err := c.nc.Read(p)
+	c.got += int64(n)
+	if c.limit >= 0 {
+		c.limit -= int64(n)
+	}
+	return n, err
+}
+
+// takeBuffer gives the connection a read buffer if it has none.
+func (c *leanConn) takeBuffer() *bufio.Reader {
+	if c.br == nil {
+		c.br = leanReaders.Get().(*bufio.Reader)
+		c.br.Reset(c.src)
+	}
+	return c.br
+}
+
+// dropBuffer returns the read buffer to its pool once nothing waits in it.
+func (c *leanConn) dropBuffer() {
+	if c.br == nil || c.br.Buffered() > 0 {
+		return
+	}
+	c.br.Reset(nil)
+	leanReaders.Put(c.br)
+	c.br = nil
+}
+
+// close closes the socket for good and gives back the buffer, whatever it
+// holds.
+func (c *leanConn) close() {
+	c.nc.Close()
+	if c.br != nil {
+		c.br.Reset(nil)
+		leanReaders.Put(c.br)
+		c.br = nil
+	}
+}
+
+// roundTrip sends req (plain http, HTTP/1.1) and returns the answer's
+// headers; its body reads from the connection, which goes back to the pool
+// when the body has been read to its end.
+func (p *leanPool) roundTrip(req *http.Request) (*http.Response, error) {
+	ctx := req.Context()
+	for fresh := false; ; fresh = true {
+		c, err := p.get(ctx, fresh)
+		if err != nil {
+			return nil, err
+		}
+		res, err := c.do(req)
+		if err == nil {
+			return res, nil
+		}
+		// The backend closed a connection that sat idle in the pool: the
+		// request never reached it, so it is sent once more on a new one,
+		// as net/http does. Anything else is the caller's to judge.
+		if fresh || !c.reused || c.got > 0 || ctx.Err() != nil || !staleConnError(err) {
+			return nil, err
+		}
+		if req.Body != nil && req.Body != http.NoBody {
+			if req.GetBody == nil {
+				return nil, err
+			}
+			body, gerr := req.GetBody()
+			if gerr != nil {
+				return nil, err
+			}
+			again := *req
+			again.Body = body
+			req = &again
+		}
+	}
+}
+
+// staleConnError tells the failures of a connection the backend closed.
+func staleConnError(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED)
+}
+
+// get returns an idle connection, or a new one when fresh or none idles.
+func (p *leanPool) get(ctx context.Context, fresh bool) (*leanConn, error) {
+	if !fresh {
+		p.mu.Lock()
+		if n := len(p.idle); n > 0 {
+			c := p.idle[n-1]
+			p.idle[n-1] = nil
+			p.idle = p.idle[:n-1]
+			p.mu.Unlock()
+			c.idleT.Stop()
+			c.reused = true
+			return c, nil
+		}
+		p.mu.Unlock()
+	}
+	nc, err := p.dial(ctx, p.addr)
+	if err != nil {
+		return nil, err
+	}
+	c := &leanConn{pool: p, nc: nc, limit: -1}
+	c.src = leanSource{c}
+	if sc, ok := nc.(syscall.Conn); ok && canPeek {
+		c.raw, _ = sc.SyscallConn()
+	}
+	return c, nil
+}
+
+// put pools a connection whose answer was read to its end.
+func (p *leanPool) put(c *leanConn) {
+	p.mu.Lock()
+	if p.closed || len(p.idle) >= leanMaxIdle {
+		p.mu.Unlock()
+		c.close()
+		return
+	}
+	p.idle = append(p.idle, c)
+	if c.idleT == nil {
+		c.idleT = time.AfterFunc(leanIdleTimeout, func() { p.expire(c) })
+	} else {
+		c.idleT.Reset(leanIdleTimeout)
+	}
+	p.mu.Unlock()
+}
+
+// expire closes c if it still idles in the pool.
+func (p *leanPool) expire(c *leanConn) {
+	p.mu.Lock()
+	for i, ic := range p.idle {
+		if ic == c {
+			p.idle = append(p.idle[:i], p.idle[i+1:]...)
+			p.mu.Unlock()
+			c.close()
+			return
+		}
+	}
+	p.mu.Unlock()
+}
+
+// closeAll closes the idle connections, and those that come back later:
+// the server is gone.
+func (p *leanPool) closeAll() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle, p.closed = nil, true
+	p.mu.Unlock()
+	for _, c := range idle {
+		c.idleT.Stop()
+		c.close()
+	}
+}
+
+// idleCount is the number of pooled connections.
+func (p *leanPool) idleCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.idle)
+}
+
+// do writes req on c and reads the answer's headers. On an error c is
+// closed.
+func (c *leanConn) do(req *http.Request) (res *http.Response, err error) {
+	ctx := req.Context()
+	// The context closes the socket: a read or write blocked on it returns
+	// at once, and the connection is never pooled again.
+	stop := context.AfterFunc(ctx, func() { c.nc.Close() })
+	defer func() {
+		if err != nil {
+			stop()
+			c.close()
+			if cerr := ctx.Err(); cerr != nil {
+				err = cerr
+			}
+		}
+	}()
+	c.got = 0
+	bw := leanWriters.Get().(*bufio.Writer)
+	bw.Reset(c.nc)
+	err = req.Write(bw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	bw.Reset(nil)
+	leanWriters.Put(bw)
+	if err != nil {
+		return nil, err
+	}
+
+	c.limit = leanMaxHeaderBytes
+	for {
+		res, err = http.ReadResponse(c.takeBuffer(), req)
+		if err != nil {
+			return nil, err
+		}
+		if res.StatusCode >= 200 {
+			break
+		}
+		if res.StatusCode == http.StatusSwitchingProtocols {
+			return nil, errLeanSwitching
+		}
+		// 1xx (100 Continue, 103 Early Hints): informational, no body;
+		// the answer follows.
+	}
+	c.limit = -1
+
+	b := &leanBody{c: c, stop: stop, ctx: ctx, keep: !res.Close && !req.Close}
+	switch {
+	case res.Body == http.NoBody || res.ContentLength == 0:
+		b.mode = leanLength // HEAD, 204, 304, or an empty body
+	case len(res.TransferEncoding) > 0 && res.TransferEncoding[0] == "chunked":
+		b.mode = leanChunked
+	case res.ContentLength > 0:
+		b.mode, b.left = leanLength, res.ContentLength
+	default:
+		// No length: the answer ends when the backend closes.
+		b.mode, b.keep = leanUntilClose, false
+		res.Close = true
+	}
+	res.Body = b
+	if b.mode == leanLength && b.left == 0 {
+		b.finish()
+	} else {
+		c.dropBuffer()
+	}
+	return res, nil
+}
+
+const (
+	leanLength = iota
+	leanChunked
+	leanUntilClose
+)
+
+// Chunked decoding states.
+const (
+	chunkHeader = iota
+	chunkData
+	chunkCRLF
+	chunkTrailer
+)
+
+// leanBody is an answer's body, read from its connection.
+type leanBody struct {
+	c    *leanConn // nil once the body ended (pooled or closed)
+	stop func() bool
+	ctx  context.Context
+	keep bool // the connection may serve another request after this body
+	mode int
+	left int64 // leanLength: bytes left; leanChunked: bytes left in the chunk
+	st   int   // leanChunked: where in the encoding
+	err  error // sticky: what every later Read returns
+}
+
+// Read reads the body. A zero-length read waits, holding no buffer, until
+// the next bytes of the answer have arrived in the socket (the stream's
+// copy loop waits that way, see Copy buffers in stream.go), leaving them
+// there: the read that follows takes all that arrived in one go. Where
+// the socket cannot be watched (see waitReadable) it returns at once, and
+// the read that follows waits.
+func (b *leanBody) Read(p []byte) (int, error) {
+	if b.err != nil {
+		return 0, b.err
+	}
+	c := b.c
+	if len(p) == 0 {
+		if c.br != nil && c.br.Buffered() > 0 {
+			return 0, nil
+		}
+		if err := c.waitReadable(); err != nil {
+			return 0, b.fail(err)
+		}
+		return 0, nil // what arrived (or the close) is for the next read
+	}
+	br := c.takeBuffer()
+	var n int
+	var err error
+	switch b.mode {
+	case leanLength:
+		n, err = b.readLength(br, p)
+	case leanChunked:
+		n, err = b.readChunked(br, p)
+	default:
+		n, err = br.Read(p)
+	}
+	switch {
+	case err == io.EOF:
+		b.finish()
+	case err != nil:
+		err = b.fail(err)
+	default:
+		c.dropBuffer()
+	}
+	return n, err
+}
+
+func (b *leanBody) readLength(br *bufio.Reader, p []byte) (int, error) {
+	if b.left == 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := br.Read(p)
+	b.left -= int64(n)
+	if b.left == 0 {
+		return n, io.EOF
+	}
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
+// readChunked decodes the chunked encoding (RFC 9112 §7.1). It goes on
+// past a chunk's end only while the next step needs no more bytes from the
+// socket, so one read takes every token that arrived and never waits for
+// one that has not, with data in hand.
+func (b *leanBody) readChunked(br *bufio.Reader, p []byte) (n int, err error) {
+	for n < len(p) {
+		switch b.st {
+		case chunkHeader:
+			if n > 0 && !lineBuffered(br) {
+				return n, nil
+			}
+			size, err := readChunkSize(br)
+			if err != nil {
+				return n, err
+			}
+			if size == 0 {
+				b.st = chunkTrailer
+				continue
+			}
+			b.left, b.st = size, chunkData
+		case chunkData:
+			if n > 0 && br.Buffered() == 0 {
+				return n, nil
+			}
+			q := p[n:]
+			if int64(len(q)) > b.left {
+				q = q[:b.left]
+			}
+			m, err := br.Read(q)
+			n += m
+			b.left -= int64(m)
+			if b.left == 0 {
+				b.st = chunkCRLF
+			}
+			if err != nil {
+				if err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				return n, err
+			}
+		case chunkCRLF:
+			if n > 0 && br.Buffered() < 2 {
+				return n, nil
+			}
+			if err := readCRLF(br); err != nil {
+				return n, err
+			}
+			b.st = chunkHeader
+		case chunkTrailer:
+			if n > 0 {
+				return n, nil // the data first; the end on the next read
+			}
+			if err := skipTrailers(br); err != nil {
+				return n, err
+			}
+			return n, io.EOF
+		}
+	}
+	return n, nil
+}
+
+// lineBuffered reports whether a whole line waits in br.
+func lineBuffered(br *bufio.Reader) bool {
+	buf, _ := br.Peek(br.Buffered())
+	return bytes.IndexByte(buf, '\n') >= 0
+}
+
+func readCRLF(br *bufio.Reader) error {
+	for _, want := range []byte{'\r', '\n'} {
+		got, err := br.ReadByte()
+		if err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+		if got != want {
+			return errLeanChunkCRLF
+		}
+	}
+	return nil
+}
+
+// readLine reads one line of the chunked framing, without its line end.
+// A line longer than the read buffer is malformed.
+func readLine(br *bufio.Reader) ([]byte, error) {
+	line, err := br.ReadSlice('\n')
+	switch {
+	case err == bufio.ErrBufferFull:
+		return nil, errLeanChunkLine
+	case err == io.EOF:
+		return nil, io.ErrUnexpectedEOF
+	case err != nil:
+		return nil, err
+	}
+	line = line[:len(line)-1]
+	if n := len(line); n > 0 && line[n-1] == '\r' {
+		line = line[:n-1]
+	}
+	return line, nil
+}
+
+// readChunkSize reads a chunk-size line: hex digits, optional whitespace
+// and chunk extensions (ignored, as every client does).
+func readChunkSize(br *bufio.Reader) (int64, error) {
+	line, err := readLine(br)
+	if err != nil {
+		return 0, err
+	}
+	if i := bytes.IndexByte(line, ';'); i >= 0 {
+		line = line[:i]
+	}
+	line = bytes.TrimRight(line, " \t")
+	return parseChunkSize(line)
+}
+
+func parseChunkSize(s []byte) (int64, error) {
+	if len(s) == 0 || len(s) > 15 { // 15 hex digits stay below 1<<60
+		return 0, errLeanChunkLine
+	}
+	var n int64
+	for _, c := range s {
+		switch {
+		case '0' <= c && c <= '9':
+			c -= '0'
+		case 'a' <= c && c <= 'f':
+			c -= 'a' - 10
+		case 'A' <= c && c <= 'F':
+			c -= 'A' - 10
+		default:
+			return 0, errLeanChunkLine
+		}
+		n = n<<4 | int64(c)
+	}
+	return n, nil
+}
+
+// skipTrailers reads the trailer section up to its empty line. Nothing
+// here reads trailers (Ollama sends none); they are bounded and dropped.
+func skipTrailers(br *bufio.Reader) error {
+	for range leanMaxTrailers {
+		line, err := readLine(br)
+		if err != nil {
+			if err == errLeanChunkLine {
+				err = errLeanTrailers
+			}
+			return err
+		}
+		if len(line) == 0 {
+			return nil
+		}
+	}
+	return errLeanTrailers
+}
+
+// finish ends a body read to its end: the connection goes back to the pool
+// if it can serve another request, else it is closed.
+func (b *leanBody) finish() {
+	b.err = io.EOF
+	c := b.c
+	b.c = nil
+	if !b.stop() || !b.keep || c.br != nil && c.br.Buffered() > 0 {
+		// The context closed it, the backend said close, or it sent
+		// more than its answer.
+		c.close()
+		return
+	}
+	c.dropBuffer()
+	c.reused = true
+	c.pool.put(c)
+}
+
+// fail ends a body whose read failed: the connection is closed. A read the
+// context cut returns the context's error.
+func (b *leanBody) fail(err error) error {
+	b.stop()
+	b.c.close()
+	b.c = nil
+	if cerr := b.ctx.Err(); cerr != nil {
+		err = cerr
+	}
+	b.err = err
+	return err
+}
+
+// Close ends the body; one not read to its end closes the connection.
+func (b *leanBody) Close() error {
+	if b.c != nil {
+		b.stop()
+		b.c.close()
+		b.c = nil
+		b.err = errLeanBodyClosed
+	}
+	return nil
+}

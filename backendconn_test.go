@@ -1,0 +1,777 @@
+package ollamaflow
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// leanTestPool is a pool to addr with a generous dial timeout.
+func leanTestPool(addr string) *leanPool {
+	return newLeanPool(addr, func() time.Duration { return 5 * time.Second })
+}
+
+// rawBackend is a loopback TCP server whose every connection serve handles
+// (its requests read with http.ReadRequest): a backend that can say
+// anything, malformed included. It counts the connections accepted.
+type rawBackend struct {
+	ln       net.Listener
+	accepted atomic.Int64
+	wg       sync.WaitGroup
+}
+
+func newRawBackend(t *testing.T, serve func(n int64, c net.Conn, br *bufio.Reader)) *rawBackend {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	rb := &rawBackend{ln: ln}
+	rb.wg.Add(1)
+	go func() {
+		defer rb.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n := rb.accepted.Add(1)
+			rb.wg.Add(1)
+			go func() {
+				defer rb.wg.Done()
+				defer c.Close()
+				serve(n, c, bufio.NewReader(c))
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); rb.wg.Wait() })
+	return rb
+}
+
+func (rb *rawBackend) addr() string { return rb.ln.Addr().String() }
+
+// readReq reads one request and its body; nil when the client closed.
+func readReq(br *bufio.Reader) (*http.Request, []byte) {
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		return nil, nil
+	}
+	body, _ := io.ReadAll(req.Body)
+	return req, body
+}
+
+func leanReq(t *testing.T, ctx context.Context, method, addr, body string) *http.Request {
+	t.Helper()
+	var r io.Reader
+	if body != "" {
+		r = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+"/api/chat", r)
+	require.NoError(t, err)
+	return req
+}
+
+// Content-Length and chunked answers are read whole, and the connection
+// serves the next request: one connection for many requests, parked in the
+// pool between them.
+func TestLeanClientKeepsConnectionsAlive(t *testing.T) {
+	var conns atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		if r.URL.Query().Get("chunked") != "" {
+			for i := range 3 {
+				fmt.Fprintf(w, "part %d of %s;", i, body)
+				w.(http.Flusher).Flush()
+			}
+			return
+		}
+		fmt.Fprintf(w, "whole %s", body)
+	}))
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+	p := leanTestPool(srv.Listener.Addr().String())
+	defer p.closeAll()
+	for i := range 6 {
+		q := ""
+		if i%2 == 1 {
+			q = "?chunked=1"
+		}
+		req, err := http.NewRequest(http.MethodPost, srv.URL+"/x"+q, strings.NewReader(fmt.Sprint("req", i)))
+		require.NoError(t, err)
+		res, err := p.roundTrip(req)
+		require.NoError(t, err)
+		got, err := io.ReadAll(res.Body)
+		require.NoError(t, err)
+		require.NoError(t, res.Body.Close())
+		if q == "" {
+			assert.Equal(t, fmt.Sprintf("whole req%d", i), string(got))
+			assert.EqualValues(t, len(got), res.ContentLength)
+		} else {
+			assert.Equal(t, fmt.Sprintf("part 0 of req%d;part 1 of req%d;part 2 of req%d;", i, i, i), string(got))
+			assert.Equal(t, []string{"chunked"}, res.TransferEncoding)
+		}
+		assert.Equal(t, 1, p.idleCount(), "the connection went back to the pool")
+	}
+	assert.EqualValues(t, 1, conns.Load(), "every request on one connection")
+}
+
+// A chunked request body (a length the proxy does not know) is sent
+// chunked and arrives whole.
+func TestLeanClientSendsAChunkedRequestBody(t *testing.T) {
+	var gotTE []string
+	var gotBody []byte
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		req, body := readReq(br)
+		if req == nil {
+			return
+		}
+		gotTE, gotBody = req.TransferEncoding, body
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	req := leanReq(t, context.Background(), http.MethodPost, rb.addr(), "")
+	req.Body = io.NopCloser(io.MultiReader(strings.NewReader("abc"), strings.NewReader("def")))
+	req.ContentLength = -1
+	res, err := p.roundTrip(req)
+	require.NoError(t, err)
+	got, err := io.ReadAll(res.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "ok", string(got))
+	assert.Equal(t, []string{"chunked"}, gotTE)
+	assert.Equal(t, "abcdef", string(gotBody))
+}
+
+// A pooled connection the backend closed while it idled: the request goes
+// once more on a new connection, its body resent whole.
+func TestLeanClientRetriesAStaleConnectionOnce(t *testing.T) {
+	var bodies []string
+	var mu sync.Mutex
+	rb := newRawBackend(t, func(n int64, c net.Conn, br *bufio.Reader) {
+		req, body := readReq(br)
+		if req == nil {
+			return
+		}
+		mu.Lock()
+		bodies = append(bodies, string(body))
+		mu.Unlock()
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		// then close: the client still believes the connection open
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	for i := range 2 {
+		req := leanReq(t, context.Background(), http.MethodPost, rb.addr(), fmt.Sprint("body", i))
+		res, err := p.roundTrip(req)
+		require.NoError(t, err, "request %d", i)
+		got, err := io.ReadAll(res.Body)
+		require.NoError(t, err)
+		assert.Equal(t, fmt.Sprint("body", i), string(got))
+		require.Eventually(t, func() bool { return rb.accepted.Load() == int64(i+1) }, 10*time.Second, time.Millisecond)
+	}
+	// The second request was written to the dead connection, failed before
+	// any byte of an answer, and went on a new one.
+	assert.EqualValues(t, 2, rb.accepted.Load())
+	mu.Lock()
+	assert.Equal(t, []string{"body0", "body1"}, bodies)
+	mu.Unlock()
+}
+
+// A new connection that fails is the backend's failure: not retried.
+func TestLeanClientDoesNotRetryAFreshConnection(t *testing.T) {
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		readReq(br) // and close without a word
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	_, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "x"))
+	require.Error(t, err)
+	assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
+	assert.EqualValues(t, 1, rb.accepted.Load())
+	assert.Zero(t, p.idleCount())
+}
+
+// Nor is a reused connection whose answer had begun: the backend got the
+// request.
+func TestLeanClientDoesNotRetryAfterTheAnswerBegan(t *testing.T) {
+	rb := newRawBackend(t, func(n int64, c net.Conn, br *bufio.Reader) {
+		if readReq(br); n > 1 {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		readReq(br)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Le") // and close
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "a"))
+	require.NoError(t, err)
+	_, err = io.ReadAll(res.Body)
+	require.NoError(t, err)
+	_, err = p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "b"))
+	require.Error(t, err)
+	assert.EqualValues(t, 1, rb.accepted.Load(), "no second connection")
+}
+
+// 1xx answers (100 Continue, 103 Early Hints) are skipped; the answer
+// after them is the response.
+func TestLeanClientSkipsInformationalAnswers(t *testing.T) {
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		readReq(br)
+		io.WriteString(c, "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"+
+			"HTTP/1.1 201 Created\r\nX-A: b\r\nContent-Length: 4\r\n\r\ndone")
+		readReq(br)
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "x"))
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusCreated, res.StatusCode)
+	assert.Equal(t, "b", res.Header.Get("X-A"))
+	assert.Empty(t, res.Header.Get("Link"))
+	got, err := io.ReadAll(res.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "done", string(got))
+	assert.Equal(t, 1, p.idleCount())
+}
+
+// Connection: close, and an answer delimited by the close, end the
+// connection; the next request dials a new one.
+func TestLeanClientHonoursConnectionClose(t *testing.T) {
+	for _, answer := range []string{
+		"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+		"HTTP/1.1 200 OK\r\n\r\nok", // no length: until the close
+		"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+	} {
+		rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+			readReq(br)
+			io.WriteString(c, answer)
+		})
+		p := leanTestPool(rb.addr())
+		for range 2 {
+			res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodGet, rb.addr(), ""))
+			require.NoError(t, err, answer)
+			got, err := io.ReadAll(res.Body)
+			require.NoError(t, err, answer)
+			assert.Equal(t, "ok", string(got))
+			assert.True(t, res.Close)
+			assert.Zero(t, p.idleCount(), answer)
+		}
+		assert.EqualValues(t, 2, rb.accepted.Load(), answer)
+		p.closeAll()
+	}
+}
+
+// An answer to HEAD, a 204 and a 304 have no body whatever their headers
+// say; the connection is pooled at once.
+func TestLeanClientAnswersWithoutABody(t *testing.T) {
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		for {
+			req, _ := readReq(br)
+			if req == nil {
+				return
+			}
+			switch req.Method {
+			case http.MethodHead:
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+			case http.MethodGet:
+				io.WriteString(c, "HTTP/1.1 204 No Content\r\n\r\n")
+			default:
+				io.WriteString(c, "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n")
+			}
+		}
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	for _, m := range []string{http.MethodHead, http.MethodGet, http.MethodPost} {
+		res, err := p.roundTrip(leanReq(t, context.Background(), m, rb.addr(), ""))
+		require.NoError(t, err, m)
+		assert.Equal(t, 1, p.idleCount(), "pooled before the body is read: %s", m)
+		got, err := io.ReadAll(res.Body)
+		require.NoError(t, err)
+		assert.Empty(t, got)
+	}
+	assert.EqualValues(t, 1, rb.accepted.Load())
+}
+
+// Hostile backends: oversized headers, malformed chunk sizes, an early
+// close mid-chunk. Each is an error, never a panic or a hang, and the
+// connection is never pooled.
+func TestLeanClientRefusesHostileAnswers(t *testing.T) {
+	huge := "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("a", leanMaxHeaderBytes) + "\r\nContent-Length: 2\r\n\r\nok"
+	cases := []struct {
+		name, answer string
+		headerErr    bool // fails before the headers are returned
+		want         error
+	}{
+		{"oversized headers", huge, true, errLeanHeaderTooLarge},
+		{"not http", "SSH-2.0-OpenSSH\r\n\r\n", true, nil},
+		{"bad status", "HTTP/1.1 2000 OK\r\n\r\n", true, nil},
+		{"conflicting lengths", "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", true, nil},
+		{"non-hex chunk size", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n", false, errLeanChunkLine},
+		{"empty chunk size", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\nhi\r\n0\r\n\r\n", false, errLeanChunkLine},
+		{"chunk size overflows", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000000\r\nhi\r\n0\r\n\r\n", false, errLeanChunkLine},
+		{"negative chunk size", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nhi\r\n0\r\n\r\n", false, errLeanChunkLine},
+		{"chunk size line too long", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;" + strings.Repeat("x", 8000) + "\r\nhi\r\n0\r\n\r\n", false, errLeanChunkLine},
+		{"no CRLF after chunk data", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhiXX0\r\n\r\n", false, errLeanChunkCRLF},
+		{"endless trailers", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n" + strings.Repeat("X-T: 1\r\n", 100) + "\r\n", false, errLeanTrailers},
+		{"close mid-chunk", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nhi", false, io.ErrUnexpectedEOF},
+		{"close mid-chunk-size", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n1", false, io.ErrUnexpectedEOF},
+		{"close before the last chunk", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n", false, io.ErrUnexpectedEOF},
+		{"close mid-length", "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhi", false, io.ErrUnexpectedEOF},
+		{"close mid-headers", "HTTP/1.1 200 OK\r\nContent-Le", true, nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+				readReq(br)
+				io.WriteString(c, tc.answer)
+				c.(*net.TCPConn).CloseWrite()
+				io.Copy(io.Discard, c) // until the client closes
+			})
+			p := leanTestPool(rb.addr())
+			defer p.closeAll()
+			res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "x"))
+			if !tc.headerErr {
+				require.NoError(t, err)
+				_, err = io.ReadAll(res.Body)
+			}
+			require.Error(t, err)
+			if tc.want != nil {
+				assert.ErrorIs(t, err, tc.want)
+			}
+			assert.Zero(t, p.idleCount(), "never pooled")
+			assert.EqualValues(t, 1, rb.accepted.Load(), "not retried")
+		})
+	}
+}
+
+// A backend that never answers: the request's context ends the wait (the
+// handler's first_byte_timeout, or the client gone) with the context's
+// error, and the connection is closed.
+func TestLeanClientCancelledWhileTheBackendSaysNothing(t *testing.T) {
+	got := make(chan struct{})
+	closed := make(chan struct{})
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		readReq(br)
+		close(got)
+		io.Copy(io.Discard, c) // returns when the client closes
+		close(closed)
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	ctx, cancel := context.WithCancelCause(context.Background())
+	go func() { <-got; cancel(errFirstByteTimeout) }()
+	_, err := p.roundTrip(leanReq(t, ctx, http.MethodPost, rb.addr(), "x"))
+	assert.ErrorIs(t, err, context.Canceled)
+	<-closed // the backend saw its connection closed
+	assert.Zero(t, p.idleCount())
+}
+
+// A client that leaves mid-answer: the body's read returns, the
+// connection is closed, not pooled.
+func TestLeanClientCancelledMidAnswer(t *testing.T) {
+	closed := make(chan struct{})
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		readReq(br)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+		io.Copy(io.Discard, c)
+		close(closed)
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	ctx, cancel := context.WithCancel(context.Background())
+	res, err := p.roundTrip(leanReq(t, ctx, http.MethodPost, rb.addr(), "x"))
+	require.NoError(t, err)
+	buf := make([]byte, 16)
+	n, err := res.Body.Read(buf)
+	require.NoError(t, err)
+	assert.Equal(t, "hi", string(buf[:n]))
+	waited := make(chan error)
+	go func() { _, err := res.Body.Read(nil); waited <- err }()
+	cancel()
+	assert.ErrorIs(t, <-waited, context.Canceled)
+	<-closed
+	_, err = res.Body.Read(buf)
+	assert.ErrorIs(t, err, context.Canceled, "sticky")
+	assert.NoError(t, res.Body.Close())
+	assert.Zero(t, p.idleCount())
+}
+
+// A body closed before its end closes the connection: what is left of the
+// answer would be read as the next one's.
+func TestLeanClientBodyClosedEarlyIsNotPooled(t *testing.T) {
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		readReq(br)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+		io.Copy(io.Discard, c)
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "x"))
+	require.NoError(t, err)
+	require.NoError(t, res.Body.Close())
+	_, err = res.Body.Read(make([]byte, 4))
+	assert.ErrorIs(t, err, errLeanBodyClosed)
+	assert.Zero(t, p.idleCount())
+}
+
+// The pool keeps at most maxIdle connections, and closes one that idles
+// past the idle timeout.
+func TestLeanPoolBoundsIdleConnections(t *testing.T) {
+	var serving sync.WaitGroup
+	release := make(chan struct{})
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		for first := true; ; first = false {
+			if req, _ := readReq(br); req == nil {
+				return
+			}
+			if first {
+				serving.Done()
+				<-release
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	n := leanMaxIdle + 3
+	serving.Add(n)
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodGet, rb.addr(), ""))
+			if err == nil {
+				_, err = io.ReadAll(res.Body)
+			}
+			errs <- err
+		}()
+	}
+	serving.Wait() // n connections at once
+	close(release)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	assert.EqualValues(t, n, rb.accepted.Load())
+	assert.Equal(t, leanMaxIdle, p.idleCount(), "the rest were closed")
+
+	// An idle connection's timer closes it (fired here rather than waited
+	// for: the same function the timer runs).
+	p.mu.Lock()
+	c := p.idle[0]
+	p.mu.Unlock()
+	p.expire(c)
+	assert.Equal(t, leanMaxIdle-1, p.idleCount())
+	_, err := c.nc.Write([]byte("x"))
+	assert.ErrorIs(t, err, net.ErrClosed)
+	p.expire(c) // a timer that fires after the connection left the pool does nothing
+	assert.Equal(t, leanMaxIdle-1, p.idleCount())
+}
+
+// The server's pool after Destruct: idle connections closed, and one that
+// comes back later too.
+func TestLeanPoolClosedWithItsServer(t *testing.T) {
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		for {
+			if req, _ := readReq(br); req == nil {
+				return
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	p := leanTestPool(rb.addr())
+	res1, err := p.roundTrip(leanReq(t, context.Background(), http.MethodGet, rb.addr(), ""))
+	require.NoError(t, err)
+	res2, err := p.roundTrip(leanReq(t, context.Background(), http.MethodGet, rb.addr(), ""))
+	require.NoError(t, err)
+	_, err = io.ReadAll(res1.Body)
+	require.NoError(t, err)
+	assert.Equal(t, 1, p.idleCount())
+	p.closeAll()
+	assert.Zero(t, p.idleCount())
+	_, err = io.ReadAll(res2.Body)
+	require.NoError(t, err)
+	assert.Zero(t, p.idleCount(), "a connection back after the close is closed")
+}
+
+// The lean client's chunked bodies let a stream wait without a buffer: a
+// zero-length read returns only once the next token has arrived, and while
+// it waits the connection holds no read buffer. The same stream loop as
+// in production reads it (TestChunkedBodyWaitsWithoutABuffer is the
+// Transport's counterpart).
+func TestLeanBodyWaitsWithoutABuffer(t *testing.T) {
+	for _, chunked := range []bool{true, false} {
+		t.Run(fmt.Sprint("chunked=", chunked), func(t *testing.T) {
+			var sent atomic.Int64
+			release := make(chan struct{})
+			tokens := make([]string, 4)
+			for i := range tokens {
+				tokens[i] = fmt.Sprintf(`{"message":{"content":"t%d"},"done":false}`+"\n", i)
+			}
+			backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/x-ndjson")
+				if !chunked {
+					w.Header().Set("Content-Length", fmt.Sprint(len(strings.Join(tokens, ""))))
+				}
+				for i, tok := range tokens {
+					if i > 0 {
+						<-release
+					}
+					sent.Add(1)
+					io.WriteString(w, tok)
+					w.(http.Flusher).Flush()
+				}
+			}))
+			defer backend.Close()
+			p := leanTestPool(backend.Listener.Addr().String())
+			defer p.closeAll()
+			out, err := http.NewRequest(http.MethodPost, backend.URL+"/api/chat", nil)
+			require.NoError(t, err)
+			res, err := p.roundTrip(out)
+			require.NoError(t, err)
+			lb := res.Body.(*leanBody)
+			conn := lb.c
+			probe := &waitProbe{ReadCloser: &bufferCheck{leanBody: lb, conn: conn}, sent: &sent, entered: make(chan struct{})}
+			res.Body = probe
+
+			h := &Handler{ClientWriteTimeout: caddy.Duration(time.Minute), StreamIdleTimeout: caddy.Duration(time.Minute)}
+			rec := httptest.NewRecorder()
+			ctx, cancel := context.WithCancelCause(context.Background())
+			defer cancel(nil)
+			done := make(chan streamEnd, 1)
+			go func() {
+				done <- h.stream(rec, httptest.NewRequest(http.MethodPost, "/api/chat", nil), res, testBackend("a", nil), ctx, cancel, func() {}, &tailKeeper{})
+			}()
+			for range 3 {
+				<-probe.entered // waiting for the next token: let it come
+				release <- struct{}{}
+			}
+			require.Equal(t, endComplete, <-done)
+			assert.Equal(t, strings.Join(tokens, ""), rec.Body.String(), "every token copied")
+			// One wait per token, and with a chunked body perhaps one more for
+			// its last chunk, sent after the last token.
+			require.GreaterOrEqual(t, len(probe.waited), 4, "one wait per token")
+			require.LessOrEqual(t, len(probe.waited), 5)
+			for i, ahead := range probe.waited {
+				if i < 4 {
+					assert.Equal(t, int64(1), ahead, "wait %d returned with the next token sent", i)
+				} else {
+					assert.True(t, chunked)
+					assert.Zero(t, ahead, "the last wait is for the end")
+				}
+			}
+			bc := probe.ReadCloser.(*bufferCheck)
+			assert.GreaterOrEqual(t, bc.waits, 3, "the waits for tokens 1-3 checked (token 0 may come with the headers)")
+			assert.Zero(t, bc.heldWhileWaiting, "no wait held a read buffer")
+			assert.Nil(t, conn.br, "the pooled connection holds no buffer")
+			assert.Equal(t, 1, p.idleCount(), "the connection went back to the pool")
+		})
+	}
+}
+
+// bufferCheck counts the zero-length reads that began with a read buffer
+// held by the connection.
+type bufferCheck struct {
+	*leanBody
+	conn             *leanConn
+	waits            int
+	heldWhileWaiting int
+}
+
+func (b *bufferCheck) Read(p []byte) (int, error) {
+	// A zero-length read with bytes already buffered returns at once: not
+	// a wait.
+	if len(p) == 0 && b.leanBody.c != nil && (b.conn.br == nil || b.conn.br.Buffered() == 0) {
+		b.waits++
+		if b.conn.br != nil {
+			b.heldWhileWaiting++
+		}
+	}
+	return b.leanBody.Read(p)
+}
+
+// fuzzConn is a connection whose answer is data; what is written to it is
+// dropped.
+type fuzzConn struct {
+	net.Conn // nil: only what the client calls is implemented
+	r        *bytes.Reader
+	closed   bool
+}
+
+func (c *fuzzConn) Read(p []byte) (int, error) {
+	if c.closed {
+		return 0, net.ErrClosed
+	}
+	return c.r.Read(p)
+}
+func (c *fuzzConn) Write(p []byte) (int, error) { return len(p), nil }
+func (c *fuzzConn) Close() error                { c.closed = true; return nil }
+
+// FuzzLeanResponse feeds the lean client arbitrary answers: it must never
+// panic or read past its input, and an answer net/http reads whole must
+// read the same here (the status, and the body, read with the stream
+// loop's mix of zero-length and small reads).
+func FuzzLeanResponse(f *testing.F) {
+	for _, s := range []string{
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n3;ext=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
+		"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhi\r\n\r\n0\r\n\r\n",
+		"HTTP/1.1 200 OK\r\n\r\nuntil close",
+		"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabcdef",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nA \t;x\n0123456789\n0\n\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		req, _ := http.NewRequest(http.MethodPost, "http://backend/api/chat", nil)
+		p := &leanPool{}
+		c := &leanConn{pool: p, nc: &fuzzConn{r: bytes.NewReader(data)}, limit: -1}
+		c.src = leanSource{c}
+		res, err := c.do(req)
+		var body []byte
+		if err == nil {
+			buf := make([]byte, 7)
+			for i := 0; ; i++ {
+				var n int
+				if i%2 == 0 {
+					n, err = res.Body.Read(nil)
+				} else {
+					n, err = res.Body.Read(buf)
+					body = append(body, buf[:n]...)
+				}
+				if err != nil {
+					break
+				}
+				if i > 2*len(data)+10 {
+					t.Fatalf("reads make no progress (last read %d bytes)", n)
+				}
+			}
+			if err == io.EOF {
+				err = nil
+			}
+			res.Body.Close()
+		}
+		if len(body) > len(data) {
+			t.Fatalf("read %d body bytes from %d bytes of input", len(body), len(data))
+		}
+		// net/http's reading of the same bytes.
+		ref, rerr := readWithNetHTTP(data, req)
+		if err == nil && rerr == nil && !bytes.Equal(body, ref.body) {
+			t.Fatalf("body %q, net/http read %q", body, ref.body)
+		}
+		if err == nil && rerr == nil && res.StatusCode != ref.status {
+			t.Fatalf("status %d, net/http read %d", res.StatusCode, ref.status)
+		}
+	})
+}
+
+type refAnswer struct {
+	status int
+	body   []byte
+}
+
+func readWithNetHTTP(data []byte, req *http.Request) (refAnswer, error) {
+	br := bufio.NewReader(bytes.NewReader(data))
+	for {
+		res, err := http.ReadResponse(br, req)
+		if err != nil {
+			return refAnswer{}, err
+		}
+		if res.StatusCode >= 200 {
+			body, err := io.ReadAll(res.Body)
+			return refAnswer{res.StatusCode, body}, err
+		}
+		if res.StatusCode == http.StatusSwitchingProtocols {
+			return refAnswer{}, errors.New("101")
+		}
+	}
+}
+
+// BenchmarkBackendStream compares the lean client with the Transport on
+// what bench/run.sh's streaming chats do: a 16-token NDJSON stream per
+// request, read the way the stream loop reads it (a zero-length wait, then
+// a 4 KiB read). cpu-ns/op is the process's CPU time per request (the fake
+// backend's included, the same for both), which a shared machine's load
+// does not inflate as it does wall time.
+//
+//	go test -run '^$' -bench BenchmarkBackendStream -benchtime 3000x -count 3 .
+func BenchmarkBackendStream(b *testing.B) {
+	tok := []byte(`{"model":"tiny-llama","created_at":"2026-12-02T03:15:27.500975687Z","message":{"role":"assistant","content":"Hello"},"done":false}` + "\n")
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		for range 16 {
+			w.Write(tok)
+			w.(http.Flusher).Flush()
+		}
+	}))
+	defer srv.Close()
+	body := []byte(`{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}]}`)
+	run := func(b *testing.B, rt func(*http.Request) (*http.Response, error)) {
+		b.SetParallelism(16) // 32 streams on 2 cores, as run.sh's c=32
+		cpu0, ok := processCPU()
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			buf := make([]byte, 4<<10)
+			for pb.Next() {
+				req, _ := http.NewRequest(http.MethodPost, srv.URL+"/api/chat", bytes.NewReader(body))
+				res, err := rt(req)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				for {
+					if _, err = res.Body.Read(nil); err == nil {
+						_, err = res.Body.Read(buf)
+					}
+					if err != nil {
+						break
+					}
+				}
+				res.Body.Close()
+				if err != io.EOF {
+					b.Error(err)
+					return
+				}
+			}
+		})
+		b.StopTimer()
+		if cpu1, ok1 := processCPU(); ok && ok1 {
+			b.ReportMetric(float64(cpu1-cpu0)/float64(b.N), "cpu-ns/op")
+		}
+	}
+	b.Run("transport", func(b *testing.B) {
+		tr := newTransport(func() time.Duration { return 5 * time.Second })
+		defer tr.CloseIdleConnections()
+		run(b, tr.RoundTrip)
+	})
+	b.Run("lean", func(b *testing.B) {
+		p := leanTestPool(srv.Listener.Addr().String())
+		defer p.closeAll()
+		run(b, p.roundTrip)
+	})
+}
