@@ -3,6 +3,7 @@ package ollamaflow
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"sort"
 	"testing"
 	"time"
@@ -34,6 +35,7 @@ func BenchmarkSelection(b *testing.B) {
 			b.Run(fmt.Sprintf("%s/backends=%d", policy, n), func(b *testing.B) {
 				h := selectionPool(n, policy)
 				ctx := context.Background()
+				runtime.GC() // the setup's garbage is not the selection's cost
 				b.ReportAllocs()
 				b.ResetTimer()
 				cpu0, cpuOK := processCPU()

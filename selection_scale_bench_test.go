@@ -2,6 +2,7 @@ package ollamaflow
 
 import (
 	"fmt"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -72,6 +73,7 @@ func BenchmarkSelectionPaths(b *testing.B) {
 			}
 			cands, _ := h.candidates(kindCompletion, nil)
 			cands = h.withModel(cands, "tiny-llama:latest")
+			runtime.GC() // the setup's garbage is not the selection's cost
 			b.ReportAllocs()
 			b.ResetTimer()
 			cpu0, cpuOK := processCPU()
