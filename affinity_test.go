@@ -590,7 +590,8 @@ func BenchmarkAffinity(b *testing.B) {
 
 // ruleBackend is a server that has learned 1 ms per prompt token at 4
 // characters a token and 1 ms per generated token, with one slot proven
-// (two planned) and inFlight requests on it.
+// (two planned; a request that would take the second counts it half: see
+// estimateLocked) and inFlight requests on it.
 func ruleBackend(name string, inFlight int64) *backend {
 	b := testBackend(name, nil)
 	b.srv.models.Store(psWith("m"))
@@ -650,7 +651,7 @@ func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
 	require.Equal(t, len(fconv.prefixes)-1, fdepth, "identical bodies: the whole request matches")
 	fj := newJob("m", apiOllama, first)
 	assert.Nil(t, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj), "busier: no preference")
-	home.srv.inFlight.Store(1) // a slot free on both: a tie
+	home.srv.inFlight.Store(0) // both idle: a tie
 	assert.Same(t, home, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj), "a tie keeps it")
 	home.srv.inFlight.Store(2) // the next one waits there
 	assert.Nil(t, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj))

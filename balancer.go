@@ -390,10 +390,11 @@ const nearTie = 0.02
 // pickLeastDelay takes the backend where the request is expected to end
 // soonest (cost.go): the wait for a slot behind the work already sent
 // there, a model load where the model is not resident plus what evicting
-// another model costs the pool, and the request's own prompt and output at
-// the speed the server has shown. A slow server that merely looks idle
-// does not win against a fast one with free slots, and a long request
-// weighs the difference more than a short one.
+// another model costs the pool, the request's own prompt and output at the
+// speed the server has shown, and the attempts lost to the server's recent
+// errors. A slow server that merely looks idle does not win against a fast
+// one with free slots, a long request weighs the difference more than a
+// short one, and a server answering errors at once does not look free.
 //
 // A server it has not observed yet is measured with one request at a time
 // (or up to its max_parallel, slots it is known to have): it gets a request
@@ -460,6 +461,12 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			continue
 		}
 		if h.coldFor(b, j.model) && b.srv.speed.coldCost(j.model) >= best {
+			continue
+		}
+		if b.srv.speed.errorShare(now) >= 0.5 {
+			// Mostly errors lately: nothing is learned from them, and
+			// one that answers at once is always free. It is measured
+			// again once the share has decayed (within a second or two).
 			continue
 		}
 		explore = append(explore, b)

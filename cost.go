@@ -116,9 +116,13 @@ type delay struct {
 	load   float64 // loading the model, when it is not resident (or still loading)
 	prompt float64 // evaluating the prompt; a prompt cache removes part of it
 	output float64 // generating the answer
+	// errors is the time expected to be lost to the server's errors: while
+	// a share p of its recent answers were server errors, a request there
+	// needs 1/(1-p) attempts on average to get an answer (see errorShare).
+	errors float64
 }
 
-func (d delay) total() float64 { return d.wait + d.load + d.prompt + d.output }
+func (d delay) total() float64 { return d.wait + d.load + d.prompt + d.output + d.errors }
 
 // estimateDelay is the time job is expected to take on b if it were sent
 // now: waiting for a slot, loading its model where it is not resident,
@@ -178,6 +182,10 @@ type speed struct {
 	// one at once: the last answered much faster than believed.
 	remeasuring  time.Time
 	remeasureNow bool
+	// errShare is the share of server errors among its recent answers,
+	// as of errAt (see noteAnswer).
+	errShare float64
+	errAt    time.Time
 }
 
 // rates are learned speeds, for one model or for all.
@@ -381,7 +389,16 @@ func (sp *speed) waitLocked(inFlight, slots int, typical float64, now time.Time)
 	}
 	take := func(arrived, work float64) {
 		start := max(arrived, free[0])
-		free[0] = max(start+work, remainingFloor*work)
+		end := start + work
+		if late := -end; late > 0 {
+			// Past its expected end, it is still there: it is taken to
+			// run about as far past it again as it already has (a
+			// server that turned slower, an answer longer than its
+			// kind), at least remainingFloor of its work and at most
+			// all of it.
+			end = min(max(late, remainingFloor*work), work)
+		}
+		free[0] = max(end, remainingFloor*work)
 		siftDown(free)
 	}
 	for _, t := range order {
@@ -471,7 +488,18 @@ func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, no
 	var d delay
 	d.prompt, d.output = sp.serviceLocked(j)
 	tp, to := sp.serviceLocked(&job{model: j.model})
-	d.wait = sp.waitLocked(inFlight, sp.slotsLocked(maxParallel, now), tp+to, now)
+	slots := sp.slotsLocked(maxParallel, now)
+	d.wait = sp.waitLocked(inFlight, slots, tp+to, now)
+	untried := maxParallel == 0 && slots > max(sp.slotsLo, 1)
+	if untried && inFlight+1 == slots {
+		// The request would take the slot planned for but never seen
+		// in use, only not ruled out: as likely missing as there. It
+		// expects half the wait it would have without it, so the
+		// untried slot of a slow server with a long answer in its one
+		// real slot does not look free, while a fast server's is still
+		// tried when the alternative costs more.
+		d.wait = sp.waitLocked(inFlight, slots-1, tp+to, now) / 2
+	}
 	if j.model != "" {
 		if left, loading := sp.pendingLoadLocked(j.model, now); loading {
 			d.load = left
@@ -479,7 +507,68 @@ func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, no
 			d.load = sp.loadCostLocked(j.model)
 		}
 	}
+	if p := sp.errorShareLocked(now); p > 0 {
+		d.errors = (d.wait + d.load + d.prompt + d.output) * p / (1 - p)
+	}
 	return d, true
+}
+
+// Server errors. A server that answers 500 at once (a broken GPU, a
+// runner that crashes on load) looks idle and fast: nothing of its speed
+// is learned from an error, but its free slots would draw every request.
+// Its recent share of server errors makes its expected time longer
+// instead, by the attempts a request needs there to get an answer
+// (1/(1-p)), bounded (errorShareMax) and forgotten within seconds
+// (errorForget): a client can provoke a 500 (a num_ctx the server has no
+// memory for), so errors never take a server out of rotation; they only
+// make it the last choice for a few seconds, and honest traffic still
+// reaches it while the others queue. 500 stays out of fail_status and is
+// not retried (SPEC: retries on connection errors, 502, 503 and 504), so
+// a crafted request costs the pool one attempt.
+const (
+	errorAlpha    = 0.25            // weight of each answer in the share
+	errorForget   = 2 * time.Second // the share falls by 1/e in this time without answers
+	errorShareMax = 0.75            // at most 4 attempts expected: a bounded penalty
+)
+
+// noteAnswer folds an answer's status into the server's error share: a
+// 5xx is a server error, except Ollama's 503 "server busy" (back-pressure,
+// handled by backing off); anything else is an answer.
+func (sp *speed) noteAnswer(status int, now time.Time) {
+	if status == 503 {
+		return
+	}
+	x := 0.0
+	if status >= 500 {
+		x = 1
+	}
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if x == 0 && sp.errShare == 0 {
+		return
+	}
+	p := sp.errorShareLocked(now)
+	sp.errShare, sp.errAt = p+errorAlpha*(x-p), now
+	if sp.errShare < 1e-3 {
+		sp.errShare = 0
+	}
+}
+
+// errorShareLocked is the server's recent share of server errors, decayed
+// to now, at most errorShareMax.
+func (sp *speed) errorShareLocked(now time.Time) float64 {
+	if sp.errShare == 0 {
+		return 0
+	}
+	p := sp.errShare * math.Exp(-max(now.Sub(sp.errAt).Seconds(), 0)/errorForget.Seconds())
+	return min(p, errorShareMax)
+}
+
+// errorShare is errorShareLocked for a caller not holding the lock.
+func (sp *speed) errorShare(now time.Time) float64 {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.errorShareLocked(now)
 }
 
 // begin records that a request for j was sent to b, with the delay it is

@@ -356,6 +356,7 @@ func TestACancelledRequestTeachesNothing(t *testing.T) {
 	clock := time.Unix(1000, 0)
 	b.srv.inFlight.Store(1)
 	serve(b, &job{maxOutput: 10}, clock, finalGen(50*ms, 100*ms, 0, 0, 10, 10))
+	b.srv.inFlight.Store(0)
 	before, _ := estimateDelay(b, &job{maxOutput: 10}, clock)
 	sp := &b.srv.speed
 	lo, hi, n := sp.slotsLo, sp.slotsHi, sp.all.genN
@@ -457,4 +458,94 @@ func TestPromptCostIsThePerTokenPart(t *testing.T) {
 	assert.InDelta(t, 0.001, perTok, 1e-9, "1 ms a cached token saves; the 10 ms fixed part is paid anyway")
 	perTok, _, _ = b.srv.speed.promptCost("other")
 	assert.InDelta(t, 0.001, perTok, 1e-9, "a model not seen: the server's fit")
+}
+
+func TestALateRequestHoldsItsSlotAsLongAgainAsItOverran(t *testing.T) {
+	b := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
+	clock := time.Unix(1000, 0)
+	serve(b, &job{}, clock.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	release := hold(b, 1, clock) // planned to end at 0.1 s
+	defer release()
+	d, _ := estimateDelay(b, &job{}, clock.Add(40*ms))
+	assert.InDelta(t, 0.06, d.wait, 1e-6, "on time: what is left of its plan")
+	d, _ = estimateDelay(b, &job{}, clock.Add(150*ms))
+	assert.InDelta(t, 0.05, d.wait, 1e-6, "50 ms late: 50 ms more, not a tenth of its work")
+	d, _ = estimateDelay(b, &job{}, clock.Add(101*ms))
+	assert.InDelta(t, 0.01, d.wait, 1e-6, "just late: at least a tenth of its work")
+	d, _ = estimateDelay(b, &job{}, clock.Add(3*time.Second))
+	assert.InDelta(t, 0.1, d.wait, 1e-6, "far behind: at most its whole work again")
+}
+
+func TestAnUntriedSlotCountsHalf(t *testing.T) {
+	b := testBackend("a", nil)
+	sp := &b.srv.speed
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{}, clock.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	b.srv.inFlight.Store(0)
+	require.Equal(t, 2, sp.slotsLocked(0, clock), "one slot seen, a second not ruled out")
+
+	release := hold(b, 1, clock)
+	d, _ := estimateDelay(b, &job{}, clock)
+	assert.InDelta(t, 0.05, d.wait, 1e-6, "the second slot is as likely missing as there")
+	b.cfg.MaxParallel = 2
+	d, _ = estimateDelay(b, &job{}, clock)
+	assert.Zero(t, d.wait, "max_parallel says it is there")
+	b.cfg.MaxParallel = 0
+	release()
+
+	d, _ = estimateDelay(b, &job{}, clock)
+	assert.Zero(t, d.wait, "the slot seen is free")
+}
+
+func TestServerErrorsMakeAServerTheLastChoiceForAWhile(t *testing.T) {
+	a, b := testBackend("a", nil), testBackend("b", nil)
+	now := time.Now()
+	for _, s := range []*backend{a, b} {
+		s.srv.inFlight.Store(1)
+		serve(s, &job{}, now.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+		s.srv.inFlight.Store(0)
+	}
+	h := &Handler{}
+	all := []*backend{a, b}
+	clean, _ := estimateDelay(a, &job{}, now)
+
+	// a answers 500 at once, again and again: it looks idle, but each
+	// error makes it costlier, within a bound.
+	sp := &a.srv.speed
+	sp.noteAnswer(503, now) // "server busy": back-pressure, not an error
+	assert.Zero(t, sp.errorShare(now))
+	for range 20 {
+		sp.noteAnswer(500, now)
+	}
+	d, _ := estimateDelay(a, &job{}, now)
+	assert.InDelta(t, clean.total()/(1-errorShareMax), d.total(), 1e-9, "bounded: at most 1/(1-%v) attempts", errorShareMax)
+	assert.Equal(t, clean.prompt+clean.output, d.prompt+d.output, "an error teaches no speed")
+	for range 4 {
+		assert.Equal(t, "b", pickLeastDelay(h, all, &job{}).cfg.Name, "the idle server answering errors is not chosen")
+	}
+
+	// Honest traffic still reaches it while the other queues.
+	release := hold(b, 10, time.Now())
+	assert.Equal(t, "a", pickLeastDelay(h, all, &job{}).cfg.Name, "a queue costs more than a bounded penalty")
+	release()
+
+	// Forgotten within seconds, and sooner by answers that are not errors
+	// (a client's 4xx is an answer).
+	later, _ := estimateDelay(a, &job{}, now.Add(10*errorForget))
+	assert.InDelta(t, clean.total(), later.total(), 1e-4)
+	before := sp.errorShare(now)
+	sp.noteAnswer(404, now)
+	assert.Less(t, sp.errorShare(now), before)
+
+	// A server not observed yet that answers only errors is not measured
+	// with the next request: nothing would be learned, and it is always
+	// free.
+	fresh := testBackend("fresh", nil)
+	for range 3 {
+		fresh.srv.speed.noteAnswer(500, time.Now())
+	}
+	assert.Equal(t, "b", pickLeastDelay(h, []*backend{fresh, b}, &job{}).cfg.Name)
+	fresh.srv.speed.errShare = 0
+	assert.Equal(t, "fresh", pickLeastDelay(h, []*backend{fresh, b}, &job{}).cfg.Name, "measured once its errors are forgotten")
 }

@@ -504,6 +504,11 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 	if res.StatusCode >= 500 {
 		b.srv.stats.errors.Add(1)
 	}
+	if kind == kindCompletion || kind == kindEmbedding {
+		// least_delay's error share (cost.go): a server answering errors
+		// at once must not look free and fast.
+		b.srv.speed.noteAnswer(res.StatusCode, time.Now())
+	}
 	switch {
 	case b.failStatus(res.StatusCode):
 		b.srv.recordFailure(fmt.Sprintf("status %d", res.StatusCode))
