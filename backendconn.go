@@ -32,9 +32,10 @@ import (
 // the same dialer (the server's dial timeout, TCP keep-alive 30 s), no
 // environment proxy, no transparent decompression, keep-alive connections
 // kept per server (at most leanMaxIdle idle, closed after leanIdleTimeout),
-// a reused connection that fails before any byte of the answer retried
-// once on a fresh one (the backend closed it while it sat idle), 1xx
-// answers skipped, Connection: close honoured, the answer's headers bound
+// a pooled connection checked before it is reused (one non-blocking peek:
+// one the backend closed, or sent bytes on, is closed, never written to nor
+// read as the next answer), a request sent once more on a fresh connection
+// only by net/http's rules (see roundTrip), 1xx answers skipped, Connection: close honoured, the answer's headers bound
 // to Go's default size, and the request's context closing the connection
 // (a client gone, a timeout) so it is never pooled again. HTTPS backends
 // keep the Transport (TLS, HTTP/2), and so do the probes and the model
@@ -45,6 +46,9 @@ const (
 	leanMaxHeaderBytes = 10 << 20 // net/http's default MaxResponseHeaderBytes, which the Transport used
 	leanReadBuffer     = 4 << 10  // the Transport's ReadBufferSize; also bounds a chunk-size line
 	leanMaxTrailers    = 64       // trailer lines read (each within leanReadBuffer) before giving up
+	// leanEarlyAnswerWait is how long a request whose write failed waits
+	// for an answer the backend sent before it stopped reading (see do).
+	leanEarlyAnswerWait = time.Second
 )
 
 var (
@@ -85,13 +89,18 @@ type leanConn struct {
 	br   *bufio.Reader // pooled; held only while bytes wait in it
 	src  leanSource    // what br reads from
 
-	raw    syscall.RawConn // nc's, to wait for bytes without reading them; nil: cannot
-	peek   [1]byte         // where that wait peeks
-	peekFn func(fd uintptr) bool
-	limit  int64 // bytes the headers may still take; <0: no limit
-	got    int64 // bytes of the current answer read from nc
-	reused bool  // it served a request before this one
-	idleT  *time.Timer
+	raw      syscall.RawConn // nc's, to wait for bytes without reading them; nil: cannot
+	peek     [1]byte         // where that wait peeks
+	peekFn   func(fd uintptr) bool
+	peekErr  error // what a peek took from the socket (a reset): the next read's error
+	checkFn  func(fd uintptr) bool
+	idleOK   bool  // the last idleUsable peek found the socket empty and open
+	limit    int64 // bytes the headers may still take; <0: no limit
+	got      int64 // bytes of the current answer read from nc
+	wrote    int64 // bytes of the current request written to nc
+	writeErr error // the socket's error writing the current request
+	reused   bool  // it served a request before this one
+	idleT    *time.Timer
 }
 
 // leanSource feeds br from the socket, counting the bytes and bounding
@@ -100,6 +109,10 @@ type leanSource struct{ c *leanConn }
 
 func (s leanSource) Read(p []byte) (int, error) {
 	c := s.c
+	if err := c.peekErr; err != nil {
+		c.peekErr = nil
+		return 0, err
+	}
 	if c.limit >= 0 {
 		if c.limit == 0 {
 			return 0, errLeanHeaderTooLarge
@@ -112,6 +125,21 @@ func (s leanSource) Read(p []byte) (int, error) {
 	c.got += int64(n)
 	if c.limit >= 0 {
 		c.limit -= int64(n)
+	}
+	return n, err
+}
+
+// leanSink writes to the socket, counting the bytes (a request of which
+// nothing was written may go again on another connection) and keeping the
+// socket's error: Request.Write reports a failed write of the body as an
+// unexported error that hides it.
+type leanSink struct{ c *leanConn }
+
+func (s leanSink) Write(p []byte) (int, error) {
+	n, err := s.c.nc.Write(p)
+	s.c.wrote += int64(n)
+	if err != nil && s.c.writeErr == nil {
+		s.c.writeErr = err
 	}
 	return n, err
 }
@@ -150,6 +178,12 @@ func (c *leanConn) close() {
 // headers; its body reads from the connection, which goes back to the pool
 // when the body has been read to its end.
 func (p *leanPool) roundTrip(req *http.Request) (*http.Response, error) {
+	return p.roundTripNoting(req, nil)
+}
+
+// roundTripNoting is roundTrip telling resent, when set, of a request sent
+// once more on a fresh connection, and why.
+func (p *leanPool) roundTripNoting(req *http.Request, resent func(error)) (*http.Response, error) {
 	ctx := req.Context()
 	for fresh := false; ; fresh = true {
 		c, err := p.get(ctx, fresh)
@@ -160,10 +194,7 @@ func (p *leanPool) roundTrip(req *http.Request) (*http.Response, error) {
 		if err == nil {
 			return res, nil
 		}
-		// The backend closed a connection that sat idle in the pool: the
-		// request never reached it, so it is sent once more on a new one,
-		// as net/http does. Anything else is the caller's to judge.
-		if fresh || !c.reused || c.got > 0 || ctx.Err() != nil || !staleConnError(err) {
+		if !mayResend(req, c, fresh, err) {
 			return nil, err
 		}
 		if req.Body != nil && req.Body != http.NoBody {
@@ -178,7 +209,42 @@ func (p *leanPool) roundTrip(req *http.Request) (*http.Response, error) {
 			again.Body = body
 			req = &again
 		}
+		if resent != nil {
+			resent(err)
+		}
 	}
+}
+
+// mayResend reports whether a request that failed on c, before any byte
+// of an answer, may go once more on a fresh connection: net/http's
+// Transport's rules (shouldRetryRequest). Never after a fresh connection
+// failed (the backend refuses the request itself), nor once the request
+// was cancelled. A request of which nothing was written never reached the
+// backend; one written whole or in part may have been read and worked on
+// (an inference run), and goes again only if it is replayable: GET, HEAD,
+// OPTIONS, TRACE, or marked with an Idempotency-Key. A connection the
+// backend closed while it idled in the pool is caught before the write
+// (idleUsable), so a POST meets this only when the close crosses it.
+func mayResend(req *http.Request, c *leanConn, fresh bool, err error) bool {
+	if fresh || !c.reused || c.got > 0 || req.Context().Err() != nil || !staleConnError(err) {
+		return false
+	}
+	return c.wrote == 0 || replayable(req)
+}
+
+// replayable is net/http's Request.isReplayable: a request that means the
+// same when it arrives twice, with a body that can be had again.
+func replayable(req *http.Request) bool {
+	if req.Body != nil && req.Body != http.NoBody && req.GetBody == nil {
+		return false
+	}
+	switch req.Method {
+	case "", http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	_, key := req.Header["Idempotency-Key"]
+	_, xkey := req.Header["X-Idempotency-Key"]
+	return key || xkey
 }
 
 // staleConnError tells the failures of a connection the backend closed.
@@ -189,18 +255,27 @@ func staleConnError(err error) bool {
 
 // get returns an idle connection, or a new one when fresh or none idles.
 func (p *leanPool) get(ctx context.Context, fresh bool) (*leanConn, error) {
-	if !fresh {
+	for !fresh {
 		p.mu.Lock()
-		if n := len(p.idle); n > 0 {
-			c := p.idle[n-1]
-			p.idle[n-1] = nil
-			p.idle = p.idle[:n-1]
+		n := len(p.idle)
+		if n == 0 {
 			p.mu.Unlock()
-			c.idleT.Stop()
-			c.reused = true
-			return c, nil
+			break
 		}
+		c := p.idle[n-1]
+		p.idle[n-1] = nil
+		p.idle = p.idle[:n-1]
 		p.mu.Unlock()
+		c.idleT.Stop()
+		if !c.idleUsable() {
+			// The backend closed it, reset it, or sent bytes nobody
+			// asked for (more than its last answer): never a request
+			// written to it, never those bytes read as an answer.
+			c.close()
+			continue
+		}
+		c.reused = true
+		return c, nil
 	}
 	nc, err := p.dial(ctx, p.addr)
 	if err != nil {
@@ -281,37 +356,42 @@ func (c *leanConn) do(req *http.Request) (res *http.Response, err error) {
 			}
 		}
 	}()
-	c.got = 0
+	c.got, c.wrote, c.writeErr = 0, 0, nil
 	bw := leanWriters.Get().(*bufio.Writer)
-	bw.Reset(c.nc)
+	bw.Reset(leanSink{c})
 	err = req.Write(bw)
 	if err == nil {
 		err = bw.Flush()
 	}
 	bw.Reset(nil)
 	leanWriters.Put(bw)
+	early := false
+	if c.writeErr != nil {
+		err = c.writeErr
+	}
 	if err != nil {
+		if c.wrote == 0 || ctx.Err() != nil {
+			return nil, err
+		}
+		// The backend stopped reading the request: it may have answered
+		// before it had all of it (a proxy's 413, a 400) and closed. That
+		// answer, already on its way or in the socket, is the response,
+		// not a failure of the backend; a backend that just died has
+		// none, and the write's error stands.
+		c.nc.SetReadDeadline(time.Now().Add(leanEarlyAnswerWait))
+		var rerr error
+		if res, rerr = c.readHeaders(req); rerr != nil {
+			return nil, err
+		}
+		c.nc.SetReadDeadline(time.Time{})
+		err, early = nil, true
+	} else if res, err = c.readHeaders(req); err != nil {
 		return nil, err
 	}
 
-	c.limit = leanMaxHeaderBytes
-	for {
-		res, err = http.ReadResponse(c.takeBuffer(), req)
-		if err != nil {
-			return nil, err
-		}
-		if res.StatusCode >= 200 {
-			break
-		}
-		if res.StatusCode == http.StatusSwitchingProtocols {
-			return nil, errLeanSwitching
-		}
-		// 1xx (100 Continue, 103 Early Hints): informational, no body;
-		// the answer follows.
-	}
-	c.limit = -1
-
-	b := &leanBody{c: c, stop: stop, ctx: ctx, keep: !res.Close && !req.Close}
+	// After an early answer the connection is spent: the request was not
+	// written whole.
+	b := &leanBody{c: c, stop: stop, ctx: ctx, keep: !res.Close && !req.Close && !early}
 	switch {
 	case res.Body == http.NoBody || res.ContentLength == 0:
 		b.mode = leanLength // HEAD, 204, 304, or an empty body
@@ -331,6 +411,26 @@ func (c *leanConn) do(req *http.Request) (res *http.Response, err error) {
 		c.dropBuffer()
 	}
 	return res, nil
+}
+
+// readHeaders reads the answer's status line and headers, skipping 1xx
+// answers (100 Continue, 103 Early Hints: informational, no body; the
+// answer follows).
+func (c *leanConn) readHeaders(req *http.Request) (*http.Response, error) {
+	c.limit = leanMaxHeaderBytes
+	defer func() { c.limit = -1 }()
+	for {
+		res, err := http.ReadResponse(c.takeBuffer(), req)
+		if err != nil {
+			return nil, err
+		}
+		if res.StatusCode >= 200 {
+			return res, nil
+		}
+		if res.StatusCode == http.StatusSwitchingProtocols {
+			return nil, errLeanSwitching
+		}
+	}
 }
 
 const (

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -160,11 +161,22 @@ func TestLeanClientSendsAChunkedRequestBody(t *testing.T) {
 	assert.Equal(t, "abcdef", string(gotBody))
 }
 
-// A pooled connection the backend closed while it idled: the request goes
-// once more on a new connection, its body resent whole.
-func TestLeanClientRetriesAStaleConnectionOnce(t *testing.T) {
+// pooledConn is the pool's one idle connection.
+func pooledConn(t *testing.T, p *leanPool) *leanConn {
+	t.Helper()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	require.Len(t, p.idle, 1)
+	return p.idle[0]
+}
+
+// A pooled connection the backend closed while it idled is caught before
+// the request is written to it: the request goes on a new connection, its
+// body whole, and the dead one never carried a byte of it.
+func TestLeanClientChecksAPooledConnectionBeforeWriting(t *testing.T) {
 	var bodies []string
 	var mu sync.Mutex
+	afterClose := make(chan int, 1) // bytes the first connection got after its close
 	rb := newRawBackend(t, func(n int64, c net.Conn, br *bufio.Reader) {
 		req, body := readReq(br)
 		if req == nil {
@@ -174,25 +186,217 @@ func TestLeanClientRetriesAStaleConnectionOnce(t *testing.T) {
 		bodies = append(bodies, string(body))
 		mu.Unlock()
 		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
-		// then close: the client still believes the connection open
+		if n == 1 {
+			// Closed for writing while idle (the client still believes
+			// it open); anything the client writes still arrives.
+			c.(*net.TCPConn).CloseWrite()
+			rest, _ := io.ReadAll(br)
+			afterClose <- len(rest)
+		}
 	})
 	p := leanTestPool(rb.addr())
 	defer p.closeAll()
-	for i := range 2 {
-		req := leanReq(t, context.Background(), http.MethodPost, rb.addr(), fmt.Sprint("body", i))
-		res, err := p.roundTrip(req)
-		require.NoError(t, err, "request %d", i)
-		got, err := io.ReadAll(res.Body)
-		require.NoError(t, err)
-		assert.Equal(t, fmt.Sprint("body", i), string(got))
-		require.Eventually(t, func() bool { return rb.accepted.Load() == int64(i+1) }, 10*time.Second, time.Millisecond)
-	}
-	// The second request was written to the dead connection, failed before
-	// any byte of an answer, and went on a new one.
+	res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "body0"))
+	require.NoError(t, err)
+	got, err := io.ReadAll(res.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "body0", string(got))
+	c := pooledConn(t, p)
+	require.Eventually(t, func() bool { return !c.idleUsable() }, 10*time.Second, time.Millisecond, "the backend's close reaches the socket")
+
+	var resent []error
+	res, err = p.roundTripNoting(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "body1"), func(err error) { resent = append(resent, err) })
+	require.NoError(t, err)
+	got, err = io.ReadAll(res.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "body1", string(got))
+	assert.Empty(t, resent, "nothing was sent twice: the dead connection was never written to")
 	assert.EqualValues(t, 2, rb.accepted.Load())
+	assert.Zero(t, <-afterClose, "the closed connection received no byte of the request")
 	mu.Lock()
 	assert.Equal(t, []string{"body0", "body1"}, bodies)
 	mu.Unlock()
+}
+
+// A pooled connection on which the backend sent bytes nobody asked for
+// (more than its answer: a wrong Content-Length, a body on a 204) is
+// closed when taken from the pool: those bytes are never read as the next
+// request's answer, which might be another user's.
+func TestLeanClientClosesAPooledConnectionWithUnsolicitedBytes(t *testing.T) {
+	firstRead := make(chan struct{})
+	var secondOnFirst atomic.Bool
+	rb := newRawBackend(t, func(n int64, c net.Conn, br *bufio.Reader) {
+		readReq(br)
+		if n > 1 {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nanswer B")
+			readReq(br)
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		<-firstRead
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\nuser A's answer")
+		if req, _ := readReq(br); req != nil {
+			secondOnFirst.Store(true)
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwrong")
+		}
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "a"))
+	require.NoError(t, err)
+	got, err := io.ReadAll(res.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "ok", string(got))
+	c := pooledConn(t, p)
+	close(firstRead)
+	require.Eventually(t, func() bool { return !c.idleUsable() }, 10*time.Second, time.Millisecond, "the unsolicited bytes reach the socket")
+
+	res, err = p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), "b"))
+	require.NoError(t, err)
+	got, err = io.ReadAll(res.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "answer B", string(got))
+	assert.EqualValues(t, 2, rb.accepted.Load())
+	p.closeAll()
+	rb.ln.Close()
+	rb.wg.Wait()
+	assert.False(t, secondOnFirst.Load(), "no request went on the connection with unsolicited bytes")
+}
+
+// A request written to a reused connection that then drops before any
+// byte of an answer may have been worked on (an inference run): a POST is
+// not sent again (net/http's rule), its failure is the caller's; a
+// replayable request (GET, or a POST with an Idempotency-Key) goes once
+// more on a new connection, and the resend is told.
+func TestLeanClientResendsOnlyReplayableRequests(t *testing.T) {
+	for _, tc := range []struct {
+		name, method, key string
+		resent            bool
+	}{
+		{"post", http.MethodPost, "", false},
+		{"post with an idempotency key", http.MethodPost, "k1", true},
+		{"get", http.MethodGet, "", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var received atomic.Int64 // second requests the backend read
+			rb := newRawBackend(t, func(n int64, c net.Conn, br *bufio.Reader) {
+				if n == 1 {
+					readReq(br)
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+				if req, _ := readReq(br); req != nil {
+					received.Add(1)
+					if n > 1 {
+						io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nagain")
+					}
+				}
+				// n == 1: read and worked on, then closed without a word
+			})
+			p := leanTestPool(rb.addr())
+			defer p.closeAll()
+			res, err := p.roundTrip(leanReq(t, context.Background(), tc.method, rb.addr(), ""))
+			require.NoError(t, err)
+			_, err = io.ReadAll(res.Body)
+			require.NoError(t, err)
+
+			body := ""
+			if tc.method == http.MethodPost {
+				body = "prompt"
+			}
+			req := leanReq(t, context.Background(), tc.method, rb.addr(), body)
+			if tc.key != "" {
+				req.Header.Set("Idempotency-Key", tc.key)
+			}
+			var resent []error
+			res, err = p.roundTripNoting(req, func(err error) { resent = append(resent, err) })
+			if !tc.resent {
+				require.Error(t, err)
+				assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
+				assert.EqualValues(t, 1, received.Load(), "the backend got the request once")
+				assert.EqualValues(t, 1, rb.accepted.Load(), "no second connection")
+				assert.Empty(t, resent)
+				return
+			}
+			require.NoError(t, err)
+			got, err := io.ReadAll(res.Body)
+			require.NoError(t, err)
+			assert.Equal(t, "again", string(got))
+			assert.EqualValues(t, 2, received.Load())
+			assert.EqualValues(t, 2, rb.accepted.Load())
+			require.Len(t, resent, 1)
+			assert.ErrorIs(t, resent[0], io.ErrUnexpectedEOF)
+		})
+	}
+}
+
+// A body waiting for the backend's next bytes is cut by a reset: the reset
+// is the read's error, not a clean end (the peek that watched the socket
+// took the error from it, and must not pass a cut answer off as whole).
+func TestLeanBodyReportsAResetSeenWhileWaiting(t *testing.T) {
+	gotPart := make(chan struct{})
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		readReq(br)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart") // until the close
+		<-gotPart
+		c.(*net.TCPConn).SetLinger(0) // the close resets
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	res, err := p.roundTrip(leanReq(t, context.Background(), http.MethodGet, rb.addr(), ""))
+	require.NoError(t, err)
+	buf := make([]byte, 64)
+	_, err = res.Body.Read(nil)
+	require.NoError(t, err)
+	n, err := res.Body.Read(buf)
+	require.NoError(t, err)
+	assert.Equal(t, "part", string(buf[:n]))
+	close(gotPart)
+	_, err = res.Body.Read(nil) // waits for the reset, and keeps it
+	if err == nil {
+		_, err = res.Body.Read(buf)
+	}
+	assert.ErrorIs(t, err, syscall.ECONNRESET)
+	_, again := res.Body.Read(buf)
+	assert.Equal(t, err, again, "the error sticks")
+}
+
+// A backend that answers before it has read the whole request (a proxy's
+// 413) and closes: the write fails, and the answer is the response, not a
+// failure of the backend. The connection is not pooled (the request was
+// not written whole) and nothing is sent again.
+func TestLeanClientReturnsAnEarlyAnswer(t *testing.T) {
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		http.ReadRequest(br) // the headers only
+		io.WriteString(c, "HTTP/1.1 413 Request Entity Too Large\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbig")
+		// closed with most of the body unread: a reset
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	req := leanReq(t, context.Background(), http.MethodPost, rb.addr(), strings.Repeat("x", 32<<20))
+	res, err := p.roundTrip(req)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusRequestEntityTooLarge, res.StatusCode)
+	got, err := io.ReadAll(res.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "big", string(got))
+	assert.Zero(t, p.idleCount())
+	assert.EqualValues(t, 1, rb.accepted.Load())
+}
+
+// A backend that stops reading the request and closes without an answer:
+// the write's error stands, and a POST is not sent again.
+func TestLeanClientWriteFailureWithoutAnAnswer(t *testing.T) {
+	rb := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		http.ReadRequest(br)
+		c.(*net.TCPConn).SetLinger(0)
+	})
+	p := leanTestPool(rb.addr())
+	defer p.closeAll()
+	_, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, rb.addr(), strings.Repeat("x", 32<<20)))
+	require.Error(t, err)
+	assert.True(t, staleConnError(err), "a broken connection: %v", err)
+	assert.Zero(t, p.idleCount())
+	assert.EqualValues(t, 1, rb.accepted.Load())
 }
 
 // A new connection that fails is the backend's failure: not retried.

@@ -688,7 +688,9 @@ func (h *Handler) roundTrip(b *backend, out *http.Request) (*http.Response, erro
 		return h.transport.RoundTrip(out)
 	}
 	if b.srv.lean != nil && out.URL.Scheme == "http" {
-		return b.srv.lean.roundTrip(out)
+		return b.srv.lean.roundTripNoting(out, func(err error) {
+			h.logAttempt(b, "request sent again on a fresh connection (the pooled one broke before any answer)", redactURLError(err))
+		})
 	}
 	return b.srv.transport.RoundTrip(out)
 }
