@@ -727,13 +727,20 @@ func (sc *scratch) put() {
 // nearBest keeps, in sc.list, the free backends of list whose expected
 // delay is within factor × the best plus margin seconds. A backend not
 // observed yet (no delay to compare) is kept when it is no busier than the
-// least busy one.
+// least busy one, unless j's model would have to be loaded there while a
+// load of it is under way on another candidate: that load is the one to
+// share (pickLeastDelay joins it), and a list without the loading server
+// (busier than the idle ones) would have the policy start a second load.
+// A server not observed yet where the model is merely not resident stays
+// a peer: the policy measures it, and its load time with it.
 func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin float64) []*backend {
 	var buf [sampleSize]*backend
 	list := h.sampled(buf[:0], all, j, "") // above largePool: a sample (largepool.go)
 	noteWalk(list)
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
 	sc.list, sc.delays = sc.list[:0], sc.delays[:0]
+	loadingSomewhere := false
+	now := time.Now()
 	for _, b := range list {
 		if !b.free() {
 			continue
@@ -747,12 +754,15 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 		sc.list = append(sc.list, b)
 		sc.delays = append(sc.delays, d)
 		minLoad = min(minLoad, b.srv.inFlight.Load())
+		if j != nil && !loadingSomewhere {
+			_, loadingSomewhere = b.srv.speed.pendingLoad(j.model, now)
+		}
 	}
 	out := sc.list[:0]
 	for i, b := range sc.list {
 		d := sc.delays[i]
 		if math.IsNaN(d) || math.IsInf(best, 1) {
-			if b.srv.inFlight.Load() <= minLoad {
+			if b.srv.inFlight.Load() <= minLoad && !(loadingSomewhere && h.coldFor(b, j.model)) {
 				out = append(out, b)
 			}
 			continue

@@ -416,10 +416,14 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	var buf [largePool]scored // a sample or a small pool fits: no allocation
 	observed := buf[:0]
 	best, bestWait := math.Inf(1), 0.0
+	var joinable []*backend // unobserved, loading j's model
 	for _, b := range avail {
 		d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), now)
 		if !ok {
 			unobserved = append(unobserved, b)
+			if _, loading := b.srv.speed.pendingLoad(j.model, now); loading {
+				joinable = append(joinable, b)
+			}
 			continue
 		}
 		cost := d.total()
@@ -430,6 +434,26 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		observed = append(observed, scored{b, cost, d.prompt + d.output, d.wait, d.load > 0})
 		if cost < best {
 			best, bestWait = cost, d.wait
+		}
+	}
+	// A server not observed yet that is loading j's model already (its
+	// first request asked for it) is a candidate all the same: the load
+	// under way is the cheapest there is, and another one elsewhere would
+	// evict a model in use there (placement.go, joinLoadCost).
+	if len(joinable) > 0 {
+		service := math.Inf(1)
+		for _, c := range observed {
+			service = min(service, c.service)
+		}
+		if math.IsInf(service, 1) {
+			service = 0 // nothing observed: the load's rest is all there is to compare
+		}
+		for _, b := range joinable {
+			cost := joinLoadCost(b, j.model, service, now) / float64(b.weight())
+			observed = append(observed, scored{b, cost, service, 0, true})
+			if cost < best {
+				best, bestWait = cost, 0
+			}
 		}
 	}
 	// Among servers within nearTie of the best, the one that does the

@@ -214,6 +214,11 @@ type rates struct {
 	loads         int
 	load          float64 // seconds per model load
 	lastUsed      time.Time
+	// loadSeen is when an answer last showed a load of the model that
+	// was not expected (it was believed resident): requests sent before
+	// then that show a load too waited for that same one (Ollama's
+	// scheduler loads a model once for all the requests that want it).
+	loadSeen time.Time
 }
 
 // endedRing bounds the ended requests remembered per server.
@@ -788,9 +793,14 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		sp.room, sp.roomAt = 0, now
 	case t.cold:
 		// It waited for another request's load: nothing to learn.
+	case loadSec > signal && !r.loadSeen.Before(t.started):
+		// It shared a load already noticed (sent before that answer
+		// came): one load, one eviction. Counting it again would take
+		// one more model off the server's room each time.
 	case loadSec > signal:
 		// A load although the model was believed resident: it was
 		// evicted (or expired) since.
+		r.loadSeen = now
 		sp.observeLoadLocked(r, loadSec, now)
 		return true, true
 	case heldBack:

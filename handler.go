@@ -556,6 +556,9 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 			loaded, evicted = work.learn(timingsFrom(&tail, api, streams, info.ttfb, time.Since(started)), time.Now())
 			if evicted {
 				b.srv.noticeEviction(model, time.Now())
+				// The belief of what is resident there was wrong: read
+				// /api/ps again, in the background (placement.go).
+				b.srv.startRefresh(time.Now(), false)
 			}
 		}
 		info.inputTokens, info.outputTokens = h.recordFinalCounts(b, model, &tail, loaded)

@@ -12,8 +12,18 @@ import "time"
 const evictionHorizon = 60 * time.Second
 
 // noticeEviction records that the server loaded model although it was
-// believed resident: it holds fewer models than believed, and model's
-// fellows were the ones it dropped.
+// believed resident: it holds fewer models than believed (at most n-1 of
+// the n believed there with model), and model's fellows were the ones it
+// dropped. An eviction only ever lowers the room: a belief that listed
+// models gone long ago says nothing about a room already learned lower.
+//
+// The belief was wrong, so the handler has the server's /api/ps read
+// again (in the background, one read at a time): the load evicted a
+// model, and the guess of which one (the least recently used, as
+// Ollama's scheduler chooses among idle models) fails when that one was
+// busy. Until the list is read the guess stands; a list read after the
+// eviction also raises the room back to what the server was seen to hold
+// at once.
 func (s *server) noticeEviction(model string, now time.Time) {
 	snap := s.models.Load()
 	n := len(snap.loaded)
@@ -21,7 +31,10 @@ func (s *server) noticeEviction(model string, now time.Time) {
 		return // alone: it expired (keep_alive), nothing about room
 	}
 	s.speed.mu.Lock()
-	s.speed.room, s.speed.roomAt = n-1, now
+	if s.speed.room == 0 || n-1 < s.speed.room {
+		s.speed.room = n - 1
+	}
+	s.speed.roomAt = now
 	victim := s.speed.victimLocked(snap, model)
 	s.speed.mu.Unlock()
 	if victim != "" {
@@ -132,4 +145,28 @@ func notResident(b *backend, model string) bool {
 // per candidate.
 func (h *Handler) coldFor(b *backend, model string) bool {
 	return model != "" && !h.isLoaded(b, model)
+}
+
+// pendingLoad is the time left of a load of model under way on the server
+// (false: none is).
+func (sp *speed) pendingLoad(model string, now time.Time) (float64, bool) {
+	if model == "" {
+		return 0, false
+	}
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.pendingLoadLocked(model, now)
+}
+
+// joinLoadCost is the expected delay, on a server not observed yet that is
+// loading model, of one more request for model: the rest of the load,
+// then its own work at service seconds (the best observed server's: the
+// server's own speed is not known), behind the requests already sent
+// there, taken one at a time (it may have a single slot). Requests for a
+// model whose load is under way wait for that load instead of starting
+// another elsewhere, as Ollama's scheduler has them wait on one server.
+func joinLoadCost(b *backend, model string, service float64, now time.Time) float64 {
+	left, _ := b.srv.speed.pendingLoad(model, now)
+	ahead := max(b.srv.inFlight.Load()-1, 0)
+	return left + float64(ahead)*service + service
 }

@@ -1,0 +1,173 @@
+package ollamaflow
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// learned gives b a speed (one answered request) without changing what
+// it holds.
+func learned(b *backend, at time.Time) {
+	snap := b.srv.models.Load()
+	b.srv.inFlight.Add(1)
+	serve(b, &job{}, at, final(100*ms, 0, 0, 10, 1))
+	b.srv.inFlight.Add(-1)
+	b.srv.models.Store(snap)
+}
+
+func TestASharedLoadIsOneEviction(t *testing.T) {
+	b := testBackend("a", nil)
+	b.srv.models.Store(psWith("a", "b", "c")) // /api/ps listed three
+	clock := time.Unix(1000, 0)
+	learned(b, clock)
+
+	// Two requests for "b" go out together, "b" believed resident; the
+	// server had dropped it and loads it once for both.
+	b.srv.inFlight.Store(2)
+	first := b.begin(&job{model: "b"}, clock.Add(time.Second))
+	second := b.begin(&job{model: "b"}, clock.Add(time.Second))
+	loaded, evicted := first.learn(final(100*ms, 300*ms, 0, 10, 1), clock.Add(1400*ms))
+	require.True(t, loaded)
+	require.True(t, evicted)
+	b.srv.noticeEviction("b", clock.Add(1400*ms))
+	require.Equal(t, 2, b.srv.speed.room, "three believed there: room for two")
+
+	loaded, evicted = second.learn(final(100*ms, 300*ms, 100*ms, 10, 1), clock.Add(1500*ms))
+	assert.False(t, evicted, "it waited for the same load: counted again, the room would drop to one")
+	assert.False(t, loaded)
+	assert.Equal(t, 2, b.srv.speed.room)
+
+	// A load that shows up in a request sent after the first was noticed
+	// is a new one.
+	b.srv.inFlight.Store(1)
+	_, evicted = b.begin(&job{model: "b"}, clock.Add(2*time.Second)).learn(final(100*ms, 300*ms, 0, 10, 1), clock.Add(2400*ms))
+	assert.True(t, evicted)
+}
+
+func TestAnEvictionOnlyLowersTheRoom(t *testing.T) {
+	b := testBackend("a", nil)
+	b.srv.models.Store(psWith("a", "b", "c"))
+	clock := time.Unix(1000, 0)
+	b.srv.noticeEviction("a", clock)
+	require.Equal(t, 2, b.srv.speed.room)
+
+	// Answers made four models believed resident (one was gone long
+	// since): an eviction now says the room is below four, which is
+	// known, not that it is three.
+	b.srv.markLoaded("d")
+	b.srv.markLoaded("e")
+	require.Len(t, b.srv.models.Load().loaded, 4)
+	b.srv.noticeEviction("d", clock.Add(time.Second))
+	assert.Equal(t, 2, b.srv.speed.room)
+
+	// Two believed there and one of them evicted: the room is one.
+	b.srv.models.Store(psWith("a", "b"))
+	b.srv.noticeEviction("a", clock.Add(2*time.Second))
+	assert.Equal(t, 1, b.srv.speed.room)
+}
+
+func TestLeastDelayJoinsALoadUnderWay(t *testing.T) {
+	h := &Handler{}
+	now := time.Now()
+	// "loading" has not answered yet: its first request is loading "b".
+	loading := testBackend("loading", nil)
+	loading.srv.models.Store(psWith("a"))
+	loading.srv.inFlight.Store(1)
+	loading.begin(&job{model: "b"}, now)
+	require.True(t, loading.srv.models.Load().isLoaded("b"), "believed resident from the moment its load began")
+
+	// The others are measured, with "a" resident, in use, and room for one.
+	var pool []*backend
+	for _, name := range []string{"warm1", "warm2"} {
+		b := testBackend(name, nil)
+		b.srv.models.Store(psWith("a"))
+		learned(b, now)
+		b.srv.speed.mu.Lock()
+		b.srv.speed.ratesLocked("a").lastUsed = now
+		b.srv.speed.room = 1
+		b.srv.speed.mu.Unlock()
+		pool = append(pool, b)
+	}
+	pool = append(pool, loading)
+	for range 5 {
+		assert.Equal(t, "loading", pickLeastDelay(h, pool, &job{model: "b"}).cfg.Name,
+			"a second load elsewhere would evict a model in use; the one under way is nearer")
+	}
+	assert.Contains(t, []string{"warm1", "warm2"}, pickLeastDelay(h, pool, &job{model: "a"}).cfg.Name)
+
+	// Nothing measured yet: an idle server is measured, unless measuring
+	// it means loading "b" a second time.
+	idle := testBackend("idle", nil)
+	idle.srv.models.Store(psWith("a"))
+	fresh := []*backend{idle, loading}
+	for range 5 {
+		assert.Equal(t, "loading", pickLeastDelay(h, fresh, &job{model: "b"}).cfg.Name)
+	}
+	assert.Equal(t, "idle", pickLeastDelay(h, fresh, &job{model: "a"}).cfg.Name)
+	idle.srv.models.Store(psWith("a", "b"))
+	assert.Equal(t, "idle", pickLeastDelay(h, fresh, &job{model: "b"}).cfg.Name, "resident there: no load to share")
+}
+
+func TestNewConversationsAreNotSpreadOntoALoad(t *testing.T) {
+	h := &Handler{}
+	// Nothing measured: "loading" is loading "m" for its first request,
+	// "idle1" and "idle2" have "x".
+	loading, idle1, idle2 := testBackend("loading", nil), testBackend("idle1", nil), testBackend("idle2", nil)
+	loading.srv.models.Store(psWith("x"))
+	loading.srv.inFlight.Store(1)
+	loading.begin(&job{model: "m"}, time.Now())
+	idle1.srv.models.Store(psWith("x"))
+	idle2.srv.models.Store(psWith("x"))
+	list := []*backend{idle1, loading, idle2}
+	assert.Empty(t, names(h.nearBest(&scratch{}, slices.Clone(list), &job{model: "m"}, spreadFactor, spreadMargin)),
+		"the policy chooses (and joins the load): spread over the idle ones, it would load \"m\" again")
+	assert.Equal(t, []string{"idle1", "idle2"}, names(h.nearBest(&scratch{}, slices.Clone(list), &job{model: "x"}, spreadFactor, spreadMargin)))
+	assert.Equal(t, []string{"idle1", "idle2"}, names(h.nearBest(&scratch{}, slices.Clone(list), &job{model: "y"}, spreadFactor, spreadMargin)),
+		"no load of it anywhere: the idle ones are peers")
+
+	// Resident on one, not loading anywhere: servers not measured yet
+	// stay peers (the policy measures them, and their load time).
+	loading.srv.speed.mu.Lock()
+	for _, tk := range loading.srv.speed.tasks {
+		tk.loader = false
+	}
+	loading.srv.speed.mu.Unlock()
+	loading.srv.inFlight.Store(0)
+	assert.Equal(t, []string{"idle1", "loading", "idle2"}, names(h.nearBest(&scratch{}, slices.Clone(list), &job{model: "m"}, spreadFactor, spreadMargin)))
+}
+
+func TestIntegrationSurpriseLoadRereadsTheServersList(t *testing.T) {
+	f := fakeollama.New(fakeollama.Config{Models: []string{"m-a", "m-b", "m-c"}, Tokens: 2,
+		LoadDelay: 100 * ms, MaxLoaded: 2})
+	t.Cleanup(f.Close)
+	loadCaddy(t, "name surprise-test\nbackend a "+f.URL+" {\n}")
+	waitKnown(t, []*fakeollama.Server{f})
+	s := pooled(t, f.URL)
+	for _, m := range []string{"m-a", "m-b", "m-c"} {
+		res, _ := post(t, "/api/chat", chatFor(m))
+		require.Equal(t, 200, res.StatusCode)
+	}
+	// The server evicted m-a for m-c; until it learns otherwise the
+	// proxy believes all three resident. m-a loads again: a surprise.
+	before := time.Now()
+	res, _ := post(t, "/api/chat", chatFor("m-a"))
+	require.Equal(t, 200, res.StatusCode)
+	require.Eventually(t, func() bool {
+		return s.models.Load().at.After(before)
+	}, 10*time.Second, 5*time.Millisecond, "/api/ps was not read again after the surprise (model_refresh is 15 s)")
+	snap := s.models.Load()
+	var believed []string
+	for m := range snap.loaded {
+		believed = append(believed, m)
+	}
+	var actual []string
+	for _, m := range f.Loaded() {
+		actual = append(actual, normalizeModel(m))
+	}
+	assert.ElementsMatch(t, actual, believed)
+}
