@@ -48,7 +48,7 @@ func newJob(model string, api apiFormat, body []byte) *job {
 	}
 	fields := map[string]int{}
 	gjson.ParseBytes(body).ForEach(func(k, v gjson.Result) bool {
-		key := strings.ToLower(k.String())
+		key := foldedKey(k.String(), jobFields)
 		switch {
 		case key == "prompt", key == "system", key == "suffix":
 			fields[key] = textChars(v)
@@ -82,6 +82,21 @@ func newJob(model string, api apiFormat, body []byte) *job {
 		j.promptChars += n
 	}
 	return j
+}
+
+// jobFields are the body's top-level members newJob reads.
+var jobFields = []string{"prompt", "system", "suffix", "messages", "input", "options", "max_tokens", "max_completion_tokens"}
+
+// foldedKey is the field of fields that key names as encoding/json matches
+// keys (equal under Unicode simple folding, so "ſystem" and "max_tokenſ"
+// count as Ollama reads them, which lowercasing would miss), "" if none.
+func foldedKey(key string, fields []string) string {
+	for _, f := range fields {
+		if strings.EqualFold(key, f) {
+			return f
+		}
+	}
+	return ""
 }
 
 // textChars is the length of a text value: a string, or OpenAI's content

@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"encoding/json"
 	"testing"
 	"time"
 
@@ -67,6 +68,20 @@ func TestNewJobReadsTheBodyAsOllamaDoes(t *testing.T) {
 	j = newJob("m", apiOpenAI, []byte(`{"messages":[{"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"x"}}]}],"max_completion_tokens":12}`))
 	assert.Equal(t, 5, j.promptChars, "content parts: the text ones")
 	assert.Equal(t, 12, j.maxOutput)
+
+	// encoding/json matches keys under Unicode simple folding: "ſ" (long
+	// s) is an "s" to it, where lowercasing leaves it as it is.
+	body := []byte(`{"ſystem":"abc","meſſages":[{"content":"defg"}],"max_tokenſ":6}`)
+	var asOllama struct {
+		System    string `json:"system"`
+		MaxTokens int    `json:"max_tokens"`
+	}
+	require.NoError(t, json.Unmarshal(body, &asOllama))
+	require.Equal(t, "abc", asOllama.System)
+	require.Equal(t, 6, asOllama.MaxTokens)
+	j = newJob("m", apiOpenAI, body)
+	assert.Equal(t, 7, j.promptChars, "keys folded as encoding/json folds them")
+	assert.Equal(t, 6, j.maxOutput)
 
 	j = newJob("m", apiOllama, []byte(`{"prompt":"hi","options":{"num_predict":-1}}`))
 	assert.Zero(t, j.maxOutput, "-1 is no cap")
