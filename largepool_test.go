@@ -2,12 +2,16 @@ package ollamaflow
 
 import (
 	"fmt"
+	"io"
 	"math"
 	"math/rand/v2"
+	"net/http"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/zap"
@@ -380,4 +384,49 @@ func TestLargePoolAffinityDoesNotWalk(t *testing.T) {
 		require.Equal(t, routeAffinityHit, route)
 		next.release()
 	}
+}
+
+// Through the proxy at 80 servers: a chat that a broken server fails (a
+// tenth of the pool answers 502) is retried on servers it has not tried,
+// every client gets its answer, and no request walks the pool.
+func TestLargePoolRetriesThroughTheProxy(t *testing.T) {
+	const n, broken = 80, 8
+	var backends []string
+	var fakes []*fakeollama.Server
+	for i := range n {
+		f := fakeollama.New(tinyLlama)
+		t.Cleanup(f.Close)
+		if i%(n/broken) == 0 {
+			f.FailWith(http.StatusBadGateway, `{"error":"broken"}`, "/api/chat")
+		}
+		fakes = append(fakes, f)
+		backends = append(backends, fmt.Sprintf(`{"name":"s%d","url":"http://%s","fail_threshold":1000,"health_interval":"1h"}`, i, f.HostPort()))
+	}
+	_, url := discoveryHandler(t, fmt.Sprintf(`{"name":"large-retries","lb_policy":"least_conn","retries":%d,"backends":[%s]}`,
+		broken, strings.Join(backends, ",")))
+
+	const requests = 200
+	walks := walksDuring(func() {
+		for i := range requests { // each a new conversation: affinity keeps none on one server
+			body := fmt.Sprintf(`{"model":"tiny-llama","messages":[{"role":"user","content":"question %d"}]}`, i)
+			res, err := http.Post(url+"/api/chat", "application/json", strings.NewReader(body))
+			require.NoError(t, err)
+			answer, err := io.ReadAll(res.Body)
+			res.Body.Close()
+			require.NoError(t, err)
+			require.Equal(t, http.StatusOK, res.StatusCode, "request %d: %s", i, answer)
+		}
+	})
+	assert.Zero(t, walks, "walks over the pool during %d requests", requests)
+	failedAttempts, served := 0, 0
+	for i, f := range fakes {
+		if i%(n/broken) == 0 {
+			failedAttempts += f.Count("/api/chat")
+		} else {
+			served += f.Count("/api/chat")
+		}
+	}
+	assert.Equal(t, requests, served, "every request served once by a working server")
+	assert.Positive(t, failedAttempts, "the broken servers got attempts (and the requests were retried)")
+	t.Logf("%d requests, %d attempts failed on the %d broken servers", requests, failedAttempts, broken)
 }
