@@ -79,7 +79,7 @@ func TestProbesOfAPoolStartedTogetherSpreadOut(t *testing.T) {
 		defer mu.Unlock()
 		return len(second)
 	}
-	require.Eventually(t, func() bool { return started() == n }, 30*time.Second, 10*time.Millisecond,
+	require.Eventually(t, func() bool { return started() == n }, 120*time.Second, 10*time.Millisecond, // 1,000 probes on a loaded machine
 		"every server's probe loop reaches its second probe")
 
 	mu.Lock()
