@@ -58,7 +58,7 @@ var (
 	leanWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 
 	errLeanHeaderTooLarge = fmt.Errorf("backend response headers exceeded %d bytes", leanMaxHeaderBytes)
-	errLeanChunkLine      = errors.New("malformed chunked encoding: bad chunk size line")
+	errLeanChunkLine      = errors.New("malformed chunked encoding: bad chunk size or trailer line")
 	errLeanChunkCRLF      = errors.New("malformed chunked encoding: chunk data not followed by CRLF")
 	errLeanTrailers       = errors.New("malformed chunked encoding: trailer too large")
 	errLeanBodyClosed     = errors.New("read on closed response body")
@@ -603,7 +603,11 @@ func readCRLF(br *bufio.Reader) error {
 }
 
 // readLine reads one line of the chunked framing, without its line end.
-// A line longer than the read buffer is malformed.
+// A line longer than the read buffer is malformed, and so is one not ended
+// by CRLF or with a CR elsewhere: RFC 9112 allows a bare LF in headers but
+// not in the chunked framing, and a parser that took one where another
+// (a proxy in front, the backend) does not would read a different body
+// (request smuggling; Go rejects both since CVE-2025-22871).
 func readLine(br *bufio.Reader) ([]byte, error) {
 	line, err := br.ReadSlice('\n')
 	switch {
@@ -614,11 +618,10 @@ func readLine(br *bufio.Reader) ([]byte, error) {
 	case err != nil:
 		return nil, err
 	}
-	line = line[:len(line)-1]
-	if n := len(line); n > 0 && line[n-1] == '\r' {
-		line = line[:n-1]
+	if n := len(line); n < 2 || bytes.IndexByte(line, '\r') != n-2 {
+		return nil, errLeanChunkLine
 	}
-	return line, nil
+	return line[:len(line)-2], nil
 }
 
 // readChunkSize reads a chunk-size line: hex digits, optional whitespace
