@@ -985,3 +985,57 @@ func BenchmarkBackendStream(b *testing.B) {
 		run(b, p.roundTrip)
 	})
 }
+
+// A backend request's failure reaches the client (a 502's message, a
+// fanned-out pull's progress) in words: the network's errors name the
+// proxy's and the backend's internal addresses, which a client must not
+// read. The error underneath stays for errors.Is.
+func TestBackendFailuresInWordsNameNoAddress(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	closedAddr := ln.Addr().String()
+	ln.Close() // nothing listens there now: refused
+
+	reset := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		readReq(br)
+		c.(*net.TCPConn).SetLinger(0)
+	})
+	silent := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		readReq(br) // and close
+	})
+	early := newRawBackend(t, func(_ int64, c net.Conn, br *bufio.Reader) {
+		http.ReadRequest(br)
+		c.(*net.TCPConn).SetLinger(0) // reset while the body is written
+	})
+	for _, tc := range []struct {
+		name, addr, body, words string
+		is                      error
+	}{
+		{"refused", closedAddr, "x", "the connection was refused", syscall.ECONNREFUSED},
+		{"reset before an answer", reset.addr(), "x", "the connection was reset", syscall.ECONNRESET},
+		{"closed before an answer", silent.addr(), "x", "the connection closed before an answer", io.ErrUnexpectedEOF},
+		{"reset while writing", early.addr(), strings.Repeat("x", 32<<20), "", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := leanTestPool(tc.addr)
+			defer p.closeAll()
+			_, err := p.roundTrip(leanReq(t, context.Background(), http.MethodPost, tc.addr, tc.body))
+			require.Error(t, err)
+			if tc.is != io.ErrUnexpectedEOF {
+				assert.Contains(t, err.Error(), "127.0.0.1", "the raw error names the addresses")
+			}
+			words := inWords(err)
+			assert.NotContains(t, words.Error(), "127.0.0.1")
+			assert.NotContains(t, failureInWords(err), "127.0.0.1")
+			assert.Equal(t, failureInWords(err), words.Error())
+			if tc.words != "" {
+				assert.Equal(t, tc.words, words.Error())
+			} else {
+				assert.Contains(t, []string{"the connection was reset", "the connection broke"}, words.Error())
+			}
+			if tc.is != nil {
+				assert.ErrorIs(t, words, tc.is)
+			}
+		})
+	}
+}

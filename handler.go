@@ -491,7 +491,8 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		err = redactURLError(err)
 		b.srv.recordFailure(err.Error())
 		h.logAttempt(b, "backend unreachable", err)
-		return attemptResult{cause: fmt.Sprintf("backend %s: %v", b.cfg.Name, err)}
+		// The client reads the cause: in words, no internal address.
+		return attemptResult{cause: fmt.Sprintf("backend %s: %s", b.cfg.Name, failureInWords(err))}
 	}
 
 	info.ttfb = time.Since(started)

@@ -2,12 +2,15 @@ package ollamaflow
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -584,4 +587,62 @@ func redactURLError(err error) error {
 		return ue.Err
 	}
 	return err
+}
+
+// backendErr is a failed request to a backend as a client may read it: in
+// words, without the addresses (internal) and URLs (a configured token)
+// the network's errors carry. The error itself stays for errors.Is and
+// the logs (redacted).
+type backendErr struct {
+	words string
+	err   error
+}
+
+func (e *backendErr) Error() string { return e.words }
+func (e *backendErr) Unwrap() error { return e.err }
+
+// inWords wraps err, a backend request's failure, as a backendErr.
+func inWords(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := err.(*backendErr); ok {
+		return err
+	}
+	return &backendErr{words: failureInWords(err), err: err}
+}
+
+// failureInWords describes why a request to a backend failed before its
+// answer, without an address.
+func failureInWords(err error) string {
+	var dns *net.DNSError
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return "it did not answer in time"
+	case errors.As(err, &dns):
+		return "its host name did not resolve"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "the connection was refused"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return "its address is unreachable"
+	case errors.Is(err, syscall.ECONNRESET):
+		return "the connection was reset"
+	case errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNABORTED):
+		return "the connection broke"
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+		return "the connection closed before an answer"
+	case errors.Is(err, errLeanHeaderTooLarge):
+		return "its answer's headers were too large"
+	case errors.Is(err, errLeanSwitching):
+		return "it switched protocols unasked"
+	}
+	var ne interface{ Timeout() bool }
+	if errors.As(err, &ne) && ne.Timeout() {
+		return "it did not answer in time"
+	}
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return "connecting to it failed"
+	}
+	return "its answer could not be read"
 }

@@ -396,6 +396,7 @@ func TestIntegrationRetriesAndPassThrough(t *testing.T) {
 	res, body = post(t, "/v1/chat/completions", chatBody)
 	assert.Equal(t, http.StatusBadGateway, res.StatusCode, body)
 	assert.Contains(t, body, `"type":"server_error"`)
+	assert.NotContains(t, body, "127.0.0.1", "the cause is in words, without the backends' addresses")
 }
 
 func TestIntegrationFailoverWithoutClientErrors(t *testing.T) {

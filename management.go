@@ -204,7 +204,7 @@ func (h *Handler) serveMetadata(w http.ResponseWriter, r *http.Request, api apiF
 			if r.Context().Err() != nil {
 				return nil // the client left
 			}
-			cause = fmt.Sprintf("backend %s: %v", b.cfg.Name, redactURLError(err))
+			cause = fmt.Sprintf("backend %s: %s", b.cfg.Name, failureInWords(err))
 			h.logAttempt(b, "metadata request failed", redactURLError(err))
 			continue
 		}
@@ -287,7 +287,7 @@ func (h *Handler) send(ctx context.Context, r *http.Request, b *backend, body io
 	}
 	res, err := h.roundTrip(b, out)
 	if err != nil {
-		return nil, redactURLError(err)
+		return nil, inWords(err) // its text reaches the client (answers, progress)
 	}
 	return res, nil
 }

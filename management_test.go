@@ -1,12 +1,14 @@
 package ollamaflow
 
 import (
-	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -59,7 +61,9 @@ func (s *slowBlobStore) RoundTrip(r *http.Request) (*http.Response, error) {
 		s.mu.Unlock()
 		if r.URL.Host == s.fail && got > 0 {
 			r.Body.Close()
-			return nil, errors.New("connection reset by peer")
+			// What a reset looks like from a socket: with addresses.
+			return nil, &net.OpError{Op: "write", Net: "tcp", Addr: &net.TCPAddr{IP: net.IPv4(10, 0, 0, 7), Port: 11434},
+				Err: os.NewSyscallError("write", syscall.ECONNRESET)}
 		}
 		if err == io.EOF {
 			break
@@ -106,7 +110,8 @@ func TestBlobUploadSurvivesOneBackendFailing(t *testing.T) {
 	require.NoError(t, h.serveBlob(rec, req, apiOllama, cands))
 
 	assert.Equal(t, http.StatusBadGateway, rec.Code)
-	assert.Contains(t, rec.Body.String(), "b (connection reset by peer)")
+	assert.Contains(t, rec.Body.String(), "b (the connection was reset)")
+	assert.NotContains(t, rec.Body.String(), "10.0.0.7", "no internal address reaches the client")
 	assert.EqualValues(t, size, store.received["a:11434"], "the others still got the whole blob")
 	assert.EqualValues(t, size, store.received["c:11434"])
 }
