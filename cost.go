@@ -266,8 +266,21 @@ func ewma(old float64, n int, x float64, since time.Duration) float64 {
 	if n == 0 {
 		return x
 	}
-	a := max(speedAlpha, 1-math.Exp(-since.Seconds()/speedTau.Seconds()))
+	a := sampleWeight(since)
 	return old + a*(x-old)
+}
+
+// sampleWeight is the weight of a sample that comes since after the one
+// before: at least speedAlpha, more the longer the silence, and all of it
+// after remeasureAfter. A sample after that long is a re-measurement (or
+// the first request after a pause): the only evidence of what the server
+// is now, so a server that recovered while it was not used is re-learned
+// by its first answer instead of by a few more spread seconds apart.
+func sampleWeight(since time.Duration) float64 {
+	if since >= remeasureAfter {
+		return 1
+	}
+	return max(speedAlpha, 1-math.Exp(-since.Seconds()/speedTau.Seconds()))
 }
 
 // promptSecs is the expected evaluation time of a prompt of n tokens,
@@ -295,7 +308,7 @@ func (r *rates) promptSecs(n float64) (sec float64, determined bool) {
 func (r *rates) foldPrompt(n, sec float64, since time.Duration) {
 	a := 1.0
 	if r.promptN > 0 {
-		a = max(speedAlpha, 1-math.Exp(-since.Seconds()/speedTau.Seconds()))
+		a = sampleWeight(since)
 	}
 	r.px += a * (n - r.px)
 	r.py += a * (sec - r.py)

@@ -564,3 +564,23 @@ func TestServerErrorsMakeAServerTheLastChoiceForAWhile(t *testing.T) {
 	fresh.srv.speed.errShare = 0
 	assert.Equal(t, "fresh", pickLeastDelay(h, []*backend{fresh, b}, &job{}).cfg.Name, "measured once its errors are forgotten")
 }
+
+func TestASampleAfterASilenceReplacesTheEstimate(t *testing.T) {
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	for range 10 { // 4x slow: 0.4 s
+		clock = clock.Add(50 * ms)
+		serve(b, &job{}, clock, finalGen(200*ms, 200*ms, 0, 0, 10, 10))
+	}
+	// Re-measured a little later: one answer moves it part of the way.
+	serve(b, &job{}, clock.Add(remeasureAfter/2), finalGen(50*ms, 50*ms, 0, 0, 10, 10))
+	d, _ := estimateDelay(b, &job{}, clock)
+	assert.Greater(t, d.total(), 0.11, "a sample soon after the last is weighed with it")
+	// After a silence of remeasureAfter, the answer is all that is known
+	// of the server now: it recovered.
+	clock = clock.Add(remeasureAfter / 2)
+	serve(b, &job{}, clock.Add(remeasureAfter), finalGen(50*ms, 50*ms, 0, 0, 10, 10))
+	d, _ = estimateDelay(b, &job{}, clock)
+	assert.InDelta(t, 0.1, d.total(), 1e-9)
+}
