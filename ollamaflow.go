@@ -18,7 +18,8 @@
 //	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
-//	cost.go        the speed/cost model behind least_delay: rates from Ollama's timings, slots, request cost
+//	cost.go        the cost model behind least_delay: a request's size from its body, its expected delay on a server
+//	speed.go       what each server learns: requests in flight, rates from Ollama's timings, error share, re-measurement
 //	placement.go   model placement: residency, what a load would evict, what the eviction costs the pool
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue

@@ -1,0 +1,435 @@
+package ollamaflow
+
+import (
+	"math"
+	"time"
+)
+
+// How each pooled server learns its speed: the requests in flight (task:
+// begin, end), the timings Ollama reports in a completion's final chunk
+// (timingsFrom, learn), the recent share of server errors, and the
+// re-measurement of a server believed slow. cost.go turns what is learned
+// here into a request's expected delay.
+
+// Server errors. A server that answers 500 at once (a broken GPU, a
+// runner that crashes on load) looks idle and fast: nothing of its speed
+// is learned from an error, but its free slots would draw every request.
+// Its recent share of server errors makes its expected time longer
+// instead, by the attempts a request needs there to get an answer
+// (1/(1-p)), bounded (errorShareMax) and forgotten within seconds
+// (errorForget): a client can provoke a 500 (a num_ctx the server has no
+// memory for), so errors never take a server out of rotation; they only
+// make it the last choice for a few seconds, and honest traffic still
+// reaches it while the others queue. 500 stays out of fail_status and is
+// not retried (SPEC: retries on connection errors, 502, 503 and 504), so
+// a crafted request costs the pool one attempt.
+const (
+	errorAlpha    = 0.25            // weight of each answer in the share
+	errorForget   = 2 * time.Second // the share falls by 1/e in this time without answers
+	errorShareMax = 0.75            // at most 4 attempts expected: a bounded penalty
+)
+
+// noteAnswer folds an answer's status into the server's error share: a
+// 5xx is a server error, except Ollama's 503 "server busy" (back-pressure,
+// handled by backing off); anything else is an answer.
+func (sp *speed) noteAnswer(status int, now time.Time) {
+	if status == 503 {
+		return
+	}
+	x := 0.0
+	if status >= 500 {
+		x = 1
+	}
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if x == 0 && sp.errShare == 0 {
+		return
+	}
+	p := sp.errorShareLocked(now)
+	sp.errShare, sp.errAt = p+errorAlpha*(x-p), now
+	if sp.errShare < 1e-3 {
+		sp.errShare = 0
+	}
+}
+
+// errorShareLocked is the server's recent share of server errors, decayed
+// to now, at most errorShareMax.
+func (sp *speed) errorShareLocked(now time.Time) float64 {
+	if sp.errShare == 0 {
+		return 0
+	}
+	p := sp.errShare * math.Exp(-max(now.Sub(sp.errAt).Seconds(), 0)/errorForget.Seconds())
+	return min(p, errorShareMax)
+}
+
+// errorShare is errorShareLocked for a caller not holding the lock.
+func (sp *speed) errorShare(now time.Time) float64 {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.errorShareLocked(now)
+}
+
+// begin records that a request for j was sent to b, with the delay it is
+// expected to take; end (or learn) removes it. A request for a model that
+// is not resident makes it resident in the model's belief at once, so the
+// requests that follow queue behind one load instead of each planning
+// their own, and, where the server is full, the model least recently used
+// there is taken to be evicted.
+func (b *backend) begin(j *job, now time.Time) *task {
+	s := b.srv
+	cold := notResident(b, j.model)
+	sp := &s.speed
+	sp.mu.Lock()
+	d, _ := sp.estimateLocked(j, b.cfg.MaxParallel, int(s.inFlight.Load())-1, cold, now)
+	_, loading := sp.pendingLoadLocked(j.model, now)
+	// Requests in flight are counted from the model's own tasks, those
+	// sent before this one: the server's slot counter also holds
+	// requests dispatched at the same instant (a queue released at
+	// once), which reach the server after this one.
+	t := &task{sp: sp, job: j, started: now, service: d.prompt + d.output, work: d.load + d.prompt + d.output,
+		cold: cold || loading, loader: cold && !loading, inFlight: len(sp.tasks) + 1}
+	t.finish = now.Add(time.Duration(d.total() * float64(time.Second)))
+	sp.nextID++
+	t.id = sp.nextID
+	if sp.tasks == nil {
+		sp.tasks = make(map[uint64]*task)
+	}
+	sp.tasks[t.id] = t
+	var evict string
+	if j.model != "" {
+		r := sp.ratesLocked(j.model)
+		r.lastUsed = now
+		if t.loader {
+			evict = sp.victimLocked(s.models.Load(), j.model)
+		}
+	}
+	sp.mu.Unlock()
+	if t.loader {
+		if evict != "" {
+			s.markUnloaded(evict)
+		}
+		s.markLoaded(j.model)
+	}
+	return t
+}
+
+// end removes the request from the work in flight; safe to call twice.
+func (t *task) end() { t.endAt(time.Now()) }
+
+func (t *task) endAt(now time.Time) {
+	if t == nil || !t.done.CompareAndSwap(false, true) {
+		return
+	}
+	sp := t.sp
+	sp.mu.Lock()
+	delete(sp.tasks, t.id)
+	sp.ended[sp.endedPos] = endedTask{t.id, now}
+	sp.endedPos = (sp.endedPos + 1) % endedRing
+	sp.mu.Unlock()
+}
+
+// timings are the counts and durations a completion's final chunk gave
+// (-1: absent), and what the proxy measured.
+type timings struct {
+	native                  bool // Ollama's own API: durations reported; else OpenAI usage
+	promptCount, evalCount  int64
+	total, load, prompt, ev time.Duration
+	ttfb, elapsed           time.Duration
+	streamed                bool
+	// clientWait is how long writes to the client blocked: a client that
+	// reads slowly holds the stream back, and with it the timings the
+	// proxy measures (and, once buffers fill, the server's own).
+	clientWait time.Duration
+}
+
+// timingsFrom reads the final counts a response ended with.
+func timingsFrom(tail *tailKeeper, api apiFormat, streamed bool, ttfb, elapsed time.Duration) timings {
+	if api == apiOllama {
+		return timings{native: true,
+			promptCount: tail.number("prompt_eval_count"), evalCount: tail.number("eval_count"),
+			total: time.Duration(tail.number("total_duration")), load: time.Duration(tail.number("load_duration")),
+			prompt: time.Duration(tail.number("prompt_eval_duration")), ev: time.Duration(tail.number("eval_duration")),
+			ttfb: ttfb, elapsed: elapsed, streamed: streamed, clientWait: tail.clientWait}
+	}
+	return timings{promptCount: tail.number("prompt_tokens"), evalCount: tail.number("completion_tokens"),
+		total: -1, load: -1, prompt: -1, ev: -1, ttfb: ttfb, elapsed: elapsed, streamed: streamed, clientWait: tail.clientWait}
+}
+
+// clientHeldBack reports whether the client's reading slowed the answer
+// enough to distort its timings: writes to it blocked for more than a
+// tenth of the generation (and more than a few scheduler ticks).
+func (tm timings) clientHeldBack() bool {
+	span := tm.elapsed - tm.ttfb
+	if tm.native && tm.ev > 0 {
+		span = tm.ev
+	}
+	return tm.clientWait > max(10*time.Millisecond, span/10)
+}
+
+// Prompt samples faster than the fit by more than this factor (beyond
+// what the generation rate says of the server's speed now) are taken to
+// have been served in part from the prompt cache; cacheSuspectLimit in a
+// row mean the server did get faster.
+const (
+	cacheSuspectFactor = 2.0
+	cacheSuspectLimit  = 12
+)
+
+// learn folds a completed request's timings into the model and ends the
+// task. loaded reports that the request loaded its model (a cold load,
+// whatever it took); evicted that it found a model gone that was believed
+// resident.
+func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
+	if t == nil {
+		return false, false
+	}
+	t.endAt(now)
+	sp := t.sp
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.remeasuredFasterLocked(t, tm)
+	r := sp.ratesLocked(t.job.model)
+	targets := []*rates{&sp.all}
+	if r != &sp.all {
+		targets = append(targets, r)
+	}
+	fold := func(x float64, field func(*rates) (*float64, *int)) {
+		for _, rr := range targets {
+			v, n := field(rr)
+			*v = ewma(*v, *n, x, now.Sub(rr.at))
+			*n++
+		}
+	}
+	genRate := func(rr *rates) (*float64, *int) { return &rr.genTok, &rr.genN }
+	promptLen := func(rr *rates) (*float64, *int) { return &rr.inTokens, &rr.inN }
+	charRatio := func(rr *rates) (*float64, *int) { return &rr.charsPerTok, &rr.charsN }
+	outLen := func(rr *rates) (*float64, *int) { return &rr.outTokens, &rr.outN }
+
+	promptSec, genSec := -1.0, -1.0
+	switch {
+	case tm.native:
+		if tm.prompt > 0 {
+			promptSec = tm.prompt.Seconds()
+		}
+		if tm.ev > 0 {
+			genSec = tm.ev.Seconds()
+		}
+	case tm.streamed && tm.elapsed > tm.ttfb:
+		// OpenAI reports no durations: the first byte comes after the
+		// prompt, the rest is generation. Only a request that had a slot
+		// and a warm model measures the prompt this way.
+		genSec = (tm.elapsed - tm.ttfb).Seconds()
+		if !t.cold && t.inFlight <= max(sp.slotsLo, 1) {
+			promptSec = tm.ttfb.Seconds()
+		}
+	}
+	if t.job.cachedOn == sp {
+		// Conversation affinity sent it to its prompt cache here: its
+		// prompt time says nothing of the server's prompt rate.
+		promptSec = -1
+	}
+	heldBack := tm.clientHeldBack()
+	if heldBack {
+		// The answer went at the client's pace: its duration says
+		// nothing of the server's. The prompt was over before the first
+		// byte, so its time stands.
+		genSec = -1
+	}
+	// A generation rate of one token says little: its time is mostly the
+	// fixed cost of a step.
+	if tm.evalCount > 0 && genSec >= 0 {
+		sample := genSec / float64(tm.evalCount)
+		// How much faster the server generates now than learned: a
+		// server that got faster evaluates prompts faster too.
+		speedup := 1.0
+		if r.genN > 0 && sample > 0 && tm.evalCount >= 2 {
+			speedup = max(r.genTok/sample, 1)
+		}
+		if tm.promptCount > 0 && promptSec >= 0 {
+			sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, speedup, now)
+		}
+		fold(sample, genRate)
+	} else if tm.promptCount > 0 && promptSec >= 0 {
+		sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, 1, now)
+	}
+	if tm.promptCount > 0 {
+		fold(float64(tm.promptCount), promptLen)
+		if t.job.promptChars > 0 {
+			fold(float64(t.job.promptChars)/float64(tm.promptCount), charRatio)
+		}
+	}
+	if tm.evalCount > 0 && t.job.maxOutput == 0 {
+		fold(float64(tm.evalCount), outLen)
+	}
+	for _, rr := range targets {
+		rr.at = now
+	}
+
+	if !tm.native || tm.total <= 0 {
+		return false, false
+	}
+
+	// Time neither evaluating nor generating: a model load
+	// (load_duration), a wait for a parallel slot (Ollama takes one inside
+	// the runner, after load_duration is measured, so it shows only in
+	// total_duration), and overhead.
+	loadSec := max(tm.load, 0).Seconds()
+	waitSec := (tm.total - max(tm.load, 0) - max(tm.prompt, 0) - max(tm.ev, 0)).Seconds()
+	signal := 2*sp.warmIdle + waitSignalMin
+	switch {
+	case t.loader:
+		if loadSec > signal {
+			sp.observeLoadLocked(r, loadSec, now)
+			return true, false
+		}
+		// Resident after all: the server holds more models than believed.
+		sp.room, sp.roomAt = 0, now
+	case t.cold:
+		// It waited for another request's load: nothing to learn.
+	case loadSec > signal && !r.loadSeen.Before(t.started):
+		// It shared a load already noticed (sent before that answer
+		// came): one load, one eviction. Counting it again would take
+		// one more model off the server's room each time.
+	case loadSec > signal:
+		// A load although the model was believed resident: it was
+		// evicted (or expired) since.
+		r.loadSeen = now
+		sp.observeLoadLocked(r, loadSec, now)
+		return true, true
+	case heldBack:
+		// total_duration may hold time the server spent waiting on the
+		// client: it says nothing about slots.
+	case waitSec <= signal:
+		// It had a slot at once: the server serves at least as many at
+		// once as were in flight when it started work (those sent
+		// before it that had not ended by then, itself included).
+		started := now.Add(-(max(tm.load, 0) + max(tm.prompt, 0) + max(tm.ev, 0)))
+		sp.slotsLo = max(sp.slotsLo, sp.aheadAtLocked(t, started))
+		if sp.slotsHi > 0 && sp.slotsHi < sp.slotsLo {
+			sp.slotsHi = 0 // served more than thought possible: it changed
+		}
+		sp.warmIdle = ewma(sp.warmIdle, 1, waitSec, time.Second)
+	default:
+		// It waited for a slot: the server has fewer than were in flight.
+		if hi := t.inFlight - 1; hi >= 1 {
+			if sp.slotsHi == 0 || hi < sp.slotsHi || now.Sub(sp.hiAt) >= slotRetest {
+				sp.slotsHi = hi
+			}
+			sp.hiAt = now
+		}
+		if sp.slotsHi > 0 && sp.slotsLo > sp.slotsHi {
+			sp.slotsLo = sp.slotsHi
+		}
+	}
+	return false, false
+}
+
+// foldPromptLocked adds a prompt sample (n tokens evaluated in sec) to the
+// fits of targets, unless it was served in part from a prompt cache:
+// Ollama counts the cached tokens in prompt_eval_count while
+// prompt_eval_duration covers only those evaluated, so such a sample
+// would make the server look faster at prompts than it is. A sample is
+// taken as cached when it is more than cacheSuspectFactor faster than the
+// model's fit predicts for its size, beyond what speedup (how much faster
+// the server generates now than learned) explains; a cache only ever
+// makes a prompt faster, so slower samples always count.
+func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup float64, now time.Time) {
+	if pred, determined := r.promptSecs(n); determined && sec*cacheSuspectFactor*speedup < pred {
+		r.cacheSuspects++
+		if r.cacheSuspects < cacheSuspectLimit {
+			return
+		}
+	}
+	r.cacheSuspects = 0
+	for _, rr := range targets {
+		rr.foldPrompt(n, sec, now.Sub(rr.at))
+	}
+}
+
+func (sp *speed) observeLoadLocked(r *rates, sec float64, now time.Time) {
+	r.load = ewma(r.load, r.loads, sec, now.Sub(r.at))
+	r.loads++
+	if r != &sp.all {
+		sp.all.load = ewma(sp.all.load, sp.all.loads, sec, time.Second)
+		sp.all.loads++
+	}
+}
+
+// startProbe notes that a request is going to a server not observed yet.
+func (sp *speed) startProbe(now time.Time) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN == 0 && sp.all.genN == 0 && sp.probing.IsZero() {
+		sp.probing = now
+	}
+}
+
+// probingSince is when the server's first request went out, zero if none
+// did or it has been observed.
+// remeasureAfter is how long a server may go without a sample before
+// least_delay, while the others queue, sends it one request to measure it
+// again. A server believed slow is otherwise never sent anything, so it
+// could never be seen to have recovered (a model that shared its GPU was
+// unloaded, throttling ended); one request every few seconds is the price.
+const remeasureAfter = 5 * time.Second
+
+// claimRemeasure reports whether the server is due a re-measurement (it
+// has been measured, but not for remeasureAfter, and no re-measurement
+// was sent in that time) and, if so, notes that one is sent now.
+func (sp *speed) claimRemeasure(now time.Time) bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN == 0 && sp.all.genN == 0 {
+		return false
+	}
+	if !sp.remeasureNow && (now.Sub(sp.all.at) < remeasureAfter || now.Sub(sp.remeasuring) < remeasureAfter) {
+		return false
+	}
+	sp.remeasuring, sp.remeasureNow = now, false
+	return true
+}
+
+// remeasuredFaster notes the answer of a request sent at or after the
+// last re-measurement: when it took well under the time expected of it,
+// the server has recovered and the next re-measurement goes at once, so
+// a few requests re-learn it instead of one every remeasureAfter (one
+// sample after a gap moves the estimate most of the way, not all of it).
+func (sp *speed) remeasuredFasterLocked(t *task, tm timings) {
+	if sp.remeasuring.IsZero() || t.started.Before(sp.remeasuring) || !tm.native {
+		return
+	}
+	if took := (tm.prompt + tm.ev).Seconds(); took > 0 && took*1.5 < t.service {
+		sp.remeasureNow = true
+	}
+}
+
+func (sp *speed) probingSince() time.Time {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN > 0 || sp.all.genN > 0 {
+		return time.Time{}
+	}
+	return sp.probing
+}
+
+// speedView is what the admin API shows of a server's learned speed.
+type speedView struct {
+	samples               int
+	service, coldLoad     float64 // seconds: a typical request, a model load
+	slots                 int
+	promptTokMS, genTokMS float64
+	modelRoom             int
+}
+
+// view summarises the model; ok is false before any sample.
+func (sp *speed) view() (v speedView, ok bool) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN == 0 && sp.all.genN == 0 {
+		return v, false
+	}
+	p, o := sp.serviceLocked(&job{})
+	return speedView{samples: max(sp.all.promptN, sp.all.genN), service: p + o, coldLoad: sp.loadCostLocked(""),
+		slots: max(sp.slotsLo, 1), promptTokMS: sp.all.promptTok * 1000, genTokMS: sp.all.genTok * 1000,
+		modelRoom: sp.room}, true
+}
