@@ -644,17 +644,11 @@ func parseChunkSize(s []byte) (int64, error) {
 	}
 	var n int64
 	for _, c := range s {
-		switch {
-		case '0' <= c && c <= '9':
-			c -= '0'
-		case 'a' <= c && c <= 'f':
-			c -= 'a' - 10
-		case 'A' <= c && c <= 'F':
-			c -= 'A' - 10
-		default:
+		v, ok := hexDigit(c)
+		if !ok {
 			return 0, errLeanChunkLine
 		}
-		n = n<<4 | int64(c)
+		n = n<<4 | int64(v)
 	}
 	return n, nil
 }

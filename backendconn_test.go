@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -767,19 +766,7 @@ func TestLeanBodyWaitsWithoutABuffer(t *testing.T) {
 			probe := &waitProbe{ReadCloser: &bufferCheck{leanBody: lb, conn: conn}, sent: &sent, entered: make(chan struct{})}
 			res.Body = probe
 
-			h := &Handler{ClientWriteTimeout: caddy.Duration(time.Minute), StreamIdleTimeout: caddy.Duration(time.Minute)}
-			rec := httptest.NewRecorder()
-			ctx, cancel := context.WithCancelCause(context.Background())
-			defer cancel(nil)
-			done := make(chan streamEnd, 1)
-			go func() {
-				done <- h.stream(rec, httptest.NewRequest(http.MethodPost, "/api/chat", nil), res, testBackend("a", nil), ctx, cancel, func() {}, &tailKeeper{})
-			}()
-			for range 3 {
-				<-probe.entered // waiting for the next token: let it come
-				release <- struct{}{}
-			}
-			require.Equal(t, endComplete, <-done)
+			rec := streamReleasingTokens(t, res, probe, release, 3)
 			assert.Equal(t, strings.Join(tokens, ""), rec.Body.String(), "every token copied")
 			// One wait per token, and with a chunked body perhaps one more for
 			// its last chunk, sent after the last token.

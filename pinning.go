@@ -442,6 +442,19 @@ func appendUnquoted(dst []byte, raw string) []byte {
 	return dst
 }
 
+// hexDigit is the value of the hex digit c; ok is false when c is none.
+func hexDigit(c byte) (v byte, ok bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
+}
+
 // hex4 reads the four hex digits at s[i:], or returns -1.
 func hex4(s string, i int) rune {
 	if i+4 > len(s) {
@@ -449,17 +462,11 @@ func hex4(s string, i int) rune {
 	}
 	var r rune
 	for _, c := range []byte(s[i : i+4]) {
-		switch {
-		case '0' <= c && c <= '9':
-			c -= '0'
-		case 'a' <= c && c <= 'f':
-			c -= 'a' - 10
-		case 'A' <= c && c <= 'F':
-			c -= 'A' - 10
-		default:
+		v, ok := hexDigit(c)
+		if !ok {
 			return -1
 		}
-		r = r<<4 | rune(c)
+		r = r<<4 | rune(v)
 	}
 	return r
 }

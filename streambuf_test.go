@@ -207,6 +207,20 @@ func TestChunkedBodyWaitsWithoutABuffer(t *testing.T) {
 	probe := &waitProbe{ReadCloser: res.Body, sent: &sent, entered: make(chan struct{})}
 	res.Body = probe
 
+	rec := streamReleasingTokens(t, res, probe, release, 3)
+	assert.Equal(t, 4, strings.Count(rec.Body.String(), "\n"), "every token copied")
+	require.Len(t, probe.waited, 4, "one wait per token")
+	for i, ahead := range probe.waited {
+		assert.Equal(t, int64(1), ahead, "wait %d returned with the next token sent", i)
+	}
+}
+
+// streamReleasingTokens runs the handler's stream loop over res, whose body
+// is probe, letting the backend send its next token (on release) each time
+// the loop waits for one, n times; it returns what the client received
+// once the stream has ended complete.
+func streamReleasingTokens(t *testing.T, res *http.Response, probe *waitProbe, release chan<- struct{}, n int) *httptest.ResponseRecorder {
+	t.Helper()
 	h := &Handler{ClientWriteTimeout: caddy.Duration(time.Minute), StreamIdleTimeout: caddy.Duration(time.Minute)}
 	rec := httptest.NewRecorder()
 	ctx, cancel := context.WithCancelCause(context.Background())
@@ -215,14 +229,10 @@ func TestChunkedBodyWaitsWithoutABuffer(t *testing.T) {
 	go func() {
 		done <- h.stream(rec, httptest.NewRequest(http.MethodPost, "/api/chat", nil), res, testBackend("a", nil), ctx, cancel, func() {}, &tailKeeper{})
 	}()
-	for range 3 {
+	for range n {
 		<-probe.entered // waiting for the next token: let it come
 		release <- struct{}{}
 	}
 	require.Equal(t, endComplete, <-done)
-	assert.Equal(t, 4, strings.Count(rec.Body.String(), "\n"), "every token copied")
-	require.Len(t, probe.waited, 4, "one wait per token")
-	for i, ahead := range probe.waited {
-		assert.Equal(t, int64(1), ahead, "wait %d returned with the next token sent", i)
-	}
+	return rec
 }
