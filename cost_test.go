@@ -178,12 +178,8 @@ func TestSlotsAreNeverLockedInByAQuietHistory(t *testing.T) {
 }
 
 func TestABurstReleasedAtOnceDoesNotInflateTheSlots(t *testing.T) {
-	b := testBackend("a", nil)
+	b, clock := servedOneAlone()
 	sp := &b.srv.speed
-	clock := time.Unix(1000, 0)
-	b.srv.inFlight.Store(1)
-	serve(b, &job{}, clock.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
-	b.srv.inFlight.Store(0)
 
 	// Ten requests held in the queue go out at the same instant; the
 	// server (2 slots) serves the first two at once and queues the rest.
@@ -492,12 +488,8 @@ func TestALateRequestHoldsItsSlotAsLongAgainAsItOverran(t *testing.T) {
 }
 
 func TestAnUntriedSlotCountsHalf(t *testing.T) {
-	b := testBackend("a", nil)
+	b, clock := servedOneAlone()
 	sp := &b.srv.speed
-	clock := time.Unix(1000, 0)
-	b.srv.inFlight.Store(1)
-	serve(b, &job{}, clock.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
-	b.srv.inFlight.Store(0)
 	require.Equal(t, 2, sp.slotsLocked(0, clock), "one slot seen, a second not ruled out")
 
 	release := hold(b, 1, clock)
@@ -583,4 +575,16 @@ func TestASampleAfterASilenceReplacesTheEstimate(t *testing.T) {
 	serve(b, &job{}, clock.Add(remeasureAfter), finalGen(50*ms, 50*ms, 0, 0, 10, 10))
 	d, _ = estimateDelay(b, &job{}, clock)
 	assert.InDelta(t, 0.1, d.total(), 1e-9)
+}
+
+// servedOneAlone is a server that has answered one request (0.1 s of
+// output) while it was the only one in flight, and the clock a second
+// after that answer.
+func servedOneAlone() (*backend, time.Time) {
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{}, clock.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	b.srv.inFlight.Store(0)
+	return b, clock
 }
