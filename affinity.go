@@ -732,7 +732,11 @@ func (sc *scratch) put() {
 // share (pickLeastDelay joins it), and a list without the loading server
 // (busier than the idle ones) would have the policy start a second load.
 // A server not observed yet where the model is merely not resident stays
-// a peer: the policy measures it, and its load time with it.
+// a peer: the policy measures it, and its load time with it. One not
+// observed yet whose answers are mostly errors is left out: it holds no
+// conversation (each failed turn is recorded again where it is retried),
+// so it would draw every new one, and the policy takes the only server
+// offered. (An observed one is priced by its error share.)
 func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin float64) []*backend {
 	var buf [sampleSize]*backend
 	list := h.sampled(buf[:0], all, j, "") // above largePool: a sample (largepool.go)
@@ -762,7 +766,7 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 	for i, b := range sc.list {
 		d := sc.delays[i]
 		if math.IsNaN(d) || math.IsInf(best, 1) {
-			if b.srv.inFlight.Load() <= minLoad && !(loadingSomewhere && h.coldFor(b, j.model)) {
+			if b.srv.inFlight.Load() <= minLoad && !(loadingSomewhere && h.coldFor(b, j.model)) && !b.srv.speed.mostlyErrors(now) {
 				out = append(out, b)
 			}
 			continue

@@ -788,3 +788,60 @@ func TestIntegrationIdenticalFirstMessagesSpread(t *testing.T) {
 	assert.GreaterOrEqual(t, count["a"], 3, "%v", count)
 	assert.GreaterOrEqual(t, count["b"], 3, "%v", count)
 }
+
+// With the breaker effectively off (a fail_threshold no server reaches),
+// servers that answer only errors stay candidates and hold no conversation
+// (each failed turn is recorded again where it is retried): the spreading
+// of new conversations, which prefers the servers holding the fewest, must
+// not send them there. Some failing servers were observed before they
+// failed (their error share prices them), some never answered at all; the
+// pool is above largePool, so the sampled path is the one tried.
+func TestNewConversationsAvoidFailingServers(t *testing.T) {
+	h := selectionPool(80, "least_delay")
+	h.affinity = newAffinityTable(affinityMaxEntries, affinityTTL)
+	now := time.Now()
+	failing := map[string]bool{}
+	for i, b := range h.backends {
+		b.srv.models.Store(psWith("m"))
+		switch {
+		case i%10 == 3: // observed, then failing
+			b.srv.failStreak.Store(40)
+			for range 20 {
+				b.srv.speed.noteAnswer(http.StatusInternalServerError, now)
+			}
+			failing[b.cfg.Name] = true
+		case i%10 == 7: // never answered but with errors
+			fresh := testBackend(b.cfg.Name, nil)
+			fresh.srv.models.Store(psWith("m"))
+			fresh.srv.state.Store(int32(stateHealthy))
+			fresh.pos.Store(int64(i))
+			fresh.srv.failStreak.Store(40)
+			for range 20 {
+				fresh.srv.speed.noteAnswer(http.StatusInternalServerError, now)
+			}
+			h.backends[i] = fresh
+			failing[b.cfg.Name] = true
+		default: // healthy, each holding a few conversations already
+			for k := range 3 {
+				c := conversationOf("/api/chat", "m", []byte(fmt.Sprintf(`{"messages":[{"role":"user","content":"old %d %d"}]}`, i, k)))
+				h.affinity.record(c, b.srv.key, 0, now)
+			}
+		}
+	}
+	require.Len(t, failing, 16)
+	avail := slices.Clone(h.backends)
+	sentToFailing := 0
+	for i := range 300 {
+		body := []byte(fmt.Sprintf(`{"model":"m","messages":[{"role":"user","content":"new conversation %d"}]}`, i))
+		c := conversationOf("/api/chat", "m", body)
+		b, route, _ := h.acquireConversation(avail, c, newJob("m", apiOllama, body))
+		require.NotNil(t, b)
+		require.Equal(t, routePolicy, route)
+		if failing[b.cfg.Name] {
+			sentToFailing++
+		}
+		h.affinity.record(c, b.srv.key, 0, now)
+		b.release()
+	}
+	assert.Zero(t, sentToFailing, "new conversations sent to servers answering only errors")
+}

@@ -495,10 +495,9 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		if h.coldFor(b, j.model) && b.srv.speed.coldCost(j.model) >= best {
 			continue
 		}
-		if b.srv.speed.errorShare(now) >= 0.5 {
-			// Mostly errors lately: nothing is learned from them, and
-			// one that answers at once is always free. It is measured
-			// again once the share has decayed (within a second or two).
+		if b.srv.speed.mostlyErrors(now) {
+			// Nothing is learned from errors. It is measured again once
+			// the share has decayed (within a second or two).
 			continue
 		}
 		explore = append(explore, b)

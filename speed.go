@@ -69,6 +69,15 @@ func (sp *speed) errorShare(now time.Time) float64 {
 	return sp.errorShareLocked(now)
 }
 
+// mostlyErrors reports whether most of the server's recent answers were
+// server errors. One not observed yet is then not measured with a request
+// (nothing is learned from an error, and a server that fails at once is
+// always free), nor offered to a new conversation: the policy would have
+// to take it if it were the only one offered.
+func (sp *speed) mostlyErrors(now time.Time) bool {
+	return sp.errorShare(now) >= 0.5
+}
+
 // begin records that a request for j was sent to b, with the delay it is
 // expected to take; end (or learn) removes it. A request for a model that
 // is not resident makes it resident in the model's belief at once, so the
