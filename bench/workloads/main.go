@@ -23,8 +23,12 @@
 // and the conversational workloads of conversations.go (multi-turn chats whose history a
 // server's prompt cache holds; a burst of the same one-message chat),
 // and the robustness workloads of robustness.go (speed classes, many models, long and short
-// prompts, a server that gets faster, a cold start, a failing server, both APIs). -affinity=false
-// turns conversation affinity off, to see the cost model alone.
+// prompts, a server that gets faster, a cold start, a failing server, both APIs), and the
+// generalization workloads of generalization.go (an 8-server pool, equal servers at and over
+// capacity, long streamed answers, a shared system prompt, models over servers of different
+// room, a 2× slowdown, a server unloaded mid-run, open-loop arrivals, a few long answers).
+// A phase with a rate is open-loop: requests arrive at that rate whatever the answers.
+// -affinity=false turns conversation affinity off, to see the cost model alone.
 package main
 
 import (
@@ -83,9 +87,14 @@ type request struct {
 	convo, turn  int
 }
 
-// phase is a stretch of a workload: conc clients send n requests made by next.
+// phase is a stretch of a workload: conc clients send n requests made by next (or, at a rate,
+// n requests arrive on their own).
 type phase struct {
-	conc, n  int
+	conc, n int
+	// rate, when set, makes the phase open-loop: n requests sent at rate per second whatever
+	// the answers (conc is then unused), as independent users arrive, instead of conc clients
+	// that each wait for their answer.
+	rate     float64
 	measured bool
 	before   func(fakes map[string]*fakeollama.Server) // e.g. slow a server down
 	// during runs alongside the phase (e.g. a server failing for a while); down tells the
@@ -169,7 +178,7 @@ func workloads() []workload {
 				{conc: 6, n: 300, measured: true, next: simple,
 					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(4) }},
 			}},
-	}, append(conversationWorkloads(), robustnessWorkloads()...)...)
+	}, append(append(conversationWorkloads(), robustnessWorkloads()...), generalizationWorkloads()...)...)
 }
 
 // result is one policy's run of one workload.
@@ -274,38 +283,46 @@ func run(w workload, policy string, port int, seed uint64) result {
 				<-phaseDone
 			})
 		}
-		var clients sync.WaitGroup
-		for c := range ph.conc {
-			clients.Go(func() {
-				for i := 0; ; i++ {
-					if sent.Add(1) > int64(ph.n) {
-						return
-					}
-					rngMu.Lock()
-					req := ph.next(c, i, rng)
-					rngMu.Unlock()
-					t0 := time.Now()
-					server, err := send(req)
-					d := time.Since(t0)
-					if req.turn > 0 && ph.measured {
-						follow.Add(1)
-						if prev, ok := lastServer.Load(req.convo); ok && prev == server {
-							followSame.Add(1)
-						}
-					}
-					lastServer.Store(req.convo, server)
-					if !ph.measured {
-						continue
-					}
-					mu.Lock()
-					if err != nil {
-						res.errs++
-					} else {
-						res.lat = append(res.lat, d)
-					}
-					mu.Unlock()
+		one := func(c, i int) {
+			rngMu.Lock()
+			req := ph.next(c, i, rng)
+			rngMu.Unlock()
+			t0 := time.Now()
+			server, err := send(req)
+			d := time.Since(t0)
+			if req.turn > 0 && ph.measured {
+				follow.Add(1)
+				if prev, ok := lastServer.Load(req.convo); ok && prev == server {
+					followSame.Add(1)
 				}
-			})
+			}
+			lastServer.Store(req.convo, server)
+			if !ph.measured {
+				return
+			}
+			mu.Lock()
+			if err != nil {
+				res.errs++
+			} else {
+				res.lat = append(res.lat, d)
+			}
+			mu.Unlock()
+		}
+		var clients sync.WaitGroup
+		if ph.rate > 0 {
+			// Open loop: request i leaves at start + i/rate, each from its own client.
+			for i := range ph.n {
+				time.Sleep(time.Until(start.Add(time.Duration(float64(i) / ph.rate * float64(time.Second)))))
+				clients.Go(func() { one(i, 0) })
+			}
+		} else {
+			for c := range ph.conc {
+				clients.Go(func() {
+					for i := 0; sent.Add(1) <= int64(ph.n); i++ {
+						one(c, i)
+					}
+				})
+			}
 		}
 		clients.Wait()
 		if ph.measured {
