@@ -688,6 +688,14 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 	if prev == nil {
 		return nil
 	}
+	if !prevKnown && prev.srv.inFlight.Load() >= int64(max(prev.cfg.MaxParallel, 1)) {
+		// Its previous turn (or the same first message from another
+		// client) is still running there, and nothing is known of its
+		// speed: least_delay measures such a server one request at a
+		// time, since a second one may wait behind a long first on a
+		// single slot. Nothing is cached there yet either.
+		return nil
+	}
 	if !prevKnown || math.IsInf(best, 1) {
 		if prev.srv.inFlight.Load() <= minLoad {
 			return prev

@@ -425,12 +425,19 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	observed := buf[:0]
 	best, bestWait := math.Inf(1), 0.0
 	var joinable []*backend // unobserved, loading j's model
+	warmUnobserved := false // an unobserved server that needs no load for j, as far as is known
 	for _, b := range avail {
-		d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), now)
+		cold := h.coldFor(b, j.model)
+		d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), cold, now)
 		if !ok {
 			unobserved = append(unobserved, b)
 			if _, loading := b.srv.speed.pendingLoad(j.model, now); loading {
 				joinable = append(joinable, b)
+			} else if !cold || !b.srv.models.Load().known {
+				// Holds it, or may: its lists were not read yet (a
+				// fresh pool's first requests), and not knowing is
+				// not knowing it must load.
+				warmUnobserved = true
 			}
 			continue
 		}
@@ -443,6 +450,16 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		if cost < best {
 			best, bestWait = cost, d.wait
 		}
+	}
+	if len(joinable) > 0 && len(observed) == 0 && warmUnobserved {
+		// Nothing observed: a load's rest is all a joinable server's
+		// cost would be, against nothing, so every request would join
+		// it, each behind the others at a speed nobody has seen (and the
+		// load may be a belief only: before a server's lists are read,
+		// its first request is taken to load the model). Another server
+		// that needs no load is being measured; its first answer prices
+		// both, so the request waits for it like the others held back.
+		joinable = nil
 	}
 	// A server not observed yet that is loading j's model already (its
 	// first request asked for it) is a candidate all the same: the load

@@ -588,3 +588,77 @@ func servedOneAlone() (*backend, time.Time) {
 	b.srv.inFlight.Store(0)
 	return b, clock
 }
+
+func TestLeastDelayJoinsNoLoadBlindBeforeTheListsAreRead(t *testing.T) {
+	// A fresh pool's first requests come before any /api/ps was read:
+	// the first one sent to "slow" is taken to load the model there.
+	fast, slow := testBackend("fast", nil), testBackend("slow", nil)
+	require.False(t, fast.srv.models.Load().known)
+	h := &Handler{}
+	h.queue = newQueue(h)
+	now := time.Now()
+	slow.srv.inFlight.Store(1)
+	slow.srv.speed.startProbe(now)
+	require.True(t, slow.begin(&job{model: "m"}, now).loader)
+
+	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{fast, slow}, &job{model: "m"}).cfg.Name, "measured first")
+	fast.srv.inFlight.Store(1)
+	fast.srv.speed.startProbe(now)
+	for range 3 {
+		assert.Nil(t, pickLeastDelay(h, []*backend{fast, slow}, &job{model: "m"}),
+			"\"fast\" may hold the model (nothing is known of its lists): the request waits for its answer "+
+				"instead of joining a load that may be a belief only, on a server nobody has timed")
+	}
+}
+
+func TestLeastDelayJoinsNoLoadBlindWhileAServerHoldingTheModelIsMeasured(t *testing.T) {
+	h := &Handler{}
+	h.queue = newQueue(h)
+	now := time.Now()
+	// "loading" is loading "m" for its first request; "warm" holds "m"
+	// and its first request has not been answered yet.
+	loading, warm := testBackend("loading", nil), testBackend("warm", nil)
+	loading.srv.models.Store(psWith("x"))
+	loading.srv.inFlight.Store(1)
+	loading.begin(&job{model: "m"}, now)
+	warm.srv.models.Store(psWith("m"))
+	warm.srv.inFlight.Store(1)
+	warm.srv.speed.startProbe(now)
+	pool := []*backend{warm, loading}
+	for range 3 {
+		assert.Nil(t, pickLeastDelay(h, pool, &job{model: "m"}),
+			"nothing observed: a load's rest weighed against nothing would draw every request there")
+	}
+
+	// Once "warm" has answered, joining is weighed against it.
+	warm.srv.inFlight.Store(0)
+	learned(warm, now)
+	assert.Equal(t, "warm", pickLeastDelay(h, pool, &job{model: "m"}).cfg.Name)
+
+	// With the model nowhere else, the load under way is still the one to
+	// share (TestLeastDelayJoinsALoadUnderWay).
+	cold := testBackend("cold", nil)
+	cold.srv.models.Store(psWith("x"))
+	cold.srv.inFlight.Store(1)
+	cold.srv.speed.startProbe(now)
+	assert.Equal(t, "loading", pickLeastDelay(h, []*backend{cold, loading}, &job{model: "m"}).cfg.Name)
+}
+
+func TestAConversationDoesNotWaitOnAServerNeverMeasured(t *testing.T) {
+	h := &Handler{}
+	busy := testBackend("busy", nil)
+	measured, _ := servedOneAlone()
+	conv := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"Write a long story."}]}`))
+	require.False(t, conv.none())
+	// The same first message went to "busy" a moment ago and is still
+	// running there: nothing is cached there yet, nor is its speed known.
+	// The measured server is busier, with slots of known speed.
+	busy.srv.inFlight.Store(1)
+	measured.srv.inFlight.Store(2)
+	pool := []*backend{busy, measured}
+	assert.Nil(t, h.keepsConversation(pool, busy.srv.key, conv, 0, &job{model: "m"}),
+		"a second request on a server measured one at a time may wait behind a long first one")
+	busy.srv.inFlight.Store(0)
+	assert.Equal(t, "busy", h.keepsConversation(pool, busy.srv.key, conv, 0, &job{model: "m"}).cfg.Name,
+		"idle, it keeps it")
+}

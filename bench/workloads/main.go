@@ -62,6 +62,11 @@ const ms = time.Millisecond
 
 var affinity = true
 
+// traceTo, when set (-trace), receives a line per measured request: when it was sent (seconds
+// into the phase), its client, prompt tokens and answer cap, the server that answered and its
+// latency, to see which requests make a tail.
+var traceTo io.Writer
+
 // spec is one fake server.
 type spec struct {
 	name       string
@@ -201,7 +206,11 @@ func main() {
 	pols := flag.String("policies", "least_delay,least_conn,round_robin,reverse_proxy,oracle", "comma-separated: ollamaflow policies, reverse_proxy (Caddy's least_conn) and oracle")
 	seed := flag.Uint64("seed", 1, "seed of the request mix")
 	flag.BoolVar(&affinity, "affinity", true, "conversation affinity (ollamaflow policies)")
+	trace := flag.Bool("trace", false, "print a line per measured request to stderr: sent at, client, prompt tokens, cap, server, latency")
 	flag.Parse()
+	if *trace {
+		traceTo = os.Stderr
+	}
 	port := benchkit.FreePort()
 	var tables []string
 	for _, w := range workloads() {
@@ -301,6 +310,10 @@ func run(w workload, policy string, port int, seed uint64) result {
 				return
 			}
 			mu.Lock()
+			if traceTo != nil {
+				fmt.Fprintf(traceTo, "trace %s %s at %.3f client %d prompt %d cap %d server %s took %.3f err %v\n",
+					w.name, policy, t0.Sub(start).Seconds(), c, req.promptTokens, req.tokens, server, d.Seconds(), err)
+			}
 			if err != nil {
 				res.errs++
 			} else {
