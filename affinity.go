@@ -92,6 +92,7 @@ const (
 	routeStickyOverflow   = "sticky-overflow"   // the session's server was busy: the policy chose
 	routeAffinityHit      = "affinity-hit"      // the conversation's server
 	routeAffinityOverflow = "affinity-overflow" // the conversation's server was busy or much slower: the policy chose
+	routeAffinityEvicted  = "affinity-evicted"  // the conversation's cache was evicted there: placed as a new one
 	routePolicy           = "policy"            // nothing known about the request: the policy chose
 )
 
@@ -374,8 +375,8 @@ type affinityTable struct {
 // affinityCounters are ollamaflow_affinity_total's counters of one
 // frontend, looked up once: a label lookup per request allocates.
 type affinityCounters struct {
-	frontend            string
-	hit, miss, overflow prometheus.Counter
+	frontend                     string
+	hit, miss, overflow, evicted prometheus.Counter
 }
 
 // counter is the frontend's ollamaflow_affinity_total for outcome.
@@ -385,7 +386,8 @@ func (t *affinityTable) counter(frontend, outcome string) prometheus.Counter {
 		c = &affinityCounters{frontend: frontend,
 			hit:      metrics.affinity.WithLabelValues(frontend, "hit"),
 			miss:     metrics.affinity.WithLabelValues(frontend, "miss"),
-			overflow: metrics.affinity.WithLabelValues(frontend, "overflow")}
+			overflow: metrics.affinity.WithLabelValues(frontend, "overflow"),
+			evicted:  metrics.affinity.WithLabelValues(frontend, "evicted")}
 		t.counters.Store(c)
 	}
 	switch outcome {
@@ -393,18 +395,29 @@ func (t *affinityTable) counter(frontend, outcome string) prometheus.Counter {
 		return c.hit
 	case "miss":
 		return c.miss
+	case "evicted":
+		return c.evicted
 	}
 	return c.overflow
 }
 
 // hosted is what a server holds: conversations whose last turn went there
-// within activeWindow, and their weight, each one's halving every
-// recentHalfLife since its last turn (the conversations most likely to
-// send their next turn soon weigh most).
+// within activeWindow, most recent turn first, and their weight, each
+// one's halving every recentHalfLife since its last turn (the
+// conversations most likely to send their next turn soon weigh most).
+//
+// Their order is what Ollama's cache still holds: a server keeps one
+// conversation per parallel slot (OLLAMA_NUM_PARALLEL, 1 by default), and
+// a turn whose conversation is not in a slot takes a slot from another.
+// So a conversation is cached there while fewer other conversations than
+// the server has slots were sent there since its last turn (exact when
+// Ollama evicts the least recently used slot, as with
+// OLLAMA_MULTIUSER_CACHE; by default it takes the free slot sharing the
+// longest prefix, which evicts no more often).
 type hosted struct {
-	n    int
-	w    float64 // the weight as of when
-	when time.Time
+	recent list.List // of *convActivity, most recent turn first
+	w      float64   // the weight as of when
+	when   time.Time
 }
 
 func (h *hosted) weight(now time.Time) float64 {
@@ -421,11 +434,13 @@ type affinityEntry struct {
 	conv   uint64 // the conversation's id: the hash of its first request
 }
 
-// convActivity is where a conversation's last turn went, and when.
+// convActivity is where a conversation's last turn went, and when, with
+// its place in that server's hosted.recent.
 type convActivity struct {
 	id     uint64
 	server string
 	at     time.Time
+	hostEl *list.Element
 }
 
 // prefixEntry is affinityEntry with its time.
@@ -501,20 +516,23 @@ func (t *affinityTable) put(e affinityEntry, now time.Time) {
 // touch moves conversation id to server as of now, and forgets the
 // conversations idle for longer than activeWindow (or beyond max).
 func (t *affinityTable) touch(id uint64, server string, now time.Time) {
+	var a *convActivity
 	if el, ok := t.convs[id]; ok {
-		a := el.Value.(*convActivity)
+		a = el.Value.(*convActivity)
 		t.unhost(a, now)
 		a.server, a.at = server, now
 		t.active.MoveToFront(el)
 	} else {
-		t.convs[id] = t.active.PushFront(&convActivity{id: id, server: server, at: now})
+		a = &convActivity{id: id, server: server, at: now}
+		t.convs[id] = t.active.PushFront(a)
 	}
 	h := t.hosting[server]
 	if h == nil {
 		h = &hosted{}
 		t.hosting[server] = h
 	}
-	h.n, h.w, h.when = h.n+1, h.weight(now)+1, now
+	a.hostEl = h.recent.PushFront(a)
+	h.w, h.when = h.weight(now)+1, now
 	t.expire(now)
 }
 
@@ -540,10 +558,12 @@ func (t *affinityTable) expire(now time.Time) {
 // the map, which so holds only servers with conversations.
 func (t *affinityTable) unhost(a *convActivity, now time.Time) {
 	h := t.hosting[a.server]
-	if h == nil {
+	if h == nil || a.hostEl == nil {
 		return
 	}
-	if h.n--; h.n <= 0 {
+	h.recent.Remove(a.hostEl)
+	a.hostEl = nil
+	if h.recent.Len() == 0 {
 		delete(t.hosting, a.server)
 		return
 	}
@@ -551,9 +571,14 @@ func (t *affinityTable) unhost(a *convActivity, now time.Time) {
 }
 
 // keepLeastHosting keeps, in place (list's array is reused), the backends
-// whose conversations weigh least (within a tenth of a fresh one). It runs
-// for every new conversation: a read lock, no allocation; the write lock
-// only when conversations went idle since the last record.
+// where a new conversation evicts the least: those holding fewer
+// conversations than they have slots (it evicts none), else those where
+// the conversation it would evict has been idle longest (at least half as
+// long as the longest: one idle for long has most likely ended, one whose
+// user is reading the last answer has not); and of those the ones whose
+// conversations weigh least (within a tenth of a fresh one). It runs for
+// every new conversation: a read lock, no allocation; the write lock only
+// when conversations went idle since the last record.
 func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*backend {
 	t.mu.RLock()
 	if t.stale(now) {
@@ -570,17 +595,107 @@ func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*back
 		}
 		return 0
 	}
+	longest := 0.0
+	for _, b := range list {
+		longest = max(longest, t.victimIdle(b, now))
+	}
 	least := math.Inf(1)
 	for _, b := range list {
-		least = min(least, weight(b))
+		if t.victimIdle(b, now) >= longest/2 {
+			least = min(least, weight(b))
+		}
 	}
 	out := list[:0]
 	for _, b := range list {
-		if weight(b) < least+0.1 {
+		if t.victimIdle(b, now) >= longest/2 && weight(b) < least+0.1 {
 			out = append(out, b)
 		}
 	}
 	return out
+}
+
+// victimIdle is how long, in seconds, the conversation a new one would
+// evict on b has been idle: the least recent of the conversations its
+// slots hold (see hosted); +Inf when it holds fewer than it has slots.
+// t.mu is held.
+func (t *affinityTable) victimIdle(b *backend, now time.Time) float64 {
+	h := t.hosting[b.srv.key]
+	if h == nil {
+		return math.Inf(1)
+	}
+	slots, _ := b.cacheSlots(now)
+	if h.recent.Len() < slots {
+		return math.Inf(1)
+	}
+	e := h.recent.Front()
+	for i := 1; i < slots; i++ {
+		e = e.Next()
+	}
+	return now.Sub(e.Value.(*convActivity).at).Seconds()
+}
+
+// evictedFrom reports whether conversation id's cache is known to be gone
+// from b: its last turn went there and since then at least as many other
+// conversations as b can have slots were sent there (see hosted). A
+// conversation not followed any more (idle beyond activeWindow, or moved
+// on), or a server whose slots are not bounded yet, is not known evicted.
+func (t *affinityTable) evictedFrom(b *backend, id uint64, now time.Time) bool {
+	slots, bounded := b.cacheSlots(now)
+	if !bounded {
+		return false
+	}
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	el, ok := t.convs[id]
+	if !ok {
+		return false
+	}
+	a := el.Value.(*convActivity)
+	if a.server != b.srv.key || now.Sub(a.at) > activeWindow {
+		return false
+	}
+	i := 0
+	for e := t.hosting[a.server].recent.Front(); e != nil && i < slots; e, i = e.Next(), i+1 {
+		if e.Value == a {
+			return false
+		}
+	}
+	return true
+}
+
+// cacheSlots is how many conversations the backend's server keeps cached
+// (Ollama: one per parallel slot): max_parallel when set, else the most
+// slots it can have (a request was seen waiting with that many in
+// flight), else the slots least_delay plans with (those seen in use, plus
+// one while more are not ruled out). bounded says n is an upper bound:
+// only then may more conversations than n since a turn be taken for its
+// eviction; a count learned from a history that never filled the server
+// is too low for that (a conversation would be moved away from its cache).
+func (b *backend) cacheSlots(now time.Time) (n int, bounded bool) {
+	if b.cfg.MaxParallel > 0 {
+		return b.cfg.MaxParallel, true
+	}
+	sp := &b.srv.speed
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.slotsHi > 0 {
+		return max(sp.slotsHi, sp.slotsLo, 1), true
+	}
+	return sp.slotsLocked(0, now), false
+}
+
+// backendByKey is the backend of avail whose server is key, nil when none
+// (above largePool through the list's index, as sampled finds it).
+func (h *Handler) backendByKey(avail []*backend, key string) *backend {
+	if len(avail) > largePool {
+		return h.infoOf(h.firstTierKept(avail)).byKey(key)
+	}
+	for _, b := range avail {
+		if b.srv.key == key {
+			return b
+		}
+	}
+	return nil
 }
 
 func (t *affinityTable) len() int {
@@ -610,10 +725,12 @@ func acquireAffinity(name string) *affinityTable {
 // A follow-up turn goes to the server that served the conversation's
 // previous turn (keepsConversation) when it has room and what it saves is
 // worth it; otherwise the policy chooses (an overflow). A new conversation
-// goes, among the servers about as fast as the best, to one holding the
-// fewest recent conversations: Ollama's cache keeps one conversation per
-// slot (by default, one in all: see README), so conversations piled on one
-// server evict each other.
+// goes, among the servers about as fast as the best, to one where it
+// evicts least (keepLeastHosting): Ollama's cache keeps one conversation
+// per parallel slot (OLLAMA_NUM_PARALLEL, 1 by default), so conversations
+// piled on one server evict each other. So does a follow-up whose cache
+// its server has evicted since (evictedFrom): nothing of it is cached
+// anywhere, and its old server is no better than any other.
 func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *job) (*backend, string, uint64) {
 	if conv.none() || h.affinity == nil {
 		return h.acquire(avail, j), routePolicy, 0
@@ -623,17 +740,14 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 	key, id, depth := t.lookup(conv, now)
 	if key == "" {
 		t.counter(h.Name, "miss").Inc()
-		sc := scratchPool.Get().(*scratch)
-		defer sc.put()
-		// Nothing of a new conversation is cached anywhere: among the
-		// servers near the best (spreadFactor), the one holding the
-		// fewest conversations.
-		spread := t.keepLeastHosting(h.nearBest(sc, avail, j, spreadFactor, spreadMargin), now)
-		b := h.take(spread, j)
-		if b == nil {
-			b = h.acquire(avail, j)
-		}
-		return b, routePolicy, 0
+		return h.spreadNew(avail, j, now), routePolicy, 0
+	}
+	if home := h.backendByKey(avail, key); home != nil && t.evictedFrom(home, id, now) {
+		// As many other conversations as it has slots went there since:
+		// its cache is gone, nothing of it is cached anywhere. Placed as
+		// a new one, where it evicts no other's, its next turns find it.
+		t.counter(h.Name, "evicted").Inc()
+		return h.spreadNew(avail, j, now), routeAffinityEvicted, id
 	}
 	if prev := h.keepsConversation(avail, key, conv, depth, j); prev != nil && prev.tryAcquire() {
 		t.counter(h.Name, "hit").Inc()
@@ -644,6 +758,19 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 	}
 	t.counter(h.Name, "overflow").Inc()
 	return h.acquire(avail, j), routeAffinityOverflow, id
+}
+
+// spreadNew takes a slot for a conversation nothing of which is cached
+// anywhere: among the servers near the best (spreadFactor), one where it
+// evicts no other conversation's cache, holding the fewest conversations.
+func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
+	sc := scratchPool.Get().(*scratch)
+	defer sc.put()
+	spread := h.affinity.keepLeastHosting(h.nearBest(sc, avail, j, spreadFactor, spreadMargin), now)
+	if b := h.take(spread, j); b != nil {
+		return b
+	}
+	return h.acquire(avail, j)
 }
 
 // keepsConversation returns the backend of server key when the

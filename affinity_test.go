@@ -183,7 +183,7 @@ func TestAffinityTableCountsConversationsPerServer(t *testing.T) {
 	tab.record(conversation{prefixes: []uint64{5}, keep: []uint64{5}}, c.srv.key, id, now)
 	assert.Equal(t, []string{"a"}, names(tab.keepLeastHosting(slices.Clone(list), now)))
 	assert.Len(t, tab.hosting, 2, "a holds none")
-	assert.Equal(t, 1, tab.hosting[c.srv.key].n)
+	assert.Equal(t, 1, tab.hosting[c.srv.key].recent.Len())
 	// A conversation weighs less as its last turn ages: b's, a minute old,
 	// weighs half of a new one on c.
 	later := now.Add(recentHalfLife)
@@ -844,4 +844,102 @@ func TestNewConversationsAvoidFailingServers(t *testing.T) {
 		b.release()
 	}
 	assert.Zero(t, sentToFailing, "new conversations sent to servers answering only errors")
+}
+
+// A server keeps one conversation's cache per parallel slot: once as many
+// other conversations as it has slots were sent there after a
+// conversation's last turn, that cache is gone, and the next turn is
+// placed as a new conversation (where it evicts no other's cache), not
+// kept on its old server for a saving it will not get.
+func TestAffinityKnowsWhenTheCacheWasEvicted(t *testing.T) {
+	now := time.Now()
+	two := func(name string) *backend {
+		return testBackend(name, func(c *Backend) { c.MaxParallel = 2 })
+	}
+	a, b := two("a"), two("b")
+	tab := newAffinityTable(100, time.Hour)
+	convA := conversation{prefixes: []uint64{1}, keep: []uint64{1}}
+	tab.record(convA, a.srv.key, 0, now)
+	_, idA, _ := tab.lookup(conversation{prefixes: []uint64{1, 2}}, now)
+	require.NotZero(t, idA)
+	tab.record(conversation{prefixes: []uint64{10}, keep: []uint64{10}}, a.srv.key, 0, now)
+	assert.False(t, tab.evictedFrom(a, idA, now), "one other conversation on two slots: both are cached")
+	tab.record(conversation{prefixes: []uint64{20}, keep: []uint64{20}}, b.srv.key, 0, now)
+	assert.False(t, tab.evictedFrom(a, idA, now), "another server's conversation takes no slot here")
+	tab.record(conversation{prefixes: []uint64{30}, keep: []uint64{30}}, a.srv.key, 0, now)
+	assert.True(t, tab.evictedFrom(a, idA, now), "two others since on two slots: evicted")
+	assert.False(t, tab.evictedFrom(b, idA, now), "its last turn went to a, not b")
+	// A turn of an old conversation takes a slot as a new one does: the
+	// conversation 10, sent again, makes 30 and 10 the two cached.
+	_, id10, _ := tab.lookup(conversation{prefixes: []uint64{10, 11}}, now)
+	tab.record(conversation{prefixes: []uint64{10, 11}, keep: []uint64{11}}, a.srv.key, id10, now)
+	assert.False(t, tab.evictedFrom(a, id10, now))
+
+	// Slots learned only from a quiet history bound nothing: the server
+	// may have more than were ever in use, so nothing is taken for evicted.
+	learned := testBackend("learned", nil)
+	learned.srv.inFlight.Store(1)
+	serve(learned, &job{}, now, final(100*ms, 0, 0, 10, 1))
+	learned.srv.inFlight.Store(0)
+	slots, bounded := learned.cacheSlots(now)
+	require.False(t, bounded)
+	require.Equal(t, 2, slots, "one seen, one more planned")
+	tab.record(conversation{prefixes: []uint64{40}, keep: []uint64{40}}, learned.srv.key, 0, now)
+	_, id40, _ := tab.lookup(conversation{prefixes: []uint64{40, 41}}, now)
+	for k := range 3 {
+		tab.record(conversation{prefixes: []uint64{uint64(50 + k)}, keep: []uint64{uint64(50 + k)}}, learned.srv.key, 0, now)
+	}
+	assert.False(t, tab.evictedFrom(learned, id40, now))
+	// One request seen waiting behind one in flight: one slot at most.
+	release := hold(learned, 1, now)
+	learned.srv.inFlight.Add(1)
+	serve(learned, &job{}, now, final(100*ms, 0, 100*ms, 10, 1))
+	learned.srv.inFlight.Add(-1)
+	release()
+	slots, bounded = learned.cacheSlots(now)
+	require.True(t, bounded)
+	require.Equal(t, 1, slots)
+	assert.True(t, tab.evictedFrom(learned, id40, now))
+
+	// Through acquireConversation: the follow-up of the evicted
+	// conversation is routed as evicted, to the server where it evicts
+	// nobody (b holds one conversation on two slots; a is full).
+	h := &Handler{affinity: tab, policy: pickLeastDelay, LBPolicy: "least_delay"}
+	next := conversation{prefixes: []uint64{1, 2}, keep: []uint64{2}, followUp: true, sizes: []prefixSize{{400, 0}, {500, 0}}}
+	got, route, id := h.acquireConversation([]*backend{a, b}, next, &job{})
+	require.NotNil(t, got)
+	got.release()
+	assert.Equal(t, routeAffinityEvicted, route)
+	assert.Equal(t, idA, id, "still the same conversation")
+	assert.Equal(t, "b", got.cfg.Name)
+}
+
+// A new conversation goes where it evicts least: a server holding fewer
+// conversations than it has slots evicts none; when every server is full,
+// the one whose conversation to evict has been idle longest (most likely
+// ended), not one whose user is reading its last answer.
+func TestNewConversationsEvictTheLongestIdle(t *testing.T) {
+	now := time.Now()
+	one := func(name string) *backend {
+		return testBackend(name, func(c *Backend) { c.MaxParallel = 1 })
+	}
+	a, b, c := one("a"), one("b"), testBackend("c", func(c *Backend) { c.MaxParallel = 3 })
+	tab := newAffinityTable(100, time.Hour)
+	rec := func(p uint64, s *backend, at time.Time) {
+		p *= 16 // distinct conversation ids (a record's id is its hash | 1)
+		tab.record(conversation{prefixes: []uint64{p}, keep: []uint64{p}}, s.srv.key, 0, at)
+	}
+	rec(1, a, now.Add(-30*time.Second)) // ended, most likely
+	rec(2, b, now.Add(-time.Second))    // its user is reading
+	rec(3, c, now)
+	rec(4, c, now)
+	assert.Equal(t, []string{"c"}, names(tab.keepLeastHosting([]*backend{a, b, c}, now)), "c has a slot no conversation holds")
+	rec(5, c, now)
+	assert.Equal(t, []string{"a"}, names(tab.keepLeastHosting([]*backend{a, b, c}, now)), "a's conversation has been idle longest")
+	assert.Equal(t, []string{"b"}, names(tab.keepLeastHosting([]*backend{b, c}, now)), "b's, idle for a second, before c's, busy now")
+	// Idle alike: the fewest recent conversations decide, as before.
+	rec(6, a, now.Add(-time.Second))
+	assert.Equal(t, []string{"b"}, names(tab.keepLeastHosting([]*backend{a, b, c}, now)), "a had two conversations in the last half minute")
+	rec(7, b, now.Add(-time.Second))
+	assert.Equal(t, []string{"a"}, names(tab.keepLeastHosting([]*backend{a, b, c}, now)), "two each: a's older one weighs less")
 }

@@ -6,6 +6,10 @@ package main
 //	                   what a cache slot holds (Ollama's default slot choice); 8 clients each
 //	                   hold 5-turn chats, every turn the whole history, about 300 tokens more
 //	                   a turn (a pasted document, code): turn 5 is about 1,500 tokens
+//	conversations-few, -crowd, -think, -default-slots, -unequal: the same chats with 4 clients
+//	                   (fewer conversations than cache slots), 16 (far more), 12 that read each
+//	                   answer for 0.4 s, 3 on four servers of one slot each (Ollama's default
+//	                   OLLAMA_NUM_PARALLEL), 6 on a server of 4 slots and two of 1
 //	same-prompt-burst  issue 7's fast/slow pool, the same prompt cost; 12 unrelated clients
 //	                   send the same one-message chat (a 200-token instruction) at once: no
 //	                   conversation, so least_delay must spread it like least_conn does
@@ -75,10 +79,31 @@ func conversationWorkloads() []workload {
 			pool[i].promptCost = 4 * convPromptCost
 		}
 	}
+	slots := func(name string, parallel int) spec {
+		s := equal(name)
+		s.parallel = parallel
+		return s
+	}
+	three := []spec{equal("s1"), equal("s2"), equal("s3")}
 	return []workload{
-		{name: "conversations", servers: []spec{equal("s1"), equal("s2"), equal("s3")}, models: models1,
+		{name: "conversations", servers: three, models: models1,
 			phases: []phase{{conc: 8, n: 240, measured: true, next: conversations}},
 			note:   "a follow-up evaluates about 300 new tokens (60 ms) where its history is cached, up to 1,500 (300 ms) elsewhere"},
+		{name: "conversations-few", servers: three, models: models1,
+			phases: []phase{{conc: 4, n: 200, measured: true, next: conversations}},
+			note:   "fewer conversations (4) than cache slots (6): each can keep its own"},
+		{name: "conversations-crowd", servers: three, models: models1,
+			phases: []phase{{conc: 16, n: 320, measured: true, next: conversations}},
+			note:   "16 conversations on 6 cache slots: most turns find their cache evicted wherever they go"},
+		{name: "conversations-think", servers: three, models: models1,
+			phases: []phase{{conc: 12, n: 240, measured: true, next: conversations, think: 400 * ms}},
+			note:   "12 users reading each answer for 0.4 s: 12 conversations on 6 cache slots, servers not saturated"},
+		{name: "conversations-default-slots", servers: []spec{slots("s1", 1), slots("s2", 1), slots("s3", 1), slots("s4", 1)}, models: models1,
+			phases: []phase{{conc: 3, n: 150, measured: true, next: conversations, think: 200 * ms}},
+			note:   "Ollama's default of one slot (one cached conversation) per server: 3 users on 4 servers"},
+		{name: "conversations-unequal", servers: []spec{slots("big", 4), slots("small1", 1), slots("small2", 1)}, models: models1,
+			phases: []phase{{conc: 6, n: 240, measured: true, next: conversations}},
+			note:   "one server with 4 slots and two with 1: 6 conversations fit, 4 of them on big"},
 		{name: "same-prompt-burst", servers: pool, models: models1,
 			phases: []phase{{conc: 12, n: 300, measured: true, next: samePrompt}},
 			note:   "identical one-message chats from unrelated clients: not a conversation"},

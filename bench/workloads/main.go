@@ -106,6 +106,9 @@ type phase struct {
 	// oracle a server is failing, as it knows everything else.
 	during func(fakes map[string]*fakeollama.Server, down func(name string, failing bool))
 	next   func(client, i int, rng *rand.Rand) request
+	// think is how long a closed-loop client waits after an answer before its next request
+	// (a user reading it and typing); 0: at once.
+	think time.Duration
 }
 
 type workload struct {
@@ -333,6 +336,7 @@ func run(w workload, policy string, port int, seed uint64) result {
 				clients.Go(func() {
 					for i := 0; sent.Add(1) <= int64(ph.n); i++ {
 						one(c, i)
+						time.Sleep(ph.think)
 					}
 				})
 			}
