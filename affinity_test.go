@@ -406,11 +406,8 @@ func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 	fast, slow, fresh, busy := testBackend("fast", nil), testBackend("slow", nil), testBackend("fresh", nil), testBackend("busy", nil)
 	now := time.Now()
 	fast.srv.inFlight.Store(1)
-	serve(fast, &job{}, now, final(100*time.Millisecond, 0, 0, 10, 1))
-	release := hold(fast, 1, now) // the second of two waited: one slot
-	serve(fast, &job{}, now, final(100*time.Millisecond, 0, 100*time.Millisecond, 10, 1))
-	release()
-	fast.srv.inFlight.Store(0)
+	serve(fast, &job{}, now.Add(-time.Second), final(100*time.Millisecond, 0, 0, 10, 1))
+	waitedBehind(fast, 1, now, 100*time.Millisecond) // the second of two waited: one slot
 	slow.srv.inFlight.Store(1)
 	serve(slow, &job{}, now, final(400*time.Millisecond, 0, 0, 10, 1))
 	slow.srv.inFlight.Store(0)

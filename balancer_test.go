@@ -170,14 +170,10 @@ func TestLeastDelayPrefersTheFastServer(t *testing.T) {
 	now := time.Now()
 	for k := 1; k <= 4; k++ { // 4 at once without a wait: 4 slots
 		now = now.Add(time.Second)
-		release := hold(fast, k-1, now)
-		serve(fast, &job{}, now, final(100*ms, 0, 0, 5, 1))
-		release()
+		servedTogether(fast, k, now)
 	}
 	now = now.Add(time.Second)
-	release := hold(fast, 4, now) // a fifth waited: no more than 4
-	serve(fast, &job{}, now, final(100*ms, 0, 50*ms, 5, 1))
-	release()
+	waitedBehind(fast, 4, now, 50*ms) // a fifth waited: no more than 4
 	slow1.srv.inFlight.Store(1)
 	serve(slow1, &job{}, now, final(400*ms, 0, 0, 5, 1))
 	slow2.srv.inFlight.Store(1)

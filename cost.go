@@ -186,9 +186,12 @@ type speed struct {
 
 	tasks  map[uint64]*task // requests in flight, with their expected end
 	nextID uint64
-	// ended remembers when recent requests ended, by id, so that an
-	// answer can tell how many of the requests sent before it still held
-	// a slot when it got its own (see aheadAtLocked).
+	// ended remembers recent requests that ended: when they were sent,
+	// when they ended and, for a complete answer, how long they worked in
+	// a slot, so that an answer can tell how many requests the server
+	// served at once while it worked (see servedAtOnceLocked) and, when
+	// it waited, how many may have been at work when it came
+	// (heldAtLocked).
 	ended    [endedRing]endedTask
 	endedPos int
 	probing  time.Time // when least_delay first sent it a request, before any sample
@@ -240,8 +243,12 @@ type rates struct {
 const endedRing = 256
 
 type endedTask struct {
-	id uint64
-	at time.Time
+	id        uint64
+	began, at time.Time // sent, ended (as the proxy saw it)
+	// work is its prompt evaluation and generation, in a slot (0 when
+	// not known); slack the time the proxy saw beyond the server's
+	// total_duration, which places that work within as much.
+	work, slack time.Duration
 }
 
 // task is one request in flight on the server.
@@ -461,24 +468,6 @@ func siftDown(h []float64) {
 		h[i], h[m] = h[m], h[i]
 		i = m
 	}
-}
-
-// aheadAtLocked is how many of the requests sent to the server before t
-// (t itself included) were still in flight at at: those in flight now,
-// and those that ended after at.
-func (sp *speed) aheadAtLocked(t *task, at time.Time) int {
-	n := 1
-	for _, o := range sp.tasks {
-		if o.id < t.id {
-			n++
-		}
-	}
-	for _, e := range sp.ended {
-		if e.id != 0 && e.id < t.id && e.at.After(at) {
-			n++
-		}
-	}
-	return n
 }
 
 // loadCostLocked is what loading model is expected to take.

@@ -156,25 +156,57 @@ func TestSlotsAreNeverLockedInByAQuietHistory(t *testing.T) {
 	// The burst: 2, then 3, then 4 at once without a wait.
 	for k := 2; k <= 4; k++ {
 		clock = clock.Add(time.Second)
-		release := hold(b, k-1, clock)
-		serve(b, &job{}, clock, final(100*ms, 0, 0, 10, 1))
-		release()
+		servedTogether(b, k, clock)
 		assert.Equal(t, k+1, sp.slotsLocked(0, clock))
 	}
-	// The fifth waited for a slot: 4, for a while.
-	release := hold(b, 4, clock)
-	serve(b, &job{}, clock, final(100*ms, 0, 80*ms, 10, 1))
-	release()
+	// The fifth waited for a slot: it came with 4 at work and got one
+	// when the first of them ended, 80 ms later. 4, for a while.
+	clock = clock.Add(time.Second)
+	waitedBehind(b, 4, clock, 80*ms)
+	assert.Equal(t, 4, sp.slotsLo)
 	assert.Equal(t, 4, sp.slotsLocked(0, clock))
 	assert.Equal(t, 4, sp.slotsLocked(0, clock.Add(slotRetest/2)))
 	assert.Equal(t, 5, sp.slotsLocked(0, clock.Add(slotRetest+time.Second)), "re-tested after slotRetest")
 	assert.Equal(t, 8, sp.slotsLocked(8, clock), "max_parallel is trusted")
 
-	// A server that lost a slot: waited with 4 in flight.
-	release = hold(b, 3, clock)
-	serve(b, &job{}, clock, final(100*ms, 0, 90*ms, 10, 1))
-	release()
-	assert.Equal(t, 3, sp.slotsLo, "waited with 4 in flight: 3 slots")
+	// A server that lost a slot: waited with 3 at work.
+	clock = clock.Add(time.Second)
+	waitedBehind(b, 3, clock, 90*ms)
+	assert.Equal(t, 3, sp.slotsLo, "waited with 3 at work: 3 slots")
+}
+
+// servedTogether runs n requests through b, sent at at and served at
+// once: each worked 100 ms without a wait.
+func servedTogether(b *backend, n int, at time.Time) {
+	var tasks []*task
+	for range n {
+		b.srv.inFlight.Add(1)
+		tasks = append(tasks, b.begin(&job{}, at))
+	}
+	for _, tk := range tasks {
+		tk.learn(final(100*ms, 0, 0, 10, 1), at.Add(100*ms))
+	}
+	b.srv.inFlight.Store(0)
+}
+
+// waitedBehind runs one request through b that came at at, 50 ms after n
+// others that were at work, and waited wait for the first of them to end
+// (the rest end with it): a server with n slots, all taken.
+func waitedBehind(b *backend, n int, at time.Time, wait time.Duration) {
+	var ahead []*task
+	for range n {
+		b.srv.inFlight.Add(1)
+		ahead = append(ahead, b.begin(&job{}, at.Add(-50*ms)))
+	}
+	b.srv.inFlight.Add(1)
+	tk := b.begin(&job{}, at)
+	ahead[0].learn(final(100*ms, 0, 0, 10, 1), at.Add(wait))
+	tm := final(100*ms, 0, wait, 10, 1)
+	tk.learn(tm, at.Add(tm.total))
+	for _, o := range ahead[1:] {
+		o.endAt(at.Add(tm.total))
+	}
+	b.srv.inFlight.Store(0)
 }
 
 func TestABurstReleasedAtOnceDoesNotInflateTheSlots(t *testing.T) {
@@ -198,10 +230,48 @@ func TestABurstReleasedAtOnceDoesNotInflateTheSlots(t *testing.T) {
 	// started, so it says nothing more than 2 of those 3.
 	burst[2].learn(final(100*ms, 0, 100*ms, 10, 1), done.Add(100*ms))
 	assert.Equal(t, 2, sp.slotsLo)
-	assert.Equal(t, 2, sp.slotsHi, "it waited with two ahead: two slots")
+	// Sent with nine others at the same instant, it may have come last:
+	// its wait rules out no third slot.
+	assert.Equal(t, 3, sp.slotsLocked(0, done.Add(100*ms)))
 	for _, tk := range burst[3:] {
 		tk.end()
 	}
+}
+
+func TestSlotsAreCountedFromTimesNotTheOrderOfSending(t *testing.T) {
+	// A server of 2 slots. The proxy sees an answer end a moment after
+	// the server freed its slot: C, sent as A's slot freed, was served at
+	// once beside B while A still looked in flight. Counted by the order
+	// of sending, that made a third slot (and a fourth planned), so
+	// requests queued inside a server believed to have room.
+	b := testBackend("a", nil)
+	sp := &b.srv.speed
+	c0 := time.Unix(1000, 0)
+	c1 := c0.Add(100 * ms) // A's slot frees on the server
+	b.srv.inFlight.Store(3)
+	a, bb := b.begin(&job{}, c0), b.begin(&job{}, c0)
+	c := b.begin(&job{}, c1)
+	a.learn(final(100*ms, 0, 0, 10, 1), c1.Add(8*ms))
+	c.learn(final(100*ms, 0, 0, 10, 1), c1.Add(105*ms))
+	assert.LessOrEqual(t, sp.slotsLo, 2, "A had ended for the server when C came")
+	bb.learn(final(200*ms, 0, 0, 10, 1), c1.Add(106*ms))
+	assert.Equal(t, 2, sp.slotsLo, "B worked beside A, then beside C")
+
+	// Sent at the same instant, U came before T and took the second
+	// slot; T waited for X. By the order of sending T waited with one
+	// ahead, which made the server a one-slot server for slotRetest.
+	b = testBackend("b", nil)
+	sp = &b.srv.speed
+	b.srv.inFlight.Store(3)
+	x := b.begin(&job{}, c0.Add(-50*ms))
+	tk, u := b.begin(&job{}, c0), b.begin(&job{}, c0)
+	x.learn(final(110*ms, 0, 0, 10, 1), c0.Add(60*ms))
+	u.learn(final(100*ms, 0, 0, 10, 1), c0.Add(100*ms))
+	assert.Equal(t, 2, sp.slotsLo, "U worked beside X")
+	tk.learn(final(100*ms, 0, 60*ms, 10, 1), c0.Add(160*ms))
+	assert.Equal(t, 2, sp.slotsLo, "T's wait does not take a slot away")
+	assert.Equal(t, 2, sp.slotsHi, "X and U were there when it came")
+	assert.Equal(t, 2, sp.slotsLocked(0, c0.Add(time.Second)))
 }
 
 func TestAQueueRunningLateShowsAsAWait(t *testing.T) {
@@ -354,11 +424,12 @@ func TestASlowClientDoesNotMakeAServerLookSlow(t *testing.T) {
 	d, _ = estimateDelay(b, &job{maxOutput: 20}, clock)
 	assert.InDelta(t, 0.2, d.output, 1e-9)
 
-	// The same answer with a client that kept up does teach the wait.
+	// The same answer with a client that kept up does teach the wait
+	// (sent once the held-back one had ended, beside the two held).
 	tm.clientWait = time.Millisecond
 	tm.ev = 200 * ms
 	tm.total = 10*ms + 200*ms + 2*time.Second
-	serve(b, &job{maxOutput: 20}, clock, tm)
+	serve(b, &job{maxOutput: 20}, clock.Add(6*time.Second), tm)
 	assert.Equal(t, 2, b.srv.speed.slotsHi, "waited with 3 in flight: 2 slots")
 }
 

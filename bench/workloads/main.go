@@ -196,6 +196,7 @@ type result struct {
 	elapsed        time.Duration
 	lat            []time.Duration
 	loads          int
+	queued         int // requests that waited inside a server for a slot (the fakes' count)
 	cacheHits      string
 	slowShare      float64 // share of the measured phase's requests on the slowed server; -1 if none
 	share          map[string]int
@@ -223,8 +224,8 @@ func main() {
 		var rows []result
 		for _, p := range strings.Split(*pols, ",") {
 			r := run(w, strings.TrimSpace(p), port, *seed)
-			fmt.Fprintf(os.Stderr, "%-17s %-14s %6.1f req/s p50 %-7v p99 %-7v loads/1k %-5d errors %d received %v\n",
-				w.name, p, r.rps(), benchkit.Pct(r.lat, 0.5), benchkit.Pct(r.lat, 0.99), perK(r.loads, r.n+r.errs), r.errs, r.share)
+			fmt.Fprintf(os.Stderr, "%-17s %-14s %6.1f req/s p50 %-7v p99 %-7v loads/1k %-5d queued %-4d errors %d received %v\n",
+				w.name, p, r.rps(), benchkit.Pct(r.lat, 0.5), benchkit.Pct(r.lat, 0.99), perK(r.loads, r.n+r.errs), r.queued, r.errs, r.share)
 			rows = append(rows, r)
 		}
 		tables = append(tables, table(w, rows))
@@ -355,6 +356,7 @@ func run(w workload, policy string, port int, seed uint64) result {
 		res.share[s.name] = f.Count("/api/chat") + f.Count("/v1/chat/completions")
 		total += res.share[s.name]
 		res.loads += f.ColdLoads()
+		res.queued += f.Queued()
 	}
 	if w.slowed != "" {
 		res.slowShare = float64(res.share[w.slowed]) / float64(max(total, 1))

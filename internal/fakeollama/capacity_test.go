@@ -45,6 +45,7 @@ func TestParallelSlotsAndMaxQueue(t *testing.T) {
 	assert.Equal(t, `{"error":{"message":"server busy, please try again.  maximum pending requests exceeded","type":"api_error","param":null,"code":null}}`+"\n", body)
 	assert.Equal(t, "application/json", resp.Header.Get("Content-Type"))
 	assert.Equal(t, 2, f.Rejected())
+	assert.Equal(t, 1, f.Queued(), "the third waited; the two rejected never queued")
 
 	// Probes and model reads take no slot.
 	resp, _ = do(t, http.MethodGet, f.URL+"/", "")
@@ -67,8 +68,11 @@ func TestParallelSlotsAndMaxQueue(t *testing.T) {
 	assert.Zero(t, f.Busy())
 	assert.Zero(t, f.Waiting())
 
+	assert.Equal(t, 1, f.Queued(), "a request that waited counts once it got its slot")
+
 	f.ResetStats()
 	assert.Zero(t, f.Rejected())
+	assert.Zero(t, f.Queued())
 	assert.Zero(t, f.MaxBusy())
 }
 

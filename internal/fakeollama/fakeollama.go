@@ -201,6 +201,7 @@ type Server struct {
 	waiting  atomic.Int64
 	maxBusy  atomic.Int64
 	rejected atomic.Int64
+	queued   atomic.Int64 // requests that waited for a slot since the start or ResetStats
 
 	mu      sync.Mutex
 	models  []model
@@ -546,13 +547,18 @@ func (s *Server) MaxBusy() int { return int(s.maxBusy.Load()) }
 // Waiting is the number of requests waiting for a slot inside the fake.
 func (s *Server) Waiting() int { return int(s.waiting.Load()) }
 
+// Queued is the number of requests that found every slot taken and waited for one (whether
+// they got it or gave up), since the start or ResetStats: what a router that knew every
+// server's free slots would have avoided while another server had one.
+func (s *Server) Queued() int { return int(s.queued.Load()) }
+
 // Rejected is the number of requests answered 503 ServerBusy because every slot was taken and
 // Config.MaxQueue requests were already waiting.
 func (s *Server) Rejected() int { return int(s.rejected.Load()) }
 
-// ResetStats clears counters, history, cancellations, the rejection count, the in-flight and
-// busy maxima, the prompt cache's counters (not its contents), and the cold-load and eviction
-// counts.
+// ResetStats clears counters, history, cancellations, the rejection and queued counts, the
+// in-flight and busy maxima, the prompt cache's counters (not its contents), and the cold-load
+// and eviction counts.
 func (s *Server) ResetStats() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -561,6 +567,7 @@ func (s *Server) ResetStats() {
 	s.maxInFlight.Store(s.inFlight.Load())
 	s.maxBusy.Store(int64(len(s.sem)))
 	s.rejected.Store(0)
+	s.queued.Store(0)
 	s.cacheMu.Lock()
 	s.cacheStats = CacheStats{}
 	s.cacheMu.Unlock()
@@ -678,6 +685,7 @@ func (c *call) acquireSlot() (ok, busy bool) {
 			s.rejected.Add(1)
 			return false, true
 		}
+		s.queued.Add(1)
 		select {
 		case s.sem <- struct{}{}: // blocked senders are served in arrival order
 			s.waiting.Add(-1)
