@@ -876,7 +876,7 @@ func TestAffinityKnowsWhenTheCacheWasEvicted(t *testing.T) {
 	// may have more than were ever in use, so nothing is taken for evicted.
 	learned := testBackend("learned", nil)
 	learned.srv.inFlight.Store(1)
-	serve(learned, &job{}, now, final(100*ms, 0, 0, 10, 1))
+	serve(learned, &job{}, now.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
 	learned.srv.inFlight.Store(0)
 	slots, bounded := learned.cacheSlots(now)
 	require.False(t, bounded)
