@@ -848,6 +848,7 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 type scratch struct {
 	list   []*backend
 	delays []float64
+	waits  []bool // the request would wait there for a slot
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
@@ -855,7 +856,7 @@ var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
 // put clears the list (no backend kept alive by the pool) and returns it.
 func (sc *scratch) put() {
 	clear(sc.list[:cap(sc.list)])
-	sc.list, sc.delays = sc.list[:0], sc.delays[:0]
+	sc.list, sc.delays, sc.waits = sc.list[:0], sc.delays[:0], sc.waits[:0]
 	scratchPool.Put(sc)
 }
 
@@ -871,27 +872,35 @@ func (sc *scratch) put() {
 // observed yet whose answers are mostly errors is left out: it holds no
 // conversation (each failed turn is recorded again where it is retried),
 // so it would draw every new one, and the policy takes the only server
-// offered. (An observed one is priced by its error share.)
+// offered. (An observed one is priced by its error share.) A server where
+// the request would wait for a slot is left out when one with a slot free
+// is expected to end no later.
 func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin float64) []*backend {
 	var buf [sampleSize]*backend
 	list := h.sampled(buf[:0], all, j, "") // above largePool: a sample (largepool.go)
 	noteWalk(list)
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
-	sc.list, sc.delays = sc.list[:0], sc.delays[:0]
+	sc.list, sc.delays, sc.waits = sc.list[:0], sc.delays[:0], sc.waits[:0]
 	loadingSomewhere := false
+	freeBest := math.Inf(1) // the least delay among servers with a slot free
 	now := time.Now()
 	for _, b := range list {
 		if !b.free() {
 			continue
 		}
-		d, ok := h.expectedDelayOf(b, j)
+		est, ok := h.estimateOf(b, j)
+		d := est.total()
 		if !ok {
 			d = math.NaN()
-		} else if d < best {
-			best = d
+		} else {
+			best = min(best, d)
+			if est.wait == 0 {
+				freeBest = min(freeBest, d)
+			}
 		}
 		sc.list = append(sc.list, b)
 		sc.delays = append(sc.delays, d)
+		sc.waits = append(sc.waits, ok && est.wait > 0)
 		minLoad = min(minLoad, b.srv.inFlight.Load())
 		if j != nil && !loadingSomewhere {
 			_, loadingSomewhere = b.srv.speed.pendingLoad(j.model, now)
@@ -906,7 +915,12 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 			}
 			continue
 		}
-		if d <= best*factor+margin {
+		// Never a server's queue when a server with a slot free is
+		// expected to end no later: the wait is certain, the cache the
+		// spread keeps is a bet on a next turn. (Within the spread's
+		// margin, a full server whose work is about to end looked as
+		// good as an idle one, and new conversations queued behind it.)
+		if d <= best*factor+margin && !(sc.waits[i] && freeBest <= d) {
 			out = append(out, b)
 		}
 	}

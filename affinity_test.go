@@ -426,8 +426,11 @@ func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
 	double.srv.inFlight.Store(0)
 	assert.Equal(t, []string{"fast", "slowish"}, names(h.nearBest(&scratch{}, []*backend{fast, slowish, double, slow}, &job{}, spreadFactor, spreadMargin)),
 		"within 1.25x the best plus 25ms: one twice as slow is not")
-	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
+	fast.srv.inFlight.Store(2) // 3 rounds of 0.1s: ends before the slow one's 0.4s
 	assert.Equal(t, []string{"fast", "slow"}, names(h.nearBest(&scratch{}, []*backend{fast, slow}, &job{}, spreadFactor, spreadMargin)))
+	fast.srv.inFlight.Store(3) // 4 rounds of 0.1s
+	assert.Equal(t, []string{"slow"}, names(h.nearBest(&scratch{}, []*backend{fast, slow}, &job{}, spreadFactor, spreadMargin)),
+		"no queue when a free slot ends as soon")
 	assert.Equal(t, []string{"fresh"}, names(h.nearBest(&scratch{}, []*backend{fresh, busy}, &job{}, spreadFactor, spreadMargin)), "no speeds: the least busy")
 }
 
@@ -939,4 +942,30 @@ func TestNewConversationsEvictTheLongestIdle(t *testing.T) {
 	assert.Equal(t, []string{"b"}, names(tab.keepLeastHosting([]*backend{a, b, c}, now)), "a had two conversations in the last half minute")
 	rec(7, b, now.Add(-time.Second))
 	assert.Equal(t, []string{"a"}, names(tab.keepLeastHosting([]*backend{a, b, c}, now)), "two each: a's older one weighs less")
+}
+
+func TestNewConversationsAreNotSpreadIntoAQueue(t *testing.T) {
+	// Three equal servers of 2 slots. a's two requests are about to end,
+	// so its expected wait is short and a looks almost as good as the
+	// idle ones; but a new request there waits in a's queue while b and
+	// c have a slot free. a holds the fewest conversations, so the
+	// spread would have chosen it.
+	now := time.Now()
+	var list []*backend
+	for _, name := range []string{"a", "b", "c"} {
+		b := testBackend(name, nil)
+		servedTogether(b, 2, now.Add(-time.Second))
+		list = append(list, b)
+	}
+	a := list[0]
+	for range 2 {
+		a.srv.inFlight.Add(1)
+		a.begin(&job{}, now.Add(-95*ms))
+	}
+	h := &Handler{}
+	d, ok := h.estimateOf(a, &job{})
+	require.True(t, ok)
+	require.Positive(t, d.wait)
+	require.LessOrEqual(t, d.total(), 0.1*spreadFactor+spreadMargin, "a is within the spread's margin")
+	assert.Equal(t, []string{"b", "c"}, names(h.nearBest(&scratch{}, list, &job{}, spreadFactor, spreadMargin)))
 }
