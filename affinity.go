@@ -824,7 +824,11 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 		return nil
 	}
 	if !prevKnown || math.IsInf(best, 1) {
-		if prev.srv.inFlight.Load() <= minLoad {
+		// A server not observed yet keeps it as the request that
+		// measures it (claimProbe), as least_delay would send it: a
+		// burst of one prompt arriving together would otherwise all
+		// be kept there before the first of them took its slot.
+		if prev.srv.inFlight.Load() <= minLoad && (prevKnown || prev.srv.speed.claimProbe(max(prev.cfg.MaxParallel, 1), &prev.srv.inFlight, time.Now())) {
 			return prev
 		}
 		return nil

@@ -969,3 +969,22 @@ func TestNewConversationsAreNotSpreadIntoAQueue(t *testing.T) {
 	require.LessOrEqual(t, d.total(), 0.1*spreadFactor+spreadMargin, "a is within the spread's margin")
 	assert.Equal(t, []string{"b", "c"}, names(h.nearBest(&scratch{}, list, &job{}, spreadFactor, spreadMargin)))
 }
+
+// A burst of one prompt on a fresh pool: the server the first request was
+// recorded for keeps the next ones only as the request that measures it
+// (claimProbe), so the burst does not pile onto it before the first of
+// them has taken its slot.
+func TestAffinityKeepsAnUnmeasuredServerOneRequestAtATime(t *testing.T) {
+	h := &Handler{}
+	body := []byte(`{"model":"m","messages":[{"role":"user","content":"Why is the sky blue?"}]}`)
+	conv := conversationOf("/api/chat", "m", body)
+	tab := newAffinityTable(100, time.Hour)
+	home, other := testBackend("home", nil), testBackend("other", nil) // neither measured yet
+	tab.record(conv, home.srv.key, 0, time.Now())
+	key, _, depth := tab.lookup(conv, time.Now())
+	require.Equal(t, home.srv.key, key)
+	all := []*backend{other, home}
+	assert.Same(t, home, h.keepsConversation(all, key, conv, depth, newJob("m", apiOllama, body)))
+	// Its slot not taken yet: the next identical request is not kept.
+	assert.Nil(t, h.keepsConversation(all, key, conv, depth, newJob("m", apiOllama, body)))
+}

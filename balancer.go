@@ -519,10 +519,19 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		}
 		explore = append(explore, b)
 	}
-	if len(explore) > 0 {
+	// The measuring request is claimed before it is sent (claimProbe):
+	// requests that arrive together all see the server idle until the
+	// first of them takes its slot, and would otherwise all be sent to
+	// measure it, several onto one server of unknown speed and slots.
+	for len(explore) > 0 {
 		b := pickLeastConn(h, explore, j)
-		b.srv.speed.startProbe(now)
-		return b
+		if b.srv.speed.claimProbe(max(b.cfg.MaxParallel, 1), &b.srv.inFlight, now) {
+			return b
+		}
+		explore = without(explore, b)
+		if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
+			oldestProbe = p
+		}
 	}
 	// While the best choice means waiting in a queue, an idle server that
 	// has had no sample for remeasureAfter (it looked slower than queueing

@@ -220,7 +220,8 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	take := func() *backend {
 		b := pickLeastDelay(h, all, &job{})
 		if b != nil {
-			b.srv.inFlight.Add(1)
+			b.srv.inFlight.Add(1) // its slot, then its task, as the handler does
+			b.begin(&job{}, time.Now())
 		}
 		return b
 	}
@@ -248,6 +249,7 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	for range 2 {
 		assert.Equal(t, "capped", pickLeastDelay(h, []*backend{capped, fast}, &job{}).cfg.Name)
 		capped.srv.inFlight.Add(1)
+		capped.begin(&job{}, time.Now())
 	}
 	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{capped, fast}, &job{}).cfg.Name)
 
@@ -343,4 +345,42 @@ func TestLeastDelayRemeasuresAServerBelievedSlow(t *testing.T) {
 	serve(slow, &job{}, time.Now(), finalGen(50*ms, 50*ms, 0, 0, 5, 5))
 	assert.Equal(t, "slow", pickLeastDelay(h, all, &job{}).cfg.Name,
 		"a recovered server takes traffic again instead of a queue")
+}
+
+// Requests that choose at the same instant all see an unobserved server
+// idle until the first of them takes its slot: the measuring request is
+// claimed under the server's lock, so they spread over the servers being
+// measured and the rest wait for the first answer, instead of several
+// landing on one server of unknown speed.
+func TestMeasuringRequestsAreClaimedBeforeTheyAreSent(t *testing.T) {
+	a, b := testBackend("a", nil), testBackend("b", nil)
+	h := &Handler{}
+	h.queue = newQueue(h)
+	all := []*backend{a, b}
+	// No slot taken between the picks: they chose at the same instant.
+	first := pickLeastDelay(h, all, &job{})
+	second := pickLeastDelay(h, all, &job{})
+	require.NotNil(t, first)
+	require.NotNil(t, second)
+	assert.NotSame(t, first, second, "one measuring request per server")
+	assert.Nil(t, pickLeastDelay(h, all, &job{}), "both are being measured: the third waits for an answer")
+
+	// A claimed request takes its slot and begins: the slot counter holds
+	// it from then on, still one.
+	first.srv.inFlight.Add(1)
+	first.begin(&job{}, time.Now())
+	assert.False(t, first.srv.speed.claimProbe(1, &first.srv.inFlight, time.Now()))
+	first.srv.inFlight.Add(-1)
+	assert.True(t, first.srv.speed.claimProbe(1, &first.srv.inFlight, time.Now()), "its request ended without a sample: measured again")
+
+	// A claim whose request never began (its slot was lost) lapses.
+	now := time.Now()
+	assert.False(t, second.srv.speed.claimProbe(1, &second.srv.inFlight, now))
+	assert.True(t, second.srv.speed.claimProbe(1, &second.srv.inFlight, now.Add(probeClaimTTL)))
+
+	// The configured slots of a server are all used to measure it.
+	capped := testBackend("capped", func(c *Backend) { c.MaxParallel = 2 })
+	assert.True(t, capped.srv.speed.claimProbe(2, &capped.srv.inFlight, now))
+	assert.True(t, capped.srv.speed.claimProbe(2, &capped.srv.inFlight, now))
+	assert.False(t, capped.srv.speed.claimProbe(2, &capped.srv.inFlight, now))
 }

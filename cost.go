@@ -195,6 +195,9 @@ type speed struct {
 	ended    [endedRing]endedTask
 	endedPos int
 	probing  time.Time // when least_delay first sent it a request, before any sample
+	// probeClaims are when measuring requests were claimed that have not
+	// begun yet (claimProbe), at most the server's measuring limit.
+	probeClaims []time.Time
 	// remeasuring is when least_delay last sent the server a request to
 	// re-measure it (see claimRemeasure); remeasureNow asks for the next
 	// one at once: the last answered much faster than believed.

@@ -2,6 +2,7 @@ package ollamaflow
 
 import (
 	"math"
+	"sync/atomic"
 	"time"
 )
 
@@ -89,6 +90,11 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	cold := notResident(b, j.model)
 	sp := &s.speed
 	sp.mu.Lock()
+	if len(sp.probeClaims) > 0 {
+		// It holds its slot now: its claim, or another's, is counted in
+		// the slot counter instead (claimProbe).
+		sp.probeClaims = sp.probeClaims[1:]
+	}
 	d, _ := sp.estimateLocked(j, b.cfg.MaxParallel, int(s.inFlight.Load())-1, cold, now)
 	_, loading := sp.pendingLoadLocked(j.model, now)
 	// Requests in flight are counted from the model's own tasks, those
@@ -487,6 +493,40 @@ func (sp *speed) startProbe(now time.Time) {
 	if sp.all.promptN == 0 && sp.all.genN == 0 && sp.probing.IsZero() {
 		sp.probing = now
 	}
+}
+
+// probeClaimTTL bounds how long a claimed measuring request that never
+// began (its slot was lost to another request, it was not a completion)
+// keeps the server counted as busy being measured.
+const probeClaimTTL = 250 * time.Millisecond
+
+// claimProbe reserves, for a request least_delay is about to send to
+// measure the server (not observed yet), one of limit requests it may
+// have at once, counting those in flight (inFlight, the server's slot
+// counter) and those claimed that have not begun; it reports false when
+// none is left. Claims are checked and taken under the lock, so requests
+// that choose at the same instant cannot all pick the same idle server;
+// begin consumes one.
+func (sp *speed) claimProbe(limit int, inFlight *atomic.Int64, now time.Time) bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	keep := sp.probeClaims[:0]
+	for _, c := range sp.probeClaims {
+		if now.Sub(c) < probeClaimTTL {
+			keep = append(keep, c)
+		}
+	}
+	sp.probeClaims = keep
+	// Read after the claims: a request that claimed took its slot before
+	// begin removed its claim, so one or the other is always seen.
+	if int(inFlight.Load())+len(keep) >= limit {
+		return false
+	}
+	sp.probeClaims = append(sp.probeClaims, now)
+	if sp.all.promptN == 0 && sp.all.genN == 0 && sp.probing.IsZero() {
+		sp.probing = now
+	}
+	return true
 }
 
 // probingSince is when the server's first request went out, zero if none
