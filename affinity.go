@@ -435,12 +435,14 @@ type affinityEntry struct {
 }
 
 // convActivity is where a conversation's last turn went, and when, with
-// its place in that server's hosted.recent.
+// its place in that server's hosted.recent and the prompt it sent (what
+// its next turn re-evaluates if its cache is evicted).
 type convActivity struct {
 	id     uint64
 	server string
 	at     time.Time
 	hostEl *list.Element
+	size   prefixSize
 }
 
 // prefixEntry is affinityEntry with its time.
@@ -496,7 +498,11 @@ func (t *affinityTable) record(c conversation, server string, id uint64, now tim
 	for _, k := range c.keep {
 		t.put(affinityEntry{key: k, server: server, conv: id}, now)
 	}
-	t.touch(id, server, now)
+	var size prefixSize
+	if n := len(c.sizes); n > 0 {
+		size = c.sizes[n-1]
+	}
+	t.touch(id, server, size, now)
 }
 
 func (t *affinityTable) put(e affinityEntry, now time.Time) {
@@ -515,15 +521,15 @@ func (t *affinityTable) put(e affinityEntry, now time.Time) {
 
 // touch moves conversation id to server as of now, and forgets the
 // conversations idle for longer than activeWindow (or beyond max).
-func (t *affinityTable) touch(id uint64, server string, now time.Time) {
+func (t *affinityTable) touch(id uint64, server string, size prefixSize, now time.Time) {
 	var a *convActivity
 	if el, ok := t.convs[id]; ok {
 		a = el.Value.(*convActivity)
 		t.unhost(a, now)
-		a.server, a.at = server, now
+		a.server, a.at, a.size = server, now, size
 		t.active.MoveToFront(el)
 	} else {
-		a = &convActivity{id: id, server: server, at: now}
+		a = &convActivity{id: id, server: server, at: now, size: size}
 		t.convs[id] = t.active.PushFront(a)
 	}
 	h := t.hosting[server]
@@ -619,19 +625,30 @@ func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*back
 // slots hold (see hosted); +Inf when it holds fewer than it has slots.
 // t.mu is held.
 func (t *affinityTable) victimIdle(b *backend, now time.Time) float64 {
+	v := t.victim(b, now)
+	if v == nil {
+		return math.Inf(1)
+	}
+	return now.Sub(v.at).Seconds()
+}
+
+// victim is the conversation a new one would evict on b: the least recent
+// of those its slots hold; nil when it holds fewer than it has slots.
+// t.mu is held.
+func (t *affinityTable) victim(b *backend, now time.Time) *convActivity {
 	h := t.hosting[b.srv.key]
 	if h == nil {
-		return math.Inf(1)
+		return nil
 	}
 	slots, _ := b.cacheSlots(now)
 	if h.recent.Len() < slots {
-		return math.Inf(1)
+		return nil
 	}
 	e := h.recent.Front()
 	for i := 1; i < slots; i++ {
 		e = e.Next()
 	}
-	return now.Sub(e.Value.(*convActivity).at).Seconds()
+	return e.Value.(*convActivity)
 }
 
 // evictedFrom reports whether conversation id's cache is known to be gone
@@ -763,14 +780,86 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 // spreadNew takes a slot for a conversation nothing of which is cached
 // anywhere: among the servers near the best (spreadFactor), one where it
 // evicts no other conversation's cache, holding the fewest conversations.
+//
+// When every server near the best would evict a conversation's cache, a
+// server further off that holds a free cache slot takes it instead if it
+// costs no more than the eviction would: the evicted conversation's next
+// turn evaluates its whole prompt again. So a server whose speed was
+// learned a little slow (one sample under load) still takes a
+// conversation rather than two evicting each other on one server.
 func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
 	sc := scratchPool.Get().(*scratch)
 	defer sc.put()
 	spread := h.affinity.keepLeastHosting(h.nearBest(sc, avail, j, spreadFactor, spreadMargin), now)
+	if cost, full := h.affinity.evictionSeconds(spread, j, now); full && cost > 0 {
+		if b := h.roomyWithin(avail, j, cost, now); b != nil && b.tryAcquire() {
+			return b
+		}
+	}
 	if b := h.take(spread, j); b != nil {
 		return b
 	}
 	return h.acquire(avail, j)
+}
+
+// evictionSeconds is what a new conversation on the cheapest of list
+// costs the conversation it evicts there: its prompt evaluated again, at
+// that server's learned prompt rate. full is false when one of list has a
+// free cache slot (or list is empty).
+func (t *affinityTable) evictionSeconds(list []*backend, j *job, now time.Time) (cost float64, full bool) {
+	if len(list) == 0 {
+		return 0, false
+	}
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	cost = math.Inf(1)
+	for _, b := range list {
+		v := t.victim(b, now)
+		if v == nil {
+			return 0, false
+		}
+		secPerTok, charsPerTok, ok := b.srv.speed.promptCost(j.model)
+		if !ok {
+			return 0, true
+		}
+		cost = min(cost, (float64(v.size.tokens)+float64(v.size.chars)/max(charsPerTok, 0.5))*secPerTok)
+	}
+	return cost, true
+}
+
+// roomyWithin is the free backend of avail (a sample above largePool) with
+// a free cache slot and the least expected delay for j, if that delay is
+// within the spreading band of the best plus extra seconds; nil if none.
+func (h *Handler) roomyWithin(avail []*backend, j *job, extra float64, now time.Time) *backend {
+	var buf [sampleSize]*backend
+	list := h.sampled(buf[:0], avail, j, "")
+	best, roomyBest := math.Inf(1), math.Inf(1)
+	var pick *backend
+	for _, b := range list {
+		if !b.free() {
+			continue
+		}
+		d, ok := h.expectedDelayOf(b, j)
+		if !ok {
+			continue
+		}
+		best = min(best, d)
+		if d < roomyBest && h.affinity.hasFreeSlot(b, now) {
+			roomyBest, pick = d, b
+		}
+	}
+	if pick == nil || roomyBest > best*spreadFactor+spreadMargin+extra {
+		return nil
+	}
+	return pick
+}
+
+// hasFreeSlot reports whether b holds fewer recent conversations than it
+// has slots.
+func (t *affinityTable) hasFreeSlot(b *backend, now time.Time) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.victim(b, now) == nil
 }
 
 // keepsConversation returns the backend of server key when the

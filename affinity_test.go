@@ -988,3 +988,48 @@ func TestAffinityKeepsAnUnmeasuredServerOneRequestAtATime(t *testing.T) {
 	// Its slot not taken yet: the next identical request is not kept.
 	assert.Nil(t, h.keepsConversation(all, key, conv, depth, newJob("m", apiOllama, body)))
 }
+
+// When every server about as fast as the best would evict a conversation's
+// cache, a slower server with a free cache slot takes the new conversation
+// if it costs less than the eviction (the evicted conversation's next turn
+// evaluates its whole prompt again), and only then.
+func TestNewConversationWeighsTheEvictionAgainstASlowerServer(t *testing.T) {
+	now := time.Now()
+	learned := func(name string, promptPerTok, genPerTok time.Duration) *backend {
+		b := testBackend(name, func(c *Backend) { c.MaxParallel = 1 })
+		b.srv.models.Store(psWith("m"))
+		b.srv.inFlight.Store(1)
+		serve(b, &job{model: "m", promptChars: 400, maxOutput: 10}, now.Add(-time.Second), finalGen(100*promptPerTok, 10*genPerTok, 0, 0, 100, 10))
+		b.srv.inFlight.Store(0)
+		return b
+	}
+	fast, slower := learned("fast", ms, ms), learned("slower", 4*ms, 4*ms)
+	h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+	body := []byte(`{"model":"m","messages":[{"role":"user","content":"a new question of forty characters...."}],"options":{"num_predict":10}}`)
+	j := newJob("m", apiOllama, body)
+	dFast, _ := h.expectedDelayOf(fast, j)
+	dSlower, _ := h.expectedDelayOf(slower, j)
+	require.Greater(t, dSlower, dFast*spreadFactor+spreadMargin, "slower is outside the spreading band")
+	require.Equal(t, []string{"fast"}, names(h.nearBest(&scratch{}, []*backend{fast, slower}, j, spreadFactor, spreadMargin)))
+
+	// fast's one slot holds a conversation of 2,000 characters (500
+	// tokens, 0.5 s to evaluate again): worth the slower server's extra.
+	long := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"`+strings.Repeat("Be brief and exact. ", 100)+`"}]}`))
+	h.affinity.record(long, fast.srv.key, 0, now)
+	fresh := conversationOf("/api/chat", "m", body)
+	b, route, _ := h.acquireConversation([]*backend{fast, slower}, fresh, j)
+	require.NotNil(t, b)
+	b.release()
+	assert.Equal(t, routePolicy, route)
+	assert.Equal(t, "slower", b.cfg.Name, "a 0.5 s eviction costs more than the slower server")
+
+	// A short conversation there (10 tokens) is cheaper to evict than the
+	// slower server's extra: the new one goes to fast.
+	h.affinity = newAffinityTable(100, time.Hour)
+	short := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"a short question of forty characters..."}]}`))
+	h.affinity.record(short, fast.srv.key, 0, now)
+	b, _, _ = h.acquireConversation([]*backend{fast, slower}, fresh, j)
+	require.NotNil(t, b)
+	b.release()
+	assert.Equal(t, "fast", b.cfg.Name)
+}
