@@ -640,7 +640,7 @@ func (t *affinityTable) victim(b *backend, now time.Time) *convActivity {
 	if h == nil {
 		return nil
 	}
-	slots, _ := b.cacheSlots(now)
+	slots, _ := b.cacheSlots()
 	if h.recent.Len() < slots {
 		return nil
 	}
@@ -657,7 +657,7 @@ func (t *affinityTable) victim(b *backend, now time.Time) *convActivity {
 // conversation not followed any more (idle beyond activeWindow, or moved
 // on), or a server whose slots are not bounded yet, is not known evicted.
 func (t *affinityTable) evictedFrom(b *backend, id uint64, now time.Time) bool {
-	slots, bounded := b.cacheSlots(now)
+	slots, bounded := b.cacheSlots()
 	if !bounded {
 		return false
 	}
@@ -683,12 +683,14 @@ func (t *affinityTable) evictedFrom(b *backend, id uint64, now time.Time) bool {
 // cacheSlots is how many conversations the backend's server keeps cached
 // (Ollama: one per parallel slot): max_parallel when set, else the most
 // slots it can have (a request was seen waiting with that many in
-// flight), else the slots least_delay plans with (those seen in use, plus
-// one while more are not ruled out). bounded says n is an upper bound:
-// only then may more conversations than n since a turn be taken for its
-// eviction; a count learned from a history that never filled the server
-// is too low for that (a conversation would be moved away from its cache).
-func (b *backend) cacheSlots(now time.Time) (n int, bounded bool) {
+// flight), else the slots seen in use at once (at least one). bounded
+// says n is an upper bound: only then may more conversations than n since
+// a turn be taken for its eviction; a count learned from a history that
+// never filled the server is too low for that (a conversation would be
+// moved away from its cache), but is the safe count for placing new
+// conversations (Ollama's default is one slot, and a server believed
+// fuller than it is only makes the spread wider).
+func (b *backend) cacheSlots() (n int, bounded bool) {
 	if b.cfg.MaxParallel > 0 {
 		return b.cfg.MaxParallel, true
 	}
@@ -698,7 +700,7 @@ func (b *backend) cacheSlots(now time.Time) (n int, bounded bool) {
 	if sp.slotsHi > 0 {
 		return max(sp.slotsHi, sp.slotsLo, 1), true
 	}
-	return sp.slotsLocked(0, now), false
+	return max(sp.slotsLo, 1), false
 }
 
 // backendByKey is the backend of avail whose server is key, nil when none
