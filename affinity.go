@@ -56,9 +56,10 @@ const (
 	// (noise in the learned speeds, as least_delay's near ties).
 	affinityTie       = 0.02
 	affinityTieMargin = 0.005
-	// A new conversation is spread over the servers whose expected delay
-	// is at most spreadFactor × the best candidate's plus spreadMargin
-	// seconds, to the one holding the fewest recent conversations. The
+	// A new conversation is spread over the servers where it would start
+	// at once and whose expected delay is at most spreadFactor × the best
+	// candidate's plus spreadMargin seconds (and those tied with the best:
+	// see nearBest), to the one holding the fewest recent conversations. The
 	// band covers servers of one class whose learned speeds differ by
 	// noise (a rack of equal GPUs), so conversations do not all start on
 	// the one measured marginally fastest and evict each other from its
@@ -162,13 +163,23 @@ func conversationOf(path, model string, body []byte) conversation {
 		if len(messages) == 0 || messages[0] != '[' {
 			return conversation{}
 		}
+		turnAt := -1 // the first earlier turn (an answer) among the messages
 		if eachArrayElement(messages, 2, func(m string) {
 			c.message(m)
+			if c.out.followUp && turnAt < 0 {
+				turnAt = len(c.out.prefixes)
+			}
 			c.boundary()
 		}) != nil {
 			return conversation{}
 		}
-		if n := len(c.out.prefixes); n > 1 {
+		// The messages before the last (an edited question) are recorded
+		// only when they hold an earlier turn: without one they are a
+		// template many unrelated requests share (an application's system
+		// prompt), not the conversation so far, and recording them would
+		// make every new conversation of that application a turn of one
+		// (no spreading, one id for all in the hosting counts).
+		if n := len(c.out.prefixes); n > 1 && turnAt >= 0 && turnAt <= n-2 {
 			c.out.keep = append(c.out.keep, c.out.prefixes[n-2])
 		}
 		return c.finish()
@@ -944,6 +955,7 @@ type scratch struct {
 	list   []*backend
 	delays []float64
 	waits  []bool // the request would wait there for a slot
+	atOnce []bool // it would start there at once, its model resident
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
@@ -951,34 +963,60 @@ var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
 // put clears the list (no backend kept alive by the pool) and returns it.
 func (sc *scratch) put() {
 	clear(sc.list[:cap(sc.list)])
-	sc.list, sc.delays, sc.waits = sc.list[:0], sc.delays[:0], sc.waits[:0]
+	sc.list, sc.delays, sc.waits, sc.atOnce = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0]
 	scratchPool.Put(sc)
 }
 
-// nearBest keeps, in sc.list, the free backends of list whose expected
-// delay is within factor × the best plus margin seconds. A backend not
-// observed yet (no delay to compare) is kept when it is no busier than the
-// least busy one, unless j's model would have to be loaded there while a
-// load of it is under way on another candidate: that load is the one to
-// share (pickLeastDelay joins it), and a list without the loading server
-// (busier than the idle ones) would have the policy start a second load.
-// A server not observed yet where the model is merely not resident stays
-// a peer: the policy measures it, and its load time with it. One not
-// observed yet whose answers are mostly errors is left out: it holds no
-// conversation (each failed turn is recorded again where it is retried),
-// so it would draw every new one, and the policy takes the only server
-// offered. (An observed one is priced by its error share.) A server where
-// the request would wait for a slot is left out when one with a slot free
-// is expected to end no later.
+// nearBest keeps, in sc.list, the free backends of list where spreading a
+// new conversation costs the request nothing it would not pay under the
+// policy alone:
+//
+//   - an observed server where it would start at once (a free slot, its
+//     model resident) and whose expected delay is within factor × the
+//     best plus margin seconds: servers of one class whose learned speeds
+//     differ by noise;
+//   - an observed server whose expected delay, wait and load included, is
+//     a tie with the best (affinityTie): where the policy might send it;
+//     one where the request would wait for a slot only while no server
+//     with a slot free is expected to end no later.
+//
+// A band wide enough for the noise of speeds (a quarter) also admits a
+// whole request's wait: with every slot busy it sent requests to the
+// server holding the fewest conversations, behind its queue, while
+// another was about to free a slot (equal servers at capacity: p99 173
+// against 96 ms without affinity). The conversation it gains is worth no
+// wait either: it is a first turn, cached nowhere yet, and the next turn
+// goes back wherever it went.
+//
+// A backend not observed yet (no delay to compare) is kept when the
+// policy would measure it now: no busier than the least busy, with a slot
+// for its measuring request (least_delay sends one at a time; a second
+// one offered alone would be taken, where the policy waits for the first
+// answer), and its answers not mostly errors (it holds no conversation,
+// each failed turn being recorded again where it is retried, so it would
+// draw every new one; an observed one is priced by its error share).
+// Where j's model is not resident, it is kept only as least_delay would
+// measure it: while its expected load costs less than the best observed
+// choice (on a pool where nothing is measured yet, always), and no load
+// of the model is under way on another candidate (that load is the one to
+// share: pickLeastDelay joins it, and a list without the loading server,
+// busier than the idle ones, would have the policy start a second one). A
+// cold server not measured yet holds no conversation, so without that
+// rule it drew every new one and loaded the model there, evicting the one
+// it held (3 models over servers of room 1, 2 and 3: 13-17 loads per
+// 1,000 against 3). One whose /api/ps lists no model at all stays a peer
+// (unless that load elsewhere is under way): a load there evicts nothing,
+// happens once, and is what spreads the conversations of a pool started
+// cold, where every server but the first to answer is such a one.
 func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin float64) []*backend {
 	var buf [sampleSize]*backend
 	list := h.sampled(buf[:0], all, j, "") // above largePool: a sample (largepool.go)
 	noteWalk(list)
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
-	sc.list, sc.delays, sc.waits = sc.list[:0], sc.delays[:0], sc.waits[:0]
-	loadingSomewhere := false
+	sc.list, sc.delays, sc.waits, sc.atOnce = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0]
 	freeBest := math.Inf(1) // the least delay among servers with a slot free
 	now := time.Now()
+	loadingSomewhere := false
 	for _, b := range list {
 		if !b.free() {
 			continue
@@ -996,30 +1034,42 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 		sc.list = append(sc.list, b)
 		sc.delays = append(sc.delays, d)
 		sc.waits = append(sc.waits, ok && est.wait > 0)
+		sc.atOnce = append(sc.atOnce, ok && est.wait == 0 && est.load == 0)
 		minLoad = min(minLoad, b.srv.inFlight.Load())
-		if j != nil && !loadingSomewhere {
+		if !loadingSomewhere {
 			_, loadingSomewhere = b.srv.speed.pendingLoad(j.model, now)
 		}
 	}
 	out := sc.list[:0]
 	for i, b := range sc.list {
 		d := sc.delays[i]
-		if math.IsNaN(d) || math.IsInf(best, 1) {
-			if b.srv.inFlight.Load() <= minLoad && !(loadingSomewhere && h.coldFor(b, j.model)) && !b.srv.speed.mostlyErrors(now) {
-				out = append(out, b)
+		switch {
+		case math.IsNaN(d):
+			inFlight := b.srv.inFlight.Load()
+			if inFlight > minLoad || inFlight >= int64(max(b.cfg.MaxParallel, 1)) || b.srv.speed.mostlyErrors(now) {
+				continue
 			}
-			continue
-		}
-		// Never a server's queue when a server with a slot free is
-		// expected to end no later: the wait is certain, the cache the
-		// spread keeps is a bet on a next turn. (Within the spread's
-		// margin, a full server whose work is about to end looked as
-		// good as an idle one, and new conversations queued behind it.)
-		if d <= best*factor+margin && !(sc.waits[i] && freeBest <= d) {
+			if h.coldFor(b, j.model) && (loadingSomewhere || b.srv.speed.coldCost(j.model) >= best && !holdsNoModel(b)) {
+				continue
+			}
+			out = append(out, b)
+		case sc.waits[i] && freeBest <= d:
+			// Never a server's queue when a server with a slot free is
+			// expected to end no later: the wait is certain, the cache
+			// the spread keeps is a bet on a next turn.
+		case d <= best*(1+affinityTie)+affinityTieMargin, // a tie, waiting or not
+			sc.atOnce[i] && d <= best*factor+margin: // at once, about as fast
 			out = append(out, b)
 		}
 	}
 	return out
+}
+
+// holdsNoModel reports whether the server's last /api/ps listed no model:
+// a load there evicts nothing.
+func holdsNoModel(b *backend) bool {
+	m := b.srv.models.Load()
+	return m.known && len(m.loaded) == 0
 }
 
 // expectedDelayOf is the cost model's estimate of j's delay on b, in

@@ -21,7 +21,7 @@ func TestConversationHashReadsBodiesAsOllama(t *testing.T) {
 	const base = `{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}`
 	want := conversationOf("/api/chat", "m:latest", []byte(base))
 	require.Len(t, want.prefixes, 2, "one boundary per message")
-	assert.Equal(t, []uint64{want.prefixes[0], want.prefixes[1]}, want.keep, "the whole and the one before are recorded")
+	assert.Equal(t, []uint64{want.prefixes[1]}, want.keep, "a first turn: the whole only (its system prompt alone is no conversation)")
 
 	same := map[string]string{
 		"key case":          `{"MODEL":"m","Messages":[{"ROLE":"system","Content":"be brief"},{"rOlE":"user","CONTENT":"hi"}]}`,
@@ -1032,4 +1032,162 @@ func TestNewConversationWeighsTheEvictionAgainstASlowerServer(t *testing.T) {
 	require.NotNil(t, b)
 	b.release()
 	assert.Equal(t, "fast", b.cfg.Name)
+}
+
+// oneSlot is a server that has learned a 0.1 s answer (scaled by factor)
+// and one slot: a second request sent while one ran waited for it.
+func oneSlot(name string, factor float64, now time.Time) *backend {
+	b := testBackend(name, nil)
+	b.srv.models.Store(psWith("m"))
+	service := time.Duration(factor * float64(100*ms))
+	b.srv.inFlight.Store(1)
+	serve(b, &job{model: "m"}, now.Add(-time.Second), final(service, 0, 0, 10, 1))
+	release := hold(b, 1, now.Add(-time.Second))
+	serve(b, &job{model: "m"}, now.Add(-time.Second), final(service, 0, service, 10, 1))
+	release()
+	b.srv.inFlight.Store(0)
+	return b
+}
+
+// A new conversation (every single-turn request is one) is spread only
+// where it starts at once, or over servers tied with the best wait
+// included: the spreading's band of a quarter, meant for the noise in
+// equal servers' speeds, once admitted a server whose slot frees in 10 ms
+// and sent requests there, behind its queue, because it held the fewest
+// conversations, while another had a free slot.
+func TestNewConversationsSpreadOnlyWhereTheyStartAtOnce(t *testing.T) {
+	now := time.Now()
+	idle, nearly, slower := oneSlot("idle", 1, now), oneSlot("nearly", 1, now), oneSlot("slower", 1.2, now)
+	// nearly's one slot holds a request sent 90 ms ago: its slot frees
+	// in about 10 ms.
+	release := hold(nearly, 1, time.Now().Add(-90*ms))
+	defer release()
+	h := &Handler{policy: pickLeastDelay}
+	j := &job{model: "m"}
+	dIdle, _ := h.estimateOf(idle, j)
+	dNearly, _ := h.estimateOf(nearly, j)
+	dSlower, _ := h.estimateOf(slower, j)
+	require.Zero(t, dIdle.wait)
+	require.Zero(t, dSlower.wait)
+	require.Positive(t, dNearly.wait)
+	require.Less(t, dNearly.total(), dIdle.total()*spreadFactor+spreadMargin, "within the old band")
+	require.Greater(t, dNearly.total(), dIdle.total()*(1+affinityTie)+affinityTieMargin, "not a tie")
+	list := []*backend{idle, nearly, slower}
+	assert.Equal(t, []string{"idle", "slower"}, names(h.nearBest(&scratch{}, slices.Clone(list), j, spreadFactor, spreadMargin)),
+		"a server that would start it at once, a fifth slower, is a peer; one with a wait is not")
+
+	// Through acquireConversation: idle and slower hold conversations,
+	// nearly none; each new one goes where it starts at once.
+	h.affinity = newAffinityTable(affinityMaxEntries, affinityTTL)
+	for i := range 3 {
+		for _, b := range []*backend{idle, slower} {
+			c := conversationOf("/api/chat", "m", []byte(fmt.Sprintf(`{"messages":[{"role":"user","content":"old %s %d"}]}`, b.cfg.Name, i)))
+			h.affinity.record(c, b.srv.key, 0, now)
+		}
+	}
+	for i := range 4 {
+		body := []byte(fmt.Sprintf(`{"model":"m","messages":[{"role":"user","content":"new %d"}]}`, i))
+		c := conversationOf("/api/chat", "m", body)
+		b, route, _ := h.acquireConversation(slices.Clone(list), c, newJob("m", apiOllama, body))
+		require.NotNil(t, b)
+		assert.Equal(t, routePolicy, route)
+		assert.NotEqual(t, "nearly", b.cfg.Name, "new conversation %d waits behind a busy slot", i)
+		b.release()
+	}
+
+	// Every slot busy: only the servers tied with the best are peers, and
+	// nearly, whose slot frees first, is the best.
+	hIdle := hold(idle, 1, time.Now())
+	defer hIdle()
+	hSlower := hold(slower, 1, time.Now())
+	defer hSlower()
+	assert.Equal(t, []string{"nearly"}, names(h.nearBest(&scratch{}, slices.Clone(list), j, spreadFactor, spreadMargin)))
+}
+
+// Spreading never offers a server where the request's model would have to
+// be loaded, measured or not: the policy alone weighs a load against the
+// best observed choice (least_delay would not measure a cold server while
+// a warm one answers sooner than a load takes), and a cold server not
+// measured yet holds no conversation, so the spreading sent it new ones
+// (3 models over servers of room 1, 2 and 3: 13-17 cold loads per 1,000).
+func TestNewConversationsAreNotSpreadOntoAColdServer(t *testing.T) {
+	now := time.Now()
+	warm := oneSlot("warm", 1, now)
+	coldSeen := oneSlot("cold-seen", 1, now)
+	coldSeen.srv.models.Store(psWith("other"))
+	coldFresh, warmFresh := testBackend("cold-fresh", nil), testBackend("warm-fresh", nil)
+	coldFresh.srv.models.Store(psWith("other"))
+	warmFresh.srv.models.Store(psWith("m", "other"))
+	h := &Handler{policy: pickLeastDelay}
+	list := []*backend{coldFresh, warm, coldSeen, warmFresh}
+	assert.Equal(t, []string{"warm", "warm-fresh"}, names(h.nearBest(&scratch{}, slices.Clone(list), &job{model: "m"}, spreadFactor, spreadMargin)))
+	empty := testBackend("empty", nil)
+	empty.srv.models.Store(psWith())
+	assert.Equal(t, []string{"warm", "empty"}, names(h.nearBest(&scratch{}, []*backend{coldFresh, warm, empty}, &job{model: "m"}, spreadFactor, spreadMargin)),
+		"a server holding no model: a load there evicts nothing (a pool started cold)")
+	assert.Equal(t, []string{"cold-fresh", "cold-seen", "warm-fresh"}, names(h.nearBest(&scratch{}, slices.Clone(list), &job{model: "other"}, spreadFactor, spreadMargin)),
+		"for a model the others hold: warm, which would load it, is the one left out")
+
+	h.affinity = newAffinityTable(affinityMaxEntries, affinityTTL)
+	for i := range 3 { // warm holds conversations, the cold servers none
+		c := conversationOf("/api/chat", "m", []byte(fmt.Sprintf(`{"messages":[{"role":"user","content":"old %d"}]}`, i)))
+		h.affinity.record(c, warm.srv.key, 0, now)
+		h.affinity.record(c, warmFresh.srv.key, 0, now)
+	}
+	for i := range 4 {
+		body := []byte(fmt.Sprintf(`{"model":"m","messages":[{"role":"user","content":"new %d"}]}`, i))
+		c := conversationOf("/api/chat", "m", body)
+		b, _, _ := h.acquireConversation([]*backend{coldFresh, warm, coldSeen}, c, newJob("m", apiOllama, body))
+		require.NotNil(t, b)
+		assert.Equal(t, "warm", b.cfg.Name, "new conversation %d: a load where none was needed", i)
+		b.release()
+	}
+}
+
+// An application's system prompt, shared by every conversation it starts,
+// is not a conversation: a first turn records only itself, so the next
+// application user's first turn is a new conversation (spread, counted as
+// one of its own), while a follow-up still finds its own history.
+func TestASharedSystemPromptIsNoConversation(t *testing.T) {
+	system := strings.Repeat("You are the assistant of a large product. ", 50)
+	chatOf := func(msgs ...string) ([]byte, conversation) {
+		var m []map[string]string
+		for i, c := range msgs {
+			role := []string{"system", "user", "assistant"}[min(i, 1+(i+1)%2)]
+			m = append(m, map[string]string{"role": role, "content": c})
+		}
+		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": m}))
+		return body, conversationOf("/api/chat", "m", body)
+	}
+	now := time.Now()
+	a, b := ruleBackend("a", 0), ruleBackend("b", 0)
+	h := &Handler{policy: pickLeastDelay, affinity: newAffinityTable(affinityMaxEntries, affinityTTL)}
+	homes := map[string]bool{}
+	var firstTurns []conversation
+	for i := range 2 {
+		body, c := chatOf(system, fmt.Sprint("question of user ", i))
+		require.False(t, c.followUp)
+		assert.Len(t, c.keep, 1, "the whole request only")
+		key, _, _ := h.affinity.lookup(c, now)
+		require.Empty(t, key, "user %d's first turn matches another user's system prompt", i)
+		be, route, id := h.acquireConversation([]*backend{a, b}, c, newJob("m", apiOllama, body))
+		require.NotNil(t, be)
+		assert.Equal(t, routePolicy, route)
+		assert.Zero(t, id)
+		h.affinity.record(c, be.srv.key, id, now)
+		homes[be.cfg.Name] = true
+		firstTurns = append(firstTurns, c)
+		be.release()
+	}
+	assert.Len(t, homes, 2, "two new conversations, two equal idle servers: spread")
+
+	// The follow-up of user 1 finds its own first turn, and the one
+	// before its last message is recorded (an edited question).
+	_, next := chatOf(system, "question of user 1", "an answer", "more")
+	require.True(t, next.followUp)
+	assert.Len(t, next.keep, 2)
+	key, _, depth := h.affinity.lookup(next, now)
+	assert.NotEmpty(t, key)
+	assert.Equal(t, len(next.prefixes)-3, depth, "user 1's first turn")
+	assert.Equal(t, firstTurns[1].prefixes[len(firstTurns[1].prefixes)-1], next.prefixes[depth])
 }

@@ -186,7 +186,7 @@ func workloads() []workload {
 				{conc: 6, n: 300, measured: true, next: simple,
 					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(4) }},
 			}},
-	}, append(append(conversationWorkloads(), robustnessWorkloads()...), generalizationWorkloads()...)...)
+	}, append(append(append(conversationWorkloads(), robustnessWorkloads()...), generalizationWorkloads()...), spreadWorkloads()...)...)
 }
 
 // result is one policy's run of one workload.
