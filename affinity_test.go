@@ -1041,9 +1041,9 @@ func oneSlot(name string, factor float64, now time.Time) *backend {
 	b.srv.models.Store(psWith("m"))
 	service := time.Duration(factor * float64(100*ms))
 	b.srv.inFlight.Store(1)
-	serve(b, &job{model: "m"}, now.Add(-time.Second), final(service, 0, 0, 10, 1))
-	release := hold(b, 1, now.Add(-time.Second))
-	serve(b, &job{model: "m"}, now.Add(-time.Second), final(service, 0, service, 10, 1))
+	serve(b, &job{model: "m"}, now.Add(-3*time.Second), final(service, 0, 0, 10, 1))
+	release := hold(b, 1, now.Add(-3*time.Second))
+	serve(b, &job{model: "m"}, now.Add(-3*time.Second), final(service, 0, service, 10, 1))
 	release()
 	b.srv.inFlight.Store(0)
 	return b
@@ -1052,15 +1052,17 @@ func oneSlot(name string, factor float64, now time.Time) *backend {
 // A new conversation (every single-turn request is one) is spread only
 // where it starts at once, or over servers tied with the best wait
 // included: the spreading's band of a quarter, meant for the noise in
-// equal servers' speeds, once admitted a server whose slot frees in 10 ms
+// equal servers' speeds, once admitted a server whose slot frees soon
 // and sent requests there, behind its queue, because it held the fewest
 // conversations, while another had a free slot.
 func TestNewConversationsSpreadOnlyWhereTheyStartAtOnce(t *testing.T) {
 	now := time.Now()
-	idle, nearly, slower := oneSlot("idle", 1, now), oneSlot("nearly", 1, now), oneSlot("slower", 1.2, now)
-	// nearly's one slot holds a request sent 90 ms ago: its slot frees
-	// in about 10 ms.
-	release := hold(nearly, 1, time.Now().Add(-90*ms))
+	// Answers of about a second, so that the test's own pace (the wait
+	// only shrinks while it runs) cannot turn the wait into a tie.
+	idle, nearly, slower := oneSlot("idle", 10, now), oneSlot("nearly", 10, now), oneSlot("slower", 12, now)
+	// nearly's one slot holds a request sent 750 ms ago: its slot frees
+	// in about a quarter of a second.
+	release := hold(nearly, 1, time.Now().Add(-750*ms))
 	defer release()
 	h := &Handler{policy: pickLeastDelay}
 	j := &job{model: "m"}
