@@ -990,9 +990,9 @@ func (sc *scratch) put() {
 //
 // A backend not observed yet (no delay to compare) is kept when the
 // policy would measure it now: no busier than the least busy, with a slot
-// for its measuring request (least_delay sends one at a time; a second
-// one offered alone would be taken, where the policy waits for the first
-// answer), and its answers not mostly errors (it holds no conversation,
+// for its measuring request not taken or claimed (least_delay sends one at
+// a time; a second one offered alone would be taken, where the policy
+// waits for the first answer), and its answers not mostly errors (it holds no conversation,
 // each failed turn being recorded again where it is retried, so it would
 // draw every new one; an observed one is priced by its error share).
 // Where j's model is not resident, it is kept only as least_delay would
@@ -1046,7 +1046,7 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 		switch {
 		case math.IsNaN(d):
 			inFlight := b.srv.inFlight.Load()
-			if inFlight > minLoad || inFlight >= int64(max(b.cfg.MaxParallel, 1)) || b.srv.speed.mostlyErrors(now) {
+			if inFlight > minLoad || b.srv.speed.probesTaken(max(b.cfg.MaxParallel, 1), &b.srv.inFlight, now) || b.srv.speed.mostlyErrors(now) {
 				continue
 			}
 			if h.coldFor(b, j.model) && (loadingSomewhere || b.srv.speed.coldCost(j.model) >= best && !holdsNoModel(b)) {

@@ -529,6 +529,21 @@ func (sp *speed) claimProbe(limit int, inFlight *atomic.Int64, now time.Time) bo
 	return true
 }
 
+// probesTaken reports whether claimProbe would find none of limit left
+// (in flight and claimed), without taking one: for a caller that only
+// narrows the list the policy then chooses from (nearBest).
+func (sp *speed) probesTaken(limit int, inFlight *atomic.Int64, now time.Time) bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	n := 0
+	for _, c := range sp.probeClaims {
+		if now.Sub(c) < probeClaimTTL {
+			n++
+		}
+	}
+	return int(inFlight.Load())+n >= limit
+}
+
 // probingSince is when the server's first request went out, zero if none
 // did or it has been observed.
 // remeasureAfter is how long a server may go without a sample before
