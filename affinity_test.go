@@ -1127,12 +1127,12 @@ func TestNewConversationsAreNotSpreadOntoAColdServer(t *testing.T) {
 	empty.srv.models.Store(psWith())
 	assert.Equal(t, []string{"warm", "empty"}, names(h.nearBest(&scratch{}, []*backend{coldFresh, warm, empty}, &job{model: "m"}, spreadFactor, spreadMargin)),
 		"a server holding no model: a load there evicts nothing (a pool started cold)")
+	assert.Equal(t, []string{"cold-fresh", "cold-seen", "warm-fresh"}, names(h.nearBest(&scratch{}, slices.Clone(list), &job{model: "other"}, spreadFactor, spreadMargin)),
+		"for a model the others hold: warm, which would load it, is the one left out")
 	// A measuring request claimed for warm-fresh (least_delay's, not sent
 	// yet): it is not offered alone for a second one.
 	require.True(t, warmFresh.srv.speed.claimProbe(1, &warmFresh.srv.inFlight, time.Now()))
 	assert.Equal(t, []string{"warm"}, names(h.nearBest(&scratch{}, []*backend{warm, warmFresh}, &job{model: "m"}, spreadFactor, spreadMargin)))
-	assert.Equal(t, []string{"cold-fresh", "cold-seen", "warm-fresh"}, names(h.nearBest(&scratch{}, slices.Clone(list), &job{model: "other"}, spreadFactor, spreadMargin)),
-		"for a model the others hold: warm, which would load it, is the one left out")
 
 	h.affinity = newAffinityTable(affinityMaxEntries, affinityTTL)
 	for i := range 3 { // warm holds conversations, the cold servers none
