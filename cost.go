@@ -35,6 +35,85 @@ type job struct {
 	// avoid is what the current attempt passes over above largePool
 	// (largepool.go).
 	avoid avoidance
+	// answers is where the typical length of the model's uncapped
+	// answers is read (nil: only what each server saw itself).
+	answers *answerTable
+}
+
+// answerLengths is how long each model's answers run when nothing caps
+// them, over every server of every frontend: an answer's length is the
+// model's and the request's, not the server's. A server that has only
+// answered capped requests (or none) prices an uncapped one by what the
+// others saw, instead of as no output at all (a capped first answer left
+// a slow server looking as cheap for a 30-token answer as for a 3-token
+// one, and the queue went there).
+var answerLengths answerTable
+
+// answerTable is a model's typical uncapped answer, in tokens, each an
+// EWMA weighted by time like a server's rates (a sample after a silence
+// of remeasureAfter replaces it). Lock-free to read: estimates read it
+// for every candidate. At most maxAnswerModels models are kept.
+type answerTable struct {
+	m  sync.Map     // normalised model -> *answerLength
+	n  atomic.Int64 // entries
+	mu sync.Mutex   // writers
+}
+
+type answerLength struct {
+	tokens atomic.Uint64 // float64 bits
+	at     atomic.Int64  // unix nanoseconds of the last sample
+}
+
+const maxAnswerModels = 1024
+
+// typical is model's typical uncapped answer in tokens; 0 when none was
+// seen.
+func (a *answerTable) typical(model string) float64 {
+	if a == nil || model == "" {
+		return 0
+	}
+	if v, ok := a.m.Load(model); ok {
+		return math.Float64frombits(v.(*answerLength).tokens.Load())
+	}
+	return 0
+}
+
+// note folds an answer of tokens that ended on its own (no cap cut it)
+// into model's typical length.
+func (a *answerTable) note(model string, tokens float64, now time.Time) {
+	if a == nil || model == "" || tokens <= 0 {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	v, ok := a.m.Load(model)
+	if !ok {
+		if a.n.Load() >= maxAnswerModels {
+			// Full: the model answered least recently makes room (a
+			// scan, only when a new model is first answered).
+			var oldest any
+			oldestAt := int64(math.MaxInt64)
+			a.m.Range(func(k, v any) bool {
+				if at := v.(*answerLength).at.Load(); at < oldestAt {
+					oldest, oldestAt = k, at
+				}
+				return true
+			})
+			a.m.Delete(oldest)
+			a.n.Add(-1)
+		}
+		l := &answerLength{}
+		l.tokens.Store(math.Float64bits(tokens))
+		l.at.Store(now.UnixNano())
+		a.m.Store(model, l)
+		a.n.Add(1)
+		return
+	}
+	l := v.(*answerLength)
+	old := math.Float64frombits(l.tokens.Load())
+	w := sampleWeight(now.Sub(time.Unix(0, l.at.Load())))
+	l.tokens.Store(math.Float64bits(old + w*(tokens-old)))
+	l.at.Store(now.UnixNano())
 }
 
 // newJob reads what a request asks for from its body, the way Ollama
@@ -379,8 +458,20 @@ func (sp *speed) serviceLocked(j *job) (prompt, output float64) {
 	if j.promptChars > 0 {
 		in = float64(j.promptChars) / max(cpt, 0.5)
 	}
-	out := pick(r.outN, r.outTokens, sp.all.outTokens)
-	if j.maxOutput > 0 && (out == 0 || float64(j.maxOutput) < out || r.outN == 0 && sp.all.outN == 0) {
+	// The answer's length: the model's typical uncapped answer over the
+	// pool, else what this server saw, at most the request's cap (all of
+	// it when nothing is known).
+	out, known := j.answers.typical(j.model), true
+	switch {
+	case out > 0:
+	case r.outN > 0:
+		out = r.outTokens
+	case sp.all.outN > 0:
+		out = sp.all.outTokens
+	default:
+		known = false
+	}
+	if j.maxOutput > 0 && (!known || float64(j.maxOutput) < out) {
 		out = float64(j.maxOutput)
 	}
 	pr := r

@@ -2,6 +2,7 @@ package ollamaflow
 
 import (
 	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
@@ -732,4 +733,100 @@ func TestAConversationDoesNotWaitOnAServerNeverMeasured(t *testing.T) {
 	busy.srv.inFlight.Store(0)
 	assert.Equal(t, "busy", h.keepsConversation(pool, busy.srv.key, conv, 0, &job{model: "m"}).cfg.Name,
 		"idle, it keeps it")
+}
+
+func TestANonStreamedOpenAIAnswerMeasuresTheServer(t *testing.T) {
+	// /v1/chat/completions without streaming: usage counts, no durations,
+	// one elapsed time for the prompt and the answer together.
+	openai := func(promptTokens, answerTokens int64, elapsed time.Duration) timings {
+		return timings{promptCount: promptTokens, evalCount: answerTokens, total: -1, load: -1, prompt: -1, ev: -1,
+			ttfb: elapsed, elapsed: elapsed}
+	}
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	b.begin(&job{}, clock).learn(openai(12, 30, 160*ms), clock.Add(160*ms))
+	b.srv.inFlight.Store(0)
+	d, ok := estimateDelay(b, &job{}, clock.Add(time.Second))
+	require.True(t, ok, "measured: else it is sent one request at a time while slower servers queue")
+	assert.InDelta(t, 0.16, d.total(), 1e-6, "a request like it takes what it took")
+	assert.Greater(t, d.output, d.prompt, "before anything else is known, the prompt counts as one step of the answer")
+
+	// Twice as slow after a silence: the whole is re-learned, in the
+	// proportion already known.
+	clock = clock.Add(remeasureAfter + time.Second)
+	b.srv.inFlight.Store(1)
+	b.begin(&job{}, clock).learn(openai(12, 30, 320*ms), clock.Add(320*ms))
+	b.srv.inFlight.Store(0)
+	d2, _ := estimateDelay(b, &job{}, clock.Add(time.Second))
+	assert.InDelta(t, 0.32, d2.total(), 1e-6)
+	assert.InDelta(t, d.prompt/d.total(), d2.prompt/d2.total(), 1e-6)
+
+	// One that waited for a slot (two in flight, one slot seen) says
+	// nothing of the server's speed.
+	b.srv.inFlight.Store(2)
+	first := b.begin(&job{}, clock.Add(2*time.Second))
+	b.begin(&job{}, clock.Add(2*time.Second)).learn(openai(12, 30, time.Second), clock.Add(3*time.Second))
+	first.end()
+	b.srv.inFlight.Store(0)
+	d3, _ := estimateDelay(b, &job{}, clock.Add(3*time.Second))
+	assert.InDelta(t, 0.32, d3.total(), 1e-6)
+}
+
+func TestAnUncappedAnswerIsPricedByTheModelsTypicalLength(t *testing.T) {
+	table := &answerTable{}
+	clock := time.Unix(1000, 0)
+	// "capped" has answered only a request capped at 3 tokens (16 ms a
+	// token); "other" answered one uncapped request of 30 tokens.
+	capped, other := testBackend("capped", nil), testBackend("other", nil)
+	capped.srv.inFlight.Store(1)
+	other.srv.inFlight.Store(1)
+	serve(capped, &job{model: "m", maxOutput: 3, answers: table}, clock, finalGen(160*ms, 48*ms, 0, 0, 12, 3))
+	serve(other, &job{model: "m", answers: table}, clock, finalGen(40*ms, 120*ms, 0, 0, 12, 30))
+	capped.srv.inFlight.Store(0)
+	assert.InDelta(t, 30, table.typical("m"), 1e-9)
+
+	uncapped := &job{model: "m", answers: table}
+	d, _ := estimateDelay(capped, uncapped, clock.Add(time.Second))
+	assert.InDelta(t, 30*0.016, d.output, 1e-6, "its own answers were all cut by their cap: the model's typical answer")
+	d, _ = estimateDelay(capped, &job{model: "m", maxOutput: 3, answers: table}, clock.Add(time.Second))
+	assert.InDelta(t, 3*0.016, d.output, 1e-6, "a cap below it bounds it")
+	d, _ = estimateDelay(capped, &job{model: "m"}, clock.Add(time.Second))
+	assert.Zero(t, d.output, "without the pool's lengths nothing is known of an uncapped answer here")
+
+	// An answer that ended before its cap is an uncapped one's length;
+	// one its cap cut is not.
+	other.srv.inFlight.Store(1)
+	serve(other, &job{model: "m", maxOutput: 100, answers: table}, clock.Add(remeasureAfter+time.Second), finalGen(40*ms, 80*ms, 0, 0, 12, 20))
+	assert.InDelta(t, 20, table.typical("m"), 1e-9)
+	serve(other, &job{model: "m", maxOutput: 5, answers: table}, clock.Add(2*remeasureAfter+2*time.Second), finalGen(40*ms, 20*ms, 0, 0, 12, 5))
+	assert.InDelta(t, 20, table.typical("m"), 1e-9)
+}
+
+func TestTheTableOfAnswerLengthsIsBounded(t *testing.T) {
+	table := &answerTable{}
+	clock := time.Unix(1000, 0)
+	for i := range maxAnswerModels + 10 {
+		table.note(fmt.Sprintf("model-%d", i), 10, clock.Add(time.Duration(i)*time.Second))
+	}
+	n := 0
+	table.m.Range(func(_, _ any) bool { n++; return true })
+	assert.Equal(t, maxAnswerModels, n)
+	assert.Zero(t, table.typical("model-0"), "the least recently answered made room")
+	assert.InDelta(t, 10, table.typical(fmt.Sprintf("model-%d", maxAnswerModels+9)), 1e-9)
+}
+
+func TestNewConversationsAreNotSpreadOntoAServerBeingMeasured(t *testing.T) {
+	h := &Handler{}
+	busy := testBackend("busy", nil)
+	measured, _ := servedOneAlone()
+	// "busy" has its first request in flight, of unknown length; the
+	// measured server is busier, at a known speed.
+	busy.srv.inFlight.Store(1)
+	measured.srv.inFlight.Store(2)
+	list := names(h.nearBest(&scratch{}, []*backend{busy, measured}, &job{}, spreadFactor, spreadMargin))
+	assert.NotContains(t, list, "busy", "a list of it alone would send the request there behind its first")
+	busy.srv.inFlight.Store(0)
+	list = names(h.nearBest(&scratch{}, []*backend{busy, measured}, &job{}, spreadFactor, spreadMargin))
+	assert.Contains(t, list, "busy", "idle, it is measured with the next request")
 }

@@ -291,6 +291,7 @@ type attemptResult struct {
 func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind, info *requestInfo) error {
 	tried := make([]*backend, 0, h.retries+1)
 	j := newJob(model, api, body)
+	j.answers = &answerLengths
 	var conv conversation
 	var convID uint64 // the conversation's, once known; 0: a new one
 	if h.affinity != nil && kind == kindCompletion {

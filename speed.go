@@ -237,6 +237,14 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		if !t.cold && t.inFlight <= max(sp.slotsLo, 1) {
 			promptSec = tm.ttfb.Seconds()
 		}
+	case tm.elapsed > 0 && tm.evalCount > 0 && !t.cold && t.inFlight <= max(sp.slotsLo, 1):
+		// A non-streamed OpenAI answer (the SDKs' default) gives one
+		// time for the prompt and the answer together. Learning
+		// nothing from it would leave a server that only gets those
+		// unmeasured, at one request at a time, while a slower one
+		// that answered on /api draws the queue. Taken only from a
+		// request that had a slot and a warm model.
+		promptSec, genSec = sp.splitLocked(r, float64(max(tm.promptCount, 0)), float64(tm.evalCount), tm.elapsed.Seconds())
 	}
 	if t.job.cachedOn == sp {
 		// Conversation affinity sent it to its prompt cache here: its
@@ -273,8 +281,11 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 			fold(float64(t.job.promptChars)/float64(tm.promptCount), charRatio)
 		}
 	}
-	if tm.evalCount > 0 && t.job.maxOutput == 0 {
+	if tm.evalCount > 0 && (t.job.maxOutput == 0 || tm.evalCount < int64(t.job.maxOutput)) {
+		// An answer that ended on its own, capped or not, is the length
+		// of an uncapped one; one its cap cut says only that it is longer.
 		fold(float64(tm.evalCount), outLen)
+		t.job.answers.note(t.job.model, float64(tm.evalCount), now)
 	}
 	for _, rr := range targets {
 		rr.at = now
@@ -453,6 +464,37 @@ func (sp *speed) heldAtLocked(t *task, from, to time.Time) int {
 		}
 	}
 	return n
+}
+
+// splitLocked divides the time total of a prompt of n tokens and an answer
+// of out tokens between the two, by what is known of the server (rates r
+// of the model, else all of its): in the proportion its fit predicts when
+// both are known (the whole changed speed, not one part); the part known
+// and the rest to the other when one is (and fits in total); else the
+// prompt as one step of the answer (a short prompt is evaluated in one
+// batch, about the time of one generated token).
+func (sp *speed) splitLocked(r *rates, n, out, total float64) (promptSec, genSec float64) {
+	pr, gr := r, r
+	if r.promptN == 0 {
+		pr = &sp.all
+	}
+	if r.genN == 0 {
+		gr = &sp.all
+	}
+	p, pok := 0.0, pr.promptN > 0
+	if pok {
+		p, _ = pr.promptSecs(n)
+	}
+	g, gok := gr.genTok*out, gr.genN > 0 && gr.genTok > 0
+	switch {
+	case pok && gok && p+g > 0:
+		return total * p / (p + g), total * g / (p + g)
+	case gok && g < total:
+		return total - g, g
+	case pok && p < total:
+		return p, total - p
+	}
+	return total / (out + 1), total * out / (out + 1)
 }
 
 // foldPromptLocked adds a prompt sample (n tokens evaluated in sec) to the

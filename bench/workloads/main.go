@@ -28,7 +28,9 @@
 // capacity, long streamed answers, a shared system prompt, models over servers of different
 // room, a 2× slowdown, a server unloaded mid-run, open-loop arrivals, a few long answers).
 // A phase with a rate is open-loop: requests arrive at that rate whatever the answers.
-// -affinity=false turns conversation affinity off, to see the cost model alone.
+// -affinity=false turns conversation affinity off, to see the cost model alone; -trace prints a
+// line per measured request (when it was sent, its client, prompt tokens and cap, the server
+// and its latency) to stderr, to see which requests make a tail.
 package main
 
 import (
