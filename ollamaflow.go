@@ -15,7 +15,8 @@
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, policies, sticky hashing
 //	largepool.go   routing over large pools: kept candidate lists, sampled picks (power of d choices), retries, back-off and SRV tiers without walks
-//	affinity.go    conversation affinity: prefix hashes of a conversation, the table of their servers
+//	conversation.go a completion's conversation: prefix hashes of the conversation so far, read from its body as Ollama decodes it
+//	affinity.go    conversation affinity: the table of conversations' servers, cache slots they hold, spreading new ones
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
 //	cost.go        the cost model behind least_delay: a request's size from its body, its expected delay on a server
@@ -293,27 +294,30 @@ type Handler struct {
 	maxBodyMemory     int64
 	bodyUsed          int64 // bytes of bodies this frontend holds; guarded by bodyMemory.mu
 	policy            selectionPolicy
-	retries           int
-	allowEmbed        bool
-	allowCompl        bool
-	models            map[string]struct{}
-	labels            []string
-	transport         http.RoundTripper // nil: each server's own; tests set one
-	logger            *zap.Logger
-	poolKeys          []string
-	stats             *flowStats // this frontend name's counters and history (history.go)
-	rrCounter         uint64
-	labelHeader       string
-	pinCompl          pinTrees
-	pinEmbed          pinTrees
-	cors              *corsPolicy    // nil: CORS off
-	tenantsState      *tenantState   // the frontend's own tenancy counts (unauthorized)
-	tenantKeys        []string       // tenantPool keys this handler holds
-	affinity          *affinityTable // nil: conversation_affinity off
-	tenantSync        *tenantSync    // tenants' distributed counters, if on (distributed.go)
-	syncStaged        *syncSettings  // what this config asks of it, adopted once it runs
-	explorerPath      string         // ExplorerPath with its slash; empty: no explorer
-	explorerPage      []byte         // explorer.html for explorerPath
+	// remeasures says the policy re-measures a server believed slow
+	// (least_delay): conversation affinity's spreading does it too.
+	remeasures   bool
+	retries      int
+	allowEmbed   bool
+	allowCompl   bool
+	models       map[string]struct{}
+	labels       []string
+	transport    http.RoundTripper // nil: each server's own; tests set one
+	logger       *zap.Logger
+	poolKeys     []string
+	stats        *flowStats // this frontend name's counters and history (history.go)
+	rrCounter    uint64
+	labelHeader  string
+	pinCompl     pinTrees
+	pinEmbed     pinTrees
+	cors         *corsPolicy    // nil: CORS off
+	tenantsState *tenantState   // the frontend's own tenancy counts (unauthorized)
+	tenantKeys   []string       // tenantPool keys this handler holds
+	affinity     *affinityTable // nil: conversation_affinity off
+	tenantSync   *tenantSync    // tenants' distributed counters, if on (distributed.go)
+	syncStaged   *syncSettings  // what this config asks of it, adopted once it runs
+	explorerPath string         // ExplorerPath with its slash; empty: no explorer
+	explorerPage []byte         // explorer.html for explorerPath
 
 	// Routing over large pools (largepool.go): the candidate filter's
 	// answer per kind, the lists picks saw lately, and the last winners.
@@ -362,6 +366,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("lb_policy: unknown policy %q (want one of %s)", h.LBPolicy, policyNames())
 	}
 	h.policy = policy
+	h.remeasures = h.LBPolicy == "least_delay"
 	h.retries = defaultRetries
 	if h.Retries != nil {
 		if *h.Retries < 0 {
