@@ -54,17 +54,9 @@ func conversationWorkloads() []workload {
 		// Each client holds 5-turn conversations one after the other. Every turn sends the
 		// whole history with the fake's own answers in it, so the server that answered the
 		// previous turn holds all but the new question in a cache slot.
-		convo, turn := i/5, i%5
-		msgs := []convMessage{{"system", fmt.Sprintf("conversation %d-%d. %s", client, convo, fakeollama.Text(200))}}
-		for t := 0; t <= turn; t++ {
-			msgs = append(msgs, convMessage{"user", fmt.Sprintf("question %d of %d-%d: %s", t, client, convo, fakeollama.Text(280))})
-			if t < turn {
-				msgs = append(msgs, convMessage{"assistant", fakeollama.Text(answer)})
-			}
-		}
-		r := chatMessages("tiny-llama", answer, msgs)
-		r.convo, r.turn = client*1000+convo, turn
-		return r
+		return conversationTurn(client, i, answer, func(convo int) string {
+			return fmt.Sprintf("conversation %d-%d. %s", client, convo, fakeollama.Text(200))
+		})
 	}
 	instruction := []convMessage{{"user", "Summarise the following. " + fakeollama.Text(200)}}
 	samePrompt := func(int, int, *rand.Rand) request { return chatMessages("tiny-llama", 5, instruction) }
@@ -147,4 +139,21 @@ func (o *oracle) noteCached(s *oserver, req request) {
 		o.cached = map[int]oracleCache{}
 	}
 	o.cached[req.convo] = oracleCache{server: s, tokens: req.promptTokens + req.tokens}
+}
+
+// conversationTurn is request i of client's 5-turn conversations, one after the other: the
+// system prompt system(convo) and the whole history, with the fake's own answers (answer
+// tokens) in it.
+func conversationTurn(client, i, answer int, system func(convo int) string) request {
+	convo, turn := i/5, i%5
+	msgs := []convMessage{{"system", system(convo)}}
+	for t := 0; t <= turn; t++ {
+		msgs = append(msgs, convMessage{"user", fmt.Sprintf("question %d of %d-%d: %s", t, client, convo, fakeollama.Text(280))})
+		if t < turn {
+			msgs = append(msgs, convMessage{"assistant", fakeollama.Text(answer)})
+		}
+	}
+	r := chatMessages("tiny-llama", answer, msgs)
+	r.convo, r.turn = client*1000+convo, turn
+	return r
 }

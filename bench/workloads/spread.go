@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"math/rand/v2"
 
 	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
@@ -29,17 +28,7 @@ func spreadWorkloads() []workload {
 	const answer = 20
 	system := "You are the assistant of a large product. Follow its rules. " + fakeollama.Text(500)
 	appConversations := func(client, i int, _ *rand.Rand) request {
-		convo, turn := i/5, i%5
-		msgs := []convMessage{{"system", system}}
-		for t := 0; t <= turn; t++ {
-			msgs = append(msgs, convMessage{"user", fmt.Sprintf("question %d of %d-%d: %s", t, client, convo, fakeollama.Text(280))})
-			if t < turn {
-				msgs = append(msgs, convMessage{"assistant", fakeollama.Text(answer)})
-			}
-		}
-		r := chatMessages("tiny-llama", answer, msgs)
-		r.convo, r.turn = client*1000+convo, turn
-		return r
+		return conversationTurn(client, i, answer, func(int) string { return system })
 	}
 	equal := func(name string) spec {
 		return spec{name: name, parallel: 2, prompt: 20 * ms, promptCost: convPromptCost, tokenGap: 5 * ms, loaded: models1}
