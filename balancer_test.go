@@ -236,10 +236,14 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	assert.Nil(t, take(), "held back: every server is being measured")
 
 	// The first answer comes from the fast one: it takes everything while
-	// the slow ones are still being measured.
+	// the slow ones are still being measured, their first requests
+	// running longer than the fast one took (while they might still be as
+	// fast, see TestHeldRequestsDoNotQueueBehindTheFirstAnswer).
 	ms := time.Millisecond
 	serve(fast, &job{}, time.Now(), final(100*ms, 0, 0, 5, 1))
 	fast.srv.inFlight.Add(-1)
+	slow1.srv.speed.probing = time.Now().Add(-200 * ms)
+	slow2.srv.speed.probing = time.Now().Add(-200 * ms)
 	for range 6 {
 		assert.Equal(t, "fast", take().cfg.Name)
 	}
@@ -251,6 +255,7 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 		capped.srv.inFlight.Add(1)
 		capped.begin(&job{}, time.Now())
 	}
+	capped.srv.speed.probing = time.Now().Add(-200 * ms) // longer than fast takes
 	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{capped, fast}, &job{}).cfg.Name)
 
 	// A cold unobserved server is not measured at the price of a model
@@ -383,4 +388,40 @@ func TestMeasuringRequestsAreClaimedBeforeTheyAreSent(t *testing.T) {
 	assert.True(t, capped.srv.speed.claimProbe(2, &capped.srv.inFlight, now))
 	assert.True(t, capped.srv.speed.claimProbe(2, &capped.srv.inFlight, now))
 	assert.False(t, capped.srv.speed.claimProbe(2, &capped.srv.inFlight, now))
+}
+
+// On a fresh pool of equal servers the first to answer must not draw every
+// request held back for the first answer into its queue while the others,
+// measured with requests sent at the same moment, are about to answer:
+// a request that would wait for one of its slots waits in the queue
+// instead, until another answers or has run longer than the first took.
+func TestHeldRequestsDoNotQueueBehindTheFirstAnswer(t *testing.T) {
+	now := time.Now()
+	first, other := testBackend("first", nil), testBackend("other", nil)
+	h := &Handler{}
+	h.queue = newQueue(h)
+	all := []*backend{first, other}
+	first.srv.inFlight.Store(1)
+	serve(first, &job{}, now.Add(-500*ms), final(500*ms, 0, 0, 10, 1)) // answered now, alone: 0.5 s
+	first.srv.inFlight.Store(0)
+	other.srv.inFlight.Store(1) // its first request, sent with first's
+	other.srv.speed.startProbe(now.Add(-400 * ms))
+
+	release := hold(first, 1, now)
+	assert.Same(t, first, pickLeastDelay(h, all, &job{}), "the untried slot is tried, not waited for")
+	release()
+
+	release = hold(first, 2, now) // every slot it is planned to have
+	defer release()
+	assert.Nil(t, pickLeastDelay(h, all, &job{}), "other may answer before a slot frees on first")
+	wake := time.Unix(0, h.queue.wakeNext.Load())
+	assert.WithinDuration(t, now.Add(150*ms), wake, 20*ms, "the queue tries again once other has run 10% longer than first took")
+
+	other.srv.speed.probing = now.Add(-700 * ms)
+	assert.Same(t, first, pickLeastDelay(h, all, &job{}), "other ran longer than first takes: slower, not worth waiting for")
+
+	other.srv.speed.probing = now.Add(-400 * ms)
+	other.srv.models.Store(psWith("another-model"))
+	first.srv.models.Store(psWith("m"))
+	assert.Same(t, first, pickLeastDelay(h, all, &job{model: "m"}), "other must load the model first")
 }

@@ -628,3 +628,69 @@ func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, no
 	}
 	return d, true
 }
+
+// probeSlack is how much longer than the measured server's service (and
+// the time the proxy saw beyond its last answer's total_duration: the
+// network and the proxy, which Ollama's durations leave out) a measuring
+// request may run and still be taken as about to answer: equal servers
+// sent their first requests together answer within a few milliseconds of
+// each other.
+const probeSlack = 0.1
+
+// awaitProbe reports until when a request had better stay in the queue
+// than wait wait seconds for a slot on best, which serves it in service
+// seconds, with every slot it is planned to have taken: while a server
+// still being measured (not cold for the model, as far as is known) has
+// run its first request for less than service plus probeSlack, it may be
+// as fast as best and free a slot before that wait ends. On a fresh pool
+// of equal servers the first to answer otherwise drew every request held
+// back for the first answer, its queue a whole answer deep, while the
+// others answered a millisecond later (equal-over's p99 was 0.44 s,
+// least_conn's 0.18 s). The untried slot (slots) does not count as taken:
+// it is as likely there as missing, and holding the request that would
+// try it made it race, at the wake, the requests of clients answered
+// meanwhile, a fast server's free slots going to them instead (fresh-burst,
+// one fast server among slow ones: p99 0.31 s instead of 0.22 s).
+func (h *Handler) awaitProbe(unobserved []*backend, j *job, best *backend, service, wait float64, now time.Time) (time.Time, bool) {
+	if !best.srv.speed.full(best.cfg.MaxParallel, int(best.srv.inFlight.Load()), now) {
+		return time.Time{}, false
+	}
+	var until time.Time
+	limit := now.Add(time.Duration(wait * float64(time.Second)))
+	took := time.Duration(service*(1+probeSlack)*float64(time.Second)) + best.srv.speed.lastSlack()
+	for _, b := range unobserved {
+		p := b.srv.speed.probingSince()
+		if p.IsZero() || now.Sub(p) >= bootstrapHold {
+			continue
+		}
+		if h.coldFor(b, j.model) && b.srv.models.Load().known || b.srv.speed.mostlyErrors(now) {
+			continue // it loads the model first, or answers errors: no sample soon
+		}
+		answer := p.Add(took)
+		if answer.After(now) && answer.Before(limit) && (until.IsZero() || answer.Before(until)) {
+			until = answer
+		}
+	}
+	return until, !until.IsZero()
+}
+
+// lastSlack is the time the proxy saw beyond the server's total_duration
+// on its latest answer that reported one.
+func (sp *speed) lastSlack() time.Duration {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	for i := range endedRing {
+		if e := sp.ended[(sp.endedPos-1-i+endedRing)%endedRing]; e.work > 0 {
+			return e.slack
+		}
+	}
+	return 0
+}
+
+// full reports whether inFlight requests take every slot the server is
+// planned to have, the untried one included.
+func (sp *speed) full(maxParallel, inFlight int, now time.Time) bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return inFlight >= sp.slotsLocked(maxParallel, now)
+}

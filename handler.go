@@ -544,28 +544,42 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		}
 	}
 	var tail tailKeeper
-	end := h.stream(w, r, res, b, ctx, cancel, release, &tail)
+	var loaded bool
+	answered := func() {
+		if res.StatusCode == http.StatusOK && model != "" {
+			loaded = h.learnFromAnswer(b, j, kind, api, work, &tail, streams, info.ttfb, time.Since(started))
+		}
+		work.end()
+		release()
+	}
+	end := h.stream(w, r, res, b, ctx, cancel, release, answered, &tail)
 	if end == endComplete && res.StatusCode == http.StatusOK && model != "" {
-		if kind == kindCompletion || kind == kindEmbedding {
-			b.srv.markLoaded(model) // it just answered: the model is in memory there
-		}
-		// Only a completion that generated tokens measures the server's
-		// speed for least_delay: /api/show, a load-only chat (no messages,
-		// no eval_count) and embeddings take a fraction of its time.
-		var loaded bool
-		if kind == kindCompletion && (api == apiOpenAI || tail.number("eval_count") > 0) {
-			var evicted bool
-			loaded, evicted = work.learn(timingsFrom(&tail, api, streams, info.ttfb, time.Since(started)), time.Now())
-			if evicted {
-				b.srv.noticeEviction(model, time.Now())
-				// The belief of what is resident there was wrong: read
-				// /api/ps again, in the background (placement.go).
-				b.srv.startRefresh(time.Now(), false)
-			}
-		}
 		info.inputTokens, info.outputTokens = h.recordFinalCounts(b, model, &tail, loaded)
 	}
 	return attemptResult{done: true, abort: end == endAbort}
+}
+
+// learnFromAnswer teaches the cost model what a complete answer showed, as
+// soon as the backend has sent it: the model is resident there, and a
+// completion that generated tokens measures the server's speed (/api/show,
+// a load-only chat with no messages and no eval_count, and embeddings take
+// a fraction of its time). It reports whether the answer loaded the model.
+func (h *Handler) learnFromAnswer(b *backend, j *job, kind routeKind, api apiFormat, work *task, tail *tailKeeper, streams bool, ttfb, elapsed time.Duration) (loaded bool) {
+	if kind != kindCompletion && kind != kindEmbedding {
+		return false
+	}
+	b.srv.markLoaded(j.model) // it just answered: the model is in memory there
+	if kind != kindCompletion || (api != apiOpenAI && tail.number("eval_count") <= 0) {
+		return false
+	}
+	loaded, evicted := work.learn(timingsFrom(tail, api, streams, ttfb, elapsed), time.Now())
+	if evicted {
+		b.srv.noticeEviction(j.model, time.Now())
+		// The belief of what is resident there was wrong: read /api/ps
+		// again, in the background (placement.go).
+		b.srv.startRefresh(time.Now(), false)
+	}
+	return loaded
 }
 
 type readCloser struct {

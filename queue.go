@@ -42,7 +42,7 @@ type queue struct {
 	clients   map[string]int         // waiting requests per client key
 	waiting   atomic.Int64           // all.n, readable without the lock
 	closed    bool                   // the handler is cleaned up: leave servers once empty
-	wakeSet   atomic.Bool            // a wakeAt timer is pending
+	wakeNext  atomic.Int64           // when the earliest pending wakeAt fires (UnixNano); 0: none
 
 	// For the admin API: requests that waited, their total and longest wait.
 	waited, waitedNanos, longestNanos atomic.Int64
@@ -141,20 +141,30 @@ var (
 )
 
 // wakeAt makes the queue try its waiters again at t even if no slot frees:
-// for a policy that holds requests back until then. One timer at a time; it
-// never takes q.mu, so a policy may call it from dispatch.
+// for a policy that holds requests back until then. A wake already pending
+// for t or sooner serves; an earlier one is added (a hold of a bootstrap
+// second must not delay one of a few milliseconds). It never takes q.mu,
+// so a policy may call it from dispatch.
 func (q *queue) wakeAt(t time.Time) {
-	if q.wakeSet.CompareAndSwap(false, true) {
-		time.AfterFunc(time.Until(t), func() {
-			defer func() {
-				if rec := recover(); rec != nil {
-					q.h.logger.Error("panic in queue wake", zap.Any("panic", rec), zap.Stack("stack"))
-				}
-			}()
-			q.wakeSet.Store(false)
-			q.dispatchAll()
-		})
+	at := t.UnixNano()
+	for {
+		pending := q.wakeNext.Load()
+		if pending != 0 && pending <= at {
+			return
+		}
+		if q.wakeNext.CompareAndSwap(pending, at) {
+			break
+		}
 	}
+	time.AfterFunc(time.Until(t), func() {
+		defer func() {
+			if rec := recover(); rec != nil {
+				q.h.logger.Error("panic in queue wake", zap.Any("panic", rec), zap.Stack("stack"))
+			}
+		}()
+		q.wakeNext.CompareAndSwap(at, 0) // unless an earlier wake replaced this one as the next
+		q.dispatchAll()
+	})
 }
 
 // admits reports, before a request's body is read, whether it could wait

@@ -301,3 +301,17 @@ func benchQueueRelease(b *testing.B, classes int) {
 func httptestRequest() *http.Request {
 	return httptest.NewRequest(http.MethodPost, "/api/chat", nil)
 }
+
+// A hold of a few milliseconds must not wait for a pending wake of a
+// bootstrap second; a later wake adds no timer while a sooner one is due.
+func TestAnEarlierWakeReplacesAPendingLaterOne(t *testing.T) {
+	h := &Handler{}
+	q := newQueue(h)
+	now := time.Now()
+	q.wakeAt(now.Add(time.Hour))
+	assert.Equal(t, now.Add(time.Hour).UnixNano(), q.wakeNext.Load())
+	q.wakeAt(now.Add(2 * time.Hour))
+	assert.Equal(t, now.Add(time.Hour).UnixNano(), q.wakeNext.Load(), "a later wake: the pending one serves")
+	q.wakeAt(now.Add(time.Minute))
+	assert.Equal(t, now.Add(time.Minute).UnixNano(), q.wakeNext.Load(), "an earlier wake is the next")
+}

@@ -182,7 +182,15 @@ func (c *copyBuffer) release() {
 // never restarted, since the client already has part of it, and never
 // ended so that a truncated answer looks complete. release frees the slot
 // early when a client that stops reading cannot be cut off at once.
-func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc, release func(), tail *tailKeeper) streamEnd {
+//
+// answered runs once the backend has sent its whole answer, before the
+// bytes that came with its end go to the client: a client that sends its
+// next request as soon as it has read this answer (every chat client does)
+// must find the server's slot free and this request's work ended. Freed
+// after the last write, a non-streamed answer's slot was still held when
+// the next request chose, every server of an exactly loaded pool looked
+// full, and least_delay sent it to wait inside one.
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Response, b *backend, ctx context.Context, cancel context.CancelCauseFunc, release, answered func(), tail *tailKeeper) streamEnd {
 	defer res.Body.Close()
 	hdr := w.Header()
 	stripHopByHop(res.Header)
@@ -207,6 +215,14 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 
 	var cb copyBuffer
 	defer cb.release()
+	ended := false
+	backendDone := func() {
+		if !ended {
+			ended = true
+			tail.clientWait = cw.blocked // for the cost model: time the client held the stream back
+			answered()
+		}
+	}
 	for {
 		var n int
 		var rerr error
@@ -221,6 +237,9 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 			if n > 0 {
 				idleTimer.Stop()
 				tail.keep(buf[:n])
+				if rerr == io.EOF {
+					backendDone()
+				}
 				if err := cw.write(buf[:n]); err != nil {
 					return h.clientFailed(b, cw, cancel)
 				}
@@ -229,7 +248,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, res *http.Respo
 		}
 		idleTimer.Stop()
 		if rerr == io.EOF {
-			tail.clientWait = cw.blocked // for the cost model: time the client held the stream back
+			backendDone()
 			return endComplete
 		}
 		if rerr != nil {

@@ -1,12 +1,16 @@
 package ollamaflow
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
+	"github.com/caddyserver/caddy/v2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -191,4 +195,54 @@ func TestClientWriterWatchdogWithoutDeadlines(t *testing.T) {
 	assert.True(t, cw.noDL, "the writer has no deadlines")
 	close(w.release)
 	assert.Error(t, <-done)
+}
+
+// slotWatcher records, at every write to the client, whether the backend's
+// slot was still held and the request still counted as work on it.
+type slotWatcher struct {
+	*httptest.ResponseRecorder
+	b            *backend
+	held, counts []bool
+}
+
+func (w *slotWatcher) Write(p []byte) (int, error) {
+	w.held = append(w.held, w.b.srv.inFlight.Load() > 0)
+	w.b.srv.speed.mu.Lock()
+	w.counts = append(w.counts, len(w.b.srv.speed.tasks) > 0)
+	w.b.srv.speed.mu.Unlock()
+	return w.ResponseRecorder.Write(p)
+}
+
+// A client sends its next request as soon as it has read the answer. The
+// slot and the cost model's record of the work must be free before the
+// answer's last bytes reach it: freed after, every server of a pool with
+// one client per slot looked full to the next request, and least_delay
+// sent it to wait inside one (equal-exact).
+func TestTheSlotIsFreeBeforeTheClientHasTheWholeAnswer(t *testing.T) {
+	fake := fakeollama.New(fakeollama.Config{Models: []string{"tiny-llama"}})
+	defer fake.Close()
+	var h Handler
+	require.NoError(t, json.Unmarshal([]byte(`{"name":"release","backends":[{"name":"b0","url":"`+fake.URL+`","health_interval":"1h"}]}`), &h))
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	require.NoError(t, h.Provision(ctx))
+	defer func() { _ = h.Cleanup() }()
+	b := h.backends[0]
+	require.Eventually(t, func() bool { return b.srv.models.Load().known }, 10*time.Second, 5*time.Millisecond)
+
+	for _, c := range []struct{ path, body string }{
+		{"/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false}`},
+		{"/api/generate", `{"model":"tiny-llama","prompt":"hi","stream":false}`},
+		{"/v1/chat/completions", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}]}`},
+	} {
+		w := &slotWatcher{ResponseRecorder: httptest.NewRecorder(), b: b}
+		require.NoError(t, h.ServeHTTP(w, httptest.NewRequest(http.MethodPost, c.path, strings.NewReader(c.body)), nil))
+		require.Equal(t, http.StatusOK, w.Code, w.Body.String())
+		require.NotEmpty(t, w.held, c.path)
+		assert.False(t, w.held[len(w.held)-1], "%s: the slot is free when the last bytes go out", c.path)
+		assert.False(t, w.counts[len(w.counts)-1], "%s: the work has ended in the cost model", c.path)
+	}
+	v, ok := b.srv.speed.view()
+	require.True(t, ok, "the answers were learned all the same")
+	assert.Positive(t, v.samples)
 }

@@ -44,7 +44,7 @@ func streamThrough(t *testing.T, body *readSizes, contentType string) []byte {
 	res := &http.Response{StatusCode: http.StatusOK, Header: http.Header{"Content-Type": {contentType}}, Body: io.NopCloser(body)}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
-	end := h.stream(rec, req, res, testBackend("a", nil), ctx, cancel, func() {}, &tailKeeper{})
+	end := h.stream(rec, req, res, testBackend("a", nil), ctx, cancel, func() {}, func() {}, &tailKeeper{})
 	require.Equal(t, endComplete, end)
 	return rec.Body.Bytes()
 }
@@ -137,7 +137,9 @@ func TestIdleStreamHoldsNoCopyBuffer(t *testing.T) {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
 	done := make(chan streamEnd, 1)
-	go func() { done <- h.stream(rec, req, res, testBackend("a", nil), ctx, cancel, func() {}, &tailKeeper{}) }()
+	go func() {
+		done <- h.stream(rec, req, res, testBackend("a", nil), ctx, cancel, func() {}, func() {}, &tailKeeper{})
+	}()
 	next := <-gateNext
 	for range 4 {
 		waiting := <-body.blocked
@@ -227,7 +229,7 @@ func streamReleasingTokens(t *testing.T, res *http.Response, probe *waitProbe, r
 	defer cancel(nil)
 	done := make(chan streamEnd, 1)
 	go func() {
-		done <- h.stream(rec, httptest.NewRequest(http.MethodPost, "/api/chat", nil), res, testBackend("a", nil), ctx, cancel, func() {}, &tailKeeper{})
+		done <- h.stream(rec, httptest.NewRequest(http.MethodPost, "/api/chat", nil), res, testBackend("a", nil), ctx, cancel, func() {}, func() {}, &tailKeeper{})
 	}()
 	for range n {
 		<-probe.entered // waiting for the next token: let it come
