@@ -684,6 +684,10 @@ type scratch struct {
 	delays []float64
 	waits  []bool // the request would wait there for a slot
 	atOnce []bool // it would start there at once, its model resident
+	// freeCost is the delay there where it would start at once or take
+	// a slot planned for but never seen in use (its model resident), else
+	// NaN: what relievesQueue may weigh.
+	freeCost []float64
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
@@ -691,7 +695,7 @@ var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
 // put clears the list (no backend kept alive by the pool) and returns it.
 func (sc *scratch) put() {
 	clear(sc.list[:cap(sc.list)])
-	sc.list, sc.delays, sc.waits, sc.atOnce = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0]
+	sc.list, sc.delays, sc.waits, sc.atOnce, sc.freeCost = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0], sc.freeCost[:0]
 	scratchPool.Put(sc)
 }
 
@@ -741,9 +745,9 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 	list := h.sampled(buf[:0], all, j, "") // above largePool: a sample (largepool.go)
 	noteWalk(list)
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
-	sc.list, sc.delays, sc.waits, sc.atOnce = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0]
-	freeBest := math.Inf(1) // the least delay among servers with a slot free
-	bestWaits := false      // the best choice means waiting for a slot
+	sc.list, sc.delays, sc.waits, sc.atOnce, sc.freeCost = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0], sc.freeCost[:0]
+	freeBest := math.Inf(1)    // the least delay among servers with a slot free
+	bestWait, tail := 0.0, 0.0 // the best choice's wait for a slot; the longest delay expected in flight
 	now := time.Now()
 	loadingSomewhere := false
 	for _, b := range list {
@@ -756,8 +760,9 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 			d = math.NaN()
 		} else {
 			if d < best {
-				best, bestWaits = d, est.wait > 0
+				best, bestWait = d, est.wait
 			}
+			tail = max(tail, b.srv.speed.longestDelay(b.cfg.MaxParallel, int(b.srv.inFlight.Load()), now))
 			if est.wait == 0 {
 				freeBest = min(freeBest, d)
 			}
@@ -766,6 +771,11 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 		sc.delays = append(sc.delays, d)
 		sc.waits = append(sc.waits, ok && est.wait > 0)
 		sc.atOnce = append(sc.atOnce, ok && est.wait == 0 && est.load == 0)
+		free := math.NaN()
+		if ok && est.slotFree() && est.load == 0 {
+			free = d
+		}
+		sc.freeCost = append(sc.freeCost, free)
 		minLoad = min(minLoad, b.srv.inFlight.Load())
 		if !loadingSomewhere {
 			_, loadingSomewhere = b.srv.speed.pendingLoad(j.model, now)
@@ -780,7 +790,7 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 	// with that server among the candidates: a server that recovered
 	// stayed unused for good (speedup: 0 of 300 requests after the
 	// recovery, 87 with affinity off).
-	if h.remeasures && bestWaits {
+	if h.remeasures && bestWait > 0 {
 		for i, b := range sc.list {
 			if sc.atOnce[i] && b.srv.inFlight.Load() == 0 && b.srv.speed.claimRemeasure(now) {
 				out := append(sc.list[:0], b)
@@ -806,7 +816,8 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 			// expected to end no later: the wait is certain, the cache
 			// the spread keeps is a bet on a next turn.
 		case d <= best*(1+affinityTie)+affinityTieMargin, // a tie, waiting or not
-			sc.atOnce[i] && d <= best*factor+margin: // at once, about as fast
+			sc.atOnce[i] && d <= best*factor+margin,       // at once, about as fast
+			relievesQueue(sc.freeCost[i], bestWait, tail): // as pickLeastDelay would take it (NaN: never)
 			out = append(out, b)
 		}
 	}

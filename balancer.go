@@ -387,6 +387,19 @@ const bootstrapHold = time.Second
 // least_delay counts two servers as equal.
 const nearTie = 0.02
 
+// scored is a candidate as pickLeastDelay priced it: its expected delay
+// (weighted), the request's own work there, the wait for a slot, and
+// whether its model must load.
+type scored struct {
+	b             *backend
+	cost, service float64
+	wait          float64
+	cold          bool
+	// free: it would start at once, or take a slot planned for but never
+	// seen in use (priced with half the wait, as cost.go prices it).
+	free bool
+}
+
 // pickLeastDelay takes the backend where the request is expected to end
 // soonest (cost.go): the wait for a slot behind the work already sent
 // there, a model load where the model is not resident plus what evicting
@@ -396,13 +409,11 @@ const nearTie = 0.02
 // one with free slots, a long request weighs the difference more than a
 // short one, and a server answering errors at once does not look free.
 //
-// It never sends a request where it ends later to shorten the queue of the
-// requests after it: that trade (a slower server's idle slot taken once a
-// faster queue costs the pool more) would serve speed classes 10-15%
-// faster, but it rests on a queue that lasts and on slot counts a noisy
-// history gets wrong, and where it errs it puts requests of a burst on a
-// slow server that a fast one would have served within the tail (README,
-// Benchmarks: Routing).
+// While the best choice means waiting for a slot, a slower server with a
+// slot free takes the request when its delay there is no longer than the
+// longest the pool already expects of a request in flight: a request kept
+// in a lasting queue holds back every one after it (queueRelief;
+// relievesQueue in relief.go).
 //
 // A server it has not observed yet is measured with one request at a time
 // (or up to its max_parallel, slots it is known to have): it gets a request
@@ -415,12 +426,6 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	avail = leastFailing(avail)
 	now := time.Now()
 	var unobserved []*backend
-	type scored struct {
-		b             *backend
-		cost, service float64
-		wait          float64
-		cold          bool
-	}
 	var buf [largePool]scored // a sample or a small pool fits: no allocation
 	observed := buf[:0]
 	best, bestWait := math.Inf(1), 0.0
@@ -446,7 +451,8 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			cost += evictionCost(b, j.model, avail, now)
 		}
 		cost /= float64(b.weight())
-		observed = append(observed, scored{b, cost, d.prompt + d.output, d.wait, d.load > 0})
+		observed = append(observed, scored{b, cost, d.prompt + d.output, d.wait, d.load > 0,
+			d.slotFree()})
 		if cost < best {
 			best, bestWait = cost, d.wait
 		}
@@ -475,7 +481,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		}
 		for _, b := range joinable {
 			cost := joinLoadCost(b, j.model, service, now) / float64(b.weight())
-			observed = append(observed, scored{b, cost, service, 0, true})
+			observed = append(observed, scored{b, cost, service, 0, true, true})
 			if cost < best {
 				best, bestWait = cost, 0
 			}
@@ -553,6 +559,9 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			h.queue.wakeAt(until)
 			return nil
 		}
+	}
+	if b := queueRelief(observed, bestWait, now); b != nil {
+		return b
 	}
 	switch {
 	case len(ties) == 1:

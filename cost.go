@@ -214,7 +214,14 @@ type delay struct {
 	// a share p of its recent answers were server errors, a request there
 	// needs 1/(1-p) attempts on average to get an answer (see errorShare).
 	errors float64
+	// untried says it would take the slot planned for but never seen in
+	// use; wait is then half the wait for a slot without it.
+	untried bool
 }
+
+// slotFree reports whether the request would start at once, if the slot it
+// would take is there.
+func (d delay) slotFree() bool { return d.wait == 0 || d.untried }
 
 func (d delay) total() float64 { return d.wait + d.load + d.prompt + d.output + d.errors }
 
@@ -282,6 +289,9 @@ type speed struct {
 	// one at once: the last answered much faster than believed.
 	remeasuring  time.Time
 	remeasureNow bool
+	// remeasureSent says the next request to begin is the re-measurement
+	// claimed.
+	remeasureSent bool
 	// errShare is the share of server errors among its recent answers,
 	// as of errAt (see noteAnswer).
 	errShare float64
@@ -345,6 +355,7 @@ type task struct {
 	cold     bool      // the model was not resident (or was loading) when it was sent
 	loader   bool      // it is the request that loads the model
 	inFlight int       // requests in flight on the server when it was sent (sent before it, itself included)
+	measures bool      // sent to measure or re-measure the server (see longestDelay)
 	done     atomic.Bool
 }
 
@@ -510,6 +521,13 @@ func (sp *speed) waitLocked(inFlight, slots int, typical float64, now time.Time)
 	if inFlight < slots {
 		return 0
 	}
+	return sp.replayLocked(inFlight, slots, typical, now, nil)
+}
+
+// replayLocked replays the requests in flight over slots as waitLocked
+// describes, telling each (when each is not nil) when it is expected to
+// end, in seconds from now, and returns when the first slot frees up.
+func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Time, each func(t *task, end float64)) float64 {
 	var tbuf [32]*task
 	order := tbuf[:0]
 	for _, t := range sp.tasks {
@@ -521,7 +539,7 @@ func (sp *speed) waitLocked(inFlight, slots int, typical float64, now time.Time)
 	for range slots {
 		free = append(free, math.Inf(-1))
 	}
-	take := func(arrived, work float64) {
+	take := func(arrived, work float64) float64 {
 		start := max(arrived, free[0])
 		end := start + work
 		if late := -end; late > 0 {
@@ -534,9 +552,13 @@ func (sp *speed) waitLocked(inFlight, slots int, typical float64, now time.Time)
 		}
 		free[0] = max(end, remainingFloor*work)
 		siftDown(free)
+		return end
 	}
 	for _, t := range order {
-		take(t.started.Sub(now).Seconds(), t.work)
+		end := take(t.started.Sub(now).Seconds(), t.work)
+		if each != nil {
+			each(t, end)
+		}
 	}
 	// Requests the model does not track (model reads, or sent before a
 	// reload) take a typical time each, after those it knows.
@@ -615,6 +637,7 @@ func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, no
 		// real slot does not look free, while a fast server's is still
 		// tried when the alternative costs more.
 		d.wait = sp.waitLocked(inFlight, slots-1, tp+to, now) / 2
+		d.untried = true
 	}
 	if j.model != "" {
 		if left, loading := sp.pendingLoadLocked(j.model, now); loading {

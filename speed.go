@@ -102,7 +102,9 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	// requests dispatched at the same instant (a queue released at
 	// once), which reach the server after this one.
 	t := &task{sp: sp, job: j, started: now, service: d.prompt + d.output, work: d.load + d.prompt + d.output,
-		cold: cold || loading, loader: cold && !loading, inFlight: len(sp.tasks) + 1}
+		cold: cold || loading, loader: cold && !loading, inFlight: len(sp.tasks) + 1,
+		measures: sp.remeasureSent || sp.all.promptN == 0 && sp.all.genN == 0}
+	sp.remeasureSent = false
 	t.finish = now.Add(time.Duration(d.total() * float64(time.Second)))
 	sp.nextID++
 	t.id = sp.nextID
@@ -607,7 +609,7 @@ func (sp *speed) claimRemeasure(now time.Time) bool {
 	if !sp.remeasureNow && (now.Sub(sp.all.at) < remeasureAfter || now.Sub(sp.remeasuring) < remeasureAfter) {
 		return false
 	}
-	sp.remeasuring, sp.remeasureNow = now, false
+	sp.remeasuring, sp.remeasureNow, sp.remeasureSent = now, false, true
 	return true
 }
 

@@ -1,0 +1,86 @@
+package ollamaflow
+
+import (
+	"math"
+	"time"
+)
+
+// Relieving a lasting queue (least_delay). Choosing each request's earliest end is
+// selfish routing: a request that joins a queue holds back every request
+// that comes after it while the queue lasts, and in a closed loop of
+// clients the queue lasts. Taken away for the s seconds it runs on a
+// slower server with a slot free, it lets the fast servers' queue serve
+// everyone else a turn earlier for those s seconds, which saves the pool
+// about as much as the slower server costs it. Choosing the earliest end
+// alone kept such slots idle: with speed classes 1×, 2× and 4× the 4×
+// server got 17 of 300 requests, the pool ran at 47 req/s with a median
+// of 0.24 s, and least_conn, using every slot, at 54 with 0.17 s; an oracle
+// choosing the earliest end with every true speed known sent it none (the
+// estimates were right, the objective was not).
+
+// relievesQueue reports whether a server with a slot free, where the
+// request is expected to take alt seconds (a slot planned for but never
+// seen in use counts as free, at the half wait cost.go prices it with, so a
+// history that never tested it cannot keep it idle; where it is missing,
+// the request's wait rules it out for slotRetest), should take it from a best
+// choice that means waiting wait seconds for a slot: while the queue lasts,
+// whenever that is no longer than the longest delay the pool already
+// expects of a request in flight (tail), so the pool's worst case is not
+// made worse. On the fast/slow pool (a fast server's burst queue, p99 0.2 s,
+// and slow servers 4× slower) a slow server's 0.4 s is longer than
+// anything in flight, and the request queues; with speed classes the 4×
+// server's 0.33 s is within what the queue at the others takes, and once
+// it serves, its own requests in flight keep its slots in use.
+func relievesQueue(alt, wait, tail float64) bool {
+	return wait > 0 && alt <= tail*(1+nearTie)
+}
+
+// longestDelay is the longest delay now expected (sent to end, the work
+// in flight replayed over the slots as now known) of a request in flight
+// on the server that went there as the pool's choice: the tail the pool
+// already has there. Priced again rather than as it was when sent: a fast
+// server's queue priced while its slots were not yet known looks longer
+// than it is, and would let a burst onto slow servers. A request sent to measure the server
+// or re-measure it (priced at the speed believed, or not at all) was sent to
+// learn, not because the pool accepts that delay; counting it would let one
+// re-measurement of a slow server make the other slow servers' free slots
+// look acceptable. Nor does a request that loads its model (or waits for a
+// load): a load is paid once, and counted as the pool's usual delay it let
+// requests onto slots never tried while two models settled (two-models: 10
+// to 17 loads per 1,000 against 3).
+func (sp *speed) longestDelay(maxParallel, inFlight int, now time.Time) float64 {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if len(sp.tasks) == 0 || sp.all.promptN == 0 && sp.all.genN == 0 {
+		return 0
+	}
+	tp, to := sp.serviceLocked(&job{})
+	longest := 0.0
+	sp.replayLocked(inFlight, sp.slotsLocked(maxParallel, now), tp+to, now, func(t *task, end float64) {
+		if !t.measures && !t.cold {
+			longest = max(longest, end+now.Sub(t.started).Seconds())
+		}
+	})
+	return longest
+}
+
+// queueRelief is the server with a slot free and its model resident that
+// takes the request from a best choice that means waiting bestWait for a
+// slot, the cheapest of those where relievesQueue holds; nil if none.
+func queueRelief(observed []scored, bestWait float64, now time.Time) *backend {
+	if bestWait <= 0 {
+		return nil
+	}
+	tail := 0.0
+	for _, c := range observed {
+		tail = max(tail, c.b.srv.speed.longestDelay(c.b.cfg.MaxParallel, int(c.b.srv.inFlight.Load()), now))
+	}
+	var pick *backend
+	cheapest := math.Inf(1)
+	for _, c := range observed {
+		if c.free && !c.cold && c.cost < cheapest && relievesQueue(c.cost, bestWait, tail) {
+			pick, cheapest = c.b, c.cost
+		}
+	}
+	return pick
+}
