@@ -182,6 +182,9 @@ type convActivity struct {
 	at     time.Time
 	hostEl *list.Element
 	size   prefixSize
+	// found is whether its last turn found its cache there (turnFound,
+	// turnMissed; cacheodds.go), written when that turn's answer ends.
+	found atomic.Int32
 }
 
 // prefixEntry is affinityEntry with its time.
@@ -225,9 +228,9 @@ func (t *affinityTable) lookup(c conversation, now time.Time) (server string, id
 // record notes that server serves c, a turn of conversation id (0: a new
 // conversation, which takes the id of its first request): the whole
 // request and the boundaries a longer one would share.
-func (t *affinityTable) record(c conversation, server string, id uint64, now time.Time) {
+func (t *affinityTable) record(c conversation, server string, id uint64, now time.Time) *convActivity {
 	if len(c.keep) == 0 {
-		return
+		return nil
 	}
 	if id == 0 {
 		id = c.keep[len(c.keep)-1] | 1 // never 0
@@ -241,7 +244,7 @@ func (t *affinityTable) record(c conversation, server string, id uint64, now tim
 	if n := len(c.sizes); n > 0 {
 		size = c.sizes[n-1]
 	}
-	t.touch(id, server, size, now)
+	return t.touch(id, server, size, now)
 }
 
 func (t *affinityTable) put(e affinityEntry, now time.Time) {
@@ -260,7 +263,7 @@ func (t *affinityTable) put(e affinityEntry, now time.Time) {
 
 // touch moves conversation id to server as of now, and forgets the
 // conversations idle for longer than activeWindow (or beyond max).
-func (t *affinityTable) touch(id uint64, server string, size prefixSize, now time.Time) {
+func (t *affinityTable) touch(id uint64, server string, size prefixSize, now time.Time) *convActivity {
 	var a *convActivity
 	if el, ok := t.convs[id]; ok {
 		a = el.Value.(*convActivity)
@@ -278,7 +281,9 @@ func (t *affinityTable) touch(id uint64, server string, size prefixSize, now tim
 	}
 	a.hostEl = h.recent.PushFront(a)
 	h.w, h.when = h.weight(now)+1, now
+	a.found.Store(turnUnknown) // until this turn's answer tells
 	t.expire(now)
+	return a
 }
 
 // stale reports whether expire has work to do.
@@ -388,6 +393,15 @@ func (t *affinityTable) victim(b *backend, now time.Time) *convActivity {
 		e = e.Next()
 	}
 	return e.Value.(*convActivity)
+}
+
+// missedLast reports whether conversation id's last turn missed its cache
+// on the server it went to (cacheodds.go).
+func (t *affinityTable) missedLast(id uint64) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	el, ok := t.convs[id]
+	return ok && el.Value.(*convActivity).found.Load() == turnMissed
 }
 
 // evictedFrom reports whether conversation id's cache is known to be gone
@@ -500,19 +514,30 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 		t.counter(h.Name, "miss").Inc()
 		return h.spreadNew(avail, j, now), routePolicy, 0
 	}
-	if home := h.backendByKey(avail, key); home != nil && t.evictedFrom(home, id, now) {
-		// As many other conversations as it has slots went there since:
-		// its cache is gone, nothing of it is cached anywhere. Placed as
-		// a new one, where it evicts no other's, its next turns find it.
+	home := h.backendByKey(avail, key)
+	countedOut := home != nil && t.evictedFrom(home, id, now)
+	if countedOut && !conv.followUp {
+		// A first message seen before (unrelated clients, a retried
+		// request): no saving to weigh the count's word against.
 		t.counter(h.Name, "evicted").Inc()
 		return h.spreadNew(avail, j, now), routeAffinityEvicted, id
 	}
-	if prev := h.keepsConversation(avail, key, conv, depth, j); prev != nil && prev.tryAcquire() {
+	class := classOf(countedOut, t.missedLast(id))
+	if prev, saving := h.keepsConversation(avail, key, conv, depth, j, class); prev != nil && prev.tryAcquire() {
 		t.counter(h.Name, "hit").Inc()
 		if j != nil {
 			j.cachedOn = &prev.srv.speed // its timing there is not its prompt rate
+			j.cacheSaving, j.cacheClass = saving, class
 		}
 		return prev, routeAffinityHit, id
+	}
+	if countedOut {
+		// As many other conversations as it has slots went there since,
+		// and the odds that its cache is still there did not keep it:
+		// placed as a new one, where it evicts no other's, its next
+		// turns find it.
+		t.counter(h.Name, "evicted").Inc()
+		return h.spreadNew(avail, j, now), routeAffinityEvicted, id
 	}
 	t.counter(h.Name, "overflow").Inc()
 	return h.acquire(avail, j), routeAffinityOverflow, id
@@ -613,7 +638,7 @@ func (t *affinityTable) hasFreeSlot(b *backend, now time.Time) bool {
 // no conversation; that server keeps them on a tie only). Servers not
 // observed yet: it stays when it is no busier than the least busy. nil:
 // the policy chooses.
-func (h *Handler) keepsConversation(all []*backend, key string, conv conversation, depth int, j *job) *backend {
+func (h *Handler) keepsConversation(all []*backend, key string, conv conversation, depth int, j *job, class cacheClass) (*backend, float64) {
 	var buf [sampleSize + 1]*backend
 	avail := h.sampled(buf[:0], all, j, key) // above largePool: key's server and a sample (largepool.go)
 	noteWalk(avail)
@@ -643,7 +668,7 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 		}
 	}
 	if prev == nil {
-		return nil
+		return nil, 0
 	}
 	if !prevKnown && prev.srv.inFlight.Load() >= int64(max(prev.cfg.MaxParallel, 1)) {
 		// Its previous turn (or the same first message from another
@@ -651,30 +676,34 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 		// speed: least_delay measures such a server one request at a
 		// time, since a second one may wait behind a long first on a
 		// single slot. Nothing is cached there yet either.
-		return nil
+		return nil, 0
 	}
 	if !prevKnown || math.IsInf(best, 1) {
+		if class&1 != 0 {
+			return nil, 0 // counted out, no saving to weigh: placed as a new one
+		}
 		// A server not observed yet keeps it as the request that
 		// measures it (claimProbe), as least_delay would send it: a
 		// burst of one prompt arriving together would otherwise all
 		// be kept there before the first of them took its slot.
 		if prev.srv.inFlight.Load() <= minLoad && (prevKnown || prev.srv.speed.claimProbe(max(prev.cfg.MaxParallel, 1), &prev.srv.inFlight, time.Now())) {
-			return prev
+			return prev, 0
 		}
-		return nil
+		return nil, 0
 	}
-	saving := 0.0
+	saving, expected := 0.0, 0.0
 	if conv.followUp && depth >= 0 && depth < len(conv.sizes) {
 		if secPerTok, charsPerTok, ok := prev.srv.speed.promptCost(j.model); ok {
 			size := conv.sizes[depth]
 			tokens := float64(size.tokens) + float64(size.chars)/max(charsPerTok, 0.5)
 			saving = min(tokens*secPerTok, prevDelay.prompt)
+			expected = saving * prev.srv.speed.cacheOdds(class)
 		}
 	}
-	if prevDelay.total()-saving <= best*(1+affinityTie)+affinityTieMargin {
-		return prev
+	if prevDelay.total()-expected <= best*(1+affinityTie)+affinityTieMargin {
+		return prev, saving
 	}
-	return nil
+	return nil, 0
 }
 
 // scratch is a request's working lists, pooled so that spreading a new

@@ -479,7 +479,7 @@ func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
 	dOther, _ := h.estimateOf(other, j)
 	require.Greater(t, dHome.wait, 0.35)
 	require.Greater(t, dHome.total(), dOther.total()*1.5+0.05, "beyond the old 1.5x + 50 ms rule")
-	assert.Same(t, home, h.keepsConversation([]*backend{other, home}, key, conv, depth, j), "a long shared prefix stays despite a busier server")
+	assert.Same(t, home, keptBackend(h.keepsConversation([]*backend{other, home}, key, conv, depth, j, 0)), "a long shared prefix stays despite a busier server")
 
 	// The same turn with a short history saves little: it moves.
 	short := []map[string]string{{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}}
@@ -488,7 +488,7 @@ func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
 	tab.record(sprev, "http://home:11434", 0, time.Now())
 	skey, _, sdepth := tab.lookup(sconv, time.Now())
 	require.Equal(t, "http://home:11434", skey)
-	assert.Nil(t, h.keepsConversation([]*backend{other, home}, skey, sconv, sdepth, newJob("m", apiOllama, sbody)), "a short history is not worth the wait")
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{other, home}, skey, sconv, sdepth, newJob("m", apiOllama, sbody), 0)), "a short history is not worth the wait")
 
 	// Without an earlier turn nothing is credited: the same long first
 	// message from unrelated clients is kept on its server only on a tie,
@@ -499,11 +499,11 @@ func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
 	fkey, _, fdepth := tab.lookup(fconv, time.Now())
 	require.Equal(t, len(fconv.prefixes)-1, fdepth, "identical bodies: the whole request matches")
 	fj := newJob("m", apiOllama, first)
-	assert.Nil(t, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj), "busier: no preference")
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj, 0)), "busier: no preference")
 	home.srv.inFlight.Store(0) // both idle: a tie
-	assert.Same(t, home, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj), "a tie keeps it")
+	assert.Same(t, home, keptBackend(h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj, 0)), "a tie keeps it")
 	home.srv.inFlight.Store(2) // the next one waits there
-	assert.Nil(t, h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj))
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{other, home}, fkey, fconv, fdepth, fj, 0)))
 
 	// The saving is at most the prompt's time: a server slower at
 	// everything by more than that loses the conversation.
@@ -513,14 +513,14 @@ func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
 	serve(slow, &job{model: "m", promptChars: 400, maxOutput: 10}, time.Now(), finalGen(100*ms, 2000*ms, 0, 0, 100, 10))
 	slow.srv.inFlight.Store(0)
 	tab.record(prevTurn, slow.srv.key, 0, time.Now())
-	assert.Nil(t, h.keepsConversation([]*backend{other, slow}, slow.srv.key, conv, depth, j), "2 s more of generation outweighs 0.5 s of prompt")
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{other, slow}, slow.srv.key, conv, depth, j, 0)), "2 s more of generation outweighs 0.5 s of prompt")
 	// Gone from the candidates (unhealthy, at its cap): the policy chooses.
-	assert.Nil(t, h.keepsConversation([]*backend{other}, key, conv, depth, j))
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{other}, key, conv, depth, j, 0)))
 	// Servers not observed: it stays while no busier than the least busy.
 	fresh, fresh2 := testBackend("fresh", nil), testBackend("fresh2", nil)
-	assert.Same(t, fresh, h.keepsConversation([]*backend{fresh2, fresh}, fresh.srv.key, conv, depth, j))
+	assert.Same(t, fresh, keptBackend(h.keepsConversation([]*backend{fresh2, fresh}, fresh.srv.key, conv, depth, j, 0)))
 	fresh.srv.inFlight.Store(1)
-	assert.Nil(t, h.keepsConversation([]*backend{fresh2, fresh}, fresh.srv.key, conv, depth, j))
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fresh2, fresh}, fresh.srv.key, conv, depth, j, 0)))
 }
 
 func TestCacheHitsDoNotTeachThePromptRate(t *testing.T) {
@@ -833,9 +833,9 @@ func TestAffinityKeepsAnUnmeasuredServerOneRequestAtATime(t *testing.T) {
 	key, _, depth := tab.lookup(conv, time.Now())
 	require.Equal(t, home.srv.key, key)
 	all := []*backend{other, home}
-	assert.Same(t, home, h.keepsConversation(all, key, conv, depth, newJob("m", apiOllama, body)))
+	assert.Same(t, home, keptBackend(h.keepsConversation(all, key, conv, depth, newJob("m", apiOllama, body), 0)))
 	// Its slot not taken yet: the next identical request is not kept.
-	assert.Nil(t, h.keepsConversation(all, key, conv, depth, newJob("m", apiOllama, body)))
+	assert.Nil(t, keptBackend(h.keepsConversation(all, key, conv, depth, newJob("m", apiOllama, body), 0)))
 }
 
 // When every server about as fast as the best would evict a conversation's
@@ -1019,3 +1019,6 @@ func TestSpreadingReMeasuresAServerBelievedSlow(t *testing.T) {
 	assert.NotContains(t, names(h.nearBest(&scratch{}, []*backend{fast1, fast2, slow2}, j, spreadFactor, spreadMargin)), "slow2",
 		"with a fast slot free, nothing is re-measured")
 }
+
+// keptBackend is keepsConversation's backend, without the saving.
+func keptBackend(b *backend, _ float64) *backend { return b }

@@ -319,10 +319,10 @@ func TestARepeatedPromptDoesNotKeepLeastDelayFromMeasuringAServer(t *testing.T) 
 	tab.record(conv, slow.srv.key, 0, time.Now())
 	key, _, depth := tab.lookup(conv, time.Now())
 	require.Equal(t, slow.srv.key, key)
-	assert.Nil(t, h.keepsConversation([]*backend{fast, slow}, key, conv, depth, j),
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fast, slow}, key, conv, depth, j, 0)),
 		"an idle server not observed yet may be faster: the policy measures it")
 	fast.srv.inFlight.Store(1) // being measured: nothing more to learn from it now
-	assert.Same(t, slow, h.keepsConversation([]*backend{fast, slow}, key, conv, depth, j))
+	assert.Same(t, slow, keptBackend(h.keepsConversation([]*backend{fast, slow}, key, conv, depth, j, 0)))
 }
 
 func TestLeastDelayRemeasuresAServerBelievedSlow(t *testing.T) {

@@ -32,6 +32,13 @@ type job struct {
 	// prompt_eval_count but times only what it evaluated, so its timing
 	// there says nothing of the server's prompt rate.
 	cachedOn *speed
+	// cacheSaving is the prompt time, in seconds, its cache there was
+	// expected to save, cacheClass what was known of that cache, and turn
+	// the conversation's record, which keeps whether it was found
+	// (cacheodds.go).
+	cacheSaving float64
+	cacheClass  cacheClass
+	turn        *convActivity
 	// avoid is what the current attempt passes over above largePool
 	// (largepool.go).
 	avoid avoidance
@@ -296,6 +303,9 @@ type speed struct {
 	// as of errAt (see noteAnswer).
 	errShare float64
 	errAt    time.Time
+	// cache is how often follow-ups sent to their prompt cache here
+	// found it (cacheodds.go).
+	cache cacheOdds
 }
 
 // rates are learned speeds, for one model or for all.

@@ -728,10 +728,10 @@ func TestAConversationDoesNotWaitOnAServerNeverMeasured(t *testing.T) {
 	busy.srv.inFlight.Store(1)
 	measured.srv.inFlight.Store(2)
 	pool := []*backend{busy, measured}
-	assert.Nil(t, h.keepsConversation(pool, busy.srv.key, conv, 0, &job{model: "m"}),
+	assert.Nil(t, keptBackend(h.keepsConversation(pool, busy.srv.key, conv, 0, &job{model: "m"}, 0)),
 		"a second request on a server measured one at a time may wait behind a long first one")
 	busy.srv.inFlight.Store(0)
-	assert.Equal(t, "busy", h.keepsConversation(pool, busy.srv.key, conv, 0, &job{model: "m"}).cfg.Name,
+	assert.Equal(t, "busy", keptBackend(h.keepsConversation(pool, busy.srv.key, conv, 0, &job{model: "m"}, 0)).cfg.Name,
 		"idle, it keeps it")
 }
 

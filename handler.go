@@ -339,7 +339,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		}
 		tried = append(tried, b)
 		if !conv.none() { // the next turn finds the server that has this one in its cache
-			h.affinity.record(conv, b.srv.key, convID, time.Now())
+			j.turn = h.affinity.record(conv, b.srv.key, convID, time.Now())
 		}
 		if failed != nil { // counted only now: a failure with nothing left to try is no retry
 			metrics.retries.WithLabelValues(h.Name, failed.cfg.Name).Inc()

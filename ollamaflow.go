@@ -17,6 +17,7 @@
 //	largepool.go   routing over large pools: kept candidate lists, sampled picks (power of d choices), retries, back-off and SRV tiers without walks
 //	conversation.go a completion's conversation: prefix hashes of the conversation so far, read from its body as Ollama decodes it
 //	affinity.go    conversation affinity: the table of conversations' servers, cache slots they hold, spreading new ones
+//	cacheodds.go   how often a follow-up sent back to its server found its cache there, per server and class
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
 //	cost.go        the cost model behind least_delay: a request's size from its body, its expected delay on a server

@@ -250,7 +250,12 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 	}
 	if t.job.cachedOn == sp {
 		// Conversation affinity sent it to its prompt cache here: its
-		// prompt time says nothing of the server's prompt rate.
+		// prompt time says nothing of the server's prompt rate, but
+		// whether the cache was there (cacheodds.go). A split of one
+		// time by the fit would only echo the fit.
+		if tm.native || tm.streamed {
+			sp.noteCacheOutcomeLocked(r, t.job, float64(tm.promptCount), promptSec)
+		}
 		promptSec = -1
 	}
 	heldBack := tm.clientHeldBack()

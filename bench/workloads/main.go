@@ -92,6 +92,15 @@ type request struct {
 	tokens       int // answer length (num_predict), for the oracle; 0: the server's default
 	promptTokens int // prompt tokens, for the oracle (where the fakes charge them)
 	convo, turn  int
+	seen         *seenInfo // filled by post while tracing
+}
+
+// seenInfo is what -trace prints of an answer beyond its server: why the proxy chose it
+// (X-OllamaFlow-Route) and the prompt evaluation the fake reported (short where its cache
+// held the prefix).
+type seenInfo struct {
+	route      string
+	promptEval time.Duration
 }
 
 // phase is a stretch of a workload: conc clients send n requests made by next (or, at a rate,
@@ -302,6 +311,9 @@ func run(w workload, policy string, port int, seed uint64) result {
 			rngMu.Lock()
 			req := ph.next(c, i, rng)
 			rngMu.Unlock()
+			if traceTo != nil {
+				req.seen = &seenInfo{}
+			}
 			t0 := time.Now()
 			server, err := send(req)
 			d := time.Since(t0)
@@ -317,8 +329,9 @@ func run(w workload, policy string, port int, seed uint64) result {
 			}
 			mu.Lock()
 			if traceTo != nil {
-				fmt.Fprintf(traceTo, "trace %s %s at %.3f client %d prompt %d cap %d server %s took %.3f err %v\n",
-					w.name, policy, t0.Sub(start).Seconds(), c, req.promptTokens, req.tokens, server, d.Seconds(), err)
+				fmt.Fprintf(traceTo, "trace %s %s at %.3f client %d convo %d turn %d prompt %d cap %d server %s route %s prompt_eval %.3f took %.3f err %v\n",
+					w.name, policy, t0.Sub(start).Seconds(), c, req.convo, req.turn, req.promptTokens, req.tokens, server,
+					req.seen.route, req.seen.promptEval.Seconds(), d.Seconds(), err)
 			}
 			if err != nil {
 				res.errs++
@@ -397,6 +410,15 @@ func post(client *http.Client, base string, r request) (string, error) {
 	case strings.HasPrefix(path, "/v1/") && !bytes.Contains(b, []byte(`data: [DONE]`)) && !bytes.Contains(b, []byte(`"finish_reason":"`)),
 		!strings.HasPrefix(path, "/v1/") && !bytes.Contains(b, []byte(`"done":true`)):
 		return "", fmt.Errorf("incomplete body")
+	}
+	if r.seen != nil {
+		r.seen.route = res.Header.Get("X-OllamaFlow-Route")
+		var final struct {
+			PromptEval int64 `json:"prompt_eval_duration"`
+		}
+		if json.Unmarshal(b, &final) == nil {
+			r.seen.promptEval = time.Duration(final.PromptEval)
+		}
 	}
 	return res.Header.Get("X-OllamaFlow-Backend"), nil
 }
