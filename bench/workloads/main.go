@@ -271,7 +271,12 @@ func run(w workload, policy string, port int, seed uint64) result {
 		o.down = func(name string) bool { v, _ := downs.Load(name); return v == true }
 		send = func(req request) (string, error) { return o.send(client, req) }
 	} else {
-		var extra, names []string
+		// A frontend of its own per run: the conversation table is kept
+		// per frontend name across reloads (a user's live state), and a
+		// run must not find an earlier workload's prompts pointing at
+		// servers that are gone.
+		extra := []string{fmt.Sprintf("name %s-%s", w.name, policy)}
+		var names []string
 		if !affinity {
 			extra = append(extra, "conversation_affinity off")
 		}
