@@ -16,7 +16,8 @@
 //	balancer.go    candidates, policies, sticky hashing
 //	largepool.go   routing over large pools: kept candidate lists, sampled picks (power of d choices), retries, back-off and SRV tiers without walks
 //	conversation.go a completion's conversation: prefix hashes of the conversation so far, read from its body as Ollama decodes it
-//	affinity.go    conversation affinity: the table of conversations' servers, cache slots they hold, spreading new ones
+//	affinity.go    conversation affinity: the table of conversations' servers and the cache slots they hold
+//	convroute.go   routing with conversations in mind: keeping a follow-up where its cache is, spreading new ones
 //	cacheodds.go   how often a follow-up sent back to its server found its cache there, per server and class
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers

@@ -1,0 +1,420 @@
+package ollamaflow
+
+// Routing with conversations in mind: a follow-up kept on the server that
+// holds its cache while that is worth its wait there (keepsConversation),
+// new conversations spread where they evict no cache or the one idle
+// longest, among the servers about as fast as the best (spreadNew,
+// nearBest, roomyWithin). The table they read is in affinity.go.
+
+import (
+	"math"
+	"sync"
+	"time"
+)
+
+// acquireConversation takes a slot for a completion with affinity in
+// mind, and reports the route taken and the conversation's id (0: new).
+//
+// A follow-up turn goes to the server that served the conversation's
+// previous turn (keepsConversation) when it has room and what it saves is
+// worth it; otherwise the policy chooses (an overflow). A new conversation
+// goes, among the servers about as fast as the best, to one where it
+// evicts least (keepLeastHosting): Ollama's cache keeps one conversation
+// per parallel slot (OLLAMA_NUM_PARALLEL, 1 by default), so conversations
+// piled on one server evict each other. So does a follow-up whose cache
+// its server has evicted since (evictedFrom): nothing of it is cached
+// anywhere, and its old server is no better than any other.
+func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *job) (*backend, string, uint64) {
+	if conv.none() || h.affinity == nil {
+		return h.acquire(avail, j), routePolicy, 0
+	}
+	t := h.affinity
+	now := time.Now()
+	key, id, depth := t.lookup(conv, now)
+	if key == "" {
+		t.counter(h.Name, "miss").Inc()
+		return h.spreadNew(avail, j, now), routePolicy, 0
+	}
+	home := h.backendByKey(avail, key)
+	countedOut := home != nil && t.evictedFrom(home, id, now)
+	if countedOut && !conv.followUp {
+		// A first message seen before (unrelated clients, a retried
+		// request): no saving to weigh the count's word against.
+		t.counter(h.Name, "evicted").Inc()
+		return h.spreadNew(avail, j, now), routeAffinityEvicted, id
+	}
+	class := classOf(countedOut, t.missedLast(id))
+	if prev, saving := h.keepsConversation(avail, key, conv, depth, j, class); prev != nil && prev.tryAcquire() {
+		t.counter(h.Name, "hit").Inc()
+		if j != nil {
+			j.cachedOn = &prev.srv.speed // its timing there is not its prompt rate
+			j.cacheSaving, j.cacheClass = saving, class
+		}
+		return prev, routeAffinityHit, id
+	}
+	if countedOut {
+		// As many other conversations as it has slots went there since,
+		// and the odds that its cache is still there did not keep it:
+		// placed as a new one, where it evicts no other's, its next
+		// turns find it.
+		t.counter(h.Name, "evicted").Inc()
+		return h.spreadNew(avail, j, now), routeAffinityEvicted, id
+	}
+	t.counter(h.Name, "overflow").Inc()
+	return h.acquire(avail, j), routeAffinityOverflow, id
+}
+
+// spreadNew takes a slot for a conversation nothing of which is cached
+// anywhere: among the servers near the best (spreadFactor), one where it
+// evicts no other conversation's cache, holding the fewest conversations.
+//
+// When every server near the best would evict a conversation's cache, a
+// server further off that holds a free cache slot takes it instead if it
+// costs no more than the eviction would: the evicted conversation's next
+// turn evaluates its whole prompt again. So a server whose speed was
+// learned a little slow (one sample under load) still takes a
+// conversation rather than two evicting each other on one server.
+func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
+	sc := scratchPool.Get().(*scratch)
+	defer sc.put()
+	spread := h.affinity.keepLeastHosting(h.nearBest(sc, avail, j, spreadFactor, spreadMargin), now)
+	if cost, full := h.affinity.evictionSeconds(spread, j, now); full && cost > 0 {
+		if b := h.roomyWithin(avail, j, cost, now); b != nil && b.tryAcquire() {
+			return b
+		}
+	}
+	if b := h.take(spread, j); b != nil {
+		return b
+	}
+	return h.acquire(avail, j)
+}
+
+// evictionSeconds is what a new conversation on the cheapest of list
+// costs the conversation it evicts there: its prompt evaluated again, at
+// that server's learned prompt rate. full is false when one of list has a
+// free cache slot (or list is empty).
+func (t *affinityTable) evictionSeconds(list []*backend, j *job, now time.Time) (cost float64, full bool) {
+	if len(list) == 0 {
+		return 0, false
+	}
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	cost = math.Inf(1)
+	for _, b := range list {
+		v := t.victim(b, now)
+		if v == nil {
+			return 0, false
+		}
+		secPerTok, charsPerTok, ok := b.srv.speed.promptCost(j.model)
+		if !ok {
+			return 0, true
+		}
+		cost = min(cost, (float64(v.size.tokens)+float64(v.size.chars)/max(charsPerTok, 0.5))*secPerTok)
+	}
+	return cost, true
+}
+
+// roomyWithin is the free backend of avail (a sample above largePool) with
+// a free cache slot and the least expected delay for j, if that delay is
+// within the spreading band of the best plus extra seconds; nil if none.
+func (h *Handler) roomyWithin(avail []*backend, j *job, extra float64, now time.Time) *backend {
+	var buf [sampleSize]*backend
+	list := h.sampled(buf[:0], avail, j, "")
+	best, roomyBest := math.Inf(1), math.Inf(1)
+	var pick *backend
+	for _, b := range list {
+		if !b.free() {
+			continue
+		}
+		d, ok := h.expectedDelayOf(b, j)
+		if !ok {
+			continue
+		}
+		best = min(best, d)
+		if d < roomyBest && h.affinity.hasFreeSlot(b, now) {
+			roomyBest, pick = d, b
+		}
+	}
+	if pick == nil || roomyBest > best*spreadFactor+spreadMargin+extra {
+		return nil
+	}
+	return pick
+}
+
+// hasFreeSlot reports whether b holds fewer recent conversations than it
+// has slots.
+func (t *affinityTable) hasFreeSlot(b *backend, now time.Time) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.victim(b, now) == nil
+}
+
+// keepsConversation returns the backend of server key when the
+// conversation's next turn should go there: it has room, and its expected
+// delay less what its cache saves is no worse than the best free
+// candidate's (within a tie). The saving is the prompt of the prefix it
+// served (conv.sizes[depth]) at its learned prompt seconds per token for
+// the model, at most its whole prompt time; a request with no earlier turn
+// is credited nothing (identical first messages from unrelated clients are
+// no conversation; that server keeps them on a tie only). Servers not
+// observed yet: it stays when it is no busier than the least busy. nil:
+// the policy chooses.
+func (h *Handler) keepsConversation(all []*backend, key string, conv conversation, depth int, j *job, class cacheClass) (*backend, float64) {
+	var buf [sampleSize + 1]*backend
+	avail := h.sampled(buf[:0], all, j, key) // above largePool: key's server and a sample (largepool.go)
+	noteWalk(avail)
+	var prev *backend
+	var prevDelay delay
+	prevKnown := false
+	best, minLoad := math.Inf(1), int64(math.MaxInt64)
+	for _, b := range avail {
+		if !b.free() {
+			continue
+		}
+		d, ok := h.estimateOf(b, j)
+		if ok {
+			best = min(best, d.total())
+		} else if b.srv.key != key && b.srv.inFlight.Load() == 0 {
+			// An idle server not observed yet may be the fastest:
+			// least_delay measures it with the next request it gets,
+			// so only a saving larger than any delay keeps the
+			// conversation from it (else a conversation, or one
+			// repeated prompt, held on a slow server keeps the pool
+			// from ever learning of a faster one).
+			best = 0
+		}
+		minLoad = min(minLoad, b.srv.inFlight.Load())
+		if b.srv.key == key {
+			prev, prevDelay, prevKnown = b, d, ok
+		}
+	}
+	if prev == nil {
+		return nil, 0
+	}
+	if !prevKnown && prev.srv.inFlight.Load() >= int64(max(prev.cfg.MaxParallel, 1)) {
+		// Its previous turn (or the same first message from another
+		// client) is still running there, and nothing is known of its
+		// speed: least_delay measures such a server one request at a
+		// time, since a second one may wait behind a long first on a
+		// single slot. Nothing is cached there yet either.
+		return nil, 0
+	}
+	if !prevKnown || math.IsInf(best, 1) {
+		if class&1 != 0 {
+			return nil, 0 // counted out, no saving to weigh: placed as a new one
+		}
+		// A server not observed yet keeps it as the request that
+		// measures it (claimProbe), as least_delay would send it: a
+		// burst of one prompt arriving together would otherwise all
+		// be kept there before the first of them took its slot.
+		if prev.srv.inFlight.Load() <= minLoad && (prevKnown || prev.srv.speed.claimProbe(max(prev.cfg.MaxParallel, 1), &prev.srv.inFlight, time.Now())) {
+			return prev, 0
+		}
+		return nil, 0
+	}
+	saving, expected := 0.0, 0.0
+	if conv.followUp && depth >= 0 && depth < len(conv.sizes) {
+		if secPerTok, charsPerTok, ok := prev.srv.speed.promptCost(j.model); ok {
+			size := conv.sizes[depth]
+			tokens := float64(size.tokens) + float64(size.chars)/max(charsPerTok, 0.5)
+			saving = min(tokens*secPerTok, prevDelay.prompt)
+			expected = saving * prev.srv.speed.cacheOdds(class)
+		}
+	}
+	if prevDelay.total()-expected <= best*(1+affinityTie)+affinityTieMargin {
+		return prev, saving
+	}
+	return nil, 0
+}
+
+// scratch is a request's working lists, pooled so that spreading a new
+// conversation allocates nothing.
+type scratch struct {
+	list   []*backend
+	delays []float64
+	waits  []bool // the request would wait there for a slot
+	atOnce []bool // it would start there at once, its model resident
+	// freeCost is the delay there where it would start at once or take
+	// a slot planned for but never seen in use (its model resident), else
+	// NaN: what relievesQueue may weigh.
+	freeCost []float64
+}
+
+var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
+
+// put clears the list (no backend kept alive by the pool) and returns it.
+func (sc *scratch) put() {
+	clear(sc.list[:cap(sc.list)])
+	sc.list, sc.delays, sc.waits, sc.atOnce, sc.freeCost = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0], sc.freeCost[:0]
+	scratchPool.Put(sc)
+}
+
+// nearBest keeps, in sc.list, the free backends of list where spreading a
+// new conversation costs the request nothing it would not pay under the
+// policy alone:
+//
+//   - an observed server where it would start at once (a free slot, its
+//     model resident) and whose expected delay is within factor × the
+//     best plus margin seconds: servers of one class whose learned speeds
+//     differ by noise;
+//   - an observed server whose expected delay, wait and load included, is
+//     a tie with the best (affinityTie): where the policy might send it;
+//     one where the request would wait for a slot only while no server
+//     with a slot free is expected to end no later.
+//
+// A band wide enough for the noise of speeds (a quarter) also admits a
+// whole request's wait: with every slot busy it sent requests to the
+// server holding the fewest conversations, behind its queue, while
+// another was about to free a slot (equal servers at capacity: p99 173
+// against 96 ms without affinity). The conversation it gains is worth no
+// wait either: it is a first turn, cached nowhere yet, and the next turn
+// goes back wherever it went.
+//
+// A backend not observed yet (no delay to compare) is kept when the
+// policy would measure it now: no busier than the least busy, with a slot
+// for its measuring request not taken or claimed (least_delay sends one at
+// a time; a second one offered alone would be taken, where the policy
+// waits for the first answer), and its answers not mostly errors (it holds no conversation,
+// each failed turn being recorded again where it is retried, so it would
+// draw every new one; an observed one is priced by its error share).
+// Where j's model is not resident, it is kept only as least_delay would
+// measure it: while its expected load costs less than the best observed
+// choice (on a pool where nothing is measured yet, always), and no load
+// of the model is under way on another candidate (that load is the one to
+// share: pickLeastDelay joins it, and a list without the loading server,
+// busier than the idle ones, would have the policy start a second one). A
+// cold server not measured yet holds no conversation, so without that
+// rule it drew every new one and loaded the model there, evicting the one
+// it held (3 models over servers of room 1, 2 and 3: 13-17 loads per
+// 1,000 against 3). One whose /api/ps lists no model at all stays a peer
+// (unless that load elsewhere is under way): a load there evicts nothing,
+// happens once, and is what spreads the conversations of a pool started
+// cold, where every server but the first to answer is such a one.
+func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin float64) []*backend {
+	var buf [sampleSize]*backend
+	list := h.sampled(buf[:0], all, j, "") // above largePool: a sample (largepool.go)
+	noteWalk(list)
+	best, minLoad := math.Inf(1), int64(math.MaxInt64)
+	sc.list, sc.delays, sc.waits, sc.atOnce, sc.freeCost = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0], sc.freeCost[:0]
+	freeBest := math.Inf(1)    // the least delay among servers with a slot free
+	bestWait, tail := 0.0, 0.0 // the best choice's wait for a slot; the longest delay expected in flight
+	now := time.Now()
+	loadingSomewhere := false
+	for _, b := range list {
+		if !b.free() {
+			continue
+		}
+		est, ok := h.estimateOf(b, j)
+		d := est.total()
+		if !ok {
+			d = math.NaN()
+		} else {
+			if d < best {
+				best, bestWait = d, est.wait
+			}
+			tail = max(tail, b.srv.speed.longestDelay(b.cfg.MaxParallel, int(b.srv.inFlight.Load()), now))
+			if est.wait == 0 {
+				freeBest = min(freeBest, d)
+			}
+		}
+		sc.list = append(sc.list, b)
+		sc.delays = append(sc.delays, d)
+		sc.waits = append(sc.waits, ok && est.wait > 0)
+		sc.atOnce = append(sc.atOnce, ok && est.wait == 0 && est.load == 0)
+		free := math.NaN()
+		if ok && est.slotFree() && est.load == 0 {
+			free = d
+		}
+		sc.freeCost = append(sc.freeCost, free)
+		minLoad = min(minLoad, b.srv.inFlight.Load())
+		if !loadingSomewhere {
+			_, loadingSomewhere = b.srv.speed.pendingLoad(j.model, now)
+		}
+	}
+	// While the best choice means waiting for a slot, an idle server
+	// least_delay has not timed for a while (it looked slower than the
+	// queue elsewhere) takes this request to re-measure it, as
+	// pickLeastDelay does (claimRemeasure: one request per
+	// remeasureAfter). Without this, single-turn traffic, all of it new
+	// conversations spread here, never reached the policy's re-measuring
+	// with that server among the candidates: a server that recovered
+	// stayed unused for good (speedup: 0 of 300 requests after the
+	// recovery, 87 with affinity off).
+	if h.remeasures && bestWait > 0 {
+		for i, b := range sc.list {
+			if sc.atOnce[i] && b.srv.inFlight.Load() == 0 && b.srv.speed.claimRemeasure(now) {
+				out := append(sc.list[:0], b)
+				return out
+			}
+		}
+	}
+	out := sc.list[:0]
+	for i, b := range sc.list {
+		d := sc.delays[i]
+		switch {
+		case math.IsNaN(d):
+			inFlight := b.srv.inFlight.Load()
+			if inFlight > minLoad || b.srv.speed.probesTaken(max(b.cfg.MaxParallel, 1), &b.srv.inFlight, now) || b.srv.speed.mostlyErrors(now) {
+				continue
+			}
+			if h.coldFor(b, j.model) && (loadingSomewhere || b.srv.speed.coldCost(j.model) >= best && !holdsNoModel(b)) {
+				continue
+			}
+			out = append(out, b)
+		case sc.waits[i] && freeBest <= d:
+			// Never a server's queue when a server with a slot free is
+			// expected to end no later: the wait is certain, the cache
+			// the spread keeps is a bet on a next turn.
+		case d <= best*(1+affinityTie)+affinityTieMargin, // a tie, waiting or not
+			sc.atOnce[i] && d <= best*factor+margin,       // at once, about as fast
+			relievesQueue(sc.freeCost[i], bestWait, tail): // as pickLeastDelay would take it (NaN: never)
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// holdsNoModel reports whether the server's last /api/ps listed no model:
+// a load there evicts nothing.
+func holdsNoModel(b *backend) bool {
+	m := b.srv.models.Load()
+	return m.known && len(m.loaded) == 0
+}
+
+// expectedDelayOf is the cost model's estimate of j's delay on b, in
+// seconds; ok is false while b has not been observed.
+func (h *Handler) expectedDelayOf(b *backend, j *job) (float64, bool) {
+	d, ok := h.estimateOf(b, j)
+	return d.total(), ok
+}
+
+// estimateOf is cost.go's estimateDelay through the frontend's model
+// index (a bit test per candidate).
+func (h *Handler) estimateOf(b *backend, j *job) (delay, bool) {
+	return b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), time.Now())
+}
+
+// promptCost is what the server has learned of prompt evaluation for
+// model (the server's over all models where model has no sample): the
+// per-token part of its prompt fit in seconds (the fixed part of an
+// evaluation is paid even when the prefix is cached) and characters per
+// token (charsPerToken before a sample); ok is false before any prompt was
+// timed. It is what each cached token saves there.
+func (sp *speed) promptCost(model string) (secPerTok, charsPerTok float64, ok bool) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	r := &sp.all
+	if mr := sp.models[model]; mr != nil && mr.promptN > 0 {
+		r = mr
+	}
+	if r.promptN == 0 {
+		return 0, 0, false
+	}
+	charsPerTok = charsPerToken
+	if mr := sp.models[model]; mr != nil && mr.charsN > 0 {
+		charsPerTok = mr.charsPerTok
+	} else if sp.all.charsN > 0 {
+		charsPerTok = sp.all.charsPerTok
+	}
+	return r.promptTok, charsPerTok, true
+}
