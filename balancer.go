@@ -518,9 +518,10 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		if h.coldFor(b, j.model) && b.srv.speed.coldCost(j.model) >= best {
 			continue
 		}
-		if b.srv.speed.mostlyErrors(now) {
+		if b.srv.speed.mostlyErrors(now) && (bestWait <= 0 || !b.srv.speed.claimErrorProbe(now)) {
 			// Nothing is learned from errors. It is measured again once
-			// the share has decayed (within a second or two).
+			// the share has decayed (within a second or two), or while
+			// the others queue, one request a second (claimErrorProbe).
 			continue
 		}
 		explore = append(explore, b)

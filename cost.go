@@ -303,6 +303,9 @@ type speed struct {
 	// as of errAt (see noteAnswer).
 	errShare float64
 	errAt    time.Time
+	// errProbed is when a server not observed yet that answers mostly
+	// errors was last sent a request to measure it anyway (claimErrorProbe).
+	errProbed time.Time
 	// cache is how often follow-ups sent to their prompt cache here
 	// found it (cacheodds.go).
 	cache cacheOdds

@@ -830,3 +830,19 @@ func TestNewConversationsAreNotSpreadOntoAServerBeingMeasured(t *testing.T) {
 	list = names(h.nearBest(&scratch{}, []*backend{busy, measured}, &job{}, spreadFactor, spreadMargin))
 	assert.Contains(t, list, "busy", "idle, it is measured with the next request")
 }
+
+// A server that answers mostly errors and was never measured is still sent
+// a measuring request while the others queue, but at most one per
+// errorProbeEvery: a client's crafted 500s cannot keep honest traffic off
+// it, and a server that is really broken costs one request a second.
+func TestAServerAnsweringErrorsIsMeasuredOnceASecondWhileOthersQueue(t *testing.T) {
+	var sp speed
+	t0 := time.Now()
+	for range 8 {
+		sp.noteAnswer(500, t0)
+	}
+	require.True(t, sp.mostlyErrors(t0))
+	assert.True(t, sp.claimErrorProbe(t0), "the first is sent")
+	assert.False(t, sp.claimErrorProbe(t0.Add(errorProbeEvery/2)), "a second within errorProbeEvery is not")
+	assert.True(t, sp.claimErrorProbe(t0.Add(errorProbeEvery+time.Millisecond)), "one is sent again after errorProbeEvery")
+}

@@ -79,6 +79,27 @@ func (sp *speed) mostlyErrors(now time.Time) bool {
 	return sp.errorShare(now) >= 0.5
 }
 
+// errorProbeEvery is how often a server not observed yet whose recent
+// answers are mostly errors is measured anyway while the others queue.
+const errorProbeEvery = time.Second
+
+// claimErrorProbe reports whether a server not observed yet that answers
+// mostly errors may be sent one request to measure it, and notes that one
+// is. A client can make a server answer 500 (a num_ctx it has no memory
+// for): were it never measured while its share lasts, a steady run of such
+// requests would keep honest traffic off it for good, the others queueing
+// beside its free slots. One request per errorProbeEvery, and only while
+// the others queue, is what a server that is really broken costs.
+func (sp *speed) claimErrorProbe(now time.Time) bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if !sp.errProbed.IsZero() && now.Sub(sp.errProbed) < errorProbeEvery {
+		return false
+	}
+	sp.errProbed = now
+	return true
+}
+
 // begin records that a request for j was sent to b, with the delay it is
 // expected to take; end (or learn) removes it. A request for a model that
 // is not resident makes it resident in the model's belief at once, so the
