@@ -453,14 +453,8 @@ func ruleBackend(name string, inFlight int64) *backend {
 
 func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
 	h := &Handler{}
-	history := []map[string]string{{"role": "system", "content": strings.Repeat("Be brief and exact. ", 100)}} // 2000 chars: 500 tokens, 0.5 s
-	for i := range 3 {
-		history = append(history, map[string]string{"role": "user", "content": fmt.Sprint("question ", i)}, map[string]string{"role": "assistant", "content": "answer"})
-	}
-	chatOf := func(msgs []map[string]string) ([]byte, conversation) {
-		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 10}}))
-		return body, conversationOf("/api/chat", "m", body)
-	}
+	history := longHistory() // 2000 chars of system prompt: 500 tokens, 0.5 s
+	chatOf := func(msgs []map[string]string) ([]byte, conversation) { return chatTurn(t, msgs) }
 	_, prevTurn := chatOf(history[:len(history)-1])
 	body, conv := chatOf(append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
 	j := newJob("m", apiOllama, body)

@@ -26,14 +26,8 @@ func fittedBackend(name string, inFlight int64) *backend {
 // prompt, 0.5 s of prompt on fittedBackend) the previous turn left in
 // home's cache, with the table that knows it.
 func longChat(t *testing.T, home string) (*job, conversation, *affinityTable) {
-	history := []map[string]string{{"role": "system", "content": strings.Repeat("Be brief and exact. ", 100)}}
-	for i := range 3 {
-		history = append(history, map[string]string{"role": "user", "content": fmt.Sprint("question ", i)}, map[string]string{"role": "assistant", "content": "answer"})
-	}
-	chat := func(msgs []map[string]string) ([]byte, conversation) {
-		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 10}}))
-		return body, conversationOf("/api/chat", "m", body)
-	}
+	history := longHistory()
+	chat := func(msgs []map[string]string) ([]byte, conversation) { return chatTurn(t, msgs) }
 	_, prev := chat(history[:len(history)-1])
 	body, conv := chat(append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
 	tab := newAffinityTable(100, time.Hour)
@@ -119,4 +113,20 @@ func TestCacheOddsByClass(t *testing.T) {
 		o.note(classOf(false, true), true)
 	}
 	assert.Greater(t, o.odds(classOf(false, true)), 0.5)
+}
+
+// longHistory is a conversation of three turns under a 2,000-character
+// system prompt (500 tokens, 0.5 s of prompt on fittedBackend).
+func longHistory() []map[string]string {
+	history := []map[string]string{{"role": "system", "content": strings.Repeat("Be brief and exact. ", 100)}}
+	for i := range 3 {
+		history = append(history, map[string]string{"role": "user", "content": fmt.Sprint("question ", i)}, map[string]string{"role": "assistant", "content": "answer"})
+	}
+	return history
+}
+
+// chatTurn is an /api/chat body of msgs for model m and its conversation.
+func chatTurn(t *testing.T, msgs []map[string]string) ([]byte, conversation) {
+	body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 10}}))
+	return body, conversationOf("/api/chat", "m", body)
 }
