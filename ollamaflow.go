@@ -9,11 +9,13 @@
 //
 //	ollamaflow.go  module registration, config types, Provision/Validate/Cleanup
 //	backend.go     a backend's options: defaults, validation, its URL, placeholders in credentials, its Caddyfile block
-//	handler.go     ServeHTTP: gate, read and pin the body, the attempt loop and its timeouts
+//	handler.go     ServeHTTP: gate, read and pin the body, learn from a complete answer
+//	attempt.go     the attempt loop: a slot on a different backend per attempt, retries before the first byte, timeouts
 //	stream.go      copying an answer to the client: idle and client-write clocks, honest ends of cut answers
 //	backendconn.go the lean HTTP/1.1 client to http backends: no goroutines per connection, buffers only while bytes wait
 //	routes.go      the route table, classification, error bodies per API
-//	balancer.go    candidates, policies, sticky hashing
+//	balancer.go    candidates, policies, slots
+//	sticky.go      sticky sessions: the session key, rendezvous hashing, session vs conversation vs policy
 //	largepool.go   routing over large pools: kept candidate lists, sampled picks (power of d choices), retries, back-off and SRV tiers without walks
 //	conversation.go a completion's conversation: prefix hashes of the conversation so far, read from its body as Ollama decodes it
 //	affinity.go    conversation affinity: the table of conversations' servers and the cache slots they hold
@@ -21,7 +23,8 @@
 //	cacheodds.go   how often a follow-up sent back to its server found its cache there, per server and class
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
-//	cost.go        the cost model behind least_delay: a request's size from its body, its expected delay on a server
+//	job.go         what a request asks of a server, read from its body; typical answer lengths per model
+//	cost.go        the cost model behind least_delay: a request's expected delay on a server
 //	speed.go       what each server learns: requests in flight, rates from Ollama's timings, error share, re-measurement
 //	relief.go      least_delay's relief of a lasting queue onto slower servers' free slots, within the pool's tail
 //	placement.go   model placement: residency, what a load would evict, what the eviction costs the pool
