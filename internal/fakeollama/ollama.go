@@ -383,7 +383,14 @@ func (c *call) run(p plan, emit func(tok string) bool) (metrics, bool) {
 	t1 := time.Now()
 	cache := c.s.takeCacheSlot(p.model.key, p.seq, true)
 	finished := false
-	defer func() { cache.done(generated(p.tokens), finished) }()
+	defer func() {
+		// An answer cut short leaves the slot's content as it was: only a finished one is
+		// kept, below. Not generated(p.tokens) here: a cancelled request for millions of
+		// tokens must not tokenize them all.
+		if !finished {
+			cache.done(nil, false)
+		}
+	}()
 	if !c.wait(c.s.scaled(c.s.cfg.FirstByteDelay + time.Duration(cache.evaluated())*c.s.cfg.PromptTokenCost)) {
 		return metrics{}, false
 	}
