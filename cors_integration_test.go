@@ -78,7 +78,7 @@ func TestCORSPreflightsAndHeadersOnEveryAnswer(t *testing.T) {
 	require.Equal(t, http.StatusOK, res.StatusCode, body)
 	assert.Contains(t, body, `"done":true`)
 	assertCORS(t, res, pageOrigin, "proxied chat")
-	last, ok := a.LastRequest()
+	last, ok := a.LastRequestTo("/api/chat")
 	require.True(t, ok)
 	assert.Empty(t, last.Header.Values("Origin"), "the backend never sees the page's origin")
 

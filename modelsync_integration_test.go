@@ -151,7 +151,9 @@ func TestRequiredModelsConverge(t *testing.T) {
 
 func TestRequiredModelPullFailuresRetryWithBackoff(t *testing.T) {
 	defer func(b, s time.Duration) { pullBackoffBase, pullStallTimeout = b, s }(pullBackoffBase, pullStallTimeout)
-	pullBackoffBase, pullStallTimeout = 100*time.Millisecond, 300*time.Millisecond
+	// A stall is 1 s without progress: at 300 ms a starved fake (-race, a
+	// loaded machine) looked stalled before it sent its error line.
+	pullBackoffBase, pullStallTimeout = 100*time.Millisecond, time.Second
 
 	cases := []struct {
 		name  string
@@ -160,7 +162,7 @@ func TestRequiredModelPullFailuresRetryWithBackoff(t *testing.T) {
 	}{
 		{"error line", func(f *fakeollama.Server) { f.FailPulls("pull model manifest: connection refused") }, "connection refused"},
 		{"cut mid-stream", func(f *fakeollama.Server) { f.DieMidStream(2, "/api/pull") }, "progress stream"},
-		{"stalled", func(f *fakeollama.Server) { f.HangAfterHeaders("/api/pull") }, "no progress for 300ms"},
+		{"stalled", func(f *fakeollama.Server) { f.HangAfterHeaders("/api/pull") }, "no progress for 1s"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -14,11 +14,11 @@ import (
 	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 )
 
-// lastBody decodes the last body a fake received.
-func lastBody(t *testing.T, f *fakeollama.Server) map[string]any {
+// lastBody decodes the last body a fake received at path.
+func lastBody(t *testing.T, f *fakeollama.Server, path string) map[string]any {
 	t.Helper()
-	r, ok := f.LastRequest()
-	require.True(t, ok, "the fake got no request")
+	r, ok := f.LastRequestTo(path)
+	require.True(t, ok, "the fake got no request at %s", path)
 	var m map[string]any
 	require.NoError(t, json.Unmarshal(r.Body, &m), string(r.Body))
 	return m
@@ -54,7 +54,7 @@ func TestPinsThroughTheProxy(t *testing.T) {
 	res, body := post(t, "/api/chat", `{"model":"tiny-llama","MODEL":"x","options":{"temperature":1.5,"num_ctx":99},"messages":[{"role":"user","content":"hi"}],"stream":false}`)
 	require.Equal(t, http.StatusOK, res.StatusCode, body)
 	assert.Equal(t, "a", res.Header.Get("X-OllamaFlow-Backend"))
-	got := lastBody(t, a)
+	got := lastBody(t, a, "/api/chat")
 	assert.Equal(t, "pinned", got["model"])
 	assert.NotContains(t, got, "MODEL")
 	opts := got["options"].(map[string]any)
@@ -67,7 +67,7 @@ func TestPinsThroughTheProxy(t *testing.T) {
 	res, body = post(t, "/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false}`)
 	require.Equal(t, http.StatusOK, res.StatusCode, body)
 	assert.Equal(t, "b", res.Header.Get("X-OllamaFlow-Backend"))
-	got = lastBody(t, b)
+	got = lastBody(t, b, "/api/chat")
 	opts = got["options"].(map[string]any)
 	assert.Equal(t, 2048.0, opts["num_ctx"], "b's num_ctx, not a's")
 	assert.Equal(t, 7.0, opts["seed"])
@@ -78,7 +78,7 @@ func TestPinsThroughTheProxy(t *testing.T) {
 	// Embeddings get no completion pins.
 	res, body = post(t, "/api/embed", `{"model":"tiny-llama","input":"x","options":{"num_ctx":5}}`)
 	require.Equal(t, http.StatusOK, res.StatusCode, body)
-	got = lastBody(t, a)
+	got = lastBody(t, a, "/api/embed")
 	assert.Equal(t, "tiny-llama", got["model"])
 	assert.Equal(t, 5.0, got["options"].(map[string]any)["num_ctx"])
 
@@ -124,7 +124,7 @@ func TestAllowListReadsTheModelOllamaRuns(t *testing.T) {
 	} {
 		res, body := post(t, tc.path, tc.body)
 		require.Equal(t, http.StatusOK, res.StatusCode, "%s: %s", tc.path, body)
-		r, ok := a.LastRequest()
+		r, ok := a.LastRequestTo(tc.path)
 		require.True(t, ok)
 		var req struct {
 			Model string `json:"model"`

@@ -166,7 +166,7 @@ func TestTenantsKeysPolicyLimitsAndUsage(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, reset > 0 && reset <= 20*time.Second, "one request of three per minute refills in 20s: %s", reset)
 	assert.Empty(t, res.Header.Get("X-Ratelimit-Limit-Tokens"), "alpha has no token limit")
-	last, _ := a.LastRequest()
+	last, _ := a.LastRequestTo("/api/chat")
 	assert.Empty(t, last.Header.Get("Authorization"), "the tenant's key is not forwarded")
 	assert.Equal(t, 7.0, gjson.GetBytes(last.Body, "options.seed").Float(), "the frontend's pin")
 	alphaPrompt, alphaCompletion := finalCounts(t, body)
@@ -207,7 +207,7 @@ func TestTenantsKeysPolicyLimitsAndUsage(t *testing.T) {
 	assert.Equal(t, "40", res.Header.Get("X-Ratelimit-Limit-Tokens"))
 	assert.Equal(t, "40", res.Header.Get("X-Ratelimit-Remaining-Tokens"), "nothing used yet")
 	assert.Empty(t, res.Header.Get("X-Ratelimit-Limit-Requests"), "beta has no request limit")
-	last, _ = b.LastRequest()
+	last, _ = b.LastRequestTo("/api/chat")
 	assert.Empty(t, last.Header.Get("X-Api-Key"), "the tenant's key is not forwarded")
 	assert.Equal(t, 0.3, gjson.GetBytes(last.Body, "options.temperature").Float(), "the tenant's pin over the client")
 	assert.Equal(t, 7.0, gjson.GetBytes(last.Body, "options.seed").Float(), "the frontend's pin over the tenant's")
@@ -333,7 +333,7 @@ func TestTenantsIdentityFromBasicAuthAndMaxParallel(t *testing.T) {
 	}
 	res, body := carol("/api/chat", chatFor("tiny-llama"))
 	require.Equal(t, http.StatusOK, res.StatusCode, body)
-	last, _ := f.LastRequest()
+	last, _ := f.LastRequestTo("/api/chat")
 	assert.Empty(t, last.Header.Get("Authorization"), "basic_auth's credentials are not forwarded")
 
 	// dave passes basic_auth but is no tenant here.

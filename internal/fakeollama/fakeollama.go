@@ -525,6 +525,19 @@ func (s *Server) LastRequest() (Request, bool) {
 	return r[len(r)-1], true
 }
 
+// LastRequestTo is the last request to path. A test that asks what its own request looked like
+// uses it: the proxy's health probes and list refreshes reach the fake between that request and
+// the question, and LastRequest would return one of them.
+func (s *Server) LastRequestTo(path string) (Request, bool) {
+	r := s.Requests()
+	for i := len(r) - 1; i >= 0; i-- {
+		if r[i].Path == path {
+			return r[i], true
+		}
+	}
+	return Request{}, false
+}
+
 // InFlight is the number of requests being handled now.
 func (s *Server) InFlight() int { return int(s.inFlight.Load()) }
 
