@@ -28,6 +28,7 @@ func TestFailover(t *testing.T) {
 		next     atomic.Int64
 		killed   *ollamaServer
 		killOnce sync.Once
+		killedAt atomic.Int64 // unix nanoseconds; 0 before the kill
 	)
 	kill := func() {
 		// The victim is the backend that served most of the last requests:
@@ -46,6 +47,7 @@ func TestFailover(t *testing.T) {
 		}
 		killed = best
 		best.kill()
+		killedAt.Store(time.Now().UnixNano())
 		t.Logf("killed server %s after %d requests (recent backends: %v)", best.name, done.Load(), counts)
 	}
 
@@ -60,13 +62,19 @@ func TestFailover(t *testing.T) {
 				if i > total {
 					return
 				}
+				sent := time.Now()
 				res, body, err := postJSON(env.mainURL, "/api/chat", `{"model":"tiny-llama","messages":[{"role":"user","content":"hi"}],"stream":false,"options":{"num_predict":16}}`)
 				mu.Lock()
+				// When, against the kill: a failure before it is not the failover's.
+				when := "before the kill"
+				if k := killedAt.Load(); k != 0 {
+					when = fmt.Sprintf("sent %s after the kill", sent.Sub(time.Unix(0, k)).Round(time.Millisecond))
+				}
 				switch {
 				case err != nil:
-					failures = append(failures, fmt.Sprintf("request %d: %v", i, err))
+					failures = append(failures, fmt.Sprintf("request %d (%s, %s after the start): %v", i, when, sent.Sub(start).Round(time.Millisecond), err))
 				case res.StatusCode != http.StatusOK:
-					failures = append(failures, fmt.Sprintf("request %d: %d %s", i, res.StatusCode, strings.TrimSpace(string(body))))
+					failures = append(failures, fmt.Sprintf("request %d (%s): %d %s", i, when, res.StatusCode, strings.TrimSpace(string(body))))
 				case !strings.Contains(string(body), `"done":true`):
 					failures = append(failures, fmt.Sprintf("request %d: 200 with an incomplete body %q", i, body))
 				default:
