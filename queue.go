@@ -29,8 +29,9 @@ import (
 // release costs O(classes waiting + waiters of the class that could use
 // the server), not O(waiters × backends). A server is given to a waiter
 // only if its class is the one owed that server and no older waiter of
-// its class could use it, and a newcomer never takes a slot on a server
-// that has waiters (server.queued): it queues behind them.
+// its class takes it (an older one the policy keeps waiting for another
+// server does not hold the slot back), and a newcomer never takes a slot
+// on a server that has waiters (server.queued): it queues behind them.
 type queue struct {
 	h         *Handler
 	mu        sync.Mutex
@@ -43,6 +44,7 @@ type queue struct {
 	waiting   atomic.Int64           // all.n, readable without the lock
 	closed    bool                   // the handler is cleaned up: leave servers once empty
 	wakeNext  atomic.Int64           // when the earliest pending wakeAt fires (UnixNano); 0: none
+	pass      uint64                 // the current dispatch pass, for waitNode.declined
 
 	// For the admin API: requests that waited, their total and longest wait.
 	waited, waitedNanos, longestNanos atomic.Int64
@@ -90,6 +92,10 @@ type waitNode struct {
 	prev, next *waitNode
 	list       *waitList
 	w          *waiter
+	// declined is the dispatch pass (queue.pass) in which the policy was
+	// offered this list's server for w and kept w waiting for another: the
+	// waiter behind it may then have the slot in that pass.
+	declined uint64
 }
 
 // waitList is a FIFO of waiters; for a server's list, b is this queue's
@@ -366,17 +372,29 @@ func (q *queue) dispatchFor(s *server) {
 // held.
 func (q *queue) serveOneLocked(s *server) bool {
 	var buf [8]*classState
+	q.pass++
+	declined := 0
 	for _, cs := range q.classesForLocked(s, buf[:0]) {
 		for n := cs.byServer[s].head; n != nil; {
 			next := n.next
 			if q.serveLocked(n.w, s) {
 				return true
 			}
+			if n.declined == q.pass {
+				if declined++; declined == maxDeclines {
+					return false // the rest wait for the next release
+				}
+			}
 			n = next
 		}
 	}
 	return false
 }
+
+// maxDeclines bounds the waiters one freed slot is offered to after the
+// oldest ones kept waiting for another server: each offer runs the policy,
+// and a slot should not cost a walk of the whole queue.
+const maxDeclines = 64
 
 // dispatchAll tries every waiter, oldest first: after a policy's hold-back
 // expires, or when waiters arrive from a reloaded config.
@@ -385,6 +403,7 @@ func (q *queue) dispatchAll() {
 		return
 	}
 	q.mu.Lock()
+	q.pass++
 	for n := q.all.head; n != nil; {
 		next := n.next
 		q.serveLocked(n.w, nil)
@@ -396,24 +415,34 @@ func (q *queue) dispatchAll() {
 
 // serveLocked runs the policy for w over its candidates that have room,
 // where its class is owed the slot (always on owed, which the caller chose
-// w's class for) and no older waiter of its class waits, and hands w the
+// w's class for) and every older waiter of its class for that server was
+// offered it in this pass and kept waiting for another, and hands w the
 // slot it takes, if any. q.mu must be held.
 func (q *queue) serveLocked(w *waiter, owed *server) bool {
 	var buf [16]*backend
-	avail := buf[:0]
+	var offered [16]int
+	avail, idx := buf[:0], offered[:0]
 	tier, tiered := q.h.lowestTier(w.cands) // SRV priorities: only the lowest usable one serves
 	for i, b := range w.cands {
-		l := w.nodes[i].list
-		if l == nil || l.head != &w.nodes[i] || !b.hasRoom() || tiered && b.tier.Load() != tier {
+		n := &w.nodes[i]
+		if n.list == nil || n.prev != nil && n.prev.declined != q.pass || !b.hasRoom() || tiered && b.tier.Load() != tier {
 			continue
 		}
 		if b.srv != owed && len(q.live) > 1 && q.owedLocked(b.srv) != w.cls {
 			continue
 		}
-		avail = append(avail, b)
+		avail, idx = append(avail, b), append(idx, i)
+	}
+	if len(avail) == 0 {
+		return false
 	}
 	b := q.h.take(avail, w.job)
 	if b == nil {
+		// Kept waiting for another server (least_delay): the waiters
+		// behind w may have these slots.
+		for _, i := range idx {
+			w.nodes[i].declined = q.pass
+		}
 		return false
 	}
 	q.chargeLocked(w.cls)

@@ -109,6 +109,56 @@ func TestQueueServesTheOldestWaiterThatCanUseTheServer(t *testing.T) {
 	assert.Equal(t, 3, s.id)
 }
 
+// A waiter the policy keeps off a server (least_delay: it is better off
+// waiting for another) must not keep that server's slot from the waiters
+// behind it. Each slot decode freed stayed idle while writes waited behind
+// a summary that would only run on prefill (bench prefill-decode).
+func TestAWaiterThatDeclinesAServerDoesNotHoldItsSlotBack(t *testing.T) {
+	prefill := testBackend("prefill", func(c *Backend) { c.MaxParallel = 1 })
+	decode := testBackend("decode", func(c *Backend) { c.MaxParallel = 1 })
+	onlyPrefill := &job{model: "summary"}
+	policy := func(h *Handler, avail []*backend, j *job) *backend {
+		for _, b := range avail {
+			if j != onlyPrefill || b == prefill {
+				return b
+			}
+		}
+		return nil // a summary waits for prefill
+	}
+	h := queueHandler(policy, prefill, decode)
+	require.NotNil(t, h.acquire([]*backend{prefill}, &job{}))
+	require.NotNil(t, h.acquire([]*backend{decode}, &job{}))
+
+	out := make(chan served, 3)
+	wait := func(id int, j *job, cands ...*backend) {
+		before := h.queue.length()
+		go func() {
+			b, _, err := h.queue.wait(context.Background(), &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: j, cands: cands})
+			out <- served{id, b, err}
+		}()
+		require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond)
+	}
+	wait(1, onlyPrefill, prefill, decode) // the oldest, at the head of both lists
+	wait(2, &job{}, prefill, decode)
+	wait(3, &job{}, decode)
+
+	decode.srv.release()
+	s := <-out
+	require.NoError(t, s.err)
+	assert.Equal(t, 2, s.id, "the oldest waiter that takes decode gets it")
+	assert.Same(t, decode, s.b)
+	decode.srv.release()
+	s = <-out
+	assert.Equal(t, 3, s.id)
+	assert.Same(t, decode, s.b)
+	assert.Equal(t, 1, h.queue.length(), "the summary still waits")
+
+	prefill.srv.release()
+	s = <-out
+	assert.Equal(t, 1, s.id)
+	assert.Same(t, prefill, s.b)
+}
+
 func TestQueueWakesWhenAServerRecoversOrIsUndrained(t *testing.T) {
 	busy := testBackend("busy", func(c *Backend) { c.MaxParallel = 1 })
 	down := testBackend("down", func(c *Backend) { c.MaxParallel = 1 })

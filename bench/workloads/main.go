@@ -197,7 +197,7 @@ func workloads() []workload {
 				{conc: 6, n: 300, measured: true, next: simple,
 					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(4) }},
 			}},
-	}, append(append(append(conversationWorkloads(), robustnessWorkloads()...), generalizationWorkloads()...), spreadWorkloads()...)...)
+	}, append(append(append(conversationWorkloads(), robustnessWorkloads()...), generalizationWorkloads()...), append(spreadWorkloads(), shapeWorkloads()...)...)...)
 }
 
 // result is one policy's run of one workload.
