@@ -28,5 +28,13 @@ func shapeWorkloads() []workload {
 				return ask("tiny-llama", "/api/chat", false, 100, question(client, i))
 			}}},
 			note: "a summary takes 0.15 s on prefill, 0.81 s on decode; a 100-token answer 0.81 s on prefill, 0.11 s on decode"},
+		{name: "slots-unequal", models: models1, servers: []spec{
+			{name: "wide", parallel: 8, prompt: 60 * ms, tokenGap: 4 * ms, loaded: models1},
+			{name: "narrow1", parallel: 1, prompt: 60 * ms, tokenGap: 4 * ms, loaded: models1},
+			{name: "narrow2", parallel: 1, prompt: 60 * ms, tokenGap: 4 * ms, loaded: models1}},
+			phases: []phase{{conc: 10, n: 600, measured: true, next: func(client, i int, _ *rand.Rand) request {
+				return ask("tiny-llama", "/api/chat", false, 10, question(client, i))
+			}}},
+			note: "ideal: 8 at once on wide, 1 on each narrow: 100 req/s, p99 0.1 s"},
 	}
 }
