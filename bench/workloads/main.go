@@ -26,7 +26,9 @@
 // prompts, a server that gets faster, a cold start, a failing server, both APIs), and the
 // generalization workloads of generalization.go (an 8-server pool, equal servers at and over
 // capacity, long streamed answers, a shared system prompt, models over servers of different
-// room, a 2× slowdown, a server unloaded mid-run, open-loop arrivals, a few long answers).
+// room, a 2× slowdown, a server unloaded mid-run, open-loop arrivals, a few long answers), and
+// the workloads of shapes.go, where servers differ in what they are fast at or in slots
+// (prefill-decode, slots-unequal).
 // A phase with a rate is open-loop: requests arrive at that rate whatever the answers.
 // -affinity=false turns conversation affinity off, to see the cost model alone; -trace prints a
 // line per measured request (when it was sent, its client, prompt tokens and cap, the server
