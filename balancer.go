@@ -281,20 +281,29 @@ func (h *Handler) acquire(cands []*backend, j *job) *backend {
 // backend and picks again; nil means none was had, or the policy holds the
 // request back.
 func (h *Handler) take(avail []*backend, j *job) *backend {
+	b, _ := h.takeOrHold(avail, j)
+	return b
+}
+
+// takeOrHold is take, and when the policy held the request back, the
+// backends it declined (those of avail not lost to concurrent requests
+// first); none when every slot it picked was lost to one: the request
+// still wants those.
+func (h *Handler) takeOrHold(avail []*backend, j *job) (*backend, []*backend) {
 	if j == nil {
 		j = &job{} // a request the caller did not size: a typical one
 	}
 	for len(avail) > 0 {
 		b := h.policy(h, avail, j)
 		if b == nil {
-			return nil // the policy holds the request back: it waits in the queue
+			return nil, avail // the policy holds the request back: it waits in the queue
 		}
 		if b.tryAcquire() {
-			return b
+			return b, nil
 		}
 		avail = without(avail, b)
 	}
-	return nil
+	return nil, nil
 }
 
 // queueCandidates are the backends a queued request may be served by: the

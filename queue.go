@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,6 +46,7 @@ type queue struct {
 	closed    bool                   // the handler is cleaned up: leave servers once empty
 	wakeNext  atomic.Int64           // when the earliest pending wakeAt fires (UnixNano); 0: none
 	pass      uint64                 // the current dispatch pass, for waitNode.declined
+	declines  int                    // waiters that declined in this pass; at most maxDeclines are passed over
 
 	// For the admin API: requests that waited, their total and longest wait.
 	waited, waitedNanos, longestNanos atomic.Int64
@@ -372,18 +374,12 @@ func (q *queue) dispatchFor(s *server) {
 // held.
 func (q *queue) serveOneLocked(s *server) bool {
 	var buf [8]*classState
-	q.pass++
-	declined := 0
+	q.newPassLocked()
 	for _, cs := range q.classesForLocked(s, buf[:0]) {
 		for n := cs.byServer[s].head; n != nil; {
 			next := n.next
 			if q.serveLocked(n.w, s) {
 				return true
-			}
-			if n.declined == q.pass {
-				if declined++; declined == maxDeclines {
-					return false // the rest wait for the next release
-				}
 			}
 			n = next
 		}
@@ -391,9 +387,17 @@ func (q *queue) serveOneLocked(s *server) bool {
 	return false
 }
 
-// maxDeclines bounds the waiters one freed slot is offered to after the
-// oldest ones kept waiting for another server: each offer runs the policy,
-// and a slot should not cost a walk of the whole queue.
+// newPassLocked starts a dispatch pass: no waiter has declined in it yet.
+func (q *queue) newPassLocked() {
+	q.pass++
+	q.declines = 0
+}
+
+// maxDeclines bounds the waiters one dispatch pass passes over when the
+// policy keeps them waiting for another server: each offer runs the policy,
+// and a pass should not run it for the whole queue. Past it, only the head
+// of a list is offered its server, as if no waiter had declined (the next
+// class still gets its turn).
 const maxDeclines = 64
 
 // dispatchAll tries every waiter, oldest first: after a policy's hold-back
@@ -403,7 +407,7 @@ func (q *queue) dispatchAll() {
 		return
 	}
 	q.mu.Lock()
-	q.pass++
+	q.newPassLocked()
 	for n := q.all.head; n != nil; {
 		next := n.next
 		q.serveLocked(n.w, nil)
@@ -436,12 +440,19 @@ func (q *queue) serveLocked(w *waiter, owed *server) bool {
 	if len(avail) == 0 {
 		return false
 	}
-	b := q.h.take(avail, w.job)
+	b, held := q.h.takeOrHold(avail, w.job)
 	if b == nil {
 		// Kept waiting for another server (least_delay): the waiters
-		// behind w may have these slots.
-		for _, i := range idx {
-			w.nodes[i].declined = q.pass
+		// behind w may have the slots it declined, not those it lost to
+		// a concurrent request (it still wants them).
+		if len(held) == 0 || q.declines >= maxDeclines {
+			return false
+		}
+		q.declines++
+		for k, i := range idx {
+			if len(held) == len(avail) || slices.Contains(held, avail[k]) {
+				w.nodes[i].declined = q.pass
+			}
 		}
 		return false
 	}

@@ -159,6 +159,132 @@ func TestAWaiterThatDeclinesAServerDoesNotHoldItsSlotBack(t *testing.T) {
 	assert.Same(t, prefill, s.b)
 }
 
+// take() returns nil both when the policy holds the request back and when
+// every slot it picked was taken under it by a concurrent request (another
+// frontend's queue on the same server). Only the first is a decline: a
+// waiter that lost its slot to a race still wants it, and the waiter behind
+// it must not be handed that server in the same pass when it frees again.
+// Here W1 picks s, loses it to a concurrent acquisition, picks u and loses
+// that too while a request on s ends (its wake waits for q.mu); W2, behind
+// W1 on s, must not take s ahead of W1.
+func TestAWaiterThatLostARaceIsNotPassedOver(t *testing.T) {
+	s := testBackend("s", func(c *Backend) { c.MaxParallel = 1 })
+	u := testBackend("u", func(c *Backend) { c.MaxParallel = 1 })
+	var scripted atomic.Bool
+	var calls atomic.Int32
+	policy := func(h *Handler, avail []*backend, j *job) *backend {
+		if !scripted.Load() {
+			return nil // hold everything back while the waiters queue
+		}
+		switch calls.Add(1) {
+		case 1: // W1 picks s; a concurrent request takes that slot first
+			s.srv.inFlight.Add(1)
+			return s
+		case 2: // W1 picks u, lost the same way; meanwhile a request on s ends
+			s.srv.inFlight.Add(-1)
+			u.srv.inFlight.Add(1)
+			return u
+		}
+		return avail[0]
+	}
+	h := queueHandler(policy, s, u)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	require.True(t, s.tryAcquire())
+
+	out := make(chan served, 2)
+	wait := func(id int, cands ...*backend) {
+		before := h.queue.length()
+		go func() {
+			b, _, err := h.queue.wait(ctx, &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: &job{}, cands: cands})
+			out <- served{id, b, err}
+		}()
+		require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond)
+	}
+	wait(1, s, u)
+	wait(2, s)
+
+	scripted.Store(true)
+	s.srv.release()            // offers s (and u) to W1, which loses both to races
+	h.queue.dispatchFor(s.srv) // the wake of the request that ended on s meanwhile
+	first := <-out
+	require.NoError(t, first.err)
+	assert.Equal(t, 1, first.id, "W1 never declined s: W2 must not take it ahead of W1")
+}
+
+// Cost: dispatchAll (a policy's wakeAt, a reload, a server joining or
+// leaving a tier) must not run the policy for every waiter behind a
+// declined one: maxDeclines bounds it as it bounds a freed slot's walk.
+func TestDispatchAllPolicyCallsWhenEveryWaiterDeclines(t *testing.T) {
+	s := testBackend("s", func(c *Backend) { c.MaxParallel = 1 })
+	var calls atomic.Int32
+	policy := func(h *Handler, avail []*backend, j *job) *backend {
+		calls.Add(1)
+		return nil
+	}
+	h := queueHandler(policy, s)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	out := make(chan served, 300)
+	for i := 0; i < 200; i++ {
+		before := h.queue.length()
+		go func() {
+			b, _, err := h.queue.wait(ctx, &waiter{client: fmt.Sprint(i), kind: kindCompletion, job: &job{}, cands: []*backend{s}})
+			out <- served{i, b, err}
+		}()
+		require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond)
+	}
+	calls.Store(0)
+	h.queue.dispatchAll()
+	assert.LessOrEqual(t, int(calls.Load()), 65, "dispatchAll, 200 declining waiters: policy calls")
+	calls.Store(0)
+	h.queue.dispatchFor(s.srv)
+	assert.LessOrEqual(t, int(calls.Load()), 65, "a freed slot, 200 declining waiters: policy calls")
+}
+
+// maxDeclines ends the whole serveOneLocked walk, not the class's: when the
+// class owed a server has 64 waiters that decline it, the slot is never
+// offered to the next class, whose waiter would take it. Before the change
+// the owed class's head declined and the next class's head took the slot;
+// dispatchAll does not help either (the owed class is still owed it), so the
+// other tenant waits out its queue_timeout while the server idles.
+func TestDeclinesOfOneClassDoNotKeepTheSlotFromAnother(t *testing.T) {
+	s := testBackend("s", func(c *Backend) { c.MaxParallel = 1 })
+	declines := &job{model: "elsewhere"}
+	policy := func(h *Handler, avail []*backend, j *job) *backend {
+		if j == declines {
+			return nil
+		}
+		return avail[0]
+	}
+	h := queueHandler(policy, s)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	require.True(t, s.tryAcquire())
+	out := make(chan served, 100)
+	wait := func(id int, j *job, class queueClass) {
+		before := h.queue.length()
+		go func() {
+			b, _, err := h.queue.wait(ctx, &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: j, class: class, cands: []*backend{s}})
+			out <- served{id, b, err}
+		}()
+		require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond)
+	}
+	a, b := queueClass{name: "a", share: 1}, queueClass{name: "b", share: 1}
+	for i := 0; i < 65; i++ { // maxDeclines+1
+		wait(i, declines, a)
+	}
+	wait(1000, &job{}, b)
+
+	s.srv.release()
+	select {
+	case got := <-out:
+		assert.Equal(t, 1000, got.id)
+	case <-time.After(2 * time.Second):
+		t.Fatal("tenant b's waiter, which takes s, never got the slot s freed")
+	}
+}
+
 func TestQueueWakesWhenAServerRecoversOrIsUndrained(t *testing.T) {
 	busy := testBackend("busy", func(c *Backend) { c.MaxParallel = 1 })
 	down := testBackend("down", func(c *Backend) { c.MaxParallel = 1 })
