@@ -133,17 +133,21 @@ type rates struct {
 	// a prompt cache); they are not folded in, unless so many come in a
 	// row that the server must have changed.
 	cacheSuspects int
-	genN          int
-	genTok        float64 // seconds per generated token
-	outN          int
-	outTokens     float64 // answer length when the request set no cap
-	inN           int
-	inTokens      float64 // prompt length, for requests whose body gave none
-	charsN        int
-	charsPerTok   float64
-	loads         int
-	load          float64 // seconds per model load
-	lastUsed      time.Time
+	// shift is the way the last answer surprised (shiftedLocked: +1
+	// slower, -1 faster, 0 not), as of shiftAt.
+	shift       int
+	shiftAt     time.Time
+	genN        int
+	genTok      float64 // seconds per generated token
+	outN        int
+	outTokens   float64 // answer length when the request set no cap
+	inN         int
+	inTokens    float64 // prompt length, for requests whose body gave none
+	charsN      int
+	charsPerTok float64
+	loads       int
+	load        float64 // seconds per model load
+	lastUsed    time.Time
 	// loadSeen is when an answer last showed a load of the model that
 	// was not expected (it was believed resident): requests sent before
 	// then that show a load too waited for that same one (Ollama's

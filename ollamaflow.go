@@ -25,7 +25,8 @@
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
 //	job.go         what a request asks of a server, read from its body; typical answer lengths per model
 //	cost.go        the cost model behind least_delay: a request's expected delay on a server
-//	speed.go       what each server learns: requests in flight, rates from Ollama's timings, error share, re-measurement
+//	speed.go       what each server learns: requests in flight, rates from Ollama's timings, error share
+//	shift.go       a server that changed speed: answers that disagree twice replace the estimate; re-measurement
 //	relief.go      least_delay's relief of a lasting queue onto slower servers' free slots, within the pool's tail
 //	placement.go   model placement: residency, what a load would evict, what the eviction costs the pool
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share

@@ -8,9 +8,9 @@ import (
 
 // How each pooled server learns its speed: the requests in flight (task:
 // begin, end), the timings Ollama reports in a completion's final chunk
-// (timingsFrom, learn), the recent share of server errors, and the
-// re-measurement of a server believed slow. cost.go turns what is learned
-// here into a request's expected delay.
+// (timingsFrom, learn) and the recent share of server errors; shift.go
+// notices a server that changed speed. cost.go turns what is learned here
+// into a request's expected delay.
 
 // Server errors. A server that answers 500 at once (a broken GPU, a
 // runner that crashes on load) looks idle and fast: nothing of its speed
@@ -238,7 +238,6 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 			*n++
 		}
 	}
-	genRate := func(rr *rates) (*float64, *int) { return &rr.genTok, &rr.genN }
 	promptLen := func(rr *rates) (*float64, *int) { return &rr.inTokens, &rr.inN }
 	charRatio := func(rr *rates) (*float64, *int) { return &rr.charsPerTok, &rr.charsN }
 	outLen := func(rr *rates) (*float64, *int) { return &rr.outTokens, &rr.outN }
@@ -272,12 +271,18 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 	if t.job.cachedOn == sp {
 		// Conversation affinity sent it to its prompt cache here: its
 		// prompt time says nothing of the server's prompt rate, but
-		// whether the cache was there (cacheodds.go). A split of one
+		// whether the cache was there (cacheodds.go), unless it took
+		// clearly longer than the whole prompt would: no cache explains
+		// that, the server is slower (slowdown: identical prompts, each
+		// sent to its cache, and the server that turned four times
+		// slower was learned from one answer in two). A split of one
 		// time by the fit would only echo the fit.
 		if tm.native || tm.streamed {
 			sp.noteCacheOutcomeLocked(r, t.job, float64(tm.promptCount), promptSec)
 		}
-		promptSec = -1
+		if !(tm.native || tm.streamed) || !r.slowerThanAnyCache(float64(tm.promptCount), promptSec) {
+			promptSec = -1
+		}
 	}
 	heldBack := tm.clientHeldBack()
 	if heldBack {
@@ -286,6 +291,10 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		// byte, so its time stands.
 		genSec = -1
 	}
+	// Two answers in a row that disagree with what was learned the same
+	// way: the server changed speed, and the latest answer is what it is
+	// now (shift.go).
+	shifted := r.shiftedLocked(float64(max(tm.promptCount, 0)), float64(max(tm.evalCount, 0)), promptSec, genSec, now)
 	// A generation rate of one token says little: its time is mostly the
 	// fixed cost of a step.
 	if tm.evalCount > 0 && genSec >= 0 {
@@ -297,11 +306,14 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 			speedup = max(r.genTok/sample, 1)
 		}
 		if tm.promptCount > 0 && promptSec >= 0 {
-			sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, speedup, now)
+			sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, speedup, shifted, now)
 		}
-		fold(sample, genRate)
+		for _, rr := range targets {
+			rr.genTok = ewma(rr.genTok, rr.genN, sample, sampleGap(rr, r, shifted, now))
+			rr.genN++
+		}
 	} else if tm.promptCount > 0 && promptSec >= 0 {
-		sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, 1, now)
+		sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, 1, shifted, now)
 	}
 	if tm.promptCount > 0 {
 		fold(float64(tm.promptCount), promptLen)
@@ -534,7 +546,7 @@ func (sp *speed) splitLocked(r *rates, n, out, total float64) (promptSec, genSec
 // model's fit predicts for its size, beyond what speedup (how much faster
 // the server generates now than learned) explains; a cache only ever
 // makes a prompt faster, so slower samples always count.
-func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup float64, now time.Time) {
+func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup float64, shifted bool, now time.Time) {
 	if pred, determined := r.promptSecs(n); determined && sec*cacheSuspectFactor*speedup < pred {
 		r.cacheSuspects++
 		if r.cacheSuspects < cacheSuspectLimit {
@@ -543,7 +555,7 @@ func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup fl
 	}
 	r.cacheSuspects = 0
 	for _, rr := range targets {
-		rr.foldPrompt(n, sec, now.Sub(rr.at))
+		rr.foldPrompt(n, sec, sampleGap(rr, r, shifted, now))
 	}
 }
 
@@ -616,43 +628,6 @@ func (sp *speed) probesTaken(limit int, inFlight *atomic.Int64, now time.Time) b
 
 // probingSince is when the server's first request went out, zero if none
 // did or it has been observed.
-// remeasureAfter is how long a server may go without a sample before
-// least_delay, while the others queue, sends it one request to measure it
-// again. A server believed slow is otherwise never sent anything, so it
-// could never be seen to have recovered (a model that shared its GPU was
-// unloaded, throttling ended); one request every few seconds is the price.
-const remeasureAfter = 5 * time.Second
-
-// claimRemeasure reports whether the server is due a re-measurement (it
-// has been measured, but not for remeasureAfter, and no re-measurement
-// was sent in that time) and, if so, notes that one is sent now.
-func (sp *speed) claimRemeasure(now time.Time) bool {
-	sp.mu.Lock()
-	defer sp.mu.Unlock()
-	if sp.all.promptN == 0 && sp.all.genN == 0 {
-		return false
-	}
-	if !sp.remeasureNow && (now.Sub(sp.all.at) < remeasureAfter || now.Sub(sp.remeasuring) < remeasureAfter) {
-		return false
-	}
-	sp.remeasuring, sp.remeasureNow, sp.remeasureSent = now, false, true
-	return true
-}
-
-// remeasuredFaster notes the answer of a request sent at or after the
-// last re-measurement: when it took well under the time expected of it,
-// the server has recovered and the next re-measurement goes at once, so
-// a few requests re-learn it instead of one every remeasureAfter (one
-// sample after a gap moves the estimate most of the way, not all of it).
-func (sp *speed) remeasuredFasterLocked(t *task, tm timings) {
-	if sp.remeasuring.IsZero() || t.started.Before(sp.remeasuring) || !tm.native {
-		return
-	}
-	if took := (tm.prompt + tm.ev).Seconds(); took > 0 && took*1.5 < t.service {
-		sp.remeasureNow = true
-	}
-}
-
 func (sp *speed) probingSince() time.Time {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
