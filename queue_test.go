@@ -39,9 +39,15 @@ type served struct {
 // enqueue starts a waiter and returns once it is in the queue.
 func enqueue(t *testing.T, ctx context.Context, h *Handler, id int, client string, cands []*backend, out chan<- served) {
 	t.Helper()
+	enqueueWaiter(t, ctx, h, id, &waiter{client: client, kind: kindCompletion, cands: cands}, out)
+}
+
+// enqueueWaiter starts w (a completion's, sized by its job) waiting and
+// returns once it is in the queue; what it gets goes to out under id.
+func enqueueWaiter(t *testing.T, ctx context.Context, h *Handler, id int, w *waiter, out chan<- served) {
+	t.Helper()
 	before := h.queue.length()
 	go func() {
-		w := &waiter{client: client, kind: kindCompletion, cands: cands}
 		b, _, err := h.queue.wait(ctx, w)
 		out <- served{id, b, err}
 	}()
@@ -131,12 +137,7 @@ func TestAWaiterThatDeclinesAServerDoesNotHoldItsSlotBack(t *testing.T) {
 
 	out := make(chan served, 3)
 	wait := func(id int, j *job, cands ...*backend) {
-		before := h.queue.length()
-		go func() {
-			b, _, err := h.queue.wait(context.Background(), &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: j, cands: cands})
-			out <- served{id, b, err}
-		}()
-		require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond)
+		enqueueWaiter(t, context.Background(), h, id, &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: j, cands: cands}, out)
 	}
 	wait(1, onlyPrefill, prefill, decode) // the oldest, at the head of both lists
 	wait(2, &job{}, prefill, decode)
@@ -194,12 +195,7 @@ func TestAWaiterThatLostARaceIsNotPassedOver(t *testing.T) {
 
 	out := make(chan served, 2)
 	wait := func(id int, cands ...*backend) {
-		before := h.queue.length()
-		go func() {
-			b, _, err := h.queue.wait(ctx, &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: &job{}, cands: cands})
-			out <- served{id, b, err}
-		}()
-		require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond)
+		enqueueWaiter(t, ctx, h, id, &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: &job{}, cands: cands}, out)
 	}
 	wait(1, s, u)
 	wait(2, s)
@@ -227,12 +223,7 @@ func TestDispatchAllPolicyCallsWhenEveryWaiterDeclines(t *testing.T) {
 	defer cancel()
 	out := make(chan served, 300)
 	for i := 0; i < 200; i++ {
-		before := h.queue.length()
-		go func() {
-			b, _, err := h.queue.wait(ctx, &waiter{client: fmt.Sprint(i), kind: kindCompletion, job: &job{}, cands: []*backend{s}})
-			out <- served{i, b, err}
-		}()
-		require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond)
+		enqueueWaiter(t, ctx, h, i, &waiter{client: fmt.Sprint(i), kind: kindCompletion, job: &job{}, cands: []*backend{s}}, out)
 	}
 	calls.Store(0)
 	h.queue.dispatchAll()
@@ -263,12 +254,7 @@ func TestDeclinesOfOneClassDoNotKeepTheSlotFromAnother(t *testing.T) {
 	require.True(t, s.tryAcquire())
 	out := make(chan served, 100)
 	wait := func(id int, j *job, class queueClass) {
-		before := h.queue.length()
-		go func() {
-			b, _, err := h.queue.wait(ctx, &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: j, class: class, cands: []*backend{s}})
-			out <- served{id, b, err}
-		}()
-		require.Eventually(t, func() bool { return h.queue.length() == before+1 }, 5*time.Second, time.Millisecond)
+		enqueueWaiter(t, ctx, h, id, &waiter{client: fmt.Sprint(id), kind: kindCompletion, job: j, class: class, cands: []*backend{s}}, out)
 	}
 	a, b := queueClass{name: "a", share: 1}, queueClass{name: "b", share: 1}
 	for i := 0; i < 65; i++ { // maxDeclines+1
