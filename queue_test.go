@@ -222,9 +222,13 @@ func TestDispatchAllPolicyCallsWhenEveryWaiterDeclines(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	out := make(chan served, 300)
+	// s is full while they queue: a waiter's own dispatch after it
+	// queued would otherwise still be running the policy below.
+	require.True(t, s.tryAcquire())
 	for i := 0; i < 200; i++ {
 		enqueueWaiter(t, ctx, h, i, &waiter{client: fmt.Sprint(i), kind: kindCompletion, job: &job{}, cands: []*backend{s}}, out)
 	}
+	s.srv.inFlight.Add(-1) // free, without a wake
 	calls.Store(0)
 	h.queue.dispatchAll()
 	assert.LessOrEqual(t, int(calls.Load()), 65, "dispatchAll, 200 declining waiters: policy calls")
