@@ -365,6 +365,13 @@ func loadCaddy(cfg string) error {
 	if err := caddy.Load(js, true); err != nil {
 		return fmt.Errorf("loading the config: %w", err)
 	}
+	// Load returns once the old servers have begun to shut down, not once
+	// they stopped accepting: they share the listening socket with the new
+	// ones, and a connection the old one accepts in that window is closed
+	// unanswered (TestFailover's first three requests, sent 0-1 ms after the
+	// previous scenario's reload, got EOF and resets in CI). A moment lets
+	// the old accept loops end.
+	time.Sleep(250 * time.Millisecond)
 	// A load stops the old server, which closes its kept-alive
 	// connections; a POST sent on one the client still thinks open fails
 	// with a reset and is not retried (TestFailover's first requests did,
