@@ -178,6 +178,7 @@ type task struct {
 	work     float64   // expected load + prompt + output seconds
 	cold     bool      // the model was not resident (or was loading) when it was sent
 	loader   bool      // it is the request that loads the model
+	blind    bool      // sent before the server's lists were read: whether it loads is not known
 	inFlight int       // requests in flight on the server when it was sent (sent before it, itself included)
 	measures bool      // sent to measure or re-measure the server (see longestDelay)
 	done     atomic.Bool

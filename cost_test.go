@@ -663,7 +663,8 @@ func servedOneAlone() (*backend, time.Time) {
 
 func TestLeastDelayJoinsNoLoadBlindBeforeTheListsAreRead(t *testing.T) {
 	// A fresh pool's first requests come before any /api/ps was read:
-	// the first one sent to "slow" is taken to load the model there.
+	// the first one sent to "slow" is not taken to load the model there
+	// (TestARequestSentBeforeTheListsAreReadLoadsNothing).
 	fast, slow := testBackend("fast", nil), testBackend("slow", nil)
 	require.False(t, fast.srv.models.Load().known)
 	h := &Handler{}
@@ -671,7 +672,7 @@ func TestLeastDelayJoinsNoLoadBlindBeforeTheListsAreRead(t *testing.T) {
 	now := time.Now()
 	slow.srv.inFlight.Store(1)
 	slow.srv.speed.startProbe(now)
-	require.True(t, slow.begin(&job{model: "m"}, now).loader)
+	require.False(t, slow.begin(&job{model: "m"}, now).loader)
 
 	assert.Equal(t, "fast", pickLeastDelay(h, []*backend{fast, slow}, &job{model: "m"}).cfg.Name, "measured first")
 	fast.srv.inFlight.Store(1)

@@ -113,6 +113,61 @@ func TestLeastDelayJoinsALoadUnderWay(t *testing.T) {
 	assert.Equal(t, "idle", pickLeastDelay(h, fresh, &job{model: "b"}).cfg.Name, "resident there: no load to share")
 }
 
+func TestARequestSentBeforeTheListsAreReadLoadsNothing(t *testing.T) {
+	h := &Handler{}
+	now := time.Now()
+	// A fresh pool's first burst: each server's measuring request went
+	// out before its /api/tags and /api/ps were read.
+	var pool []*backend
+	for _, name := range []string{"s1", "s2", "s3"} {
+		b := testBackend(name, nil)
+		b.srv.inFlight.Store(1)
+		first := b.begin(&job{model: "m"}, now)
+		assert.False(t, first.loader, "not knowing what is resident is no load")
+		_, loading := b.srv.speed.pendingLoad("m", now)
+		assert.False(t, loading, "%s: a request after it would join a load that is not there", name)
+		pool = append(pool, b)
+	}
+	// The lists arrive: m resident everywhere. Each server holds one
+	// request of unknown speed; none is a load to queue behind, so a
+	// next request is not stacked onto one as its cheapest load.
+	for _, b := range pool {
+		b.srv.models.Store(psWith("m"))
+	}
+	stacked := 0
+	for range 6 {
+		if b := pickLeastDelay(h, pool, &job{model: "m"}); b != nil {
+			if _, loading := b.srv.speed.pendingLoad("m", now); loading {
+				stacked++
+			}
+		}
+	}
+	assert.Zero(t, stacked)
+
+	// Its answer, with no load_duration, says nothing of the room for
+	// models (a request taken to load one would have reset it).
+	b := testBackend("late", nil)
+	b.srv.inFlight.Store(1)
+	first := b.begin(&job{model: "m"}, now)
+	b.srv.speed.room = 2
+	b.srv.models.Store(psWith("m"))
+	first.learn(final(100*ms, 0, 0, 10, 1), now.Add(100*ms))
+	assert.Equal(t, 2, b.srv.speed.room)
+
+	// Nor does one that did load the model: it is a load to learn the
+	// time of, and no eviction (many-models, nothing resident at the
+	// start, lost a model's place on each server this way).
+	b.srv.models.Store(&modelSnapshot{})
+	b.srv.inFlight.Store(1)
+	loads := b.begin(&job{model: "m2"}, now.Add(time.Second))
+	b.srv.models.Store(psWith("m", "m2"))
+	loaded, evicted := loads.learn(final(100*ms, 400*ms, 0, 10, 1), now.Add(1500*ms))
+	assert.True(t, loaded)
+	assert.False(t, evicted)
+	assert.Equal(t, 2, b.srv.speed.room)
+	assert.InDelta(t, 0.4, b.srv.speed.coldCost("m2"), 1e-9, "the load's time is learned")
+}
+
 func TestNewConversationsAreNotSpreadOntoALoad(t *testing.T) {
 	h := &Handler{}
 	// Nothing measured: "loading" is loading "m" for its first request,

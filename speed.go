@@ -108,7 +108,13 @@ func (sp *speed) claimErrorProbe(now time.Time) bool {
 // there is taken to be evicted.
 func (b *backend) begin(j *job, now time.Time) *task {
 	s := b.srv
-	cold := notResident(b, j.model)
+	// Before the server's lists are read, a request is not taken to load
+	// its model: not knowing is no load, and the belief would draw the
+	// requests after it to join a load that is not there (a fresh pool's
+	// first burst stacked three requests on each slow server of
+	// fresh-burst), and its answer would reset what room was learned.
+	known := s.models.Load().known
+	cold := known && notResident(b, j.model)
 	sp := &s.speed
 	sp.mu.Lock()
 	if len(sp.probeClaims) > 0 {
@@ -123,7 +129,7 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	// requests dispatched at the same instant (a queue released at
 	// once), which reach the server after this one.
 	t := &task{sp: sp, job: j, started: now, service: d.prompt + d.output, work: d.load + d.prompt + d.output,
-		cold: cold || loading, loader: cold && !loading, inFlight: len(sp.tasks) + 1,
+		cold: cold || loading, loader: cold && !loading, blind: !known && j.model != "", inFlight: len(sp.tasks) + 1,
 		measures: sp.remeasureSent || sp.all.promptN == 0 && sp.all.genN == 0}
 	sp.remeasureSent = false
 	t.finish = now.Add(time.Duration(d.total() * float64(time.Second)))
@@ -352,6 +358,11 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		sp.room, sp.roomAt = 0, now
 	case t.cold:
 		// It waited for another request's load: nothing to learn.
+	case t.blind && loadSec > signal:
+		// A load where nothing was known of what the server held: no
+		// eviction to learn the room from.
+		sp.observeLoadLocked(r, loadSec, now)
+		return true, false
 	case loadSec > signal && !r.loadSeen.Before(t.started):
 		// It shared a load already noticed (sent before that answer
 		// came): one load, one eviction. Counting it again would take
