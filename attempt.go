@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // The attempt loop: each attempt takes a slot on a different backend, and a
@@ -21,6 +23,9 @@ type attemptResult struct {
 	done  bool
 	abort bool   // the body was cut where no error can be written: abort the response
 	cause string // what went wrong, for the final error message
+	// moved: a spare request whose server another outran (spare.go); it
+	// is chosen again, and the move is no failure and no retry.
+	moved bool
 }
 
 // proxy runs the attempt loop: each attempt takes a slot on a different
@@ -92,6 +97,11 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		}
 		if last.done {
 			return nil
+		}
+		if last.moved {
+			j.spareOn, j.spareAmong = nil, nil
+			attempt-- // no attempt: each move puts its server in tried, so moves end
+			continue
 		}
 		failed = b
 	}
@@ -199,7 +209,26 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 	}
 	timer := time.AfterFunc(limit, func() { cancel(limitErr) })
 	defer timer.Stop()
+	var spare *spareRace
+	if j.spareOn == b.srv {
+		// Sent beside the server's measuring request: moved if another
+		// server outruns it before its answer begins (spare.go).
+		spare = newSpareRace()
+		go spare.watch(ctx, cancel, b, j.spareAmong)
+	}
 	res, err := h.roundTrip(b, out)
+	if spare != nil && !spare.answered() {
+		if err == nil {
+			res.Body.Close()
+		}
+		if r.Context().Err() != nil {
+			return attemptResult{done: true} // the client left too
+		}
+		if ce := h.logger.Check(zap.DebugLevel, "spare request moved: another server answered sooner"); ce != nil {
+			ce.Write(zap.String("frontend", h.Name), zap.String("backend", b.cfg.Name))
+		}
+		return attemptResult{moved: true}
+	}
 	if streams {
 		timer.Stop()
 	}

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -581,7 +582,14 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	case len(avail) == 1:
 		return avail[0] // nothing to choose between: no point waiting
 	}
-	// Every candidate is unobserved and busy being measured.
+	// Every candidate is unobserved and busy being measured: a slot
+	// beside a measuring request is raced rather than left idle (spare.go).
+	if len(observed) == 0 && h.queue != nil {
+		if b := h.claimSpare(unobserved, j, now); b != nil {
+			j.spareOn, j.spareAmong = b.srv, slices.Clone(avail)
+			return b
+		}
+	}
 	if !oldestProbe.IsZero() && time.Since(oldestProbe) < bootstrapHold && h.queue != nil {
 		h.queue.wakeAt(oldestProbe.Add(bootstrapHold))
 		return nil

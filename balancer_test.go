@@ -226,14 +226,20 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 		return b
 	}
 
-	// A fresh pool: one request to each server measures it; the next waits
-	// for the first answer instead of piling onto servers of unknown speed.
+	// A fresh pool: one request to each server measures it, and one more
+	// each is a spare beside it (spare.go); the next waits for the first
+	// answer instead of piling onto servers of unknown speed.
 	seen := map[string]bool{}
 	for range 3 {
 		seen[take().cfg.Name] = true
 	}
 	assert.Len(t, seen, 3)
-	assert.Nil(t, take(), "held back: every server is being measured")
+	spares := map[string]bool{}
+	for range 3 {
+		spares[take().cfg.Name] = true
+	}
+	assert.Len(t, spares, 3, "one spare per server")
+	assert.Nil(t, take(), "held back: every server is being measured, a spare beside each")
 
 	// The first answer comes from the fast one: it takes everything while
 	// the slow ones are still being measured, their first requests
@@ -408,7 +414,11 @@ func TestHeldRequestsDoNotQueueBehindTheFirstAnswer(t *testing.T) {
 	other.srv.speed.startProbe(now.Add(-400 * ms))
 
 	release := hold(first, 1, now)
-	assert.Same(t, first, pickLeastDelay(h, all, &job{}), "the untried slot is tried, not waited for")
+	assert.Nil(t, pickLeastDelay(h, all, &job{}),
+		"other's answer is due before the untried slot's half wait: it may be as fast, its slots free")
+	other.srv.speed.probing = now.Add(-100 * ms)
+	assert.Same(t, first, pickLeastDelay(h, all, &job{}), "other's answer is due later: the untried slot is tried")
+	other.srv.speed.probing = now.Add(-400 * ms)
 	release()
 
 	release = hold(first, 2, now) // every slot it is planned to have

@@ -494,15 +494,14 @@ const probeSlack = 0.1
 // of equal servers the first to answer otherwise drew every request held
 // back for the first answer, its queue a whole answer deep, while the
 // others answered a millisecond later (equal-over's p99 was 0.44 s,
-// least_conn's 0.18 s). The untried slot (slots) does not count as taken:
-// it is as likely there as missing, and holding the request that would
-// try it made it race, at the wake, the requests of clients answered
-// meanwhile, a fast server's free slots going to them instead (fresh-burst,
-// one fast server among slow ones: p99 0.31 s instead of 0.22 s).
+// least_conn's 0.18 s). A request that would take best's untried slot
+// waits too, when another server's answer is due before its half wait:
+// since spare requests (spare.go) every server of an equal pool is seen
+// serving two at once by its first answers, and the first to answer drew
+// requests into an untried third slot, where they waited inside the
+// server while the others were answering that millisecond (equal-exact:
+// two requests of 0.17 s against 0.09 s).
 func (h *Handler) awaitProbe(unobserved []*backend, j *job, best *backend, service, wait float64, now time.Time) (time.Time, bool) {
-	if !best.srv.speed.full(best.cfg.MaxParallel, int(best.srv.inFlight.Load()), now) {
-		return time.Time{}, false
-	}
 	var until time.Time
 	limit := now.Add(time.Duration(wait * float64(time.Second)))
 	took := time.Duration(service*(1+probeSlack)*float64(time.Second)) + best.srv.speed.lastSlack()
@@ -533,12 +532,4 @@ func (sp *speed) lastSlack() time.Duration {
 		}
 	}
 	return 0
-}
-
-// full reports whether inFlight requests take every slot the server is
-// planned to have, the untried one included.
-func (sp *speed) full(maxParallel, inFlight int, now time.Time) bool {
-	sp.mu.Lock()
-	defer sp.mu.Unlock()
-	return inFlight >= sp.slotsLocked(maxParallel, now)
 }

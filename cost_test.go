@@ -698,6 +698,8 @@ func TestLeastDelayJoinsNoLoadBlindWhileAServerHoldingTheModelIsMeasured(t *test
 	warm.srv.inFlight.Store(1)
 	warm.srv.speed.startProbe(now)
 	pool := []*backend{warm, loading}
+	assert.Equal(t, "warm", pickLeastDelay(h, pool, &job{model: "m"}).cfg.Name,
+		"a spare beside warm's measuring request (spare.go), not a share of the load")
 	for range 3 {
 		assert.Nil(t, pickLeastDelay(h, pool, &job{model: "m"}),
 			"nothing observed: a load's rest weighed against nothing would draw every request there")

@@ -31,6 +31,11 @@ type job struct {
 	// avoid is what the current attempt passes over above largePool
 	// (largepool.go).
 	avoid avoidance
+	// spareOn is the server the request was sent to as a spare beside
+	// its measuring request, and spareAmong the candidates that may
+	// outrun it (spare.go); nil otherwise.
+	spareOn    *server
+	spareAmong []*backend
 	// answers is where the typical length of the model's uncapped
 	// answers is read (nil: only what each server saw itself).
 	answers *answerTable

@@ -28,6 +28,7 @@
 //	speed.go       what each server learns: requests in flight, rates from Ollama's timings, error share
 //	shift.go       a server that changed speed: answers that disagree twice replace the estimate; re-measurement
 //	relief.go      least_delay's relief of a lasting queue onto slower servers' free slots, within the pool's tail
+//	spare.go       least_delay on a fresh pool: a spare request beside each measuring one, moved when another server answers sooner
 //	placement.go   model placement: residency, what a load would evict, what the eviction costs the pool
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue

@@ -231,6 +231,9 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 	sp := t.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	if sp.all.promptN == 0 && sp.all.genN == 0 {
+		defer sp.signalFirstLocked()
+	}
 	sp.remeasuredFasterLocked(t, tm)
 	r := sp.ratesLocked(t.job.model)
 	targets := []*rates{&sp.all}

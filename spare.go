@@ -1,0 +1,227 @@
+package ollamaflow
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Spare slots on a fresh pool. While least_delay knows the speed of no
+// candidate, every server gets one measuring request and the rest of a
+// burst would wait in the queue for the first answer, then for a slot: on
+// a pool of equal servers with two slots each, half of the burst took two
+// answers' time (equal-exact's p99 176 ms against least_conn's 91 ms), and
+// with some 300 requests in a run those few decide the p99. Sent at once
+// to the slot a server being measured may have beside its measuring
+// request, such a request ends with it when the server is as fast as the
+// others; when it is slower, the first answer elsewhere shows it: once
+// another server has answered the server's measuring request in the time
+// it would take there, plus probeSlack, the spare request is cancelled
+// before any byte of it reached the client and chosen again, now with a
+// speed known. It then ends about where holding it would have ended it, a
+// tenth of an answer later, instead of behind a slow server's queue. The
+// price on a server with a single slot is nothing either: the spare
+// request waits inside it for the measuring one, as it would have waited
+// in the proxy's queue.
+
+// errOutrun cancels a spare request whose server another one outran.
+var errOutrun = errors.New("moved: another server answered first")
+
+// spareLimit is the requests a server being measured may have at once:
+// its measuring request and one spare.
+const spareLimit = 2
+
+// claimSpare picks, among the candidates being measured, a server for a
+// spare request beside its measuring request, and claims the slot; nil
+// when none has one. With max_parallel set, measuring already uses every
+// slot the server is known to have.
+func (h *Handler) claimSpare(unobserved []*backend, j *job, now time.Time) *backend {
+	var buf [largePool]*backend
+	open := buf[:0]
+	for _, b := range unobserved {
+		if b.cfg.MaxParallel > 0 || b.srv.inFlight.Load() != 1 {
+			continue
+		}
+		p := b.srv.speed.probingSince()
+		if p.IsZero() || now.Sub(p) >= bootstrapHold {
+			continue
+		}
+		if h.coldFor(b, j.model) || b.srv.speed.mostlyErrors(now) {
+			// A load (or, lists not read yet, maybe one), or errors: its
+			// answer is no speed to race, and a spare that loads a model
+			// evicts another.
+			continue
+		}
+		if _, loading := b.srv.speed.pendingLoad(j.model, now); loading {
+			continue // its first request loads the model: no answer soon
+		}
+		open = append(open, b)
+	}
+	for len(open) > 0 {
+		b := pickLeastConn(h, open, j)
+		if b.srv.speed.claimProbe(spareLimit, &b.srv.inFlight, now) {
+			return b
+		}
+		open = without(open, b)
+	}
+	return nil
+}
+
+// outrunAt is when another of among will have shown itself faster than
+// b: b's measuring request has run longer than that server's time for it,
+// plus probeSlack and the time the proxy saw beyond its last answer. Zero
+// while no other server has answered, or b has.
+func outrunAt(b *backend, among []*backend) time.Time {
+	p, probe := b.srv.speed.measuringJob()
+	if p.IsZero() {
+		return time.Time{}
+	}
+	var at time.Time
+	for _, f := range among {
+		if f == b {
+			continue
+		}
+		service, ok := f.srv.speed.serviceFor(probe)
+		if !ok {
+			continue
+		}
+		t := p.Add(time.Duration(service*(1+probeSlack)*float64(time.Second)) + f.srv.speed.lastSlack())
+		if at.IsZero() || t.Before(at) {
+			at = t
+		}
+	}
+	return at
+}
+
+// spareRace decides, once, between a spare request's answer and its move:
+// a move decided as the headers arrive must not cut an answer already
+// being passed on, nor an answer begun be taken for a move.
+type spareRace struct {
+	state   atomic.Int32 // 0 racing, 1 answered, 2 moved
+	stopped chan struct{}
+}
+
+func newSpareRace() *spareRace { return &spareRace{stopped: make(chan struct{})} }
+
+// answered reports whether the answer may be passed on (false: the request
+// was moved), and stops the watch.
+func (r *spareRace) answered() bool {
+	ok := r.state.CompareAndSwap(0, 1)
+	close(r.stopped)
+	return ok
+}
+
+// watch cancels the attempt with errOutrun once another of among outran b
+// (outrunAt), unless the answer came first or b was measured: a server
+// that answered as fast as the others keeps its spare request.
+func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, b *backend, among []*backend) {
+	for {
+		answered := firstSamples.wait()
+		if b.srv.speed.probingSince().IsZero() {
+			return
+		}
+		at := outrunAt(b, among)
+		if !at.IsZero() && !time.Now().Before(at) {
+			if r.state.CompareAndSwap(0, 2) {
+				cancel(errOutrun)
+			}
+			return
+		}
+		if !racing(ctx, r.stopped, answered, at) {
+			return
+		}
+	}
+}
+
+// racing waits for the next first sample anywhere or for at (when set);
+// false when the attempt no longer needs watching.
+func racing(ctx context.Context, stopped, answered <-chan struct{}, at time.Time) bool {
+	var timer <-chan time.Time
+	if !at.IsZero() {
+		t := time.NewTimer(time.Until(at))
+		defer t.Stop()
+		timer = t.C
+	}
+	select {
+	case <-stopped:
+		return false
+	case <-ctx.Done():
+		return false
+	case <-answered:
+	case <-timer:
+	}
+	return true
+}
+
+// firstSamples is closed and replaced whenever a server gets its first
+// speed sample, for the spare requests that race it.
+var firstSamples broadcast
+
+type broadcast struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+// wait returns a channel closed at the next signal.
+func (b *broadcast) wait() <-chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ch == nil {
+		b.ch = make(chan struct{})
+	}
+	return b.ch
+}
+
+func (b *broadcast) signal() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.ch != nil {
+		close(b.ch)
+		b.ch = nil
+	}
+}
+
+// measuringJob is when the server's first request went out and what it
+// asked (nil: it is no longer in flight), zero once it is measured.
+func (sp *speed) measuringJob() (time.Time, *job) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN > 0 || sp.all.genN > 0 || sp.probing.IsZero() {
+		return time.Time{}, nil
+	}
+	var first *task
+	for _, t := range sp.tasks {
+		if first == nil || t.id < first.id {
+			first = t
+		}
+	}
+	if first == nil {
+		return sp.probing, nil
+	}
+	return sp.probing, first.job
+}
+
+// serviceFor is the server's time for j's prompt and answer (a typical
+// request for a nil j); false before it is measured.
+func (sp *speed) serviceFor(j *job) (float64, bool) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN == 0 && sp.all.genN == 0 {
+		return 0, false
+	}
+	if j == nil {
+		j = &job{}
+	}
+	p, o := sp.serviceLocked(j)
+	return p + o, true
+}
+
+// signalFirstLocked wakes the spare requests racing a server measured for
+// the first time, if this answer measured it.
+func (sp *speed) signalFirstLocked() {
+	if sp.all.promptN > 0 || sp.all.genN > 0 {
+		firstSamples.signal()
+	}
+}
