@@ -51,7 +51,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			break
 		}
 		var b *backend
-		if attempt == 0 {
+		if attempt == 0 && !j.moved {
 			b, info.sticky, info.route, convID = h.acquireFirst(r, avail, conv, j)
 			if info.sticky != "" {
 				w.Header().Set("X-OllamaFlow-Sticky", info.sticky)
@@ -99,8 +99,16 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			return nil
 		}
 		if last.moved {
-			j.spareOn, j.spareAmong = nil, nil
-			attempt-- // no attempt: each move puts its server in tried, so moves end
+			// No attempt and no failure: the server it left stays a
+			// candidate (its first answer may yet show it the best), the
+			// retry counted for it already is not counted again, and the
+			// route chosen first (sticky, affinity) is not chosen anew.
+			// A request is moved once at most (claimSpare).
+			j.spareOn, j.spareAmong, j.moved = nil, nil, true
+			tried = tried[:len(tried)-1]
+			info.attempts--
+			failed = nil
+			attempt--
 			continue
 		}
 		failed = b

@@ -432,6 +432,7 @@ type scored struct {
 // piling onto servers of unknown speed; after bootstrapHold without an
 // answer it falls back to least_conn.
 func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
+	j.spareOn, j.spareAmong = nil, nil // a pick whose slot was not had is no spare
 	avail = leastFailing(avail)
 	now := time.Now()
 	var unobserved []*backend

@@ -36,6 +36,9 @@ type job struct {
 	// outrun it (spare.go); nil otherwise.
 	spareOn    *server
 	spareAmong []*backend
+	// moved: it was a spare request once and was moved; it is not sent
+	// as one again.
+	moved bool
 	// answers is where the typical length of the model's uncapped
 	// answers is read (nil: only what each server saw itself).
 	answers *answerTable

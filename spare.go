@@ -38,6 +38,9 @@ const spareLimit = 2
 // when none has one. With max_parallel set, measuring already uses every
 // slot the server is known to have.
 func (h *Handler) claimSpare(unobserved []*backend, j *job, now time.Time) *backend {
+	if j.moved {
+		return nil
+	}
 	var buf [largePool]*backend
 	open := buf[:0]
 	for _, b := range unobserved {
@@ -80,8 +83,8 @@ func outrunAt(b *backend, among []*backend) time.Time {
 	}
 	var at time.Time
 	for _, f := range among {
-		if f == b {
-			continue
+		if f == b || !f.usable() {
+			continue // a server drained or failing since outruns nothing
 		}
 		service, ok := f.srv.speed.serviceFor(probe)
 		if !ok {

@@ -2,7 +2,9 @@ package ollamaflow
 
 import (
 	"fmt"
+	"io"
 	"net/http"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -110,26 +112,7 @@ func TestASpareRequestOnASlowerServerMovesToTheFirstToAnswer(t *testing.T) {
 	slow.Hold(fakeollama.Completions...)
 	defer slow.Release()
 
-	type answer struct {
-		status  int
-		backend string
-	}
-	answers := make(chan answer, 4)
-	var wg sync.WaitGroup
-	for i := range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			body := fmt.Sprintf(`{"model":"tiny-llama","messages":[{"role":"user","content":"question %d"}],"stream":false}`, i)
-			res, err := client.Post(siteURL+"/api/chat", "application/json", strings.NewReader(body))
-			if err != nil {
-				answers <- answer{0, err.Error()}
-				return
-			}
-			res.Body.Close()
-			answers <- answer{res.StatusCode, res.Header.Get("X-OllamaFlow-Backend")}
-		}()
-	}
+	answers, wg := burst(4, false, "/api/chat")
 	for range 3 {
 		a := <-answers
 		assert.Equal(t, http.StatusOK, a.status)
@@ -142,4 +125,177 @@ func TestASpareRequestOnASlowerServerMovesToTheFirstToAnswer(t *testing.T) {
 	assert.Equal(t, "slow", a.backend, "its measuring request stayed")
 	assert.Equal(t, 2, slow.Count("/api/chat"), "slow was sent a spare beside its measuring request")
 	assert.Equal(t, 3, fast.Count("/api/chat"))
+}
+
+// burstAnswer is what a client of burst got.
+type burstAnswer struct {
+	status  int
+	backend string
+	route   string
+	body    string
+}
+
+// burst sends n chat requests at once to path, each its own first
+// message, and returns their answers as they come.
+func burst(n int, stream bool, path string) (chan burstAnswer, *sync.WaitGroup) {
+	answers := make(chan burstAnswer, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			body := fmt.Sprintf(`{"model":"tiny-llama","messages":[{"role":"user","content":"question %d"}],"stream":%v`, i, stream)
+			if stream && strings.HasPrefix(path, "/v1/") {
+				body += `,"stream_options":{"include_usage":true}` // the token counts that measure a server
+			}
+			body += "}"
+			res, err := client.Post(siteURL+path, "application/json", strings.NewReader(body))
+			if err != nil {
+				answers <- burstAnswer{body: err.Error()}
+				return
+			}
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			answers <- burstAnswer{res.StatusCode, res.Header.Get("X-OllamaFlow-Backend"), res.Header.Get("X-OllamaFlow-Route"), string(b)}
+		})
+	}
+	return answers, &wg
+}
+
+// fastAndSlow are two fresh servers of one speed, a wide one and one with
+// a single slot that holds its answers until released.
+func fastAndSlow(t *testing.T) (fast, slow *fakeollama.Server) {
+	tiny := []string{"tiny-llama"}
+	fast = fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 4, FirstByteDelay: 300 * time.Millisecond, Tokens: 3, TokenGap: 10 * time.Millisecond})
+	t.Cleanup(fast.Close)
+	slow = fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 1, FirstByteDelay: 300 * time.Millisecond, Tokens: 3})
+	t.Cleanup(slow.Close)
+	slow.Hold(fakeollama.Completions...)
+	t.Cleanup(slow.Release)
+	return fast, slow
+}
+
+// arrived waits until the fake has received n requests on path.
+func arrived(t *testing.T, f *fakeollama.Server, path string, n int) {
+	t.Helper()
+	require.Eventually(t, func() bool { return f.Count(path) >= n }, 5*time.Second, 5*time.Millisecond)
+}
+
+// A move is no attempt: the server the spare left stays a candidate for
+// the request's retries. Here the server it moved to answers 503 "server
+// busy" from then on, and the request is retried on the slow server it
+// left (a move that took its server out of the candidates left it none).
+func TestAMovedSpareMayStillBeRetriedOnTheServerItLeft(t *testing.T) {
+	fast, slow := fastAndSlow(t)
+	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
+	waitKnown(t, []*fakeollama.Server{fast, slow})
+	answers, wg := burst(4, false, "/api/chat")
+	arrived(t, fast, "/api/chat", 2) // its measuring request and a spare
+	arrived(t, slow, "/api/chat", 2)
+	fast.FailWith(http.StatusServiceUnavailable, fakeollama.ServerBusy, fakeollama.Completions...)
+	arrived(t, fast, "/api/chat", 3) // the spare moved from slow, or a request held for the first answer
+	time.Sleep(300 * time.Millisecond)
+	slow.Release()
+	wg.Wait()
+	close(answers)
+	for a := range answers {
+		assert.Equal(t, http.StatusOK, a.status, "backend %s: %s", a.backend, a.body)
+	}
+}
+
+// The server that answered first is drained before the spare on the slow
+// server would move to it: the spare stays where it is (a drained server
+// outruns nothing), and nothing waits for the drained server.
+func TestASpareIsNotMovedToAServerThatCannotServe(t *testing.T) {
+	fast, slow := fastAndSlow(t)
+	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s\nqueue_timeout 3s", fast.URL, slow.URL))
+	waitKnown(t, []*fakeollama.Server{fast, slow})
+	answers, wg := burst(4, false, "/api/chat")
+	arrived(t, fast, "/api/chat", 2)
+	arrived(t, slow, "/api/chat", 2)
+	s := pooled(t, fast.URL)
+	s.draining.Store(true)
+	defer s.draining.Store(false)
+	time.Sleep(800 * time.Millisecond) // fast has answered; the spare would have moved
+	slow.Release()
+	wg.Wait()
+	close(answers)
+	for a := range answers {
+		assert.Equal(t, http.StatusOK, a.status, "backend %s: %s", a.backend, a.body)
+	}
+	assert.Equal(t, 2, fast.Count("/api/chat"), "nothing more was sent to the drained server")
+}
+
+// A retry's attempt moved as a spare counts the retry once.
+func TestAMoveIsNoRetry(t *testing.T) {
+	tiny := []string{"tiny-llama"}
+	bad := fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 4, Tokens: 2})
+	defer bad.Close()
+	bad.FailWith(http.StatusBadGateway, "bad gateway", fakeollama.Completions...)
+	fast, slow := fastAndSlow(t)
+	// slow weighs 2: least_conn sends the retry's spare there (1/2 < 1/1).
+	loadCaddy(t, fmt.Sprintf("name spare-retries\nbackend bad %s\nbackend fast %s\nbackend slow %s {\n weight 2\n}", bad.URL, fast.URL, slow.URL))
+	waitKnown(t, []*fakeollama.Server{bad, fast, slow})
+	const metric = `ollamaflow_retries_total{backend="bad",frontend="spare-retries"}`
+	before := max(scrape(t, metric), 0)
+
+	answers, wg := burst(3, false, "/api/chat")
+	time.Sleep(900 * time.Millisecond)
+	slow.Release()
+	wg.Wait()
+	close(answers)
+	for a := range answers {
+		assert.Equal(t, http.StatusOK, a.status, "backend %s: %s", a.backend, a.body)
+	}
+	require.Equal(t, 1, bad.Count("/api/chat"), "one request failed on bad")
+	assert.Equal(t, 2, slow.Count("/api/chat"), "slow had a measuring request and the retry's spare")
+	assert.Equal(t, before+1, scrape(t, metric), "one failure on bad, one retry")
+}
+
+// A moved request keeps the route it was given first: four first
+// messages of new conversations are placed by the policy, none reported
+// as an affinity overflow of its own record on the server it left.
+func TestAMovedRequestKeepsItsRoute(t *testing.T) {
+	fast, slow := fastAndSlow(t)
+	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s\nconversation_affinity", fast.URL, slow.URL))
+	waitKnown(t, []*fakeollama.Server{fast, slow})
+	answers, wg := burst(4, false, "/api/chat")
+	arrived(t, fast, "/api/chat", 3)
+	slow.Release()
+	wg.Wait()
+	close(answers)
+	for a := range answers {
+		assert.Equal(t, "policy", a.route, "backend %s", a.backend)
+	}
+	assert.Equal(t, 2, slow.Count("/api/chat"), "slow had a spare, which moved")
+}
+
+// A streamed request moved as a spare reaches its client once: one
+// stream, whole, of the server it moved to.
+func TestAMovedStreamIsWhole(t *testing.T) {
+	for _, path := range []string{"/api/chat", "/v1/chat/completions"} {
+		t.Run(path, func(t *testing.T) {
+			fast, slow := fastAndSlow(t)
+			loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
+			waitKnown(t, []*fakeollama.Server{fast, slow})
+			answers, wg := burst(4, true, path)
+			arrived(t, fast, path, 3)
+			time.Sleep(300 * time.Millisecond)
+			slow.Release()
+			wg.Wait()
+			close(answers)
+			for a := range answers {
+				assert.Equal(t, http.StatusOK, a.status)
+				if path == "/api/chat" {
+					assert.Equal(t, 1, strings.Count(a.body, `"done":true`), a.body)
+					continue
+				}
+				assert.Equal(t, 1, strings.Count(a.body, "[DONE]"), a.body)
+				ids := map[string]bool{}
+				for _, m := range regexp.MustCompile(`"id":"([^"]+)"`).FindAllStringSubmatch(a.body, -1) {
+					ids[m[1]] = true
+				}
+				assert.Len(t, ids, 1, a.body)
+			}
+			assert.Equal(t, 2, slow.Count(path), "slow had a spare, which moved")
+		})
+	}
 }
