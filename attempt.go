@@ -318,6 +318,9 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		}
 	}
 	var tail tailKeeper
+	if api == apiOpenAI && streams {
+		tail.countSSE()
+	}
 	var loaded bool
 	answered := func() {
 		if res.StatusCode == http.StatusOK && model != "" {

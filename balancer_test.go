@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"fmt"
 	"math"
 	"net/url"
 	"strings"
@@ -208,6 +209,30 @@ func TestTailKeeper(t *testing.T) {
 	var big tailKeeper
 	big.keep([]byte(strings.Repeat("y", 10000) + `"usage":{"prompt_tokens":5,"completion_tokens":9}`))
 	assert.EqualValues(t, 9, big.number("completion_tokens"))
+}
+
+// An OpenAI stream without usage: its events counted whatever the reads
+// split them at, one token each but the final event and [DONE].
+func TestTailKeeperCountsTheEventsOfAStream(t *testing.T) {
+	var stream strings.Builder
+	for i := range 7 {
+		fmt.Fprintf(&stream, "data: {\"choices\":[{\"delta\":{\"content\":\"t%d data: \\n\"}}]}\n\n", i)
+	}
+	stream.WriteString("data: {\"choices\":[{\"delta\":{\"content\":\"\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n")
+	body := []byte(stream.String())
+	for _, size := range []int{1, 2, 3, 5, 6, 7, 13, 64, len(body)} {
+		var tk tailKeeper
+		tk.countSSE()
+		for p := body; len(p) > 0; {
+			n := min(size, len(p))
+			tk.keep(p[:n])
+			p = p[n:]
+		}
+		assert.EqualValues(t, 7, tk.sseTokens(), "reads of %d bytes", size)
+	}
+	var ndjson tailKeeper
+	ndjson.keep(body)
+	assert.EqualValues(t, -1, ndjson.sseTokens(), "only an OpenAI stream's events are counted")
 }
 
 func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {

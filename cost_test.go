@@ -3,8 +3,11 @@ package ollamaflow
 import (
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"testing"
 	"time"
+
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -848,4 +851,31 @@ func TestAServerAnsweringErrorsIsMeasuredOnceASecondWhileOthersQueue(t *testing.
 	assert.True(t, sp.claimErrorProbe(t0), "the first is sent")
 	assert.False(t, sp.claimErrorProbe(t0.Add(errorProbeEvery/2)), "a second within errorProbeEvery is not")
 	assert.True(t, sp.claimErrorProbe(t0.Add(errorProbeEvery+time.Millisecond)), "one is sent again after errorProbeEvery")
+}
+
+// A stream on /v1 without stream_options.include_usage, as the OpenAI
+// SDKs send it by default, has no token counts: its events are counted
+// instead, and the server is measured by it. Before, nothing was learned
+// from it, and a pool serving only such streams stayed unmeasured.
+func TestAnOpenAIStreamWithoutUsageMeasuresTheServer(t *testing.T) {
+	tiny := []string{"tiny-llama"}
+	f := fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Tokens: 12, TokenGap: 5 * ms})
+	defer f.Close()
+	loadCaddy(t, fmt.Sprintf("backend a %s", f.URL))
+	waitKnown(t, []*fakeollama.Server{f})
+	s := pooled(t, f.URL)
+	_, ok := s.speed.serviceFor(nil)
+	require.False(t, ok, "fresh")
+
+	res, body := post(t, "/v1/chat/completions", `{"model":"tiny-llama","stream":true,"messages":[{"role":"user","content":"hi"}]}`)
+	require.Equal(t, http.StatusOK, res.StatusCode, body)
+	require.NotContains(t, body, `"usage"`)
+	require.Eventually(t, func() bool { _, ok := s.speed.serviceFor(nil); return ok }, 2*time.Second, 5*ms,
+		"its answer measured the server")
+	s.speed.mu.Lock()
+	genTok := s.speed.all.genTok
+	s.speed.mu.Unlock()
+	// 12 tokens, one event each, 5 ms apart: what the events took from
+	// the first to the last, per token counted.
+	assert.InDelta(t, 0.005, genTok, 0.004)
 }

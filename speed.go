@@ -195,7 +195,15 @@ func timingsFrom(tail *tailKeeper, api apiFormat, streamed bool, ttfb, elapsed t
 			prompt: time.Duration(tail.number("prompt_eval_duration")), ev: time.Duration(tail.number("eval_duration")),
 			ttfb: ttfb, elapsed: elapsed, streamed: streamed, clientWait: tail.clientWait}
 	}
-	return timings{promptCount: tail.number("prompt_tokens"), evalCount: tail.number("completion_tokens"),
+	eval := tail.number("completion_tokens")
+	if eval < 0 {
+		// A stream without stream_options.include_usage (the SDKs'
+		// default): its events are its tokens. Without them nothing was
+		// learned from it, and a pool serving only such streams stayed
+		// unmeasured, least_delay falling back to least_conn.
+		eval = tail.sseTokens()
+	}
+	return timings{promptCount: tail.number("prompt_tokens"), evalCount: eval,
 		total: -1, load: -1, prompt: -1, ev: -1, ttfb: ttfb, elapsed: elapsed, streamed: streamed, clientWait: tail.clientWait}
 }
 

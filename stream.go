@@ -453,9 +453,59 @@ type tailKeeper struct {
 	// clientWait is how long writes to the client blocked over the whole
 	// answer (set when it completes).
 	clientWait time.Duration
+	// sse: an OpenAI stream, whose events are counted (events): without
+	// stream_options.include_usage it reports no token counts, and Ollama
+	// sends one event per generated token (countSSE).
+	sse    bool
+	events int
+	carry  [len(sseEvent) - 1]byte // the last bytes read, for an event marker split between reads
+	carryN int
+}
+
+// sseEvent begins every event of a stream after the first; the first is
+// counted by starting the carry with a newline. It cannot occur inside an
+// event's JSON, where a newline is escaped.
+const sseEvent = "\ndata:"
+
+// countSSE makes keep count the events of an OpenAI stream.
+func (t *tailKeeper) countSSE() {
+	t.sse = true
+	t.carry[0], t.carryN = '\n', 1
+}
+
+// sseTokens is the tokens an OpenAI stream without usage generated, one
+// per event but its final one (finish_reason) and [DONE]; -1 when unknown.
+func (t *tailKeeper) sseTokens() int64 {
+	if !t.sse || t.events <= 2 {
+		return -1
+	}
+	return int64(t.events - 2)
+}
+
+func (t *tailKeeper) countEvents(p []byte) {
+	if len(p) == 0 {
+		return
+	}
+	// A marker that began in the last read and ends in this one: it
+	// starts in the carry, which is shorter than the marker.
+	var w [2 * len(sseEvent)]byte
+	n := copy(w[:], t.carry[:t.carryN])
+	n += copy(w[n:], p[:min(len(p), len(sseEvent)-1)])
+	t.events += bytes.Count(w[:n], []byte(sseEvent)) + bytes.Count(p, []byte(sseEvent))
+	if len(p) >= len(t.carry) {
+		t.carryN = copy(t.carry[:], p[len(p)-len(t.carry):])
+		return
+	}
+	keep := min(t.carryN, len(t.carry)-len(p))
+	copy(w[:], t.carry[t.carryN-keep:t.carryN])
+	copy(w[keep:], p)
+	t.carryN = copy(t.carry[:], w[:keep+len(p)])
 }
 
 func (t *tailKeeper) keep(p []byte) {
+	if t.sse {
+		t.countEvents(p)
+	}
 	if len(p) >= len(t.buf) {
 		t.n = copy(t.buf[:], p[len(p)-len(t.buf):])
 		return

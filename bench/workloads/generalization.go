@@ -4,6 +4,8 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/tidwall/sjson"
+
 	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 )
 
@@ -24,6 +26,8 @@ import (
 //	                  has every model unloaded mid-run (keep_alive, another tenant, a restart)
 //	open-loop         the fast/slow pool, requests arriving at 30/s whatever the answers
 //	long-predict      3 equal servers; one request in ten asks for 300 tokens, the rest 10
+//	openai-stream     the fast/slow pool, /v1/chat/completions streamed as the OpenAI SDKs
+//	                  stream by default: without stream_options.include_usage, so no token counts
 func generalizationWorkloads() []workload {
 	numbered := func(tokens int) func(client, i int, rng *rand.Rand) request {
 		return func(client, i int, _ *rand.Rand) request {
@@ -111,5 +115,12 @@ func generalizationWorkloads() []workload {
 				return ask("tiny-llama", "/api/chat", false, 10, question(client, i))
 			}}},
 			note: "a long answer holds a slot 1.2 s, a short one 80 ms"},
+		{name: "openai-stream", models: models1, servers: fastSlow(2*ms, 20*ms, 80*ms),
+			phases: []phase{{conc: 8, n: 200, measured: true, next: func(client, i int, rng *rand.Rand) request {
+				r := ask("tiny-llama", "/v1/chat/completions", true, 50, question(client, i))
+				r.body, _ = sjson.DeleteBytes(r.body, "stream_options")
+				return r
+			}}},
+			note: "50 streamed tokens: 0.12 s on fast, 0.48 s on a slow one; only the events tell the tokens"},
 	}
 }
