@@ -160,6 +160,17 @@ func burst(n int, stream bool, path string) (chan burstAnswer, *sync.WaitGroup) 
 	return answers, &wg
 }
 
+// allAnswered waits for every client of a burst and asserts each was
+// answered 200.
+func allAnswered(t *testing.T, answers chan burstAnswer, wg *sync.WaitGroup) {
+	t.Helper()
+	wg.Wait()
+	close(answers)
+	for a := range answers {
+		assert.Equal(t, http.StatusOK, a.status, "backend %s: %s", a.backend, a.body)
+	}
+}
+
 // fastAndSlow are two fresh servers of one speed, a wide one and one with
 // a single slot that holds its answers until released.
 func fastAndSlow(t *testing.T) (fast, slow *fakeollama.Server) {
@@ -194,11 +205,7 @@ func TestAMovedSpareMayStillBeRetriedOnTheServerItLeft(t *testing.T) {
 	arrived(t, fast, "/api/chat", 3) // the spare moved from slow, or a request held for the first answer
 	time.Sleep(300 * time.Millisecond)
 	slow.Release()
-	wg.Wait()
-	close(answers)
-	for a := range answers {
-		assert.Equal(t, http.StatusOK, a.status, "backend %s: %s", a.backend, a.body)
-	}
+	allAnswered(t, answers, wg)
 }
 
 // The server that answered first is drained before the spare on the slow
@@ -216,11 +223,7 @@ func TestASpareIsNotMovedToAServerThatCannotServe(t *testing.T) {
 	defer s.draining.Store(false)
 	time.Sleep(800 * time.Millisecond) // fast has answered; the spare would have moved
 	slow.Release()
-	wg.Wait()
-	close(answers)
-	for a := range answers {
-		assert.Equal(t, http.StatusOK, a.status, "backend %s: %s", a.backend, a.body)
-	}
+	allAnswered(t, answers, wg)
 	assert.Equal(t, 2, fast.Count("/api/chat"), "nothing more was sent to the drained server")
 }
 
@@ -240,11 +243,7 @@ func TestAMoveIsNoRetry(t *testing.T) {
 	answers, wg := burst(3, false, "/api/chat")
 	time.Sleep(900 * time.Millisecond)
 	slow.Release()
-	wg.Wait()
-	close(answers)
-	for a := range answers {
-		assert.Equal(t, http.StatusOK, a.status, "backend %s: %s", a.backend, a.body)
-	}
+	allAnswered(t, answers, wg)
 	require.Equal(t, 1, bad.Count("/api/chat"), "one request failed on bad")
 	assert.Equal(t, 2, slow.Count("/api/chat"), "slow had a measuring request and the retry's spare")
 	assert.Equal(t, before+1, scrape(t, metric), "one failure on bad, one retry")
