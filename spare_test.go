@@ -184,6 +184,15 @@ func fastAndSlow(t *testing.T) (fast, slow *fakeollama.Server) {
 	return fast, slow
 }
 
+// servingFastAndSlow is fastAndSlow behind the proxy, with the extra
+// frontend options given, both servers' lists read.
+func servingFastAndSlow(t *testing.T, extra string) (fast, slow *fakeollama.Server) {
+	fast, slow = fastAndSlow(t)
+	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s\n%s", fast.URL, slow.URL, extra))
+	waitKnown(t, []*fakeollama.Server{fast, slow})
+	return fast, slow
+}
+
 // arrived waits until the fake has received n requests on path.
 func arrived(t *testing.T, f *fakeollama.Server, path string, n int) {
 	t.Helper()
@@ -195,9 +204,7 @@ func arrived(t *testing.T, f *fakeollama.Server, path string, n int) {
 // busy" from then on, and the request is retried on the slow server it
 // left (a move that took its server out of the candidates left it none).
 func TestAMovedSpareMayStillBeRetriedOnTheServerItLeft(t *testing.T) {
-	fast, slow := fastAndSlow(t)
-	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
-	waitKnown(t, []*fakeollama.Server{fast, slow})
+	fast, slow := servingFastAndSlow(t, "")
 	answers, wg := burst(4, false, "/api/chat")
 	arrived(t, fast, "/api/chat", 2) // its measuring request and a spare
 	arrived(t, slow, "/api/chat", 2)
@@ -212,9 +219,7 @@ func TestAMovedSpareMayStillBeRetriedOnTheServerItLeft(t *testing.T) {
 // server would move to it: the spare stays where it is (a drained server
 // outruns nothing), and nothing waits for the drained server.
 func TestASpareIsNotMovedToAServerThatCannotServe(t *testing.T) {
-	fast, slow := fastAndSlow(t)
-	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s\nqueue_timeout 3s", fast.URL, slow.URL))
-	waitKnown(t, []*fakeollama.Server{fast, slow})
+	fast, slow := servingFastAndSlow(t, "queue_timeout 3s")
 	answers, wg := burst(4, false, "/api/chat")
 	arrived(t, fast, "/api/chat", 2)
 	arrived(t, slow, "/api/chat", 2)
@@ -253,9 +258,7 @@ func TestAMoveIsNoRetry(t *testing.T) {
 // messages of new conversations are placed by the policy, none reported
 // as an affinity overflow of its own record on the server it left.
 func TestAMovedRequestKeepsItsRoute(t *testing.T) {
-	fast, slow := fastAndSlow(t)
-	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s\nconversation_affinity", fast.URL, slow.URL))
-	waitKnown(t, []*fakeollama.Server{fast, slow})
+	fast, slow := servingFastAndSlow(t, "conversation_affinity")
 	answers, wg := burst(4, false, "/api/chat")
 	arrived(t, fast, "/api/chat", 3)
 	slow.Release()
@@ -272,9 +275,7 @@ func TestAMovedRequestKeepsItsRoute(t *testing.T) {
 func TestAMovedStreamIsWhole(t *testing.T) {
 	for _, path := range []string{"/api/chat", "/v1/chat/completions"} {
 		t.Run(path, func(t *testing.T) {
-			fast, slow := fastAndSlow(t)
-			loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
-			waitKnown(t, []*fakeollama.Server{fast, slow})
+			fast, slow := servingFastAndSlow(t, "")
 			answers, wg := burst(4, true, path)
 			arrived(t, fast, path, 3)
 			time.Sleep(300 * time.Millisecond)
