@@ -136,7 +136,9 @@ func (sp *speed) coldCost(model string) float64 {
 	return sp.loadCostLocked(model)
 }
 
-// notResident reports whether model is known not to be resident on b.
+// notResident reports whether model is not resident on b as far as its
+// snapshot says, which is also true before its lists were read (begin
+// checks known itself: a request then is no load).
 func notResident(b *backend, model string) bool {
 	return model != "" && !b.srv.models.Load().isLoaded(model)
 }
