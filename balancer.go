@@ -300,6 +300,7 @@ func (h *Handler) takeOrHold(avail []*backend, j *job) (*backend, []*backend) {
 			return nil, avail // the policy holds the request back: it waits in the queue
 		}
 		if b.tryAcquire() {
+			h.planLoad(b, j)
 			return b, nil
 		}
 		avail = without(avail, b)
@@ -435,6 +436,12 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	j.spareOn, j.spareAmong = nil, nil // a pick whose slot was not had is no spare
 	avail = leastFailing(avail)
 	now := time.Now()
+	if j.model != "" && h.queue != nil {
+		if due := firstListsDue(avail, now); !due.IsZero() {
+			h.queue.wakeAt(due)
+			return nil
+		}
+	}
 	var unobserved []*backend
 	var buf [largePool]scored // a sample or a small pool fits: no allocation
 	observed := buf[:0]

@@ -98,6 +98,9 @@ type speed struct {
 	// probeClaims are when measuring requests were claimed that have not
 	// begun yet (claimProbe), at most the server's measuring limit.
 	probeClaims []time.Time
+	// planned are loads least_delay chose the server for whose requests
+	// have not begun yet (planLoad).
+	planned []plannedLoad
 	// remeasuring is when least_delay last sent the server a request to
 	// re-measure it (see claimRemeasure); remeasureNow asks for the next
 	// one at once: the last answered much faster than believed.
@@ -153,6 +156,10 @@ type rates struct {
 	// then that show a load too waited for that same one (Ollama's
 	// scheduler loads a model once for all the requests that want it).
 	loadSeen time.Time
+	// evictedAt is when a load of another model was sent that was taken
+	// to evict this one (begin): an answer of a request sent before then
+	// shows it resident as it was, not as it is.
+	evictedAt time.Time
 }
 
 // endedRing bounds the ended requests remembered per server.
@@ -422,14 +429,21 @@ func (sp *speed) loadCostLocked(model string) float64 {
 	return coldLoadPrior
 }
 
-// pendingLoadLocked is the time left of a load of model already under way.
+// pendingLoadLocked is the time left of a load of model already under way,
+// or chosen and about to be (planLoad).
 func (sp *speed) pendingLoadLocked(model string, now time.Time) (float64, bool) {
 	left, found := 0.0, false
+	cost := time.Duration(sp.loadCostLocked(model) * float64(time.Second))
 	for _, t := range sp.tasks {
 		if t.loader && t.job.model == model {
 			found = true
-			end := t.started.Add(time.Duration(sp.loadCostLocked(model) * float64(time.Second)))
-			left = max(left, end.Sub(now).Seconds())
+			left = max(left, t.started.Add(cost).Sub(now).Seconds())
+		}
+	}
+	for _, p := range sp.planned {
+		if p.model == model && now.Sub(p.at) < probeClaimTTL {
+			found = true
+			left = max(left, p.at.Add(cost).Sub(now).Seconds())
 		}
 	}
 	return left, found
@@ -466,7 +480,10 @@ func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, no
 	}
 	if j.model != "" {
 		if left, loading := sp.pendingLoadLocked(j.model, now); loading {
-			d.load = left
+			// It starts once the load is done and a slot is free: a
+			// wait for a slot taken by requests that wait for the load
+			// themselves already holds the load.
+			d.load = max(left-d.wait, 0)
 		} else if cold {
 			d.load = sp.loadCostLocked(j.model)
 		}

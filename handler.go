@@ -286,7 +286,11 @@ func (h *Handler) learnFromAnswer(b *backend, j *job, kind routeKind, api apiFor
 	if kind != kindCompletion && kind != kindEmbedding {
 		return false
 	}
-	b.srv.markLoaded(j.model) // it just answered: the model is in memory there
+	if work.sentSinceEviction() {
+		// It just answered: the model is in memory there, unless a load
+		// sent after it evicted it (its answer came before the load's).
+		b.srv.markLoaded(j.model)
+	}
 	if kind != kindCompletion || (api != apiOpenAI && tail.number("eval_count") <= 0) {
 		return false
 	}

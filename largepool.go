@@ -251,8 +251,12 @@ func (h *Handler) takeSampled(sample []*backend, j *job) *backend {
 	} else { // least_conn: acquireLarge handles the others
 		b = pickLeastConn(h, sample, j)
 	}
-	if b == nil || b.tryAcquire() {
-		return b // nil: the policy holds the request back, it waits in the queue
+	if b == nil {
+		return nil // the policy holds the request back: it waits in the queue
+	}
+	if b.tryAcquire() {
+		h.planLoad(b, j)
+		return b
 	}
 	return h.take(without(sample, b), j) // a slot lost to a concurrent request
 }

@@ -209,6 +209,17 @@ func (s *server) lastRefreshEnd() time.Time {
 	return time.Time{}
 }
 
+// firstReadStarted is when the first read of the lists began, while it is
+// still under way; zero once one ended (or before one began).
+func (s *server) firstReadStarted() time.Time {
+	s.refreshMu.Lock()
+	defer s.refreshMu.Unlock()
+	if s.lastRefresh != nil || s.refreshing == nil {
+		return time.Time{}
+	}
+	return s.refreshing.started
+}
+
 // lastReadFailed reports whether the latest read of the lists that ended
 // failed.
 func (s *server) lastReadFailed() bool {

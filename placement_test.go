@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"errors"
 	"slices"
 	"testing"
 	"time"
@@ -225,4 +226,99 @@ func TestIntegrationSurpriseLoadRereadsTheServersList(t *testing.T) {
 		actual = append(actual, normalizeModel(m))
 	}
 	assert.ElementsMatch(t, actual, believed)
+}
+
+func TestARequestForAModelWaitsForTheFirstListsOfItsCandidates(t *testing.T) {
+	now := time.Now()
+	// "warm" holds m; "reading" has its first /api/tags and /api/ps under
+	// way (began at began): sent now, a request for m could load it there
+	// blind.
+	pair := func(began time.Time) (*Handler, []*backend, *backend) {
+		h := &Handler{}
+		h.queue = newQueue(h)
+		warm, reading := testBackend("warm", nil), testBackend("reading", nil)
+		warm.srv.models.Store(psWith("m"))
+		reading.srv.refreshing = &refreshCall{started: began, done: make(chan struct{})}
+		return h, []*backend{warm, reading}, reading
+	}
+	h, pool, _ := pair(now)
+	assert.Nil(t, pickLeastDelay(h, pool, &job{model: "m"}), "held until the lists are read")
+	assert.NotNil(t, pickLeastDelay(h, pool, &job{}), "a request for no model has nothing to wait for")
+
+	h, pool, _ = pair(now.Add(-listsHold))
+	assert.NotNil(t, pickLeastDelay(h, pool, &job{model: "m"}), "a read that hangs holds nothing for longer than listsHold")
+
+	// A server whose first read failed is no reason to wait either.
+	h, pool, reading := pair(now)
+	reading.srv.refreshing = nil
+	reading.srv.lastRefresh = &refreshCall{started: now, ended: now, err: errors.New("refused")}
+	assert.NotNil(t, pickLeastDelay(h, pool, &job{model: "m"}))
+}
+
+func TestRequestsGivenAServerTogetherJoinOneLoad(t *testing.T) {
+	// Three fresh servers of room 1 with "a" resident; two requests for
+	// "b" are given slots in the same instant, before the first begins.
+	var pool []*backend
+	for _, name := range []string{"s1", "s2", "s3"} {
+		b := testBackend(name, nil)
+		b.srv.models.Store(psWith("a"))
+		pool = append(pool, b)
+	}
+	h := &Handler{backends: pool, policy: pickLeastDelay}
+	h.queue = newQueue(h)
+	first, _ := h.takeOrHold(pool, &job{model: "b"})
+	require.NotNil(t, first)
+	second, _ := h.takeOrHold(pool, &job{model: "b"})
+	require.NotNil(t, second)
+	assert.Same(t, first, second, "the second joins the load the first is about to start, instead of evicting a elsewhere")
+
+	// The first to begin is the load, the other waits for it.
+	now := time.Now()
+	one, two := first.begin(&job{model: "b"}, now), second.begin(&job{model: "b"}, now)
+	assert.True(t, one.loader)
+	assert.False(t, two.loader)
+	assert.True(t, two.cold)
+}
+
+func TestAJoinerWaitsForTheLoadOnceNotTwice(t *testing.T) {
+	now := time.Now()
+	b := testBackend("s", func(c *Backend) { c.MaxParallel = 2 })
+	b.srv.models.Store(psWith("a"))
+	b.srv.inFlight.Store(1)
+	serve(b, &job{model: "a"}, now, final(100*ms, 0, 0, 10, 1)) // 0.1 s a request
+	b.srv.inFlight.Store(0)
+	// Two requests wait for a load of "b" (coldLoadPrior: 2 s) in both slots.
+	at := now.Add(time.Second)
+	b.srv.inFlight.Store(1)
+	require.True(t, b.begin(&job{model: "b"}, at).loader)
+	b.srv.inFlight.Store(2)
+	b.begin(&job{model: "b"}, at)
+	d, ok := b.srv.speed.estimate(&job{model: "b"}, 2, 2, false, at)
+	require.True(t, ok)
+	// A third starts when a slot frees: after the load and one request.
+	assert.InDelta(t, coldLoadPrior+0.1+0.1, d.total(), 0.02, "wait %.3f load %.3f", d.wait, d.load)
+}
+
+func TestAnAnswerSentBeforeALoadEvictedItsModelDoesNotBringItBack(t *testing.T) {
+	h := &Handler{}
+	now := time.Now()
+	b := testBackend("s", nil)
+	b.srv.models.Store(psWith("a"))
+	b.srv.speed.room = 1
+	b.srv.inFlight.Store(1)
+	early := b.begin(&job{model: "a"}, now) // answered after "b"'s load was sent
+	b.srv.inFlight.Store(2)
+	load := b.begin(&job{model: "b"}, now.Add(ms))
+	require.True(t, load.loader)
+	require.False(t, b.srv.models.Load().isLoaded("a"), "the load evicts a")
+
+	tail := &tailKeeper{}
+	tail.keep([]byte(`{"done":true,"total_duration":100000000,"prompt_eval_count":10,"prompt_eval_duration":50000000,"eval_count":5,"eval_duration":50000000}`))
+	h.learnFromAnswer(b, early.job, kindCompletion, apiOllama, early, tail, false, 100*ms, 100*ms)
+	assert.False(t, b.srv.models.Load().isLoaded("a"), "its answer shows a as it was when it was sent")
+
+	// A request for a sent after the load shows it resident again.
+	late := b.begin(&job{model: "a"}, now.Add(2*ms))
+	h.learnFromAnswer(b, late.job, kindCompletion, apiOllama, late, tail, false, 100*ms, 100*ms)
+	assert.True(t, b.srv.models.Load().isLoaded("a"))
 }

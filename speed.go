@@ -122,6 +122,7 @@ func (b *backend) begin(j *job, now time.Time) *task {
 		// the slot counter instead (claimProbe).
 		sp.probeClaims = sp.probeClaims[1:]
 	}
+	sp.takePlannedLocked(j.model)
 	d, _ := sp.estimateLocked(j, b.cfg.MaxParallel, int(s.inFlight.Load())-1, cold, now)
 	_, loading := sp.pendingLoadLocked(j.model, now)
 	// Requests in flight are counted from the model's own tasks, those
@@ -145,6 +146,9 @@ func (b *backend) begin(j *job, now time.Time) *task {
 		r.lastUsed = now
 		if t.loader {
 			evict = sp.victimLocked(s.models.Load(), j.model)
+			if evict != "" {
+				sp.ratesLocked(evict).evictedAt = now
+			}
 		}
 	}
 	sp.mu.Unlock()
@@ -155,6 +159,19 @@ func (b *backend) begin(j *job, now time.Time) *task {
 		s.markLoaded(j.model)
 	}
 	return t
+}
+
+// sentSinceEviction reports whether the request t was sent after the
+// latest load that was taken to evict its model from the server: only then
+// does its answer show the model resident (nil: not known, taken as so).
+func (t *task) sentSinceEviction() bool {
+	if t == nil || t.job.model == "" {
+		return true
+	}
+	t.sp.mu.Lock()
+	defer t.sp.mu.Unlock()
+	r := t.sp.models[t.job.model]
+	return r == nil || !t.started.Before(r.evictedAt)
 }
 
 // end removes the request from the work in flight; safe to call twice.

@@ -336,8 +336,8 @@ func run(w workload, policy string, port int, seed uint64) result {
 			}
 			mu.Lock()
 			if traceTo != nil {
-				fmt.Fprintf(traceTo, "trace %s %s at %.3f client %d convo %d turn %d prompt %d cap %d server %s route %s prompt_eval %.3f took %.3f err %v\n",
-					w.name, policy, t0.Sub(start).Seconds(), c, req.convo, req.turn, req.promptTokens, req.tokens, server,
+				fmt.Fprintf(traceTo, "trace %s %s at %.3f model %s client %d convo %d turn %d prompt %d cap %d server %s route %s prompt_eval %.3f took %.3f err %v\n",
+					w.name, policy, t0.Sub(start).Seconds(), req.model, c, req.convo, req.turn, req.promptTokens, req.tokens, server,
 					req.seen.route, req.seen.promptEval.Seconds(), d.Seconds(), err)
 			}
 			if err != nil {
