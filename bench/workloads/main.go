@@ -28,7 +28,8 @@
 // capacity, long streamed answers, a shared system prompt, models over servers of different
 // room, a 2× slowdown, a server unloaded mid-run, open-loop arrivals, a few long answers), and
 // the workloads of shapes.go, where servers differ in what they are fast at or in slots
-// (prefill-decode, slots-unequal).
+// (prefill-decode, slots-unequal), and those of placement.go, where servers start with nothing
+// loaded and room for one model (two-models-empty, three-models-four).
 // A phase with a rate is open-loop: requests arrive at that rate whatever the answers.
 // -affinity=false turns conversation affinity off, to see the cost model alone; -trace prints a
 // line per measured request (when it was sent, its client, prompt tokens and cap, the server
@@ -199,7 +200,7 @@ func workloads() []workload {
 				{conc: 6, n: 300, measured: true, next: simple,
 					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(4) }},
 			}},
-	}, append(append(append(conversationWorkloads(), robustnessWorkloads()...), generalizationWorkloads()...), append(spreadWorkloads(), shapeWorkloads()...)...)...)
+	}, append(append(append(conversationWorkloads(), robustnessWorkloads()...), generalizationWorkloads()...), append(append(spreadWorkloads(), shapeWorkloads()...), placementWorkloads()...)...)...)
 }
 
 // result is one policy's run of one workload.
