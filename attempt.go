@@ -34,6 +34,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 	tried := make([]*backend, 0, h.retries+1)
 	j := newJob(model, api, body)
 	j.answers = &answerLengths
+	if kind == kindCompletion {
+		h.demand.note(j.model, time.Now())
+	}
 	var conv conversation
 	var convID uint64 // the conversation's, once known; 0: a new one
 	if h.affinity != nil && kind == kindCompletion {

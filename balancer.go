@@ -274,6 +274,9 @@ func (h *Handler) acquire(cands []*backend, j *job) *backend {
 	}
 	cands = h.firstTier(cands)
 	noteWalk(cands)
+	if j != nil {
+		j.cands = cands
+	}
 	return h.take(filterBackends(cands, (*backend).free), j)
 }
 
@@ -532,7 +535,10 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			}
 			continue
 		}
-		if h.coldFor(b, j.model) && b.srv.speed.coldCost(j.model) >= best {
+		if h.coldFor(b, j.model) && (b.srv.speed.coldCost(j.model) >= best || loadingElsewhere(j, now)) {
+			// A load alone takes longer than the best choice, or a load
+			// of the model is under way already (a fresh pool's burst:
+			// a second one would evict what another model needs).
 			continue
 		}
 		if b.srv.speed.mostlyErrors(now) && (bestWait <= 0 || !b.srv.speed.claimErrorProbe(now)) {
@@ -555,6 +561,23 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		explore = without(explore, b)
 		if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
 			oldestProbe = p
+		}
+	}
+	// The best choice here loads the model while a candidate this pick
+	// was not offered is loading it already: waiting for that load is
+	// cheaper.
+	if len(ties) > 0 && h.queue != nil && bestCold(observed, ties[0]) {
+		if until, ok := h.loadUnderWayElsewhere(avail, j, fastest, best, now); ok {
+			h.queue.wakeAt(until)
+			return nil
+		}
+	}
+	// The model has fewer copies than its share of the requests: an idle
+	// server holding a model with more than its share loads it
+	// (placementMove).
+	if len(ties) > 0 && !bestCold(observed, ties[0]) {
+		if b := h.placementMove(avail, j, now); b != nil {
+			return b
 		}
 	}
 	// While the best choice means waiting in a queue, an idle server that
@@ -601,6 +624,14 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	if !oldestProbe.IsZero() && time.Since(oldestProbe) < bootstrapHold && h.queue != nil {
 		h.queue.wakeAt(oldestProbe.Add(bootstrapHold))
 		return nil
+	}
+	// Nothing measured among those offered, and a candidate not offered
+	// is loading the model: waiting for that load beats a second one.
+	if len(observed) == 0 && h.queue != nil {
+		if until, ok := h.loadUnderWayElsewhere(avail, j, 0, math.Inf(1), now); ok {
+			h.queue.wakeAt(until)
+			return nil
+		}
 	}
 	return pickLeastConn(h, avail, j)
 }

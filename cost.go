@@ -98,6 +98,9 @@ type speed struct {
 	// probeClaims are when measuring requests were claimed that have not
 	// begun yet (claimProbe), at most the server's measuring limit.
 	probeClaims []time.Time
+	// loadPrior, when set, is the load time last learned on any server,
+	// used where this one has learned none (poolLoadPrior).
+	loadPrior *atomic.Uint64
 	// planned are loads least_delay chose the server for whose requests
 	// have not begun yet (planLoad).
 	planned []plannedLoad
@@ -426,8 +429,21 @@ func (sp *speed) loadCostLocked(model string) float64 {
 	if sp.all.loads > 0 {
 		return sp.all.load
 	}
+	if sp.loadPrior != nil {
+		if v := math.Float64frombits(sp.loadPrior.Load()); v > 0 {
+			return v
+		}
+	}
 	return coldLoadPrior
 }
+
+// poolLoadPrior is the load time (float64 bits, seconds) a server last
+// learned, for the servers that have seen no load yet: a fresh pool's
+// loads take about as long on each server, and a server being measured
+// with a load under way was priced at coldLoadPrior (2 s) against a load
+// of a second learned on another, so a request for the model loaded it
+// again there instead of joining (two-models-empty).
+var poolLoadPrior atomic.Uint64
 
 // pendingLoadLocked is the time left of a load of model already under way,
 // or chosen and about to be (planLoad).

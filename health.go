@@ -178,6 +178,7 @@ func newServer(base *url.URL, st *serverSettings) *server {
 		required: make(map[any][]requiredModel),
 		pulls:    make(map[string]*pullState),
 	}
+	s.speed.loadPrior = &poolLoadPrior
 	s.settings.Store(st)
 	dialTimeout := func() time.Duration {
 		if d := s.settings.Load().dialTimeout; d > 0 {

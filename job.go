@@ -36,6 +36,11 @@ type job struct {
 	// outrun it (spare.go); nil otherwise.
 	spareOn    *server
 	spareAmong []*backend
+	// cands are the candidates of the request's latest pick: those the
+	// pick is offered and the others (busy, or left to older requests in
+	// the queue), for a policy that would rather wait for one of the
+	// others than load the model (loadUnderWayElsewhere).
+	cands []*backend
 	// moved: it was a spare request once and was moved; it is not sent
 	// as one again.
 	moved bool

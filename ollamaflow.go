@@ -322,6 +322,7 @@ type Handler struct {
 	tenantsState *tenantState   // the frontend's own tenancy counts (unauthorized)
 	tenantKeys   []string       // tenantPool keys this handler holds
 	affinity     *affinityTable // nil: conversation_affinity off
+	demand       *modelDemand   // recent requests per model (placementMove)
 	tenantSync   *tenantSync    // tenants' distributed counters, if on (distributed.go)
 	syncStaged   *syncSettings  // what this config asks of it, adopted once it runs
 	explorerPath string         // ExplorerPath with its slash; empty: no explorer
@@ -571,6 +572,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.affinity = acquireAffinity(h.Name)
 	}
 	h.queue = newQueue(h)
+	h.demand = newModelDemand()
 	if len(sources) > 0 {
 		h.discovery = newDiscovery(h, ctx, sources, required)
 	}

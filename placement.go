@@ -1,7 +1,9 @@
 package ollamaflow
 
 import (
+	"math"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -49,6 +51,12 @@ func (s *server) noticeEviction(model string, now time.Time) {
 // the least recently used of those resident, when the server is known to
 // be full; "" when there is room or nothing is known.
 func (sp *speed) victimLocked(snap *modelSnapshot, model string) string {
+	return sp.victimOfLocked(snap, model, false)
+}
+
+// victimOfLocked is victimLocked; unknownFull takes a server whose room
+// is not known yet to be full: what a load may evict, for pricing it.
+func (sp *speed) victimOfLocked(snap *modelSnapshot, model string, unknownFull bool) string {
 	room := sp.room
 	if snap.at.After(sp.roomAt) {
 		room = max(room, psCount(snap))
@@ -57,6 +65,9 @@ func (sp *speed) victimLocked(snap *modelSnapshot, model string) string {
 	others := len(snap.loaded)
 	if _, ok := snap.loaded[model]; ok {
 		others--
+	}
+	if room == 0 && unknownFull {
+		room = others
 	}
 	if room == 0 || others < room {
 		return "" // model fits beside the others
@@ -112,7 +123,15 @@ func evictionCost(b *backend, model string, pool []*backend, now time.Time) floa
 	sp := &b.srv.speed
 	snap := b.srv.models.Load()
 	sp.mu.Lock()
-	victim := sp.victimLocked(snap, model)
+	if _, loading := sp.pendingLoadLocked(model, now); loading {
+		sp.mu.Unlock()
+		return 0 // joining a load under way evicts nothing more
+	}
+	// A server whose room is not known yet is priced as full: a fresh
+	// pool's servers with a model each otherwise looked free to load a
+	// second one beside a model in use, and one of room 1 then evicted it
+	// (two-models-empty).
+	victim := sp.victimOfLocked(snap, model, true)
 	var cost float64
 	if victim != "" {
 		if r := sp.models[victim]; r != nil && now.Sub(r.lastUsed) < evictionHorizon {
@@ -265,4 +284,230 @@ func joinLoadCost(b *backend, model string, service float64, now time.Time) floa
 	left, _ := b.srv.speed.pendingLoad(model, now)
 	ahead := max(b.srv.inFlight.Load()-1, 0)
 	return left + float64(ahead)*service + service
+}
+
+// Model placement by demand. Priced one request at a time, a second copy
+// of a popular model never pays: its load (a second or more) is always
+// longer than the wait for a slot where the model is, though that wait
+// comes back for every request while the demand lasts. And a model that
+// the first burst happened to load on most servers keeps them, with the
+// popular one crowded onto the rest (two-models-empty, three-models-four:
+// room for one model per server, nothing loaded at the start). So the
+// frontend keeps the recent share of requests per model, and a model with
+// fewer copies than its share of the pool's places (by planMargin) takes
+// one from a model that would, one copy short, lack less than it does
+// by planMargin: a request for it is sent to load it on the least busy
+// server holding such a model (or with room). Models that lack about as much stay
+// where they are, so they settle; one move per model at a time, and no
+// model loses its last copy.
+
+// demandTau is how fast the shares forget; planMinRequests is the
+// (decayed) number of requests below which shares say too little to move
+// a model.
+const (
+	planMargin      = 0.5 // copies: what a move must gain, so that models settle
+	demandTau       = 10 * time.Second
+	planMinRequests = 20
+	maxDemandModels = 64
+)
+
+// modelDemand is a frontend's recent requests per model, decayed.
+type modelDemand struct {
+	mu     sync.Mutex
+	at     time.Time
+	counts map[string]float64
+	total  float64
+}
+
+func newModelDemand() *modelDemand { return &modelDemand{counts: make(map[string]float64)} }
+
+// decayLocked ages the counts to now.
+func (d *modelDemand) decayLocked(now time.Time) {
+	if dt := now.Sub(d.at); dt > 0 {
+		if !d.at.IsZero() {
+			f := math.Exp(-dt.Seconds() / demandTau.Seconds())
+			for m, c := range d.counts {
+				d.counts[m] = c * f
+			}
+			d.total *= f
+		}
+		d.at = now
+	}
+}
+
+// note counts a request for model. A client naming endless models cannot
+// grow the table: the least requested one is dropped.
+func (d *modelDemand) note(model string, now time.Time) {
+	if d == nil || model == "" {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.decayLocked(now)
+	if _, ok := d.counts[model]; !ok && len(d.counts) >= maxDemandModels {
+		least, lc := "", math.Inf(1)
+		for m, c := range d.counts {
+			if c < lc {
+				least, lc = m, c
+			}
+		}
+		d.total -= lc
+		delete(d.counts, least)
+	}
+	d.counts[model]++
+	d.total++
+}
+
+// shares returns each model's share of the recent requests into out, and
+// how many (decayed) there were.
+func (d *modelDemand) shares(out map[string]float64, now time.Time) float64 {
+	if d == nil {
+		return 0
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.decayLocked(now)
+	if d.total <= 0 {
+		return 0
+	}
+	for m, c := range d.counts {
+		out[m] = c / d.total
+	}
+	return d.total
+}
+
+// roomLocked is the server's room for models as far as known: learned, or
+// as many as its lists showed at once, at least one.
+func (sp *speed) roomLocked(snap *modelSnapshot) int {
+	return max(sp.room, psCount(snap), 1)
+}
+
+// placementMove is the server a request for j's model is sent to, to load
+// it there, when the model has fewer copies than its share of the places,
+// every copy is busy, and a server offered holds a model that can spare a
+// copy (or has room); nil when no move is due.
+func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backend {
+	if j.model == "" || h.demand == nil {
+		return nil
+	}
+	pool := h.pool()
+	if len(pool) > largePool || len(pool) < 2 {
+		return nil
+	}
+	share := make(map[string]float64)
+	if h.demand.shares(share, now) < planMinRequests {
+		return nil
+	}
+	places := make(map[string]int)
+	total := 0
+	for _, b := range pool {
+		snap := b.srv.models.Load()
+		if !b.usable() || !snap.known {
+			continue
+		}
+		if _, loading := b.srv.speed.pendingLoad(j.model, now); loading {
+			return nil // a copy is on its way: one move at a time
+		}
+		b.srv.speed.mu.Lock()
+		total += b.srv.speed.roomLocked(snap)
+		slots := b.srv.speed.slotsLocked(b.cfg.MaxParallel, now)
+		b.srv.speed.mu.Unlock()
+		if snap.isLoaded(j.model) && b.srv.inFlight.Load() < int64(slots) {
+			return nil // a copy has a slot free: the model is not short
+		}
+		for m := range snap.loaded {
+			places[m]++
+		}
+	}
+	target := func(m string) float64 { return share[m] * float64(total) }
+	need := target(j.model) - float64(places[j.model])
+	if places[j.model] == 0 || need < planMargin {
+		return nil // no copy anywhere (an ordinary load), or enough
+	}
+	var pick *backend
+	for _, b := range avail {
+		snap := b.srv.models.Load()
+		if !snap.known || snap.isLoaded(j.model) {
+			continue
+		}
+		sp := &b.srv.speed
+		sp.mu.Lock()
+		victim := sp.victimLocked(snap, j.model)
+		// The victim keeps a copy elsewhere and, one copy short, would
+		// lack less than the model does now.
+		ok := victim == "" && len(snap.loaded) < sp.roomLocked(snap) ||
+			victim != "" && places[victim] >= 2 &&
+				target(victim)-float64(places[victim]-1)+planMargin < need
+		sp.mu.Unlock()
+		// The least busy: Ollama loads the model once the requests in
+		// flight there are done.
+		if ok && (pick == nil || b.srv.inFlight.Load() < pick.srv.inFlight.Load()) {
+			pick = b
+		}
+	}
+	return pick
+}
+
+// bestCold reports whether b, as priced in observed, needs its model
+// loaded.
+func bestCold(observed []scored, b *backend) bool {
+	for _, c := range observed {
+		if c.b == b {
+			return c.cold
+		}
+	}
+	return false
+}
+
+// loadUnderWayElsewhere reports until when a request for j's model had
+// better wait than take a load priced at best: a candidate that the pick
+// was not offered (being measured with its first request, or left to
+// older requests in the queue, which come first) is loading the model
+// already and would serve it sooner; service is the request's time on the
+// best server offered, for one whose speed is not known yet. On a fresh
+// pool of room 1 such a request loaded its model on the one server it was
+// offered, evicting a model in use there, a second before the load it
+// could have joined was done (two-models-empty). A candidate merely
+// holding the model is not waited for: queued behind a popular model's
+// busy copy, requests would never make it a second one (many-models).
+func (h *Handler) loadUnderWayElsewhere(avail []*backend, j *job, service, best float64, now time.Time) (time.Time, bool) {
+	if j.model == "" || len(j.cands) > largePool {
+		return time.Time{}, false // above largePool, a pick looks at a sample only
+	}
+	var until time.Time
+	for _, b := range j.cands {
+		if slices.Contains(avail, b) || !b.usable() {
+			continue
+		}
+		left, loading := b.srv.speed.pendingLoad(j.model, now)
+		if !loading {
+			continue
+		}
+		cost, wait := left+service, left
+		if d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), true, now); ok {
+			cost, wait = d.total()/float64(b.weight()), d.wait+d.load
+		}
+		if cost >= best*(1-nearTie) {
+			continue
+		}
+		at := now.Add(time.Duration(max(wait, 0.001) * float64(time.Second)))
+		if until.IsZero() || at.Before(until) {
+			until = at
+		}
+	}
+	return until, !until.IsZero()
+}
+
+// loadingElsewhere reports whether a candidate of j (offered to this pick
+// or not) is loading j's model.
+func loadingElsewhere(j *job, now time.Time) bool {
+	if j.model == "" || len(j.cands) > largePool {
+		return false
+	}
+	for _, b := range j.cands {
+		if _, loading := b.srv.speed.pendingLoad(j.model, now); loading && b.usable() {
+			return true
+		}
+	}
+	return false
 }

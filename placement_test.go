@@ -2,7 +2,9 @@ package ollamaflow
 
 import (
 	"errors"
+	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -321,4 +323,149 @@ func TestAnAnswerSentBeforeALoadEvictedItsModelDoesNotBringItBack(t *testing.T) 
 	late := b.begin(&job{model: "a"}, now.Add(2*ms))
 	h.learnFromAnswer(b, late.job, kindCompletion, apiOllama, late, tail, false, 100*ms, 100*ms)
 	assert.True(t, b.srv.models.Load().isLoaded("a"))
+}
+
+func TestALoadBesideAModelInUseIsPricedAsAnEvictionWhileTheRoomIsUnknown(t *testing.T) {
+	now := time.Now()
+	// Nothing is known of the room: "busy" serves a, "other" holds a too.
+	busy, other := testBackend("busy", nil), testBackend("other", nil)
+	busy.srv.models.Store(psWith("a"))
+	other.srv.models.Store(psWith("a"))
+	busy.srv.speed.room = 0
+	busy.srv.inFlight.Store(1)
+	serve(busy, &job{model: "a"}, now, final(100*ms, 0, 0, 10, 1))
+	busy.srv.inFlight.Store(0)
+	busy.srv.speed.room = 0 // as if its lists had not shown it yet
+	pool := []*backend{busy, other}
+	assert.InDelta(t, coldLoadPrior/2, evictionCost(busy, "b", pool, now), 1e-9,
+		"loading b may evict a, in use, which one other server holds")
+	assert.Zero(t, evictionCost(busy, "a", pool, now), "a is there: nothing to evict")
+
+	// The pricing assumes; begin marks no eviction it does not know of.
+	busy.srv.inFlight.Store(1)
+	require.True(t, busy.begin(&job{model: "b"}, now).loader)
+	assert.True(t, busy.srv.models.Load().isLoaded("a"), "room unknown: a may stay")
+	assert.Zero(t, evictionCost(busy, "b", pool, now), "a request joining the load evicts nothing more")
+}
+
+func TestARequestWaitsForALoadOfItsModelOnAServerItWasNotOffered(t *testing.T) {
+	now := time.Now()
+	// The queue offers "cold"; "loading" is being measured with a request
+	// that loads m (a candidate, not offered).
+	cold, loading, busy := testBackend("cold", nil), testBackend("loading", nil), testBackend("busy", nil)
+	for _, b := range []*backend{cold, busy} {
+		b.srv.models.Store(psWith("x"))
+		b.srv.inFlight.Store(1)
+		serve(b, &job{model: "x"}, now, final(100*ms, 0, 0, 10, 1))
+		b.srv.inFlight.Store(0)
+	}
+	loading.srv.models.Store(psWith("x"))
+	loading.srv.inFlight.Store(1)
+	require.True(t, loading.begin(&job{model: "m"}, now).loader)
+	h := &Handler{backends: []*backend{cold, loading, busy}}
+	h.queue = newQueue(h)
+
+	j := &job{model: "m", cands: []*backend{cold, loading}}
+	assert.Nil(t, pickLeastDelay(h, []*backend{cold}, j), "the load under way ends before one here would")
+
+	// A busy server merely holding m is not waited for: a popular model
+	// would never get a second copy.
+	busy.srv.models.Store(psWith("m"))
+	busy.srv.inFlight.Store(2)
+	j = &job{model: "m", cands: []*backend{cold, busy}}
+	assert.Same(t, cold, pickLeastDelay(h, []*backend{cold}, j))
+}
+
+func TestAFreshBurstStartsOneLoadPerModel(t *testing.T) {
+	now := time.Now()
+	// Nothing measured; "s1" is loading m for its first request and is
+	// not offered (its one measuring slot is taken).
+	var pool []*backend
+	for _, name := range []string{"s1", "s2", "s3"} {
+		b := testBackend(name, nil)
+		b.srv.models.Store(psWith("x"))
+		pool = append(pool, b)
+	}
+	pool[0].srv.inFlight.Store(1)
+	pool[0].srv.speed.startProbe(now)
+	require.True(t, pool[0].begin(&job{model: "m"}, now).loader)
+	h := &Handler{backends: pool}
+	h.queue = newQueue(h)
+	j := &job{model: "m", cands: pool}
+	assert.Nil(t, pickLeastDelay(h, pool[1:], j), "it waits for that load instead of starting a second one")
+	// A request for x, resident everywhere, is measured at once.
+	assert.NotNil(t, pickLeastDelay(h, pool[1:], &job{model: "x", cands: pool}))
+}
+
+func TestAServerThatSawNoLoadPricesOneAsTheLastLearnedElsewhere(t *testing.T) {
+	var prior atomic.Uint64
+	now := time.Now()
+	seen, fresh := testBackend("seen", nil), testBackend("fresh", nil)
+	seen.srv.speed.loadPrior, fresh.srv.speed.loadPrior = &prior, &prior
+	assert.InDelta(t, coldLoadPrior, fresh.srv.speed.coldCost("m"), 1e-9, "no load seen anywhere")
+	seen.srv.models.Store(&modelSnapshot{known: true})
+	seen.srv.inFlight.Store(1)
+	serve(seen, &job{model: "m"}, now, final(100*ms, 600*ms, 0, 10, 1))
+	assert.InDelta(t, 0.6, seen.srv.speed.coldCost("m"), 1e-9)
+	assert.InDelta(t, 0.6, fresh.srv.speed.coldCost("m"), 1e-9, "a load learned on another server")
+	assert.InDelta(t, coldLoadPrior, testBackend("alone", nil).srv.speed.coldCost("m"), 1e-9, "a server of no pool keeps the prior")
+}
+
+func TestAModelShortOfCopiesForItsShareTakesOneFromAModelThatCanSpareIt(t *testing.T) {
+	now := time.Now()
+	// Three servers of room 1: a on s1, b on s2 and s3; a is asked for
+	// 70 % of the time.
+	var pool []*backend
+	for i, m := range []string{"a", "b", "b"} {
+		b := testBackend(fmt.Sprintf("s%d", i+1), nil)
+		b.srv.models.Store(psWith(m))
+		b.srv.speed.room = 1
+		pool = append(pool, b)
+	}
+	pool[0].srv.inFlight.Store(2) // a's one copy is busy
+	h := &Handler{backends: pool, demand: newModelDemand()}
+	for i := range 7 {
+		h.demand.note("a", now)
+		if i < 3 {
+			h.demand.note("b", now)
+		}
+	}
+	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now), "ten requests say too little")
+	for i := range 21 {
+		h.demand.note("a", now)
+		if i < 9 {
+			h.demand.note("b", now)
+		}
+	}
+	pool[1].srv.inFlight.Store(1)
+	got := h.placementMove(pool, &job{model: "a"}, now)
+	assert.Same(t, pool[2], got, "a takes a copy from b, on the less busy of its servers")
+	assert.Nil(t, h.placementMove(pool, &job{model: "b"}, now), "b has more than its share")
+
+	// A copy of a with a slot free: a is not short.
+	pool[0].srv.inFlight.Store(1)
+	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now))
+	pool[0].srv.inFlight.Store(2)
+
+	// a on two, b on one: settled; b keeps its last copy whatever a asks.
+	pool[2].srv.models.Store(psWith("a"))
+	pool[2].srv.inFlight.Store(2)
+	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now))
+	for range 200 {
+		h.demand.note("a", now)
+	}
+	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now), "b's only copy stays")
+}
+
+func TestModelDemandIsBounded(t *testing.T) {
+	d := newModelDemand()
+	now := time.Now()
+	for i := range 3 * maxDemandModels {
+		d.note(fmt.Sprintf("m%d", i), now)
+	}
+	assert.Len(t, d.counts, maxDemandModels)
+	share := map[string]float64{}
+	assert.InDelta(t, float64(maxDemandModels), d.shares(share, now), 1e-6)
+	// Shares forget: a minute later the counts are a few hundredths.
+	assert.Less(t, d.shares(share, now.Add(time.Minute)), 1.0)
 }

@@ -440,6 +440,9 @@ func (q *queue) serveLocked(w *waiter, owed *server) bool {
 	if len(avail) == 0 {
 		return false
 	}
+	if w.job != nil {
+		w.job.cands = w.cands
+	}
 	b, held := q.h.takeOrHold(avail, w.job)
 	if b == nil {
 		// Kept waiting for another server (least_delay): the waiters

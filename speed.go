@@ -605,6 +605,9 @@ func (sp *speed) observeLoadLocked(r *rates, sec float64, now time.Time) {
 		sp.all.load = ewma(sp.all.load, sp.all.loads, sec, time.Second)
 		sp.all.loads++
 	}
+	if sp.loadPrior != nil {
+		sp.loadPrior.Store(math.Float64bits(sp.all.load))
+	}
 }
 
 // startProbe notes that a request is going to a server not observed yet.

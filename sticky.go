@@ -4,6 +4,7 @@ import (
 	"math"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
@@ -139,6 +140,9 @@ const (
 // X-OllamaFlow-Route's and the conversation's id (0: new, or not looked
 // up). A nil backend means the request queues.
 func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversation, j *job) (b *backend, sticky, route string, id uint64) {
+	if j != nil {
+		j.cands = avail
+	}
 	if h.Sticky != nil {
 		if key := h.stickyKey(r); key != "" {
 			b, sticky = h.acquireSticky(avail, key, j)
@@ -149,6 +153,15 @@ func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversat
 			return b, sticky, route, 0
 		}
 		sticky = stickyNone
+	}
+	if h.LBPolicy == "least_delay" && j != nil {
+		// A model short of copies for its share of the requests takes
+		// one before affinity or spreading narrow the choice to servers
+		// that hold it (placementMove).
+		if b := h.placementMove(filterBackends(avail, (*backend).free), j, time.Now()); b != nil && b.tryAcquire() {
+			h.planLoad(b, j)
+			return b, sticky, routePolicy, 0
+		}
 	}
 	b, route, id = h.acquireConversation(avail, conv, j)
 	return b, sticky, route, id
