@@ -430,10 +430,10 @@ func TestAModelShortOfCopiesForItsShareTakesOneFromAModelThatCanSpareIt(t *testi
 			h.demand.note("b", now)
 		}
 	}
-	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now), "ten requests say too little")
-	for i := range 21 {
+	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now), "ten requests say too little (planMinRequests)")
+	for i := range 84 {
 		h.demand.note("a", now)
-		if i < 9 {
+		if i < 36 {
 			h.demand.note("b", now)
 		}
 	}
