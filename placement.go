@@ -359,22 +359,19 @@ func (d *modelDemand) note(model string, now time.Time) {
 	d.total++
 }
 
-// shares returns each model's share of the recent requests into out, and
-// how many (decayed) there were.
-func (d *modelDemand) shares(out map[string]float64, now time.Time) float64 {
+// shareOf returns model's share of the recent requests, and how many
+// (decayed) there were.
+func (d *modelDemand) shareOf(model string, now time.Time) (share, total float64) {
 	if d == nil {
-		return 0
+		return 0, 0
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.decayLocked(now)
 	if d.total <= 0 {
-		return 0
+		return 0, 0
 	}
-	for m, c := range d.counts {
-		out[m] = c / d.total
-	}
-	return d.total
+	return d.counts[model] / d.total, d.total
 }
 
 // roomLocked is the server's room for models as far as known: learned, or
@@ -395,12 +392,11 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 	if len(pool) > largePool || len(pool) < 2 {
 		return nil
 	}
-	share := make(map[string]float64)
-	if h.demand.shares(share, now) < planMinRequests {
+	share, requests := h.demand.shareOf(j.model, now)
+	if requests < planMinRequests {
 		return nil
 	}
-	places := make(map[string]int)
-	total := 0
+	have, total := 0, 0
 	for _, b := range pool {
 		snap := b.srv.models.Load()
 		if !b.usable() || !snap.known {
@@ -413,16 +409,15 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		total += b.srv.speed.roomLocked(snap)
 		slots := b.srv.speed.slotsLocked(b.cfg.MaxParallel, now)
 		b.srv.speed.mu.Unlock()
-		if snap.isLoaded(j.model) && b.srv.inFlight.Load() < int64(slots) {
-			return nil // a copy has a slot free: the model is not short
-		}
-		for m := range snap.loaded {
-			places[m]++
+		if snap.isLoaded(j.model) {
+			if b.srv.inFlight.Load() < int64(slots) {
+				return nil // a copy has a slot free: the model is not short
+			}
+			have++
 		}
 	}
-	target := func(m string) float64 { return share[m] * float64(total) }
-	need := target(j.model) - float64(places[j.model])
-	if places[j.model] == 0 || need < planMargin {
+	need := share*float64(total) - float64(have)
+	if have == 0 || need < planMargin {
 		return nil // no copy anywhere (an ordinary load), or enough
 	}
 	var pick *backend
@@ -434,12 +429,16 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		sp := &b.srv.speed
 		sp.mu.Lock()
 		victim := sp.victimLocked(snap, j.model)
+		free := victim == "" && len(snap.loaded) < sp.roomLocked(snap)
+		sp.mu.Unlock()
 		// The victim keeps a copy elsewhere and, one copy short, would
 		// lack less than the model does now.
-		ok := victim == "" && len(snap.loaded) < sp.roomLocked(snap) ||
-			victim != "" && places[victim] >= 2 &&
-				target(victim)-float64(places[victim]-1)+planMargin < need
-		sp.mu.Unlock()
+		ok := free
+		if victim != "" {
+			vs, _ := h.demand.shareOf(victim, now)
+			copies := placesOf(pool, victim)
+			ok = copies >= 2 && vs*float64(total)-float64(copies-1)+planMargin < need
+		}
 		// The least busy: Ollama loads the model once the requests in
 		// flight there are done.
 		if ok && (pick == nil || b.srv.inFlight.Load() < pick.srv.inFlight.Load()) {
@@ -447,6 +446,18 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		}
 	}
 	return pick
+}
+
+// placesOf counts the usable servers of pool whose lists show model
+// resident.
+func placesOf(pool []*backend, model string) int {
+	n := 0
+	for _, b := range pool {
+		if snap := b.srv.models.Load(); b.usable() && snap.known && snap.isLoaded(model) {
+			n++
+		}
+	}
+	return n
 }
 
 // bestCold reports whether b, as priced in observed, needs its model

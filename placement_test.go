@@ -464,8 +464,9 @@ func TestModelDemandIsBounded(t *testing.T) {
 		d.note(fmt.Sprintf("m%d", i), now)
 	}
 	assert.Len(t, d.counts, maxDemandModels)
-	share := map[string]float64{}
-	assert.InDelta(t, float64(maxDemandModels), d.shares(share, now), 1e-6)
+	_, total := d.shareOf("m0", now)
+	assert.InDelta(t, float64(maxDemandModels), total, 1e-6)
 	// Shares forget: a minute later the counts are a few hundredths.
-	assert.Less(t, d.shares(share, now.Add(time.Minute)), 1.0)
+	_, total = d.shareOf("m0", now.Add(time.Minute))
+	assert.Less(t, total, 1.0)
 }
