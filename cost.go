@@ -175,6 +175,10 @@ type endedTask struct {
 	// not known); slack the time the proxy saw beyond the server's
 	// total_duration, which places that work within as much.
 	work, slack time.Duration
+	// streamed: an OpenAI stream's entry, whose work is only its
+	// generation (first byte to last; its slot may have been taken any
+	// time after it was sent) and whose slack is not measured.
+	streamed bool
 }
 
 // task is one request in flight on the server.
@@ -560,7 +564,7 @@ func (sp *speed) lastSlack() time.Duration {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	for i := range endedRing {
-		if e := sp.ended[(sp.endedPos-1-i+endedRing)%endedRing]; e.work > 0 {
+		if e := sp.ended[(sp.endedPos-1-i+endedRing)%endedRing]; e.work > 0 && !e.streamed {
 			return e.slack
 		}
 	}

@@ -879,3 +879,62 @@ func TestAnOpenAIStreamWithoutUsageMeasuresTheServer(t *testing.T) {
 	// the first to the last, per token counted.
 	assert.InDelta(t, 0.005, genTok, 0.004)
 }
+
+// OpenAI streams report no durations, yet show a server's slots: two
+// streams generating at once had two slots; one whose first byte came only
+// after the other, in flight when it was sent, had ended waited for the
+// only one. Before, slots were learned from Ollama's total_duration only,
+// and a server serving /v1 streams kept an untried slot forever
+// (openai-stream: each single-slot slow server drew a second request to
+// queue inside it, again and again, and the pool's p99 was two answers).
+func TestOpenAIStreamsShowTheServersSlots(t *testing.T) {
+	stream := func(ttfb, elapsed time.Duration) timings {
+		return timings{streamed: true, promptCount: -1, evalCount: 50, total: -1, load: -1, prompt: -1, ev: -1,
+			ttfb: ttfb, elapsed: elapsed}
+	}
+	j := func() *job { return &job{model: "m", promptChars: 48} }
+	clock := time.Unix(1000, 0)
+	slots := func(b *backend, at time.Time) (planned, lo, hi int) {
+		b.srv.speed.mu.Lock()
+		defer b.srv.speed.mu.Unlock()
+		return b.srv.speed.slotsLocked(0, at), b.srv.speed.slotsLo, b.srv.speed.slotsHi
+	}
+	pair := func(name string, second timings, secondEnd time.Duration) *backend {
+		b := testBackend(name, nil)
+		b.srv.models.Store(psWith("m"))
+		b.srv.inFlight.Store(2)
+		first, next := b.begin(j(), clock), b.begin(j(), clock.Add(10*ms))
+		first.learn(stream(80*ms, 530*ms), clock.Add(530*ms))
+		next.learn(second, clock.Add(secondEnd))
+		b.srv.inFlight.Store(0)
+		return b
+	}
+
+	single := pair("single", stream(600*ms, 1050*ms), 1060*ms)
+	planned, lo, hi := slots(single, clock.Add(1100*ms))
+	assert.Equal(t, 1, planned, "the second's first byte came after the first ended: one slot, no untried one")
+	assert.Equal(t, 1, lo)
+	assert.Equal(t, 1, hi)
+
+	double := pair("double", stream(75*ms, 525*ms), 535*ms)
+	planned, lo, hi = slots(double, clock.Add(600*ms))
+	assert.Equal(t, 2, lo, "both generated at once")
+	assert.Equal(t, 0, hi)
+	assert.Equal(t, 3, planned, "a third slot is not ruled out")
+
+	// A first byte late, but before the other ended (a long prompt, a
+	// busy machine), is no wait: nothing is ruled out.
+	_, _, hi = slots(pair("slow-prompt", stream(400*ms, 850*ms), 860*ms), clock.Add(900*ms))
+	assert.Equal(t, 0, hi)
+	// Nor is one after a request that was about to end anyway: its first
+	// token could not have come sooner than its prompt's time.
+	b := testBackend("ending", nil)
+	b.srv.models.Store(psWith("m"))
+	b.srv.inFlight.Store(2)
+	first := b.begin(j(), clock)
+	second := b.begin(j(), clock.Add(520*ms))
+	first.learn(stream(80*ms, 530*ms), clock.Add(530*ms))
+	second.learn(stream(90*ms, 540*ms), clock.Add(1060*ms))
+	_, _, hi = slots(b, clock.Add(1100*ms))
+	assert.Equal(t, 0, hi)
+}

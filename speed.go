@@ -8,9 +8,9 @@ import (
 
 // How each pooled server learns its speed: the requests in flight (task:
 // begin, end), the timings Ollama reports in a completion's final chunk
-// (timingsFrom, learn) and the recent share of server errors; shift.go
-// notices a server that changed speed. cost.go turns what is learned here
-// into a request's expected delay.
+// (timingsFrom, learn) and the recent share of server errors; slots.go
+// learns its parallel slots, shift.go notices a server that changed speed.
+// cost.go turns what is learned here into a request's expected delay.
 
 // Server errors. A server that answers 500 at once (a broken GPU, a
 // runner that crashes on load) looks idle and fast: nothing of its speed
@@ -366,6 +366,9 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 	}
 
 	if !tm.native || tm.total <= 0 {
+		if tm.streamed && !tm.native && !t.cold && !heldBack && tm.elapsed > tm.ttfb {
+			sp.learnStreamSlotsLocked(t, tm, now)
+		}
 		return false, false
 	}
 
@@ -411,138 +414,6 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		}
 	}
 	return false, false
-}
-
-// learnSlotsLocked learns the server's parallel slots from an answer that
-// was warm (no model load in it) and not held back by its client: how
-// many requests surely worked at once with it (slotsLo), and, when it
-// waited for a slot (waited), how many may have been at work when it came
-// (slotsHi).
-//
-// Both counts rest on times the server reported, never on the order in
-// which requests were sent: requests sent together (a queue released at
-// once, clients answered at once) reach the server in any order, and the
-// proxy sees an answer end some time after the server freed its slot,
-// more on a busy machine. A count that trusted the order read those races
-// as a third slot on a server of two (and planned a fourth, leaving
-// requests queued inside a full server while another had a slot free) or
-// as one slot on a server of two. Each request's place in time is only
-// known within its slack: the time the proxy saw beyond the server's
-// total_duration (the network, both ways, and the proxy's own delays).
-func (sp *speed) learnSlotsLocked(t *task, tm timings, waited bool, now time.Time) {
-	work := max(tm.prompt, 0) + max(tm.ev, 0)
-	if work <= 0 {
-		return
-	}
-	slack := max(now.Sub(t.started)-tm.total, 0)
-	sp.noteWorkLocked(t.id, work, slack)
-	atOnce := sp.servedAtOnceLocked(t, now.Add(-work), now.Add(-slack))
-	if atOnce > sp.slotsLo {
-		sp.slotsLo = atOnce
-		if sp.slotsHi > 0 && sp.slotsHi < sp.slotsLo {
-			sp.slotsHi = 0 // served more than thought possible: it changed
-		}
-	}
-	if !waited {
-		return
-	}
-	// It waited for a slot: every slot was at work when it came, so the
-	// server has no more than the requests that may have been at work
-	// then.
-	hi := sp.heldAtLocked(t, t.started, now.Add(-tm.total))
-	if hi < 1 || hi < atOnce {
-		return // a race: as many worked beside it
-	}
-	if sp.slotsHi == 0 || hi < sp.slotsHi || now.Sub(sp.hiAt) >= slotRetest {
-		sp.slotsHi = hi
-	}
-	sp.hiAt = now
-	if sp.slotsLo > sp.slotsHi {
-		sp.slotsLo = sp.slotsHi
-	}
-}
-
-// noteWorkLocked records, for the ended request id, how long it worked in
-// a slot (its prompt evaluation and generation, which end as its answer
-// does) and its slack.
-func (sp *speed) noteWorkLocked(id uint64, work, slack time.Duration) {
-	for i := range endedRing {
-		e := &sp.ended[(sp.endedPos-1-i+2*endedRing)%endedRing]
-		if e.id == id {
-			e.work, e.slack = work, slack
-			return
-		}
-	}
-}
-
-// sureWork is the stretch in which an ended request was surely at work
-// in a slot, whichever part of its slack the network took: from its
-// latest possible start to its earliest possible end. ok is false when
-// the slack is longer than the work.
-func (e *endedTask) sureWork() (from, to time.Time, ok bool) {
-	from, to = e.at.Add(-e.work), e.at.Add(-e.slack)
-	return from, to, e.work > 0 && to.After(from)
-}
-
-// servedAtOnceLocked is the most requests surely at work at one time
-// while t surely was (from start to end), t included: the largest number
-// of ended requests' sure stretches of work that share a moment with t's.
-// Such a moment begins where the latest of them starts, so the count is
-// taken at t's start and at each later start.
-func (sp *speed) servedAtOnceLocked(t *task, start, end time.Time) int {
-	if !end.After(start) {
-		return 1
-	}
-	var buf [32]endedTask
-	spans := buf[:0]
-	for _, e := range sp.ended {
-		if e.id == 0 || e.id == t.id || len(spans) == cap(spans) {
-			continue
-		}
-		if from, to, ok := e.sureWork(); ok && to.After(start) && from.Before(end) {
-			spans = append(spans, e)
-		}
-	}
-	most := 0
-	at := func(p time.Time) {
-		n := 0
-		for i := range spans {
-			if from, to, _ := spans[i].sureWork(); !from.After(p) && to.After(p) {
-				n++
-			}
-		}
-		most = max(most, n)
-	}
-	at(start)
-	for i := range spans {
-		if p, _, _ := spans[i].sureWork(); p.After(start) && p.Before(end) {
-			at(p)
-		}
-	}
-	return 1 + most
-}
-
-// heldAtLocked is how many requests other than t may have been at work
-// on the server when t came, some time between from and to: all but
-// those sent after to, those that ended before from and those whose work
-// surely started after to or ended before from. When t waited, every slot
-// was at work then: the server has no more slots than that.
-func (sp *speed) heldAtLocked(t *task, from, to time.Time) int {
-	n := 0
-	for _, o := range sp.tasks {
-		if o != t && !o.started.After(to) {
-			n++
-		}
-	}
-	for _, e := range sp.ended {
-		if e.id == 0 || e.id == t.id || e.began.After(to) || e.at.Before(from) {
-			continue
-		}
-		if e.work <= 0 || !e.at.Add(-e.slack-e.work).After(to) {
-			n++
-		}
-	}
-	return n
 }
 
 // splitLocked divides the time total of a prompt of n tokens and an answer
