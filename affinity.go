@@ -377,14 +377,19 @@ func (t *affinityTable) victimIdle(b *backend, now time.Time) float64 {
 }
 
 // victim is the conversation a new one would evict on b: the least recent
-// of those its slots hold; nil when it holds fewer than it has slots.
+// of those its slots hold; nil when it holds fewer than it has slots (one
+// more than seen in use while more are not ruled out, as least_delay
+// plans them).
 // t.mu is held.
 func (t *affinityTable) victim(b *backend, now time.Time) *convActivity {
 	h := t.hosting[b.srv.key]
 	if h == nil {
 		return nil
 	}
-	slots, _ := b.cacheSlots()
+	slots, bounded := b.cacheSlots()
+	if !bounded {
+		slots++ // a slot more is not ruled out: least_delay plans with it too
+	}
 	if h.recent.Len() < slots {
 		return nil
 	}

@@ -1016,3 +1016,93 @@ func TestSpreadingReMeasuresAServerBelievedSlow(t *testing.T) {
 
 // keptBackend is keepsConversation's backend, without the saving.
 func keptBackend(b *backend, _ float64) *backend { return b }
+
+// Two conversations on a server of one slot evict each other's cache and
+// queue behind each other for good: each turn of one is counted out, yet
+// stays, because the other servers are no faster for it at that moment
+// (conversations-unequal: two such pairs on the single-slot servers while
+// the four-slot server held two conversations; 22.9 req/s and a p99 of
+// 0.95 s against the oracle's 30 and 0.23). A counted-out follow-up moves
+// to a server where it evicts nothing, or only a conversation idle long
+// enough to have ended, when that serves it no later than staying plus
+// what staying costs the conversation it evicts there.
+func TestACountedOutConversationLeavesAServerItShares(t *testing.T) {
+	now := time.Now()
+	history := longHistory()
+	_, prevA := chatTurn(t, history[:len(history)-1])
+	bodyA, followA := chatTurn(t, append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
+	_, convB := chatTurn(t, []map[string]string{{"role": "system", "content": strings.Repeat("Other things entirely. ", 80)}, {"role": "user", "content": "hello"}})
+
+	setup := func(bigHostsActive bool) (*Handler, *backend, *backend) {
+		small := ruleBackend("small", 0)
+		small.cfg.MaxParallel = 1
+		big := ruleBackend("big", 0)
+		big.cfg.MaxParallel = 2
+		h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+		h.affinity.record(prevA, small.srv.key, 0, now.Add(-time.Second))
+		h.affinity.record(convB, small.srv.key, 0, now.Add(-500*ms)) // A is counted out on small
+		idle := now.Add(-30 * time.Second)                           // ended, most likely
+		if bigHostsActive {
+			idle = now.Add(-200 * ms) // its user is reading
+		}
+		for i, at := range []time.Time{idle, now.Add(-100 * ms)} {
+			_, c := chatTurn(t, []map[string]string{{"role": "user", "content": fmt.Sprint("big's conversation ", i)}})
+			h.affinity.record(c, big.srv.key, 0, at)
+		}
+		return h, small, big
+	}
+
+	h, small, big := setup(false)
+	_, id, _ := h.affinity.lookup(followA, now)
+	require.True(t, h.affinity.evictedFrom(small, id, now), "B came after A to a server of one slot")
+	got, route, gotID := h.acquireConversation([]*backend{small, big}, followA, newJob("m", apiOllama, bodyA))
+	require.NotNil(t, got)
+	got.release()
+	assert.Equal(t, "big", got.cfg.Name, "big's other conversation has been idle for half a minute")
+	assert.Equal(t, routeAffinityEvicted, route)
+	assert.Equal(t, id, gotID)
+
+	// Both of big's conversations are active: moving would evict one of
+	// them, so A stays (and takes its chance with its cache).
+	h, small, big = setup(true)
+	got, route, _ = h.acquireConversation([]*backend{small, big}, followA, newJob("m", apiOllama, bodyA))
+	require.NotNil(t, got)
+	got.release()
+	assert.Equal(t, "small", got.cfg.Name)
+	assert.Equal(t, routeAffinityHit, route)
+}
+
+// A server seen serving two at once, a third slot not ruled out, is
+// planned with three (slotsLocked): it has a cache slot for a third
+// conversation too. Counted as full at two, a server of four slots seen
+// with two at once looked full to every conversation that had to move,
+// and those moved onto servers of one slot, two by two.
+func TestAServerWhoseSlotsAreNotRuledOutHasRoomForOneMoreConversation(t *testing.T) {
+	now := time.Now()
+	b := testBackend("b", nil)
+	servedTogether(b, 2, now.Add(-time.Second))
+	slots, bounded := b.cacheSlots()
+	require.Equal(t, 2, slots)
+	require.False(t, bounded)
+	tab := newAffinityTable(100, time.Hour)
+	for i := range 2 {
+		tab.record(conversation{prefixes: []uint64{uint64(16 * (i + 1))}, keep: []uint64{uint64(16 * (i + 1))}}, b.srv.key, 0, now)
+	}
+	assert.True(t, tab.hasFreeSlot(b, now), "a third slot is not ruled out")
+	tab.record(conversation{prefixes: []uint64{48}, keep: []uint64{48}}, b.srv.key, 0, now)
+	assert.False(t, tab.hasFreeSlot(b, now))
+
+	// Once a request is seen waiting with two at work, two is all.
+	release := hold(b, 2, now)
+	b.srv.inFlight.Add(1)
+	serve(b, &job{}, now, final(100*ms, 0, 100*ms, 10, 1))
+	b.srv.inFlight.Add(-1)
+	release()
+	_, bounded = b.cacheSlots()
+	require.True(t, bounded)
+	tab2 := newAffinityTable(100, time.Hour)
+	for i := range 2 {
+		tab2.record(conversation{prefixes: []uint64{uint64(16 * (i + 1))}, keep: []uint64{uint64(16 * (i + 1))}}, b.srv.key, 0, now)
+	}
+	assert.False(t, tab2.hasFreeSlot(b, now))
+}

@@ -44,7 +44,22 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 		return h.spreadNew(avail, j, now), routeAffinityEvicted, id
 	}
 	class := classOf(countedOut, t.missedLast(id))
-	if prev, saving := h.keepsConversation(avail, key, conv, depth, j, class); prev != nil && prev.tryAcquire() {
+	prev, saving := h.keepsConversation(avail, key, conv, depth, j, class)
+	if prev != nil && countedOut {
+		// Its server holds more conversations than it has slots: kept
+		// there, it evicts another's cache and is evicted in turn, both
+		// queueing behind each other for good (two conversations on a
+		// server of one slot). A server where it evicts no conversation,
+		// or one idle long enough to have ended, becomes its home when
+		// it serves it no later than staying would, counting what
+		// staying costs the conversation it evicts there; the coin toss
+		// of its own cache is left out (roomierThan).
+		if b := h.roomierThan(avail, j, prev, now); b != nil && b.tryAcquire() {
+			t.counter(h.Name, "evicted").Inc()
+			return b, routeAffinityEvicted, id
+		}
+	}
+	if prev != nil && prev.tryAcquire() {
 		t.counter(h.Name, "hit").Inc()
 		if j != nil {
 			j.cachedOn = &prev.srv.speed // its timing there is not its prompt rate
@@ -139,6 +154,53 @@ func (h *Handler) roomyWithin(avail []*backend, j *job, extra float64, now time.
 		return nil
 	}
 	return pick
+}
+
+// roomierThan is the free backend of avail (a sample above largePool),
+// other than prev, where a conversation evicts none or one idle for
+// abandonedAfter, whose expected delay for j is the least of those and no
+// more than prev's plus what the conversation it evicts on prev pays for
+// it; nil if none.
+func (h *Handler) roomierThan(avail []*backend, j *job, prev *backend, now time.Time) *backend {
+	limit, ok := h.expectedDelayOf(prev, j)
+	if !ok {
+		return nil
+	}
+	// Staying evicts another conversation's cache there, which its next
+	// turn pays for.
+	if cost, full := h.affinity.evictionSeconds([]*backend{prev}, j, now); full {
+		limit += cost
+	}
+	var buf [sampleSize]*backend
+	var pick *backend
+	for _, b := range h.sampled(buf[:0], avail, j, "") {
+		if b == prev || !b.free() {
+			continue
+		}
+		if d, ok := h.expectedDelayOf(b, j); ok && d <= limit && h.affinity.victimIdleFor(b, now) >= abandonedAfter {
+			limit, pick = d, b
+		}
+	}
+	return pick
+}
+
+// abandonedAfter is how long a conversation idle is taken to have ended
+// when one that shares a server with more conversations than slots looks
+// for another: the cache it would evict there is most likely no one's
+// next turn (clients that keep a conversation going come back within
+// seconds; a finished one stays in its slot until something evicts it).
+const abandonedAfter = 2 * time.Second
+
+// victimIdleFor is victimIdle for a caller not holding t.mu, as a
+// duration.
+func (t *affinityTable) victimIdleFor(b *backend, now time.Time) time.Duration {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	idle := t.victimIdle(b, now)
+	if math.IsInf(idle, 1) {
+		return time.Duration(math.MaxInt64)
+	}
+	return time.Duration(idle * float64(time.Second))
 }
 
 // hasFreeSlot reports whether b holds fewer recent conversations than it
