@@ -32,19 +32,29 @@ func (sp *speed) learnSlotsLocked(t *task, tm timings, waited bool, now time.Tim
 	slack := max(now.Sub(t.started)-tm.total, 0)
 	sp.noteWorkLocked(t.id, work, slack, false)
 	atOnce := sp.servedAtOnceLocked(t, now.Add(-work), now.Add(-slack))
+	sp.sawAtOnceLocked(atOnce)
+	if waited {
+		// It waited for a slot: every slot was at work when it came, so
+		// the server has no more than the requests that may have been
+		// at work then.
+		sp.sawWaitLocked(sp.heldAtLocked(t, t.started, now.Add(-tm.total)), atOnce, now)
+	}
+}
+
+// sawAtOnceLocked notes that atOnce requests were surely served at once.
+func (sp *speed) sawAtOnceLocked(atOnce int) {
 	if atOnce > sp.slotsLo {
 		sp.slotsLo = atOnce
 		if sp.slotsHi > 0 && sp.slotsHi < sp.slotsLo {
 			sp.slotsHi = 0 // served more than thought possible: it changed
 		}
 	}
-	if !waited {
-		return
-	}
-	// It waited for a slot: every slot was at work when it came, so the
-	// server has no more than the requests that may have been at work
-	// then.
-	hi := sp.heldAtLocked(t, t.started, now.Add(-tm.total))
+}
+
+// sawWaitLocked notes that a request served beside atOnce others waited
+// for a slot while at most hi others may have been at work: the server
+// has no more than hi slots.
+func (sp *speed) sawWaitLocked(hi, atOnce int, now time.Time) {
 	if hi < 1 || hi < atOnce {
 		return // a race: as many worked beside it
 	}
@@ -81,12 +91,7 @@ func (sp *speed) learnStreamSlotsLocked(t *task, tm timings, now time.Time) {
 	first := now.Add(-gen)
 	sp.noteWorkLocked(t.id, gen, 0, true)
 	atOnce := sp.servedAtOnceLocked(t, first, now)
-	if atOnce > sp.slotsLo {
-		sp.slotsLo = atOnce
-		if sp.slotsHi > 0 && sp.slotsHi < sp.slotsLo {
-			sp.slotsHi = 0
-		}
-	}
+	sp.sawAtOnceLocked(atOnce)
 	prompt, _ := sp.serviceLocked(t.job)
 	late := t.started.Add(time.Duration((2*prompt + waitSignalMin) * float64(time.Second)))
 	waited := false
@@ -96,19 +101,8 @@ func (sp *speed) learnStreamSlotsLocked(t *task, tm timings, now time.Time) {
 			break
 		}
 	}
-	if !waited {
-		return
-	}
-	hi := sp.heldAtLocked(t, t.started, t.started)
-	if hi < 1 || hi < atOnce {
-		return
-	}
-	if sp.slotsHi == 0 || hi < sp.slotsHi || now.Sub(sp.hiAt) >= slotRetest {
-		sp.slotsHi = hi
-	}
-	sp.hiAt = now
-	if sp.slotsLo > sp.slotsHi {
-		sp.slotsLo = sp.slotsHi
+	if waited {
+		sp.sawWaitLocked(sp.heldAtLocked(t, t.started, t.started), atOnce, now)
 	}
 }
 
