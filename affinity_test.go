@@ -1093,13 +1093,10 @@ func TestAServerWhoseSlotsAreNotRuledOutHasRoomForOneMoreConversation(t *testing
 	assert.False(t, tab.hasFreeSlot(b, now))
 
 	// Once a request is seen waiting with two at work, two is all.
-	release := hold(b, 2, now)
-	b.srv.inFlight.Add(1)
-	serve(b, &job{}, now, final(100*ms, 0, 100*ms, 10, 1))
-	b.srv.inFlight.Add(-1)
-	release()
-	_, bounded = b.cacheSlots()
+	waitedBehind(b, 2, now, 100*ms)
+	slots, bounded = b.cacheSlots()
 	require.True(t, bounded)
+	require.Equal(t, 2, slots)
 	tab2 := newAffinityTable(100, time.Hour)
 	for i := range 2 {
 		tab2.record(conversation{prefixes: []uint64{uint64(16 * (i + 1))}, keep: []uint64{uint64(16 * (i + 1))}}, b.srv.key, 0, now)
