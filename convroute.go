@@ -168,7 +168,8 @@ func (h *Handler) roomierThan(avail []*backend, j *job, prev *backend, now time.
 	}
 	// Staying evicts another conversation's cache there, which its next
 	// turn pays for.
-	if cost, full := h.affinity.evictionSeconds([]*backend{prev}, j, now); full {
+	one := [1]*backend{prev}
+	if cost, full := h.affinity.evictionSeconds(one[:], j, now); full {
 		limit += cost
 	}
 	var buf [sampleSize]*backend
