@@ -178,7 +178,7 @@ func (h *Handler) roomierThan(avail []*backend, j *job, prev *backend, now time.
 		if b == prev || !b.free() {
 			continue
 		}
-		if d, ok := h.expectedDelayOf(b, j); ok && d <= limit && h.affinity.victimIdleFor(b, now) >= abandonedAfter {
+		if d, ok := h.expectedDelayOf(b, j); ok && d <= limit && h.affinity.evictsOnlyIdle(b, now) {
 			limit, pick = d, b
 		}
 	}
@@ -192,16 +192,12 @@ func (h *Handler) roomierThan(avail []*backend, j *job, prev *backend, now time.
 // seconds; a finished one stays in its slot until something evicts it).
 const abandonedAfter = 2 * time.Second
 
-// victimIdleFor is victimIdle for a caller not holding t.mu, as a
-// duration.
-func (t *affinityTable) victimIdleFor(b *backend, now time.Time) time.Duration {
+// evictsOnlyIdle reports whether a new conversation on b evicts none, or
+// one idle for abandonedAfter.
+func (t *affinityTable) evictsOnlyIdle(b *backend, now time.Time) bool {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	idle := t.victimIdle(b, now)
-	if math.IsInf(idle, 1) {
-		return time.Duration(math.MaxInt64)
-	}
-	return time.Duration(idle * float64(time.Second))
+	return t.victimIdle(b, now) >= abandonedAfter.Seconds()
 }
 
 // hasFreeSlot reports whether b holds fewer recent conversations than it
