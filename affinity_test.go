@@ -1103,3 +1103,32 @@ func TestAServerWhoseSlotsAreNotRuledOutHasRoomForOneMoreConversation(t *testing
 	}
 	assert.False(t, tab2.hasFreeSlot(b, now))
 }
+
+// A first message recorded on a server that is no longer a candidate
+// (removed from the pool, down) is new to every server it may go to: the
+// policy places it and says so, instead of reporting an overflow of a
+// conversation nobody is having. (The affinity table outlives a reload,
+// and unrelated clients send the same first message.)
+func TestAFirstMessageSeenOnAServerThatLeftIsNew(t *testing.T) {
+	now := time.Now()
+	h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+	gone, a, b := ruleBackend("gone", 0), ruleBackend("a", 0), ruleBackend("b", 0)
+	body, first := chatTurn(t, []map[string]string{{"role": "user", "content": "hello"}})
+	h.affinity.record(first, gone.srv.key, 0, now.Add(-time.Second))
+	got, route, id := h.acquireConversation([]*backend{a, b}, first, newJob("m", apiOllama, body))
+	require.NotNil(t, got)
+	got.release()
+	assert.Equal(t, routePolicy, route)
+	assert.Zero(t, id, "a new conversation")
+
+	// Its follow-up, its server gone, overflows: the conversation goes on.
+	history := []map[string]string{{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}}
+	_, prev := chatTurn(t, history)
+	h.affinity.record(prev, gone.srv.key, 0, now.Add(-time.Second))
+	body, follow := chatTurn(t, append(history, map[string]string{"role": "user", "content": "and then?"}))
+	got, route, id = h.acquireConversation([]*backend{a, b}, follow, newJob("m", apiOllama, body))
+	require.NotNil(t, got)
+	got.release()
+	assert.Equal(t, routeAffinityOverflow, route)
+	assert.NotZero(t, id)
+}

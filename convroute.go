@@ -36,6 +36,14 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 		return h.spreadNew(avail, j, now), routePolicy, 0
 	}
 	home := h.backendByKey(avail, key)
+	if home == nil && !conv.followUp {
+		// A first message seen before, on a server that cannot take it
+		// now (gone from the pool, down, without the model): nothing of
+		// it is cached where it may go, and nothing of an earlier turn
+		// either. New to every server it may go to.
+		t.counter(h.Name, "miss").Inc()
+		return h.spreadNew(avail, j, now), routePolicy, 0
+	}
 	countedOut := home != nil && t.evictedFrom(home, id, now)
 	if countedOut && !conv.followUp {
 		// A first message seen before (unrelated clients, a retried
