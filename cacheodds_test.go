@@ -50,8 +50,7 @@ func TestAffinityLearnsWhetherTheCacheWasThere(t *testing.T) {
 	// keeps asks with busy requests at work on home's slots, none on
 	// other.
 	keeps := func(class cacheClass, busy int64) (*backend, float64) {
-		home.srv.inFlight.Store(busy)
-		defer home.srv.inFlight.Store(0)
+		defer hold(home, int(busy), time.Now())()
 		dHome, _ := h.estimateOf(home, j)
 		dOther, _ := h.estimateOf(other, j)
 		require.Greater(t, dHome.wait, 0.2, "home is busy")

@@ -86,6 +86,10 @@ type speed struct {
 
 	tasks  map[uint64]*task // requests in flight, with their expected end
 	nextID uint64
+	// sentWork is the expected service (prompt and output) of the
+	// requests sent here lately, averaged: what one counted in flight but
+	// not begun yet is taken to need (replayLocked).
+	sentWork float64
 	// ended remembers recent requests that ended: when they were sent,
 	// when they ended and, for a complete answer, how long they worked in
 	// a slot, so that an answer can tell how many requests the server
@@ -399,8 +403,14 @@ func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Tim
 			each(t, end)
 		}
 	}
-	// Requests the model does not track (model reads, or sent before a
-	// reload) take a typical time each, after those it knows.
+	// Requests the model does not track take a typical time each, after
+	// those it knows: model reads, requests sent before a reload, and
+	// those a queue released at this instant, whose requests have not
+	// begun; those are like the requests sent here lately (sentWork), not
+	// like a typical uncapped answer (capped answers teach no typical
+	// length, and a typical of prompt evaluation alone took a burst of
+	// eight on two slots for a wait of one).
+	typical = max(typical, sp.sentWork)
 	for i := len(order); i < inFlight; i++ {
 		take(0, typical)
 	}

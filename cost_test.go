@@ -938,3 +938,40 @@ func TestOpenAIStreamsShowTheServersSlots(t *testing.T) {
 	_, _, hi = slots(b, clock.Add(1100*ms))
 	assert.Equal(t, 0, hi)
 }
+
+// Requests a queue released at one instant are counted in flight before
+// any of them begins: each is taken to need what the requests sent there
+// lately did, not a typical uncapped answer's time. With every answer
+// capped, no typical length is known, and that typical was the prompt
+// alone: eight released onto two slots looked one answer deep.
+func TestRequestsReleasedAtOnceWeighAsTheRequestsSentLately(t *testing.T) {
+	b := testBackend("a", func(c *Backend) { c.MaxParallel = 2 })
+	clock := time.Unix(1000, 0)
+	capped := &job{maxOutput: 10, promptChars: 40}
+	for range 4 { // 10 ms of prompt, 10 tokens at 10 ms
+		clock = clock.Add(time.Second)
+		b.srv.inFlight.Store(1)
+		serve(b, capped, clock, finalGen(10*ms, 100*ms, 0, 0, 10, 10))
+	}
+	b.srv.inFlight.Store(0)
+	one, _ := estimateDelay(b, capped, clock)
+	require.InDelta(t, 0.11, one.prompt+one.output, 1e-6)
+
+	// Two begun, six more dispatched with them that have not begun.
+	release := func() func() {
+		var ts []*task
+		for range 2 {
+			b.srv.inFlight.Add(1)
+			ts = append(ts, b.begin(capped, clock))
+		}
+		return func() {
+			for _, t := range ts {
+				t.end()
+			}
+		}
+	}()
+	defer release()
+	b.srv.inFlight.Add(6)
+	d, _ := estimateDelay(b, capped, clock)
+	assert.InDelta(t, 4*0.11, d.wait, 0.01, "eight ahead on two slots: four answers deep")
+}

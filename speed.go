@@ -133,6 +133,11 @@ func (b *backend) begin(j *job, now time.Time) *task {
 		cold: cold || loading, loader: cold && !loading, blind: !known && j.model != "", inFlight: len(sp.tasks) + 1,
 		measures: sp.remeasureSent || sp.all.promptN == 0 && sp.all.genN == 0}
 	sp.remeasureSent = false
+	if sp.sentWork == 0 {
+		sp.sentWork = t.service
+	} else {
+		sp.sentWork += sentWorkWeight * (t.service - sp.sentWork)
+	}
 	t.finish = now.Add(time.Duration(d.total() * float64(time.Second)))
 	sp.nextID++
 	t.id = sp.nextID
@@ -571,3 +576,7 @@ func (sp *speed) view() (v speedView, ok bool) {
 		slots: max(sp.slotsLo, 1), promptTokMS: sp.all.promptTok * 1000, genTokMS: sp.all.genTok * 1000,
 		modelRoom: sp.room}, true
 }
+
+// sentWorkWeight is the weight of the latest request in sentWork: about
+// the last five sent.
+const sentWorkWeight = 0.2
