@@ -160,6 +160,23 @@ func burst(n int, stream bool, path string) (chan burstAnswer, *sync.WaitGroup) 
 	return answers, &wg
 }
 
+// burstPlaced is a burst of four on fastAndSlow placed before either
+// server answers: fast holds its answers until each server has its
+// measuring request and a spare, however slowly a loaded machine starts
+// the clients (the fourth, arriving after fast's first answer, was sent
+// to fast and slow had no spare to move).
+func burstPlaced(t *testing.T, fast, slow *fakeollama.Server, stream bool, path string) (chan burstAnswer, *sync.WaitGroup) {
+	t.Helper()
+	fast.Hold(fakeollama.Completions...)
+	answers, wg := burst(4, stream, path)
+	placed := func() bool { return fast.Count(path) >= 2 && slow.Count(path) >= 2 }
+	if !assert.Eventually(t, placed, 5*time.Second, 5*time.Millisecond) {
+		t.Fatalf("a measuring request and a spare on each: fast %d, slow %d", fast.Count(path), slow.Count(path))
+	}
+	fast.Release()
+	return answers, wg
+}
+
 // allAnswered waits for every client of a burst and asserts each was
 // answered 200.
 func allAnswered(t *testing.T, answers chan burstAnswer, wg *sync.WaitGroup) {
@@ -259,7 +276,7 @@ func TestAMoveIsNoRetry(t *testing.T) {
 // as an affinity overflow of its own record on the server it left.
 func TestAMovedRequestKeepsItsRoute(t *testing.T) {
 	fast, slow := servingFastAndSlow(t, "conversation_affinity")
-	answers, wg := burst(4, false, "/api/chat")
+	answers, wg := burstPlaced(t, fast, slow, false, "/api/chat")
 	arrived(t, fast, "/api/chat", 3)
 	slow.Release()
 	wg.Wait()
@@ -276,7 +293,7 @@ func TestAMovedStreamIsWhole(t *testing.T) {
 	for _, path := range []string{"/api/chat", "/v1/chat/completions"} {
 		t.Run(path, func(t *testing.T) {
 			fast, slow := servingFastAndSlow(t, "")
-			answers, wg := burst(4, true, path)
+			answers, wg := burstPlaced(t, fast, slow, true, path)
 			arrived(t, fast, path, 3)
 			time.Sleep(300 * time.Millisecond)
 			slow.Release()
