@@ -466,9 +466,10 @@ func TestAffinityKeepsWhatTheCacheSaves(t *testing.T) {
 	require.True(t, conv.followUp)
 
 	// home has eight requests in flight (about 0.4 s of wait on its two
-	// planned slots), other none: home still wins by the 0.5 s of prompt it
-	// need not evaluate.
+	// slots, seen serving two and making a third wait), other none: home
+	// still wins by the 0.5 s of prompt it need not evaluate.
 	home, other := ruleBackend("home", 8), ruleBackend("other", 0)
+	home.srv.speed.slotsLo, home.srv.speed.slotsHi, home.srv.speed.hiAt = 2, 2, time.Now()
 	dHome, _ := h.estimateOf(home, j)
 	dOther, _ := h.estimateOf(other, j)
 	require.Greater(t, dHome.wait, 0.35)

@@ -225,7 +225,7 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		// Sent beside the server's measuring request: moved if another
 		// server outruns it before its answer begins (spare.go).
 		spare = newSpareRace()
-		go spare.watch(ctx, cancel, b, j.spareAmong)
+		go spare.watch(ctx, cancel, h, b, j, j.spareAmong)
 	}
 	res, err := h.roundTrip(b, out)
 	if spare != nil && !spare.answered() {

@@ -601,6 +601,16 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			return nil
 		}
 	}
+	// The best choice means a wait while servers are still being
+	// measured: one of them, where staying is expected to end sooner,
+	// takes the request as a spare, moved if a measured server would
+	// serve it sooner after all (spare.go).
+	if bestWait > 0 && len(ties) > 0 && h.queue != nil {
+		if b := h.claimSpareWithin(unobserved, j, queuedSpareLimit, ties[0], best, bestWait, now); b != nil {
+			j.spareOn, j.spareAmong = b.srv, slices.Clone(avail)
+			return b
+		}
+	}
 	if b := queueRelief(observed, bestWait, now); b != nil {
 		return b
 	}

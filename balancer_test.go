@@ -266,17 +266,37 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	assert.Len(t, spares, 3, "one spare per server")
 	assert.Nil(t, take(), "held back: every server is being measured, a spare beside each")
 
-	// The first answer comes from the fast one: it takes everything while
-	// the slow ones are still being measured, their first requests
+	// The first answer comes from the fast one: it takes the requests
+	// while the slow ones are still being measured, their first requests
 	// running longer than the fast one took (while they might still be as
-	// fast, see TestHeldRequestsDoNotQueueBehindTheFirstAnswer).
+	// fast, see TestHeldRequestsDoNotQueueBehindTheFirstAnswer), until its
+	// queue is longer than a spare beside a slow one's measuring request
+	// is expected to take (1.5× the 0.2 s it has run): then each slow one
+	// takes one more as a spare, moved if fast would serve it sooner.
 	ms := time.Millisecond
 	serve(fast, &job{}, time.Now(), final(100*ms, 0, 0, 5, 1))
 	fast.srv.inFlight.Add(-1)
 	slow1.srv.speed.probing = time.Now().Add(-200 * ms)
 	slow2.srv.speed.probing = time.Now().Add(-200 * ms)
-	for range 6 {
+	for range 4 {
 		assert.Equal(t, "fast", take().cfg.Name)
+	}
+	raced := map[string]bool{}
+	for range 2 {
+		j := &job{}
+		b := pickLeastDelay(h, all, j)
+		require.NotNil(t, b)
+		b.srv.inFlight.Add(1)
+		b.begin(j, time.Now())
+		assert.Same(t, b.srv, j.spareOn, "a spare: moved if it would end sooner on fast")
+		raced[b.cfg.Name] = true
+	}
+	assert.Equal(t, map[string]bool{"slow1": true, "slow2": true}, raced)
+	for range 6 {
+		take()
+	}
+	for _, slow := range []*backend{slow1, slow2} {
+		assert.EqualValues(t, queuedSpareLimit, slow.srv.inFlight.Load(), "spares beside a measuring request, up to the limit")
 	}
 
 	// A server with configured slots is measured with all of them.
@@ -452,8 +472,15 @@ func TestHeldRequestsDoNotQueueBehindTheFirstAnswer(t *testing.T) {
 	wake := time.Unix(0, h.queue.wakeNext.Load())
 	assert.WithinDuration(t, now.Add(150*ms), wake, 20*ms, "the queue tries again once other has run 10% longer than first took")
 
+	// other ran longer than first takes: slower, not worth waiting for,
+	// but raced with a spare while staying there (1.5× the 0.7 s it has
+	// run) is expected to end before first's queue (0.75 s) and answer do.
 	other.srv.speed.probing = now.Add(-700 * ms)
-	assert.Same(t, first, pickLeastDelay(h, all, &job{}), "other ran longer than first takes: slower, not worth waiting for")
+	j := &job{}
+	assert.Same(t, other, pickLeastDelay(h, all, j), "a spare beside other's measuring request")
+	assert.Same(t, other.srv, j.spareOn)
+	other.srv.speed.probing = now.Add(-1100 * ms)
+	assert.Same(t, first, pickLeastDelay(h, all, &job{}), "measured for longer than bootstrapHold: nothing is raced there")
 
 	other.srv.speed.probing = now.Add(-400 * ms)
 	other.srv.models.Store(psWith("another-model"))

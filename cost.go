@@ -507,6 +507,13 @@ func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, no
 		// tried when the alternative costs more.
 		d.wait = sp.waitLocked(inFlight, slots-1, tp+to, now) / 2
 		d.untried = true
+	} else if untried && inFlight >= slots {
+		// Queued whether the slot is there or not: its wait is the mean
+		// of both, as above. Replayed over the untried slot as if sure,
+		// a server of two slots seen with two at once had nine queued
+		// by requests that each expected a third of an answer's wait
+		// less per answer ahead of it than they got.
+		d.wait = (d.wait + sp.waitLocked(inFlight, slots-1, tp+to, now)) / 2
 	}
 	if j.model != "" {
 		if left, loading := sp.pendingLoadLocked(j.model, now); loading {

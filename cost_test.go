@@ -975,3 +975,19 @@ func TestRequestsReleasedAtOnceWeighAsTheRequestsSentLately(t *testing.T) {
 	d, _ := estimateDelay(b, capped, clock)
 	assert.InDelta(t, 4*0.11, d.wait, 0.01, "eight ahead on two slots: four answers deep")
 }
+
+// A request queued whether an untried slot is there or not expects the
+// mean of both waits, as one that would take it does: replayed as if the
+// slot were sure, a server of one slot seen looked half as deep as it was.
+func TestAnUntriedSlotCountsHalfInAQueueToo(t *testing.T) {
+	b, clock := servedOneAlone() // 0.1 s a request, one slot seen
+	release := hold(b, 3, clock)
+	defer release()
+	// One slot: three ahead, 0.3 s. Two: the second slot frees at 0.1 s.
+	d, _ := estimateDelay(b, &job{}, clock)
+	assert.InDelta(t, 0.2, d.wait, 1e-6)
+	assert.False(t, d.untried, "it would not take the untried slot: it queues")
+	b.cfg.MaxParallel = 2
+	d, _ = estimateDelay(b, &job{}, clock)
+	assert.InDelta(t, 0.1, d.wait, 1e-6, "max_parallel says the slot is there")
+}

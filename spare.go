@@ -3,6 +3,7 @@ package ollamaflow
 import (
 	"context"
 	"errors"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,18 +39,49 @@ const spareLimit = 2
 // when none has one. With max_parallel set, measuring already uses every
 // slot the server is known to have.
 func (h *Handler) claimSpare(unobserved []*backend, j *job, now time.Time) *backend {
+	return h.claimSpareWithin(unobserved, j, spareLimit, nil, math.Inf(1), math.Inf(1), now)
+}
+
+// queuedSpareLimit is the requests a server being measured may have at
+// once while the servers measured already have queues: its measuring
+// request and up to three spares, each moved as soon as a measured server
+// would serve it sooner (movesSooner).
+const queuedSpareLimit = 4
+
+// claimSpareWithin is claimSpare with a server being measured taking up to
+// limit requests, and only while staying there is expected to end within
+// beat seconds (stayExpected, against ref, the best server measured, nil
+// for none): a request that would wait beat seconds on ref races a server
+// still being measured instead, when that server may serve it sooner.
+// When the first server of a fresh pool to answer drew every request held
+// for that answer, the slower ones, with slots free, were measured one
+// request at a time while it served a queue of eight on two slots
+// (speed-classes).
+//
+// The race is taken only when b would be outrun by ref (outrunAt) before
+// the request's wait of wait seconds on ref ends: a spare that has to
+// move loses no more than its wait on ref would have cost it. A long
+// request beside a long measuring request on a slow server of one slot
+// waited there seconds before it was outrun (mixed: p99 1.9 s).
+func (h *Handler) claimSpareWithin(unobserved []*backend, j *job, limit int, ref *backend, beat, wait float64, now time.Time) *backend {
 	if j.moved {
 		return nil
 	}
 	var buf [largePool]*backend
 	open := buf[:0]
 	for _, b := range unobserved {
-		if b.cfg.MaxParallel > 0 || b.srv.inFlight.Load() != 1 {
+		if n := b.srv.inFlight.Load(); b.cfg.MaxParallel > 0 || n < 1 || n >= int64(limit) {
 			continue
 		}
 		p := b.srv.speed.probingSince()
-		if p.IsZero() || now.Sub(p) >= bootstrapHold {
+		if p.IsZero() || now.Sub(p) >= bootstrapHold || ref != nil && stayExpected(b, j, ref, now) >= beat {
 			continue
+		}
+		if ref != nil {
+			refs := [1]*backend{ref}
+			if at := outrunAt(b, refs[:]); at.IsZero() || at.Sub(now).Seconds() >= wait {
+				continue
+			}
 		}
 		if h.coldFor(b, j.model) || b.srv.speed.mostlyErrors(now) {
 			// A load (or, lists not read yet, maybe one), or errors: its
@@ -64,7 +96,7 @@ func (h *Handler) claimSpare(unobserved []*backend, j *job, now time.Time) *back
 	}
 	for len(open) > 0 {
 		b := pickLeastConn(h, open, j)
-		if b.srv.speed.claimProbe(spareLimit, &b.srv.inFlight, now) {
+		if b.srv.speed.claimProbe(limit, &b.srv.inFlight, now) {
 			return b
 		}
 		open = without(open, b)
@@ -117,25 +149,88 @@ func (r *spareRace) answered() bool {
 }
 
 // watch cancels the attempt with errOutrun once another of among outran b
-// (outrunAt), unless the answer came first or b was measured: a server
+// (outrunAt) and would serve j sooner than staying is expected to
+// (movesSooner), unless the answer came first or b was measured: a server
 // that answered as fast as the others keeps its spare request.
-func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, b *backend, among []*backend) {
+func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, h *Handler, b *backend, j *job, among []*backend) {
 	for {
 		answered := firstSamples.wait()
-		if b.srv.speed.probingSince().IsZero() {
+		p := b.srv.speed.probingSince()
+		if p.IsZero() {
 			return
 		}
 		at := outrunAt(b, among)
-		if !at.IsZero() && !time.Now().Before(at) {
-			if r.state.CompareAndSwap(0, 2) {
-				cancel(errOutrun)
+		if now := time.Now(); !at.IsZero() && !now.Before(at) {
+			if h.movesSooner(b, j, among, now) {
+				if r.state.CompareAndSwap(0, 2) {
+					cancel(errOutrun)
+				}
+				return
 			}
-			return
+			// Outrun, but what outran it has a queue of its own by now
+			// (the requests held for the first answer went there):
+			// looked at again shortly, as that queue and the time b has
+			// taken grow.
+			at = now.Add(spareRecheck)
 		}
 		if !racing(ctx, r.stopped, answered, at) {
 			return
 		}
 	}
+}
+
+// spareRecheck is how often a spare request that was outrun but had
+// nowhere sooner to go is looked at again.
+const spareRecheck = 10 * time.Millisecond
+
+// stayFactor prices staying beside a measuring request that has run for
+// e seconds: it is taken to run about as long again (a request past its
+// expected end, as replayLocked takes it), and the spare, which may wait
+// for its slot on a server of one, about as long as that once more, on
+// average over one slot and more.
+const stayFactor = 1.5
+
+// stayExpected is how long a request for j beside b's measuring request is
+// expected to take there, from now: stayFactor times the time the
+// measuring request has run, and at least j's time on ref (a server
+// measured) times how much slower than ref b has shown itself so far (its
+// measuring request has run that many times ref's time for it): a long
+// request on a server twice as slow takes twice its time there, however
+// short the measuring request. +Inf when b is not being measured.
+func stayExpected(b *backend, j *job, ref *backend, now time.Time) float64 {
+	p, probe := b.srv.speed.measuringJob()
+	if p.IsZero() {
+		return math.Inf(1)
+	}
+	elapsed := now.Sub(p).Seconds()
+	stay := stayFactor * elapsed
+	sProbe, ok := ref.srv.speed.serviceFor(probe)
+	sJob, ok2 := ref.srv.speed.serviceFor(j)
+	if ok && ok2 && sProbe > 0 {
+		stay = max(stay, max(elapsed/sProbe, 1)*sJob)
+	}
+	return stay
+}
+
+// movesSooner reports whether another of among (observed, usable) would
+// serve j, its wait for a slot counted, within what staying on b is
+// expected to take (stayExpected).
+// A server outrun is slower, not necessarily later: when the first to
+// answer drew the requests held for that answer, a spare on a slower
+// server of several slots ends before it would there (speed-classes: the
+// spares of servers 2× and 4× slower, moved into a queue of eight on the
+// fast server's two slots, were the run's slowest requests).
+func (h *Handler) movesSooner(b *backend, j *job, among []*backend, now time.Time) bool {
+	for _, f := range among {
+		if f == b || !f.usable() {
+			continue
+		}
+		d, ok := f.srv.speed.estimate(j, f.cfg.MaxParallel, int(f.srv.inFlight.Load()), h.coldFor(f, j.model), now)
+		if ok && d.total() < stayExpected(b, j, f, now) {
+			return true
+		}
+	}
+	return false
 }
 
 // racing waits for the next first sample anywhere or for at (when set);

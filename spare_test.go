@@ -316,3 +316,72 @@ func TestAMovedStreamIsWhole(t *testing.T) {
 		})
 	}
 }
+
+// fastMeasuredSlowMeasuring is a pool of two on a clock: fast answered its
+// measuring request in 0.1 s (10 prompt tokens, 10 ms each, one slot seen),
+// slow's measuring request went out with it and runs still.
+func fastMeasuredSlowMeasuring() (fast, slow *backend, clock time.Time) {
+	clock = time.Unix(1000, 0)
+	fast, slow = testBackend("fast", nil), testBackend("slow", nil)
+	probe := measuring(fast, &job{}, clock)
+	measuring(slow, &job{}, clock)
+	probe.learn(final(100*ms, 0, 0, 10, 1), clock.Add(100*ms))
+	fast.srv.inFlight.Add(-1)
+	return fast, slow, clock
+}
+
+// A spare request outrun (another server answered its measuring request
+// sooner) moves only where it is expected to end sooner than staying: the
+// server that outran it may have a queue of its own by then.
+func TestAnOutrunSpareMovesOnlyWhereItEndsSooner(t *testing.T) {
+	h := &Handler{}
+	fast, slow, clock := fastMeasuredSlowMeasuring()
+	pool := []*backend{fast, slow}
+	now := clock.Add(150 * ms) // slow's measuring request: 0.15 s, outrun at 0.11 s
+	require.False(t, now.Before(outrunAt(slow, pool)))
+	assert.True(t, h.movesSooner(slow, &job{}, pool, now), "fast is idle: 0.1 s there")
+
+	// Six queued on fast (one slot seen, a second not ruled out): about
+	// 0.45 s before it starts, against 0.225 s expected on slow.
+	release := hold(fast, 6, now)
+	defer release()
+	assert.False(t, h.movesSooner(slow, &job{}, pool, now), "it stays")
+	assert.True(t, h.movesSooner(slow, &job{}, pool, now.Add(500*ms)),
+		"slow has run 0.65 s, more than fast's queue takes")
+}
+
+// While the best server measured means a wait, a server still being
+// measured takes a request as a spare when staying there is expected to
+// end sooner and it will have been outrun, if it is slower, before that
+// wait ends; a long request is not raced on a server that has already
+// taken longer than the best for its measuring request.
+func TestARequestFacingAQueueRacesAServerBeingMeasured(t *testing.T) {
+	h := &Handler{}
+	fast, slow, clock := fastMeasuredSlowMeasuring()
+	now := clock.Add(120 * ms)
+	unobserved := []*backend{slow}
+	claims := 0
+	for range 5 {
+		if b := h.claimSpareWithin(unobserved, &job{}, queuedSpareLimit, fast, 0.5, 0.4, now); b != nil {
+			require.Same(t, slow, b)
+			claims++
+		}
+	}
+	assert.Equal(t, queuedSpareLimit-1, claims, "beside its measuring request, up to the limit")
+
+	_, slow, clock = fastMeasuredSlowMeasuring()
+	unobserved = []*backend{slow}
+	assert.Nil(t, h.claimSpareWithin(unobserved, &job{}, queuedSpareLimit, fast, 0.15, 0.05, clock.Add(120*ms)),
+		"a short queue on fast ends before staying on slow would")
+	assert.Nil(t, h.claimSpareWithin(unobserved, &job{}, queuedSpareLimit, fast, 0.5, 0.05, clock.Add(20*ms)),
+		"slow is outrun only at 0.11 s, after the wait on fast ends")
+	assert.NotNil(t, h.claimSpareWithin(unobserved, &job{}, queuedSpareLimit, fast, 0.5, 0.2, clock.Add(20*ms)))
+
+	long := &job{promptChars: 4000}
+	sLong, ok := fast.srv.speed.serviceFor(long)
+	require.True(t, ok)
+	require.Greater(t, sLong, 1.0)
+	_, slow, clock = fastMeasuredSlowMeasuring()
+	assert.Nil(t, h.claimSpareWithin([]*backend{slow}, long, queuedSpareLimit, fast, 0.4+sLong, 0.4, clock.Add(120*ms)),
+		"slow took 1.2× fast's time so far: the long request would take 1.2× its time there")
+}
