@@ -498,22 +498,19 @@ func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, no
 	slots := sp.slotsLocked(maxParallel, now)
 	d.wait = sp.waitLocked(inFlight, slots, tp+to, now)
 	untried := maxParallel == 0 && slots > max(sp.slotsLo, 1)
-	if untried && inFlight+1 == slots {
-		// The request would take the slot planned for but never seen
-		// in use, only not ruled out: as likely missing as there. It
-		// expects half the wait it would have without it, so the
-		// untried slot of a slow server with a long answer in its one
-		// real slot does not look free, while a fast server's is still
-		// tried when the alternative costs more.
-		d.wait = sp.waitLocked(inFlight, slots-1, tp+to, now) / 2
-		d.untried = true
-	} else if untried && inFlight >= slots {
-		// Queued whether the slot is there or not: its wait is the mean
-		// of both, as above. Replayed over the untried slot as if sure,
-		// a server of two slots seen with two at once had nine queued
-		// by requests that each expected a third of an answer's wait
-		// less per answer ahead of it than they got.
+	if untried && inFlight+1 >= slots {
+		// The slot planned for but never seen in use, only not ruled
+		// out, is as likely missing as there: the request expects the
+		// mean of its waits with and without it. One that would take it
+		// expects half the wait it would have without it, so the untried
+		// slot of a slow server with a long answer in its one real slot
+		// does not look free, while a fast server's is still tried when
+		// the alternative costs more; one queued either way is not
+		// replayed over it as if sure (a server of two slots seen with
+		// two at once had nine queued by requests that each expected a
+		// third of an answer's wait less per answer ahead than they got).
 		d.wait = (d.wait + sp.waitLocked(inFlight, slots-1, tp+to, now)) / 2
+		d.untried = inFlight+1 == slots
 	}
 	if j.model != "" {
 		if left, loading := sp.pendingLoadLocked(j.model, now); loading {
