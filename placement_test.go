@@ -470,3 +470,78 @@ func TestModelDemandIsBounded(t *testing.T) {
 	_, total = d.shareOf("m0", now.Add(time.Minute))
 	assert.Less(t, total, 1.0)
 }
+
+func TestColdLoadsAreLearnedWhateverTheirSize(t *testing.T) {
+	b := testBackend("a", nil)
+	b.srv.models.Store(psWith("a"))
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{model: "a"}, clock, final(100*ms, 0, 0, 10, 1))
+
+	// A model that was not resident: its 80 ms load is learned.
+	loaded, _ := serve(b, &job{model: "b"}, clock, final(100*ms, 80*ms, 0, 10, 1))
+	assert.True(t, loaded)
+	d, _ := estimateDelay(b, &job{model: "c"}, clock)
+	assert.InDelta(t, 0.08, d.load, 1e-9, "an unseen model costs what loads cost here")
+	d, _ = estimateDelay(b, &job{model: "b"}, clock)
+	assert.Zero(t, d.load, "resident now")
+}
+
+func TestEvictionsAreNoticed(t *testing.T) {
+	b := testBackend("a", nil)
+	b.srv.models.Store(psWith("a", "b")) // /api/ps listed both
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{model: "b"}, clock, final(100*ms, 0, 0, 10, 1))
+	serve(b, &job{model: "a"}, clock.Add(time.Second), final(100*ms, 0, 0, 10, 1))
+
+	// "b" answers with a 300 ms load, a slot free: it had been evicted.
+	loaded, evicted := serve(b, &job{model: "b"}, clock.Add(2*time.Second), final(100*ms, 300*ms, 0, 10, 1))
+	require.True(t, loaded)
+	require.True(t, evicted)
+	b.srv.noticeEviction("b", clock.Add(2*time.Second))
+	assert.True(t, b.srv.models.Load().isLoaded("b"))
+	assert.False(t, b.srv.models.Load().isLoaded("a"), "it took a's place")
+	assert.Equal(t, 1, b.srv.speed.room)
+
+	// With room for one, a load of "c" evicts "b" in the model's belief
+	// the moment it is sent.
+	b.begin(&job{model: "c"}, clock.Add(3*time.Second)).end()
+	assert.True(t, b.srv.models.Load().isLoaded("c"))
+	assert.False(t, b.srv.models.Load().isLoaded("b"))
+
+	// A model believed evicted that answers without a load: the server
+	// has more room than believed.
+	b.srv.inFlight.Store(1)
+	loaded, _ = serve(b, &job{model: "b"}, clock.Add(4*time.Second), final(100*ms, 0, 0, 10, 1))
+	assert.False(t, loaded)
+	assert.Zero(t, b.srv.speed.room, "unknown again until /api/ps says")
+}
+
+func TestPlacementEvictsWhereItCostsLeast(t *testing.T) {
+	h := &Handler{}
+	clock := time.Now()
+	var pool []*backend
+	for _, name := range []string{"only-a", "b1", "b2"} {
+		b := testBackend(name, nil)
+		b.srv.inFlight.Store(1)
+		serve(b, &job{}, clock, final(100*ms, 0, 0, 10, 1))
+		b.srv.inFlight.Store(0)
+		loaded := map[string]string{"only-a": "a", "b1": "b", "b2": "b"}[name]
+		b.srv.models.Store(psWith(loaded))
+		b.srv.speed.mu.Lock()
+		b.srv.speed.ratesLocked(loaded).lastUsed = clock
+		b.srv.speed.room = 1
+		b.srv.speed.mu.Unlock()
+		pool = append(pool, b)
+	}
+	assert.Greater(t, evictionCost(pool[0], "c", pool, clock), evictionCost(pool[1], "c", pool, clock))
+	for range 10 {
+		got := pickLeastDelay(h, pool, &job{model: "c"}).cfg.Name
+		assert.Contains(t, []string{"b1", "b2"}, got, "evicting the only copy of a model in use costs a reload of it")
+	}
+	// A model nobody asked for lately costs nothing to evict.
+	assert.Zero(t, evictionCost(pool[0], "c", pool, clock.Add(2*evictionHorizon)))
+	// Where the model is resident, no load at all.
+	assert.Equal(t, "only-a", pickLeastDelay(h, pool, &job{model: "a"}).cfg.Name)
+}
