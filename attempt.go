@@ -34,6 +34,8 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 	tried := make([]*backend, 0, h.retries+1)
 	j := newJob(model, api, body)
 	j.answers = &answerLengths
+	j.copyable = h.copyable(r, api, kind, body)
+	defer dropCopy(j) // a copy claimed by a pick whose request went nowhere
 	if kind == kindCompletion {
 		h.demand.note(j.model, time.Now())
 	}
@@ -63,6 +65,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		} else {
 			b = h.acquire(avail, j)
 		}
+		h.sendCopy(r, kind, body, j)
 		if b == nil {
 			avail = h.exactCandidates(avail, j) // what the queue waits on
 			if len(avail) == 0 {
@@ -70,6 +73,9 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			}
 			var err error
 			var waited time.Duration
+			// Picks made for it while queued claim no copy: one would
+			// hold the claim (one per server) for as long as it waits.
+			j.copyable = false
 			b, waited, err = h.queue.wait(r.Context(), h.newWaiter(r, kind, j, avail, tried))
 			metrics.queueWait.WithLabelValues(h.Name).Observe(waited.Seconds())
 			switch {

@@ -409,9 +409,15 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 	// recovery, 87 with affinity off).
 	if h.remeasures && bestWait > 0 {
 		for i, b := range sc.list {
-			if sc.atOnce[i] && b.srv.inFlight.Load() == 0 && b.srv.speed.claimRemeasure(now) {
+			if !sc.atOnce[i] || b.srv.inFlight.Load() != 0 {
+				continue
+			}
+			switch b.srv.speed.claimRemeasure(now, j.copyable && j.copyTo == nil) {
+			case remeasureRequest:
 				out := append(sc.list[:0], b)
 				return out
+			case remeasureCopy:
+				j.copyTo = b
 			}
 		}
 	}

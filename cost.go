@@ -116,6 +116,10 @@ type speed struct {
 	// remeasureSent says the next request to begin is the re-measurement
 	// claimed.
 	remeasureSent bool
+	// copying: a measuring copy of a request is in flight there, sent at
+	// copied (measurecopy.go).
+	copying bool
+	copied  time.Time
 	// errShare is the share of server errors among its recent answers,
 	// as of errAt (see noteAnswer).
 	errShare float64

@@ -44,6 +44,12 @@ type job struct {
 	// moved: it was a spare request once and was moved; it is not sent
 	// as one again.
 	moved bool
+	// copyable: a copy of the request may measure a server believed slow
+	// (measurecopy.go); copyTo is the server a pick claimed one for, sent
+	// by the attempt loop; copy: this is such a copy.
+	copyable bool
+	copyTo   *backend
+	copy     bool
 	// answers is where the typical length of the model's uncapped
 	// answers is read (nil: only what each server saw itself).
 	answers *answerTable

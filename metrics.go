@@ -29,7 +29,10 @@ var metrics = struct {
 	tenantRequests *prometheus.CounterVec
 	tenantTokens   *prometheus.CounterVec
 	affinity       *prometheus.CounterVec
-	liveState      prometheus.Collector
+	// measuringCopies counts copies of requests sent to re-measure a
+	// server believed slow (measurecopy.go).
+	measuringCopies *prometheus.CounterVec
+	liveState       prometheus.Collector
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "ollamaflow", Name: "requests_total",
@@ -77,6 +80,10 @@ var metrics = struct {
 		Namespace: "ollamaflow", Name: "affinity_total",
 		Help: "Completions whose conversation was looked up for affinity, by outcome: hit (sent to the server of its previous turn), overflow (that server was busy or much slower: the policy chose) or miss (a conversation not seen before).",
 	}, []string{"frontend", "outcome"}),
+	measuringCopies: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "ollamaflow", Name: "measuring_copies_total",
+		Help: "Copies of waiting requests sent to re-measure an idle server least_delay believes slow, their answers read by the proxy alone (capped output, not streamed).",
+	}, []string{"frontend", "backend"}),
 	liveState: liveStateCollector{},
 }
 
@@ -89,7 +96,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	}
 	for _, c := range []prometheus.Collector{metrics.requests, metrics.retries, metrics.firstByte,
 		metrics.tokens, metrics.coldLoads, metrics.queueWait, metrics.pulls, metrics.responsesCut,
-		metrics.tenantRequests, metrics.tenantTokens, metrics.affinity, metrics.liveState} {
+		metrics.tenantRequests, metrics.tenantTokens, metrics.affinity, metrics.measuringCopies, metrics.liveState} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -30,6 +30,7 @@
 //	cost.go        the cost model behind least_delay: a request's expected delay on a server
 //	speed.go       what each server learns: requests in flight, rates from Ollama's timings, error share
 //	shift.go       a server that changed speed: answers that disagree twice replace the estimate; re-measurement
+//	measurecopy.go measuring copies: a waiting request's copy, capped, read by the proxy, re-measures an idle slow server
 //	relief.go      least_delay's relief of a lasting queue onto slower servers' free slots, within the pool's tail
 //	spare.go       least_delay on a fresh pool: a spare request beside each measuring one, moved when another server answers sooner
 //	placement.go   model placement: residency, what a load would evict, what the eviction costs the pool

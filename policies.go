@@ -271,15 +271,23 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		}
 	}
 	// While the best choice means waiting in a queue, an idle server that
-	// has had no sample for remeasureAfter (it looked slower than queueing
-	// elsewhere) gets this request, to learn whether it still is: it may
-	// have recovered. With free fast slots nothing is re-measured: a slow
+	// has had no sample for a while (it looked slower than queueing
+	// elsewhere) is re-measured, to learn whether it still is: it may have
+	// recovered. A copy of this request measures it (measurecopy.go), or,
+	// where none may be sent, the request itself, once per
+	// remeasureAfter. With free fast slots nothing is re-measured: a slow
 	// server could not beat them anyway, unless it turned faster than
 	// them, which the next queue finds out.
 	if bestWait > 0 {
 		for _, c := range observed {
-			if !c.cold && c.b.srv.inFlight.Load() == 0 && c.b.srv.speed.claimRemeasure(now) {
+			if c.cold || c.b.srv.inFlight.Load() != 0 {
+				continue
+			}
+			switch c.b.srv.speed.claimRemeasure(now, j.copyable && j.copyTo == nil) {
+			case remeasureRequest:
 				return c.b
+			case remeasureCopy:
+				j.copyTo = c.b
 			}
 		}
 	}

@@ -56,7 +56,7 @@ func TestALastingQueueIsRelievedOntoASlowerFreeSlotWithinTheTail(t *testing.T) {
 
 	// A re-measurement of the slow server was sent to learn, not because
 	// the pool accepts its delay: it sets no tail.
-	require.True(t, slow.srv.speed.claimRemeasure(clock))
+	require.Equal(t, remeasureRequest, slow.srv.speed.claimRemeasure(clock, false))
 	releaseSlow = hold(slow, 1, clock.Add(-20*ms))
 	defer releaseSlow()
 	assert.Zero(t, slow.srv.speed.longestDelay(2, 1, clock))

@@ -87,20 +87,50 @@ func (r *rates) slowerThanAnyCache(n, sec float64) bool {
 // unloaded, throttling ended); one request every few seconds is the price.
 const remeasureAfter = 5 * time.Second
 
-// claimRemeasure reports whether the server is due a re-measurement (it
-// has been measured, but not for remeasureAfter, and no re-measurement
-// was sent in that time) and, if so, notes that one is sent now.
-func (sp *speed) claimRemeasure(now time.Time) bool {
+// How a server believed slow is re-measured (claimRemeasure).
+type remeasure int
+
+const (
+	remeasureNone remeasure = iota
+	// remeasureRequest: the request itself goes there.
+	remeasureRequest
+	// remeasureCopy: a copy of the request goes there, its answer read by
+	// the proxy alone, while the request goes where the policy sends it
+	// (measurecopy.go).
+	remeasureCopy
+)
+
+// claimRemeasure reports how the server is to be re-measured now, if at
+// all, and notes it. A request that may be copied (copyable) re-measures
+// it with a copy once it has had no sample for copyAfter and no copy is
+// in flight: the client's answer does not wait on a server believed slow.
+// Any request re-measures it itself once it has had no sample for
+// remeasureAfter and none was sent in that time, and at once after an
+// answer much faster than believed (remeasureNow): the server is likely
+// fast again, and a client's request confirms it (a shift needs two
+// answers in a row).
+func (sp *speed) claimRemeasure(now time.Time, copyable bool) remeasure {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if sp.all.promptN == 0 && sp.all.genN == 0 {
-		return false
+		return remeasureNone
+	}
+	if !sp.remeasureNow && copyable && !sp.copying && now.Sub(sp.all.at) >= copyAfter && now.Sub(sp.copied) >= copyAfter {
+		sp.copying, sp.copied, sp.remeasuring = true, now, now
+		return remeasureCopy
 	}
 	if !sp.remeasureNow && (now.Sub(sp.all.at) < remeasureAfter || now.Sub(sp.remeasuring) < remeasureAfter) {
-		return false
+		return remeasureNone
 	}
 	sp.remeasuring, sp.remeasureNow, sp.remeasureSent = now, false, true
-	return true
+	return remeasureRequest
+}
+
+// copyDone notes that the server's measuring copy ended, answered or not.
+func (sp *speed) copyDone() {
+	sp.mu.Lock()
+	sp.copying = false
+	sp.mu.Unlock()
 }
 
 // remeasuredFaster notes the answer of a request sent at or after the

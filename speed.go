@@ -131,11 +131,13 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	// once), which reach the server after this one.
 	t := &task{sp: sp, job: j, started: now, service: d.prompt + d.output, work: d.load + d.prompt + d.output,
 		cold: cold || loading, loader: cold && !loading, blind: !known && j.model != "", inFlight: len(sp.tasks) + 1,
-		measures: sp.remeasureSent || sp.all.promptN == 0 && sp.all.genN == 0}
-	sp.remeasureSent = false
-	if sp.sentWork == 0 {
-		sp.sentWork = t.service
-	} else {
+		measures: j.copy || sp.remeasureSent || sp.all.promptN == 0 && sp.all.genN == 0}
+	switch {
+	case j.copy: // a measuring copy is neither the re-measurement claimed nor the work clients send
+	case sp.sentWork == 0:
+		sp.remeasureSent, sp.sentWork = false, t.service
+	default:
+		sp.remeasureSent = false
 		sp.sentWork += sentWorkWeight * (t.service - sp.sentWork)
 	}
 	t.finish = now.Add(time.Duration(d.total() * float64(time.Second)))

@@ -1,0 +1,155 @@
+package ollamaflow
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"sync/atomic"
+	"time"
+)
+
+// Measuring copies. least_delay sends nothing to a server it believes
+// slower than queueing elsewhere, so it must re-measure such a server to
+// see it recover (a model that shared its GPU was unloaded, throttling
+// ended). Sending a client's request there costs that client the slow
+// server's time when it has not recovered, so it was done once every
+// remeasureAfter, and a server that recovered stayed unused for up to that
+// long (speedup: s1 idle for the first 1.1 s of the measured phase, the
+// others queueing). Instead, while the others queue and the server is
+// idle with the model resident, a copy of a native completion that is
+// waiting anyway goes there (claimRemeasure: remeasureCopy, at most one
+// per server per copyAfter, one in flight), its answer capped at
+// copyTokens and read by the proxy alone: the client's request goes where
+// the policy sends it, and the server's answer measures it at no client's
+// cost. An answer much faster than believed sends the next request there
+// (remeasureNow), whose answer confirms the change.
+//
+// The copy is the request as that server would run it: the frontend's and
+// the server's pins apply, then stream false and the output cap. It
+// loads nothing (only a server with the model resident gets one), teaches
+// no answer length (it is capped) and no conversation's place, is charged
+// to no tenant and counted in ollamaflow_measuring_copies_total, not in
+// requests.
+const (
+	copyAfter   = time.Second
+	copyTokens  = 8
+	copyMaxBody = 256 << 10 // a larger body is not copied
+	maxCopies   = 16        // copies in flight in the process at most
+	copyTimeout = time.Minute
+)
+
+// copiesInFlight bounds the process's measuring copies (maxCopies).
+var copiesInFlight atomic.Int64
+
+// copyable reports whether a request may be copied to measure a server: a
+// native completion (/api/chat, /api/generate) with a body of at most
+// copyMaxBody, on a frontend whose policy re-measures.
+func (h *Handler) copyable(r *http.Request, api apiFormat, kind routeKind, body []byte) bool {
+	if !h.remeasures || kind != kindCompletion || api != apiOllama || len(body) > copyMaxBody {
+		return false
+	}
+	return r.URL.Path == "/api/chat" || r.URL.Path == "/api/generate"
+}
+
+// sendCopy sends the measuring copy the pick claimed for j (j.copyTo), if
+// any; the claim is released whatever happens.
+func (h *Handler) sendCopy(r *http.Request, kind routeKind, body []byte, j *job) {
+	b := j.copyTo
+	if b == nil {
+		return
+	}
+	j.copyTo, j.copyable = nil, false // one copy per request
+	if copiesInFlight.Add(1) > maxCopies || !b.tryAcquire() {
+		copiesInFlight.Add(-1)
+		b.srv.speed.copyDone()
+		return
+	}
+	out, cancel, err := h.copyRequest(r, kind, body, b, j)
+	if err != nil {
+		b.release()
+		copiesInFlight.Add(-1)
+		b.srv.speed.copyDone()
+		return
+	}
+	cj := &job{model: j.model, promptChars: j.promptChars, maxOutput: copyCap(j.maxOutput), copy: true, answers: j.answers}
+	go h.runCopy(b, out, cancel, cj)
+}
+
+// dropCopy releases a copy claimed for j that was never sent.
+func dropCopy(j *job) {
+	if j.copyTo != nil {
+		j.copyTo.srv.speed.copyDone()
+		j.copyTo = nil
+	}
+}
+
+// copyCap is the output cap of a copy of a request capped at maxOutput (0:
+// not capped).
+func copyCap(maxOutput int) int {
+	if maxOutput > 0 && maxOutput < copyTokens {
+		return maxOutput
+	}
+	return copyTokens
+}
+
+// copyRequest builds the copy: the body with the server's pins, not
+// streamed, its output capped; bound to the server's life and copyTimeout,
+// not to the client's request.
+func (h *Handler) copyRequest(r *http.Request, kind routeKind, body []byte, b *backend, j *job) (*http.Request, context.CancelFunc, error) {
+	body, err := b.cfg.pinsFor(kind, vocabOf(r.URL.Path)).apply(body)
+	if err != nil {
+		return nil, nil, err
+	}
+	capPins, err := parsePins([]byte(fmt.Sprintf(`{"stream":false,"options":{"num_predict":%d}}`, copyCap(j.maxOutput))), "measuring copy")
+	if err != nil {
+		return nil, nil, err
+	}
+	if body, err = capPins.apply(body); err != nil {
+		return nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(b.srv.ctx, min(copyTimeout, max(time.Duration(h.ResponseTimeout), time.Second)))
+	out := h.outboundRequest(ctx, r, b, body)
+	out.Header.Del("Accept-Encoding") // read here: plain JSON
+	return out, cancel, nil
+}
+
+// maxCopyAnswer bounds what is read of a copy's answer: a capped,
+// unstreamed answer is a few hundred bytes.
+const maxCopyAnswer = 64 << 10
+
+// runCopy sends the copy and learns from its answer; it holds a slot on
+// the server while it runs, as a client's request would.
+func (h *Handler) runCopy(b *backend, out *http.Request, cancel context.CancelFunc, j *job) {
+	defer copiesInFlight.Add(-1)
+	defer b.srv.speed.copyDone()
+	defer b.release()
+	defer cancel()
+	metrics.measuringCopies.WithLabelValues(h.Name, b.cfg.Name).Inc()
+	started := time.Now()
+	work := b.begin(j, started)
+	defer work.end()
+	res, err := h.roundTrip(b, out)
+	if err != nil {
+		return
+	}
+	defer res.Body.Close()
+	ttfb := time.Since(started)
+	var tail tailKeeper
+	buf := make([]byte, 4096)
+	lr := io.LimitReader(res.Body, maxCopyAnswer)
+	for {
+		n, err := lr.Read(buf)
+		tail.keep(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return
+		}
+	}
+	if res.StatusCode != http.StatusOK || out.Context().Err() != nil {
+		return
+	}
+	h.learnFromAnswer(b, j, kindCompletion, apiOllama, work, &tail, false, ttfb, time.Since(started))
+}

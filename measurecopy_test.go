@@ -1,0 +1,160 @@
+package ollamaflow
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/tidwall/gjson"
+)
+
+// The kinds of re-measurement a server believed slow gets, and when.
+func TestAServerBelievedSlowIsReMeasuredWithACopyEachSecond(t *testing.T) {
+	clock := time.Unix(1000, 0)
+	slow := testBackend("slow", nil)
+	sp := &slow.srv.speed
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(clock, true), "never measured: it is measured, not re-measured")
+	serve(slow, &job{}, clock, final(400*ms, 0, 0, 10, 1))
+	clock = clock.Add(400 * ms) // its answer
+
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(clock.Add(copyAfter/2), true), "timed half a second ago")
+	at := clock.Add(copyAfter)
+	assert.Equal(t, remeasureCopy, sp.claimRemeasure(at, true), "no sample for copyAfter: a copy measures it")
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(at.Add(2*copyAfter), true), "one copy in flight at most")
+	sp.copyDone()
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(at.Add(copyAfter/2), true), "one copy per copyAfter")
+	assert.Equal(t, remeasureCopy, sp.claimRemeasure(at.Add(copyAfter), true))
+	sp.copyDone()
+
+	// A request that may not be copied (/v1, embeddings) re-measures it
+	// itself, once per remeasureAfter.
+	other := testBackend("other", nil)
+	serve(other, &job{}, clock.Add(-400*ms), final(400*ms, 0, 0, 10, 1))
+	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(clock.Add(copyAfter), false))
+	assert.Equal(t, remeasureRequest, other.srv.speed.claimRemeasure(clock.Add(remeasureAfter), false))
+	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(clock.Add(remeasureAfter+copyAfter), false))
+
+	// An answer (the copy's) much faster than believed: the next request
+	// goes there, copyable or not, and confirms it.
+	sp.mu.Lock()
+	sp.remeasureNow = true
+	sp.mu.Unlock()
+	assert.Equal(t, remeasureRequest, sp.claimRemeasure(clock.Add(remeasureAfter+time.Millisecond), true))
+}
+
+// What may be copied: a native completion, not too large, on a frontend
+// whose policy re-measures.
+func TestOnlyNativeCompletionsOfBoundedSizeAreCopied(t *testing.T) {
+	h := &Handler{remeasures: true}
+	req := func(path string) *http.Request { r, _ := http.NewRequest("POST", "http://x"+path, nil); return r }
+	small := []byte(`{"model":"m","prompt":"hi"}`)
+	assert.True(t, h.copyable(req("/api/generate"), apiOllama, kindCompletion, small))
+	assert.True(t, h.copyable(req("/api/chat"), apiOllama, kindCompletion, small))
+	assert.False(t, h.copyable(req("/v1/chat/completions"), apiOpenAI, kindCompletion, small))
+	assert.False(t, h.copyable(req("/api/embed"), apiOllama, kindEmbedding, small))
+	assert.False(t, h.copyable(req("/api/chat"), apiOllama, kindCompletion, make([]byte, copyMaxBody+1)), "a large body is not copied")
+	assert.False(t, (&Handler{}).copyable(req("/api/chat"), apiOllama, kindCompletion, small), "least_conn re-measures nothing")
+}
+
+// Copies in flight are bounded in the process: past maxCopies none is
+// sent and the server's claim is given back, so a later one may go.
+func TestMeasuringCopiesAreBounded(t *testing.T) {
+	clock := time.Now().Add(-time.Minute)
+	slow := testBackend("slow", nil)
+	serve(slow, &job{}, clock, final(400*ms, 0, 0, 10, 1))
+	require.Equal(t, remeasureCopy, slow.srv.speed.claimRemeasure(time.Now(), true))
+
+	copiesInFlight.Add(maxCopies)
+	defer copiesInFlight.Add(-maxCopies)
+	h := &Handler{remeasures: true}
+	r, _ := http.NewRequest("POST", "http://x/api/chat", nil)
+	j := &job{copyTo: slow, copyable: true}
+	h.sendCopy(r, kindCompletion, []byte(`{"model":"m"}`), j)
+	assert.Nil(t, j.copyTo)
+	assert.False(t, j.copyable, "one copy per request, sent or not")
+	assert.Equal(t, int64(maxCopies), copiesInFlight.Load(), "none sent")
+	assert.Zero(t, slow.srv.inFlight.Load(), "no slot taken")
+	assert.Equal(t, remeasureCopy, slow.srv.speed.claimRemeasure(time.Now().Add(copyAfter), true), "the claim was given back")
+}
+
+// End to end: slow is measured at four times fast's time, then recovers
+// while nothing is sent to it. With fast's one slot taken, the next
+// request waits for fast, and a copy of it, capped and not streamed,
+// measures slow: its answer shows slow recovered, and the request after
+// goes to slow, a second after slow was last timed instead of five.
+func TestARecoveredServerIsFoundByACopyOfAWaitingRequest(t *testing.T) {
+	tiny := []string{"tiny-llama"}
+	cfg := fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 1, FirstByteDelay: 100 * time.Millisecond, Tokens: 3, TokenGap: 10 * time.Millisecond}
+	fast := fakeollama.New(cfg)
+	defer fast.Close()
+	cfg.Parallel = 2
+	slow := fakeollama.New(cfg)
+	defer slow.Close()
+	slow.SetSpeed(4)
+	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
+	waitKnown(t, []*fakeollama.Server{fast, slow})
+
+	ask := func(content string) (backend string) {
+		body := `{"model":"tiny-llama","messages":[{"role":"user","content":"` + content + `"}],"stream":true}`
+		res, err := client.Post(siteURL+"/api/chat", "application/json", strings.NewReader(body))
+		require.NoError(t, err)
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		require.Equal(t, http.StatusOK, res.StatusCode, string(b))
+		require.Contains(t, string(b), `"done":true`)
+		return res.Header.Get("X-OllamaFlow-Backend")
+	}
+	// A fresh pool: one measuring request on each.
+	var wg sync.WaitGroup
+	for i := range 2 {
+		wg.Go(func() { ask(fmt.Sprintf("first %d", i)) })
+	}
+	wg.Wait()
+	require.Equal(t, 1, slow.Count("/api/chat"), "slow was measured with one request")
+	for i := range 3 {
+		assert.Equal(t, "fast", ask(fmt.Sprintf("then %d", i)), "slow is believed four times slower")
+	}
+	time.Sleep(copyAfter + 100*ms)
+	slow.SetSpeed(1) // recovered, unseen
+	metric := fmt.Sprintf(`ollamaflow_measuring_copies_total{backend="slow",frontend="%s"}`, currentHandler(t).Name)
+	copies := max(scrape(t, metric), 0)
+
+	fast.Hold(fakeollama.Completions...)
+	held := make(chan string, 1)
+	go func() { held <- ask("holds fast's slot") }()
+	arrived(t, fast, "/api/chat", 5)
+	waiting := make(chan string, 1)
+	go func() { waiting <- ask("waits for fast") }()
+
+	arrived(t, slow, "/api/chat", 2)
+	copyReq, ok := slow.LastRequestTo("/api/chat")
+	require.True(t, ok)
+	assert.Equal(t, "waits for fast", gjson.GetBytes(copyReq.Body, "messages.0.content").String(), "a copy of the waiting request")
+	assert.Equal(t, "false", gjson.GetBytes(copyReq.Body, "stream").Raw, "read by the proxy whole")
+	assert.Equal(t, int64(copyTokens), gjson.GetBytes(copyReq.Body, "options.num_predict").Int(), "its answer capped")
+	assert.Eventually(t, func() bool {
+		return scrape(t, metric) == copies+1
+	}, 2*time.Second, 5*time.Millisecond, "counted in ollamaflow_measuring_copies_total")
+
+	// Once the copy's answer is in, a request that would wait for fast
+	// goes to slow.
+	srv := pooled(t, slow.URL)
+	require.Eventually(t, func() bool {
+		srv.speed.mu.Lock()
+		defer srv.speed.mu.Unlock()
+		return srv.speed.remeasureNow
+	}, 2*time.Second, 5*time.Millisecond, "the copy answered in a quarter of the time believed")
+	assert.Equal(t, "slow", ask("after the copy"), "the recovered server is used again")
+	assert.Equal(t, 3, slow.Count("/api/chat"))
+
+	fast.Release()
+	assert.Equal(t, "fast", <-held)
+	assert.Contains(t, []string{"fast", "slow"}, <-waiting, "the copied request itself was answered")
+}
