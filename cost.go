@@ -524,6 +524,10 @@ func (sp *speed) estimateLocked(j *job, maxParallel, inFlight int, cold bool, no
 			d.load = max(left-d.wait, 0)
 		} else if cold {
 			d.load = sp.loadCostLocked(j.model)
+		} else {
+			// Another model's load, where the room is not known, may
+			// evict this one: the request waits for it.
+			d.wait = max(d.wait, sp.otherLoadLocked(j.model, now))
 		}
 	}
 	if p := sp.errorShareLocked(now); p > 0 {

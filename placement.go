@@ -89,6 +89,29 @@ func (sp *speed) victimOfLocked(snap *modelSnapshot, model string, unknownFull b
 	return victim
 }
 
+// otherLoadLocked is the time left of the longest load of a model other
+// than model under way on a server whose room for models is not known at
+// all (no list showed a model there, no eviction was seen): a request for
+// a model resident there waits for it, as the load may evict its model
+// (Ollama evicts an idle model to make room, and the request then loads
+// it again). On two servers of room 1 started empty, one holding model-a
+// and loading model-b, a request for model-a sent there during the load
+// took 3.2 s and evicted model-b, whose requests then loaded it again
+// (two-models-empty: 27-33 loads per 1,000 in about 1 run of 10, against 10).
+func (sp *speed) otherLoadLocked(model string, now time.Time) float64 {
+	if sp.room != 0 || model == "" {
+		return 0
+	}
+	left := 0.0
+	for _, t := range sp.tasks {
+		if t.loader && t.job.model != "" && t.job.model != model {
+			cost := time.Duration(sp.loadCostLocked(t.job.model) * float64(time.Second))
+			left = max(left, t.started.Add(cost).Sub(now).Seconds())
+		}
+	}
+	return left
+}
+
 // psCount is how many models the server's /api/ps listed at once (entries
 // learned from answers carry no raw entry).
 func psCount(snap *modelSnapshot) int {

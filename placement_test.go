@@ -545,3 +545,41 @@ func TestPlacementEvictsWhereItCostsLeast(t *testing.T) {
 	// Where the model is resident, no load at all.
 	assert.Equal(t, "only-a", pickLeastDelay(h, pool, &job{model: "a"}).cfg.Name)
 }
+
+// On a server whose room for models is not known at all (started empty,
+// no list showed a model there), a load of another model may evict the
+// one a request asks for: the request waits for the load. Where the room
+// is known, the belief says what the load evicts, and nothing else waits.
+func TestARequestWaitsForALoadThatMayEvictItsModel(t *testing.T) {
+	b := testBackend("s", nil)
+	b.srv.models.Store(psWith()) // /api/ps listed nothing
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{model: "a:latest"}, clock, final(100*ms, 300*ms, 0, 10, 1)) // loaded a
+	b.srv.inFlight.Store(0)
+	sp := &b.srv.speed
+	require.Zero(t, sp.room)
+	b.srv.markLoaded("a:latest")
+	idle, _ := sp.estimate(&job{model: "a:latest"}, 0, 0, false, clock.Add(time.Second))
+	require.Zero(t, idle.wait)
+
+	b.srv.inFlight.Store(1)
+	load := b.begin(&job{model: "b:latest"}, clock.Add(time.Second))
+	require.True(t, load.loader)
+	require.True(t, b.srv.models.Load().isLoaded("a:latest"), "room unknown: not believed evicted")
+	at := clock.Add(time.Second + 100*ms)
+	left, ok := sp.pendingLoad("b:latest", at)
+	require.True(t, ok)
+	require.Greater(t, left, 0.1)
+	during, _ := sp.estimate(&job{model: "a:latest"}, 0, 1, false, at)
+	assert.InDelta(t, left, during.wait, 0.001, "a request for a waits for b's load, which may evict a")
+	load.end()
+
+	sp.mu.Lock()
+	sp.room = 2 // a list showed two models there
+	sp.mu.Unlock()
+	load = b.begin(&job{model: "b:latest"}, clock.Add(2*time.Second))
+	defer load.end()
+	during, _ = sp.estimate(&job{model: "a:latest"}, 0, 1, false, clock.Add(2*time.Second+100*ms))
+	assert.Less(t, during.wait, 0.1, "room known: a's slot wait only")
+}
