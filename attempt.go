@@ -65,7 +65,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 		} else {
 			b = h.acquire(avail, j)
 		}
-		h.sendCopy(r, kind, body, j)
+		h.sendCopy(r, api, kind, body, j)
 		if b == nil {
 			avail = h.exactCandidates(avail, j) // what the queue waits on
 			if len(avail) == 0 {

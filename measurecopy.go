@@ -17,8 +17,8 @@ import (
 // remeasureAfter, and a server that recovered stayed unused for up to that
 // long (speedup: s1 idle for the first 1.1 s of the measured phase, the
 // others queueing). Instead, while the others queue and the server is
-// idle with the model resident, a copy of a native completion that is
-// waiting anyway goes there (claimRemeasure: remeasureCopy, at most one
+// idle with the model resident, a copy of a completion that is waiting
+// anyway goes there (claimRemeasure: remeasureCopy, at most one
 // per server per copyAfter, one in flight), its answer capped at
 // copyTokens and read by the proxy alone: the client's request goes where
 // the policy sends it, and the server's answer measures it at no client's
@@ -26,7 +26,8 @@ import (
 // (remeasureNow), whose answer confirms the change.
 //
 // The copy is the request as that server would run it: the frontend's and
-// the server's pins apply, then stream false and the output cap. It
+// the server's pins apply, then stream false and the output cap
+// (options.num_predict; max_tokens on /v1, which Ollama reads as it). It
 // loads nothing (only a server with the model resident gets one), teaches
 // no answer length (it is capped) and no conversation's place, is charged
 // to no tenant and counted in ollamaflow_measuring_copies_total, not in
@@ -43,18 +44,25 @@ const (
 var copiesInFlight atomic.Int64
 
 // copyable reports whether a request may be copied to measure a server: a
-// native completion (/api/chat, /api/generate) with a body of at most
-// copyMaxBody, on a frontend whose policy re-measures.
+// completion (/api/chat, /api/generate, /v1/chat/completions,
+// /v1/completions) with a body of at most copyMaxBody, on a frontend whose
+// policy re-measures.
 func (h *Handler) copyable(r *http.Request, api apiFormat, kind routeKind, body []byte) bool {
-	if !h.remeasures || kind != kindCompletion || api != apiOllama || len(body) > copyMaxBody {
+	if !h.remeasures || kind != kindCompletion || len(body) > copyMaxBody {
 		return false
 	}
-	return r.URL.Path == "/api/chat" || r.URL.Path == "/api/generate"
+	switch r.URL.Path {
+	case "/api/chat", "/api/generate":
+		return api == apiOllama
+	case "/v1/chat/completions", "/v1/completions":
+		return api == apiOpenAI
+	}
+	return false
 }
 
 // sendCopy sends the measuring copy the pick claimed for j (j.copyTo), if
 // any; the claim is released whatever happens.
-func (h *Handler) sendCopy(r *http.Request, kind routeKind, body []byte, j *job) {
+func (h *Handler) sendCopy(r *http.Request, api apiFormat, kind routeKind, body []byte, j *job) {
 	b := j.copyTo
 	if b == nil {
 		return
@@ -65,7 +73,7 @@ func (h *Handler) sendCopy(r *http.Request, kind routeKind, body []byte, j *job)
 		b.srv.speed.copyDone()
 		return
 	}
-	out, cancel, err := h.copyRequest(r, kind, body, b, j)
+	out, cancel, err := h.copyRequest(r, api, kind, body, b, j)
 	if err != nil {
 		b.release()
 		copiesInFlight.Add(-1)
@@ -73,7 +81,7 @@ func (h *Handler) sendCopy(r *http.Request, kind routeKind, body []byte, j *job)
 		return
 	}
 	cj := &job{model: j.model, promptChars: j.promptChars, maxOutput: copyCap(j.maxOutput), copy: true, answers: j.answers}
-	go h.runCopy(b, out, cancel, cj)
+	go h.runCopy(b, api, out, cancel, cj)
 }
 
 // dropCopy releases a copy claimed for j that was never sent.
@@ -96,12 +104,16 @@ func copyCap(maxOutput int) int {
 // copyRequest builds the copy: the body with the server's pins, not
 // streamed, its output capped; bound to the server's life and copyTimeout,
 // not to the client's request.
-func (h *Handler) copyRequest(r *http.Request, kind routeKind, body []byte, b *backend, j *job) (*http.Request, context.CancelFunc, error) {
+func (h *Handler) copyRequest(r *http.Request, api apiFormat, kind routeKind, body []byte, b *backend, j *job) (*http.Request, context.CancelFunc, error) {
 	body, err := b.cfg.pinsFor(kind, vocabOf(r.URL.Path)).apply(body)
 	if err != nil {
 		return nil, nil, err
 	}
-	capPins, err := parsePins([]byte(fmt.Sprintf(`{"stream":false,"options":{"num_predict":%d}}`, copyCap(j.maxOutput))), "measuring copy")
+	capped := `{"stream":false,"options":{"num_predict":%d}}`
+	if api == apiOpenAI {
+		capped = `{"stream":false,"max_tokens":%d}` // Ollama's OpenAI layer: num_predict
+	}
+	capPins, err := parsePins([]byte(fmt.Sprintf(capped, copyCap(j.maxOutput))), "measuring copy")
 	if err != nil {
 		return nil, nil, err
 	}
@@ -120,7 +132,7 @@ const maxCopyAnswer = 64 << 10
 
 // runCopy sends the copy and learns from its answer; it holds a slot on
 // the server while it runs, as a client's request would.
-func (h *Handler) runCopy(b *backend, out *http.Request, cancel context.CancelFunc, j *job) {
+func (h *Handler) runCopy(b *backend, api apiFormat, out *http.Request, cancel context.CancelFunc, j *job) {
 	defer copiesInFlight.Add(-1)
 	defer b.srv.speed.copyDone()
 	defer b.release()
@@ -151,5 +163,5 @@ func (h *Handler) runCopy(b *backend, out *http.Request, cancel context.CancelFu
 	if res.StatusCode != http.StatusOK || out.Context().Err() != nil {
 		return
 	}
-	h.learnFromAnswer(b, j, kindCompletion, apiOllama, work, &tail, false, ttfb, time.Since(started))
+	h.learnFromAnswer(b, j, kindCompletion, api, work, &tail, false, ttfb, time.Since(started))
 }

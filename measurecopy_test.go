@@ -49,15 +49,17 @@ func TestAServerBelievedSlowIsReMeasuredWithACopyEachSecond(t *testing.T) {
 	assert.Equal(t, remeasureRequest, sp.claimRemeasure(clock.Add(remeasureAfter+time.Millisecond), true))
 }
 
-// What may be copied: a native completion, not too large, on a frontend
+// What may be copied: a completion, not too large, on a frontend
 // whose policy re-measures.
-func TestOnlyNativeCompletionsOfBoundedSizeAreCopied(t *testing.T) {
+func TestOnlyCompletionsOfBoundedSizeAreCopied(t *testing.T) {
 	h := &Handler{remeasures: true}
 	req := func(path string) *http.Request { r, _ := http.NewRequest("POST", "http://x"+path, nil); return r }
 	small := []byte(`{"model":"m","prompt":"hi"}`)
 	assert.True(t, h.copyable(req("/api/generate"), apiOllama, kindCompletion, small))
 	assert.True(t, h.copyable(req("/api/chat"), apiOllama, kindCompletion, small))
-	assert.False(t, h.copyable(req("/v1/chat/completions"), apiOpenAI, kindCompletion, small))
+	assert.True(t, h.copyable(req("/v1/chat/completions"), apiOpenAI, kindCompletion, small))
+	assert.True(t, h.copyable(req("/v1/completions"), apiOpenAI, kindCompletion, small))
+	assert.False(t, h.copyable(req("/v1/embeddings"), apiOpenAI, kindEmbedding, small))
 	assert.False(t, h.copyable(req("/api/embed"), apiOllama, kindEmbedding, small))
 	assert.False(t, h.copyable(req("/api/chat"), apiOllama, kindCompletion, make([]byte, copyMaxBody+1)), "a large body is not copied")
 	assert.False(t, (&Handler{}).copyable(req("/api/chat"), apiOllama, kindCompletion, small), "least_conn re-measures nothing")
@@ -76,7 +78,7 @@ func TestMeasuringCopiesAreBounded(t *testing.T) {
 	h := &Handler{remeasures: true}
 	r, _ := http.NewRequest("POST", "http://x/api/chat", nil)
 	j := &job{copyTo: slow, copyable: true}
-	h.sendCopy(r, kindCompletion, []byte(`{"model":"m"}`), j)
+	h.sendCopy(r, apiOllama, kindCompletion, []byte(`{"model":"m"}`), j)
 	assert.Nil(t, j.copyTo)
 	assert.False(t, j.copyable, "one copy per request, sent or not")
 	assert.Equal(t, int64(maxCopies), copiesInFlight.Load(), "none sent")
@@ -88,8 +90,15 @@ func TestMeasuringCopiesAreBounded(t *testing.T) {
 // while nothing is sent to it. With fast's one slot taken, the next
 // request waits for fast, and a copy of it, capped and not streamed,
 // measures slow: its answer shows slow recovered, and the request after
-// goes to slow, a second after slow was last timed instead of five.
+// goes to slow, a second after slow was last timed instead of five. On
+// both APIs.
 func TestARecoveredServerIsFoundByACopyOfAWaitingRequest(t *testing.T) {
+	for _, path := range []string{"/api/chat", "/v1/chat/completions"} {
+		t.Run(strings.TrimPrefix(path, "/"), func(t *testing.T) { recoveredFoundByACopy(t, path) })
+	}
+}
+
+func recoveredFoundByACopy(t *testing.T, path string) {
 	tiny := []string{"tiny-llama"}
 	cfg := fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 1, FirstByteDelay: 100 * time.Millisecond, Tokens: 3, TokenGap: 10 * time.Millisecond}
 	fast := fakeollama.New(cfg)
@@ -101,14 +110,22 @@ func TestARecoveredServerIsFoundByACopyOfAWaitingRequest(t *testing.T) {
 	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
 	waitKnown(t, []*fakeollama.Server{fast, slow})
 
+	openai := strings.HasPrefix(path, "/v1/")
 	ask := func(content string) (backend string) {
-		body := `{"model":"tiny-llama","messages":[{"role":"user","content":"` + content + `"}],"stream":true}`
-		res, err := client.Post(siteURL+"/api/chat", "application/json", strings.NewReader(body))
+		body := `{"model":"tiny-llama","messages":[{"role":"user","content":"` + content + `"}],"stream":true`
+		if openai {
+			body += `,"stream_options":{"include_usage":true}`
+		}
+		res, err := client.Post(siteURL+path, "application/json", strings.NewReader(body+"}"))
 		require.NoError(t, err)
 		defer res.Body.Close()
 		b, _ := io.ReadAll(res.Body)
 		require.Equal(t, http.StatusOK, res.StatusCode, string(b))
-		require.Contains(t, string(b), `"done":true`)
+		if openai {
+			require.Contains(t, string(b), "data: [DONE]")
+		} else {
+			require.Contains(t, string(b), `"done":true`)
+		}
 		return res.Header.Get("X-OllamaFlow-Backend")
 	}
 	// A fresh pool: one measuring request on each.
@@ -117,7 +134,7 @@ func TestARecoveredServerIsFoundByACopyOfAWaitingRequest(t *testing.T) {
 		wg.Go(func() { ask(fmt.Sprintf("first %d", i)) })
 	}
 	wg.Wait()
-	require.Equal(t, 1, slow.Count("/api/chat"), "slow was measured with one request")
+	require.Equal(t, 1, slow.Count(path), "slow was measured with one request")
 	for i := range 3 {
 		assert.Equal(t, "fast", ask(fmt.Sprintf("then %d", i)), "slow is believed four times slower")
 	}
@@ -129,19 +146,22 @@ func TestARecoveredServerIsFoundByACopyOfAWaitingRequest(t *testing.T) {
 	fast.Hold(fakeollama.Completions...)
 	held := make(chan string, 1)
 	go func() { held <- ask("holds fast's slot") }()
-	arrived(t, fast, "/api/chat", 5)
+	arrived(t, fast, path, 5)
 	waiting := make(chan string, 1)
 	go func() { waiting <- ask("waits for fast") }()
 
-	arrived(t, slow, "/api/chat", 2)
-	copyReq, ok := slow.LastRequestTo("/api/chat")
+	arrived(t, slow, path, 2)
+	copyReq, ok := slow.LastRequestTo(path)
 	require.True(t, ok)
 	assert.Equal(t, "waits for fast", gjson.GetBytes(copyReq.Body, "messages.0.content").String(), "a copy of the waiting request")
 	assert.Equal(t, "false", gjson.GetBytes(copyReq.Body, "stream").Raw, "read by the proxy whole")
-	assert.Equal(t, int64(copyTokens), gjson.GetBytes(copyReq.Body, "options.num_predict").Int(), "its answer capped")
-	assert.Eventually(t, func() bool {
-		return scrape(t, metric) == copies+1
-	}, 2*time.Second, 5*time.Millisecond, "counted in ollamaflow_measuring_copies_total")
+	capField := "options.num_predict"
+	if openai {
+		capField = "max_tokens"
+	}
+	assert.Equal(t, int64(copyTokens), gjson.GetBytes(copyReq.Body, capField).Int(), "its answer capped")
+	assert.Eventually(t, func() bool { return scrape(t, metric) == copies+1 }, 2*time.Second, 5*time.Millisecond,
+		"counted in ollamaflow_measuring_copies_total")
 
 	// Once the copy's answer is in, a request that would wait for fast
 	// goes to slow.
@@ -152,7 +172,7 @@ func TestARecoveredServerIsFoundByACopyOfAWaitingRequest(t *testing.T) {
 		return srv.speed.remeasureNow
 	}, 2*time.Second, 5*time.Millisecond, "the copy answered in a quarter of the time believed")
 	assert.Equal(t, "slow", ask("after the copy"), "the recovered server is used again")
-	assert.Equal(t, 3, slow.Count("/api/chat"))
+	assert.Equal(t, 3, slow.Count(path))
 
 	fast.Release()
 	assert.Equal(t, "fast", <-held)

@@ -139,10 +139,14 @@ func (sp *speed) copyDone() {
 // a few requests re-learn it instead of one every remeasureAfter (one
 // sample after a gap moves the estimate most of the way, not all of it).
 func (sp *speed) remeasuredFasterLocked(t *task, tm timings) {
-	if sp.remeasuring.IsZero() || t.started.Before(sp.remeasuring) || !tm.native {
+	if sp.remeasuring.IsZero() || t.started.Before(sp.remeasuring) {
 		return
 	}
-	if took := (tm.prompt + tm.ev).Seconds(); took > 0 && took*1.5 < t.service {
+	took := (tm.prompt + tm.ev).Seconds()
+	if !tm.native {
+		took = tm.elapsed.Seconds() // OpenAI: no durations; all of it is at most this
+	}
+	if took > 0 && took*1.5 < t.service {
 		sp.remeasureNow = true
 	}
 }
