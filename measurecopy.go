@@ -29,9 +29,10 @@ import (
 // the server's pins apply, then stream false and the output cap
 // (options.num_predict; max_tokens on /v1, which Ollama reads as it). It
 // loads nothing (only a server with the model resident gets one), teaches
-// no answer length (it is capped) and no conversation's place, is charged
-// to no tenant and counted in ollamaflow_measuring_copies_total, not in
-// requests.
+// an answer length only when it ended before its cap, records no
+// conversation's place, is charged to no tenant and is counted in
+// ollamaflow_measuring_copies_total, not in requests. Its body (at most
+// copyMaxBody, maxCopies at once: 4 MiB) is held outside max_body_memory.
 const (
 	copyAfter   = time.Second
 	copyTokens  = 8
