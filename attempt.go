@@ -34,7 +34,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 	tried := make([]*backend, 0, h.retries+1)
 	j := newJob(model, api, body)
 	j.answers = &answerLengths
-	j.copyable = h.copyable(r, api, kind, body)
+	j.copyable = h.copyable(r, api, kind, body, j)
 	defer dropCopy(j) // a copy claimed by a pick whose request went nowhere
 	if kind == kindCompletion {
 		h.demand.note(j.model, time.Now())

@@ -37,8 +37,12 @@ const (
 	copyAfter   = time.Second
 	copyTokens  = 8
 	copyMaxBody = 256 << 10 // a larger body is not copied
-	maxCopies   = 16        // copies in flight in the process at most
-	copyTimeout = time.Minute
+	// copyMaxPrompt bounds the prompt text of a request copied (about 4k
+	// tokens): a long history would hold a slow server's slot for as long
+	// as it takes to evaluate it, to learn what a short one shows.
+	copyMaxPrompt = 16 << 10
+	maxCopies     = 16 // copies in flight in the process at most
+	copyTimeout   = time.Minute
 )
 
 // copiesInFlight bounds the process's measuring copies (maxCopies).
@@ -46,10 +50,10 @@ var copiesInFlight atomic.Int64
 
 // copyable reports whether a request may be copied to measure a server: a
 // completion (/api/chat, /api/generate, /v1/chat/completions,
-// /v1/completions) with a body of at most copyMaxBody, on a frontend whose
-// policy re-measures.
-func (h *Handler) copyable(r *http.Request, api apiFormat, kind routeKind, body []byte) bool {
-	if !h.remeasures || kind != kindCompletion || len(body) > copyMaxBody {
+// /v1/completions) with a body of at most copyMaxBody and a prompt of at
+// most copyMaxPrompt characters, on a frontend whose policy re-measures.
+func (h *Handler) copyable(r *http.Request, api apiFormat, kind routeKind, body []byte, j *job) bool {
+	if !h.remeasures || kind != kindCompletion || len(body) > copyMaxBody || j.promptChars > copyMaxPrompt {
 		return false
 	}
 	switch r.URL.Path {

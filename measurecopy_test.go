@@ -55,14 +55,18 @@ func TestOnlyCompletionsOfBoundedSizeAreCopied(t *testing.T) {
 	h := &Handler{remeasures: true}
 	req := func(path string) *http.Request { r, _ := http.NewRequest("POST", "http://x"+path, nil); return r }
 	small := []byte(`{"model":"m","prompt":"hi"}`)
-	assert.True(t, h.copyable(req("/api/generate"), apiOllama, kindCompletion, small))
-	assert.True(t, h.copyable(req("/api/chat"), apiOllama, kindCompletion, small))
-	assert.True(t, h.copyable(req("/v1/chat/completions"), apiOpenAI, kindCompletion, small))
-	assert.True(t, h.copyable(req("/v1/completions"), apiOpenAI, kindCompletion, small))
-	assert.False(t, h.copyable(req("/v1/embeddings"), apiOpenAI, kindEmbedding, small))
-	assert.False(t, h.copyable(req("/api/embed"), apiOllama, kindEmbedding, small))
-	assert.False(t, h.copyable(req("/api/chat"), apiOllama, kindCompletion, make([]byte, copyMaxBody+1)), "a large body is not copied")
-	assert.False(t, (&Handler{}).copyable(req("/api/chat"), apiOllama, kindCompletion, small), "least_conn re-measures nothing")
+	j := newJob("m", apiOllama, small)
+	assert.True(t, h.copyable(req("/api/generate"), apiOllama, kindCompletion, small, j))
+	assert.True(t, h.copyable(req("/api/chat"), apiOllama, kindCompletion, small, j))
+	assert.True(t, h.copyable(req("/v1/chat/completions"), apiOpenAI, kindCompletion, small, j))
+	assert.True(t, h.copyable(req("/v1/completions"), apiOpenAI, kindCompletion, small, j))
+	assert.False(t, h.copyable(req("/v1/embeddings"), apiOpenAI, kindEmbedding, small, j))
+	assert.False(t, h.copyable(req("/api/embed"), apiOllama, kindEmbedding, small, j))
+	assert.False(t, h.copyable(req("/api/chat"), apiOllama, kindCompletion, make([]byte, copyMaxBody+1), j), "a large body is not copied")
+	assert.False(t, (&Handler{}).copyable(req("/api/chat"), apiOllama, kindCompletion, small, j), "least_conn re-measures nothing")
+	long := []byte(`{"model":"m","prompt":"` + strings.Repeat("word ", copyMaxPrompt/5+1) + `"}`)
+	assert.False(t, h.copyable(req("/api/generate"), apiOllama, kindCompletion, long, newJob("m", apiOllama, long)),
+		"a long prompt is not copied: it would hold the slow server's slot for long")
 }
 
 // Copies in flight are bounded in the process: past maxCopies none is
