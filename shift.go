@@ -6,8 +6,9 @@ import "time"
 // changed speed is re-learned within seconds"). Two ways of noticing it:
 // answers that disagree with what was learned, two in a row, replace the
 // estimate instead of being averaged in (shiftedLocked); and a server
-// believed slow, which least_delay sends nothing, is re-measured now and
-// then while the others queue (claimRemeasure).
+// believed slow, which least_delay sends nothing, is re-measured while the
+// others queue (claimRemeasure): by a copy of a waiting request each
+// second (measurecopy.go), or by a request itself every remeasureAfter.
 
 // A sample more than shiftFactor slower than the model's rates predict for
 // its counts (or, by its generation, that much faster) is a surprise; a
@@ -81,10 +82,11 @@ func (r *rates) slowerThanAnyCache(n, sec float64) bool {
 }
 
 // remeasureAfter is how long a server may go without a sample before
-// least_delay, while the others queue, sends it one request to measure it
-// again. A server believed slow is otherwise never sent anything, so it
-// could never be seen to have recovered (a model that shared its GPU was
-// unloaded, throttling ended); one request every few seconds is the price.
+// least_delay, while the others queue, sends it a request that may not be
+// copied (an embedding, a long prompt) to measure it again. A server
+// believed slow is otherwise never sent anything, so it could never be
+// seen to have recovered (a model that shared its GPU was unloaded,
+// throttling ended); one such request every few seconds is the price.
 const remeasureAfter = 5 * time.Second
 
 // How a server believed slow is re-measured (claimRemeasure).
