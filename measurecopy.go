@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -114,21 +115,33 @@ func (h *Handler) copyRequest(r *http.Request, api apiFormat, kind routeKind, bo
 	if err != nil {
 		return nil, nil, err
 	}
-	capped := `{"stream":false,"options":{"num_predict":%d}}`
-	if api == apiOpenAI {
-		capped = `{"stream":false,"max_tokens":%d}` // Ollama's OpenAI layer: num_predict
-	}
-	capPins, err := parsePins([]byte(fmt.Sprintf(capped, copyCap(j.maxOutput))), "measuring copy")
-	if err != nil {
-		return nil, nil, err
-	}
-	if body, err = capPins.apply(body); err != nil {
+	if body, err = copyPins(api, copyCap(j.maxOutput)).apply(body); err != nil {
 		return nil, nil, err
 	}
 	ctx, cancel := context.WithTimeout(b.srv.ctx, min(copyTimeout, max(time.Duration(h.ResponseTimeout), time.Second)))
 	out := h.outboundRequest(ctx, r, b, body)
 	out.Header.Del("Accept-Encoding") // read here: plain JSON
 	return out, cancel, nil
+}
+
+// copyCapPins are the pins that make a copy: not streamed, its output
+// capped at n tokens (index n-1), per API; parsed once.
+var copyCapPins = sync.OnceValue(func() (p [2][copyTokens]*pins) {
+	for n := 1; n <= copyTokens; n++ {
+		native, _ := parsePins([]byte(fmt.Sprintf(`{"stream":false,"options":{"num_predict":%d}}`, n)), "measuring copy")
+		// Ollama's OpenAI layer reads max_tokens as num_predict.
+		openai, _ := parsePins([]byte(fmt.Sprintf(`{"stream":false,"max_tokens":%d}`, n)), "measuring copy")
+		p[0][n-1], p[1][n-1] = native, openai
+	}
+	return p
+})
+
+// copyPins are the pins of a copy on api capped at n tokens (1..copyTokens).
+func copyPins(api apiFormat, n int) *pins {
+	if api == apiOpenAI {
+		return copyCapPins()[1][n-1]
+	}
+	return copyCapPins()[0][n-1]
 }
 
 // maxCopyAnswer bounds what is read of a copy's answer: a capped,
@@ -152,19 +165,12 @@ func (h *Handler) runCopy(b *backend, api apiFormat, out *http.Request, cancel c
 	}
 	defer res.Body.Close()
 	ttfb := time.Since(started)
-	var tail tailKeeper
-	buf := make([]byte, 4096)
-	lr := io.LimitReader(res.Body, maxCopyAnswer)
-	for {
-		n, err := lr.Read(buf)
-		tail.keep(buf[:n])
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return
-		}
+	answer, err := io.ReadAll(io.LimitReader(res.Body, maxCopyAnswer))
+	if err != nil {
+		return
 	}
+	var tail tailKeeper
+	tail.keep(answer)
 	if res.StatusCode != http.StatusOK || out.Context().Err() != nil {
 		return
 	}

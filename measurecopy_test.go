@@ -182,3 +182,17 @@ func recoveredFoundByACopy(t *testing.T, path string) {
 	assert.Equal(t, "fast", <-held)
 	assert.Contains(t, []string{"fast", "slow"}, <-waiting, "the copied request itself was answered")
 }
+
+// The pins that make a copy: every cap on both APIs parses.
+func TestCopyPinsCapEveryLength(t *testing.T) {
+	for n := 1; n <= copyTokens; n++ {
+		native, err := copyPins(apiOllama, n).apply([]byte(`{"model":"m","options":{"num_predict":500},"stream":true}`))
+		require.NoError(t, err)
+		assert.Equal(t, int64(n), gjson.GetBytes(native, "options.num_predict").Int())
+		assert.Equal(t, "false", gjson.GetBytes(native, "stream").Raw)
+		openai, err := copyPins(apiOpenAI, n).apply([]byte(`{"model":"m","max_tokens":500,"stream":true}`))
+		require.NoError(t, err)
+		assert.Equal(t, int64(n), gjson.GetBytes(openai, "max_tokens").Int())
+		assert.Equal(t, "false", gjson.GetBytes(openai, "stream").Raw)
+	}
+}
