@@ -319,7 +319,21 @@ func TestAnUncappedAnswerIsPricedByTheModelsTypicalLength(t *testing.T) {
 	serve(other, &job{model: "m", maxOutput: 100, answers: table}, clock.Add(remeasureAfter+time.Second), finalGen(40*ms, 80*ms, 0, 0, 12, 20))
 	assert.InDelta(t, 20, table.typical("m"), 1e-9)
 	serve(other, &job{model: "m", maxOutput: 5, answers: table}, clock.Add(2*remeasureAfter+2*time.Second), finalGen(40*ms, 20*ms, 0, 0, 12, 5))
-	assert.InDelta(t, 20, table.typical("m"), 1e-9)
+	assert.InDelta(t, 20, table.typical("m"), 1e-9, "cut at 5: longer than 5, which the typical 20 is")
+
+	// Cut at 100, it is longer than 100: the typical length is raised
+	// toward it, here and on the server, and a request capped at 100 is
+	// priced at more than 20 tokens.
+	other.srv.inFlight.Store(1)
+	serve(other, &job{model: "m", maxOutput: 100, answers: table}, clock.Add(2*remeasureAfter+2*time.Second+100*ms), finalGen(40*ms, 400*ms, 0, 0, 12, 100))
+	assert.Greater(t, table.typical("m"), 20.0)
+	assert.LessOrEqual(t, table.typical("m"), 100.0)
+	other.srv.speed.mu.Lock()
+	out := other.srv.speed.all.outTokens
+	other.srv.speed.mu.Unlock()
+	assert.Greater(t, out, 20.0, "the server's own typical answer too")
+	d, _ = estimateDelay(other, &job{model: "m", maxOutput: 100}, clock.Add(2*remeasureAfter+3*time.Second))
+	assert.Greater(t, d.output, 20*0.004*1.01, "priced above 20 tokens")
 }
 
 func TestTheTableOfAnswerLengthsIsBounded(t *testing.T) {

@@ -362,11 +362,27 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 			fold(float64(t.job.promptChars)/float64(tm.promptCount), charRatio)
 		}
 	}
-	if tm.evalCount > 0 && (t.job.maxOutput == 0 || tm.evalCount < int64(t.job.maxOutput)) {
+	if n := float64(tm.evalCount); tm.evalCount > 0 && (t.job.maxOutput == 0 || tm.evalCount < int64(t.job.maxOutput)) {
 		// An answer that ended on its own, capped or not, is the length
-		// of an uncapped one; one its cap cut says only that it is longer.
-		fold(float64(tm.evalCount), outLen)
-		t.job.answers.note(t.job.model, float64(tm.evalCount), now)
+		// of an uncapped one.
+		fold(n, outLen)
+		t.job.answers.note(t.job.model, n, now)
+	} else if tm.evalCount > 0 {
+		// One its cap cut says only that it is longer: a typical length
+		// below it is raised, one above it stands. Left as it was, a
+		// length learned from other clients' short answers (30 tokens)
+		// priced answers capped at, and running to, 100 as 30 long, and
+		// a slow server of one slot drew a second one to queue (p99 1.9
+		// s against 0.9).
+		for _, rr := range targets {
+			if rr.outN > 0 && rr.outTokens < n {
+				rr.outTokens = ewma(rr.outTokens, rr.outN, n, now.Sub(rr.at))
+				rr.outN++
+			}
+		}
+		if typ := t.job.answers.typical(t.job.model); typ > 0 && typ < n {
+			t.job.answers.note(t.job.model, n, now)
+		}
 	}
 	for _, rr := range targets {
 		rr.at = now
