@@ -113,7 +113,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 			// retry counted for it already is not counted again, and the
 			// route chosen first (sticky, affinity) is not chosen anew.
 			// A request is moved once at most (claimSpare).
-			j.spareOn, j.spareAmong, j.moved = nil, nil, true
+			j.spareOn, j.spareAmong, j.measureOn, j.moved = nil, nil, nil, true
 			tried = tried[:len(tried)-1]
 			info.attempts--
 			failed = nil
@@ -227,13 +227,17 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 	timer := time.AfterFunc(limit, func() { cancel(limitErr) })
 	defer timer.Stop()
 	var spare *spareRace
-	if j.spareOn == b.srv {
+	if j.spareOn == b.srv || j.measureOn == b.srv {
 		// Sent beside the server's measuring request: moved if another
-		// server outruns it before its answer begins (spare.go).
+		// server outruns it before its answer begins; the measuring
+		// request itself only once it waits behind a spare (spare.go).
 		spare = newSpareRace()
-		go spare.watch(ctx, cancel, h, b, j, j.spareAmong)
+		go spare.watch(ctx, cancel, h, b, j, j.spareAmong, j.measureOn == b.srv)
 	}
 	res, err := h.roundTrip(b, out)
+	if err == nil {
+		b.srv.speed.noteAnswerBegan(time.Now())
+	}
 	if spare != nil && !spare.answered() {
 		if err == nil {
 			res.Body.Close()

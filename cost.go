@@ -99,6 +99,10 @@ type speed struct {
 	ended    [endedRing]endedTask
 	endedPos int
 	probing  time.Time // when least_delay first sent it a request, before any sample
+	// probeBegan is when the first answer began (its headers came) while
+	// the server was being measured: a measuring request still without
+	// an answer long after it waits behind that one (spare.go).
+	probeBegan time.Time
 	// probeClaims are when measuring requests were claimed that have not
 	// begun yet (claimProbe), at most the server's measuring limit.
 	probeClaims []time.Time

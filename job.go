@@ -36,6 +36,11 @@ type job struct {
 	// outrun it (spare.go); nil otherwise.
 	spareOn    *server
 	spareAmong []*backend
+	// measureOn is the server the request was sent to as its measuring
+	// request (spareAmong then holds the candidates): when a spare
+	// beside it began answering first, it waits behind that one and is
+	// moved like a spare (spare.go).
+	measureOn *server
 	// cands are the candidates of the request's latest pick: those the
 	// pick is offered and the others (busy, or left to older requests in
 	// the queue), for a policy that would rather wait for one of the

@@ -126,7 +126,7 @@ type scored struct {
 // piling onto servers of unknown speed; after bootstrapHold without an
 // answer it falls back to least_conn.
 func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
-	j.spareOn, j.spareAmong = nil, nil // a pick whose slot was not had is no spare
+	j.spareOn, j.spareAmong, j.measureOn = nil, nil, nil // a pick whose slot was not had is no spare
 	avail = leastFailing(avail)
 	now := time.Now()
 	if j.model != "" && h.queue != nil {
@@ -246,6 +246,9 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	for len(explore) > 0 {
 		b := pickLeastConn(h, explore, j)
 		if b.srv.speed.claimProbe(max(b.cfg.MaxParallel, 1), &b.srv.inFlight, now) {
+			if !j.moved {
+				j.measureOn, j.spareAmong = b.srv, slices.Clone(avail)
+			}
 			return b
 		}
 		explore = without(explore, b)

@@ -152,13 +152,36 @@ func (r *spareRace) answered() bool {
 // (outrunAt) and would serve j sooner than staying is expected to
 // (movesSooner), unless the answer came first or b was measured: a server
 // that answered as fast as the others keeps its spare request.
-func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, h *Handler, b *backend, j *job, among []*backend) {
+//
+// A measuring request (measuring) is watched the same way once it waits
+// behind a spare: the two go out together and the server may take the
+// spare first, which on a server of one slot leaves the measuring request
+// queued behind a whole answer (stream-long: 1.9 s where a slow server's
+// answer takes 0.9). That is seen when the spare's answer began
+// (headers: a stream's first token) and the measuring request's has not
+// for as long again as the spare took to begin: beside it in a slot of
+// its own it would have begun about as soon.
+func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, h *Handler, b *backend, j *job, among []*backend, measuring bool) {
+	sent := time.Now()
 	for {
 		answered := firstSamples.wait()
 		if b.srv.speed.probingSince().IsZero() {
 			return
 		}
 		at := outrunAt(b, among)
+		if measuring && !at.IsZero() {
+			began := b.srv.speed.answerBegan()
+			if began.IsZero() || began.Before(sent) {
+				// Nothing on b began since: looked at again shortly.
+				if at = time.Now().Add(spareRecheck); !r.wait(ctx, answered, at) {
+					return
+				}
+				continue
+			}
+			if behind := began.Add(max(began.Sub(sent), minBehind)); behind.After(at) {
+				at = behind
+			}
+		}
 		if now := time.Now(); !at.IsZero() && !now.Before(at) {
 			if h.movesSooner(b, j, among, now) {
 				if r.state.CompareAndSwap(0, 2) {
@@ -172,10 +195,40 @@ func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, h
 			// taken grow.
 			at = now.Add(spareRecheck)
 		}
-		if !racing(ctx, r.stopped, answered, at) {
+		if !r.wait(ctx, answered, at) {
 			return
 		}
 	}
+}
+
+func (r *spareRace) wait(ctx context.Context, answered <-chan struct{}, at time.Time) bool {
+	return racing(ctx, r.stopped, answered, at)
+}
+
+// minBehind is the least time a measuring request must have gone without
+// an answer since a spare beside it began answering to be taken as
+// waiting behind it (watch).
+const minBehind = 20 * time.Millisecond
+
+// noteAnswerBegan records that an answer of the server began at now, the
+// first while it is being measured (probeBegan).
+func (sp *speed) noteAnswerBegan(now time.Time) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN == 0 && sp.all.genN == 0 && !sp.probing.IsZero() && sp.probeBegan.IsZero() {
+		sp.probeBegan = now
+	}
+}
+
+// answerBegan is probeBegan: zero while no answer began during the
+// server's measuring, or once it is measured.
+func (sp *speed) answerBegan() time.Time {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN > 0 || sp.all.genN > 0 {
+		return time.Time{}
+	}
+	return sp.probeBegan
 }
 
 // spareRecheck is how often a spare request that was outrun but had

@@ -385,3 +385,74 @@ func TestARequestFacingAQueueRacesAServerBeingMeasured(t *testing.T) {
 	assert.Nil(t, h.claimSpareWithin([]*backend{slow}, long, queuedSpareLimit, fast, 0.4+sLong, 0.4, clock.Add(120*ms)),
 		"slow took 1.2× fast's time so far: the long request would take 1.2× its time there")
 }
+
+// The measuring request and the spare beside it go out together, and a
+// server of one slot may take the spare first: the measuring request then
+// waits inside it for the spare's whole answer. Here slow holds its
+// measuring chat until the spare (a generation, not held) has begun
+// streaming, so the chat waits behind it; once fast has answered what slow
+// is still working on, the chat moves to fast instead of waiting out slow's
+// second of streaming.
+func TestAMeasuringRequestQueuedBehindItsSpareMoves(t *testing.T) {
+	tiny := []string{"tiny-llama"}
+	fast := fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 4, FirstByteDelay: 20 * time.Millisecond, Tokens: 3})
+	defer fast.Close()
+	slow := fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 1, FirstByteDelay: 20 * time.Millisecond, Tokens: 60, TokenGap: 20 * time.Millisecond})
+	defer slow.Close()
+	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
+	waitKnown(t, []*fakeollama.Server{fast, slow})
+	fast.Hold("/api/chat")
+	defer fast.Release()
+	slow.Hold("/api/chat")
+	defer slow.Release()
+
+	type answer struct {
+		backend string
+		took    time.Duration
+		err     error
+	}
+	send := func(path, body string, out chan<- answer) {
+		start := time.Now()
+		res, err := client.Post(siteURL+path, "application/json", strings.NewReader(body))
+		if err != nil {
+			out <- answer{err: err}
+			return
+		}
+		_, err = io.ReadAll(res.Body)
+		res.Body.Close()
+		if err == nil && res.StatusCode != http.StatusOK {
+			err = fmt.Errorf("status %d", res.StatusCode)
+		}
+		out <- answer{res.Header.Get("X-OllamaFlow-Backend"), time.Since(start), err}
+	}
+	// A measuring chat on each server, held there.
+	chats := make(chan answer, 2)
+	for i := range 2 {
+		go send("/api/chat", fmt.Sprintf(`{"model":"tiny-llama","messages":[{"role":"user","content":"chat %d"}]}`, i), chats)
+	}
+	arrived(t, fast, "/api/chat", 1)
+	arrived(t, slow, "/api/chat", 1)
+	// A spare beside each: slow's takes its only slot and streams.
+	gens := make(chan answer, 2)
+	for i := range 2 {
+		go send("/api/generate", fmt.Sprintf(`{"model":"tiny-llama","prompt":"gen %d"}`, i), gens)
+	}
+	arrived(t, fast, "/api/generate", 1)
+	arrived(t, slow, "/api/generate", 1)
+	require.Eventually(t, func() bool { return slow.Busy() == 1 }, 5*time.Second, 5*time.Millisecond)
+	time.Sleep(100 * time.Millisecond) // slow's spare is streaming: its answer began
+	slow.Release()                     // slow's chat now waits for the slot, behind the spare
+	fast.Release()
+
+	for range 2 {
+		a := <-chats
+		require.NoError(t, a.err)
+		assert.Equal(t, "fast", a.backend, "the chat slow held moved to fast: it took %s", a.took)
+		assert.Less(t, a.took, time.Second, "it did not wait out slow's answer of 1.2 s")
+	}
+	for range 2 {
+		require.NoError(t, (<-gens).err)
+	}
+	assert.Equal(t, 1, slow.Count("/api/chat"), "sent to slow once: a move, not a retry there")
+	assert.Equal(t, 2, fast.Count("/api/chat"))
+}
