@@ -185,6 +185,12 @@ type convActivity struct {
 	// found is whether its last turn found its cache there (turnFound,
 	// turnMissed; cacheodds.go), written when that turn's answer ends.
 	found atomic.Int32
+	// answered is when its last turn's answer ended (unix nanoseconds, 0
+	// before), and pause the longest its client took from an answer to
+	// the next turn, pauseSeen once one was seen (abandoned).
+	answered  atomic.Int64
+	pause     time.Duration
+	pauseSeen bool
 }
 
 // prefixEntry is affinityEntry with its time.
@@ -268,6 +274,9 @@ func (t *affinityTable) touch(id uint64, server string, size prefixSize, now tim
 	if el, ok := t.convs[id]; ok {
 		a = el.Value.(*convActivity)
 		t.unhost(a, now)
+		if ans := a.answered.Load(); ans >= a.at.UnixNano() {
+			a.pause, a.pauseSeen = max(a.pause, now.Sub(time.Unix(0, ans))), true
+		}
 		a.server, a.at, a.size = server, now, size
 		t.active.MoveToFront(el)
 	} else {

@@ -607,3 +607,48 @@ func TestAFirstMessageSeenOnAServerThatLeftIsNew(t *testing.T) {
 	assert.Equal(t, routeAffinityOverflow, route)
 	assert.NotZero(t, id)
 }
+
+// A conversation whose client sends each turn right after the answer has
+// ended once its last answer is four of its pauses old, and at least a
+// quarter second: clients that start the next conversation at once left
+// a server of four slots holding more ended conversations than slots, each
+// idle for under 2 s, and a conversation counted out on a server of one
+// slot never found a server that evicted only an ended one. One whose
+// client pauses longer, or whose answer has not ended, keeps the 2 s.
+func TestAConversationOfQuickTurnsIsTakenAsEndedSooner(t *testing.T) {
+	now := time.Now()
+	big := ruleBackend("big", 0)
+	big.cfg.MaxParallel = 1
+	turn := func(n int, content string) conversation {
+		msgs := []map[string]string{{"role": "user", "content": content}}
+		for i := 1; i < n; i++ {
+			msgs = append(msgs, map[string]string{"role": "assistant", "content": "answer"}, map[string]string{"role": "user", "content": fmt.Sprint("next ", i)})
+		}
+		_, c := chatTurn(t, msgs)
+		return c
+	}
+	setup := func(pause time.Duration, answered bool) *affinityTable {
+		tab := newAffinityTable(100, time.Hour)
+		// Two turns: the first answered at -1 s, the second sent pause
+		// after, answered (or not) 100 ms later.
+		a := tab.record(turn(1, "quick conversation"), big.srv.key, 0, now.Add(-time.Second-100*ms))
+		a.answered.Store(now.Add(-time.Second).UnixNano())
+		_, id, _ := tab.lookup(turn(2, "quick conversation"), now)
+		require.NotZero(t, id)
+		a = tab.record(turn(2, "quick conversation"), big.srv.key, id, now.Add(-time.Second+pause))
+		require.Equal(t, pause, a.pause)
+		if answered {
+			a.answered.Store(now.Add(-time.Second + pause + 100*ms).UnixNano())
+		}
+		return tab
+	}
+	// Its answer ended 0.9 s ago; its client took 10 ms to reply before.
+	assert.True(t, setup(10*ms, true).evictsOnlyIdle(big, now), "four pauses (40 ms), at least 250 ms: ended")
+	assert.False(t, setup(10*ms, false).evictsOnlyIdle(big, now), "its answer is still being written: not ended")
+	assert.False(t, setup(300*ms, true).evictsOnlyIdle(big, now), "a client that paused 0.3 s may come back after 1.2 s")
+	assert.True(t, setup(300*ms, true).evictsOnlyIdle(big, now.Add(time.Second)), "its answer is now 1.6 s old")
+	// A pause of 0.6 s: four of them (2.4 s) outlast abandonedAfter, which
+	// counts from its last turn (sent at -0.4 s).
+	assert.False(t, setup(600*ms, true).evictsOnlyIdle(big, now.Add(1500*ms)))
+	assert.True(t, setup(600*ms, true).evictsOnlyIdle(big, now.Add(1610*ms)), "2 s after its last turn, any conversation is taken as ended")
+}

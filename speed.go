@@ -260,6 +260,9 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 		return false, false
 	}
 	t.endAt(now)
+	if t.job.turn != nil {
+		t.job.turn.answered.Store(now.UnixNano()) // its client's pause starts (abandoned)
+	}
 	sp := t.sp
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
