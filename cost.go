@@ -99,9 +99,9 @@ type speed struct {
 	ended    [endedRing]endedTask
 	endedPos int
 	probing  time.Time // when least_delay first sent it a request, before any sample
-	// probeBegan is when the first answer began (its headers came) while
-	// the server was being measured: a measuring request still without
-	// an answer long after it waits behind that one (spare.go).
+	// probeBegan is when a spare's answer first began (its headers came)
+	// while the server was being measured: a measuring request still
+	// without an answer long after it waits behind that one (spare.go).
 	probeBegan time.Time
 	// probeClaims are when measuring requests were claimed that have not
 	// begun yet (claimProbe), at most the server's measuring limit.

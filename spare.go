@@ -173,7 +173,7 @@ func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, h
 			began := b.srv.speed.answerBegan()
 			if began.IsZero() || began.Before(sent) {
 				// Nothing on b began since: looked at again shortly.
-				if at = time.Now().Add(spareRecheck); !r.wait(ctx, answered, at) {
+				if !racing(ctx, r.stopped, answered, time.Now().Add(spareRecheck)) {
 					return
 				}
 				continue
@@ -195,14 +195,10 @@ func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, h
 			// taken grow.
 			at = now.Add(spareRecheck)
 		}
-		if !r.wait(ctx, answered, at) {
+		if !racing(ctx, r.stopped, answered, at) {
 			return
 		}
 	}
-}
-
-func (r *spareRace) wait(ctx context.Context, answered <-chan struct{}, at time.Time) bool {
-	return racing(ctx, r.stopped, answered, at)
 }
 
 // minBehind is the least time a measuring request must have gone without
@@ -210,8 +206,8 @@ func (r *spareRace) wait(ctx context.Context, answered <-chan struct{}, at time.
 // waiting behind it (watch).
 const minBehind = 20 * time.Millisecond
 
-// noteAnswerBegan records that an answer of the server began at now, the
-// first while it is being measured (probeBegan).
+// noteAnswerBegan records that a spare's answer on the server began at
+// now, the first while it is being measured (probeBegan).
 func (sp *speed) noteAnswerBegan(now time.Time) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
