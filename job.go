@@ -49,6 +49,9 @@ type job struct {
 	// moved: it was a spare request once and was moved; it is not sent
 	// as one again.
 	moved bool
+	// heldSince is when least_delay first held it back for a server
+	// still being measured (awaitMeasuring); zero if never.
+	heldSince time.Time
 	// copyable: a copy of the request may measure a server believed slow
 	// (measurecopy.go); copyTo is the server a pick claimed one for, sent
 	// by the attempt loop; copy: this is such a copy.

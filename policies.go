@@ -315,6 +315,18 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	if b := queueRelief(observed, bestWait, now); b != nil {
 		return b
 	}
+	// A fresh pool's servers may differ by the kind of work (one fast at
+	// prompts, another at generating): the best measured server may be
+	// the worst for this request while one still being measured is the
+	// best. A request the best measured server is slow for waits for
+	// that first answer, up to a quarter of its expected time there
+	// (measuring.go).
+	if len(ties) > 0 && h.queue != nil {
+		if until, ok := h.awaitMeasuring(unobserved, j, ties[0], fastest, best, now); ok {
+			h.queue.wakeAt(until)
+			return nil
+		}
+	}
 	switch {
 	case len(ties) == 1:
 		return ties[0]
