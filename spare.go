@@ -165,12 +165,12 @@ func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, h
 	sent := time.Now()
 	for {
 		answered := firstSamples.wait()
-		if b.srv.speed.probingSince().IsZero() {
+		probing, began := b.srv.speed.probeTimes()
+		if probing.IsZero() {
 			return
 		}
 		at := outrunAt(b, among)
 		if measuring && !at.IsZero() {
-			began := b.srv.speed.answerBegan()
 			if began.IsZero() || began.Before(sent) {
 				// Nothing on b began since: looked at again shortly.
 				if !racing(ctx, r.stopped, answered, time.Now().Add(spareRecheck)) {
@@ -216,15 +216,15 @@ func (sp *speed) noteAnswerBegan(now time.Time) {
 	}
 }
 
-// answerBegan is probeBegan: zero while no answer began during the
-// server's measuring, or once it is measured.
-func (sp *speed) answerBegan() time.Time {
+// probeTimes is probingSince and, with it, probeBegan: both zero once
+// the server is measured.
+func (sp *speed) probeTimes() (probing, began time.Time) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if sp.all.promptN > 0 || sp.all.genN > 0 {
-		return time.Time{}
+		return time.Time{}, time.Time{}
 	}
-	return sp.probeBegan
+	return sp.probing, sp.probeBegan
 }
 
 // spareRecheck is how often a spare request that was outrun but had
