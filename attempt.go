@@ -235,8 +235,8 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 		go spare.watch(ctx, cancel, h, b, j, j.spareAmong, j.measureOn == b.srv)
 	}
 	res, err := h.roundTrip(b, out)
-	if err == nil && j.spareOn == b.srv {
-		b.srv.speed.noteAnswerBegan(time.Now()) // the measuring request may wait behind it
+	if err == nil {
+		b.srv.speed.noteAnswerBegan(time.Now()) // a measuring request may wait behind it (spare.go)
 	}
 	if spare != nil && !spare.answered() {
 		if err == nil {

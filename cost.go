@@ -99,10 +99,13 @@ type speed struct {
 	ended    [endedRing]endedTask
 	endedPos int
 	probing  time.Time // when least_delay first sent it a request, before any sample
-	// probeBegan is when a spare's answer first began (its headers came)
-	// while the server was being measured: a measuring request still
-	// without an answer long after it waits behind that one (spare.go).
+	// probeBegan is when an answer first began (its headers came) while
+	// the server was being measured: a measuring request still without
+	// an answer long after it waits behind that one (spare.go). measured
+	// is set with the first sample, so that answers on a server measured
+	// note nothing without the lock.
 	probeBegan time.Time
+	measured   atomic.Bool
 	// probeClaims are when measuring requests were claimed that have not
 	// begun yet (claimProbe), at most the server's measuring limit.
 	probeClaims []time.Time

@@ -206,9 +206,12 @@ func (r *spareRace) watch(ctx context.Context, cancel context.CancelCauseFunc, h
 // waiting behind it (watch).
 const minBehind = 20 * time.Millisecond
 
-// noteAnswerBegan records that a spare's answer on the server began at
-// now, the first while it is being measured (probeBegan).
+// noteAnswerBegan records that an answer of the server began at now, the
+// first while it is being measured (probeBegan).
 func (sp *speed) noteAnswerBegan(now time.Time) {
+	if sp.measured.Load() {
+		return
+	}
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if sp.all.promptN == 0 && sp.all.genN == 0 && !sp.probing.IsZero() && sp.probeBegan.IsZero() {
@@ -371,6 +374,7 @@ func (sp *speed) serviceFor(j *job) (float64, bool) {
 // the first time, if this answer measured it.
 func (sp *speed) signalFirstLocked() {
 	if sp.all.promptN > 0 || sp.all.genN > 0 {
+		sp.measured.Store(true)
 		firstSamples.signal()
 	}
 }

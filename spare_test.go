@@ -391,8 +391,8 @@ func TestARequestFacingAQueueRacesAServerBeingMeasured(t *testing.T) {
 // waits inside it for the spare's whole answer. Here slow holds its
 // measuring chat until the spare (a generation, not held) has begun
 // streaming, so the chat waits behind it; once fast has answered what slow
-// is still working on, the chat moves to fast instead of waiting out slow's
-// second of streaming.
+// is still working on (it holds its requests until then), the chat moves
+// to fast instead of waiting out slow's second of streaming.
 func TestAMeasuringRequestQueuedBehindItsSpareMoves(t *testing.T) {
 	tiny := []string{"tiny-llama"}
 	fast := fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 4, FirstByteDelay: 20 * time.Millisecond, Tokens: 3})
@@ -401,7 +401,9 @@ func TestAMeasuringRequestQueuedBehindItsSpareMoves(t *testing.T) {
 	defer slow.Close()
 	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
 	waitKnown(t, []*fakeollama.Server{fast, slow})
-	fast.Hold("/api/chat")
+	// fast holds everything until the end: measured before slow's spare
+	// has begun, it would outrun that spare, which would move instead.
+	fast.Hold(fakeollama.Completions...)
 	defer fast.Release()
 	slow.Hold("/api/chat")
 	defer slow.Release()
