@@ -572,12 +572,9 @@ func (h *Handler) awaitProbe(unobserved []*backend, j *job, best *backend, servi
 	limit := now.Add(time.Duration(wait * float64(time.Second)))
 	took := time.Duration(service*(1+probeSlack)*float64(time.Second)) + best.srv.speed.lastSlack()
 	for _, b := range unobserved {
-		p := b.srv.speed.probingSince()
-		if p.IsZero() || now.Sub(p) >= bootstrapHold {
+		p, ok := h.sampleSoon(b, j, now)
+		if !ok {
 			continue
-		}
-		if h.coldFor(b, j.model) && b.srv.models.Load().known || b.srv.speed.mostlyErrors(now) {
-			continue // it loads the model first, or answers errors: no sample soon
 		}
 		answer := p.Add(took)
 		if answer.After(now) && answer.Before(limit) && (until.IsZero() || answer.Before(until)) {
@@ -585,6 +582,24 @@ func (h *Handler) awaitProbe(unobserved []*backend, j *job, best *backend, servi
 		}
 	}
 	return until, !until.IsZero()
+}
+
+// sampleSoon reports whether b is being measured and may answer soon:
+// its first request went out (at since) less than bootstrapHold ago, and
+// it is not known to load j's model first nor answering errors, which
+// would give no sample soon.
+func (h *Handler) sampleSoon(b *backend, j *job, now time.Time) (since time.Time, ok bool) {
+	if b.srv.speed.measured.Load() {
+		return time.Time{}, false
+	}
+	p := b.srv.speed.probingSince()
+	if p.IsZero() || now.Sub(p) >= bootstrapHold {
+		return time.Time{}, false
+	}
+	if h.coldFor(b, j.model) && b.srv.models.Load().known || b.srv.speed.mostlyErrors(now) {
+		return time.Time{}, false
+	}
+	return p, true
 }
 
 // lastSlack is the time the proxy saw beyond the server's total_duration

@@ -38,9 +38,6 @@ func (h *Handler) awaitMeasuring(unobserved []*backend, j *job, ref *backend, se
 	if j.moved || best <= 0 {
 		return time.Time{}, false
 	}
-	if typical, ok := ref.srv.speed.serviceFor(nil); !ok || service < atypicalFactor*typical {
-		return time.Time{}, false
-	}
 	since := j.heldSince
 	if since.IsZero() {
 		since = now
@@ -49,22 +46,25 @@ func (h *Handler) awaitMeasuring(unobserved []*backend, j *job, ref *backend, se
 	if !now.Before(until) {
 		return time.Time{}, false
 	}
-	measuring := func(b *backend) bool {
-		p := b.srv.speed.probingSince()
-		if p.IsZero() || now.Sub(p) >= bootstrapHold {
-			return false
-		}
-		return !(h.coldFor(b, j.model) && b.srv.models.Load().known) && !b.srv.speed.mostlyErrors(now)
-	}
+	// Whether any candidate is being measured first: on a measured pool
+	// that is an atomic flag per candidate, no lock.
+	measuring := false
 	for _, list := range [2][]*backend{unobserved, j.cands} {
 		for _, b := range list {
-			if measuring(b) {
-				if j.heldSince.IsZero() {
-					j.heldSince = now
-				}
-				return until, true
+			if _, ok := h.sampleSoon(b, j, now); ok {
+				measuring = true
+				break
 			}
 		}
 	}
-	return time.Time{}, false
+	if !measuring {
+		return time.Time{}, false
+	}
+	if typical, ok := ref.srv.speed.serviceFor(nil); !ok || service < atypicalFactor*typical {
+		return time.Time{}, false
+	}
+	if j.heldSince.IsZero() {
+		j.heldSince = now
+	}
+	return until, true
 }
