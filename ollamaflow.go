@@ -33,7 +33,7 @@
 //	measurecopy.go measuring copies: a waiting request's copy, capped, read by the proxy, re-measures an idle slow server
 //	relief.go      least_delay's relief of a lasting queue onto slower servers' free slots, within the pool's tail
 //	spare.go       least_delay on a fresh pool: a spare request beside each measuring one, moved when another server answers sooner
-//	measuring.go   least_delay on a fresh pool: a request the best measured server is slow for waits a while for another's first answer
+//	measuring.go   least_delay on a fresh pool: holds for another's first answer, and for spares about to move, a bounded while
 //	placement.go   model placement: residency, what a load would evict, what the eviction costs the pool
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	queuemoves.go  waiters moved keeping their place: into the new config's queue at a reload, to a changed pool

@@ -315,6 +315,15 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	if b := queueRelief(observed, bestWait, now); b != nil {
 		return b
 	}
+	// Spares beside a measuring request that has run longer than the best
+	// server's time for it are about to move there: this request, sent
+	// after them, waits until they have (measuring.go).
+	if len(ties) > 0 && h.queue != nil {
+		if until, ok := h.awaitOutrun(unobserved, j, ties[0], now); ok {
+			h.queue.wakeAt(until)
+			return nil
+		}
+	}
 	// A fresh pool's servers may differ by the kind of work (one fast at
 	// prompts, another at generating): the best measured server may be
 	// the worst for this request while one still being measured is the
