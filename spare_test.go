@@ -340,6 +340,9 @@ func TestAnOutrunSpareMovesOnlyWhereItEndsSooner(t *testing.T) {
 	now := clock.Add(150 * ms) // slow's measuring request: 0.15 s, outrun at 0.11 s
 	require.False(t, now.Before(outrunAt(slow, pool)))
 	assert.True(t, h.movesSooner(slow, &job{}, pool, now), "fast is idle: 0.1 s there")
+	// Sooner by a little only: a move starts the request over.
+	assert.False(t, h.movesSooner(slow, &job{}, pool, clock.Add(75*ms)),
+		"fast's 0.1 s against 0.11 s staying: it stays")
 
 	// Six queued on fast (one slot seen, a second not ruled out): about
 	// 0.45 s before it starts, against 0.225 s expected on slow.
