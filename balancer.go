@@ -277,6 +277,16 @@ func (h *Handler) takeOrHold(avail []*backend, j *job) (*backend, []*backend) {
 			return nil, avail // the policy holds the request back: it waits in the queue
 		}
 		if b.tryAcquire() {
+			if j.measureOn == b.srv || j.spareOn == b.srv {
+				// Its claim is in the slot counter now: counted twice
+				// until the attempt began, the server looked to have
+				// its measuring request and a spare, and the requests of
+				// a burst chosen meanwhile found no slot to race beside
+				// it (equal-exact: half the burst waited for the first
+				// answer, p99 0.17 s against 0.09 s, in some runs).
+				b.srv.speed.dropClaim()
+				j.claimHeld = true
+			}
 			h.planLoad(b, j)
 			return b, nil
 		}

@@ -41,6 +41,10 @@ type job struct {
 	// beside it began answering first, it waits behind that one and is
 	// moved like a spare (spare.go).
 	measureOn *server
+	// claimHeld: the measuring request or spare this request was claimed
+	// as (claimProbe) became a slot taken (takeOrHold), so begin does not
+	// give up a claim again.
+	claimHeld bool
 	// cands are the candidates of the request's latest pick: those the
 	// pick is offered and the others (busy, or left to older requests in
 	// the queue), for a policy that would rather wait for one of the

@@ -70,7 +70,12 @@ func (h *Handler) claimSpareWithin(unobserved []*backend, j *job, limit int, ref
 	var buf [largePool]*backend
 	open := buf[:0]
 	for _, b := range unobserved {
-		if n := b.srv.inFlight.Load(); b.cfg.MaxParallel > 0 || n < 1 || n >= int64(limit) {
+		// A measuring request claimed counts before its attempt takes the
+		// slot: a burst's requests are chosen before the first of them is
+		// in flight, and found no measuring request to race beside, so
+		// half of a burst on equal servers waited for the first answer
+		// (equal-exact: p99 0.17 s against 0.09 s in some runs).
+		if n := b.srv.speed.sentOrClaimed(&b.srv.inFlight, now); b.cfg.MaxParallel > 0 || n < 1 || n >= limit {
 			continue
 		}
 		p := b.srv.speed.probingSince()

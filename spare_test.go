@@ -52,6 +52,32 @@ func TestAFreshPoolSendsASpareRequestBesideEachMeasuringOne(t *testing.T) {
 
 	assert.Nil(t, pickLeastDelay(h, pool, &job{}), "a measuring request and a spare each: the rest waits for the first answer")
 
+	// A measuring request chosen but not yet in flight (its attempt has
+	// not taken the slot) has a spare beside it all the same.
+	g, k := testBackend("g", nil), testBackend("k", nil)
+	for _, x := range []*backend{g, k} {
+		require.True(t, x.srv.speed.claimProbe(1, &x.srv.inFlight, now))
+	}
+	claimed := &job{}
+	spare := pickLeastDelay(h, []*backend{g, k}, claimed)
+	require.NotNil(t, spare, "a spare beside a measuring request claimed")
+	assert.Same(t, spare.srv, claimed.spareOn)
+
+	// Measuring requests that took their slots (takeOrHold), their attempts
+	// not begun: each counts once, and a spare goes beside each.
+	h.policy = pickLeastDelay
+	m, n := testBackend("m", nil), testBackend("n", nil)
+	fresh := []*backend{m, n}
+	var took []*backend
+	for range 4 {
+		b, _ := h.takeOrHold(fresh, &job{})
+		require.NotNil(t, b, "two measuring requests, then a spare beside each")
+		took = append(took, b)
+	}
+	assert.ElementsMatch(t, []*backend{m, n, m, n}, took)
+	rest, _ := h.takeOrHold(fresh, &job{})
+	assert.Nil(t, rest, "a measuring request and a spare each: the rest waits for the first answer")
+
 	// With max_parallel, measuring already takes every slot known.
 	c, d := testBackend("c", func(c *Backend) { c.MaxParallel = 2 }), testBackend("d", func(c *Backend) { c.MaxParallel = 2 })
 	for _, x := range []*backend{c, d} {

@@ -117,11 +117,13 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	cold := known && notResident(b, j.model)
 	sp := &s.speed
 	sp.mu.Lock()
-	if len(sp.probeClaims) > 0 {
+	if held := j.claimHeld; !held && len(sp.probeClaims) > 0 {
 		// It holds its slot now: its claim, or another's, is counted in
-		// the slot counter instead (claimProbe).
+		// the slot counter instead (claimProbe). One claimed by the pick
+		// that took the slot was given up then (dropClaim).
 		sp.probeClaims = sp.probeClaims[1:]
 	}
+	j.claimHeld = false
 	sp.takePlannedLocked(j.model)
 	d, _ := sp.estimateLocked(j, b.cfg.MaxParallel, int(s.inFlight.Load())-1, cold, now)
 	_, loading := sp.pendingLoadLocked(j.model, now)
@@ -554,6 +556,23 @@ func (sp *speed) claimProbe(limit int, inFlight *atomic.Int64, now time.Time) bo
 // (in flight and claimed), without taking one: for a caller that only
 // narrows the list the policy then chooses from (nearBest).
 func (sp *speed) probesTaken(limit int, inFlight *atomic.Int64, now time.Time) bool {
+	return sp.sentOrClaimed(inFlight, now) >= limit
+}
+
+// dropClaim gives up one claim of a measuring request or spare whose
+// request has taken its slot (takeOrHold): the slot counter holds it now.
+func (sp *speed) dropClaim() {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if len(sp.probeClaims) > 0 {
+		sp.probeClaims = sp.probeClaims[1:]
+	}
+}
+
+// sentOrClaimed is the requests the server has in flight (inFlight) and
+// those claimed to measure it that have not begun: a measuring request
+// claimed is not in flight until its attempt takes the slot.
+func (sp *speed) sentOrClaimed(inFlight *atomic.Int64, now time.Time) int {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	n := 0
@@ -562,7 +581,7 @@ func (sp *speed) probesTaken(limit int, inFlight *atomic.Int64, now time.Time) b
 			n++
 		}
 	}
-	return int(inFlight.Load())+n >= limit
+	return int(inFlight.Load()) + n
 }
 
 // probingSince is when the server's first request went out, zero if none
