@@ -64,42 +64,35 @@ func TestARequestLetsTheSparesAboutToBeOutrunGoFirst(t *testing.T) {
 	h := &Handler{}
 	h.queue = newQueue(h)
 	now := time.Now()
-	fast, slow := testBackend("fast", nil), testBackend("slow", nil)
-	fast.srv.inFlight.Store(1)
-	serve(fast, &job{}, now.Add(-3*time.Second), final(500*ms, 0, 0, 10, 1))
-	fast.srv.inFlight.Store(0)
-	pool := []*backend{fast, slow}
+	// pair is fast, which answered its one request in 0.5 s, and slow,
+	// whose measuring request went out ran before now, a spare beside it.
+	pair := func(name string, ran time.Duration) (fast, slow *backend) {
+		fast, slow = testBackend(name+"-fast", nil), testBackend(name+"-slow", nil)
+		fast.srv.inFlight.Store(1)
+		serve(fast, &job{}, now.Add(-3*time.Second), final(500*ms, 0, 0, 10, 1))
+		fast.srv.inFlight.Store(0)
+		measuring(slow, &job{}, now.Add(-ran))
+		slow.srv.inFlight.Add(1) // the spare
+		return fast, slow
+	}
 
-	// slow's measuring request went out 0.52 s ago (fast took 0.5 s), a
-	// spare beside it: outrun at 0.55 s and the proxy's slack.
-	measuring(slow, &job{}, now.Add(-520*ms))
-	slow.srv.inFlight.Add(1) // the spare
-	j := &job{}
-	assert.Nil(t, pickLeastDelay(h, pool, j), "held until the spare has moved")
+	// slow's measuring request went out 0.52 s ago (fast took 0.5 s):
+	// outrun at 0.55 s and the proxy's slack.
+	fast, slow := pair("a", 520*ms)
+	pool := []*backend{fast, slow}
+	assert.Nil(t, pickLeastDelay(h, pool, &job{}), "held until the spare has moved")
 
 	// Moved requests and requests where no spare waits are not held.
-	moved := &job{moved: true}
-	assert.Same(t, fast, pickLeastDelay(h, pool, moved))
+	assert.Same(t, fast, pickLeastDelay(h, pool, &job{moved: true}))
 	slow.srv.inFlight.Add(-1)
 	assert.Same(t, fast, pickLeastDelay(h, pool, &job{}), "no spare beside the measuring request")
-	slow.srv.inFlight.Add(1)
 
 	// slow has run for less than fast's time: it may answer as soon, and
 	// its spare stays.
-	sooner, soonerFast := testBackend("slow2", nil), testBackend("fast2", nil)
-	soonerFast.srv.inFlight.Store(1)
-	serve(soonerFast, &job{}, now.Add(-3*time.Second), final(500*ms, 0, 0, 10, 1))
-	soonerFast.srv.inFlight.Store(0)
-	measuring(sooner, &job{}, now.Add(-300*ms))
-	sooner.srv.inFlight.Add(1)
-	assert.Same(t, soonerFast, pickLeastDelay(h, []*backend{soonerFast, sooner}, &job{}))
+	fast, slow = pair("b", 300*ms)
+	assert.Same(t, fast, pickLeastDelay(h, []*backend{fast, slow}, &job{}))
 
 	// Once slow is outrun, the hold is over.
-	late, lateFast := testBackend("slow3", nil), testBackend("fast3", nil)
-	lateFast.srv.inFlight.Store(1)
-	serve(lateFast, &job{}, now.Add(-3*time.Second), final(500*ms, 0, 0, 10, 1))
-	lateFast.srv.inFlight.Store(0)
-	measuring(late, &job{}, now.Add(-600*ms))
-	late.srv.inFlight.Add(1)
-	assert.Same(t, lateFast, pickLeastDelay(h, []*backend{lateFast, late}, &job{}))
+	fast, slow = pair("c", 600*ms)
+	assert.Same(t, fast, pickLeastDelay(h, []*backend{fast, slow}, &job{}))
 }

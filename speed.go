@@ -117,7 +117,7 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	cold := known && notResident(b, j.model)
 	sp := &s.speed
 	sp.mu.Lock()
-	if held := j.claimHeld; !held && len(sp.probeClaims) > 0 {
+	if !j.claimHeld && len(sp.probeClaims) > 0 {
 		// It holds its slot now: its claim, or another's, is counted in
 		// the slot counter instead (claimProbe). One claimed by the pick
 		// that took the slot was given up then (dropClaim).
