@@ -117,11 +117,11 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	cold := known && notResident(b, j.model)
 	sp := &s.speed
 	sp.mu.Lock()
-	if !j.claimHeld && len(sp.probeClaims) > 0 {
+	if !j.claimHeld {
 		// It holds its slot now: its claim, or another's, is counted in
 		// the slot counter instead (claimProbe). One claimed by the pick
 		// that took the slot was given up then (dropClaim).
-		sp.probeClaims = sp.probeClaims[1:]
+		sp.dropClaimLocked()
 	}
 	j.claimHeld = false
 	sp.takePlannedLocked(j.model)
@@ -533,16 +533,10 @@ const probeClaimTTL = 250 * time.Millisecond
 func (sp *speed) claimProbe(limit int, inFlight *atomic.Int64, now time.Time) bool {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	keep := sp.probeClaims[:0]
-	for _, c := range sp.probeClaims {
-		if now.Sub(c) < probeClaimTTL {
-			keep = append(keep, c)
-		}
-	}
-	sp.probeClaims = keep
+	claims := sp.liveClaimsLocked(now)
 	// Read after the claims: a request that claimed took its slot before
-	// begin removed its claim, so one or the other is always seen.
-	if int(inFlight.Load())+len(keep) >= limit {
+	// its claim was given up, so one or the other is always seen.
+	if int(inFlight.Load())+claims >= limit {
 		return false
 	}
 	sp.probeClaims = append(sp.probeClaims, now)
@@ -564,9 +558,26 @@ func (sp *speed) probesTaken(limit int, inFlight *atomic.Int64, now time.Time) b
 func (sp *speed) dropClaim() {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	sp.dropClaimLocked()
+}
+
+func (sp *speed) dropClaimLocked() {
 	if len(sp.probeClaims) > 0 {
 		sp.probeClaims = sp.probeClaims[1:]
 	}
+}
+
+// liveClaimsLocked drops the claims older than probeClaimTTL (their
+// requests never began) and counts those left.
+func (sp *speed) liveClaimsLocked(now time.Time) int {
+	keep := sp.probeClaims[:0]
+	for _, c := range sp.probeClaims {
+		if now.Sub(c) < probeClaimTTL {
+			keep = append(keep, c)
+		}
+	}
+	sp.probeClaims = keep
+	return len(keep)
 }
 
 // sentOrClaimed is the requests the server has in flight (inFlight) and
@@ -575,13 +586,8 @@ func (sp *speed) dropClaim() {
 func (sp *speed) sentOrClaimed(inFlight *atomic.Int64, now time.Time) int {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	n := 0
-	for _, c := range sp.probeClaims {
-		if now.Sub(c) < probeClaimTTL {
-			n++
-		}
-	}
-	return int(inFlight.Load()) + n
+	claims := sp.liveClaimsLocked(now)
+	return int(inFlight.Load()) + claims
 }
 
 // probingSince is when the server's first request went out, zero if none
