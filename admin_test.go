@@ -323,7 +323,7 @@ func TestLiveReconfigurationByID(t *testing.T) {
 	loadCaddyRaw(t, caddyConfig(fmt.Sprintf("backend a %s", a.URL))) // starts Caddy if need be
 	adminDo(t, http.MethodPost, "/load", cfg)
 	backendOf := func() string {
-		res, body := post(t, "/api/chat", chatFor("tiny-llama"))
+		res, body := postAfterReload(t, "/api/chat", chatFor("tiny-llama"))
 		require.Equal(t, http.StatusOK, res.StatusCode, body)
 		return res.Header.Get("X-OllamaFlow-Backend")
 	}
