@@ -250,7 +250,7 @@ func (tm timings) clientHeldBack() bool {
 // row mean the server did get faster.
 const (
 	cacheSuspectFactor = 2.0
-	cacheSuspectLimit  = 12
+	cacheSuspectLimit  = 6
 )
 
 // learn folds a completed request's timings into the model and ends the
@@ -490,6 +490,13 @@ func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup fl
 		if r.cacheSuspects < cacheSuspectLimit {
 			return
 		}
+	}
+	if r.cacheSuspects >= cacheSuspectLimit {
+		// That many in a row: the server got faster at prompts (a
+		// model that shared its GPU left, throttling ended). The sample
+		// is what it is now, as for a shift in the other direction: an
+		// average with the old fit would take as many again to move.
+		shifted = true
 	}
 	r.cacheSuspects = 0
 	for _, rr := range targets {

@@ -178,6 +178,39 @@ func TestAPromptCacheDoesNotMakeAServerLookFaster(t *testing.T) {
 	assert.Less(t, d.prompt, before*0.6, "a real speed-up is re-learned within 4 answers")
 }
 
+func TestAServerFasterAtPromptsAloneIsReLearnedAfterALimitOfAnswers(t *testing.T) {
+	b := testBackend("a", nil)
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	// One-token answers, so nothing but the prompt tells the speed: 300 ms
+	// for 12 tokens, a model that shared the GPU still loaded.
+	for range 6 {
+		clock = clock.Add(200 * ms)
+		serve(b, &job{}, clock, finalGen(300*ms, 0, 0, 0, 12, 1))
+	}
+	j := &job{promptChars: 4 * 12, maxOutput: 1}
+	d, _ := estimateDelay(b, j, clock)
+	require.InDelta(t, 0.3, d.prompt, 0.01)
+
+	// The other model left: every prompt now takes 100 ms. Until
+	// cacheSuspectLimit of them in a row they may be cache hits.
+	for range cacheSuspectLimit - 1 {
+		clock = clock.Add(200 * ms)
+		serve(b, &job{}, clock, finalGen(100*ms, 0, 0, 0, 12, 1))
+	}
+	d, _ = estimateDelay(b, j, clock)
+	assert.InDelta(t, 0.3, d.prompt, 0.01, "a few fast prompts may be a cache")
+	// The limit reached, the server is what the answers say, not an
+	// average with what it was: averaged in, the answer moved the
+	// estimate to 0.25 s, and each limit of answers after it as little
+	// again (h-speedup: a server recovered from 3× slower still believed
+	// slow 4 s later).
+	clock = clock.Add(200 * ms)
+	serve(b, &job{}, clock, finalGen(100*ms, 0, 0, 0, 12, 1))
+	d, _ = estimateDelay(b, j, clock)
+	assert.InDelta(t, 0.1, d.prompt, 0.01, "re-learned after %d answers", cacheSuspectLimit)
+}
+
 func TestServerErrorsMakeAServerTheLastChoiceForAWhile(t *testing.T) {
 	a, b := testBackend("a", nil), testBackend("b", nil)
 	now := time.Now()
