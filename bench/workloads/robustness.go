@@ -19,6 +19,7 @@ import (
 //	many-models      6 models of skewed popularity over 5 servers with room for 2 each (0.4 s loads)
 //	long-short       a quarter of the prompts 1,000 tokens, the rest 20 (prompt cost dominant)
 //	speedup          3 equal servers; one starts 4× slower and recovers a third of the way
+//	speedup-prompt   the same with one-token answers of one prompt: only the prompt time shows it
 //	cold-start       a burst after an idle period in which every model was unloaded (1 s loads)
 //	flaky            3 equal servers; one answers 500 for 1.5 s mid-run
 //	api-mix          /api/chat and /v1/chat/completions, streamed or not, num_predict set or not
@@ -86,6 +87,16 @@ func robustnessWorkloads() []workload {
 					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(1) }},
 			},
 			note: "after the change s1 is as fast as the others: a third of the traffic is its share"},
+		{name: "speedup-prompt", models: models1, slowed: "s1", servers: []spec{
+			{name: "s1", parallel: 2, prompt: 100 * ms, loaded: models1, speed: 3},
+			{name: "s2", parallel: 2, prompt: 100 * ms, loaded: models1},
+			{name: "s3", parallel: 2, prompt: 100 * ms, loaded: models1}},
+			phases: []phase{
+				{conc: 6, n: 60, next: simple},
+				{conc: 6, n: 300, measured: true, next: simple,
+					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(1) }},
+			},
+			note: "no generation time tells the recovery from a prompt cache: a third of the traffic is s1's share"},
 		{name: "cold-start", models: models1, servers: []spec{
 			{name: "s1", parallel: 2, prompt: 50 * ms, tokenGap: 5 * ms, loadDelay: time.Second, maxLoaded: 1, loaded: models1},
 			{name: "s2", parallel: 2, prompt: 50 * ms, tokenGap: 5 * ms, loadDelay: time.Second, maxLoaded: 1, loaded: models1},
