@@ -28,6 +28,9 @@ import (
 //	long-predict      3 equal servers; one request in ten asks for 300 tokens, the rest 10
 //	openai-stream     the fast/slow pool, /v1/chat/completions streamed as the OpenAI SDKs
 //	                  stream by default: without stream_options.include_usage, so no token counts
+//	three-speeds      a fast, a middle and a slow server (2, 2 and 1 slots; 0.12, 0.24 and
+//	                  0.7 s an answer): 20 requests at concurrency 1, then 10 clients
+//	slowdown-prompt   3 equal servers of one-token answers to one prompt; one turns 3× slower
 func generalizationWorkloads() []workload {
 	numbered := func(tokens int) func(client, i int, rng *rand.Rand) request {
 		return func(client, i int, _ *rand.Rand) request {
@@ -122,5 +125,19 @@ func generalizationWorkloads() []workload {
 				return r
 			}}},
 			note: "50 streamed tokens: 0.12 s on fast, 0.48 s on a slow one; only the events tell the tokens"},
+		{name: "three-speeds", models: models1, servers: []spec{
+			{name: "fast", parallel: 2, prompt: 80 * ms, tokenGap: 2 * ms, loaded: models1},
+			{name: "mid", parallel: 2, prompt: 160 * ms, tokenGap: 4 * ms, loaded: models1},
+			{name: "slow", parallel: 1, prompt: 500 * ms, tokenGap: 10 * ms, loaded: models1}},
+			phases: []phase{{conc: 1, n: 20, next: numbered(20)}, {conc: 10, n: 300, measured: true, next: numbered(20)}},
+			note:   "the slow server adds 6 % to the pool's capacity at 0.7 s an answer; the queue at the others ends within 0.5 s"},
+		{name: "slowdown-prompt", models: models1, slowed: "s1", servers: []spec{
+			{name: "s1", parallel: 2, prompt: 100 * ms, loaded: models1},
+			{name: "s2", parallel: 2, prompt: 100 * ms, loaded: models1},
+			{name: "s3", parallel: 2, prompt: 100 * ms, loaded: models1}},
+			phases: []phase{{conc: 6, n: 60, next: simple},
+				{conc: 6, n: 300, measured: true, next: simple,
+					before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(3) }}},
+			note: "after the change s1 takes 0.3 s, a queue at the others 0.2 s"},
 	}
 }
