@@ -23,10 +23,12 @@
 // and the conversational workloads of conversations.go (multi-turn chats whose history a
 // server's prompt cache holds; a burst of the same one-message chat),
 // and the robustness workloads of robustness.go (speed classes, many models, long and short
-// prompts, a server that gets faster, a cold start, a failing server, both APIs), and the
-// generalization workloads of generalization.go (an 8-server pool, equal servers at and over
-// capacity, long streamed answers, a shared system prompt, models over servers of different
-// room, a 2× slowdown, a server unloaded mid-run, open-loop arrivals, a few long answers), and
+// prompts, a server that gets faster, seen in its answers or in its prompt time alone, a cold
+// start, a failing server, both APIs), and the generalization workloads of generalization.go
+// (an 8-server pool, equal servers at and over capacity, long streamed answers, a shared
+// system prompt, models over servers of different room, a 2× slowdown, a server unloaded
+// mid-run, open-loop arrivals, a few long answers, three speed classes after a quiet start, a
+// slowdown seen in the prompt time alone), and
 // the workloads of shapes.go, where servers differ in what they are fast at or in slots
 // (prefill-decode, slots-unequal), and those of placement.go, where servers start with nothing
 // loaded and room for one model (two-models-empty, three-models-four).
