@@ -120,20 +120,26 @@ func post(t *testing.T, path, body string, hdr ...string) (*http.Response, strin
 // error retried here, once; anything else fails as in post.
 func postAfterReload(t *testing.T, path, body string) (*http.Response, string) {
 	t.Helper()
-	res, err := client.Post(siteURL+path, "application/json", strings.NewReader(body))
+	res, b, err := trySend(t, http.MethodPost, siteURL+path, body)
 	if errors.Is(err, io.EOF) {
 		t.Logf("POST %s: %v (a connection the old server accepted as it shut down); once more", path, err)
 		return post(t, path, body)
 	}
 	require.NoError(t, err)
-	defer res.Body.Close()
-	b, err := io.ReadAll(res.Body)
-	require.NoError(t, err)
-	return res, string(b)
+	return res, b
 }
 
 // send makes one request with header name/value pairs and reads the answer.
 func send(t *testing.T, method, url, body string, hdr ...string) (*http.Response, string) {
+	t.Helper()
+	res, b, err := trySend(t, method, url, body, hdr...)
+	require.NoError(t, err)
+	return res, b
+}
+
+// trySend is send, reporting an error of the round trip instead of failing
+// the test on it.
+func trySend(t *testing.T, method, url, body string, hdr ...string) (*http.Response, string, error) {
 	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	require.NoError(t, err)
@@ -141,11 +147,13 @@ func send(t *testing.T, method, url, body string, hdr ...string) (*http.Response
 		req.Header.Add(hdr[i], hdr[i+1])
 	}
 	res, err := client.Do(req)
-	require.NoError(t, err)
+	if err != nil {
+		return nil, "", err
+	}
 	defer res.Body.Close()
 	b, err := io.ReadAll(res.Body)
 	require.NoError(t, err)
-	return res, string(b)
+	return res, string(b), nil
 }
 
 // currentHandler finds the handler of the loaded config through the

@@ -203,8 +203,8 @@ func TestAServerFasterAtPromptsAloneIsReLearnedAfterALimitOfAnswers(t *testing.T
 	// The limit reached, the server is what the answers say, not an
 	// average with what it was: averaged in, the answer moved the
 	// estimate to 0.25 s, and each limit of answers after it as little
-	// again (h-speedup: a server recovered from 3× slower still believed
-	// slow 4 s later).
+	// again (bench/workloads speedup-prompt: a server recovered from 3×
+	// slower still believed slow 4 s later).
 	clock = clock.Add(200 * ms)
 	serve(b, &job{}, clock, finalGen(100*ms, 0, 0, 0, 12, 1))
 	d, _ = estimateDelay(b, j, clock)
