@@ -128,17 +128,7 @@ func TestASpareIsOutrunOnceAnotherServerAnsweredItsMeasuringRequestSooner(t *tes
 // has not answered when the fast one has: its spare moves to the fast one,
 // before any byte of it reached the client, and is answered there.
 func TestASpareRequestOnASlowerServerMovesToTheFirstToAnswer(t *testing.T) {
-	tiny := []string{"tiny-llama"} // resident: no load to join
-	fast := fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 4, FirstByteDelay: 300 * time.Millisecond, Tokens: 2})
-	defer fast.Close()
-	slow := fakeollama.New(fakeollama.Config{Models: tiny, Loaded: tiny, Parallel: 1, FirstByteDelay: 300 * time.Millisecond, Tokens: 2})
-	defer slow.Close()
-	loadCaddy(t, fmt.Sprintf("backend fast %s\nbackend slow %s", fast.URL, slow.URL))
-	waitKnown(t, []*fakeollama.Server{fast, slow})
-	slow.Hold(fakeollama.Completions...)
-	defer slow.Release()
-
-	answers, wg := burst(4, false, "/api/chat")
+	fast, slow, answers, wg := placedBurst(t, "", false, "/api/chat")
 	for range 3 {
 		a := <-answers
 		assert.Equal(t, http.StatusOK, a.status)
@@ -186,21 +176,46 @@ func burst(n int, stream bool, path string) (chan burstAnswer, *sync.WaitGroup) 
 	return answers, &wg
 }
 
-// burstPlaced is a burst of four on fastAndSlow placed before either
-// server answers: fast holds its answers until each server has its
-// measuring request and a spare, however slowly a loaded machine starts
-// the clients (the fourth, arriving after fast's first answer, was sent
-// to fast and slow had no spare to move).
-func burstPlaced(t *testing.T, fast, slow *fakeollama.Server, stream bool, path string) (chan burstAnswer, *sync.WaitGroup) {
+// placedBurst serves a fresh fastAndSlow behind the proxy (with the extra
+// frontend options given) and sends it a burst of four, released once
+// each server has its measuring request and a spare (see heldBurst).
+func placedBurst(t *testing.T, extra string, stream bool, path string) (fast, slow *fakeollama.Server, answers chan burstAnswer, wg *sync.WaitGroup) {
 	t.Helper()
-	fast.Hold(fakeollama.Completions...)
-	answers, wg := burst(4, stream, path)
-	placed := func() bool { return fast.Count(path) >= 2 && slow.Count(path) >= 2 }
-	if !assert.Eventually(t, placed, 5*time.Second, 5*time.Millisecond) {
-		t.Fatalf("a measuring request and a spare on each: fast %d, slow %d", fast.Count(path), slow.Count(path))
-	}
+	fast, slow, answers, wg = heldBurst(t, extra, stream, path)
 	fast.Release()
-	return answers, wg
+	return fast, slow, answers, wg
+}
+
+// heldBurst is placedBurst with fast still holding its answers: the
+// caller changes what it must before fast's first answer, then releases.
+// fast holds them however slowly a loaded machine starts the clients (the
+// fourth, arriving after fast's first answer, was sent to fast and slow
+// had no spare to move). A burst placed otherwise (three on fast, one on
+// slow: about one in forty under the race detector, cause not found yet)
+// is not what these tests are about: it is let finish and the burst is
+// sent again to fresh servers, three times at most.
+func heldBurst(t *testing.T, extra string, stream bool, path string) (fast, slow *fakeollama.Server, answers chan burstAnswer, wg *sync.WaitGroup) {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		fast, slow = servingFastAndSlow(t, extra)
+		fast.Hold(fakeollama.Completions...)
+		t.Cleanup(fast.Release)
+		answers, wg = burst(4, stream, path)
+		deadline := time.Now().Add(5 * time.Second)
+		for fast.Count(path)+slow.Count(path) < 4 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if fast.Count(path) == 2 && slow.Count(path) == 2 {
+			return fast, slow, answers, wg
+		}
+		if attempt == 3 {
+			t.Fatalf("a measuring request and a spare on each: fast %d, slow %d", fast.Count(path), slow.Count(path))
+		}
+		t.Logf("burst placed fast %d, slow %d: again on fresh servers", fast.Count(path), slow.Count(path))
+		fast.Release()
+		slow.Release()
+		wg.Wait()
+	}
 }
 
 // allAnswered waits for every client of a burst and asserts each was
@@ -247,11 +262,9 @@ func arrived(t *testing.T, f *fakeollama.Server, path string, n int) {
 // busy" from then on, and the request is retried on the slow server it
 // left (a move that took its server out of the candidates left it none).
 func TestAMovedSpareMayStillBeRetriedOnTheServerItLeft(t *testing.T) {
-	fast, slow := servingFastAndSlow(t, "")
-	answers, wg := burst(4, false, "/api/chat")
-	arrived(t, fast, "/api/chat", 2) // its measuring request and a spare
-	arrived(t, slow, "/api/chat", 2)
+	fast, slow, answers, wg := heldBurst(t, "", false, "/api/chat") // a measuring request and a spare on each
 	fast.FailWith(http.StatusServiceUnavailable, fakeollama.ServerBusy, fakeollama.Completions...)
+	fast.Release()                   // the two it holds came before the fault: they are answered
 	arrived(t, fast, "/api/chat", 3) // the spare moved from slow, or a request held for the first answer
 	time.Sleep(300 * time.Millisecond)
 	slow.Release()
@@ -262,13 +275,11 @@ func TestAMovedSpareMayStillBeRetriedOnTheServerItLeft(t *testing.T) {
 // server would move to it: the spare stays where it is (a drained server
 // outruns nothing), and nothing waits for the drained server.
 func TestASpareIsNotMovedToAServerThatCannotServe(t *testing.T) {
-	fast, slow := servingFastAndSlow(t, "queue_timeout 3s")
-	answers, wg := burst(4, false, "/api/chat")
-	arrived(t, fast, "/api/chat", 2)
-	arrived(t, slow, "/api/chat", 2)
+	fast, slow, answers, wg := heldBurst(t, "queue_timeout 3s", false, "/api/chat")
 	s := pooled(t, fast.URL)
 	s.draining.Store(true)
 	defer s.draining.Store(false)
+	fast.Release()
 	time.Sleep(800 * time.Millisecond) // fast has answered; the spare would have moved
 	slow.Release()
 	allAnswered(t, answers, wg)
@@ -301,8 +312,7 @@ func TestAMoveIsNoRetry(t *testing.T) {
 // messages of new conversations are placed by the policy, none reported
 // as an affinity overflow of its own record on the server it left.
 func TestAMovedRequestKeepsItsRoute(t *testing.T) {
-	fast, slow := servingFastAndSlow(t, "conversation_affinity")
-	answers, wg := burstPlaced(t, fast, slow, false, "/api/chat")
+	fast, slow, answers, wg := placedBurst(t, "conversation_affinity", false, "/api/chat")
 	arrived(t, fast, "/api/chat", 3)
 	slow.Release()
 	wg.Wait()
@@ -318,8 +328,7 @@ func TestAMovedRequestKeepsItsRoute(t *testing.T) {
 func TestAMovedStreamIsWhole(t *testing.T) {
 	for _, path := range []string{"/api/chat", "/v1/chat/completions"} {
 		t.Run(path, func(t *testing.T) {
-			fast, slow := servingFastAndSlow(t, "")
-			answers, wg := burstPlaced(t, fast, slow, true, path)
+			fast, slow, answers, wg := placedBurst(t, "", true, path)
 			arrived(t, fast, path, 3)
 			time.Sleep(300 * time.Millisecond)
 			slow.Release()
