@@ -127,6 +127,7 @@ type scored struct {
 // answer it falls back to least_conn.
 func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	j.spareOn, j.spareAmong, j.measureOn = nil, nil, nil // a pick whose slot was not had is no spare
+	offered := avail
 	avail = leastFailing(avail)
 	now := time.Now()
 	if j.model != "" && h.queue != nil {
@@ -342,7 +343,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	case len(ties) > 1:
 		n := atomic.AddUint64(&h.rrCounter, 1)
 		return ties[n%uint64(len(ties))]
-	case len(avail) == 1:
+	case len(avail) == 1 && !roomElsewhere(offered, j):
 		return avail[0] // nothing to choose between: no point waiting
 	}
 	// Every candidate is unobserved and busy being measured: a slot
@@ -393,6 +394,28 @@ func leastFailing(list []*backend) []*backend {
 		return list
 	}
 	return out
+}
+
+// roomElsewhere reports whether a candidate of j that was not offered has
+// room: offered is then not all there is to choose from. A newcomer is
+// offered the servers no queued request waits for, and reads each
+// server's count of waiters on its own while a waiter joins or leaves
+// every list it is in, one after the other; a waiter in a dispatch pass is
+// offered a server only when every older waiter for it declined it. Such
+// a lone offer is no sign the others are full (about one fresh burst of
+// four in thirty under the race detector sent its fourth request to the
+// only server offered, behind a measuring request and a spare, while the
+// other had room for its spare).
+// A candidate of a higher SRV priority tier does not count: it serves
+// only when the offered one's tier cannot.
+func roomElsewhere(offered []*backend, j *job) bool {
+	tier := offered[0].tier.Load()
+	for _, b := range j.cands {
+		if b.tier.Load() == tier && !slices.Contains(offered, b) && b.hasRoom() {
+			return true
+		}
+	}
+	return false
 }
 
 // pickRoundRobin walks the candidates in turn, each weight times per cycle.

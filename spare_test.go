@@ -96,6 +96,36 @@ func TestAFreshPoolSendsASpareRequestBesideEachMeasuringOne(t *testing.T) {
 	assert.Nil(t, pickLeastDelay(h, []*backend{e, f}, &job{model: "m"}))
 }
 
+// A server offered alone is taken only when it is all there is. A newcomer
+// is offered the servers no queued request waits for, and those counts
+// move one server at a time as a waiter joins or leaves: a burst's fourth
+// request, offered only the server that had its measuring request and a
+// spare, went there while the other had room for its spare (about one
+// burst in thirty under the race detector).
+func TestALoneOfferIsNotTakenWhileAnotherCandidateHasRoom(t *testing.T) {
+	h := &Handler{policy: pickLeastDelay}
+	h.queue = newQueue(h)
+	now := time.Now()
+	fast, slow := testBackend("fast", nil), testBackend("slow", nil)
+	measuring(fast, &job{}, now)
+	measuring(slow, &job{}, now)
+	spare := &job{cands: []*backend{fast, slow}}
+	require.Same(t, fast, pickLeastDelay(h, []*backend{fast}, spare), "the spare beside fast's measuring request")
+	fast.srv.inFlight.Add(1)
+	fast.begin(spare, now)
+
+	assert.Nil(t, pickLeastDelay(h, []*backend{fast}, &job{cands: []*backend{fast, slow}}),
+		"slow has room: the request waits for an offer of it (or for fast's first answer)")
+	got, _ := h.takeOrHold([]*backend{fast, slow}, &job{cands: []*backend{fast, slow}})
+	assert.Same(t, slow, got, "offered both, it races beside slow's measuring request")
+
+	assert.Same(t, fast, pickLeastDelay(h, []*backend{fast}, &job{cands: []*backend{fast}}),
+		"offered all there is: nothing to wait for")
+	slow.srv.draining.Store(true)
+	assert.Same(t, fast, pickLeastDelay(h, []*backend{fast}, &job{cands: []*backend{fast, slow}}),
+		"the other candidate has no room: nothing to wait for")
+}
+
 func TestASpareIsOutrunOnceAnotherServerAnsweredItsMeasuringRequestSooner(t *testing.T) {
 	clock := time.Unix(1000, 0)
 	fast, slow := testBackend("fast", nil), testBackend("slow", nil)
