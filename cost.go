@@ -367,7 +367,8 @@ func (sp *speed) slotsLocked(maxParallel int, now time.Time) int {
 // Ollama's scheduler is: first come, first served over its slots. The
 // requests in flight are replayed in the order they were sent, each
 // taking the first free slot for its expected work; one past its
-// expected end still has a share of its work left, and those queued
+// expected end (and past the end planned for it when it was sent, its
+// wait at the server counted) still has a share of its work left, and those queued
 // behind it start no earlier than now, so a server whose queue runs late
 // (slower than expected, or fewer slots than planned for) shows a longer
 // wait instead of looking idle.
@@ -393,9 +394,20 @@ func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Tim
 	for range slots {
 		free = append(free, math.Inf(-1))
 	}
-	take := func(arrived, work float64) float64 {
+	take := func(arrived, work, due float64) float64 {
 		start := max(arrived, free[0])
 		end := start + work
+		if end < 0 && due > end {
+			// Done as replayed, but expected later when it was sent (due,
+			// its wait there counted): it queued at the server behind
+			// requests done since, which the replay no longer holds. It
+			// is late only once past due (three-speeds: the middle
+			// server's requests, each sent behind two others, looked to
+			// run 0.2 s late and 0.7 s long, where they took 0.5, and
+			// the slowest server's 0.7 s looked no worse than the
+			// queue's).
+			end = min(due, work)
+		}
 		if late := -end; late > 0 {
 			// Past its expected end, it is still there: it is taken to
 			// run about as far past it again as it already has (a
@@ -409,7 +421,7 @@ func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Tim
 		return end
 	}
 	for _, t := range order {
-		end := take(t.started.Sub(now).Seconds(), t.work)
+		end := take(t.started.Sub(now).Seconds(), t.work, t.finish.Sub(now).Seconds())
 		if each != nil {
 			each(t, end)
 		}
@@ -423,7 +435,7 @@ func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Tim
 	// eight on two slots for a wait of one).
 	typical = max(typical, sp.sentWork)
 	for i := len(order); i < inFlight; i++ {
-		take(0, typical)
+		take(0, typical, math.Inf(-1))
 	}
 	return max(free[0], 0)
 }

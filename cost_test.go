@@ -185,6 +185,42 @@ func TestALateRequestHoldsItsSlotAsLongAgainAsItOverran(t *testing.T) {
 	assert.InDelta(t, 0.1, d.wait, 1e-6, "far behind: at most its whole work again")
 }
 
+// A request sent behind others at the server is on time until the end
+// planned for it when it was sent, its wait there counted: once the
+// requests ahead of it are done and gone from the replay, it is not a
+// request running late.
+func TestARequestQueuedAtTheServerIsNotLateBeforeItsPlannedEnd(t *testing.T) {
+	b := testBackend("a", func(c *Backend) { c.MaxParallel = 2 })
+	clock := time.Unix(1000, 0)
+	serve(b, &job{}, clock.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	var first, queued []*task
+	for i := range 4 { // two served at once, two queued behind them: due at 0.2 s
+		b.srv.inFlight.Add(1)
+		tk := b.begin(&job{}, clock)
+		if i < 2 {
+			first = append(first, tk)
+		} else {
+			queued = append(queued, tk)
+		}
+	}
+	for _, tk := range first {
+		tk.endAt(clock.Add(100 * ms))
+		b.srv.inFlight.Add(-1)
+	}
+	defer func() {
+		for _, tk := range queued {
+			tk.endAt(clock)
+			b.srv.inFlight.Add(-1)
+		}
+	}()
+	now := clock.Add(180 * ms)
+	d, _ := estimateDelay(b, &job{}, now)
+	assert.InDelta(t, 0.02, d.wait, 1e-6, "what is left of the plan, not 80 ms more for 80 ms past a start at once")
+	assert.InDelta(t, 0.2, b.srv.speed.longestDelay(2, 2, now), 1e-6, "its delay as planned: 0.1 s queued, 0.1 s served")
+	d, _ = estimateDelay(b, &job{}, clock.Add(250*ms))
+	assert.InDelta(t, 0.05, d.wait, 1e-6, "50 ms past its planned end: 50 ms more")
+}
+
 func TestAnUntriedSlotCountsHalf(t *testing.T) {
 	b, clock := servedOneAlone()
 	sp := &b.srv.speed

@@ -142,7 +142,7 @@ func (b *backend) begin(j *job, now time.Time) *task {
 		sp.remeasureSent = false
 		sp.sentWork += sentWorkWeight * (t.service - sp.sentWork)
 	}
-	t.finish = now.Add(time.Duration(d.total() * float64(time.Second)))
+	t.finish = now.Add(time.Duration((d.wait + d.load + d.prompt + d.output) * float64(time.Second)))
 	sp.nextID++
 	t.id = sp.nextID
 	if sp.tasks == nil {
