@@ -10,6 +10,8 @@ package main
 //	                   (fewer conversations than cache slots), 16 (far more), 12 that read each
 //	                   answer for 0.4 s, 3 on four servers of one slot each (Ollama's default
 //	                   OLLAMA_NUM_PARALLEL), 6 on a server of 4 slots and two of 1
+//	conversations-slowdown  6 clients on the 3 equal servers; after 60 requests one turns 4×
+//	                   slower, and 6 conversations have 4 fast cache slots between them
 //	same-prompt-burst  issue 7's fast/slow pool, the same prompt cost; 12 unrelated clients
 //	                   send the same one-message chat (a 200-token instruction) at once: no
 //	                   conversation, so least_delay must spread it like least_conn does
@@ -96,6 +98,11 @@ func conversationWorkloads() []workload {
 		{name: "conversations-unequal", servers: []spec{slots("big", 4), slots("small1", 1), slots("small2", 1)}, models: models1,
 			phases: []phase{{conc: 6, n: 240, measured: true, next: conversations}},
 			note:   "one server with 4 slots and two with 1: 6 conversations fit, 4 of them on big"},
+		{name: "conversations-slowdown", servers: []spec{equal("s1"), equal("s2"), equal("s3")}, models: models1, slowed: "s1",
+			phases: []phase{{conc: 6, n: 60, next: conversations},
+				{conc: 6, n: 240, measured: true, before: func(f map[string]*fakeollama.Server) { f["s1"].SetSpeed(4) },
+					next: func(client, i int, rng *rand.Rand) request { return conversations(client, i+100, rng) }}},
+			note: "6 conversations on 6 cache slots; s1 turns 4x slower: on the other two, 4 slots for 6"},
 		{name: "same-prompt-burst", servers: pool, models: models1,
 			phases: []phase{{conc: 12, n: 300, measured: true, next: samePrompt}},
 			note:   "identical one-message chats from unrelated clients: not a conversation"},
