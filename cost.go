@@ -202,7 +202,7 @@ type task struct {
 	sp       *speed
 	job      *job
 	started  time.Time
-	finish   time.Time // expected end
+	finish   time.Time // end planned when it was sent, its wait there counted (replayLocked)
 	service  float64   // expected prompt + output seconds
 	work     float64   // expected load + prompt + output seconds
 	cold     bool      // the model was not resident (or was loading) when it was sent

@@ -21,7 +21,8 @@
 //	slowdown          3 equal servers (2 slots, 100 ms); one turns 4× slower a third of the way
 //
 // and the conversational workloads of conversations.go (multi-turn chats whose history a
-// server's prompt cache holds; a burst of the same one-message chat),
+// server's prompt cache holds, one of them slowing down under them; a burst of the same
+// one-message chat),
 // and the robustness workloads of robustness.go (speed classes, many models, long and short
 // prompts, a server that gets faster, seen in its answers or in its prompt time alone, a cold
 // start, a failing server, both APIs), and the generalization workloads of generalization.go
