@@ -70,7 +70,10 @@ func TestExplorerStreamsFromRealOllama(t *testing.T) {
 		t.Fatalf("model list %v: want tiny-llama:latest and tiny-bert:latest", models)
 	}
 	must(p.Select(ctx, "#model", "tiny-llama:latest"))
-	const tokens = 24
+	// Enough tokens to span several page updates however fast the
+	// machine: 24 at 3,000 tokens/s (an idle CI machine) took 8 ms and
+	// all arrived in one read.
+	const tokens = 256
 	must(p.Type(ctx, "#body", fmt.Sprintf(`{"model":"tiny-llama:latest","messages":[{"role":"user","content":"hi"}],"stream":true,"options":{"num_predict":%d}}`, tokens)))
 	if got := text("body-check"); got != "Valid JSON" {
 		t.Fatalf("body check: %q", got)
