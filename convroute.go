@@ -247,7 +247,8 @@ func (t *affinityTable) hasFreeSlot(b *backend, now time.Time) bool {
 // keepsConversation returns the backend of server key when the
 // conversation's next turn should go there: it has room, and its expected
 // delay less what its cache saves is no worse than the best free
-// candidate's (within a tie). The saving is the prompt of the prefix it
+// candidate's (within a tie), each other candidate's counting the cache it
+// would evict (class 0 only). The saving is the prompt of the prefix it
 // served (conv.sizes[depth]) at its learned prompt seconds per token for
 // the model, at most its whole prompt time; a request with no earlier turn
 // is credited nothing (identical first messages from unrelated clients are
@@ -268,7 +269,22 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 		}
 		d, ok := h.estimateOf(b, j)
 		if ok {
-			best = min(best, d.total())
+			alt := d.total()
+			// Moving a follow-up whose cache is believed intact to a
+			// server whose cache slots all hold other recent
+			// conversations evicts one of them, whose next turn
+			// evaluates its prompt again: that counts against the
+			// move. One whose own cache is doubtful (counted out, its
+			// last turn missed) has less to keep, and a pool that
+			// placed its first conversations unevenly evens out
+			// through such moves.
+			if b.srv.key != key && class == 0 && conv.followUp && h.affinity != nil {
+				one := [1]*backend{b}
+				if cost, full := h.affinity.evictionSeconds(one[:], j, time.Now()); full {
+					alt += cost
+				}
+			}
+			best = min(best, alt)
 		} else if b.srv.key != key && b.srv.inFlight.Load() == 0 {
 			// An idle server not observed yet may be the fastest:
 			// least_delay measures it with the next request it gets,

@@ -652,3 +652,62 @@ func TestAConversationOfQuickTurnsIsTakenAsEndedSooner(t *testing.T) {
 	assert.False(t, setup(600*ms, true).evictsOnlyIdle(big, now.Add(1500*ms)))
 	assert.True(t, setup(600*ms, true).evictsOnlyIdle(big, now.Add(1610*ms)), "2 s after its last turn, any conversation is taken as ended")
 }
+
+// A follow-up whose server slowed down stays there, cached, while moving
+// it to a faster server would evict the cache of a conversation active
+// there: that conversation's next turn evaluates its prompt again, which
+// counts against the move (conversations-slowdown: six conversations on
+// three servers of two slots, one turning 4x slower; moving its two
+// evicted two of the others' caches, turn after turn, 15.6 req/s against
+// least_conn's 21.6, which leaves them where they are).
+func TestAFollowUpStaysWhereMovingItEvictsAnActiveConversation(t *testing.T) {
+	now := time.Now()
+	learned := func(name string, perTok time.Duration) *backend {
+		b := testBackend(name, func(c *Backend) { c.MaxParallel = 1 })
+		b.srv.models.Store(psWith("m"))
+		b.srv.inFlight.Store(1)
+		serve(b, &job{model: "m", promptChars: 400, maxOutput: 10}, now.Add(-time.Second), finalGen(100*perTok, 10*perTok, 0, 0, 100, 10))
+		b.srv.inFlight.Store(0)
+		return b
+	}
+	history := []map[string]string{
+		{"role": "system", "content": strings.Repeat("Be brief and exact. ", 50)}, // 1,000 chars: 250 tokens
+		{"role": "user", "content": "the first question"}, {"role": "assistant", "content": "the first answer"}}
+	turn := func(msgs []map[string]string) ([]byte, conversation) {
+		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 150}}))
+		return body, conversationOf("/api/chat", "m", body)
+	}
+	_, prevTurn := turn(history)
+	body, conv := turn(append(slices.Clone(history), map[string]string{"role": "user", "content": strings.Repeat("More detail. ", 15)}))
+	j := newJob("m", apiOllama, body)
+	other := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"`+strings.Repeat("Another user's document. ", 160)+`"}]}`))
+
+	setup := func(victim bool) (*Handler, *backend, *backend, string, int) {
+		h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+		home, fast := learned("home", 4*ms), learned("fast", ms)
+		h.affinity.record(prevTurn, home.srv.key, 0, now)
+		if victim {
+			h.affinity.record(other, fast.srv.key, 0, now) // its one cache slot, in use
+		}
+		key, _, depth := h.affinity.lookup(conv, now)
+		require.Equal(t, home.srv.key, key)
+		return h, home, fast, key, depth
+	}
+
+	// Nothing cached on fast: its speed wins over home's cache.
+	h, home, fast, key, depth := setup(false)
+	dHome, _ := h.estimateOf(home, j)
+	dFast, _ := h.estimateOf(fast, j)
+	require.Greater(t, dHome.total()-dHome.prompt, dFast.total()*(1+affinityTie)+affinityTieMargin, "home is slower even with its whole prompt cached")
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, 0)), "moves to the faster server")
+
+	// fast's slot holds another conversation of 4,000 characters (1,000
+	// tokens, 1 s to evaluate again there): the move costs more than it
+	// saves.
+	h, home, fast, key, depth = setup(true)
+	assert.Same(t, home, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, 0)), "stays: moving evicts an active cache")
+	// A follow-up whose own cache is doubtful (counted out, or its last
+	// turn missed) has less to keep: the charge is not weighed for it.
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, classOf(true, false))))
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, classOf(false, true))))
+}
