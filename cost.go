@@ -178,6 +178,10 @@ type rates struct {
 	// to evict this one (begin): an answer of a request sent before then
 	// shows it resident as it was, not as it is.
 	evictedAt time.Time
+	// loadDone is when the server's latest load of the model, as its
+	// loading request's answer showed it (started + load_duration),
+	// ended: the requests that waited for that load began then.
+	loadDone time.Time
 }
 
 // endedRing bounds the ended requests remembered per server.
@@ -421,7 +425,18 @@ func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Tim
 		return end
 	}
 	for _, t := range order {
-		end := take(t.started.Sub(now).Seconds(), t.work, t.finish.Sub(now).Seconds())
+		arrived, work := t.started.Sub(now).Seconds(), t.work
+		if at, ok := sp.joinedLoadEndLocked(t); ok {
+			// It waited for another request's load of its model: its
+			// work begins when that load ends, as learned once the
+			// loading request answered, not as priced when it was sent
+			// (two-models: four requests that joined a first load, priced
+			// with the 2 s prior, made a server whose load had ended
+			// after 1 s look 1.5 s away, and a second copy of the model
+			// was loaded elsewhere, evicting a model in use).
+			arrived, work = max(arrived, at.Sub(now).Seconds()), t.service
+		}
+		end := take(arrived, work, t.finish.Sub(now).Seconds())
 		if each != nil {
 			each(t, end)
 		}
@@ -438,6 +453,29 @@ func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Tim
 		take(0, typical, math.Inf(-1))
 	}
 	return max(free[0], 0)
+}
+
+// joinedLoadEndLocked is when the load t waited for ends (or ended): t was
+// sent while another request was loading its model there. That request's
+// answer tells when the load ended (rates.loadDone, after t was sent);
+// until it answers, the load is taken to last the learned load time from
+// when it was sent. false: t joined no load, or nothing tells when it ended.
+func (sp *speed) joinedLoadEndLocked(t *task) (time.Time, bool) {
+	if !t.cold || t.loader || t.job.model == "" {
+		return time.Time{}, false
+	}
+	if r := sp.models[t.job.model]; r != nil && r.loadDone.After(t.started) {
+		return r.loadDone, true
+	}
+	var end time.Time
+	for _, o := range sp.tasks {
+		if o.loader && o.job.model == t.job.model && !o.started.After(t.started) {
+			if e := o.started.Add(time.Duration(sp.loadCostLocked(t.job.model) * float64(time.Second))); e.After(end) {
+				end = e
+			}
+		}
+	}
+	return end, !end.IsZero()
 }
 
 // siftDown restores the min-heap h after h[0] grew.

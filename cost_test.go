@@ -3,6 +3,7 @@ package ollamaflow
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"testing"
 	"time"
 
@@ -467,4 +468,52 @@ func TestAnUntriedSlotCountsHalfInAQueueToo(t *testing.T) {
 	b.cfg.MaxParallel = 2
 	d, _ = estimateDelay(b, &job{}, clock)
 	assert.InDelta(t, 0.1, d.wait, 1e-6, "max_parallel says the slot is there")
+}
+
+// A request sent while another loads its model waits for that load, and
+// is priced, when sent, with what the load was expected to take (2 s
+// before any load was seen). Once the loading request's answer shows the
+// load over, it starts from the load's end: on a server whose load took
+// 1 s it is no longer expected to run a second more (two-models: requests
+// that joined a first load made their server look 1.5 s away once it had
+// loaded, and a second copy of the model was loaded on another server,
+// evicting a model in use there).
+func TestRequestsThatJoinedALoadStartWhenItEnded(t *testing.T) {
+	b := testBackend("a", func(c *Backend) { c.MaxParallel = 2 })
+	b.srv.models.Store(psWith("a"))
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Store(1)
+	serve(b, &job{model: "a"}, clock.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	b.srv.inFlight.Store(0)
+
+	b.srv.inFlight.Add(1)
+	loader := b.begin(&job{model: "b"}, clock)
+	require.True(t, loader.loader)
+	b.srv.inFlight.Add(1)
+	joined := b.begin(&job{model: "b"}, clock.Add(100*ms))
+	require.True(t, joined.cold && !joined.loader, "it joins the load under way")
+	require.Greater(t, joined.work, 1.5, "priced with the rest of the load, at the 2 s prior")
+	defer func() {
+		joined.endAt(clock)
+		b.srv.inFlight.Add(-1)
+	}()
+	endOf := func(now time.Time) float64 {
+		sp := &b.srv.speed
+		sp.mu.Lock()
+		defer sp.mu.Unlock()
+		end := math.NaN()
+		sp.replayLocked(int(b.srv.inFlight.Load()), 2, 0.1, now, func(tk *task, e float64) {
+			if tk == joined {
+				end = e
+			}
+		})
+		return end
+	}
+	assert.InDelta(t, 1.6, endOf(clock.Add(500*ms)), 0.01, "the load under way is taken to last the 2 s prior")
+
+	loaded, _ := loader.learn(final(100*ms, time.Second, 0, 10, 1), clock.Add(1100*ms))
+	require.True(t, loaded)
+	loader.endAt(clock.Add(1100 * ms))
+	b.srv.inFlight.Add(-1)
+	assert.Less(t, endOf(clock.Add(1200*ms)), 0.15, "the load ended at 1 s, and its 0.1 s of work with it: only a share of its work is left")
 }

@@ -411,6 +411,7 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 	case t.loader:
 		if loadSec > signal {
 			sp.observeLoadLocked(r, loadSec, now)
+			r.loadDone = t.started.Add(max(tm.load, 0))
 			return true, false
 		}
 		// Resident after all: the server holds more models than believed.
