@@ -297,8 +297,11 @@ func (h *Handler) learnFromAnswer(b *backend, j *job, kind routeKind, api apiFor
 	loaded, evicted := work.learn(timingsFrom(tail, api, streams, ttfb, elapsed), time.Now())
 	if evicted {
 		b.srv.noticeEviction(j.model, time.Now())
-		// The belief of what is resident there was wrong: read /api/ps
-		// again, in the background (placement.go).
+	}
+	if loaded || evicted {
+		// The belief of what is resident there was wrong, or a load
+		// changed it: read /api/ps again, in the background, so what it
+		// holds and its room are known, not guessed (placement.go).
 		b.srv.startRefresh(time.Now(), false)
 	}
 	return loaded

@@ -397,10 +397,43 @@ func (d *modelDemand) shareOf(model string, now time.Time) (share, total float64
 	return d.counts[model] / d.total, d.total
 }
 
-// roomLocked is the server's room for models as far as known: learned, or
-// as many as its lists showed at once, at least one.
-func (sp *speed) roomLocked(snap *modelSnapshot) int {
-	return max(sp.room, psCount(snap), 1)
+// roomLocked is the server's room for models as far as known: learned
+// from an eviction, or as many as its lists showed at once, at least hint
+// (the pool's, roomHint) while no eviction has shown less; at least one.
+func (sp *speed) roomLocked(snap *modelSnapshot, hint int) int {
+	if room := max(sp.room, psCount(snap)); room > 0 && room >= hint {
+		return room
+	}
+	return max(sp.room, hint, 1)
+}
+
+// roomHint is the room placement takes a server of pool to have before
+// its own evictions or lists show it: as many models as any server of the
+// pool listed at once in /api/ps, unless an eviction showed some server
+// room for one only (a pool of small GPUs). What is merely believed
+// resident (answers since the last list) counts for nothing: a server of
+// room one that loaded a second model is believed to hold both until a
+// request finds the first gone. Taken as one, servers each seen with one
+// model of six, beside others holding two, were taken as full: a model
+// short of copies never got another while servers holding a rarely used
+// model idled (many-models: one server at 32 of 400 requests). Taken as
+// two on a pool where none ever held two, servers of room one thrashed
+// (two-models-empty: 30-43 loads/1k against 10).
+func roomHint(pool []*backend) int {
+	seen := 1
+	for _, b := range pool {
+		snap := b.srv.models.Load()
+		sp := &b.srv.speed
+		sp.mu.Lock()
+		learned := sp.room
+		sp.mu.Unlock()
+		if learned == 1 {
+			return 1
+		}
+		room := max(learned, psCount(snap))
+		seen = max(seen, room)
+	}
+	return seen
 }
 
 // placementMove is the server a request for j's model is sent to, to load
@@ -420,6 +453,7 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		return nil
 	}
 	have, total := 0, 0
+	hint := roomHint(pool)
 	for _, b := range pool {
 		snap := b.srv.models.Load()
 		if !b.usable() || !snap.known {
@@ -429,7 +463,7 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 			return nil // a copy is on its way: one move at a time
 		}
 		b.srv.speed.mu.Lock()
-		total += b.srv.speed.roomLocked(snap)
+		total += b.srv.speed.roomLocked(snap, hint)
 		slots := b.srv.speed.slotsLocked(b.cfg.MaxParallel, now)
 		b.srv.speed.mu.Unlock()
 		if snap.isLoaded(j.model) {
@@ -452,7 +486,7 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		sp := &b.srv.speed
 		sp.mu.Lock()
 		victim := sp.victimLocked(snap, j.model)
-		free := victim == "" && len(snap.loaded) < sp.roomLocked(snap)
+		free := victim == "" && len(snap.loaded) < sp.roomLocked(snap, hint)
 		sp.mu.Unlock()
 		// The victim keeps a copy elsewhere and, one copy short, would
 		// lack less than the model does now.
