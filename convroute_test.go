@@ -311,17 +311,21 @@ func TestAffinityKeepsAnUnmeasuredServerOneRequestAtATime(t *testing.T) {
 // cache, a slower server with a free cache slot takes the new conversation
 // if it costs less than the eviction (the evicted conversation's next turn
 // evaluates its whole prompt again), and only then.
+// learnedOneSlot is a server of one slot holding model m that has served
+// one request of 100 prompt tokens (400 characters) and 10 answer tokens at
+// the given seconds per token, a second before now.
+func learnedOneSlot(name string, promptPerTok, genPerTok time.Duration, now time.Time) *backend {
+	b := testBackend(name, func(c *Backend) { c.MaxParallel = 1 })
+	b.srv.models.Store(psWith("m"))
+	b.srv.inFlight.Store(1)
+	serve(b, &job{model: "m", promptChars: 400, maxOutput: 10}, now.Add(-time.Second), finalGen(100*promptPerTok, 10*genPerTok, 0, 0, 100, 10))
+	b.srv.inFlight.Store(0)
+	return b
+}
+
 func TestNewConversationWeighsTheEvictionAgainstASlowerServer(t *testing.T) {
 	now := time.Now()
-	learned := func(name string, promptPerTok, genPerTok time.Duration) *backend {
-		b := testBackend(name, func(c *Backend) { c.MaxParallel = 1 })
-		b.srv.models.Store(psWith("m"))
-		b.srv.inFlight.Store(1)
-		serve(b, &job{model: "m", promptChars: 400, maxOutput: 10}, now.Add(-time.Second), finalGen(100*promptPerTok, 10*genPerTok, 0, 0, 100, 10))
-		b.srv.inFlight.Store(0)
-		return b
-	}
-	fast, slower := learned("fast", ms, ms), learned("slower", 4*ms, 4*ms)
+	fast, slower := learnedOneSlot("fast", ms, ms, now), learnedOneSlot("slower", 4*ms, 4*ms, now)
 	h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
 	body := []byte(`{"model":"m","messages":[{"role":"user","content":"a new question of forty characters...."}],"options":{"num_predict":10}}`)
 	j := newJob("m", apiOllama, body)
@@ -662,14 +666,6 @@ func TestAConversationOfQuickTurnsIsTakenAsEndedSooner(t *testing.T) {
 // least_conn's 21.6, which leaves them where they are).
 func TestAFollowUpStaysWhereMovingItEvictsAnActiveConversation(t *testing.T) {
 	now := time.Now()
-	learned := func(name string, perTok time.Duration) *backend {
-		b := testBackend(name, func(c *Backend) { c.MaxParallel = 1 })
-		b.srv.models.Store(psWith("m"))
-		b.srv.inFlight.Store(1)
-		serve(b, &job{model: "m", promptChars: 400, maxOutput: 10}, now.Add(-time.Second), finalGen(100*perTok, 10*perTok, 0, 0, 100, 10))
-		b.srv.inFlight.Store(0)
-		return b
-	}
 	history := []map[string]string{
 		{"role": "system", "content": strings.Repeat("Be brief and exact. ", 50)}, // 1,000 chars: 250 tokens
 		{"role": "user", "content": "the first question"}, {"role": "assistant", "content": "the first answer"}}
@@ -684,7 +680,7 @@ func TestAFollowUpStaysWhereMovingItEvictsAnActiveConversation(t *testing.T) {
 
 	setup := func(victim bool) (*Handler, *backend, *backend, string, int) {
 		h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
-		home, fast := learned("home", 4*ms), learned("fast", ms)
+		home, fast := learnedOneSlot("home", 4*ms, 4*ms, now), learnedOneSlot("fast", ms, ms, now)
 		h.affinity.record(prevTurn, home.srv.key, 0, now)
 		if victim {
 			h.affinity.record(other, fast.srv.key, 0, now) // its one cache slot, in use
