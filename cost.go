@@ -430,10 +430,10 @@ func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Tim
 			// It waited for another request's load of its model: its
 			// work begins when that load ends, as learned once the
 			// loading request answered, not as priced when it was sent
-			// (two-models: four requests that joined a first load, priced
-			// with the 2 s prior, made a server whose load had ended
-			// after 1 s look 1.5 s away, and a second copy of the model
-			// was loaded elsewhere, evicting a model in use).
+			// (with the 2 s prior before any load was seen, where the
+			// load took 1 s: on two-models a server right after its
+			// first load looked 1.5 s away, and a second copy of the
+			// model was loaded elsewhere, evicting a model in use).
 			arrived, work = max(arrived, at.Sub(now).Seconds()), t.service
 		}
 		end := take(arrived, work, t.finish.Sub(now).Seconds())
