@@ -259,6 +259,7 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 	var buf [sampleSize + 1]*backend
 	avail := h.sampled(buf[:0], all, j, key) // above largePool: key's server and a sample (largepool.go)
 	noteWalk(avail)
+	now := time.Now()
 	var prev *backend
 	var prevDelay delay
 	prevKnown := false
@@ -280,7 +281,7 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 			// through such moves.
 			if b.srv.key != key && class == 0 && conv.followUp && h.affinity != nil {
 				one := [1]*backend{b}
-				if cost, full := h.affinity.evictionSeconds(one[:], j, time.Now()); full {
+				if cost, full := h.affinity.evictionSeconds(one[:], j, now); full {
 					alt += cost
 				}
 			}
@@ -318,7 +319,7 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 		// measures it (claimProbe), as least_delay would send it: a
 		// burst of one prompt arriving together would otherwise all
 		// be kept there before the first of them took its slot.
-		if prev.srv.inFlight.Load() <= minLoad && (prevKnown || prev.srv.speed.claimProbe(max(prev.cfg.MaxParallel, 1), &prev.srv.inFlight, time.Now())) {
+		if prev.srv.inFlight.Load() <= minLoad && (prevKnown || prev.srv.speed.claimProbe(max(prev.cfg.MaxParallel, 1), &prev.srv.inFlight, now)) {
 			return prev, 0
 		}
 		return nil, 0
