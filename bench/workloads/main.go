@@ -33,6 +33,8 @@
 // the workloads of shapes.go, where servers differ in what they are fast at or in slots
 // (prefill-decode, slots-unequal), and those of placement.go, where servers start with nothing
 // loaded and room for one model (two-models-empty, three-models-four).
+// -random N adds N workloads drawn at random (random.go: pools, client counts and request
+// mixes nobody tuned the policies on), to check a change beyond the workloads above.
 // A phase with a rate is open-loop: requests arrive at that rate whatever the answers.
 // -affinity=false turns conversation affinity off, to see the cost model alone; -trace prints a
 // line per measured request (when it was sent, its client, prompt tokens and cap, the server
@@ -227,6 +229,7 @@ func main() {
 	pols := flag.String("policies", "least_delay,least_conn,round_robin,reverse_proxy,oracle", "comma-separated: ollamaflow policies, reverse_proxy (Caddy's least_conn) and oracle")
 	seed := flag.Uint64("seed", 1, "seed of the request mix")
 	flag.BoolVar(&affinity, "affinity", true, "conversation affinity (ollamaflow policies)")
+	random := flag.Int("random", 0, "add this many random workloads (random.go), random-01 onwards")
 	trace := flag.Bool("trace", false, "print a line per measured request to stderr: sent at, client, prompt tokens, cap, server, latency")
 	flag.Parse()
 	if *trace {
@@ -234,7 +237,7 @@ func main() {
 	}
 	port := benchkit.FreePort()
 	var tables []string
-	for _, w := range workloads() {
+	for _, w := range append(workloads(), randomWorkloads(*random)...) {
 		if *only != "" && !slices.Contains(strings.Split(*only, ","), w.name) {
 			continue
 		}
