@@ -468,9 +468,10 @@ func (sp *speed) joinedLoadEndLocked(t *task) (time.Time, bool) {
 		return r.loadDone, true
 	}
 	var end time.Time
+	load := time.Duration(sp.loadCostLocked(t.job.model) * float64(time.Second))
 	for _, o := range sp.tasks {
 		if o.loader && o.job.model == t.job.model && !o.started.After(t.started) {
-			if e := o.started.Add(time.Duration(sp.loadCostLocked(t.job.model) * float64(time.Second))); e.After(end) {
+			if e := o.started.Add(load); e.After(end) {
 				end = e
 			}
 		}
