@@ -551,6 +551,56 @@ func TestACountedOutConversationLeavesAServerItShares(t *testing.T) {
 	assert.Equal(t, routeAffinityHit, route)
 }
 
+// Two conversations on a server of one slot, each counted out at every
+// turn, queue behind each other for good while they last; moving one to a
+// server with a free cache slot costs it one turn of its whole prompt
+// there, but its next turns find their cache, where staying re-evaluates
+// the whole prompt again at every turn. So the saving a cache would bring
+// on its server counts for the move too: with it, a conversation leaves
+// for a server twice as slow (random-28: two conversations on the single
+// slot of a fast server for five turns each, p99 1.0 s against
+// least_conn's 0.6), though not for one three times as slow, nor for one
+// where it would evict a conversation, even one that has ended (on a pool
+// of more conversations than slots that passes the eviction on).
+func TestACountedOutConversationLeavesForASlowerServerWithRoom(t *testing.T) {
+	now := time.Now()
+	history := longHistory()
+	_, prevA := chatTurn(t, history[:len(history)-1])
+	bodyA, followA := chatTurn(t, append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
+	_, convB := chatTurn(t, []map[string]string{{"role": "system", "content": strings.Repeat("Other things entirely. ", 80)}, {"role": "user", "content": "hello"}})
+	for _, c := range []struct {
+		slower float64
+		ended  bool // roomy's one slot holds a conversation that has ended
+		want   string
+		route  string
+	}{{2, false, "roomy", routeAffinityEvicted}, {3, false, "shared", routeAffinityHit}, {2, true, "shared", routeAffinityHit}} {
+		shared := ruleBackend("shared", 0)
+		shared.cfg.MaxParallel = 1
+		roomy := testBackend("roomy", nil)
+		roomy.cfg.MaxParallel = 1
+		roomy.srv.models.Store(psWith("m"))
+		roomy.srv.inFlight.Store(1)
+		d := func(x time.Duration) time.Duration { return time.Duration(c.slower * float64(x)) }
+		serve(roomy, &job{model: "m", promptChars: 400, maxOutput: 10}, now, finalGen(d(100*ms), d(10*ms), 0, 0, 100, 10))
+		roomy.srv.inFlight.Store(0)
+		h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+		h.affinity.record(prevA, shared.srv.key, 0, now.Add(-time.Second))
+		h.affinity.record(convB, shared.srv.key, 0, now.Add(-500*ms))
+		if c.ended {
+			_, old := chatTurn(t, []map[string]string{{"role": "user", "content": "a conversation over long ago"}})
+			h.affinity.record(old, roomy.srv.key, 0, now.Add(-30*time.Second))
+			require.True(t, h.affinity.evictsOnlyIdle(roomy, now))
+		}
+		_, id, _ := h.affinity.lookup(followA, now)
+		require.True(t, h.affinity.evictedFrom(shared, id, now))
+		got, route, _ := h.acquireConversation([]*backend{shared, roomy}, followA, newJob("m", apiOllama, bodyA))
+		require.NotNil(t, got)
+		got.release()
+		assert.Equal(t, c.want, got.cfg.Name, "roomy %v× slower, ended %v", c.slower, c.ended)
+		assert.Equal(t, c.route, route, "roomy %v× slower, ended %v", c.slower, c.ended)
+	}
+}
+
 // A server seen serving two at once, a third slot not ruled out, is
 // planned with three (slotsLocked): it has a cache slot for a third
 // conversation too. Counted as full at two, a server of four slots seen
