@@ -62,6 +62,9 @@ type job struct {
 	copyable bool
 	copyTo   *backend
 	copy     bool
+	// uncached: a copy whose prompt begins with a nonce (uncacheable), so
+	// no prompt cache served any of it.
+	uncached bool
 	// answers is where the typical length of the model's uncapped
 	// answers is read (nil: only what each server saw itself).
 	answers *answerTable

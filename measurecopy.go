@@ -2,12 +2,15 @@ package ollamaflow
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tidwall/sjson"
 )
 
 // Measuring copies. least_delay sends nothing to a server it believes
@@ -79,14 +82,14 @@ func (h *Handler) sendCopy(r *http.Request, api apiFormat, kind routeKind, body 
 		b.srv.speed.copyDone()
 		return
 	}
-	out, cancel, err := h.copyRequest(r, api, kind, body, b, j)
+	out, uncached, cancel, err := h.copyRequest(r, api, kind, body, b, j)
 	if err != nil {
 		b.release()
 		copiesInFlight.Add(-1)
 		b.srv.speed.copyDone()
 		return
 	}
-	cj := &job{model: j.model, promptChars: j.promptChars, maxOutput: copyCap(j.maxOutput), copy: true, answers: j.answers}
+	cj := &job{model: j.model, promptChars: j.promptChars, maxOutput: copyCap(j.maxOutput), copy: true, uncached: uncached, answers: j.answers}
 	go h.runCopy(b, api, out, cancel, cj)
 }
 
@@ -108,20 +111,113 @@ func copyCap(maxOutput int) int {
 }
 
 // copyRequest builds the copy: the body with the server's pins, not
-// streamed, its output capped; bound to the server's life and copyTimeout,
-// not to the client's request.
-func (h *Handler) copyRequest(r *http.Request, api apiFormat, kind routeKind, body []byte, b *backend, j *job) (*http.Request, context.CancelFunc, error) {
+// streamed, its output capped, its prompt made uncacheable where it can be
+// (uncached); bound to the server's life and copyTimeout, not to the
+// client's request.
+func (h *Handler) copyRequest(r *http.Request, api apiFormat, kind routeKind, body []byte, b *backend, j *job) (*http.Request, bool, context.CancelFunc, error) {
 	body, err := b.cfg.pinsFor(kind, vocabOf(r.URL.Path)).apply(body)
 	if err != nil {
-		return nil, nil, err
+		return nil, false, nil, err
 	}
 	if body, err = copyPins(api, copyCap(j.maxOutput)).apply(body); err != nil {
-		return nil, nil, err
+		return nil, false, nil, err
 	}
+	body, uncached := uncacheable(r.URL.Path, body)
 	ctx, cancel := context.WithTimeout(b.srv.ctx, min(copyTimeout, max(time.Duration(h.ResponseTimeout), time.Second)))
 	out := h.outboundRequest(ctx, r, b, body)
 	out.Header.Del("Accept-Encoding") // read here: plain JSON
-	return out, cancel, nil
+	return out, uncached, cancel, nil
+}
+
+// Uncacheable copies. A copy of a waiting request carries a prompt the
+// server being measured may hold in its prompt cache (the same system
+// prompt, the same question from many clients), and a prompt served from
+// the cache looks faster than the server is: such samples are not learned
+// until six come in a row (foldPromptLocked), so a server that recovered
+// was seen to only after six seconds of copies. A copy whose prompt begins
+// with a nonce finds nothing of itself in any cache slot (Ollama's runner
+// reuses a slot's common prefix only), so its prompt time is the server's
+// speed, learned from one copy. The nonce goes first in what the model
+// reads first: the first message (chat), the system prompt (generate,
+// which the template puts before the prompt; the prompt itself in raw
+// mode and on /v1/completions). The edited body is decoded again as Ollama
+// decodes it (encoding/json: keys matched without case, the last
+// duplicate winning); unless the nonce is where Ollama will read it, the
+// copy goes as it was and is not taken as uncached. Cost: a copy's prompt
+// is evaluated whole, and may take a cache slot a conversation held on a
+// server that was getting no requests.
+
+// copyNonce numbers the nonces of uncacheable copies.
+var copyNonce atomic.Uint64
+
+// uncacheable is body with a nonce at the start of its prompt, and true;
+// or body as it was and false where the nonce cannot be placed so that
+// Ollama reads it first (a message's content not a string, a prompt that
+// is a list).
+func uncacheable(path string, body []byte) ([]byte, bool) {
+	var v struct {
+		Messages []struct {
+			Content any `json:"content"`
+		} `json:"messages"`
+		System any  `json:"system"`
+		Prompt any  `json:"prompt"`
+		Raw    bool `json:"raw"`
+	}
+	if json.Unmarshal(body, &v) != nil {
+		return body, false
+	}
+	var field string
+	var current any
+	switch path {
+	case "/api/chat", "/v1/chat/completions":
+		if len(v.Messages) == 0 {
+			return body, false
+		}
+		field, current = "messages.0.content", v.Messages[0].Content
+	case "/api/generate":
+		if v.Raw {
+			field, current = "prompt", v.Prompt
+		} else {
+			field, current = "system", v.System
+			if current == nil {
+				current = ""
+			}
+		}
+	case "/v1/completions":
+		field, current = "prompt", v.Prompt
+	default:
+		return body, false
+	}
+	text, ok := current.(string)
+	if !ok {
+		return body, false
+	}
+	nonce := fmt.Sprintf("[measure %d %d] ", time.Now().UnixNano(), copyNonce.Add(1))
+	edited, err := sjson.SetBytes(body, field, nonce+text)
+	if err != nil {
+		return body, false
+	}
+	// Read back as Ollama will read it.
+	v.Messages, v.System, v.Prompt = nil, nil, nil
+	if json.Unmarshal(edited, &v) != nil {
+		return body, false
+	}
+	switch field {
+	case "messages.0.content":
+		if len(v.Messages) > 0 {
+			current = v.Messages[0].Content
+		} else {
+			current = nil
+		}
+	case "system":
+		current = v.System
+	default:
+		current = v.Prompt
+	}
+	if got, ok := current.(string); !ok || got != nonce+text {
+		return body, false
+	}
+	return edited, true
 }
 
 // copyCapPins are the pins that make a copy: not streamed, its output

@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -157,7 +158,9 @@ func recoveredFoundByACopy(t *testing.T, path string) {
 	arrived(t, slow, path, 2)
 	copyReq, ok := slow.LastRequestTo(path)
 	require.True(t, ok)
-	assert.Equal(t, "waits for fast", gjson.GetBytes(copyReq.Body, "messages.0.content").String(), "a copy of the waiting request")
+	content := gjson.GetBytes(copyReq.Body, "messages.0.content").String()
+	assert.True(t, strings.HasPrefix(content, "[measure ") && strings.HasSuffix(content, "] waits for fast"),
+		"a copy of the waiting request, a nonce first so no cache slot serves it: %q", content)
 	assert.Equal(t, "false", gjson.GetBytes(copyReq.Body, "stream").Raw, "read by the proxy whole")
 	capField := "options.num_predict"
 	if openai {
@@ -194,5 +197,96 @@ func TestCopyPinsCapEveryLength(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, int64(n), gjson.GetBytes(openai, "max_tokens").Int())
 		assert.Equal(t, "false", gjson.GetBytes(openai, "stream").Raw)
+	}
+}
+
+// A copy's prompt begins with a nonce where Ollama reads first, so no
+// prompt cache serves any of it and its time is the server's (a server
+// that recovered is learned from one copy, not six in a row); where the
+// nonce cannot be put where Ollama will read it, the copy goes unchanged
+// and is not taken as uncached.
+func TestACopysPromptBeginsWithANonce(t *testing.T) {
+	for _, c := range []struct {
+		path, body string
+		want       string // the gjson path Ollama reads first; "" none
+	}{
+		{"/api/chat", `{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}`, "messages.0.content"},
+		{"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`, "messages.0.content"},
+		{"/api/generate", `{"model":"m","system":"be brief","prompt":"hi"}`, "system"},
+		{"/api/generate", `{"model":"m","prompt":"hi"}`, "system"},
+		{"/api/generate", `{"model":"m","raw":true,"prompt":"hi"}`, "prompt"},
+		{"/v1/completions", `{"model":"m","prompt":"hi"}`, "prompt"},
+		// Ollama's decoder matches keys without case and takes the last
+		// duplicate: the nonce must land in the value it reads.
+		{"/api/generate", `{"model":"m","SYSTEM":"be brief","prompt":"hi"}`, "system"},
+		{"/api/chat", `{"model":"m","messages":[{"role":"user","content":"decoy"}],"messages":[{"role":"user","content":"hi"}]}`, ""},
+		{"/api/chat", `{"model":"m","messages":[{"role":"user","content":[{"type":"text"}]}]}`, ""},
+		{"/v1/completions", `{"model":"m","prompt":["a","b"]}`, ""},
+		{"/api/chat", `{"model":"m","messages":[]}`, ""},
+		{"/api/embed", `{"model":"m","input":"hi"}`, ""},
+	} {
+		got, uncached := uncacheable(c.path, []byte(c.body))
+		if c.want == "" {
+			// Either unchanged, or changed where Ollama reads it.
+			if uncached {
+				var v struct {
+					Messages []struct{ Content string } `json:"messages"`
+				}
+				require.NoError(t, json.Unmarshal(got, &v), c.body)
+				require.NotEmpty(t, v.Messages, c.body)
+				assert.True(t, strings.HasPrefix(v.Messages[0].Content, "[measure "), "%s: Ollama reads %q", c.body, v.Messages[0].Content)
+			} else {
+				assert.Equal(t, c.body, string(got), "unchanged")
+			}
+			continue
+		}
+		require.True(t, uncached, c.body)
+		var v map[string]any
+		require.NoError(t, json.Unmarshal(got, &v), "still JSON: %s", got)
+		read := ""
+		switch c.want {
+		case "messages.0.content":
+			var m struct {
+				Messages []struct{ Content string } `json:"messages"`
+			}
+			require.NoError(t, json.Unmarshal(got, &m))
+			read = m.Messages[0].Content
+		case "system":
+			var m struct{ System string }
+			require.NoError(t, json.Unmarshal(got, &m))
+			read = m.System
+		case "prompt":
+			var m struct{ Prompt string }
+			require.NoError(t, json.Unmarshal(got, &m))
+			read = m.Prompt
+		}
+		assert.True(t, strings.HasPrefix(read, "[measure "), "%s %s: Ollama reads %q first", c.path, c.body, read)
+		assert.Equal(t, 1, strings.Count(string(got), "[measure "), "one nonce: %s", got)
+		again, _ := uncacheable(c.path, []byte(c.body))
+		assert.NotEqual(t, string(got), string(again), "a new nonce each copy")
+	}
+}
+
+// An uncached copy's prompt much faster than learned is the server now:
+// one replaces the fit, where a client's request, which a cache may have
+// served, needs cacheSuspectLimit in a row.
+func TestAnUncachedCopyReLearnsAServerFasterAtPrompts(t *testing.T) {
+	for _, uncached := range []bool{false, true} {
+		b := testBackend("a", nil)
+		clock := time.Unix(1000, 0)
+		b.srv.inFlight.Store(1)
+		for range 6 {
+			clock = clock.Add(200 * ms)
+			serve(b, &job{}, clock, finalGen(300*ms, 0, 0, 0, 12, 1))
+		}
+		j := &job{promptChars: 4 * 12, maxOutput: 1}
+		clock = clock.Add(time.Second)
+		serve(b, &job{copy: true, uncached: uncached}, clock, finalGen(100*ms, 0, 0, 0, 12, 1))
+		d, _ := estimateDelay(b, j, clock)
+		if uncached {
+			assert.InDelta(t, 0.1, d.prompt, 0.01, "one uncached copy")
+		} else {
+			assert.InDelta(t, 0.3, d.prompt, 0.01, "a copy a cache may have served")
+		}
 	}
 }

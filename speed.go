@@ -352,14 +352,14 @@ func (t *task) learn(tm timings, now time.Time) (loaded, evicted bool) {
 			speedup = max(r.genTok/sample, 1)
 		}
 		if tm.promptCount > 0 && promptSec >= 0 {
-			sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, speedup, shifted, now)
+			sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, speedup, shifted, t.job.uncached, now)
 		}
 		for _, rr := range targets {
 			rr.genTok = ewma(rr.genTok, rr.genN, sample, sampleGap(rr, r, shifted, now))
 			rr.genN++
 		}
 	} else if tm.promptCount > 0 && promptSec >= 0 {
-		sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, 1, shifted, now)
+		sp.foldPromptLocked(targets, r, float64(tm.promptCount), promptSec, 1, shifted, t.job.uncached, now)
 	}
 	if tm.promptCount > 0 {
 		fold(float64(tm.promptCount), promptLen)
@@ -484,9 +484,17 @@ func (sp *speed) splitLocked(r *rates, n, out, total float64) (promptSec, genSec
 // taken as cached when it is more than cacheSuspectFactor faster than the
 // model's fit predicts for its size, beyond what speedup (how much faster
 // the server generates now than learned) explains; a cache only ever
-// makes a prompt faster, so slower samples always count.
-func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup float64, shifted bool, now time.Time) {
+// makes a prompt faster, so slower samples always count. A sample whose
+// prompt no cache held (uncached: a measuring copy made uncacheable) and
+// that is that much faster is what the server is now: it replaces the
+// fit, as a shift's does (speedup-prompt: a server that recovered was
+// learned only after six answers in a row, one copy a second, while the
+// others queued).
+func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup float64, shifted, uncached bool, now time.Time) {
 	if pred, determined := r.promptSecs(n); determined && sec*cacheSuspectFactor*speedup < pred {
+		if uncached {
+			r.cacheSuspects = cacheSuspectLimit
+		}
 		r.cacheSuspects++
 		if r.cacheSuspects < cacheSuspectLimit {
 			return
