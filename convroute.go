@@ -205,9 +205,10 @@ func (h *Handler) roomierThan(avail []*backend, j *job, prev *backend, saving fl
 		if !ok {
 			continue
 		}
-		if h.affinity.hasFreeSlot(b, now) {
+		switch free, idleOnly := h.affinity.evicts(b, now); {
+		case free:
 			d -= saving
-		} else if !h.affinity.evictsOnlyIdle(b, now) {
+		case !idleOnly:
 			continue
 		}
 		if d <= limit {
@@ -254,10 +255,17 @@ func (a *convActivity) abandoned(now time.Time) bool {
 // evictsOnlyIdle reports whether a new conversation on b evicts none, or
 // one that has most likely ended (abandoned).
 func (t *affinityTable) evictsOnlyIdle(b *backend, now time.Time) bool {
+	_, idleOnly := t.evicts(b, now)
+	return idleOnly
+}
+
+// evicts reports whether a new conversation on b evicts none (free) and
+// whether it evicts none or one that has most likely ended (idleOnly).
+func (t *affinityTable) evicts(b *backend, now time.Time) (free, idleOnly bool) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	v := t.victim(b, now)
-	return v == nil || v.abandoned(now)
+	return v == nil, v == nil || v.abandoned(now)
 }
 
 // hasFreeSlot reports whether b holds fewer recent conversations than it

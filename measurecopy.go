@@ -155,38 +155,26 @@ var copyNonce atomic.Uint64
 // Ollama reads it first (a message's content not a string, a prompt that
 // is a list).
 func uncacheable(path string, body []byte) ([]byte, bool) {
-	var v struct {
-		Messages []struct {
-			Content any `json:"content"`
-		} `json:"messages"`
-		System any  `json:"system"`
-		Prompt any  `json:"prompt"`
-		Raw    bool `json:"raw"`
-	}
-	if json.Unmarshal(body, &v) != nil {
-		return body, false
-	}
 	var field string
-	var current any
 	switch path {
 	case "/api/chat", "/v1/chat/completions":
-		if len(v.Messages) == 0 {
-			return body, false
-		}
-		field, current = "messages.0.content", v.Messages[0].Content
+		field = "messages.0.content"
 	case "/api/generate":
-		if v.Raw {
-			field, current = "prompt", v.Prompt
-		} else {
-			field, current = "system", v.System
-			if current == nil {
-				current = ""
-			}
+		field = "system"
+		if raw, _ := ollamaReads(body, "raw"); raw == true {
+			field = "prompt"
 		}
 	case "/v1/completions":
-		field, current = "prompt", v.Prompt
+		field = "prompt"
 	default:
 		return body, false
+	}
+	current, ok := ollamaReads(body, field)
+	if !ok {
+		return body, false
+	}
+	if current == nil && field == "system" {
+		current = "" // the model's own system prompt is replaced
 	}
 	text, ok := current.(string)
 	if !ok {
@@ -197,27 +185,42 @@ func uncacheable(path string, body []byte) ([]byte, bool) {
 	if err != nil {
 		return body, false
 	}
-	// Read back as Ollama will read it.
-	v.Messages, v.System, v.Prompt = nil, nil, nil
-	if json.Unmarshal(edited, &v) != nil {
-		return body, false
+	if got, _ := ollamaReads(edited, field); got != any(nonce+text) {
+		return body, false // Ollama would read it elsewhere (a duplicate key)
+	}
+	return edited, true
+}
+
+// ollamaReads is the value of field (messages.0.content, system, prompt or
+// raw) in body as Ollama's decoder reads it: encoding/json, keys matched
+// without case, the last duplicate winning. false: not JSON, or no first
+// message.
+func ollamaReads(body []byte, field string) (any, bool) {
+	var v struct {
+		Messages []struct {
+			Content any `json:"content"`
+		} `json:"messages"`
+		System any  `json:"system"`
+		Prompt any  `json:"prompt"`
+		Raw    bool `json:"raw"`
+	}
+	if json.Unmarshal(body, &v) != nil {
+		return nil, false
 	}
 	switch field {
 	case "messages.0.content":
-		if len(v.Messages) > 0 {
-			current = v.Messages[0].Content
-		} else {
-			current = nil
+		if len(v.Messages) == 0 {
+			return nil, false
 		}
+		return v.Messages[0].Content, true
 	case "system":
-		current = v.System
-	default:
-		current = v.Prompt
+		return v.System, true
+	case "prompt":
+		return v.Prompt, true
+	case "raw":
+		return v.Raw, true
 	}
-	if got, ok := current.(string); !ok || got != nonce+text {
-		return body, false
-	}
-	return edited, true
+	return nil, false
 }
 
 // copyCapPins are the pins that make a copy: not streamed, its output

@@ -272,13 +272,7 @@ func TestACopysPromptBeginsWithANonce(t *testing.T) {
 // served, needs cacheSuspectLimit in a row.
 func TestAnUncachedCopyReLearnsAServerFasterAtPrompts(t *testing.T) {
 	for _, uncached := range []bool{false, true} {
-		b := testBackend("a", nil)
-		clock := time.Unix(1000, 0)
-		b.srv.inFlight.Store(1)
-		for range 6 {
-			clock = clock.Add(200 * ms)
-			serve(b, &job{}, clock, finalGen(300*ms, 0, 0, 0, 12, 1))
-		}
+		b, clock := slowAtPrompts()
 		j := &job{promptChars: 4 * 12, maxOutput: 1}
 		clock = clock.Add(time.Second)
 		serve(b, &job{copy: true, uncached: uncached}, clock, finalGen(100*ms, 0, 0, 0, 12, 1))

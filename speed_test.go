@@ -178,16 +178,23 @@ func TestAPromptCacheDoesNotMakeAServerLookFaster(t *testing.T) {
 	assert.Less(t, d.prompt, before*0.6, "a real speed-up is re-learned within 4 answers")
 }
 
-func TestAServerFasterAtPromptsAloneIsReLearnedAfterALimitOfAnswers(t *testing.T) {
+// slowAtPrompts is a server that answered six requests of 12 prompt
+// tokens and one output token in 300 ms each (nothing but the prompt
+// tells its speed: a model that shared the GPU still loaded), one in
+// flight, and the time of its last answer.
+func slowAtPrompts() (*backend, time.Time) {
 	b := testBackend("a", nil)
 	clock := time.Unix(1000, 0)
 	b.srv.inFlight.Store(1)
-	// One-token answers, so nothing but the prompt tells the speed: 300 ms
-	// for 12 tokens, a model that shared the GPU still loaded.
 	for range 6 {
 		clock = clock.Add(200 * ms)
 		serve(b, &job{}, clock, finalGen(300*ms, 0, 0, 0, 12, 1))
 	}
+	return b, clock
+}
+
+func TestAServerFasterAtPromptsAloneIsReLearnedAfterALimitOfAnswers(t *testing.T) {
+	b, clock := slowAtPrompts()
 	j := &job{promptChars: 4 * 12, maxOutput: 1}
 	d, _ := estimateDelay(b, j, clock)
 	require.InDelta(t, 0.3, d.prompt, 0.01)
