@@ -252,13 +252,6 @@ func (a *convActivity) abandoned(now time.Time) bool {
 	return now.Sub(time.Unix(0, ans)) >= max(abandonedMin, abandonedPauses*a.pause)
 }
 
-// evictsOnlyIdle reports whether a new conversation on b evicts none, or
-// one that has most likely ended (abandoned).
-func (t *affinityTable) evictsOnlyIdle(b *backend, now time.Time) bool {
-	_, idleOnly := t.evicts(b, now)
-	return idleOnly
-}
-
 // evicts reports whether a new conversation on b evicts none (free) and
 // whether it evicts none or one that has most likely ended (idleOnly).
 func (t *affinityTable) evicts(b *backend, now time.Time) (free, idleOnly bool) {

@@ -757,3 +757,10 @@ func TestAFollowUpStaysWhereMovingItEvictsAnActiveConversation(t *testing.T) {
 	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, classOf(true, false))))
 	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, classOf(false, true))))
 }
+
+// evictsOnlyIdle reports whether a new conversation on b evicts none, or
+// one that has most likely ended (abandoned).
+func (t *affinityTable) evictsOnlyIdle(b *backend, now time.Time) bool {
+	_, idleOnly := t.evicts(b, now)
+	return idleOnly
+}

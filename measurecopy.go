@@ -155,13 +155,17 @@ var copyNonce atomic.Uint64
 // Ollama reads it first (a message's content not a string, a prompt that
 // is a list).
 func uncacheable(path string, body []byte) ([]byte, bool) {
+	read, ok := readPromptFields(body)
+	if !ok {
+		return body, false
+	}
 	var field string
 	switch path {
 	case "/api/chat", "/v1/chat/completions":
 		field = "messages.0.content"
 	case "/api/generate":
 		field = "system"
-		if raw, _ := ollamaReads(body, "raw"); raw == true {
+		if read.Raw {
 			field = "prompt"
 		}
 	case "/v1/completions":
@@ -169,10 +173,7 @@ func uncacheable(path string, body []byte) ([]byte, bool) {
 	default:
 		return body, false
 	}
-	current, ok := ollamaReads(body, field)
-	if !ok {
-		return body, false
-	}
+	current := read.at(field)
 	if current == nil && field == "system" {
 		current = "" // the model's own system prompt is replaced
 	}
@@ -185,42 +186,44 @@ func uncacheable(path string, body []byte) ([]byte, bool) {
 	if err != nil {
 		return body, false
 	}
-	if got, _ := ollamaReads(edited, field); got != any(nonce+text) {
+	if again, ok := readPromptFields(edited); !ok || again.at(field) != any(nonce+text) {
 		return body, false // Ollama would read it elsewhere (a duplicate key)
 	}
 	return edited, true
 }
 
-// ollamaReads is the value of field (messages.0.content, system, prompt or
-// raw) in body as Ollama's decoder reads it: encoding/json, keys matched
-// without case, the last duplicate winning. false: not JSON, or no first
-// message.
-func ollamaReads(body []byte, field string) (any, bool) {
-	var v struct {
-		Messages []struct {
-			Content any `json:"content"`
-		} `json:"messages"`
-		System any  `json:"system"`
-		Prompt any  `json:"prompt"`
-		Raw    bool `json:"raw"`
-	}
-	if json.Unmarshal(body, &v) != nil {
-		return nil, false
-	}
+// promptFields are the fields of a completion's body a prompt begins
+// with, as Ollama's decoder reads them: encoding/json, keys matched
+// without case, the last duplicate winning.
+type promptFields struct {
+	Messages []struct {
+		Content any `json:"content"`
+	} `json:"messages"`
+	System any  `json:"system"`
+	Prompt any  `json:"prompt"`
+	Raw    bool `json:"raw"`
+}
+
+// readPromptFields decodes them; false: not JSON.
+func readPromptFields(body []byte) (promptFields, bool) {
+	var v promptFields
+	return v, json.Unmarshal(body, &v) == nil
+}
+
+// at is the value of field (messages.0.content, system or prompt); nil
+// when there is none.
+func (v *promptFields) at(field string) any {
 	switch field {
 	case "messages.0.content":
-		if len(v.Messages) == 0 {
-			return nil, false
+		if len(v.Messages) > 0 {
+			return v.Messages[0].Content
 		}
-		return v.Messages[0].Content, true
 	case "system":
-		return v.System, true
+		return v.System
 	case "prompt":
-		return v.Prompt, true
-	case "raw":
-		return v.Raw, true
+		return v.Prompt
 	}
-	return nil, false
+	return nil
 }
 
 // copyCapPins are the pins that make a copy: not streamed, its output

@@ -493,10 +493,8 @@ func (sp *speed) splitLocked(r *rates, n, out, total float64) (promptSec, genSec
 func (sp *speed) foldPromptLocked(targets []*rates, r *rates, n, sec, speedup float64, shifted, uncached bool, now time.Time) {
 	if pred, determined := r.promptSecs(n); determined && sec*cacheSuspectFactor*speedup < pred {
 		if uncached {
-			r.cacheSuspects = cacheSuspectLimit
-		}
-		r.cacheSuspects++
-		if r.cacheSuspects < cacheSuspectLimit {
+			r.cacheSuspects = cacheSuspectLimit // no cache served it: the server got faster
+		} else if r.cacheSuspects++; r.cacheSuspects < cacheSuspectLimit {
 			return
 		}
 	}
