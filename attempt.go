@@ -39,6 +39,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, b
 	if kind == kindCompletion {
 		h.demand.note(j.model, time.Now())
 	}
+	notePromptRefs(cands, j)
 	var conv conversation
 	var convID uint64 // the conversation's, once known; 0: a new one
 	if h.affinity != nil && kind == kindCompletion {

@@ -241,43 +241,6 @@ func sampleWeight(since time.Duration) float64 {
 	return max(speedAlpha, 1-math.Exp(-since.Seconds()/speedTau.Seconds()))
 }
 
-// promptSecs is the expected evaluation time of a prompt of n tokens,
-// from the fit of the samples seen; determined says the fit covers n: the
-// samples' sizes varied enough to separate the fixed part from the
-// per-token part, or n is about the size they had. Until sizes vary, a
-// prompt is taken to cost in proportion to its tokens: an overestimate for
-// a long prompt on a GPU, never an underestimate.
-func (r *rates) promptSecs(n float64) (sec float64, determined bool) {
-	if r.promptN == 0 || r.px <= 0 {
-		return 0, false
-	}
-	if vx := r.pxx - r.px*r.px; r.promptN >= 2 && vx > 0.0625*r.px*r.px {
-		b := max((r.pxy-r.px*r.py)/vx, 0)
-		a := r.py - b*r.px
-		if a < 0 {
-			a, b = 0, r.py/r.px
-		}
-		return a + b*n, true
-	}
-	return r.py / r.px * n, n <= 1.5*r.px
-}
-
-// foldPrompt adds a prompt of n tokens evaluated in sec to the fit.
-func (r *rates) foldPrompt(n, sec float64, since time.Duration) {
-	a := 1.0
-	if r.promptN > 0 {
-		a = sampleWeight(since)
-	}
-	r.px += a * (n - r.px)
-	r.py += a * (sec - r.py)
-	r.pxx += a * (n*n - r.pxx)
-	r.pxy += a * (n*sec - r.pxy)
-	r.promptN++
-	fixed, _ := r.promptSecs(0)
-	per, _ := r.promptSecs(1)
-	r.promptTok = per - fixed
-}
-
 // ratesLocked returns model's rates, created if need be ("" is all).
 func (sp *speed) ratesLocked(model string) *rates {
 	if model == "" {
@@ -347,7 +310,12 @@ func (sp *speed) serviceLocked(j *job) (prompt, output float64) {
 	if r.promptN == 0 {
 		pr = &sp.all
 	}
-	prompt, _ = pr.promptSecs(in)
+	prompt, determined := pr.promptSecs(in)
+	if !determined && j.refs.n > 0 {
+		if scaled, ok := pr.promptScaled(j.refs.list(), in); ok {
+			prompt = min(prompt, scaled)
+		}
+	}
 	return prompt, out * genTok
 }
 

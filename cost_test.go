@@ -517,3 +517,76 @@ func TestRequestsThatJoinedALoadStartWhenItEnded(t *testing.T) {
 	b.srv.inFlight.Add(-1)
 	assert.Less(t, endOf(clock.Add(1200*ms)), 0.15, "the load ended at 1 s, and its 0.1 s of work with it: only a share of its work is left")
 }
+
+// A server timed on short prompts only is priced at a long one on the
+// shape of another server's fit, scaled to what it took for the short
+// ones: not in proportion to tokens, which takes its fixed part (most of a
+// short prompt's time) as paid per token.
+func TestALongPromptIsPricedOnTheShapeAnotherServerLearned(t *testing.T) {
+	clock := time.Unix(1000, 0)
+	ref := testBackend("ref", nil) // 50 ms + 0.2 ms a token: 100 and 1000 tokens seen
+	for i := range 4 {
+		clock = clock.Add(200 * ms)
+		n := []int64{100, 1000}[i%2]
+		ref.srv.inFlight.Store(1)
+		serve(ref, &job{model: "m"}, clock, finalGen(50*ms+time.Duration(n)*200*time.Microsecond, 10*ms, 0, 0, n, 1))
+	}
+	short := testBackend("short", nil) // 12 tokens in 97 ms, nothing longer
+	for range 3 {
+		clock = clock.Add(200 * ms)
+		short.srv.inFlight.Store(1)
+		serve(short, &job{model: "m"}, clock, finalGen(97*ms, 10*ms, 0, 0, 12, 1))
+	}
+	ref.srv.inFlight.Store(0)
+	short.srv.inFlight.Store(0)
+
+	long := &job{model: "m", promptChars: int(1000 * charsPerToken), maxOutput: 1}
+	d, ok := short.srv.speed.estimate(long, 0, 0, false, clock)
+	require.True(t, ok)
+	assert.InDelta(t, 0.097/12*1000, d.prompt, 0.01, "no other server's fit: in proportion to tokens")
+
+	notePromptRefs([]*backend{short, ref}, long)
+	require.Equal(t, 1, long.refs.n, "ref's fit separates its parts; short's does not")
+	d, _ = short.srv.speed.estimate(long, 0, 0, false, clock)
+	k := 0.097 / (0.050 + 12*0.0002) // how much slower short is at its own prompts
+	assert.InDelta(t, k*(0.050+1000*0.0002), d.prompt, 0.01, "ref's shape, scaled")
+	dRef, _ := ref.srv.speed.estimate(long, 0, 0, false, clock)
+	assert.InDelta(t, 0.250, dRef.prompt, 0.005, "a server with a fit of its own keeps it")
+
+	shortJob := &job{model: "m", promptChars: int(12 * charsPerToken), maxOutput: 1}
+	notePromptRefs([]*backend{ref}, shortJob)
+	d, _ = short.srv.speed.estimate(shortJob, 0, 0, false, clock)
+	assert.InDelta(t, 0.097, d.prompt, 0.002, "the size it has seen: what it took")
+}
+
+// The routing this changes: a long prompt goes to an idle server timed
+// on short prompts only, a little slower at those, rather than waiting
+// behind a long answer on the one server that was timed on a long prompt
+// (random-31: long prompts queued on a server of one slot).
+func TestALongPromptIsNotQueuedBehindTheOnlyServerTimedOnOne(t *testing.T) {
+	now := time.Now().Add(-10 * time.Second)
+	timed := testBackend("timed", func(b *Backend) { b.MaxParallel = 1 })
+	for i := range 4 {
+		now = now.Add(200 * ms)
+		n := []int64{12, 600}[i%2]
+		timed.srv.inFlight.Store(1)
+		serve(timed, &job{model: "m"}, now, finalGen(50*ms+time.Duration(n)*200*time.Microsecond, 10*ms, 0, 0, n, 1))
+	}
+	other := testBackend("other", func(b *Backend) { b.MaxParallel = 4 })
+	for range 3 {
+		now = now.Add(200 * ms)
+		other.srv.inFlight.Store(1)
+		serve(other, &job{model: "m"}, now, finalGen(90*ms, 10*ms, 0, 0, 12, 1))
+	}
+	other.srv.inFlight.Store(0)
+	timed.srv.inFlight.Store(0)
+	timed.srv.inFlight.Store(1)
+	busy := timed.begin(&job{model: "m", promptChars: int(5000 * charsPerToken)}, time.Now()) // a prompt of a second under way
+	defer busy.endAt(time.Now())
+
+	long := &job{model: "m", promptChars: int(600 * charsPerToken), maxOutput: 1}
+	notePromptRefs([]*backend{timed, other}, long)
+	h := &Handler{}
+	assert.Equal(t, "other", pickLeastDelay(h, []*backend{timed, other}, long).cfg.Name,
+		"other is about 1.7x timed's speed at 600 tokens (0.3 s), not 7.5 s as 90 ms per 12 tokens would have it")
+}

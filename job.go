@@ -16,6 +16,9 @@ type job struct {
 	model       string // normalised; "" for a request that names none
 	promptChars int    // characters of prompt text: prompt, system, suffix, messages, input
 	maxOutput   int    // num_predict, max_tokens or max_completion_tokens; 0 when not set
+	// refs are prompt lines other candidates learned, for a server that
+	// has timed only shorter prompts (cost.go, promptScaled).
+	refs promptRefs
 	// cachedOn is the server whose prompt cache conversation affinity sent
 	// the request to (affinity.go). Ollama counts a cached prompt whole in
 	// prompt_eval_count but times only what it evaluated, so its timing
