@@ -525,20 +525,9 @@ func TestRequestsThatJoinedALoadStartWhenItEnded(t *testing.T) {
 func TestALongPromptIsPricedOnTheShapeAnotherServerLearned(t *testing.T) {
 	clock := time.Unix(1000, 0)
 	ref := testBackend("ref", nil) // 50 ms + 0.2 ms a token: 100 and 1000 tokens seen
-	for i := range 4 {
-		clock = clock.Add(200 * ms)
-		n := []int64{100, 1000}[i%2]
-		ref.srv.inFlight.Store(1)
-		serve(ref, &job{model: "m"}, clock, finalGen(50*ms+time.Duration(n)*200*time.Microsecond, 10*ms, 0, 0, n, 1))
-	}
+	clock = servedPrompts(ref, clock, 50*ms, 200*time.Microsecond, 100, 1000, 100, 1000)
 	short := testBackend("short", nil) // 12 tokens in 97 ms, nothing longer
-	for range 3 {
-		clock = clock.Add(200 * ms)
-		short.srv.inFlight.Store(1)
-		serve(short, &job{model: "m"}, clock, finalGen(97*ms, 10*ms, 0, 0, 12, 1))
-	}
-	ref.srv.inFlight.Store(0)
-	short.srv.inFlight.Store(0)
+	clock = servedPrompts(short, clock, 97*ms, 0, 12, 12, 12)
 
 	long := &job{model: "m", promptChars: int(1000 * charsPerToken), maxOutput: 1}
 	d, ok := short.srv.speed.estimate(long, 0, 0, false, clock)
@@ -566,20 +555,9 @@ func TestALongPromptIsPricedOnTheShapeAnotherServerLearned(t *testing.T) {
 func TestALongPromptIsNotQueuedBehindTheOnlyServerTimedOnOne(t *testing.T) {
 	now := time.Now().Add(-10 * time.Second)
 	timed := testBackend("timed", func(b *Backend) { b.MaxParallel = 1 })
-	for i := range 4 {
-		now = now.Add(200 * ms)
-		n := []int64{12, 600}[i%2]
-		timed.srv.inFlight.Store(1)
-		serve(timed, &job{model: "m"}, now, finalGen(50*ms+time.Duration(n)*200*time.Microsecond, 10*ms, 0, 0, n, 1))
-	}
+	now = servedPrompts(timed, now, 50*ms, 200*time.Microsecond, 12, 600, 12, 600)
 	other := testBackend("other", func(b *Backend) { b.MaxParallel = 4 })
-	for range 3 {
-		now = now.Add(200 * ms)
-		other.srv.inFlight.Store(1)
-		serve(other, &job{model: "m"}, now, finalGen(90*ms, 10*ms, 0, 0, 12, 1))
-	}
-	other.srv.inFlight.Store(0)
-	timed.srv.inFlight.Store(0)
+	servedPrompts(other, now, 90*ms, 0, 12, 12, 12)
 	timed.srv.inFlight.Store(1)
 	busy := timed.begin(&job{model: "m", promptChars: int(5000 * charsPerToken)}, time.Now()) // a prompt of a second under way
 	defer busy.endAt(time.Now())
@@ -589,4 +567,17 @@ func TestALongPromptIsNotQueuedBehindTheOnlyServerTimedOnOne(t *testing.T) {
 	h := &Handler{}
 	assert.Equal(t, "other", pickLeastDelay(h, []*backend{timed, other}, long).cfg.Name,
 		"other is about 1.7x timed's speed at 600 tokens (0.3 s), not 7.5 s as 90 ms per 12 tokens would have it")
+}
+
+// servedPrompts has b answer, alone and 200 ms apart from clock on, one
+// request for model m per size (prompt tokens), each prompt evaluated in
+// fixed plus perTok a token, and returns the clock after the last.
+func servedPrompts(b *backend, clock time.Time, fixed, perTok time.Duration, sizes ...int64) time.Time {
+	for _, n := range sizes {
+		clock = clock.Add(200 * ms)
+		b.srv.inFlight.Store(1)
+		serve(b, &job{model: "m"}, clock, finalGen(fixed+time.Duration(n)*perTok, 10*ms, 0, 0, n, 1))
+	}
+	b.srv.inFlight.Store(0)
+	return clock
 }
