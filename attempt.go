@@ -33,6 +33,7 @@ type attemptResult struct {
 func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, api apiFormat, body []byte, cands []*backend, model string, kind routeKind, info *requestInfo) error {
 	tried := make([]*backend, 0, h.retries+1)
 	j := newJob(model, api, body)
+	j.arrived = time.Now()
 	j.answers = &answerLengths
 	j.copyable = h.copyable(r, api, kind, body, j)
 	defer dropCopy(j) // a copy claimed by a pick whose request went nowhere
@@ -339,6 +340,9 @@ func (h *Handler) attempt(w http.ResponseWriter, r *http.Request, api apiFormat,
 	answered := func() {
 		if res.StatusCode == http.StatusOK && model != "" {
 			loaded = h.learnFromAnswer(b, j, kind, api, work, &tail, streams, info.ttfb, time.Since(started))
+			if kind == kindCompletion {
+				h.served.note(time.Since(j.arrived).Seconds(), time.Now())
+			}
 		}
 		work.end()
 		release()

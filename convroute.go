@@ -433,9 +433,9 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 	noteWalk(list)
 	best, minLoad := math.Inf(1), int64(math.MaxInt64)
 	sc.list, sc.delays, sc.waits, sc.atOnce, sc.freeCost = sc.list[:0], sc.delays[:0], sc.waits[:0], sc.atOnce[:0], sc.freeCost[:0]
-	freeBest := math.Inf(1)    // the least delay among servers with a slot free
-	bestWait, tail := 0.0, 0.0 // the best choice's wait for a slot; the longest delay expected in flight
+	freeBest := math.Inf(1) // the least delay among servers with a slot free
 	now := time.Now()
+	bestWait, tail := 0.0, h.served.p99(now) // the best choice's wait for a slot; the longest delay expected in flight, or served lately
 	loadingSomewhere := false
 	for _, b := range list {
 		if !b.free() {

@@ -13,9 +13,10 @@ import (
 // job is what a request asks of a server, read from its body: the input of
 // the cost model.
 type job struct {
-	model       string // normalised; "" for a request that names none
-	promptChars int    // characters of prompt text: prompt, system, suffix, messages, input
-	maxOutput   int    // num_predict, max_tokens or max_completion_tokens; 0 when not set
+	model       string    // normalised; "" for a request that names none
+	promptChars int       // characters of prompt text: prompt, system, suffix, messages, input
+	maxOutput   int       // num_predict, max_tokens or max_completion_tokens; 0 when not set
+	arrived     time.Time // when the request came (proxy): its delay as the client sees it
 	// refs are prompt lines other candidates learned, for a server that
 	// has timed only shorter prompts (cost.go, promptScaled).
 	refs promptRefs

@@ -327,6 +327,7 @@ type Handler struct {
 	tenantKeys   []string       // tenantPool keys this handler holds
 	affinity     *affinityTable // nil: conversation_affinity off
 	demand       *modelDemand   // recent requests per model (placementMove)
+	served       *servedDelays  // delays of requests ended lately (relief.go)
 	tenantSync   *tenantSync    // tenants' distributed counters, if on (distributed.go)
 	syncStaged   *syncSettings  // what this config asks of it, adopted once it runs
 	explorerPath string         // ExplorerPath with its slash; empty: no explorer

@@ -313,7 +313,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			return b
 		}
 	}
-	if b := queueRelief(observed, bestWait, now); b != nil {
+	if b := queueRelief(observed, bestWait, h.served.p99(now), now); b != nil {
 		return b
 	}
 	// Spares beside a measuring request that has run longer than the best

@@ -229,6 +229,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.queue = newQueue(h)
 	h.demand = newModelDemand()
+	h.served = &servedDelays{}
 	if len(sources) > 0 {
 		h.discovery = newDiscovery(h, ctx, sources, required)
 	}

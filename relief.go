@@ -2,6 +2,8 @@ package ollamaflow
 
 import (
 	"math"
+	"slices"
+	"sync"
 	"time"
 )
 
@@ -66,12 +68,14 @@ func (sp *speed) longestDelay(maxParallel, inFlight int, now time.Time) float64 
 
 // queueRelief is the server with a slot free and its model resident that
 // takes the request from a best choice that means waiting bestWait for a
-// slot, the cheapest of those where relievesQueue holds; nil if none.
-func queueRelief(observed []scored, bestWait float64, now time.Time) *backend {
+// slot, the cheapest of those where relievesQueue holds; nil if none. The
+// tail is the longest delay expected in flight, or served, the p99 the
+// pool's clients have had lately (servedDelays), if longer.
+func queueRelief(observed []scored, bestWait, served float64, now time.Time) *backend {
 	if bestWait <= 0 {
 		return nil
 	}
-	tail := 0.0
+	tail := served
 	for _, c := range observed {
 		tail = max(tail, c.b.srv.speed.longestDelay(c.b.cfg.MaxParallel, int(c.b.srv.inFlight.Load()), now))
 	}
@@ -83,4 +87,82 @@ func queueRelief(observed []scored, bestWait float64, now time.Time) *backend {
 		}
 	}
 	return pick
+}
+
+// The delays clients have had lately, for the tail a queue's relief may
+// reach (relievesQueue): the p99 of the requests that ended in the last
+// servedWindow, once there are servedMin of them. Where that p99 is
+// already what a slower server takes (its requests sent to re-measure it,
+// long answers, a queue), a slot free there serves a request waiting for
+// a fast one without making the pool's worst case worse, and it adds the
+// slot's throughput. Without it a server 3x slower kept its slots idle
+// while the others queued, once it had no request of its own in flight to
+// count as the tail, though the requests that re-measured it already made
+// the p99 (slowdown-prompt: the same p99 as least_conn, 0.90-0.93 of its
+// throughput).
+const (
+	servedWindow = 4 * time.Second
+	servedMin    = 60
+	servedRing   = 512
+)
+
+type servedDelays struct {
+	mu     sync.Mutex
+	at     [servedRing]time.Time
+	delay  [servedRing]float64
+	pos    int
+	cached float64   // p99 as last computed
+	when   time.Time // when; recomputed after servedFresh
+}
+
+// servedFresh is how long a computed p99 is reused.
+const servedFresh = 50 * time.Millisecond
+
+// note records a request that ended at now after d seconds since it came.
+func (s *servedDelays) note(d float64, now time.Time) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	s.at[s.pos], s.delay[s.pos] = now, d
+	s.pos = (s.pos + 1) % servedRing
+	s.mu.Unlock()
+}
+
+// p99 is the 99th percentile of the delays that ended within servedWindow
+// of now, the lower of the p99s of its two halves, each of at least
+// servedMin requests (0 otherwise): the tail clients have had for a while,
+// not the few slow answers of a moment (the requests in flight on a server
+// as it slowed down, which end at its new speed before it is re-learned).
+func (s *servedDelays) p99(now time.Time) float64 {
+	if s == nil {
+		return 0
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.when.IsZero() && now.Sub(s.when) < servedFresh && !now.Before(s.when) {
+		return s.cached
+	}
+	var bufA, bufB [servedRing]float64
+	older, newer := bufA[:0], bufB[:0]
+	for i, at := range s.at {
+		switch age := now.Sub(at); {
+		case at.IsZero() || age >= servedWindow:
+		case age >= servedWindow/2:
+			older = append(older, s.delay[i])
+		default:
+			newer = append(newer, s.delay[i])
+		}
+	}
+	s.when, s.cached = now, 0
+	if len(older) >= servedMin && len(newer) >= servedMin {
+		s.cached = min(p99Of(older), p99Of(newer))
+	}
+	return s.cached
+}
+
+// p99Of sorts list and returns its 99th percentile.
+func p99Of(list []float64) float64 {
+	slices.Sort(list)
+	return list[len(list)-1-len(list)/100]
 }

@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"slices"
 	"testing"
 	"time"
 
@@ -41,9 +42,9 @@ func TestALastingQueueIsRelievedOntoASlowerFreeSlotWithinTheTail(t *testing.T) {
 	require.InDelta(t, 0.08, fd.wait, 1e-6)
 	require.Less(t, fd.total(), sd.total(), "alone, the request ends sooner in the fast queue")
 	assert.InDelta(t, 0.3, slow.srv.speed.longestDelay(2, 1, clock), 1e-6, "the tail the pool has: the slow server's request")
-	assert.Same(t, slow, queueRelief([]scored{f, s}, fd.wait, clock),
+	assert.Same(t, slow, queueRelief([]scored{f, s}, fd.wait, 0, clock),
 		"its 0.3 s is no longer than a request the pool already runs: the free slot serves while the queue waits")
-	assert.Nil(t, queueRelief([]scored{f, s}, 0, clock), "no queue to relieve")
+	assert.Nil(t, queueRelief([]scored{f, s}, 0, 0, clock), "no queue to relieve")
 	releaseSlow()
 
 	// Nothing in flight takes as long as the slow server would: a queue
@@ -52,7 +53,7 @@ func TestALastingQueueIsRelievedOntoASlowerFreeSlotWithinTheTail(t *testing.T) {
 	f, fd = scoredAt(fast, j, clock)
 	s, _ = scoredAt(slow, j, clock)
 	assert.InDelta(t, 0.1, expectedTailOf(clock, fast, slow), 1e-6)
-	assert.Nil(t, queueRelief([]scored{f, s}, fd.wait, clock), "0.3 s would be the pool's worst: the request queues")
+	assert.Nil(t, queueRelief([]scored{f, s}, fd.wait, 0, clock), "0.3 s would be the pool's worst: the request queues")
 
 	// A re-measurement of the slow server was sent to learn, not because
 	// the pool accepts its delay: it sets no tail.
@@ -62,7 +63,7 @@ func TestALastingQueueIsRelievedOntoASlowerFreeSlotWithinTheTail(t *testing.T) {
 	assert.Zero(t, slow.srv.speed.longestDelay(2, 1, clock))
 	f, fd = scoredAt(fast, j, clock)
 	s, _ = scoredAt(slow, j, clock)
-	assert.Nil(t, queueRelief([]scored{f, s}, fd.wait, clock))
+	assert.Nil(t, queueRelief([]scored{f, s}, fd.wait, 0, clock))
 }
 
 func TestAQueueIsRelievedOntoAnUntriedSlotAtItsHalfWait(t *testing.T) {
@@ -87,7 +88,7 @@ func TestAQueueIsRelievedOntoAnUntriedSlotAtItsHalfWait(t *testing.T) {
 		require.True(t, sd.untried)
 		require.InDelta(t, 0.14, sd.wait, 1e-6, "half the 0.28 s left of the request in its one slot seen")
 		require.Less(t, fd.total(), sd.total(), "alone, the request ends sooner in the fast queue")
-		got := queueRelief([]scored{f, s, m}, fd.wait, clock)
+		got := queueRelief([]scored{f, s, m}, fd.wait, 0, clock)
 		if c.relieve {
 			assert.Same(t, slow, got, "a slot never seen in use is tried where the pool's queue would hold the request")
 		} else {
@@ -106,4 +107,61 @@ func expectedTailOf(clock time.Time, list ...*backend) float64 {
 		tail = max(tail, b.srv.speed.longestDelay(b.cfg.MaxParallel, int(b.srv.inFlight.Load()), clock))
 	}
 	return tail
+}
+
+func TestALastingQueueIsRelievedWithinTheDelaysClientsHadLately(t *testing.T) {
+	clock := time.Unix(1000, 0)
+	fast := measuredAlone("fast", 100*ms, 1, clock)
+	slow := measuredAlone("slow", 300*ms, 2, clock)
+	j := &job{}
+	releaseFast := hold(fast, 1, clock.Add(-20*ms))
+	defer releaseFast()
+	f, fd := scoredAt(fast, j, clock)
+	s, _ := scoredAt(slow, j, clock)
+	require.Greater(t, fd.wait, 0.0)
+	require.Less(t, expectedTailOf(clock, fast, slow), 0.3, "nothing in flight takes as long as the slow server")
+
+	// delays notes 200 requests over the last 4 s, those numbered in slow
+	// taking as long as the slow server does.
+	delays := func(slow ...int) *servedDelays {
+		var s servedDelays
+		for i := range 200 {
+			d := 0.12
+			if slices.Contains(slow, i) {
+				d = 0.31
+			}
+			s.note(d, clock.Add(-time.Duration(200-i)*20*ms))
+		}
+		return &s
+	}
+	// Two in each 2 s half (more than 1 in 100): the slow server's 0.3 s
+	// is within the p99 the clients have had for a while.
+	served := delays(30, 60, 130, 160)
+	require.InDelta(t, 0.31, served.p99(clock), 1e-9)
+	assert.Same(t, slow, queueRelief([]scored{f, s}, fd.wait, served.p99(clock), clock),
+		"the pool's clients already have 0.3 s delays: the free slot serves while the queue waits")
+
+	// One in 100 is beyond the p99; and slow delays of a moment (in one
+	// half only: the requests on a server as it slowed down) are no
+	// tail the pool has: the request queues.
+	for _, slowOnes := range [][]int{{60, 160}, {130, 140, 160}} {
+		p99 := delays(slowOnes...).p99(clock)
+		require.InDelta(t, 0.12, p99, 1e-9, "slow ones %v", slowOnes)
+		assert.Nil(t, queueRelief([]scored{f, s}, fd.wait, p99, clock))
+	}
+
+	// Too few delays, or old ones, say nothing.
+	assert.Zero(t, served.p99(clock.Add(4*time.Second)), "every delay older than servedWindow")
+	assert.Zero(t, served.p99(clock.Add(2*time.Second)), "the newer half empty")
+	var few servedDelays
+	for i := range 2*servedMin - 1 {
+		few.note(1, clock.Add(-time.Duration(i%2)*3*time.Second))
+	}
+	assert.Zero(t, few.p99(clock), "one half short of servedMin")
+	few.note(1, clock.Add(-3*time.Second))
+	assert.Zero(t, few.p99(clock.Add(servedFresh/2)), "computed at most every servedFresh")
+	assert.Equal(t, 1.0, few.p99(clock.Add(servedFresh)))
+	var none *servedDelays // a handler not provisioned
+	none.note(1, clock)
+	assert.Zero(t, none.p99(clock))
 }
