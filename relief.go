@@ -91,7 +91,7 @@ func queueRelief(observed []scored, bestWait, served float64, now time.Time) *ba
 
 // The delays clients have had lately, for the tail a queue's relief may
 // reach (relievesQueue): the p99 of the requests that ended in the last
-// servedWindow, once there are servedMin of them. Where that p99 is
+// servedWindow, the lower of its two halves' (p99). Where that p99 is
 // already what a slower server takes (its requests sent to re-measure it,
 // long answers, a queue), a slot free there serves a request waiting for
 // a fast one without making the pool's worst case worse, and it adds the
@@ -130,7 +130,8 @@ func (s *servedDelays) note(d float64, now time.Time) {
 }
 
 // p99 is the 99th percentile of the delays that ended within servedWindow
-// of now, the lower of the p99s of its two halves, each of at least
+// of now (or, above servedRing of them, of the latest servedRing), the
+// lower of the p99s of its older and newer half, each of at least
 // servedMin requests (0 otherwise): the tail clients have had for a while,
 // not the few slow answers of a moment (the requests in flight on a server
 // as it slowed down, which end at its new speed before it is re-learned).
@@ -143,20 +144,17 @@ func (s *servedDelays) p99(now time.Time) float64 {
 	if !s.when.IsZero() && now.Sub(s.when) < servedFresh && !now.Before(s.when) {
 		return s.cached
 	}
-	var bufA, bufB [servedRing]float64
-	older, newer := bufA[:0], bufB[:0]
-	for i, at := range s.at {
-		switch age := now.Sub(at); {
-		case at.IsZero() || age >= servedWindow:
-		case age >= servedWindow/2:
-			older = append(older, s.delay[i])
-		default:
-			newer = append(newer, s.delay[i])
+	var buf [servedRing]float64
+	list := buf[:0]
+	for i := range servedRing { // oldest first
+		k := (s.pos + i) % servedRing
+		if at := s.at[k]; !at.IsZero() && now.Sub(at) < servedWindow {
+			list = append(list, s.delay[k])
 		}
 	}
 	s.when, s.cached = now, 0
-	if len(older) >= servedMin && len(newer) >= servedMin {
-		s.cached = min(p99Of(older), p99Of(newer))
+	if half := len(list) / 2; half >= servedMin {
+		s.cached = min(p99Of(list[:half]), p99Of(list[half:]))
 	}
 	return s.cached
 }

@@ -152,15 +152,26 @@ func TestALastingQueueIsRelievedWithinTheDelaysClientsHadLately(t *testing.T) {
 
 	// Too few delays, or old ones, say nothing.
 	assert.Zero(t, served.p99(clock.Add(4*time.Second)), "every delay older than servedWindow")
-	assert.Zero(t, served.p99(clock.Add(2*time.Second)), "the newer half empty")
+	assert.Zero(t, served.p99(clock.Add(2*time.Second)), "fewer than twice servedMin left in the window")
 	var few servedDelays
 	for i := range 2*servedMin - 1 {
 		few.note(1, clock.Add(-time.Duration(i%2)*3*time.Second))
 	}
-	assert.Zero(t, few.p99(clock), "one half short of servedMin")
+	assert.Zero(t, few.p99(clock), "halves short of servedMin")
 	few.note(1, clock.Add(-3*time.Second))
 	assert.Zero(t, few.p99(clock.Add(servedFresh/2)), "computed at most every servedFresh")
 	assert.Equal(t, 1.0, few.p99(clock.Add(servedFresh)))
+	// Memory is bounded: above servedRing requests in the window, the
+	// latest servedRing are what counts.
+	var busy servedDelays
+	for i := range servedRing + 100 {
+		d := 0.12
+		if i < 100 {
+			d = 5
+		}
+		busy.note(d, clock)
+	}
+	assert.InDelta(t, 0.12, busy.p99(clock), 1e-9)
 	var none *servedDelays // a handler not provisioned
 	none.note(1, clock)
 	assert.Zero(t, none.p99(clock))
