@@ -26,16 +26,22 @@ func measuredAlone(name string, work time.Duration, maxParallel int, clock time.
 	return b
 }
 
+// fastBusySlowIdle is a fast server (0.1 s, one slot) busy for 80 ms more
+// and an idle slow one (0.3 s, two slots), both measured alone; release
+// frees the fast one's slot.
+func fastBusySlowIdle(clock time.Time) (fast, slow *backend, release func()) {
+	fast = measuredAlone("fast", 100*ms, 1, clock)
+	slow = measuredAlone("slow", 300*ms, 2, clock)
+	return fast, slow, hold(fast, 1, clock.Add(-20*ms))
+}
+
 func TestALastingQueueIsRelievedOntoASlowerFreeSlotWithinTheTail(t *testing.T) {
 	clock := time.Unix(1000, 0)
-	fast := measuredAlone("fast", 100*ms, 1, clock)
-	slow := measuredAlone("slow", 300*ms, 2, clock)
-	j := &job{}
-
 	// The fast server is busy for 80 ms more; the slow one runs a request
 	// the pool chose, expected to take its 0.3 s, and has a slot free.
-	releaseFast := hold(fast, 1, clock.Add(-20*ms))
+	fast, slow, releaseFast := fastBusySlowIdle(clock)
 	defer releaseFast()
+	j := &job{}
 	releaseSlow := hold(slow, 1, clock.Add(-20*ms))
 	f, fd := scoredAt(fast, j, clock)
 	s, sd := scoredAt(slow, j, clock)
@@ -111,11 +117,9 @@ func expectedTailOf(clock time.Time, list ...*backend) float64 {
 
 func TestALastingQueueIsRelievedWithinTheDelaysClientsHadLately(t *testing.T) {
 	clock := time.Unix(1000, 0)
-	fast := measuredAlone("fast", 100*ms, 1, clock)
-	slow := measuredAlone("slow", 300*ms, 2, clock)
-	j := &job{}
-	releaseFast := hold(fast, 1, clock.Add(-20*ms))
+	fast, slow, releaseFast := fastBusySlowIdle(clock)
 	defer releaseFast()
+	j := &job{}
 	f, fd := scoredAt(fast, j, clock)
 	s, _ := scoredAt(slow, j, clock)
 	require.Greater(t, fd.wait, 0.0)
