@@ -482,7 +482,7 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 			if !sc.atOnce[i] || b.srv.inFlight.Load() != 0 {
 				continue
 			}
-			switch b.srv.speed.claimRemeasure(now, j.copyable && j.copyTo == nil) {
+			switch b.srv.speed.claimRemeasure(now, j, j.copyable && j.copyTo == nil) {
 			case remeasureRequest:
 				out := append(sc.list[:0], b)
 				return out

@@ -21,33 +21,44 @@ func TestAServerBelievedSlowIsReMeasuredWithACopyEachSecond(t *testing.T) {
 	clock := time.Unix(1000, 0)
 	slow := testBackend("slow", nil)
 	sp := &slow.srv.speed
-	assert.Equal(t, remeasureNone, sp.claimRemeasure(clock, true), "never measured: it is measured, not re-measured")
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(clock, nil, true), "never measured: it is measured, not re-measured")
 	serve(slow, &job{}, clock, final(400*ms, 0, 0, 10, 1))
 	clock = clock.Add(400 * ms) // its answer
 
-	assert.Equal(t, remeasureNone, sp.claimRemeasure(clock.Add(copyAfter/2), true), "timed half a second ago")
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(clock.Add(copyAfter/2), nil, true), "timed half a second ago")
 	at := clock.Add(copyAfter)
-	assert.Equal(t, remeasureCopy, sp.claimRemeasure(at, true), "no sample for copyAfter: a copy measures it")
-	assert.Equal(t, remeasureNone, sp.claimRemeasure(at.Add(2*copyAfter), true), "one copy in flight at most")
+	assert.Equal(t, remeasureCopy, sp.claimRemeasure(at, nil, true), "no sample for copyAfter: a copy measures it")
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(at.Add(2*copyAfter), nil, true), "one copy in flight at most")
 	sp.copyDone()
-	assert.Equal(t, remeasureNone, sp.claimRemeasure(at.Add(copyAfter/2), true), "one copy per copyAfter")
-	assert.Equal(t, remeasureCopy, sp.claimRemeasure(at.Add(copyAfter), true))
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(at.Add(copyAfter/2), nil, true), "one copy per copyAfter")
+	assert.Equal(t, remeasureCopy, sp.claimRemeasure(at.Add(copyAfter), nil, true))
 	sp.copyDone()
 
 	// A request that may not be copied (/v1, embeddings) re-measures it
 	// itself, once per remeasureAfter.
 	other := testBackend("other", nil)
 	serve(other, &job{}, clock.Add(-400*ms), final(400*ms, 0, 0, 10, 1))
-	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(clock.Add(copyAfter), false))
-	assert.Equal(t, remeasureRequest, other.srv.speed.claimRemeasure(clock.Add(remeasureAfter), false))
-	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(clock.Add(remeasureAfter+copyAfter), false))
+	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(clock.Add(copyAfter), nil, false))
+	assert.Equal(t, remeasureRequest, other.srv.speed.claimRemeasure(clock.Add(remeasureAfter), nil, false))
+	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(clock.Add(remeasureAfter+copyAfter), nil, false))
+	// Only by a request of about its typical size: a long one would hold
+	// the slot of a server believed slow for longer than any shows its
+	// speed in; the claim is left to the next request.
+	later := clock.Add(2 * remeasureAfter)
+	long, typical := &job{promptChars: 4000}, &job{promptChars: 40}
+	lp, lo := other.srv.speed.serviceFor(long)
+	tp, _ := other.srv.speed.serviceFor(typical)
+	require.True(t, lo)
+	require.Greater(t, lp, remeasureSpan*tp)
+	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(later, long, false), "ten times its typical request")
+	assert.Equal(t, remeasureRequest, other.srv.speed.claimRemeasure(later, typical, false))
 
 	// An answer (the copy's) much faster than believed: the next request
 	// goes there, copyable or not, and confirms it.
 	sp.mu.Lock()
 	sp.remeasureNow = true
 	sp.mu.Unlock()
-	assert.Equal(t, remeasureRequest, sp.claimRemeasure(clock.Add(remeasureAfter+time.Millisecond), true))
+	assert.Equal(t, remeasureRequest, sp.claimRemeasure(clock.Add(remeasureAfter+time.Millisecond), nil, true))
 }
 
 // What may be copied: a completion, not too large, on a frontend
@@ -76,7 +87,7 @@ func TestMeasuringCopiesAreBounded(t *testing.T) {
 	clock := time.Now().Add(-time.Minute)
 	slow := testBackend("slow", nil)
 	serve(slow, &job{}, clock, final(400*ms, 0, 0, 10, 1))
-	require.Equal(t, remeasureCopy, slow.srv.speed.claimRemeasure(time.Now(), true))
+	require.Equal(t, remeasureCopy, slow.srv.speed.claimRemeasure(time.Now(), nil, true))
 
 	copiesInFlight.Add(maxCopies)
 	defer copiesInFlight.Add(-maxCopies)
@@ -88,7 +99,7 @@ func TestMeasuringCopiesAreBounded(t *testing.T) {
 	assert.False(t, j.copyable, "one copy per request, sent or not")
 	assert.Equal(t, int64(maxCopies), copiesInFlight.Load(), "none sent")
 	assert.Zero(t, slow.srv.inFlight.Load(), "no slot taken")
-	assert.Equal(t, remeasureCopy, slow.srv.speed.claimRemeasure(time.Now().Add(copyAfter), true), "the claim was given back")
+	assert.Equal(t, remeasureCopy, slow.srv.speed.claimRemeasure(time.Now().Add(copyAfter), nil, true), "the claim was given back")
 }
 
 // End to end: slow is measured at four times fast's time, then recovers

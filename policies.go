@@ -287,7 +287,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			if c.cold || c.b.srv.inFlight.Load() != 0 {
 				continue
 			}
-			switch c.b.srv.speed.claimRemeasure(now, j.copyable && j.copyTo == nil) {
+			switch c.b.srv.speed.claimRemeasure(now, j, j.copyable && j.copyTo == nil) {
 			case remeasureRequest:
 				return c.b
 			case remeasureCopy:

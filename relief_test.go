@@ -63,7 +63,7 @@ func TestALastingQueueIsRelievedOntoASlowerFreeSlotWithinTheTail(t *testing.T) {
 
 	// A re-measurement of the slow server was sent to learn, not because
 	// the pool accepts its delay: it sets no tail.
-	require.Equal(t, remeasureRequest, slow.srv.speed.claimRemeasure(clock, false))
+	require.Equal(t, remeasureRequest, slow.srv.speed.claimRemeasure(clock, nil, false))
 	releaseSlow = hold(slow, 1, clock.Add(-20*ms))
 	defer releaseSlow()
 	assert.Zero(t, slow.srv.speed.longestDelay(2, 1, clock))
