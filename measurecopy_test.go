@@ -46,11 +46,11 @@ func TestAServerBelievedSlowIsReMeasuredWithACopyEachSecond(t *testing.T) {
 	// speed in; the claim is left to the next request.
 	later := clock.Add(2 * remeasureAfter)
 	long, typical := &job{promptChars: 4000}, &job{promptChars: 40}
-	lp, lo := other.srv.speed.serviceFor(long)
-	tp, _ := other.srv.speed.serviceFor(typical)
-	require.True(t, lo)
-	require.Greater(t, lp, remeasureSpan*tp)
-	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(later, long, false), "ten times its typical request")
+	longTime, ok := other.srv.speed.serviceFor(long)
+	typicalTime, _ := other.srv.speed.serviceFor(typical)
+	require.True(t, ok)
+	require.Greater(t, longTime, remeasureSpan*typicalTime)
+	assert.Equal(t, remeasureNone, other.srv.speed.claimRemeasure(later, long, false), "far longer than its typical request")
 	assert.Equal(t, remeasureRequest, other.srv.speed.claimRemeasure(later, typical, false))
 
 	// An answer (the copy's) much faster than believed: the next request
