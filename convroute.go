@@ -146,6 +146,9 @@ func withSureSlot(list []*backend) []*backend {
 			out = append(out, b)
 		}
 	}
+	if len(out) == 0 {
+		return list // the slots were taken meanwhile: nothing was overwritten
+	}
 	return out
 }
 
