@@ -13,20 +13,6 @@ import (
 // Spreading new conversations (convroute.go: spreadNew, nearBest,
 // withSureSlot); following them is tested in convroute_test.go.
 
-// servedTogetherIn runs n requests through b, sent at at and served at
-// once, each working took without a wait.
-func servedTogetherIn(b *backend, n int, at time.Time, took time.Duration) {
-	var tasks []*task
-	for range n {
-		b.srv.inFlight.Add(1)
-		tasks = append(tasks, b.begin(&job{}, at))
-	}
-	for _, tk := range tasks {
-		tk.learn(final(took, 0, 0, 10, 1), at.Add(took))
-	}
-	b.srv.inFlight.Store(0)
-}
-
 // A new conversation goes where a slot is surely free before a server
 // whose sure slots are all busy, even when the cost model prices that
 // server's untried slot a little cheaper: the conversation would share a

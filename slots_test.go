@@ -42,14 +42,18 @@ func TestSlotsAreNeverLockedInByAQuietHistory(t *testing.T) {
 
 // servedTogether runs n requests through b, sent at at and served at
 // once: each worked 100 ms without a wait.
-func servedTogether(b *backend, n int, at time.Time) {
+func servedTogether(b *backend, n int, at time.Time) { servedTogetherIn(b, n, at, 100*ms) }
+
+// servedTogetherIn runs n requests through b, sent at at and served at
+// once, each working took without a wait.
+func servedTogetherIn(b *backend, n int, at time.Time, took time.Duration) {
 	var tasks []*task
 	for range n {
 		b.srv.inFlight.Add(1)
 		tasks = append(tasks, b.begin(&job{}, at))
 	}
 	for _, tk := range tasks {
-		tk.learn(final(100*ms, 0, 0, 10, 1), at.Add(100*ms))
+		tk.learn(final(took, 0, 0, 10, 1), at.Add(took))
 	}
 	b.srv.inFlight.Store(0)
 }
