@@ -131,23 +131,14 @@ func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
 // while the other servers had a slot free). A slot planned for but never
 // seen in use is no sure room: it is only not ruled out.
 func withSureSlot(list []*backend) []*backend {
-	roomy := 0
-	for _, b := range list {
-		if n, _ := b.cacheSlots(); b.srv.inFlight.Load() < int64(n) {
-			roomy++
-		}
-	}
-	if roomy == 0 || roomy == len(list) {
-		return list
-	}
-	out := list[:0]
+	out := list[:0] // filtered in place: list's front is overwritten only by what is kept
 	for _, b := range list {
 		if n, _ := b.cacheSlots(); b.srv.inFlight.Load() < int64(n) {
 			out = append(out, b)
 		}
 	}
 	if len(out) == 0 {
-		return list // the slots were taken meanwhile: nothing was overwritten
+		return list // none has one: nothing was overwritten
 	}
 	return out
 }
