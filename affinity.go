@@ -109,6 +109,35 @@ type affinityTable struct {
 	hosting map[string]*hosted
 
 	counters atomic.Pointer[affinityCounters]
+	// follow is followShare's average, as float64 bits.
+	follow atomic.Uint64
+}
+
+// followWeight is the weight of one completion in followShare's moving
+// average: about the last hundred.
+const followWeight = 1.0 / 64
+
+// noteTurn counts a completion with conversation affinity in
+// followShare: followUp when it carries an earlier turn.
+func (t *affinityTable) noteTurn(followUp bool) {
+	x := 0.0
+	if followUp {
+		x = 1
+	}
+	for {
+		old := t.follow.Load()
+		r := math.Float64frombits(old)
+		if t.follow.CompareAndSwap(old, math.Float64bits(r+(x-r)*followWeight)) {
+			return
+		}
+	}
+}
+
+// followShare is the share of recent completions that carried an earlier
+// turn (a moving average): 0 for single-turn traffic, 0.8 for
+// conversations of five turns.
+func (t *affinityTable) followShare() float64 {
+	return math.Float64frombits(t.follow.Load())
 }
 
 // affinityCounters are ollamaflow_affinity_total's counters of one

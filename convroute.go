@@ -29,6 +29,7 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 		return h.acquire(avail, j), routePolicy, 0
 	}
 	t := h.affinity
+	t.noteTurn(conv.followUp)
 	now := time.Now()
 	key, id, depth := t.lookup(conv, now)
 	if key == "" {
@@ -101,11 +102,19 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 // conversation rather than two evicting each other on one server.
 //
 // Among those near the best, the ones with a slot surely free come first
-// (withSureSlot).
+// (withSureSlot); when none has one, a server further off with a slot
+// surely free may take it instead (unshared).
 func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
 	sc := scratchPool.Get().(*scratch)
 	defer sc.put()
-	spread := h.affinity.keepLeastHosting(withSureSlot(h.nearBest(sc, avail, j, spreadFactor, spreadMargin)), now)
+	near := h.nearBest(sc, avail, j, spreadFactor, spreadMargin)
+	sure, found := withSureSlot(near)
+	if !found && len(near) > 0 {
+		if b := h.unshared(avail, near, j, now); b != nil && b.tryAcquire() {
+			return b
+		}
+	}
+	spread := h.affinity.keepLeastHosting(sure, now)
 	if cost, full := h.affinity.evictionSeconds(spread, j, now); full && cost > 0 {
 		if b := h.roomyWithin(avail, j, cost, now); b != nil && b.tryAcquire() {
 			return b
@@ -129,18 +138,81 @@ func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
 // three or four conversations throughout, their turns evaluating the
 // whole history again, 0.32 s of prompt where a cached turn took 0.10 s,
 // while the other servers had a slot free). A slot planned for but never
-// seen in use is no sure room: it is only not ruled out.
-func withSureSlot(list []*backend) []*backend {
-	out := list[:0] // filtered in place: list's front is overwritten only by what is kept
+// seen in use is no sure room: it is only not ruled out. found is false when
+// none has one.
+func withSureSlot(list []*backend) (out []*backend, found bool) {
+	out = list[:0] // filtered in place: list's front is overwritten only by what is kept
 	for _, b := range list {
-		if n, _ := b.cacheSlots(); b.srv.inFlight.Load() < int64(n) {
+		if hasSureSlot(b) {
 			out = append(out, b)
 		}
 	}
 	if len(out) == 0 {
-		return list // none has one: nothing was overwritten
+		return list, false // none has one: nothing was overwritten
 	}
-	return out
+	return out, true
+}
+
+// hasSureSlot reports whether b has fewer requests in flight than the slots
+// it surely has (cacheSlots).
+func hasSureSlot(b *backend) bool {
+	n, _ := b.cacheSlots()
+	return b.srv.inFlight.Load() < int64(n)
+}
+
+// unshared is the free backend of avail (a sample above largePool) with a
+// slot surely free (hasSureSlot), nothing to wait for and j's model
+// resident, the cheapest of those, when every server near the best (near)
+// has its sure slots busy and that backend's expected delay is within what
+// the best costs the pool: its own delay, and, for each later turn the
+// conversation is likely to have, the same again for the conversation it
+// shares a slot with there, and the cache it evicts there; nil if none.
+//
+// A conversation placed where every slot is busy shares one for as long as
+// both last: each turn of either waits behind the other's and re-evaluates
+// the history the other evicted. Priced for its own first turn only, a
+// server a few times slower with its slots free looks dearer than that
+// queue, and the pool runs more conversations than slots on its fast
+// servers while a slower one idles (conversations-slowdown: a server 4x
+// slower lost its two conversations as they ended and got none again; six
+// conversations on the other four slots ran at 14-16 req/s, their caches
+// thrashing, against 22.6 with two of them on the slow server, in 4 of 10
+// runs). How many later turns to expect is learned from the traffic
+// (followShare): single-turn requests have none, and for them the queue's
+// relief is the policy's (relievesQueue).
+func (h *Handler) unshared(avail, near []*backend, j *job, now time.Time) *backend {
+	r := h.affinity.followShare()
+	if r <= 0 {
+		return nil
+	}
+	evict, full := h.affinity.evictionSeconds(near, j, now)
+	if !full {
+		evict = 0
+	}
+	var buf [sampleSize]*backend
+	best, pickD := math.Inf(1), math.Inf(1)
+	var pick *backend
+	for _, b := range h.sampled(buf[:0], avail, j, "") {
+		if !b.free() {
+			continue
+		}
+		est, ok := h.estimateOf(b, j)
+		if !ok {
+			continue
+		}
+		d := est.total()
+		best = min(best, d)
+		if est.wait > 0 || est.load > 0 || h.coldFor(b, j.model) || !hasSureSlot(b) {
+			continue
+		}
+		if d < pickD {
+			pick, pickD = b, d
+		}
+	}
+	if pick == nil || pickD > best*(1+r)+r*evict {
+		return nil
+	}
+	return pick
 }
 
 // evictionSeconds is what a new conversation on the cheapest of list

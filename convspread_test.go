@@ -43,11 +43,72 @@ func TestNewConversationsGoWhereASlotIsSurelyFree(t *testing.T) {
 
 	// No sure slot free anywhere: the spread is the cost model's, as before.
 	hNear := hold(near, 2, time.Now())
-	assert.Equal(t, []string{"fast", "near"}, names(withSureSlot([]*backend{fast, near})))
+	kept, found := withSureSlot([]*backend{fast, near})
+	assert.Equal(t, []string{"fast", "near"}, names(kept))
+	assert.False(t, found)
 	hNear()
 	// A server's max_parallel is its sure slot count.
 	fast.cfg.MaxParallel = 3
-	assert.Equal(t, []string{"fast", "near"}, names(withSureSlot([]*backend{fast, near})))
+	kept, found = withSureSlot([]*backend{fast, near})
+	assert.Equal(t, []string{"fast", "near"}, names(kept))
+	assert.True(t, found)
+}
+
+// When every server near the best has its sure slots busy, a new
+// conversation goes to a slower server with a slot surely free if the
+// traffic is conversations (their later turns would share a slot with
+// another's, each waiting behind and evicting the other), and to the
+// fast server's queue if it is single-turn requests.
+func TestNewConversationsDoNotShareASlotWhileASlowerOneIsFree(t *testing.T) {
+	now := time.Now()
+	fast, slow := testBackend("fast", nil), testBackend("slow", nil)
+	servedTogetherIn(fast, 2, now.Add(-5*time.Second), time.Second)
+	waitedBehindIn(fast, 2, now.Add(-3*time.Second), 500*ms, time.Second) // two slots, no third
+	servedTogetherIn(slow, 2, now.Add(-5*time.Second), 3*time.Second)
+	release := hold(fast, 2, now)
+	defer release()
+	h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+	j := &job{}
+	dFast, _ := h.estimateOf(fast, j)
+	dSlow, _ := h.estimateOf(slow, j)
+	require.Positive(t, dFast.wait, "fast's two slots are busy")
+	require.Zero(t, dSlow.wait)
+	require.Less(t, dFast.total(), dSlow.total(), "fast's queue is the cheaper for this turn")
+	require.Less(t, dSlow.total(), 1.8*dFast.total(), "but not by as much as a shared slot costs")
+	list := []*backend{fast, slow}
+	require.Equal(t, []string{"fast"}, names(h.nearBest(&scratch{}, slices.Clone(list), j, spreadFactor, spreadMargin)),
+		"slow is not near the best")
+
+	// Single-turn traffic: no later turn to share a slot; the queue.
+	for range 200 {
+		h.affinity.noteTurn(false)
+	}
+	b := h.spreadNew(slices.Clone(list), j, now)
+	require.NotNil(t, b)
+	b.release()
+	assert.Equal(t, "fast", b.cfg.Name)
+
+	// Conversations of about five turns: the free slot.
+	for range 200 {
+		for i := range 5 {
+			h.affinity.noteTurn(i > 0)
+		}
+	}
+	assert.InDelta(t, 0.8, h.affinity.followShare(), 0.05)
+	b = h.spreadNew(slices.Clone(list), j, now)
+	require.NotNil(t, b)
+	b.release()
+	assert.Equal(t, "slow", b.cfg.Name)
+
+	// Not when it is dearer than sharing: slow's slots turn 4x slower.
+	slow2 := testBackend("slow2", nil)
+	servedTogetherIn(slow2, 2, now.Add(-5*time.Second), 4*time.Second)
+	d2, _ := h.estimateOf(slow2, j)
+	require.Greater(t, d2.total(), 1.8*dFast.total())
+	b = h.spreadNew([]*backend{fast, slow2}, j, now)
+	require.NotNil(t, b)
+	b.release()
+	assert.Equal(t, "fast", b.cfg.Name)
 }
 
 func TestNearBestKeepsServersAboutAsFast(t *testing.T) {

@@ -62,6 +62,11 @@ func servedTogetherIn(b *backend, n int, at time.Time, took time.Duration) {
 // others that were at work, and waited wait for the first of them to end
 // (the rest end with it): a server with n slots, all taken.
 func waitedBehind(b *backend, n int, at time.Time, wait time.Duration) {
+	waitedBehindIn(b, n, at, wait, 100*ms)
+}
+
+// waitedBehindIn is waitedBehind with each request working took.
+func waitedBehindIn(b *backend, n int, at time.Time, wait, took time.Duration) {
 	var ahead []*task
 	for range n {
 		b.srv.inFlight.Add(1)
@@ -69,8 +74,8 @@ func waitedBehind(b *backend, n int, at time.Time, wait time.Duration) {
 	}
 	b.srv.inFlight.Add(1)
 	tk := b.begin(&job{}, at)
-	ahead[0].learn(final(100*ms, 0, 0, 10, 1), at.Add(wait))
-	tm := final(100*ms, 0, wait, 10, 1)
+	ahead[0].learn(final(took, 0, 0, 10, 1), at.Add(wait))
+	tm := final(took, 0, wait, 10, 1)
 	tk.learn(tm, at.Add(tm.total))
 	for _, o := range ahead[1:] {
 		o.endAt(at.Add(tm.total))
