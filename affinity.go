@@ -114,7 +114,7 @@ type affinityTable struct {
 }
 
 // followWeight is the weight of one completion in followShare's moving
-// average: about the last hundred.
+// average: a completion 64 back weighs about a third of the latest.
 const followWeight = 1.0 / 64
 
 // noteTurn counts a completion with conversation affinity in

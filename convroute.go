@@ -4,7 +4,8 @@ package ollamaflow
 // holds its cache while that is worth its wait there (keepsConversation),
 // new conversations spread where they evict no cache or the one idle
 // longest, among the servers about as fast as the best (spreadNew,
-// nearBest, roomyWithin). The table they read is in affinity.go.
+// nearBest, roomyWithin), or to a slower one with a slot free rather than
+// share a busy one (unshared). The table they read is in affinity.go.
 
 import (
 	"math"
@@ -110,13 +111,13 @@ func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
 	near := h.nearBest(sc, avail, j, spreadFactor, spreadMargin)
 	sure, found := withSureSlot(near)
 	if !found && len(near) > 0 {
-		if b := h.unshared(avail, near, j, now); b != nil && b.tryAcquire() {
+		if b := h.unshared(avail, near, j, sc.best, now); b != nil && b.tryAcquire() {
 			return b
 		}
 	}
 	spread := h.affinity.keepLeastHosting(sure, now)
 	if cost, full := h.affinity.evictionSeconds(spread, j, now); full && cost > 0 {
-		if b := h.roomyWithin(avail, j, cost, now); b != nil && b.tryAcquire() {
+		if b := h.roomyWithin(avail, j, cost, sc.best, now); b != nil && b.tryAcquire() {
 			return b
 		}
 	}
@@ -162,57 +163,71 @@ func hasSureSlot(b *backend) bool {
 
 // unshared is the free backend of avail (a sample above largePool) with a
 // slot surely free (hasSureSlot), nothing to wait for and j's model
-// resident, the cheapest of those, when every server near the best (near)
-// has its sure slots busy and that backend's expected delay is within what
-// the best costs the pool: its own delay, and, for each later turn the
-// conversation is likely to have, the same again for the conversation it
-// shares a slot with there, and the cache it evicts there; nil if none.
+// resident, the cheapest of those, when every server near the best (near,
+// best its delay) has its sure slots busy and that backend's expected
+// delay is within what the best costs the pool: best × (1 + r) plus r ×
+// the cache it evicts there, r being the share of turns that are
+// follow-ups (followShare); nil if none. Each later turn of a
+// conversation placed where every slot is busy waits behind the turn of
+// the one it shares a slot with, and re-evaluates the history the other
+// evicted, and the other's turns pay the same: sharing costs the other
+// conversation about what it costs this one, as often as there are later
+// turns.
 //
-// A conversation placed where every slot is busy shares one for as long as
-// both last: each turn of either waits behind the other's and re-evaluates
-// the history the other evicted. Priced for its own first turn only, a
-// server a few times slower with its slots free looks dearer than that
-// queue, and the pool runs more conversations than slots on its fast
-// servers while a slower one idles (conversations-slowdown: a server 4x
-// slower lost its two conversations as they ended and got none again; six
-// conversations on the other four slots ran at 14-16 req/s, their caches
-// thrashing, against 22.6 with two of them on the slow server, in 4 of 10
-// runs). How many later turns to expect is learned from the traffic
-// (followShare): single-turn requests have none, and for them the queue's
+// Priced for its own first turn only, a server a few times slower with its
+// slots free looks dearer than that queue, and the pool runs more
+// conversations than slots on its fast servers while a slower one idles
+// (conversations-slowdown: a server 4x slower lost its two conversations
+// as they ended and got none again; six conversations on the other four
+// slots ran at 14.3-17.6 req/s, their caches thrashing, against 22.6 with
+// two of them on the slow server, in 4 of 10 runs). Single-turn traffic
+// (r below followMin) keeps the policy's choice: for it the queue's
 // relief is the policy's (relievesQueue).
-func (h *Handler) unshared(avail, near []*backend, j *job, now time.Time) *backend {
+//
+// The backend taken may hold conversations between turns in its free
+// slots; what it evicts there is not charged: the slot is free now, and a
+// conversation whose answer has just ended is as likely over (its client
+// starting the next one) as waiting for its user.
+func (h *Handler) unshared(avail, near []*backend, j *job, best float64, now time.Time) *backend {
 	r := h.affinity.followShare()
-	if r <= 0 {
+	if r < followMin || math.IsInf(best, 1) {
 		return nil
 	}
 	evict, full := h.affinity.evictionSeconds(near, j, now)
 	if !full {
 		evict = 0
 	}
+	pick, d := h.cheapestFree(avail, j, func(b *backend, est delay) bool {
+		return est.wait == 0 && est.load == 0 && !h.coldFor(b, j.model) && hasSureSlot(b)
+	})
+	if pick == nil || d > best*(1+r)+r*evict {
+		return nil
+	}
+	return pick
+}
+
+// followMin is the least share of follow-up turns (followShare) for which
+// a new conversation is priced as one that will have later turns
+// (unshared).
+const followMin = 0.1
+
+// cheapestFree is the free backend of avail (a sample above largePool)
+// with an estimate for j that keep accepts, the cheapest of those, and its
+// expected delay; nil if none.
+func (h *Handler) cheapestFree(avail []*backend, j *job, keep func(*backend, delay) bool) (*backend, float64) {
 	var buf [sampleSize]*backend
-	best, pickD := math.Inf(1), math.Inf(1)
 	var pick *backend
+	least := math.Inf(1)
 	for _, b := range h.sampled(buf[:0], avail, j, "") {
 		if !b.free() {
 			continue
 		}
 		est, ok := h.estimateOf(b, j)
-		if !ok {
-			continue
-		}
-		d := est.total()
-		best = min(best, d)
-		if est.wait > 0 || est.load > 0 || h.coldFor(b, j.model) || !hasSureSlot(b) {
-			continue
-		}
-		if d < pickD {
-			pick, pickD = b, d
+		if ok && est.total() < least && keep(b, est) {
+			pick, least = b, est.total()
 		}
 	}
-	if pick == nil || pickD > best*(1+r)+r*evict {
-		return nil
-	}
-	return pick
+	return pick, least
 }
 
 // evictionSeconds is what a new conversation on the cheapest of list
@@ -242,26 +257,11 @@ func (t *affinityTable) evictionSeconds(list []*backend, j *job, now time.Time) 
 
 // roomyWithin is the free backend of avail (a sample above largePool) with
 // a free cache slot and the least expected delay for j, if that delay is
-// within the spreading band of the best plus extra seconds; nil if none.
-func (h *Handler) roomyWithin(avail []*backend, j *job, extra float64, now time.Time) *backend {
-	var buf [sampleSize]*backend
-	list := h.sampled(buf[:0], avail, j, "")
-	best, roomyBest := math.Inf(1), math.Inf(1)
-	var pick *backend
-	for _, b := range list {
-		if !b.free() {
-			continue
-		}
-		d, ok := h.expectedDelayOf(b, j)
-		if !ok {
-			continue
-		}
-		best = min(best, d)
-		if d < roomyBest && h.affinity.hasFreeSlot(b, now) {
-			roomyBest, pick = d, b
-		}
-	}
-	if pick == nil || roomyBest > best*spreadFactor+spreadMargin+extra {
+// within the spreading band of best (the least delay nearBest found) plus
+// extra seconds; nil if none.
+func (h *Handler) roomyWithin(avail []*backend, j *job, extra, best float64, now time.Time) *backend {
+	pick, d := h.cheapestFree(avail, j, func(b *backend, _ delay) bool { return h.affinity.hasFreeSlot(b, now) })
+	if pick == nil || d > best*spreadFactor+spreadMargin+extra {
 		return nil
 	}
 	return pick
@@ -476,6 +476,7 @@ type scratch struct {
 	// a slot planned for but never seen in use (its model resident), else
 	// NaN: what relievesQueue may weigh.
 	freeCost []float64
+	best     float64 // the least delay nearBest found (+Inf: none)
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
@@ -569,6 +570,7 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 			_, loadingSomewhere = b.srv.speed.pendingLoad(j.model, now)
 		}
 	}
+	sc.best = best
 	// While the best choice means waiting for a slot, an idle server
 	// least_delay has not timed for a while (it looked slower than the
 	// queue elsewhere) takes this request to re-measure it, as

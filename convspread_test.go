@@ -62,9 +62,11 @@ func TestNewConversationsGoWhereASlotIsSurelyFree(t *testing.T) {
 func TestNewConversationsDoNotShareASlotWhileASlowerOneIsFree(t *testing.T) {
 	now := time.Now()
 	fast, slow := testBackend("fast", nil), testBackend("slow", nil)
-	servedTogetherIn(fast, 2, now.Add(-5*time.Second), time.Second)
-	waitedBehindIn(fast, 2, now.Add(-3*time.Second), 500*ms, time.Second) // two slots, no third
-	servedTogetherIn(slow, 2, now.Add(-5*time.Second), 3*time.Second)
+	// Answers of seconds, so that the test's own pace (fast's wait only
+	// shrinks while it runs) cannot move a price across a bound.
+	servedTogetherIn(fast, 2, now.Add(-8*time.Second), 2*time.Second)
+	waitedBehindIn(fast, 2, now.Add(-4*time.Second), 500*ms, 2*time.Second) // two slots, no third
+	servedTogetherIn(slow, 2, now.Add(-8*time.Second), 5600*ms)
 	release := hold(fast, 2, now)
 	defer release()
 	h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
@@ -100,15 +102,27 @@ func TestNewConversationsDoNotShareASlotWhileASlowerOneIsFree(t *testing.T) {
 	b.release()
 	assert.Equal(t, "slow", b.cfg.Name)
 
-	// Not when it is dearer than sharing: slow's slots turn 4x slower.
+	// Not to a server dearer than sharing costs: one 4x slower than fast.
 	slow2 := testBackend("slow2", nil)
-	servedTogetherIn(slow2, 2, now.Add(-5*time.Second), 4*time.Second)
+	servedTogetherIn(slow2, 2, now.Add(-10*time.Second), 8*time.Second)
 	d2, _ := h.estimateOf(slow2, j)
 	require.Greater(t, d2.total(), 1.8*dFast.total())
 	b = h.spreadNew([]*backend{fast, slow2}, j, now)
 	require.NotNil(t, b)
 	b.release()
 	assert.Equal(t, "fast", b.cfg.Name)
+
+	// Each completion through acquireConversation counts: a first turn,
+	// then a follow-up.
+	h.affinity = newAffinityTable(100, time.Hour)
+	first := []byte(`{"model":"m","messages":[{"role":"user","content":"hi"}]}`)
+	next := []byte(`{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"},{"role":"user","content":"and then?"}]}`)
+	for _, body := range [][]byte{first, next} {
+		b, _, _ := h.acquireConversation(slices.Clone(list), conversationOf("/api/chat", "m", body), j)
+		require.NotNil(t, b)
+		b.release()
+	}
+	assert.InDelta(t, followWeight, h.affinity.followShare(), 1e-9)
 }
 
 func TestNearBestKeepsServersAboutAsFast(t *testing.T) {
