@@ -193,14 +193,15 @@ func (h *Handler) unshared(avail, near []*backend, j *job, best float64, now tim
 	if r < followMin || math.IsInf(best, 1) {
 		return nil
 	}
-	evict, full := h.affinity.evictionSeconds(near, j, now)
-	if !full {
-		evict = 0
-	}
 	pick, d := h.cheapestFree(avail, j, func(b *backend, est delay) bool {
 		return est.wait == 0 && est.load == 0 && !h.coldFor(b, j.model) && hasSureSlot(b)
 	})
-	if pick == nil || d > best*(1+r)+r*evict {
+	if pick == nil || d <= best*(1+r) {
+		return pick
+	}
+	// Dearer than the queue alone: the cache it spares near's is read
+	// only now, under the table's lock.
+	if evict, full := h.affinity.evictionSeconds(near, j, now); !full || d > best*(1+r)+r*evict {
 		return nil
 	}
 	return pick
