@@ -364,9 +364,12 @@ func (t *affinityTable) unhost(a *convActivity, now time.Time) {
 // the conversation it would evict has been idle longest (at least half as
 // long as the longest: one idle for long has most likely ended, one whose
 // user is reading the last answer has not); and of those the ones whose
-// conversations weigh least (within a tenth of a fresh one). It runs for
-// every new conversation: a read lock, no allocation; the write lock only
-// when conversations went idle since the last record.
+// conversations weigh least (within a tenth of a fresh one). When every
+// slot holds a conversation still going (none idle for abandonedAfter),
+// the servers where a conversation already misses its cache come first
+// (thrashing). It runs for every new conversation: a read lock, no
+// allocation; the write lock only when conversations went idle since the
+// last record.
 func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*backend {
 	t.mu.RLock()
 	if t.stale(now) {
@@ -393,13 +396,56 @@ func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*back
 			least = min(least, weight(b))
 		}
 	}
+	// Every slot holds a live conversation: the new one evicts a cache
+	// that is to be used again wherever it goes.
+	crowded := false
+	if longest < abandonedAfter.Seconds() {
+		for _, b := range list {
+			if crowded = t.thrashing(b, now); crowded {
+				break
+			}
+		}
+	}
 	out := list[:0]
 	for _, b := range list {
-		if t.victimIdle(b, now) >= longest/2 && weight(b) < least+0.1 {
+		keep := t.victimIdle(b, now) >= longest/2 && weight(b) < least+0.1
+		if crowded {
+			keep = t.thrashing(b, now)
+		}
+		if keep {
 			out = append(out, b)
 		}
 	}
 	return out
+}
+
+// thrashing reports whether a conversation that b hosts, not idle for
+// abandonedAfter, missed its cache there on its last turn: b holds more
+// live conversations than it has slots, and some of them take turns in
+// one slot, each evicting the other (Ollama's default takes the lowest
+// free slot, so the others keep theirs). A new conversation placed there
+// evicts most likely one of those, whose cache was lost anyway; placed
+// where every conversation finds its cache, it starts such a cycle there
+// too. On a pool holding more conversations than slots, the conversations
+// that miss are then those on the fewest servers: with two crowded
+// servers where one would do, a hosted conversation on each missed every
+// turn (random-266: 27–33% of turns found their cache, 34–35% this way;
+// least_conn 37%). t.mu is held.
+func (t *affinityTable) thrashing(b *backend, now time.Time) bool {
+	h := t.hosting[b.srv.key]
+	if h == nil {
+		return false
+	}
+	for e := h.recent.Front(); e != nil; e = e.Next() {
+		a := e.Value.(*convActivity)
+		if now.Sub(a.at) > abandonedAfter {
+			return false // most recent first: the rest idle longer
+		}
+		if a.found.Load() == turnMissed {
+			return true
+		}
+	}
+	return false
 }
 
 // victimIdle is how long, in seconds, the conversation a new one would

@@ -230,6 +230,46 @@ func TestNewConversationsEvictTheLongestIdle(t *testing.T) {
 	assert.Equal(t, []string{"a"}, names(tab.keepLeastHosting([]*backend{a, b, c}, now)), "two each: a's older one weighs less")
 }
 
+// When every slot holds a conversation still going, a new one goes where a
+// conversation already misses its cache, not where each finds its own.
+func TestNewConversationsCrowdWhereACacheIsMissedAlready(t *testing.T) {
+	now := time.Now()
+	two := func(name string) *backend {
+		return testBackend(name, func(c *Backend) { c.MaxParallel = 2 })
+	}
+	a, b, c := two("a"), two("b"), two("c")
+	tab := newAffinityTable(100, time.Hour)
+	rec := func(p uint64, s *backend, at time.Time) *convActivity {
+		p *= 16
+		return tab.record(conversation{prefixes: []uint64{p}, keep: []uint64{p}}, s.srv.key, 0, at)
+	}
+	rec(1, a, now.Add(-time.Second))
+	rec(2, a, now)
+	rec(3, b, now.Add(-time.Second))
+	rec(4, b, now)
+	rec(5, c, now.Add(-time.Second))
+	rec(6, c, now)
+	list := []*backend{a, b, c}
+	assert.Equal(t, []string{"a", "b", "c"}, names(tab.keepLeastHosting(slices.Clone(list), now)), "full alike, no cache missed: idle and weight decide")
+	rec(7, b, now).found.Store(turnMissed)
+	assert.Equal(t, []string{"b"}, names(tab.keepLeastHosting(slices.Clone(list), now)), "b's conversations evict each other already")
+	assert.Equal(t, []string{"a", "c"}, names(tab.keepLeastHosting([]*backend{a, c}, now)), "neither misses: as before")
+	// Conversations that ended (idle for abandonedAfter) are evicted
+	// first: nobody's next turn needs their cache.
+	later := now.Add(abandonedAfter + time.Second)
+	rec(11, b, later).found.Store(turnMissed)
+	rec(12, c, later)
+	rec(13, c, later)
+	assert.Equal(t, []string{"a"}, names(tab.keepLeastHosting(slices.Clone(list), later)), "a's conversations ended")
+	// A miss that long ago says nothing of now.
+	again := later.Add(abandonedAfter + time.Second)
+	for i, s := range list {
+		rec(uint64(20+2*i), s, again)
+		rec(uint64(21+2*i), s, again)
+	}
+	assert.NotContains(t, names(tab.keepLeastHosting(slices.Clone(list), again)), "b", "b's conversations weigh most, and its miss is old")
+}
+
 // A burst of one prompt on a fresh pool: the server the first request was
 // recorded for keeps the next ones only as the request that measures it
 // (claimProbe), so the burst does not pile onto it before the first of
