@@ -430,13 +430,15 @@ func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*back
 // that miss are then those on the fewest servers: with two crowded
 // servers where one would do, a hosted conversation on each missed every
 // turn (random-266: 27–33% of turns found their cache, 34–35% this way;
-// least_conn 37%). t.mu is held.
+// least_conn 37%). Only the thrashWalk most recent are read: it runs for
+// every new conversation on a crowded pool. t.mu is held.
 func (t *affinityTable) thrashing(b *backend, now time.Time) bool {
 	h := t.hosting[b.srv.key]
 	if h == nil {
 		return false
 	}
-	for e := h.recent.Front(); e != nil; e = e.Next() {
+	i := 0
+	for e := h.recent.Front(); e != nil && i < thrashWalk; e, i = e.Next(), i+1 {
 		a := e.Value.(*convActivity)
 		if now.Sub(a.at) > abandonedAfter {
 			return false // most recent first: the rest idle longer
@@ -447,6 +449,9 @@ func (t *affinityTable) thrashing(b *backend, now time.Time) bool {
 	}
 	return false
 }
+
+// thrashWalk bounds the conversations thrashing reads on one server.
+const thrashWalk = 64
 
 // victimIdle is how long, in seconds, the conversation a new one would
 // evict on b has been idle: the least recent of the conversations its
