@@ -396,23 +396,21 @@ func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*back
 			least = min(least, weight(b))
 		}
 	}
-	// Every slot holds a live conversation: the new one evicts a cache
-	// that is to be used again wherever it goes.
-	crowded := false
+	out := list[:0] // filtered in place: list's front is overwritten only by what is kept
 	if longest < abandonedAfter.Seconds() {
+		// Every slot holds a live conversation: the new one evicts a
+		// cache that is to be used again wherever it goes.
 		for _, b := range list {
-			if crowded = t.thrashing(b, now); crowded {
-				break
+			if t.thrashing(b, now) {
+				out = append(out, b)
 			}
 		}
-	}
-	out := list[:0]
-	for _, b := range list {
-		keep := t.victimIdle(b, now) >= longest/2 && weight(b) < least+0.1
-		if crowded {
-			keep = t.thrashing(b, now)
+		if len(out) > 0 {
+			return out
 		}
-		if keep {
+	}
+	for _, b := range list {
+		if t.victimIdle(b, now) >= longest/2 && weight(b) < least+0.1 {
 			out = append(out, b)
 		}
 	}
