@@ -242,11 +242,17 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	h := &Handler{}
 	h.queue = newQueue(h)
 	all := []*backend{fast, slow1, slow2}
+	ms := time.Millisecond
+	sent := time.Now().Add(-100 * ms) // the fresh pool's requests went out 0.1 s ago
+	var fastTasks []*task
 	take := func() *backend {
 		b := pickLeastDelay(h, all, &job{})
 		if b != nil {
 			b.srv.inFlight.Add(1) // its slot, then its task, as the handler does
-			b.begin(&job{}, time.Now())
+			tk := b.begin(&job{}, sent)
+			if b == fast {
+				fastTasks = append(fastTasks, tk)
+			}
 		}
 		return b
 	}
@@ -271,13 +277,13 @@ func TestLeastDelayMeasuresUnknownServersOneAtATime(t *testing.T) {
 	// running longer than the fast one took (while they might still be as
 	// fast, see TestHeldRequestsDoNotQueueBehindTheFirstAnswer), until its
 	// queue is longer than a spare beside a slow one's measuring request
-	// is expected to take (1.5× the 0.2 s it has run): then each slow one
+	// is expected to take (1.5× the 0.22 s it has run): then each slow one
 	// takes one more as a spare, moved if fast would serve it sooner.
-	ms := time.Millisecond
-	serve(fast, &job{}, time.Now(), final(100*ms, 0, 0, 5, 1))
+	fastTasks[0].learn(final(100*ms, 0, 0, 5, 1), time.Now())
 	fast.srv.inFlight.Add(-1)
-	slow1.srv.speed.probing = time.Now().Add(-200 * ms)
-	slow2.srv.speed.probing = time.Now().Add(-200 * ms)
+	sent = time.Now()
+	slow1.srv.speed.probing = time.Now().Add(-220 * ms)
+	slow2.srv.speed.probing = time.Now().Add(-220 * ms)
 	for range 4 {
 		assert.Equal(t, "fast", take().cfg.Name)
 	}
