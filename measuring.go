@@ -3,7 +3,7 @@ package ollamaflow
 import "time"
 
 // Holding a request for a server still being measured. awaitProbe
-// (cost.go) holds a request while such a server may be as fast as the
+// (below) holds a request while such a server may be as fast as the
 // best measured one for it; servers can also differ by the kind of work,
 // one fast at evaluating prompts and slow at generating, another the
 // reverse, and then the best measured server for a request may be the
@@ -111,4 +111,76 @@ func (h *Handler) awaitOutrun(unobserved []*backend, j *job, ref *backend, now t
 		}
 	}
 	return until, !until.IsZero()
+}
+
+// probeSlack is how much longer than the measured server's service (and
+// the time the proxy saw beyond its last answer's total_duration: the
+// network and the proxy, which Ollama's durations leave out) a measuring
+// request may run and still be taken as about to answer: equal servers
+// sent their first requests together answer within a few milliseconds of
+// each other.
+const probeSlack = 0.1
+
+// awaitProbe reports until when a request had better stay in the queue
+// than wait wait seconds for a slot on best, which serves it in service
+// seconds, with every slot it is planned to have taken: while a server
+// still being measured (not cold for the model, as far as is known) has
+// run its first request for less than service plus probeSlack, it may be
+// as fast as best and free a slot before that wait ends. On a fresh pool
+// of equal servers the first to answer otherwise drew every request held
+// back for the first answer, its queue a whole answer deep, while the
+// others answered a millisecond later (equal-over's p99 was 0.44 s,
+// least_conn's 0.18 s). A request that would take best's untried slot
+// waits too, when another server's answer is due before its half wait:
+// since spare requests (spare.go) every server of an equal pool is seen
+// serving two at once by its first answers, and the first to answer drew
+// requests into an untried third slot, where they waited inside the
+// server while the others were answering that millisecond (equal-exact:
+// two requests of 0.17 s against 0.09 s).
+func (h *Handler) awaitProbe(unobserved []*backend, j *job, best *backend, service, wait float64, now time.Time) (time.Time, bool) {
+	var until time.Time
+	limit := now.Add(time.Duration(wait * float64(time.Second)))
+	took := time.Duration(service*(1+probeSlack)*float64(time.Second)) + best.srv.speed.lastSlack()
+	for _, b := range unobserved {
+		p, ok := h.sampleSoon(b, j, now)
+		if !ok {
+			continue
+		}
+		answer := p.Add(took)
+		if answer.After(now) && answer.Before(limit) && (until.IsZero() || answer.Before(until)) {
+			until = answer
+		}
+	}
+	return until, !until.IsZero()
+}
+
+// sampleSoon reports whether b is being measured and may answer soon:
+// its first request went out (at since) less than bootstrapHold ago, and
+// it is not known to load j's model first nor answering errors, which
+// would give no sample soon.
+func (h *Handler) sampleSoon(b *backend, j *job, now time.Time) (since time.Time, ok bool) {
+	if b.srv.speed.measured.Load() {
+		return time.Time{}, false
+	}
+	p := b.srv.speed.probingSince()
+	if p.IsZero() || now.Sub(p) >= bootstrapHold {
+		return time.Time{}, false
+	}
+	if h.coldFor(b, j.model) && b.srv.models.Load().known || b.srv.speed.mostlyErrors(now) {
+		return time.Time{}, false
+	}
+	return p, true
+}
+
+// lastSlack is the time the proxy saw beyond the server's total_duration
+// on its latest answer that reported one.
+func (sp *speed) lastSlack() time.Duration {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	for i := range endedRing {
+		if e := sp.ended[(sp.endedPos-1-i+endedRing)%endedRing]; e.work > 0 && !e.streamed {
+			return e.slack
+		}
+	}
+	return 0
 }

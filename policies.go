@@ -296,7 +296,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		}
 	}
 	// Waiting for a slot on the first server to answer while another,
-	// measured with its first request, may be as fast (cost.go).
+	// measured with its first request, may be as fast (measuring.go).
 	if bestWait > 0 && len(ties) > 0 && h.queue != nil {
 		if until, ok := h.awaitProbe(unobserved, j, ties[0], fastest, bestWait, now); ok {
 			h.queue.wakeAt(until)
