@@ -473,6 +473,12 @@ func (sp *speed) replayLocked(inFlight, slots int, typical float64, now time.Tim
 // was priced at nothing (a cold one, at its load).
 func (t *task) unpriced() bool { return t.work == 0 && !t.cold }
 
+// endedAgoLocked is the request that ended i requests before the latest
+// to end (0: the latest), as the ring holds it (a zero id: none yet).
+func (sp *speed) endedAgoLocked(i int) *endedTask {
+	return &sp.ended[(sp.endedPos-1-i+endedRing)%endedRing]
+}
+
 // endedReplay bounds the ended requests a replay reads.
 const endedReplay = 32
 
@@ -486,7 +492,7 @@ func (sp *speed) endedSinceLocked(order []*task, buf []endedTask) []endedTask {
 	}
 	first, last := order[0].started, order[len(order)-1].id
 	for i := range endedRing {
-		e := sp.ended[(sp.endedPos-1-i+endedRing)%endedRing]
+		e := *sp.endedAgoLocked(i)
 		if e.id == 0 || !e.at.After(first) || len(buf) == cap(buf) {
 			break // the ring holds them in the order they ended
 		}

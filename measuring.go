@@ -178,7 +178,7 @@ func (sp *speed) lastSlack() time.Duration {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	for i := range endedRing {
-		if e := sp.ended[(sp.endedPos-1-i+endedRing)%endedRing]; e.work > 0 && !e.streamed {
+		if e := sp.endedAgoLocked(i); e.work > 0 && !e.streamed {
 			return e.slack
 		}
 	}

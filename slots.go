@@ -111,7 +111,7 @@ func (sp *speed) learnStreamSlotsLocked(t *task, tm timings, now time.Time) {
 // does) and its slack.
 func (sp *speed) noteWorkLocked(id uint64, work, slack time.Duration, streamed bool) {
 	for i := range endedRing {
-		e := &sp.ended[(sp.endedPos-1-i+2*endedRing)%endedRing]
+		e := sp.endedAgoLocked(i)
 		if e.id == id {
 			e.work, e.slack, e.streamed = work, slack, streamed
 			return
