@@ -222,6 +222,27 @@ func TestARequestQueuedAtTheServerIsNotLateBeforeItsPlannedEnd(t *testing.T) {
 	assert.InDelta(t, 0.05, d.wait, 1e-6, "50 ms past its planned end: 50 ms more")
 }
 
+// Requests sent to a server before it was measured were priced at
+// nothing. Once its first answer is in, one sent with it is due a tenth
+// of its work after that answer (beside it in a slot of its own); not
+// answered by then, it waited behind it on a server of one slot, and is
+// what a new request waits for: it began when that answer ended and takes
+// as long as the server has shown it takes.
+func TestRequestsSentBeforeTheFirstAnswerWaitBehindIt(t *testing.T) {
+	b := testBackend("a", func(c *Backend) { c.MaxParallel = 1 })
+	clock := time.Unix(1000, 0)
+	b.srv.inFlight.Add(2)
+	first, second := b.begin(&job{}, clock), b.begin(&job{}, clock)
+	first.learn(final(100*ms, 0, 0, 10, 1), clock.Add(100*ms))
+	b.srv.inFlight.Add(-1)
+	defer func() { second.endAt(clock); b.srv.inFlight.Add(-1) }()
+	d, ok := estimateDelay(b, &job{}, clock.Add(105*ms))
+	require.True(t, ok)
+	assert.InDelta(t, 0.01, d.wait, 1e-6, "due beside the first answer at 0.11 s: a tenth of its work left at most")
+	d, _ = estimateDelay(b, &job{}, clock.Add(120*ms))
+	assert.InDelta(t, 0.08, d.wait, 1e-6, "not answered by then: begun at 0.1 s, behind the first answer, for 0.1 s")
+}
+
 func TestAnUntriedSlotCountsHalf(t *testing.T) {
 	b, clock := servedOneAlone()
 	sp := &b.srv.speed
