@@ -289,6 +289,42 @@ func arrived(t *testing.T, f *fakeollama.Server, path string, n int) {
 	require.Eventually(t, func() bool { return f.Count(path) >= n }, 5*time.Second, 5*time.Millisecond)
 }
 
+// movedTo is arrived for a spare moving from slow to fast: on a timeout
+// it fails with what the proxy held of both servers then (this wait
+// timed out in two local CI runs, never since; the state says which
+// rule kept the spare where it was).
+func movedTo(t *testing.T, fast, slow *fakeollama.Server, path string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for fast.Count(path) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("fast received %d of %d on %s within 5 s (slow %d); fast: %s; slow: %s",
+				fast.Count(path), n, path, slow.Count(path), speedState(pooled(t, fast.URL)), speedState(pooled(t, slow.URL)))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// speedState is what the proxy knows of s, for a test's failure message.
+func speedState(s *server) string {
+	now := time.Now()
+	sp := &s.speed
+	d, ok := sp.estimate(&job{}, 0, int(s.inFlight.Load()), false, now)
+	probing, began := sp.probeTimes()
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	var tasks []string
+	for _, tk := range sp.tasks {
+		tasks = append(tasks, fmt.Sprintf("#%d sent %v ago, work %.3f, due in %v", tk.id, now.Sub(tk.started), tk.work, tk.finish.Sub(now)))
+	}
+	probe := "not being measured"
+	if !probing.IsZero() {
+		probe = fmt.Sprintf("measuring request sent %v ago (answer began %v)", now.Sub(probing), !began.IsZero())
+	}
+	return fmt.Sprintf("in flight %d %v; measured %v, %s, slots seen %d-%d; estimate %+v (%v); healthy %v, draining %v",
+		s.inFlight.Load(), tasks, sp.measured.Load(), probe, sp.slotsLo, sp.slotsHi, d, ok, s.healthy(), s.draining.Load())
+}
+
 // A move is no attempt: the server the spare left stays a candidate for
 // the request's retries. Here the server it moved to answers 503 "server
 // busy" from then on, and the request is retried on the slow server it
@@ -361,7 +397,7 @@ func TestAMovedStreamIsWhole(t *testing.T) {
 	for _, path := range []string{"/api/chat", "/v1/chat/completions"} {
 		t.Run(path, func(t *testing.T) {
 			fast, slow, answers, wg := placedBurst(t, "", true, path)
-			arrived(t, fast, path, 3)
+			movedTo(t, fast, slow, path, 3)
 			time.Sleep(300 * time.Millisecond)
 			slow.Release()
 			wg.Wait()
