@@ -23,7 +23,7 @@ import (
 
 func adminGet(t *testing.T, path string) (int, []byte) {
 	t.Helper()
-	res, err := http.Get(fmt.Sprintf("http://localhost:%d%s", adminPort, path))
+	res, err := adminRequest(http.MethodGet, path, "", "")
 	require.NoError(t, err)
 	defer res.Body.Close()
 	b, _ := io.ReadAll(res.Body)
@@ -32,7 +32,7 @@ func adminGet(t *testing.T, path string) (int, []byte) {
 
 func adminPost(t *testing.T, path string) (int, []byte) {
 	t.Helper()
-	res, err := http.Post(fmt.Sprintf("http://localhost:%d%s", adminPort, path), "application/json", nil)
+	res, err := adminRequest(http.MethodPost, path, "application/json", "")
 	require.NoError(t, err)
 	defer res.Body.Close()
 	b, _ := io.ReadAll(res.Body)
@@ -291,10 +291,7 @@ func TestEventsBackendDownAndUp(t *testing.T) {
 // adminDo sends a config-API request, as the README's curl examples do.
 func adminDo(t *testing.T, method, path, body string) {
 	t.Helper()
-	req, err := http.NewRequest(method, fmt.Sprintf("http://localhost:%d%s", adminPort, path), strings.NewReader(body))
-	require.NoError(t, err)
-	req.Header.Set("Content-Type", "application/json")
-	res, err := http.DefaultClient.Do(req)
+	res, err := adminRequest(method, path, "application/json", body)
 	require.NoError(t, err)
 	msg, _ := io.ReadAll(res.Body)
 	res.Body.Close()

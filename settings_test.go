@@ -10,7 +10,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -90,7 +89,7 @@ func loadJSONWithApp(t *testing.T, cfgfile, app string, appCfg any) (int, string
 	cfg["apps"].(map[string]any)[app] = appCfg
 	raw, err := json.Marshal(cfg)
 	require.NoError(t, err)
-	res, err := http.Post(fmt.Sprintf("http://localhost:%d/load", adminPort), "application/json", strings.NewReader(string(raw)))
+	res, err := adminRequest(http.MethodPost, "/load", "application/json", string(raw))
 	require.NoError(t, err)
 	defer res.Body.Close()
 	msg, _ := io.ReadAll(res.Body)
