@@ -150,8 +150,16 @@ func affinityFakes(t *testing.T, n int, cfg fakeollama.Config, block string) ([]
 
 func TestIntegrationConversationAffinity(t *testing.T) {
 	// Each fake has a cache slot for every conversation, whatever the
-	// policy's spread; the proxy lets two in at once.
-	fs, byName, lines := affinityFakes(t, 3, fakeollama.Config{Tokens: 3, Parallel: 6, MultiUserCache: true}, "max_parallel 2")
+	// policy's spread; the proxy lets two in at once. Their prompt time
+	// (20 ms, and 2 ms a token not cached) is what the servers' speeds
+	// are learned from, not a millisecond of scheduling noise: with none,
+	// a follow-up whose server had one answer slowed by a loaded machine
+	// looked more than a tie slower than the others and overflowed (4 in
+	// 25 runs beside three CPU burners on two cores; 0 in 25 with these
+	// times), and the cache its server holds is worth the 2 ms a token it
+	// saves.
+	fs, byName, lines := affinityFakes(t, 3, fakeollama.Config{Tokens: 3, Parallel: 6, MultiUserCache: true,
+		FirstByteDelay: 20 * time.Millisecond, PromptTokenCost: 2 * time.Millisecond}, "max_parallel 2")
 	loadCaddy(t, "name affinity-test\n"+lines)
 	waitKnown(t, fs)
 	hits := max(scrape(t, `ollamaflow_affinity_total{frontend="affinity-test",outcome="hit"}`), 0)
