@@ -163,6 +163,7 @@ func TestIntegrationConversationAffinity(t *testing.T) {
 	loadCaddy(t, "name affinity-test\n"+lines)
 	waitKnown(t, fs)
 	hits := max(scrape(t, `ollamaflow_affinity_total{frontend="affinity-test",outcome="hit"}`), 0)
+	run := time.Now().UnixNano()
 
 	// Six conversations of four turns, interleaved, on both APIs: every
 	// follow-up goes where its first turn went, without any header.
@@ -178,7 +179,10 @@ func TestIntegrationConversationAffinity(t *testing.T) {
 			path = "/v1/chat/completions"
 		}
 		// Distinct from the first token: conversations share no prefix.
-		system := []string{"alpha", "beta", "gamma", "delta", "epsilon", "zeta"}[i] + " is your name"
+		// The run's own mark keeps a repeated run (-count) from finding
+		// the last one's conversations in the frontend's table, which
+		// outlives a reload on purpose.
+		system := fmt.Sprintf("%s is your name run%d", []string{"alpha", "beta", "gamma", "delta", "epsilon", "zeta"}[i], run)
 		c := &conv{path: path, msgs: []map[string]string{{"role": "system", "content": system}}}
 		var route string
 		c.home, route = turn(t, path, &c.msgs, "hello")
@@ -209,7 +213,7 @@ func TestIntegrationConversationAffinity(t *testing.T) {
 	}
 	assert.Equal(t, 24, lookups)
 	assert.Equal(t, 18, hitsInCache, "every follow-up reused its conversation's prefix")
-	assert.Equal(t, 6*(4+1)+18*2, evaluated, "first turns evaluated whole, follow-ups only their question")
+	assert.Equal(t, 6*(5+1)+18*2, evaluated, "first turns evaluated whole, follow-ups only their question")
 
 	// A case variant of the same conversation is the same conversation.
 	c := convs[0]
