@@ -34,11 +34,13 @@
 // (prefill-decode, slots-unequal), and those of placement.go, where servers start with nothing
 // loaded and room for one model (two-models-empty, three-models-four).
 // -random N adds N workloads drawn at random (random.go: pools, client counts and request
-// mixes nobody tuned the policies on), to check a change beyond the workloads above.
+// mixes nobody tuned the policies on), to check a change beyond the workloads above;
+// -random-models N adds N drawn with several models, servers of limited room and load times
+// of their own (randmodels.go), for the placement rules.
 // A phase with a rate is open-loop: requests arrive at that rate whatever the answers.
 // -affinity=false turns conversation affinity off, to see the cost model alone; -trace prints a
-// line per measured request (when it was sent, its client, prompt tokens and cap, the server
-// and its latency) to stderr, to see which requests make a tail.
+// line per measured request (when it was sent, its client, prompt tokens and cap, the server,
+// its latency and the load it waited for) to stderr, to see which requests make a tail.
 package main
 
 import (
@@ -109,6 +111,7 @@ type request struct {
 type seenInfo struct {
 	route      string
 	promptEval time.Duration
+	load       time.Duration // load_duration: the answer waited for its model to load
 }
 
 // phase is a stretch of a workload: conc clients send n requests made by next (or, at a rate,
@@ -230,6 +233,7 @@ func main() {
 	seed := flag.Uint64("seed", 1, "seed of the request mix")
 	flag.BoolVar(&affinity, "affinity", true, "conversation affinity (ollamaflow policies)")
 	random := flag.Int("random", 0, "add this many random workloads (random.go), random-01 onwards")
+	randomModels := flag.Int("random-models", 0, "add this many random workloads with several models (randmodels.go), models-01 onwards")
 	trace := flag.Bool("trace", false, "print a line per measured request to stderr: sent at, client, prompt tokens, cap, server, latency")
 	flag.Parse()
 	if *trace {
@@ -237,7 +241,7 @@ func main() {
 	}
 	port := benchkit.FreePort()
 	var tables []string
-	for _, w := range append(workloads(), randomWorkloads(*random)...) {
+	for _, w := range append(append(workloads(), randomWorkloads(*random)...), randomModelWorkloads(*randomModels)...) {
 		if *only != "" && !slices.Contains(strings.Split(*only, ","), w.name) {
 			continue
 		}
@@ -343,9 +347,9 @@ func run(w workload, policy string, port int, seed uint64) result {
 			}
 			mu.Lock()
 			if traceTo != nil {
-				fmt.Fprintf(traceTo, "trace %s %s at %.3f model %s client %d convo %d turn %d prompt %d cap %d server %s route %s prompt_eval %.3f took %.3f err %v\n",
+				fmt.Fprintf(traceTo, "trace %s %s at %.3f model %s client %d convo %d turn %d prompt %d cap %d server %s route %s prompt_eval %.3f took %.3f err %v load %.3f\n",
 					w.name, policy, t0.Sub(start).Seconds(), req.model, c, req.convo, req.turn, req.promptTokens, req.tokens, server,
-					req.seen.route, req.seen.promptEval.Seconds(), d.Seconds(), err)
+					req.seen.route, req.seen.promptEval.Seconds(), d.Seconds(), err, req.seen.load.Seconds())
 			}
 			if err != nil {
 				res.errs++
@@ -429,9 +433,10 @@ func post(client *http.Client, base string, r request) (string, error) {
 		r.seen.route = res.Header.Get("X-OllamaFlow-Route")
 		var final struct {
 			PromptEval int64 `json:"prompt_eval_duration"`
+			Load       int64 `json:"load_duration"`
 		}
 		if json.Unmarshal(b, &final) == nil {
-			r.seen.promptEval = time.Duration(final.PromptEval)
+			r.seen.promptEval, r.seen.load = time.Duration(final.PromptEval), time.Duration(final.Load)
 		}
 	}
 	return res.Header.Get("X-OllamaFlow-Backend"), nil
