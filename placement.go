@@ -453,6 +453,7 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		return nil
 	}
 	have, total := 0, 0
+	held := 0.0 // the requests a second the copies serve (capacityFor)
 	hint := roomHint(pool)
 	for _, b := range pool {
 		snap := b.srv.models.Load()
@@ -471,6 +472,9 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 				return nil // a copy has a slot free: the model is not short
 			}
 			have++
+			if c, ok := capacityFor(b, j, now); ok {
+				held = max(held, c)
+			}
 		}
 	}
 	need := share*float64(total) - float64(have)
@@ -481,6 +485,16 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 	for _, b := range avail {
 		snap := b.srv.models.Load()
 		if !snap.known || snap.isLoaded(j.model) {
+			continue
+		}
+		// A copy where it serves a small part of what the best copy
+		// does is not worth its load: the request sent to load it waits
+		// for the load there and leaves the shortage as it was. A slow
+		// server is the idlest one, so the least busy took the moves,
+		// and its slow loads (a server of one slot, three times as slow,
+		// loading for 2.4 s) made the run's longest requests (models-08
+		// of the random model mixes).
+		if c, ok := capacityFor(b, j, now); ok && c < placeMinCapacity*held {
 			continue
 		}
 		sp := &b.srv.speed
@@ -503,6 +517,26 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		}
 	}
 	return pick
+}
+
+// placeMinCapacity is the least share of the best copy's capacity a new
+// copy of a model must have to be placed by demand (placementMove).
+const placeMinCapacity = 0.25
+
+// capacityFor is how many requests like j a second the server serves with
+// its slots busy (slots over its time for j); false before it is measured.
+func capacityFor(b *backend, j *job, now time.Time) (float64, bool) {
+	sp := &b.srv.speed
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.all.promptN == 0 && sp.all.genN == 0 {
+		return 0, false
+	}
+	p, o := sp.serviceLocked(j)
+	if p+o <= 0 {
+		return 0, false
+	}
+	return float64(sp.slotsLocked(b.cfg.MaxParallel, now)) / (p + o), true
 }
 
 // placesOf counts the usable servers of pool whose lists show model

@@ -425,6 +425,7 @@ func TestAModelShortOfCopiesForItsShareTakesOneFromAModelThatCanSpareIt(t *testi
 		b := testBackend(fmt.Sprintf("s%d", i+1), nil)
 		b.srv.models.Store(psWith(m))
 		b.srv.speed.room = 1
+		learned(b, now)
 		pool = append(pool, b)
 	}
 	pool[0].srv.inFlight.Store(2) // a's one copy is busy
@@ -598,6 +599,9 @@ func TestARequestWaitsForALoadThatMayEvictItsModel(t *testing.T) {
 func TestAServerOfUnknownRoomIsTakenToHoldAsManyModelsAsThePoolShows(t *testing.T) {
 	now := time.Now()
 	pool := []*backend{testBackend("s1", nil), testBackend("s2", nil), testBackend("s3", nil)}
+	for _, b := range pool {
+		learned(b, now)
+	}
 	pool[0].srv.models.Store(psWith("a", "c")) // listed two at once
 	pool[1].srv.models.Store(psWith("a"))
 	pool[2].srv.models.Store(psWith("d"))
@@ -618,4 +622,52 @@ func TestAServerOfUnknownRoomIsTakenToHoldAsManyModelsAsThePoolShows(t *testing.
 	pool[1].srv.speed.room = 1
 	assert.Equal(t, 1, roomHint(pool))
 	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now))
+}
+
+func TestACopyIsNotPlacedWhereItServesLittle(t *testing.T) {
+	now := time.Now()
+	// a on "busy" (two slots, both taken); "idle" is idle and five times
+	// as slow; "other" holds b and has one request in flight. Every
+	// server has room for two models.
+	pool := map[string]*backend{}
+	var list []*backend
+	for _, name := range []string{"busy", "idle", "other"} {
+		b := testBackend(name, nil)
+		b.srv.speed.room = 2
+		pool[name] = b
+		list = append(list, b)
+	}
+	pool["busy"].srv.models.Store(psWith("a"))
+	pool["idle"].srv.models.Store(psWith("b"))
+	pool["other"].srv.models.Store(psWith("b"))
+	answered := func(b *backend, prompt time.Duration) {
+		snap := b.srv.models.Load()
+		b.srv.inFlight.Add(1)
+		serve(b, &job{}, now, final(prompt, 0, 0, 10, 1))
+		b.srv.inFlight.Add(-1)
+		b.srv.models.Store(snap)
+	}
+	answered(pool["busy"], 100*ms)
+	answered(pool["idle"], 500*ms)
+	answered(pool["other"], 100*ms)
+	release := hold(pool["busy"], 2, now) // seen with two at once, both busy
+	defer release()
+	pool["other"].srv.inFlight.Store(1)
+	h := &Handler{backends: list, demand: newModelDemand()}
+	for range planMinRequests {
+		h.demand.note("a", now)
+	}
+	c, ok := capacityFor(pool["busy"], &job{model: "a"}, now)
+	require.True(t, ok)
+	slow, _ := capacityFor(pool["idle"], &job{model: "a"}, now)
+	require.Less(t, slow, placeMinCapacity*c, "the slow server serves less than a quarter of what a's copy does")
+
+	got := h.placementMove(list, &job{model: "a"}, now)
+	assert.Same(t, pool["other"], got, "not the idlest server, which serves little")
+
+	// Without a server worth it, no move: the request goes where the
+	// policy prices it.
+	assert.Nil(t, h.placementMove([]*backend{pool["busy"], pool["idle"]}, &job{model: "a"}, now))
+	_, measured := capacityFor(testBackend("fresh", nil), &job{model: "a"}, now)
+	assert.False(t, measured, "a server never measured has no capacity to compare")
 }
