@@ -16,9 +16,14 @@ import (
 // learned gives b a speed (one answered request) without changing what
 // it holds.
 func learned(b *backend, at time.Time) {
+	learnedTaking(b, at, 100*ms)
+}
+
+// learnedTaking is learned with an answer that took prompt seconds.
+func learnedTaking(b *backend, at time.Time, prompt time.Duration) {
 	snap := b.srv.models.Load()
 	b.srv.inFlight.Add(1)
-	serve(b, &job{}, at, final(100*ms, 0, 0, 10, 1))
+	serve(b, &job{}, at, final(prompt, 0, 0, 10, 1))
 	b.srv.inFlight.Add(-1)
 	b.srv.models.Store(snap)
 }
@@ -640,16 +645,9 @@ func TestACopyIsNotPlacedWhereItServesLittle(t *testing.T) {
 	pool["busy"].srv.models.Store(psWith("a"))
 	pool["idle"].srv.models.Store(psWith("b"))
 	pool["other"].srv.models.Store(psWith("b"))
-	answered := func(b *backend, prompt time.Duration) {
-		snap := b.srv.models.Load()
-		b.srv.inFlight.Add(1)
-		serve(b, &job{}, now, final(prompt, 0, 0, 10, 1))
-		b.srv.inFlight.Add(-1)
-		b.srv.models.Store(snap)
-	}
-	answered(pool["busy"], 100*ms)
-	answered(pool["idle"], 500*ms)
-	answered(pool["other"], 100*ms)
+	learned(pool["busy"], now)
+	learnedTaking(pool["idle"], now, 500*ms)
+	learned(pool["other"], now)
 	release := hold(pool["busy"], 2, now) // seen with two at once, both busy
 	defer release()
 	pool["other"].srv.inFlight.Store(1)
