@@ -466,13 +466,14 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		b.srv.speed.mu.Lock()
 		total += b.srv.speed.roomLocked(snap, hint)
 		slots := b.srv.speed.slotsLocked(b.cfg.MaxParallel, now)
+		c, measured := b.srv.speed.capacityLocked(j, slots)
 		b.srv.speed.mu.Unlock()
 		if snap.isLoaded(j.model) {
 			if b.srv.inFlight.Load() < int64(slots) {
 				return nil // a copy has a slot free: the model is not short
 			}
 			have++
-			if c, ok := capacityFor(b, j, now); ok {
+			if measured {
 				held = max(held, c)
 			}
 		}
@@ -529,6 +530,11 @@ func capacityFor(b *backend, j *job, now time.Time) (float64, bool) {
 	sp := &b.srv.speed
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
+	return sp.capacityLocked(j, sp.slotsLocked(b.cfg.MaxParallel, now))
+}
+
+// capacityLocked is capacityFor with the server's slots known.
+func (sp *speed) capacityLocked(j *job, slots int) (float64, bool) {
 	if sp.all.promptN == 0 && sp.all.genN == 0 {
 		return 0, false
 	}
@@ -536,7 +542,7 @@ func capacityFor(b *backend, j *job, now time.Time) (float64, bool) {
 	if p+o <= 0 {
 		return 0, false
 	}
-	return float64(sp.slotsLocked(b.cfg.MaxParallel, now)) / (p + o), true
+	return float64(slots) / (p + o), true
 }
 
 // placesOf counts the usable servers of pool whose lists show model
