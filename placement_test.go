@@ -2,7 +2,6 @@ package ollamaflow
 
 import (
 	"errors"
-	"fmt"
 	"slices"
 	"sync/atomic"
 	"testing"
@@ -421,67 +420,6 @@ func TestAServerThatSawNoLoadPricesOneAsTheLastLearnedElsewhere(t *testing.T) {
 	assert.InDelta(t, coldLoadPrior, testBackend("alone", nil).srv.speed.coldCost("m"), 1e-9, "a server of no pool keeps the prior")
 }
 
-func TestAModelShortOfCopiesForItsShareTakesOneFromAModelThatCanSpareIt(t *testing.T) {
-	now := time.Now()
-	// Three servers of room 1: a on s1, b on s2 and s3; a is asked for
-	// 70 % of the time.
-	var pool []*backend
-	for i, m := range []string{"a", "b", "b"} {
-		b := testBackend(fmt.Sprintf("s%d", i+1), nil)
-		b.srv.models.Store(psWith(m))
-		b.srv.speed.room = 1
-		learned(b, now)
-		pool = append(pool, b)
-	}
-	pool[0].srv.inFlight.Store(2) // a's one copy is busy
-	h := &Handler{backends: pool, demand: newModelDemand()}
-	for i := range 7 {
-		h.demand.note("a", now)
-		if i < 3 {
-			h.demand.note("b", now)
-		}
-	}
-	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now), "ten requests say too little (planMinRequests)")
-	for i := range 84 {
-		h.demand.note("a", now)
-		if i < 36 {
-			h.demand.note("b", now)
-		}
-	}
-	pool[1].srv.inFlight.Store(1)
-	got := h.placementMove(pool, &job{model: "a"}, now)
-	assert.Same(t, pool[2], got, "a takes a copy from b, on the less busy of its servers")
-	assert.Nil(t, h.placementMove(pool, &job{model: "b"}, now), "b has more than its share")
-
-	// A copy of a with a slot free: a is not short.
-	pool[0].srv.inFlight.Store(1)
-	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now))
-	pool[0].srv.inFlight.Store(2)
-
-	// a on two, b on one: settled; b keeps its last copy whatever a asks.
-	pool[2].srv.models.Store(psWith("a"))
-	pool[2].srv.inFlight.Store(2)
-	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now))
-	for range 200 {
-		h.demand.note("a", now)
-	}
-	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now), "b's only copy stays")
-}
-
-func TestModelDemandIsBounded(t *testing.T) {
-	d := newModelDemand()
-	now := time.Now()
-	for i := range 3 * maxDemandModels {
-		d.note(fmt.Sprintf("m%d", i), now)
-	}
-	assert.Len(t, d.counts, maxDemandModels)
-	_, total := d.shareOf("m0", now)
-	assert.InDelta(t, float64(maxDemandModels), total, 1e-6)
-	// Shares forget: a minute later the counts are a few hundredths.
-	_, total = d.shareOf("m0", now.Add(time.Minute))
-	assert.Less(t, total, 1.0)
-}
-
 func TestColdLoadsAreLearnedWhateverTheirSize(t *testing.T) {
 	b := testBackend("a", nil)
 	b.srv.models.Store(psWith("a"))
@@ -593,79 +531,4 @@ func TestARequestWaitsForALoadThatMayEvictItsModel(t *testing.T) {
 	defer load.end()
 	during, _ = sp.estimate(&job{model: "a:latest"}, 0, 1, false, clock.Add(2*time.Second+100*ms))
 	assert.Less(t, during.wait, 0.1, "room known: a's slot wait only")
-}
-
-// A server whose /api/ps listed one model has shown no room: while another
-// of the pool listed two at once and no eviction showed room for one,
-// placement takes it to hold two, as the others do. Taken as one, a pool
-// of six models over five servers of room two left servers holding a
-// rarely asked model idle while the most asked one queued on its copies
-// (many-models: 120 req/s, one server at 32 of 400 requests).
-func TestAServerOfUnknownRoomIsTakenToHoldAsManyModelsAsThePoolShows(t *testing.T) {
-	now := time.Now()
-	pool := []*backend{testBackend("s1", nil), testBackend("s2", nil), testBackend("s3", nil)}
-	for _, b := range pool {
-		learned(b, now)
-	}
-	pool[0].srv.models.Store(psWith("a", "c")) // listed two at once
-	pool[1].srv.models.Store(psWith("a"))
-	pool[2].srv.models.Store(psWith("d"))
-	pool[0].srv.inFlight.Store(2) // a's copies are busy
-	pool[1].srv.inFlight.Store(2)
-	h := &Handler{backends: pool, demand: newModelDemand()}
-	for i := range 120 {
-		h.demand.note("a", now)
-		if i%3 == 0 {
-			h.demand.note("d", now)
-		}
-	}
-	assert.Equal(t, 2, roomHint(pool))
-	assert.Same(t, pool[2], h.placementMove(pool, &job{model: "a"}, now), "s3 has room for a beside d, as s1 holds two")
-
-	// An eviction showed one server room for one: the pool's hint is one,
-	// and s3, which listed one, is taken as full (d's only copy stays).
-	pool[1].srv.speed.room = 1
-	assert.Equal(t, 1, roomHint(pool))
-	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now))
-}
-
-func TestACopyIsNotPlacedWhereItServesLittle(t *testing.T) {
-	now := time.Now()
-	// a on "busy" (two slots, both taken); "idle" is idle and five times
-	// as slow; "other" holds b and has one request in flight. Every
-	// server has room for two models.
-	pool := map[string]*backend{}
-	var list []*backend
-	for _, name := range []string{"busy", "idle", "other"} {
-		b := testBackend(name, nil)
-		b.srv.speed.room = 2
-		pool[name] = b
-		list = append(list, b)
-	}
-	pool["busy"].srv.models.Store(psWith("a"))
-	pool["idle"].srv.models.Store(psWith("b"))
-	pool["other"].srv.models.Store(psWith("b"))
-	learned(pool["busy"], now)
-	learnedTaking(pool["idle"], now, 500*ms)
-	learned(pool["other"], now)
-	release := hold(pool["busy"], 2, now) // seen with two at once, both busy
-	defer release()
-	pool["other"].srv.inFlight.Store(1)
-	h := &Handler{backends: list, demand: newModelDemand()}
-	for range planMinRequests {
-		h.demand.note("a", now)
-	}
-	c, ok := capacityFor(pool["busy"], &job{model: "a"}, now)
-	require.True(t, ok)
-	slow, _ := capacityFor(pool["idle"], &job{model: "a"}, now)
-	require.Less(t, slow, placeMinCapacity*c, "the slow server serves less than a quarter of what a's copy does")
-
-	got := h.placementMove(list, &job{model: "a"}, now)
-	assert.Same(t, pool["other"], got, "not the idlest server, which serves little")
-
-	// Without a server worth it, no move: the request goes where the
-	// policy prices it.
-	assert.Nil(t, h.placementMove([]*backend{pool["busy"], pool["idle"]}, &job{model: "a"}, now))
-	_, measured := capacityFor(testBackend("fresh", nil), &job{model: "a"}, now)
-	assert.False(t, measured, "a server never measured has no capacity to compare")
 }
