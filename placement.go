@@ -321,8 +321,8 @@ func joinLoadCost(b *backend, model string, service float64, now time.Time) floa
 // one from a model that would, one copy short, lack less than it does
 // by planMargin: a request for it is sent to load it on the server
 // holding such a model (or with room) where it would be served soonest.
-// Models that lack about as much stay where they are, so they settle; one move per model at a time, and no
-// model loses its last copy.
+// Models that lack about as much stay where they are, so they settle;
+// one move per model at a time, and no model loses its last copy.
 
 // demandTau is how fast the shares forget; planMinRequests is the
 // (decayed) number of requests below which shares say too little to move
@@ -522,7 +522,7 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		// above lets through still went to the slowest of them, a
 		// server three times as slow loading for 4.5 s (models-08).
 		cost := math.Inf(1)
-		if d, measured := h.estimateOf(b, j); measured {
+		if d, measured := estimateDelay(b, j, now); measured {
 			cost = d.total()
 		}
 		if pick == nil || cost < pickCost || cost == pickCost && b.srv.inFlight.Load() < pick.srv.inFlight.Load() {
