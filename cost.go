@@ -124,9 +124,12 @@ type speed struct {
 	// claimed.
 	remeasureSent bool
 	// copying: a measuring copy of a request is in flight there, sent at
-	// copied (measurecopy.go).
-	copying bool
-	copied  time.Time
+	// copied (measurecopy.go); copyStart is when, on the process's clock,
+	// and copyTook how long the last one held its slot.
+	copying   bool
+	copied    time.Time
+	copyStart time.Time
+	copyTook  time.Duration
 	// errShare is the share of server errors among its recent answers,
 	// as of errAt (see noteAnswer).
 	errShare float64

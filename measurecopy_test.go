@@ -17,7 +17,7 @@ import (
 )
 
 // The kinds of re-measurement a server believed slow gets, and when.
-func TestAServerBelievedSlowIsReMeasuredWithACopyEachSecond(t *testing.T) {
+func TestAServerBelievedSlowIsReMeasuredWithACopyEveryCopyAfter(t *testing.T) {
 	clock := time.Unix(1000, 0)
 	slow := testBackend("slow", nil)
 	sp := &slow.srv.speed
@@ -25,13 +25,29 @@ func TestAServerBelievedSlowIsReMeasuredWithACopyEachSecond(t *testing.T) {
 	serve(slow, &job{}, clock, final(400*ms, 0, 0, 10, 1))
 	clock = clock.Add(400 * ms) // its answer
 
-	assert.Equal(t, remeasureNone, sp.claimRemeasure(clock.Add(copyAfter/2), nil, true), "timed half a second ago")
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(clock.Add(copyAfter/2), nil, true), "timed copyAfter/2 ago")
 	at := clock.Add(copyAfter)
 	assert.Equal(t, remeasureCopy, sp.claimRemeasure(at, nil, true), "no sample for copyAfter: a copy measures it")
 	assert.Equal(t, remeasureNone, sp.claimRemeasure(at.Add(2*copyAfter), nil, true), "one copy in flight at most")
 	sp.copyDone()
 	assert.Equal(t, remeasureNone, sp.claimRemeasure(at.Add(copyAfter/2), nil, true), "one copy per copyAfter")
-	assert.Equal(t, remeasureCopy, sp.claimRemeasure(at.Add(copyAfter), nil, true))
+	second := at.Add(copyAfter)
+	assert.Equal(t, remeasureCopy, sp.claimRemeasure(second, nil, true))
+	time.Sleep(20 * ms)
+	sp.copyDone()
+	sp.mu.Lock()
+	took := sp.copyTook
+	sp.mu.Unlock()
+	assert.GreaterOrEqual(t, took, 20*ms, "how long the copy held its slot")
+
+	// A copy that held its slot long holds the next one back: copies take
+	// at most 1/copyShare of a slot's time.
+	sp.mu.Lock()
+	sp.copyTook = 400 * ms
+	sp.mu.Unlock()
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(second.Add(copyAfter), nil, true), "a copy of 0.4 s: the next one 1.6 s after it was sent")
+	assert.Equal(t, remeasureNone, sp.claimRemeasure(second.Add(copyShare*400*ms-ms), nil, true))
+	assert.Equal(t, remeasureCopy, sp.claimRemeasure(second.Add(copyShare*400*ms), nil, true))
 	sp.copyDone()
 
 	// A request that may not be copied (/v1, embeddings) re-measures it
@@ -106,8 +122,8 @@ func TestMeasuringCopiesAreBounded(t *testing.T) {
 // while nothing is sent to it. With fast's one slot taken, the next
 // request waits for fast, and a copy of it, capped and not streamed,
 // measures slow: its answer shows slow recovered, and the request after
-// goes to slow, a second after slow was last timed instead of five. On
-// both APIs.
+// goes to slow, copyAfter after slow was last timed instead of
+// remeasureAfter. On both APIs.
 func TestARecoveredServerIsFoundByACopyOfAWaitingRequest(t *testing.T) {
 	for _, path := range []string{"/api/chat", "/v1/chat/completions"} {
 		t.Run(strings.TrimPrefix(path, "/"), func(t *testing.T) { recoveredFoundByACopy(t, path) })

@@ -118,8 +118,9 @@ func (sp *speed) claimRemeasure(now time.Time, j *job, copyable bool) remeasure 
 	if sp.all.promptN == 0 && sp.all.genN == 0 {
 		return remeasureNone
 	}
-	if !sp.remeasureNow && copyable && !sp.copying && now.Sub(sp.all.at) >= copyAfter && now.Sub(sp.copied) >= copyAfter {
+	if !sp.remeasureNow && copyable && !sp.copying && now.Sub(sp.all.at) >= copyAfter && now.Sub(sp.copied) >= max(copyAfter, copyShare*sp.copyTook) {
 		sp.copying, sp.copied, sp.remeasuring = true, now, now
+		sp.copyStart = time.Now()
 		return remeasureCopy
 	}
 	if !sp.remeasureNow && (now.Sub(sp.all.at) < remeasureAfter || now.Sub(sp.remeasuring) < remeasureAfter) {
@@ -150,6 +151,7 @@ const remeasureSpan = 2
 func (sp *speed) copyDone() {
 	sp.mu.Lock()
 	sp.copying = false
+	sp.copyTook = time.Since(sp.copyStart)
 	sp.mu.Unlock()
 }
 
