@@ -151,7 +151,9 @@ const remeasureSpan = 2
 func (sp *speed) copyDone() {
 	sp.mu.Lock()
 	sp.copying = false
-	sp.copyTook = time.Since(sp.copyStart)
+	if !sp.copyStart.IsZero() {
+		sp.copyTook = time.Since(sp.copyStart)
+	}
 	sp.mu.Unlock()
 }
 
