@@ -235,6 +235,7 @@ func main() {
 	random := flag.Int("random", 0, "add this many random workloads (random.go), random-01 onwards")
 	randomModels := flag.Int("random-models", 0, "add this many random workloads with several models (randmodels.go), models-01 onwards")
 	trace := flag.Bool("trace", false, "print a line per measured request to stderr: sent at, client, prompt tokens, cap, server, latency")
+	list := flag.Bool("list", false, "print each selected workload's name and note, and run nothing")
 	flag.Parse()
 	if *trace {
 		traceTo = os.Stderr
@@ -243,6 +244,10 @@ func main() {
 	var tables []string
 	for _, w := range append(append(workloads(), randomWorkloads(*random)...), randomModelWorkloads(*randomModels)...) {
 		if *only != "" && !slices.Contains(strings.Split(*only, ","), w.name) {
+			continue
+		}
+		if *list {
+			fmt.Printf("%s\t%s\n", w.name, w.note)
 			continue
 		}
 		var rows []result
