@@ -367,7 +367,9 @@ func (t *affinityTable) unhost(a *convActivity, now time.Time) {
 // conversations weigh least (within a tenth of a fresh one). When every
 // slot holds a conversation still going (none idle for abandonedAfter),
 // the servers where a conversation already misses its cache come first
-// (thrashing). It runs for every new conversation: a read lock, no
+// (thrashing), and of those the ones holding the most live conversations
+// over their slots (mostCrowded: the overflow gathers instead of
+// spreading). It runs for every new conversation: a read lock, no
 // allocation; the write lock only when conversations went idle since the
 // last record.
 func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*backend {
@@ -400,12 +402,7 @@ func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*back
 	if longest < abandonedAfter.Seconds() {
 		// Every slot holds a live conversation: the new one evicts a
 		// cache that is to be used again wherever it goes.
-		for _, b := range list {
-			if t.thrashing(b, now) {
-				out = append(out, b)
-			}
-		}
-		if len(out) > 0 {
+		if out = t.mostCrowded(list, now); len(out) > 0 {
 			return out
 		}
 	}
@@ -428,12 +425,18 @@ func (t *affinityTable) keepLeastHosting(list []*backend, now time.Time) []*back
 // that miss are then those on the fewest servers: with two crowded
 // servers where one would do, a hosted conversation on each missed every
 // turn (random-266: 27–33% of turns found their cache, 34–35% this way;
-// least_conn 37%). Only the thrashWalk most recent are read: it runs for
-// every new conversation on a crowded pool. t.mu is held.
+// least_conn 37%). A server holding more live conversations than its
+// known slots thrashes too, a miss seen or not (crowded), while the
+// traffic is conversational (followShare at least followMin). Only the
+// thrashWalk most recent are read: it runs for every new conversation on
+// a crowded pool. t.mu is held.
 func (t *affinityTable) thrashing(b *backend, now time.Time) bool {
 	h := t.hosting[b.srv.key]
 	if h == nil {
 		return false
+	}
+	if t.followShare() >= followMin && t.crowded(b, now) {
+		return true // single-turn traffic crowds no cache: each request is a conversation of one turn
 	}
 	i := 0
 	for e := h.recent.Front(); e != nil && i < thrashWalk; e, i = e.Next(), i+1 {

@@ -606,6 +606,6 @@ func TestAFollowUpStaysWhereMovingItEvictsAnActiveConversation(t *testing.T) {
 // evictsOnlyIdle reports whether a new conversation on b evicts none, or
 // one that has most likely ended (abandoned).
 func (t *affinityTable) evictsOnlyIdle(b *backend, now time.Time) bool {
-	_, idleOnly := t.evicts(b, now)
+	_, idleOnly, _ := t.evicts(b, b, now)
 	return idleOnly
 }
