@@ -94,11 +94,14 @@ func (t *affinityTable) gatherer(list, spread []*backend, now time.Time) *backen
 			return nil
 		}
 	}
-	most, _ := t.mostOver(list, now)
 	var gather *backend
+	most := -1
 	for _, b := range list {
-		if most >= 0 && t.thrashing(b, now) && t.excess(b, now) == most && (gather == nil || b.srv.key < gather.srv.key) {
-			gather = b
+		if !t.thrashing(b, now) {
+			continue
+		}
+		if n := t.excess(b, now); n > most || n == most && b.srv.key < gather.srv.key {
+			gather, most = b, n
 		}
 	}
 	return gather
@@ -130,7 +133,7 @@ func (t *affinityTable) mostCrowded(list []*backend, now time.Time) []*backend {
 
 // mostOver is the most live conversations over its slots that a backend of
 // list that thrashes holds (-1 when none thrashes), and whether one of
-// list does not thrash. t.mu is held.
+// list does not thrash (mostCrowded). t.mu is held.
 func (t *affinityTable) mostOver(list []*backend, now time.Time) (most int, spare bool) {
 	most = -1
 	for _, b := range list {
