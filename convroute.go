@@ -404,7 +404,7 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 	var prev *backend
 	var prevDelay delay
 	prevKnown := false
-	best, minLoad := math.Inf(1), int64(math.MaxInt64)
+	best, crowd, minLoad := math.Inf(1), math.Inf(1), int64(math.MaxInt64)
 	for _, b := range avail {
 		if !b.free() {
 			continue
@@ -424,6 +424,9 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 				one := [1]*backend{b}
 				if cost, full := h.affinity.evictionSeconds(one[:], j, now); full {
 					alt += cost
+					if h.affinity.evictsLive(b, now) {
+						crowd, alt = min(crowd, alt), math.Inf(1) // weighed apart (crowdedBest)
+					}
 				}
 			}
 			best = min(best, alt)
@@ -443,6 +446,9 @@ func (h *Handler) keepsConversation(all []*backend, key string, conv conversatio
 	}
 	if prev == nil {
 		return nil, 0
+	}
+	if prevKnown {
+		best = crowdedBest(best, crowd, prevDelay)
 	}
 	if !prevKnown && prev.srv.inFlight.Load() >= int64(max(prev.cfg.MaxParallel, 1)) {
 		// Its previous turn (or the same first message from another

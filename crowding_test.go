@@ -3,6 +3,7 @@ package ollamaflow
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -197,4 +198,54 @@ func TestACountedOutConversationTakesRoomBeforeGathering(t *testing.T) {
 		assert.Equal(t, want, got.cfg.Name, "%d conversations on c", onRoomy)
 		assert.Equal(t, routeAffinityEvicted, route)
 	}
+}
+
+// A follow-up cached on a slow server with a slot free stays there rather
+// than move onto a faster server whose slots all hold conversations still
+// going, however cheap the one eviction it is charged looks: the fast
+// server would hold one more conversation than slots, all of them missing
+// their caches turn after turn. Where it would wait at home, or where the
+// conversation it evicts has ended, it moves.
+func TestAFollowUpLeavesASlowServerOnlyForRoom(t *testing.T) {
+	now := time.Now()
+	history := []map[string]string{
+		{"role": "system", "content": strings.Repeat("Be brief and exact. ", 50)},
+		{"role": "user", "content": "the first question"}, {"role": "assistant", "content": "the first answer"}}
+	turn := func(msgs []map[string]string) ([]byte, conversation) {
+		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 150}}))
+		return body, conversationOf("/api/chat", "m", body)
+	}
+	_, prevTurn := turn(history)
+	body, conv := turn(append(slices.Clone(history), map[string]string{"role": "user", "content": "More detail."}))
+	j := newJob("m", apiOllama, body)
+	short := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"Hi"}]}`))
+
+	setup := func(victimAt time.Time) (*Handler, *backend, *backend, string, int) {
+		h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+		home, fast := learnedOneSlot("home", 4*ms, 4*ms, now), learnedOneSlot("fast", ms, ms, now)
+		h.affinity.record(prevTurn, home.srv.key, 0, now)
+		h.affinity.record(short, fast.srv.key, 0, victimAt) // fast's one cache slot
+		key, _, depth := h.affinity.lookup(conv, now)
+		require.Equal(t, home.srv.key, key)
+		return h, home, fast, key, depth
+	}
+	h, home, fast, key, depth := setup(now)
+	dHome, _ := h.estimateOf(home, j)
+	dFast, _ := h.estimateOf(fast, j)
+	one := [1]*backend{fast}
+	evict, full := h.affinity.evictionSeconds(one[:], j, now)
+	require.True(t, full)
+	require.Greater(t, dHome.total()-dHome.prompt, (dFast.total()+evict)*(1+affinityTie)+affinityTieMargin,
+		"home is slower even with its whole prompt cached and the eviction charged")
+	require.Zero(t, dHome.wait)
+	assert.Same(t, home, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, 0)), "stays: fast's slot holds a live conversation")
+
+	// Busy at home: the move relieves a wait.
+	home.srv.inFlight.Store(1)
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, 0)), "a wait at home: the policy chooses")
+	home.srv.inFlight.Store(0)
+
+	// The conversation on fast has ended: nothing live is evicted.
+	h, home, fast, key, depth = setup(now.Add(-abandonedAfter - time.Second))
+	assert.Nil(t, keptBackend(h.keepsConversation([]*backend{fast, home}, key, conv, depth, j, 0)), "fast's slot holds an ended conversation")
 }
