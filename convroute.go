@@ -171,12 +171,11 @@ func hasSureSlot(b *backend) bool {
 // unshared is the free backend of avail (a sample above largePool) with a
 // slot free (or one not ruled out, priced with half the wait), nothing to
 // load and j's model resident, the cheapest of those, when every server
-// near the best (near,
-// best its delay) has its sure slots busy and that backend's expected
-// delay is within what the best costs the pool: best × (1 + r) plus r ×
-// the cache it evicts there, r being the share of turns that are
-// follow-ups (followShare); nil if none. Each later turn of a
-// conversation placed where every slot is busy waits behind the turn of
+// near the best (near, best its delay) has its sure slots busy and that
+// backend's expected delay is within what the best costs the pool:
+// best × (1 + r) plus r × the cache it evicts there, r being the share of
+// turns that are follow-ups (followShare); nil if none. Each later turn of
+// a conversation placed where every slot is busy waits behind the turn of
 // the one it shares a slot with, and re-evaluates the history the other
 // evicted, and the other's turns pay the same: sharing costs the other
 // conversation about what it costs this one, as often as there are later

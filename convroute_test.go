@@ -552,6 +552,22 @@ func TestAConversationOfQuickTurnsIsTakenAsEndedSooner(t *testing.T) {
 	assert.True(t, setup(600*ms, true).evictsOnlyIdle(big, now.Add(1610*ms)), "2 s after its last turn, any conversation is taken as ended")
 }
 
+// briefFollowUp is a conversation's previous turn (a system prompt of
+// 1,000 characters, 250 tokens, and one exchange) and the follow-up that
+// asks next, with its body; answers of 150 tokens.
+func briefFollowUp(t *testing.T, next string) (prevTurn conversation, body []byte, conv conversation) {
+	history := []map[string]string{
+		{"role": "system", "content": strings.Repeat("Be brief and exact. ", 50)},
+		{"role": "user", "content": "the first question"}, {"role": "assistant", "content": "the first answer"}}
+	turn := func(msgs []map[string]string) ([]byte, conversation) {
+		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 150}}))
+		return body, conversationOf("/api/chat", "m", body)
+	}
+	_, prevTurn = turn(history)
+	body, conv = turn(append(history, map[string]string{"role": "user", "content": next}))
+	return prevTurn, body, conv
+}
+
 // A follow-up whose server slowed down stays there, cached, while moving
 // it to a faster server would evict the cache of a conversation active
 // there: that conversation's next turn evaluates its prompt again, which
@@ -561,15 +577,7 @@ func TestAConversationOfQuickTurnsIsTakenAsEndedSooner(t *testing.T) {
 // least_conn's 21.6, which leaves them where they are).
 func TestAFollowUpStaysWhereMovingItEvictsAnActiveConversation(t *testing.T) {
 	now := time.Now()
-	history := []map[string]string{
-		{"role": "system", "content": strings.Repeat("Be brief and exact. ", 50)}, // 1,000 chars: 250 tokens
-		{"role": "user", "content": "the first question"}, {"role": "assistant", "content": "the first answer"}}
-	turn := func(msgs []map[string]string) ([]byte, conversation) {
-		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 150}}))
-		return body, conversationOf("/api/chat", "m", body)
-	}
-	_, prevTurn := turn(history)
-	body, conv := turn(append(slices.Clone(history), map[string]string{"role": "user", "content": strings.Repeat("More detail. ", 15)}))
+	prevTurn, body, conv := briefFollowUp(t, strings.Repeat("More detail. ", 15))
 	j := newJob("m", apiOllama, body)
 	other := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"`+strings.Repeat("Another user's document. ", 160)+`"}]}`))
 

@@ -3,7 +3,6 @@ package ollamaflow
 import (
 	"fmt"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -208,15 +207,7 @@ func TestACountedOutConversationTakesRoomBeforeGathering(t *testing.T) {
 // conversation it evicts has ended, it moves.
 func TestAFollowUpLeavesASlowServerOnlyForRoom(t *testing.T) {
 	now := time.Now()
-	history := []map[string]string{
-		{"role": "system", "content": strings.Repeat("Be brief and exact. ", 50)},
-		{"role": "user", "content": "the first question"}, {"role": "assistant", "content": "the first answer"}}
-	turn := func(msgs []map[string]string) ([]byte, conversation) {
-		body := []byte(mustJSON(t, map[string]any{"model": "m", "messages": msgs, "options": map[string]any{"num_predict": 150}}))
-		return body, conversationOf("/api/chat", "m", body)
-	}
-	_, prevTurn := turn(history)
-	body, conv := turn(append(slices.Clone(history), map[string]string{"role": "user", "content": "More detail."}))
+	prevTurn, body, conv := briefFollowUp(t, "More detail.")
 	j := newJob("m", apiOllama, body)
 	short := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"Hi"}]}`))
 
