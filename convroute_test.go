@@ -552,6 +552,22 @@ func TestAConversationOfQuickTurnsIsTakenAsEndedSooner(t *testing.T) {
 	assert.True(t, setup(600*ms, true).evictsOnlyIdle(big, now.Add(1610*ms)), "2 s after its last turn, any conversation is taken as ended")
 }
 
+// slowHomeFastOther is a handler whose affinity table holds prevTurn on
+// home, a server of one slot 4x slower than fast, and, when onFast is not
+// nil, that conversation on fast's one slot with its turn at at; and
+// conv's server key and depth as looked up there.
+func slowHomeFastOther(t *testing.T, prevTurn, conv conversation, onFast *conversation, at, now time.Time) (*Handler, *backend, *backend, string, int) {
+	h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+	home, fast := learnedOneSlot("home", 4*ms, 4*ms, now), learnedOneSlot("fast", ms, ms, now)
+	h.affinity.record(prevTurn, home.srv.key, 0, now)
+	if onFast != nil {
+		h.affinity.record(*onFast, fast.srv.key, 0, at)
+	}
+	key, _, depth := h.affinity.lookup(conv, now)
+	require.Equal(t, home.srv.key, key)
+	return h, home, fast, key, depth
+}
+
 // briefFollowUp is a conversation's previous turn (a system prompt of
 // 1,000 characters, 250 tokens, and one exchange) and the follow-up that
 // asks next, with its body; answers of 150 tokens.
@@ -582,15 +598,10 @@ func TestAFollowUpStaysWhereMovingItEvictsAnActiveConversation(t *testing.T) {
 	other := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"`+strings.Repeat("Another user's document. ", 160)+`"}]}`))
 
 	setup := func(victim bool) (*Handler, *backend, *backend, string, int) {
-		h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
-		home, fast := learnedOneSlot("home", 4*ms, 4*ms, now), learnedOneSlot("fast", ms, ms, now)
-		h.affinity.record(prevTurn, home.srv.key, 0, now)
 		if victim {
-			h.affinity.record(other, fast.srv.key, 0, now) // its one cache slot, in use
+			return slowHomeFastOther(t, prevTurn, conv, &other, now, now) // its one cache slot, in use
 		}
-		key, _, depth := h.affinity.lookup(conv, now)
-		require.Equal(t, home.srv.key, key)
-		return h, home, fast, key, depth
+		return slowHomeFastOther(t, prevTurn, conv, nil, now, now)
 	}
 
 	// Nothing cached on fast: its speed wins over home's cache.

@@ -212,13 +212,7 @@ func TestAFollowUpLeavesASlowServerOnlyForRoom(t *testing.T) {
 	short := conversationOf("/api/chat", "m", []byte(`{"messages":[{"role":"user","content":"Hi"}]}`))
 
 	setup := func(victimAt time.Time) (*Handler, *backend, *backend, string, int) {
-		h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
-		home, fast := learnedOneSlot("home", 4*ms, 4*ms, now), learnedOneSlot("fast", ms, ms, now)
-		h.affinity.record(prevTurn, home.srv.key, 0, now)
-		h.affinity.record(short, fast.srv.key, 0, victimAt) // fast's one cache slot
-		key, _, depth := h.affinity.lookup(conv, now)
-		require.Equal(t, home.srv.key, key)
-		return h, home, fast, key, depth
+		return slowHomeFastOther(t, prevTurn, conv, &short, victimAt, now) // fast's one cache slot
 	}
 	h, home, fast, key, depth := setup(now)
 	dHome, _ := h.estimateOf(home, j)
