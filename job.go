@@ -66,6 +66,9 @@ type job struct {
 	copyable bool
 	copyTo   *backend
 	copy     bool
+	// loadTo is the server a demand move claimed a load copy for
+	// (loadcopy.go), sent by the attempt loop with the measuring copy.
+	loadTo *backend
 	// uncached: a copy whose prompt begins with a nonce (uncacheable), so
 	// no prompt cache served any of it.
 	uncached bool

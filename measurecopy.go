@@ -81,6 +81,7 @@ func (h *Handler) copyable(r *http.Request, api apiFormat, kind routeKind, body 
 // sendCopy sends the measuring copy the pick claimed for j (j.copyTo), if
 // any; the claim is released whatever happens.
 func (h *Handler) sendCopy(r *http.Request, api apiFormat, kind routeKind, body []byte, j *job) {
+	h.sendLoadCopy(r, api, kind, body, j)
 	b := j.copyTo
 	if b == nil {
 		return
@@ -91,7 +92,7 @@ func (h *Handler) sendCopy(r *http.Request, api apiFormat, kind routeKind, body 
 		b.srv.speed.copyDone()
 		return
 	}
-	out, uncached, cancel, err := h.copyRequest(r, api, kind, body, b, j)
+	out, uncached, cancel, err := h.copyRequest(r, api, kind, body, b, copyCap(j.maxOutput))
 	if err != nil {
 		b.release()
 		copiesInFlight.Add(-1)
@@ -99,11 +100,15 @@ func (h *Handler) sendCopy(r *http.Request, api apiFormat, kind routeKind, body 
 		return
 	}
 	cj := &job{model: j.model, promptChars: j.promptChars, maxOutput: copyCap(j.maxOutput), copy: true, uncached: uncached, answers: j.answers}
-	go h.runCopy(b, api, out, cancel, cj)
+	go h.runCopy(b, api, out, cancel, cj, true)
 }
 
 // dropCopy releases a copy claimed for j that was never sent.
 func dropCopy(j *job) {
+	if j.loadTo != nil {
+		j.loadTo.srv.speed.unplanLoad(j.model)
+		j.loadTo = nil
+	}
 	if j.copyTo != nil {
 		j.copyTo.srv.speed.copyDone()
 		j.copyTo = nil
@@ -123,12 +128,12 @@ func copyCap(maxOutput int) int {
 // streamed, its output capped, its prompt made uncacheable where it can be
 // (uncached); bound to the server's life and copyTimeout, not to the
 // client's request.
-func (h *Handler) copyRequest(r *http.Request, api apiFormat, kind routeKind, body []byte, b *backend, j *job) (*http.Request, bool, context.CancelFunc, error) {
+func (h *Handler) copyRequest(r *http.Request, api apiFormat, kind routeKind, body []byte, b *backend, capTokens int) (*http.Request, bool, context.CancelFunc, error) {
 	body, err := b.cfg.pinsFor(kind, vocabOf(r.URL.Path)).apply(body)
 	if err != nil {
 		return nil, false, nil, err
 	}
-	if body, err = copyPins(api, copyCap(j.maxOutput)).apply(body); err != nil {
+	if body, err = copyPins(api, capTokens).apply(body); err != nil {
 		return nil, false, nil, err
 	}
 	body, uncached := uncacheable(r.URL.Path, body)
@@ -261,12 +266,16 @@ const maxCopyAnswer = 64 << 10
 
 // runCopy sends the copy and learns from its answer; it holds a slot on
 // the server while it runs, as a client's request would.
-func (h *Handler) runCopy(b *backend, api apiFormat, out *http.Request, cancel context.CancelFunc, j *job) {
+func (h *Handler) runCopy(b *backend, api apiFormat, out *http.Request, cancel context.CancelFunc, j *job, measuring bool) {
 	defer copiesInFlight.Add(-1)
-	defer b.srv.speed.copyDone()
+	if measuring {
+		defer b.srv.speed.copyDone()
+		metrics.measuringCopies.WithLabelValues(h.Name, b.cfg.Name).Inc()
+	} else {
+		metrics.loadCopies.WithLabelValues(h.Name, b.cfg.Name, j.model).Inc()
+	}
 	defer b.release()
 	defer cancel()
-	metrics.measuringCopies.WithLabelValues(h.Name, b.cfg.Name).Inc()
 	started := time.Now()
 	work := b.begin(j, started)
 	defer work.end()

@@ -32,7 +32,10 @@ var metrics = struct {
 	// measuringCopies counts copies of requests sent to re-measure a
 	// server believed slow (measurecopy.go).
 	measuringCopies *prometheus.CounterVec
-	liveState       prometheus.Collector
+	// loadCopies counts copies of requests sent to load a model where
+	// demand placement wants a copy of it (loadcopy.go).
+	loadCopies *prometheus.CounterVec
+	liveState  prometheus.Collector
 }{
 	requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "ollamaflow", Name: "requests_total",
@@ -84,6 +87,10 @@ var metrics = struct {
 		Namespace: "ollamaflow", Name: "measuring_copies_total",
 		Help: "Copies of waiting requests sent to re-measure an idle server least_delay believes slow, their answers read by the proxy alone (capped output, not streamed).",
 	}, []string{"frontend", "backend"}),
+	loadCopies: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "ollamaflow", Name: "load_copies_total",
+		Help: "Copies of requests sent to load a model on a server where demand placement wants a copy of it, so that no client waits for the load (one token, not streamed, read by the proxy alone).",
+	}, []string{"frontend", "backend", "model"}),
 	liveState: liveStateCollector{},
 }
 
@@ -96,7 +103,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	}
 	for _, c := range []prometheus.Collector{metrics.requests, metrics.retries, metrics.firstByte,
 		metrics.tokens, metrics.coldLoads, metrics.queueWait, metrics.pulls, metrics.responsesCut,
-		metrics.tenantRequests, metrics.tenantTokens, metrics.affinity, metrics.measuringCopies, metrics.liveState} {
+		metrics.tenantRequests, metrics.tenantTokens, metrics.affinity, metrics.measuringCopies, metrics.loadCopies, metrics.liveState} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

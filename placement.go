@@ -272,6 +272,14 @@ func (sp *speed) takePlannedLocked(model string) {
 	}
 }
 
+// unplanLoad gives up the load planned for model (planLoad) whose request
+// was never sent.
+func (sp *speed) unplanLoad(model string) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.takePlannedLocked(model)
+}
+
 // notResident reports whether model is not resident on b as far as its
 // snapshot says, which is also true before its lists were read (begin
 // checks known itself: a request then is no load).

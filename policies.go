@@ -270,7 +270,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// server holding a model with more than its share loads it
 	// (placementMove).
 	if len(ties) > 0 && !bestCold(observed, ties[0]) {
-		if b := h.placementMove(avail, j, now); b != nil {
+		if b := h.placementMove(avail, j, now); b != nil && !h.claimLoadCopy(b, j) {
 			return b
 		}
 	}

@@ -158,7 +158,7 @@ func (h *Handler) acquireFirst(r *http.Request, avail []*backend, conv conversat
 		// A model short of copies for its share of the requests takes
 		// one before affinity or spreading narrow the choice to servers
 		// that hold it (placementMove).
-		if b := h.placementMove(filterBackends(avail, (*backend).free), j, time.Now()); b != nil && b.tryAcquire() {
+		if b := h.placementMove(filterBackends(avail, (*backend).free), j, time.Now()); b != nil && !h.claimLoadCopy(b, j) && b.tryAcquire() {
 			h.planLoad(b, j)
 			return b, sticky, routePolicy, 0
 		}

@@ -234,7 +234,7 @@ func main() {
 	flag.BoolVar(&affinity, "affinity", true, "conversation affinity (ollamaflow policies)")
 	random := flag.Int("random", 0, "add this many random workloads (random.go), random-01 onwards")
 	randomModels := flag.Int("random-models", 0, "add this many random workloads with several models (randmodels.go), models-01 onwards")
-	trace := flag.Bool("trace", false, "print a line per measured request to stderr: sent at, client, prompt tokens, cap, server, latency")
+	trace := flag.Bool("trace", false, "print a line per request to stderr: sent at, client, prompt tokens, cap, server, latency (the phases before the measured one under policy/warm)")
 	list := flag.Bool("list", false, "print each selected workload's name and note, and run nothing")
 	flag.Parse()
 	if *trace {
@@ -347,14 +347,19 @@ func run(w workload, policy string, port int, seed uint64) result {
 				}
 			}
 			lastServer.Store(req.convo, server)
-			if !ph.measured {
-				return
-			}
 			mu.Lock()
 			if traceTo != nil {
+				label := policy
+				if !ph.measured {
+					label += "/warm" // the phases before the measured one, traced apart
+				}
 				fmt.Fprintf(traceTo, "trace %s %s at %.3f model %s client %d convo %d turn %d prompt %d cap %d server %s route %s prompt_eval %.3f took %.3f err %v load %.3f\n",
-					w.name, policy, t0.Sub(start).Seconds(), req.model, c, req.convo, req.turn, req.promptTokens, req.tokens, server,
+					w.name, label, t0.Sub(start).Seconds(), req.model, c, req.convo, req.turn, req.promptTokens, req.tokens, server,
 					req.seen.route, req.seen.promptEval.Seconds(), d.Seconds(), err, req.seen.load.Seconds())
+			}
+			if !ph.measured {
+				mu.Unlock()
+				return
 			}
 			if err != nil {
 				res.errs++
