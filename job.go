@@ -61,8 +61,9 @@ type job struct {
 	// still being measured (awaitMeasuring); zero if never.
 	heldSince time.Time
 	// copyable: a copy of the request may measure a server believed slow
-	// (measurecopy.go); copyTo is the server a pick claimed one for, sent
-	// by the attempt loop; copy: this is such a copy.
+	// (measurecopy.go) or load a model (loadcopy.go); copyTo is the server
+	// a pick claimed a measuring one for, sent by the attempt loop; copy:
+	// this is a copy, measuring or loading.
 	copyable bool
 	copyTo   *backend
 	copy     bool

@@ -50,18 +50,7 @@ func (h *Handler) sendLoadCopy(r *http.Request, api apiFormat, kind routeKind, b
 		return
 	}
 	j.loadTo = nil
-	if copiesInFlight.Add(1) > maxCopies || !b.tryAcquire() {
-		copiesInFlight.Add(-1)
+	if !h.launchCopy(r, api, kind, body, b, j, loadCopyTokens, false) {
 		b.srv.speed.unplanLoad(j.model)
-		return
 	}
-	out, uncached, cancel, err := h.copyRequest(r, api, kind, body, b, loadCopyTokens)
-	if err != nil {
-		b.release()
-		copiesInFlight.Add(-1)
-		b.srv.speed.unplanLoad(j.model)
-		return
-	}
-	cj := &job{model: j.model, promptChars: j.promptChars, maxOutput: loadCopyTokens, copy: true, uncached: uncached, answers: j.answers}
-	go h.runCopy(b, api, out, cancel, cj, false)
 }

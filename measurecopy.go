@@ -87,20 +87,29 @@ func (h *Handler) sendCopy(r *http.Request, api apiFormat, kind routeKind, body 
 		return
 	}
 	j.copyTo, j.copyable = nil, false // one copy per request
+	if !h.launchCopy(r, api, kind, body, b, j, copyCap(j.maxOutput), true) {
+		b.srv.speed.copyDone()
+	}
+}
+
+// launchCopy sends a copy of j's request to b, its output capped at
+// capTokens, holding one of maxCopies and a slot on b while it runs; a
+// measuring copy (measurecopy.go) or a load copy (loadcopy.go). false: none
+// was sent.
+func (h *Handler) launchCopy(r *http.Request, api apiFormat, kind routeKind, body []byte, b *backend, j *job, capTokens int, measuring bool) bool {
 	if copiesInFlight.Add(1) > maxCopies || !b.tryAcquire() {
 		copiesInFlight.Add(-1)
-		b.srv.speed.copyDone()
-		return
+		return false
 	}
-	out, uncached, cancel, err := h.copyRequest(r, api, kind, body, b, copyCap(j.maxOutput))
+	out, uncached, cancel, err := h.copyRequest(r, api, kind, body, b, capTokens)
 	if err != nil {
 		b.release()
 		copiesInFlight.Add(-1)
-		b.srv.speed.copyDone()
-		return
+		return false
 	}
-	cj := &job{model: j.model, promptChars: j.promptChars, maxOutput: copyCap(j.maxOutput), copy: true, uncached: uncached, answers: j.answers}
-	go h.runCopy(b, api, out, cancel, cj, true)
+	cj := &job{model: j.model, promptChars: j.promptChars, maxOutput: capTokens, copy: true, uncached: uncached, answers: j.answers}
+	go h.runCopy(b, api, out, cancel, cj, measuring)
+	return true
 }
 
 // dropCopy releases a copy claimed for j that was never sent.
