@@ -107,6 +107,22 @@ func TestAServerOfUnknownRoomIsTakenToHoldAsManyModelsAsThePoolShows(t *testing.
 	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now))
 }
 
+// A load priced on a server whose latest list showed one model takes that
+// server's room as one, and the pool's hint with it (roomHint): broader
+// than an eviction, and kept so, as counting evictions alone let demand
+// moves evict models in use on servers of smaller room.
+func TestALoadPricedBesideOneListedModelMakesThePoolsHintOne(t *testing.T) {
+	now := time.Now()
+	pool := []*backend{testBackend("s1", nil), testBackend("s2", nil)}
+	pool[0].srv.models.Store(psWith("a", "c")) // listed two at once
+	one := psWith("b")
+	one.at = now
+	pool[1].srv.models.Store(one)
+	assert.Equal(t, 2, roomHint(pool), "nothing priced yet: the most any server listed")
+	evictionCost(pool[1], "a", pool, now.Add(time.Millisecond))
+	assert.Equal(t, 1, roomHint(pool))
+}
+
 func TestACopyIsNotPlacedWhereItServesLittle(t *testing.T) {
 	now := time.Now()
 	// a on "busy" (two slots, both taken); "idle" is idle and five times
