@@ -406,8 +406,9 @@ func (d *modelDemand) shareOf(model string, now time.Time) (share, total float64
 }
 
 // roomLocked is the server's room for models as far as known: learned
-// from an eviction, or as many as its lists showed at once, at least hint
-// (the pool's, roomHint) while no eviction has shown less; at least one.
+// from an eviction, or as many as its lists showed at once, and at least
+// hint (the pool's, roomHint), even where an eviction showed this server
+// less (only a room of one lowers the hint itself); at least one.
 func (sp *speed) roomLocked(snap *modelSnapshot, hint int) int {
 	if room := max(sp.room, psCount(snap)); room > 0 && room >= hint {
 		return room
