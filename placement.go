@@ -332,13 +332,25 @@ func joinLoadCost(b *backend, model string, service float64, now time.Time) floa
 // Models that lack about as much stay where they are, so they settle;
 // one move per model at a time, and no model loses its last copy.
 
-// demandTau is how fast the shares forget; planMinRequests is the
-// (decayed) number of requests below which shares say too little to move
-// a model: with 20, a share of 40 % read as 50 % now and then and moved a
-// model that fitted (models-room-2-3: one load more per 300 requests).
+// demandTau is how fast the shares forget, on a pool serving more than
+// demandMemory/demandTau requests a second; on a slower one (a GPU pool
+// of answers taking seconds) each request ages the counts by one
+// demandMemory-th instead, so that the shares are always those of at
+// least the last demandMemory requests or so. Forgetting by time alone,
+// a pool below 10 requests a second never reached planMinRequests and
+// never placed a model by demand: with three requests in four for
+// model-a, on one server of three while the other two held model-b,
+// model-a kept one or two copies for good (slow-mix).
+//
+// planMinRequests is the (decayed) number of requests below which shares
+// say too little to move a model: with 20, a share of 40 % read as 50 %
+// now and then and moved a model that fitted (models-room-2-3: one load
+// more per 300 requests). On a slow pool it is reached after about 160
+// requests.
 const (
 	planMargin      = 0.5 // copies: what a move must gain, so that models settle
 	demandTau       = 10 * time.Second
+	demandMemory    = 150
 	planMinRequests = 100
 	maxDemandModels = 64
 )
@@ -353,11 +365,14 @@ type modelDemand struct {
 
 func newModelDemand() *modelDemand { return &modelDemand{counts: make(map[string]float64)} }
 
-// decayLocked ages the counts to now.
+// decayLocked ages the counts from the last request to now, as a request
+// arrives: by time (demandTau), or by one demandMemory-th where that
+// forgets less (a slow pool, or the first request after a quiet spell:
+// what the pool was asked before it is still all it knows).
 func (d *modelDemand) decayLocked(now time.Time) {
 	if dt := now.Sub(d.at); dt > 0 {
 		if !d.at.IsZero() {
-			f := math.Exp(-dt.Seconds() / demandTau.Seconds())
+			f := max(math.Exp(-dt.Seconds()/demandTau.Seconds()), 1-1.0/demandMemory)
 			for m, c := range d.counts {
 				d.counts[m] = c * f
 			}
@@ -391,14 +406,14 @@ func (d *modelDemand) note(model string, now time.Time) {
 }
 
 // shareOf returns model's share of the recent requests, and how many
-// (decayed) there were.
-func (d *modelDemand) shareOf(model string, now time.Time) (share, total float64) {
+// (decayed) there were, as of the last request: between requests nothing
+// ages (on a slow pool, the wait for the next request is no news).
+func (d *modelDemand) shareOf(model string) (share, total float64) {
 	if d == nil {
 		return 0, 0
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.decayLocked(now)
 	if d.total <= 0 {
 		return 0, 0
 	}
@@ -465,7 +480,7 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 	if len(pool) > largePool || len(pool) < 2 {
 		return nil
 	}
-	share, requests := h.demand.shareOf(j.model, now)
+	share, requests := h.demand.shareOf(j.model)
 	if requests < planMinRequests {
 		return nil
 	}
@@ -525,7 +540,7 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		// lack less than the model does now.
 		ok := free
 		if victim != "" {
-			vs, _ := h.demand.shareOf(victim, now)
+			vs, _ := h.demand.shareOf(victim)
 			copies := placesOf(pool, victim)
 			ok = copies >= 2 && vs*float64(total)-float64(copies-1)+planMargin < need
 		}

@@ -66,11 +66,62 @@ func TestModelDemandIsBounded(t *testing.T) {
 		d.note(fmt.Sprintf("m%d", i), now)
 	}
 	assert.Len(t, d.counts, maxDemandModels)
-	_, total := d.shareOf("m0", now)
+	_, total := d.shareOf("m0")
 	assert.InDelta(t, float64(maxDemandModels), total, 1e-6)
-	// Shares forget: a minute later the counts are a few hundredths.
-	_, total = d.shareOf("m0", now.Add(time.Minute))
-	assert.Less(t, total, 1.0)
+}
+
+// Shares forget by time on a busy pool and by requests on a slow one: the
+// decayed count of requests settles near the larger of demandTau's worth
+// and demandMemory, so a pool of answers taking seconds reaches
+// planMinRequests too (forgetting by time alone, 2 requests a second
+// settled at 20 and never placed a model by demand).
+func TestModelDemandForgetsByTimeOnABusyPoolAndByRequestsOnASlowOne(t *testing.T) {
+	settle := func(perSecond float64, n int) (*modelDemand, time.Time) {
+		d := newModelDemand()
+		now := time.Now()
+		gap := time.Duration(float64(time.Second) / perSecond)
+		for i := range n {
+			now = now.Add(gap)
+			m := "a"
+			if i%4 == 3 {
+				m = "b"
+			}
+			d.note(m, now)
+		}
+		return d, now
+	}
+	busy, _ := settle(50, 2000) // 40 s at 50 a second
+	share, total := busy.shareOf("a")
+	assert.InDelta(t, 500, total, 10, "50 a second over demandTau's 10 s")
+	assert.InDelta(t, 0.75, share, 0.01)
+
+	slow, now := settle(2, 1000) // 500 s at 2 a second
+	share, total = slow.shareOf("a")
+	assert.InDelta(t, demandMemory, total, 3, "the last demandMemory requests or so, not 20")
+	assert.Greater(t, total, float64(planMinRequests))
+	assert.InDelta(t, 0.75, share, 0.02)
+
+	// How many requests a slow pool needs before moves: about 160.
+	few, _ := settle(2, 140)
+	_, total = few.shareOf("a")
+	assert.Less(t, total, float64(planMinRequests), "140 requests say too little yet")
+
+	// Nothing ages between requests; after a quiet hour the next request
+	// ages the counts by one request, not by the hour.
+	_, before := slow.shareOf("a")
+	_, after := slow.shareOf("a")
+	assert.Equal(t, before, after)
+	slow.note("b", now.Add(time.Hour))
+	share, total = slow.shareOf("b")
+	assert.InDelta(t, before*(1-1.0/demandMemory)+1, total, 1e-9)
+	assert.InDelta(t, 0.25, share, 0.02)
+
+	// And a busy pool turned quiet keeps what it learned: its counts
+	// age by time only while that forgets less than requests would.
+	_, busyTotal := busy.shareOf("a")
+	busy.note("a", time.Now().Add(time.Hour))
+	_, total = busy.shareOf("a")
+	assert.InDelta(t, busyTotal*(1-1.0/demandMemory)+1, total, 1e-9)
 }
 
 // A server whose /api/ps listed one model has shown no room: while another

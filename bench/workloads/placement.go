@@ -13,6 +13,10 @@ import (
 //	                   requests for model-a, a third for model-b: ideal is a on two, b on one
 //	three-models-four  4 servers of room 1 (0.5 s loads), nothing loaded; models asked 50, 30
 //	                   and 20 % of the time: ideal is the first on two servers
+//	slow-mix           3 servers of 2 slots and room 2 (2 s loads), answers of 0.6 s (a GPU
+//	                   pool's pace: at most 10 requests a second); model-a on s1 only, model-b
+//	                   on s2 and s3, and three requests in four for model-a: ideal is model-a
+//	                   loaded beside model-b on every server
 func placementWorkloads() []workload {
 	room1 := func(n int, load time.Duration) []spec {
 		var s []spec
@@ -42,5 +46,11 @@ func placementWorkloads() []workload {
 		{name: "three-models-four", models: three, servers: room1(4, 500*ms),
 			phases: []phase{{conc: 8, n: 400, measured: true, next: mix(three, []int{50, 30, 20})}},
 			note:   "ideal: m1 on two servers, m2 and m3 on one each, 4 loads"},
+		{name: "slow-mix", models: two, servers: []spec{
+			{name: "s1", parallel: 2, prompt: 600 * ms, loadDelay: 2 * time.Second, maxLoaded: 2, loaded: []string{"model-a"}},
+			{name: "s2", parallel: 2, prompt: 600 * ms, loadDelay: 2 * time.Second, maxLoaded: 2, loaded: []string{"model-b"}},
+			{name: "s3", parallel: 2, prompt: 600 * ms, loadDelay: 2 * time.Second, maxLoaded: 2, loaded: []string{"model-b"}}},
+			phases: []phase{{conc: 1, n: 20, next: mix(two, []int{75, 25})}, {conc: 6, n: 500, measured: true, next: mix(two, []int{75, 25})}},
+			note:   "6 slots of 0.6 s answers: 10 req/s once model-a is on every server, under 5 on one"},
 	}
 }
