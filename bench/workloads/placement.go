@@ -38,6 +38,16 @@ func placementWorkloads() []workload {
 		}
 	}
 	two := []string{"model-a", "model-b"}
+	// slow-mix: servers of 2 slots and room 2 at a GPU pool's pace, one model each.
+	slowPool := func(loaded ...string) []spec {
+		var s []spec
+		for i, m := range loaded {
+			s = append(s, spec{name: fmt.Sprintf("s%d", i+1), parallel: 2, prompt: 600 * ms,
+				loadDelay: 2 * time.Second, maxLoaded: 2, loaded: []string{m}})
+		}
+		return s
+	}
+	slowMix := mix(two, []int{75, 25})
 	three := []string{"m1", "m2", "m3"}
 	return []workload{
 		{name: "two-models-empty", models: two, servers: room1(3, time.Second),
@@ -46,11 +56,8 @@ func placementWorkloads() []workload {
 		{name: "three-models-four", models: three, servers: room1(4, 500*ms),
 			phases: []phase{{conc: 8, n: 400, measured: true, next: mix(three, []int{50, 30, 20})}},
 			note:   "ideal: m1 on two servers, m2 and m3 on one each, 4 loads"},
-		{name: "slow-mix", models: two, servers: []spec{
-			{name: "s1", parallel: 2, prompt: 600 * ms, loadDelay: 2 * time.Second, maxLoaded: 2, loaded: []string{"model-a"}},
-			{name: "s2", parallel: 2, prompt: 600 * ms, loadDelay: 2 * time.Second, maxLoaded: 2, loaded: []string{"model-b"}},
-			{name: "s3", parallel: 2, prompt: 600 * ms, loadDelay: 2 * time.Second, maxLoaded: 2, loaded: []string{"model-b"}}},
-			phases: []phase{{conc: 1, n: 20, next: mix(two, []int{75, 25})}, {conc: 6, n: 500, measured: true, next: mix(two, []int{75, 25})}},
+		{name: "slow-mix", models: two, servers: slowPool("model-a", "model-b", "model-b"),
+			phases: []phase{{conc: 1, n: 20, next: slowMix}, {conc: 6, n: 500, measured: true, next: slowMix}},
 			note:   "6 slots of 0.6 s answers: 10 req/s once model-a is on every server, under 5 on one"},
 	}
 }
