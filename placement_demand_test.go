@@ -170,7 +170,7 @@ func TestALoadPricedBesideOneListedModelMakesThePoolsHintOne(t *testing.T) {
 	one.at = now
 	pool[1].srv.models.Store(one)
 	assert.Equal(t, 2, roomHint(pool), "nothing priced yet: the most any server listed")
-	evictionCost(pool[1], "a", pool, now.Add(time.Millisecond))
+	evictionCost(pool[1], "a", pool, nil, now.Add(time.Millisecond))
 	assert.Equal(t, 1, roomHint(pool))
 }
 
@@ -254,4 +254,54 @@ func TestAMoveGoesWhereTheRequestIsServedSoonest(t *testing.T) {
 	e, _ := h.estimateOf(slowload, &job{model: "a"})
 	require.Less(t, d.total(), e.total())
 	assert.Same(t, quick, h.placementMove(pool, &job{model: "a"}, now), "not the idle server with the slow load")
+}
+
+// Evicting a model's only copy costs its load once for every server it
+// would go to, and more the more it is asked: each request for it until
+// it is loaded again waits for that load (half of it on average). So a
+// request for a model the pool asks rarely does not evict the only copy
+// of the one it asks most, while evicting a rarely asked one costs little
+// more than its load.
+func TestEvictingTheOnlyCopyOfAModelInDemandCostsMoreThanItsLoad(t *testing.T) {
+	now := time.Now()
+	b := testBackend("s1", nil)
+	b.srv.models.Store(psWith("hot", "cold"))
+	b.srv.speed.room = 2
+	learned(b, now)
+	b.srv.speed.mu.Lock()
+	b.srv.speed.ratesLocked("cold").lastUsed = now.Add(-2 * time.Second)
+	b.srv.speed.ratesLocked("hot").lastUsed = now.Add(-time.Second)
+	b.srv.speed.mu.Unlock()
+	pool := []*backend{b}
+	load := b.srv.speed.coldCost("hot")
+
+	d := newModelDemand()
+	for i := range 900 { // 20 requests a second, three in four for hot
+		at := now.Add(-45*time.Second + time.Duration(i)*50*time.Millisecond)
+		if i%4 == 3 {
+			d.note("cold", at)
+		} else {
+			d.note("hot", at)
+		}
+	}
+	assert.InDelta(t, 15, d.rateOf("hot"), 2, "three in four of about 20 a second")
+	assert.InDelta(t, load, evictionCost(b, "new", pool, nil, now), 1e-9, "no demand known: the load")
+
+	// The least recently used goes: "cold", asked 5 times a second.
+	assert.InDelta(t, load*(1+d.rateOf("cold")*load/2), evictionCost(b, "new", pool, d, now), 1e-9)
+
+	// With hot the least recently used, its eviction costs three times as
+	// much more.
+	b.srv.speed.mu.Lock()
+	b.srv.speed.ratesLocked("cold").lastUsed = now
+	b.srv.speed.mu.Unlock()
+	hot := evictionCost(b, "new", pool, d, now)
+	assert.InDelta(t, load*(1+d.rateOf("hot")*load/2), hot, 1e-9)
+	assert.Greater(t, hot, 5*load)
+
+	// A second copy elsewhere: the requests go there, and the load is
+	// shared as before.
+	other := testBackend("s2", nil)
+	other.srv.models.Store(psWith("hot"))
+	assert.InDelta(t, load/2, evictionCost(b, "new", []*backend{b, other}, d, now), 1e-9)
 }

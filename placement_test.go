@@ -346,15 +346,15 @@ func TestALoadBesideAModelInUseIsPricedAsAnEvictionWhileTheRoomIsUnknown(t *test
 	busy.srv.inFlight.Store(0)
 	busy.srv.speed.room = 0 // as if its lists had not shown it yet
 	pool := []*backend{busy, other}
-	assert.InDelta(t, coldLoadPrior/2, evictionCost(busy, "b", pool, now), 1e-9,
+	assert.InDelta(t, coldLoadPrior/2, evictionCost(busy, "b", pool, nil, now), 1e-9,
 		"loading b may evict a, in use, which one other server holds")
-	assert.Zero(t, evictionCost(busy, "a", pool, now), "a is there: nothing to evict")
+	assert.Zero(t, evictionCost(busy, "a", pool, nil, now), "a is there: nothing to evict")
 
 	// The pricing assumes; begin marks no eviction it does not know of.
 	busy.srv.inFlight.Store(1)
 	require.True(t, busy.begin(&job{model: "b"}, now).loader)
 	assert.True(t, busy.srv.models.Load().isLoaded("a"), "room unknown: a may stay")
-	assert.Zero(t, evictionCost(busy, "b", pool, now), "a request joining the load evicts nothing more")
+	assert.Zero(t, evictionCost(busy, "b", pool, nil, now), "a request joining the load evicts nothing more")
 }
 
 func TestARequestWaitsForALoadOfItsModelOnAServerItWasNotOffered(t *testing.T) {
@@ -484,13 +484,13 @@ func TestPlacementEvictsWhereItCostsLeast(t *testing.T) {
 		b.srv.speed.mu.Unlock()
 		pool = append(pool, b)
 	}
-	assert.Greater(t, evictionCost(pool[0], "c", pool, clock), evictionCost(pool[1], "c", pool, clock))
+	assert.Greater(t, evictionCost(pool[0], "c", pool, nil, clock), evictionCost(pool[1], "c", pool, nil, clock))
 	for range 10 {
 		got := pickLeastDelay(h, pool, &job{model: "c"}).cfg.Name
 		assert.Contains(t, []string{"b1", "b2"}, got, "evicting the only copy of a model in use costs a reload of it")
 	}
 	// A model nobody asked for lately costs nothing to evict.
-	assert.Zero(t, evictionCost(pool[0], "c", pool, clock.Add(2*evictionHorizon)))
+	assert.Zero(t, evictionCost(pool[0], "c", pool, nil, clock.Add(2*evictionHorizon)))
 	// Where the model is resident, no load at all.
 	assert.Equal(t, "only-a", pickLeastDelay(h, pool, &job{model: "a"}).cfg.Name)
 }

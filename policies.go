@@ -159,7 +159,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		}
 		cost := d.total()
 		if d.load > 0 {
-			cost += evictionCost(b, j.model, avail, now)
+			cost += evictionCost(b, j.model, avail, h.demand, now)
 		}
 		cost /= float64(b.weight())
 		observed = append(observed, scored{b, cost, d.prompt + d.output, d.wait, d.load > 0,
