@@ -101,28 +101,28 @@ func (d *modelDemand) note(model string, now time.Time) {
 // rateOf is how many requests a second for model the frontend was
 // lately asked (by time alone), as of the last request.
 func (d *modelDemand) rateOf(model string) float64 {
-	if d == nil {
-		return 0
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.total <= 0 {
-		return 0
-	}
-	return d.counts[model] / d.total * d.timed / demandTau.Seconds()
+	share, _, timed := d.read(model)
+	return share * timed / demandTau.Seconds()
 }
 
 // shareOf returns model's share of the recent requests, and how many
 // (decayed) there were, as of the last request: between requests nothing
 // ages (on a slow pool, the wait for the next request is no news).
 func (d *modelDemand) shareOf(model string) (share, total float64) {
+	share, total, _ = d.read(model)
+	return share, total
+}
+
+// read is model's share, the (decayed) requests and those decayed by time
+// alone, as of the last request; zeros before any.
+func (d *modelDemand) read(model string) (share, total, timed float64) {
 	if d == nil {
-		return 0, 0
+		return 0, 0, 0
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.total <= 0 {
-		return 0, 0
+		return 0, 0, 0
 	}
-	return d.counts[model] / d.total, d.total
+	return d.counts[model] / d.total, d.total, d.timed
 }
