@@ -575,3 +575,19 @@ func loadingElsewhere(j *job, now time.Time) bool {
 	}
 	return false
 }
+
+// residentElsewhere reports whether, with no candidate of j measured yet
+// (a fresh pool), a usable one other than b holds j's model.
+func (h *Handler) residentElsewhere(j *job, b *backend) bool {
+	if j.model == "" || len(j.cands) > largePool {
+		return false
+	}
+	held := false
+	for _, o := range j.cands {
+		if o.srv.speed.measured.Load() {
+			return false
+		}
+		held = held || o != b && o.usable() && h.isLoaded(o, j.model)
+	}
+	return held
+}

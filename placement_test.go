@@ -406,6 +406,26 @@ func TestAFreshBurstStartsOneLoadPerModel(t *testing.T) {
 	assert.NotNil(t, pickLeastDelay(h, pool[1:], &job{model: "x", cands: pool}))
 }
 
+func TestAFreshPoolLoadsNoModelThatAServerBeingMeasuredHolds(t *testing.T) {
+	now := time.Now()
+	// Nothing measured. "warm" holds m and is busy with its measuring
+	// request; "empty" holds nothing and is offered alone.
+	warm, empty := testBackend("warm", nil), testBackend("empty", nil)
+	warm.srv.models.Store(psWith("m"))
+	warm.srv.inFlight.Store(1)
+	warm.srv.speed.startProbe(now)
+	empty.srv.models.Store(psWith())
+	pool := []*backend{warm, empty}
+	h := &Handler{backends: pool}
+	h.queue = newQueue(h)
+	for range 3 {
+		assert.Nil(t, pickLeastDelay(h, []*backend{empty}, &job{model: "m", cands: pool}),
+			"it waits for warm's first answer instead of loading m on a server nobody has timed")
+	}
+	// A model resident nowhere is loaded to measure the server.
+	assert.Same(t, empty, pickLeastDelay(h, []*backend{empty}, &job{model: "n", cands: pool}))
+}
+
 func TestAServerThatSawNoLoadPricesOneAsTheLastLearnedElsewhere(t *testing.T) {
 	var prior atomic.Uint64
 	now := time.Now()

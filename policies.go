@@ -219,11 +219,24 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// load alone would take longer than the best observed choice.
 	var explore []*backend
 	var oldestProbe time.Time
+	heldElsewhere := false // an offered server passed over: the model is on another being measured
 	for _, b := range unobserved {
 		if b.srv.inFlight.Load() >= int64(max(b.cfg.MaxParallel, 1)) {
 			if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
 				oldestProbe = p
 			}
+			continue
+		}
+		if h.coldFor(b, j.model) && len(observed) == 0 && h.residentElsewhere(j, b) {
+			// Nothing of the pool measured yet, and another candidate
+			// holds the model: its first answer is due long before a
+			// load here would end. Sent to measure this server, a fresh
+			// pool's first request for a model loaded it on the slowest
+			// server (5.2 s, one slot, three times as slow) while the
+			// server holding it was busy with its own measuring request,
+			// and the next requests for it joined that load (models-78:
+			// p99 5.6 s, 1.3 s without).
+			heldElsewhere = true
 			continue
 		}
 		if h.coldFor(b, j.model) && (b.srv.speed.coldCost(j.model) >= best || loadingElsewhere(j, now)) {
@@ -352,6 +365,16 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		if b := h.claimSpare(unobserved, j, now); b != nil {
 			j.spareOn, j.spareAmong = b.srv, slices.Clone(avail)
 			return b
+		}
+	}
+	// Passed over for that reason, the request waits up to bootstrapHold
+	// for the first answer of a candidate being measured, offered or not
+	// (one busy with its measuring request is not offered).
+	if heldElsewhere {
+		for _, b := range j.cands {
+			if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
+				oldestProbe = p
+			}
 		}
 	}
 	if !oldestProbe.IsZero() && time.Since(oldestProbe) < bootstrapHold && h.queue != nil {
