@@ -219,12 +219,10 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// load alone would take longer than the best observed choice.
 	var explore []*backend
 	var oldestProbe time.Time
-	heldElsewhere := false // an offered server passed over: the model is on another being measured
+	heldElsewhere := false // an offered server passed over as another candidate holds the model
 	for _, b := range unobserved {
 		if b.srv.inFlight.Load() >= int64(max(b.cfg.MaxParallel, 1)) {
-			if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
-				oldestProbe = p
-			}
+			oldestProbe = earlierProbe(oldestProbe, b)
 			continue
 		}
 		if h.coldFor(b, j.model) && len(observed) == 0 && h.residentElsewhere(j, b) {
@@ -266,9 +264,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			return b
 		}
 		explore = without(explore, b)
-		if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
-			oldestProbe = p
-		}
+		oldestProbe = earlierProbe(oldestProbe, b)
 	}
 	// The best choice here loads the model while a candidate this pick
 	// was not offered is loading it already: waiting for that load is
@@ -367,14 +363,13 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			return b
 		}
 	}
-	// Passed over for that reason, the request waits up to bootstrapHold
-	// for the first answer of a candidate being measured, offered or not
-	// (one busy with its measuring request is not offered).
+	// A request that passed over an offered server as another candidate
+	// holds its model (heldElsewhere) waits up to bootstrapHold for the
+	// first answer of a candidate being measured, offered or not (one
+	// busy with its measuring request is not offered).
 	if heldElsewhere {
 		for _, b := range j.cands {
-			if p := b.srv.speed.probingSince(); !p.IsZero() && (oldestProbe.IsZero() || p.Before(oldestProbe)) {
-				oldestProbe = p
-			}
+			oldestProbe = earlierProbe(oldestProbe, b)
 		}
 	}
 	if !oldestProbe.IsZero() && time.Since(oldestProbe) < bootstrapHold && h.queue != nil {
@@ -390,6 +385,15 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		}
 	}
 	return pickLeastConn(h, avail, j)
+}
+
+// earlierProbe is the earlier of oldest and when b's measuring began
+// (none: oldest as it is).
+func earlierProbe(oldest time.Time, b *backend) time.Time {
+	if p := b.srv.speed.probingSince(); !p.IsZero() && (oldest.IsZero() || p.Before(oldest)) {
+		return p
+	}
+	return oldest
 }
 
 // leastFailing keeps the backends with the shortest run of consecutive
