@@ -377,10 +377,13 @@ func TestARequestWaitsForALoadOfItsModelOnAServerItWasNotOffered(t *testing.T) {
 	j := &job{model: "m", cands: []*backend{cold, loading}}
 	assert.Nil(t, pickLeastDelay(h, []*backend{cold}, j), "the load under way ends before one here would")
 
-	// A busy server merely holding m is not waited for: a popular model
-	// would never get a second copy.
+	// A busy server merely holding m is not waited for where the load
+	// here evicts nothing in use: a popular model would never get a
+	// second copy (TestAWaiterOfferedAnEvictionWaitsForAServerHoldingItsModel
+	// has the other side).
 	busy.srv.models.Store(psWith("m"))
 	busy.srv.inFlight.Store(2)
+	cold.srv.speed.room = 2
 	j = &job{model: "m", cands: []*backend{cold, busy}}
 	assert.Same(t, cold, pickLeastDelay(h, []*backend{cold}, j))
 }
@@ -424,6 +427,30 @@ func TestAFreshPoolLoadsNoModelThatAServerBeingMeasuredHolds(t *testing.T) {
 	}
 	// A model resident nowhere is loaded to measure the server.
 	assert.Same(t, empty, pickLeastDelay(h, []*backend{empty}, &job{model: "n", cands: pool}))
+}
+
+// A request the queue offers one server, where its model's load would
+// evict a model in use, waits for a busy server holding its model that
+// would serve it sooner than the eviction costs; a load that evicts
+// nothing in use is taken (a busy model's second copy).
+func TestAWaiterOfferedAnEvictionWaitsForAServerHoldingItsModel(t *testing.T) {
+	now := time.Now()
+	fast, holder := testBackend("fast", nil), testBackend("holder", nil)
+	fast.srv.models.Store(psWith("x"))
+	fast.srv.inFlight.Store(1)
+	serve(fast, &job{model: "x"}, now.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	fast.srv.speed.room = 1 // full: a load evicts x, used a second ago, its only copy
+	holder.srv.models.Store(psWith("m"))
+	learned(holder, now.Add(-time.Second))
+	holder.srv.inFlight.Store(1) // busy: not offered
+	pool := []*backend{fast, holder}
+	h := &Handler{backends: pool}
+	h.queue = newQueue(h)
+	assert.Nil(t, pickLeastDelay(h, []*backend{fast}, &job{model: "m", cands: pool}),
+		"it waits for holder instead of evicting x")
+
+	fast.srv.speed.room = 2 // room beside x: the load evicts nothing
+	assert.Same(t, fast, pickLeastDelay(h, []*backend{fast}, &job{model: "m", cands: pool}))
 }
 
 func TestAServerThatSawNoLoadPricesOneAsTheLastLearnedElsewhere(t *testing.T) {

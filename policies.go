@@ -274,6 +274,10 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			h.queue.wakeAt(until)
 			return nil
 		}
+		if until, ok := h.warmElsewhere(avail, j, best, evictionCost(ties[0], j.model, avail, h.demand, now), now); ok {
+			h.queue.wakeAt(until)
+			return nil
+		}
 	}
 	// The model has fewer copies than its share of the requests: an idle
 	// server holding a model with more than its share loads it
