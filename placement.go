@@ -562,7 +562,7 @@ func (h *Handler) loadUnderWayElsewhere(avail []*backend, j *job, service, best 
 	return until, !until.IsZero()
 }
 
-// warmElsewhere reports until when a request for j's model had better
+// soonerNotOffered reports until when a request for j's model had better
 // wait than take the load priced at best, of which evict is what the load
 // would cost the rest of the pool: a candidate the pick was not offered
 // (busy, or left to older requests) would serve it sooner than that, and
@@ -574,7 +574,7 @@ func (h *Handler) loadUnderWayElsewhere(avail []*backend, j *job, service, best 
 // 8.2 → 2.0 s). A load that evicts nothing in use (a server with room, a
 // model no longer asked) is still taken: waiting behind a busy copy, a
 // popular model would never get a second (loadUnderWayElsewhere).
-func (h *Handler) warmElsewhere(avail []*backend, j *job, best, evict float64, now time.Time) (time.Time, bool) {
+func (h *Handler) soonerNotOffered(avail []*backend, j *job, best, evict float64, now time.Time) (time.Time, bool) {
 	if j.model == "" || len(j.cands) > largePool || evict <= 0 {
 		return time.Time{}, false
 	}

@@ -274,7 +274,9 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			h.queue.wakeAt(until)
 			return nil
 		}
-		if until, ok := h.warmElsewhere(avail, j, best, evictionCost(ties[0], j.model, avail, h.demand, now), now); ok {
+		// The best choice here loads the model evicting one in use, and
+		// a candidate not offered would serve the request sooner.
+		if until, ok := h.soonerNotOffered(avail, j, best, evictionCost(ties[0], j.model, avail, h.demand, now), now); ok {
 			h.queue.wakeAt(until)
 			return nil
 		}
