@@ -512,15 +512,14 @@ func placesOf(pool []*backend, model string) int {
 	return n
 }
 
-// bestCold reports whether b, as priced in observed, needs its model
-// loaded.
-func bestCold(observed []scored, b *backend) bool {
+// scoredOf is b as priced in observed (zero when it is not there).
+func scoredOf(observed []scored, b *backend) scored {
 	for _, c := range observed {
 		if c.b == b {
-			return c.cold
+			return c
 		}
 	}
-	return false
+	return scored{}
 }
 
 // loadUnderWayElsewhere reports until when a request for j's model had
@@ -538,20 +537,30 @@ func (h *Handler) loadUnderWayElsewhere(avail []*backend, j *job, service, best 
 	if j.model == "" || len(j.cands) > largePool {
 		return time.Time{}, false // above largePool, a pick looks at a sample only
 	}
-	var until time.Time
-	for _, b := range j.cands {
-		if slices.Contains(avail, b) || !b.usable() {
-			continue
-		}
+	return earliestNotOffered(avail, j, now, func(b *backend) (float64, bool) {
 		left, loading := b.srv.speed.pendingLoad(j.model, now)
 		if !loading {
-			continue
+			return 0, false
 		}
 		cost, wait := left+service, left
 		if d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), true, now); ok {
 			cost, wait = d.total()/float64(b.weight()), d.wait+d.load
 		}
-		if cost >= best*(1-nearTie) {
+		return wait, cost < best*(1-nearTie)
+	})
+}
+
+// earliestNotOffered is the earliest time one of j's usable candidates
+// that the pick was not offered would take j, among those price accepts;
+// price gives a candidate's wait, and false to pass it over.
+func earliestNotOffered(avail []*backend, j *job, now time.Time, price func(b *backend) (wait float64, ok bool)) (time.Time, bool) {
+	var until time.Time
+	for _, b := range j.cands {
+		if slices.Contains(avail, b) || !b.usable() {
+			continue
+		}
+		wait, ok := price(b)
+		if !ok {
 			continue
 		}
 		at := now.Add(time.Duration(max(wait, 0.001) * float64(time.Second)))
@@ -578,30 +587,18 @@ func (h *Handler) soonerNotOffered(avail []*backend, j *job, best, evict float64
 	if j.model == "" || len(j.cands) > largePool || evict <= 0 {
 		return time.Time{}, false
 	}
-	var until time.Time
-	for _, b := range j.cands {
-		if slices.Contains(avail, b) || !b.usable() {
-			continue
-		}
-		cold := h.coldFor(b, j.model)
-		d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), cold, now)
+	return earliestNotOffered(avail, j, now, func(b *backend) (float64, bool) {
+		d, ok := b.srv.speed.estimate(j, b.cfg.MaxParallel, int(b.srv.inFlight.Load()), h.coldFor(b, j.model), now)
 		if !ok {
-			continue
+			return 0, false
 		}
 		cost := d.total()
 		if d.load > 0 {
 			cost += evictionCost(b, j.model, j.cands, h.demand, now)
 		}
 		cost /= float64(b.weight())
-		if cost >= best*(1-nearTie) || cost >= evict {
-			continue
-		}
-		at := now.Add(time.Duration(max(d.wait, 0.001) * float64(time.Second)))
-		if until.IsZero() || at.Before(until) {
-			until = at
-		}
-	}
-	return until, !until.IsZero()
+		return d.wait, cost < best*(1-nearTie) && cost < evict
+	})
 }
 
 // loadingElsewhere reports whether a candidate of j (offered to this pick

@@ -101,6 +101,9 @@ type scored struct {
 	// free: it would start at once, or take a slot planned for but never
 	// seen in use (priced with half the wait, as cost.go prices it).
 	free bool
+	// evict is what its load would cost the rest of the pool
+	// (evictionCost, in cost).
+	evict float64
 }
 
 // pickLeastDelay takes the backend where the request is expected to end
@@ -157,13 +160,14 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			}
 			continue
 		}
-		cost := d.total()
+		cost, evict := d.total(), 0.0
 		if d.load > 0 {
-			cost += evictionCost(b, j.model, avail, h.demand, now)
+			evict = evictionCost(b, j.model, avail, h.demand, now)
+			cost += evict
 		}
 		cost /= float64(b.weight())
 		observed = append(observed, scored{b, cost, d.prompt + d.output, d.wait, d.load > 0,
-			d.slotFree()})
+			d.slotFree(), evict})
 		if cost < best {
 			best, bestWait = cost, d.wait
 		}
@@ -192,7 +196,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		}
 		for _, b := range joinable {
 			cost := joinLoadCost(b, j.model, service, now) / float64(b.weight())
-			observed = append(observed, scored{b, cost, service, 0, true, true})
+			observed = append(observed, scored{b, cost, service, 0, true, true, 0})
 			if cost < best {
 				best, bestWait = cost, 0
 			}
@@ -269,14 +273,14 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// The best choice here loads the model while a candidate this pick
 	// was not offered is loading it already: waiting for that load is
 	// cheaper.
-	if len(ties) > 0 && h.queue != nil && bestCold(observed, ties[0]) {
+	if len(ties) > 0 && h.queue != nil && scoredOf(observed, ties[0]).cold {
 		if until, ok := h.loadUnderWayElsewhere(avail, j, fastest, best, now); ok {
 			h.queue.wakeAt(until)
 			return nil
 		}
 		// The best choice here loads the model evicting one in use, and
 		// a candidate not offered would serve the request sooner.
-		if until, ok := h.soonerNotOffered(avail, j, best, evictionCost(ties[0], j.model, avail, h.demand, now), now); ok {
+		if until, ok := h.soonerNotOffered(avail, j, best, scoredOf(observed, ties[0]).evict, now); ok {
 			h.queue.wakeAt(until)
 			return nil
 		}
@@ -284,7 +288,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// The model has fewer copies than its share of the requests: an idle
 	// server holding a model with more than its share loads it
 	// (placementMove).
-	if len(ties) > 0 && !bestCold(observed, ties[0]) {
+	if len(ties) > 0 && !scoredOf(observed, ties[0]).cold {
 		if b := h.placementMove(avail, j, now); b != nil && !h.claimLoadCopy(b, j) {
 			return b
 		}
