@@ -173,9 +173,14 @@ type rates struct {
 	load        float64 // seconds per model load
 	lastUsed    time.Time
 	// loadSeen is when an answer last showed a load of the model that
-	// was not expected (it was believed resident): requests sent before
-	// then that show a load too waited for that same one (Ollama's
-	// scheduler loads a model once for all the requests that want it).
+	// was not expected (it was believed resident), or when a request was
+	// sent to load it: requests sent before then that show a load too
+	// waited for that same one (Ollama's scheduler loads a model once for
+	// all the requests that want it), and its eviction was counted then.
+	// Taken as another, a request sent just before the load, when the
+	// model was still believed there, read as an eviction of a model that
+	// was not resident, and a server of room two was learned as one
+	// (models-87).
 	loadSeen time.Time
 	// evictedAt is when a load of another model was sent that was taken
 	// to evict this one (begin): an answer of a request sent before then

@@ -28,13 +28,31 @@ const evictionHorizon = 60 * time.Second
 // busy. Until the list is read the guess stands; a list read after the
 // eviction also raises the room back to what the server was seen to hold
 // at once.
+//
+// Not when the server's last list showed every model believed there at
+// once: it held them all, so no load of ours overflowed its room; they
+// were unloaded (keep_alive, a restart, another client's load) and are
+// taken as gone until the list read again says which are not. Taken as
+// an eviction, a server of room two that lost both models was learned to
+// have room for one, and the pool's hint with it (roomHint), until its
+// lists showed two again, which placement then no longer sought.
 func (s *server) noticeEviction(model string, now time.Time) {
 	snap := s.models.Load()
-	n := len(snap.loaded)
+	s.speed.mu.Lock()
+	n := len(snap.loaded) + s.speed.loadingBesideLocked(snap, model)
 	if n < 2 {
+		s.speed.mu.Unlock()
 		return // alone: it expired (keep_alive), nothing about room
 	}
-	s.speed.mu.Lock()
+	if psCount(snap) == n {
+		s.speed.mu.Unlock()
+		for m := range snap.loaded {
+			if m != model {
+				s.markUnloaded(m)
+			}
+		}
+		return
+	}
 	if s.speed.room == 0 || n-1 < s.speed.room {
 		s.speed.room = n - 1
 	}
@@ -44,6 +62,26 @@ func (s *server) noticeEviction(model string, now time.Time) {
 	if victim != "" {
 		s.markUnloaded(victim)
 	}
+}
+
+// loadingBesideLocked counts the models other than model, and than those
+// believed resident, that requests in flight on the server may be loading
+// (sent where it was not resident, or before the lists were read): the
+// server was asked to hold them too. Left out, the load of one of them,
+// still unanswered (or read over by a list taken while it loaded),
+// evicting model read as a room one smaller than it was (models-87, a
+// debug log of each eviction noticed: a server of room two learned as one
+// while a third model's requests were in flight there).
+func (sp *speed) loadingBesideLocked(snap *modelSnapshot, model string) int {
+	var seen []string
+	for _, t := range sp.tasks {
+		m := t.job.model
+		if !(t.cold || t.blind) || t.done.Load() || m == "" || m == model || snap.isLoaded(m) || slices.Contains(seen, m) {
+			continue
+		}
+		seen = append(seen, m)
+	}
+	return len(seen)
 }
 
 // victimLocked is the model a load of model would evict on the server:

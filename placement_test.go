@@ -29,7 +29,8 @@ func learnedTaking(b *backend, at time.Time, prompt time.Duration) {
 
 func TestASharedLoadIsOneEviction(t *testing.T) {
 	b := testBackend("a", nil)
-	b.srv.models.Store(psWith("a", "b", "c")) // /api/ps listed three
+	b.srv.models.Store(psWith("a", "c")) // /api/ps listed two
+	b.srv.markLoaded("b")                // an answer loaded a third
 	clock := time.Unix(1000, 0)
 	learned(b, clock)
 
@@ -58,7 +59,8 @@ func TestASharedLoadIsOneEviction(t *testing.T) {
 
 func TestAnEvictionOnlyLowersTheRoom(t *testing.T) {
 	b := testBackend("a", nil)
-	b.srv.models.Store(psWith("a", "b", "c"))
+	b.srv.models.Store(psWith("b", "c"))
+	b.srv.markLoaded("a")
 	clock := time.Unix(1000, 0)
 	b.srv.noticeEviction("a", clock)
 	require.Equal(t, 2, b.srv.speed.room)
@@ -73,7 +75,8 @@ func TestAnEvictionOnlyLowersTheRoom(t *testing.T) {
 	assert.Equal(t, 2, b.srv.speed.room)
 
 	// Two believed there and one of them evicted: the room is one.
-	b.srv.models.Store(psWith("a", "b"))
+	b.srv.models.Store(psWith("b"))
+	b.srv.markLoaded("a")
 	b.srv.noticeEviction("a", clock.Add(2*time.Second))
 	assert.Equal(t, 1, b.srv.speed.room)
 }
@@ -483,12 +486,27 @@ func TestColdLoadsAreLearnedWhateverTheirSize(t *testing.T) {
 	assert.Zero(t, d.load, "resident now")
 }
 
+func TestAnUnloadIsNotTakenAsASmallerRoom(t *testing.T) {
+	a, other := testBackend("a", nil), testBackend("b", nil)
+	a.srv.models.Store(psWith("m1", "m2")) // listed both at once
+	other.srv.models.Store(psWith("m1", "m2"))
+	clock := time.Unix(1000, 0)
+
+	// Both were unloaded (a restart, keep_alive); a request for m1 loads
+	// it again. The server held two at once: not a room of one.
+	a.srv.noticeEviction("m1", clock)
+	assert.Zero(t, a.srv.speed.room, "no load of ours overflowed it")
+	assert.True(t, a.srv.models.Load().isLoaded("m1"))
+	assert.False(t, a.srv.models.Load().isLoaded("m2"), "taken as gone until the list is read again")
+	assert.Equal(t, 2, roomHint([]*backend{a, other}), "the pool's hint keeps what the lists showed")
+}
+
 func TestEvictionsAreNoticed(t *testing.T) {
 	b := testBackend("a", nil)
-	b.srv.models.Store(psWith("a", "b")) // /api/ps listed both
+	b.srv.models.Store(psWith("a")) // /api/ps listed one
 	clock := time.Unix(1000, 0)
 	b.srv.inFlight.Store(1)
-	serve(b, &job{model: "b"}, clock, final(100*ms, 0, 0, 10, 1))
+	serve(b, &job{model: "b"}, clock, final(100*ms, 0, 0, 10, 1)) // believed beside it
 	serve(b, &job{model: "a"}, clock.Add(time.Second), final(100*ms, 0, 0, 10, 1))
 
 	// "b" answers with a 300 ms load, a slot free: it had been evicted.
@@ -578,4 +596,40 @@ func TestARequestWaitsForALoadThatMayEvictItsModel(t *testing.T) {
 	defer load.end()
 	during, _ = sp.estimate(&job{model: "a:latest"}, 0, 1, false, clock.Add(2*time.Second+100*ms))
 	assert.Less(t, during.wait, 0.1, "room known: a's slot wait only")
+}
+
+func TestARequestSentJustBeforeALoadOfItsModelIsNoEviction(t *testing.T) {
+	b := testBackend("a", nil)
+	b.srv.models.Store(psWith("x", "y"))
+	clock := time.Unix(1000, 0)
+	learned(b, clock)
+	b.srv.inFlight.Store(2)
+	early := b.begin(&job{model: "x"}, clock.Add(time.Second)) // x believed there
+	// x is taken as gone (another load's victim, guessed), and the next
+	// request for it is sent to load it.
+	b.srv.markUnloaded("x")
+	loader := b.begin(&job{model: "x"}, clock.Add(1100*ms))
+	require.True(t, loader.loader)
+
+	// The early request waited for that load: one load, counted when it
+	// was sent, not an eviction that says the room is smaller.
+	_, evicted := early.learn(final(100*ms, 300*ms, 0, 10, 1), clock.Add(1500*ms))
+	assert.False(t, evicted)
+	assert.Zero(t, b.srv.speed.room)
+}
+
+func TestALoadInFlightCountsInTheRoomAnEvictionShows(t *testing.T) {
+	b := testBackend("a", nil)
+	b.srv.models.Store(psWith("a", "c"))
+	clock := time.Unix(1000, 0)
+	learned(b, clock)
+	b.srv.inFlight.Store(1)
+	b.begin(&job{model: "d"}, clock.Add(time.Second)) // loads d, unanswered
+	// A list read while d was loading does not show it yet.
+	b.srv.models.Store(psWith("a", "c"))
+
+	// c shows a load: d's load evicted it. The server was asked to hold
+	// three: room for two, not one (nor an unload of a and c).
+	b.srv.noticeEviction("c", clock.Add(2*time.Second))
+	assert.Equal(t, 2, b.srv.speed.room)
 }

@@ -154,6 +154,7 @@ func (b *backend) begin(j *job, now time.Time) *task {
 		r := sp.ratesLocked(j.model)
 		r.lastUsed = now
 		if t.loader {
+			r.loadSeen = now
 			evict = sp.victimLocked(s.models.Load(), j.model)
 			if evict != "" {
 				sp.ratesLocked(evict).evictedAt = now
