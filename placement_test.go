@@ -633,3 +633,27 @@ func TestALoadInFlightCountsInTheRoomAnEvictionShows(t *testing.T) {
 	b.srv.noticeEviction("c", clock.Add(2*time.Second))
 	assert.Equal(t, 2, b.srv.speed.room)
 }
+
+func TestAWaiterOfferedAnEvictionWaitsForALoadElsewhereThatCostsLess(t *testing.T) {
+	now := time.Now()
+	full, roomy := testBackend("full", nil), testBackend("roomy", nil)
+	full.srv.models.Store(psWith("x"))
+	full.srv.inFlight.Store(1)
+	serve(full, &job{model: "x"}, now.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	full.srv.speed.room = 1 // a load of m evicts x, used a second ago, its only copy
+	roomy.srv.models.Store(psWith("y"))
+	learned(roomy, now.Add(-time.Second))
+	roomy.srv.speed.room = 3    // room for m beside y
+	roomy.srv.inFlight.Store(1) // busy: not offered
+	pool := []*backend{full, roomy}
+	h := &Handler{backends: pool}
+	h.queue = newQueue(h)
+	// A load on roomy, after its request in flight, costs more than
+	// evicting x alone would, and well less than the load and eviction
+	// here.
+	assert.Nil(t, pickLeastDelay(h, []*backend{full}, &job{model: "m", cands: pool}),
+		"it waits to load m on roomy instead of evicting x")
+
+	roomy.srv.inFlight.Store(40) // a long wait there: the load here is sooner
+	assert.Same(t, full, pickLeastDelay(h, []*backend{full}, &job{model: "m", cands: pool}))
+}
