@@ -627,8 +627,8 @@ func earliestNotOffered(avail []*backend, j *job, now time.Time, price func(b *b
 // made all the same, where it costs less. Bounded by the eviction alone
 // there as well, two models asked rarely took turns in the one place of
 // the pool's largest server while a server of room three had a place free
-// a slot away (models-92: 40-50 req/s at a p99 of 2.4-3.2 s; least_conn
-// 59-60).
+// a slot away (models-92: 40-54 req/s at a p99 of 2.2-3.2 s in most runs;
+// least_conn 59-60).
 func (h *Handler) soonerNotOffered(avail []*backend, j *job, best, evict float64, now time.Time) (time.Time, bool) {
 	if j.model == "" || len(j.cands) > largePool || evict <= 0 {
 		return time.Time{}, false
@@ -654,9 +654,10 @@ func (h *Handler) soonerNotOffered(avail []*backend, j *job, best, evict float64
 // candidate not offered which must load the model too may cost for a
 // waiter offered an eviction to wait for it (soonerNotOffered). Its price
 // counts its own requests in flight, not the queue's older waiters that
-// will take its slots first: within nearTie of the offer, such holds
-// recurred while the slots declined went to others (many-models 142 → 102
-// req/s, models-08 66 → 49, two-models 42.5 → 33.8, one run each).
+// will take its slots first, so it is optimistic: waited for within
+// nearTie of the offer, such candidates cost more than they saved
+// (many-models 142 → 102 req/s, models-08 66 → 49, two-models 42.5 →
+// 33.8, one run each).
 const holdForLoadShare = 0.8
 
 // loadingElsewhere reports whether a candidate of j (offered to this pick
