@@ -432,6 +432,23 @@ func TestAFreshPoolLoadsNoModelThatAServerBeingMeasuredHolds(t *testing.T) {
 	assert.Same(t, empty, pickLeastDelay(h, []*backend{empty}, &job{model: "n", cands: pool}))
 }
 
+// evictionOffer sets up a waiter's offer that evicts a model in use: full
+// holds x alone (room one), used a second ago, its only copy; other holds
+// held, is measured and is busy, so it is not offered. It returns their
+// handler, with a queue.
+func evictionOffer(now time.Time, full, other *backend, held string) *Handler {
+	full.srv.models.Store(psWith("x"))
+	full.srv.inFlight.Store(1)
+	serve(full, &job{model: "x"}, now.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
+	full.srv.speed.room = 1
+	other.srv.models.Store(psWith(held))
+	learned(other, now.Add(-time.Second))
+	other.srv.inFlight.Store(1)
+	h := &Handler{backends: []*backend{full, other}}
+	h.queue = newQueue(h)
+	return h
+}
+
 // A request the queue offers one server, where its model's load would
 // evict a model in use, waits for a busy server holding its model that
 // would serve it sooner than the eviction costs; a load that evicts
@@ -439,16 +456,8 @@ func TestAFreshPoolLoadsNoModelThatAServerBeingMeasuredHolds(t *testing.T) {
 func TestAWaiterOfferedAnEvictionWaitsForAServerHoldingItsModel(t *testing.T) {
 	now := time.Now()
 	fast, holder := testBackend("fast", nil), testBackend("holder", nil)
-	fast.srv.models.Store(psWith("x"))
-	fast.srv.inFlight.Store(1)
-	serve(fast, &job{model: "x"}, now.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
-	fast.srv.speed.room = 1 // full: a load evicts x, used a second ago, its only copy
-	holder.srv.models.Store(psWith("m"))
-	learned(holder, now.Add(-time.Second))
-	holder.srv.inFlight.Store(1) // busy: not offered
-	pool := []*backend{fast, holder}
-	h := &Handler{backends: pool}
-	h.queue = newQueue(h)
+	h := evictionOffer(now, fast, holder, "m")
+	pool := h.backends
 	assert.Nil(t, pickLeastDelay(h, []*backend{fast}, &job{model: "m", cands: pool}),
 		"it waits for holder instead of evicting x")
 
@@ -637,17 +646,9 @@ func TestALoadInFlightCountsInTheRoomAnEvictionShows(t *testing.T) {
 func TestAWaiterOfferedAnEvictionWaitsForALoadElsewhereThatCostsLess(t *testing.T) {
 	now := time.Now()
 	full, roomy := testBackend("full", nil), testBackend("roomy", nil)
-	full.srv.models.Store(psWith("x"))
-	full.srv.inFlight.Store(1)
-	serve(full, &job{model: "x"}, now.Add(-time.Second), final(100*ms, 0, 0, 10, 1))
-	full.srv.speed.room = 1 // a load of m evicts x, used a second ago, its only copy
-	roomy.srv.models.Store(psWith("y"))
-	learned(roomy, now.Add(-time.Second))
-	roomy.srv.speed.room = 3    // room for m beside y
-	roomy.srv.inFlight.Store(1) // busy: not offered
-	pool := []*backend{full, roomy}
-	h := &Handler{backends: pool}
-	h.queue = newQueue(h)
+	h := evictionOffer(now, full, roomy, "y")
+	roomy.srv.speed.room = 3 // room for m beside y
+	pool := h.backends
 	// A load on roomy, after its request in flight, costs more than
 	// evicting x alone would, and well less than the load and eviction
 	// here.
