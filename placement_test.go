@@ -607,11 +607,18 @@ func TestARequestWaitsForALoadThatMayEvictItsModel(t *testing.T) {
 	assert.Less(t, during.wait, 0.1, "room known: a's slot wait only")
 }
 
-func TestARequestSentJustBeforeALoadOfItsModelIsNoEviction(t *testing.T) {
+// listedAndMeasured is a server whose /api/ps listed models, with a speed
+// learned at the returned clock.
+func listedAndMeasured(models ...string) (*backend, time.Time) {
 	b := testBackend("a", nil)
-	b.srv.models.Store(psWith("x", "y"))
+	b.srv.models.Store(psWith(models...))
 	clock := time.Unix(1000, 0)
 	learned(b, clock)
+	return b, clock
+}
+
+func TestARequestSentJustBeforeALoadOfItsModelIsNoEviction(t *testing.T) {
+	b, clock := listedAndMeasured("x", "y")
 	b.srv.inFlight.Store(2)
 	early := b.begin(&job{model: "x"}, clock.Add(time.Second)) // x believed there
 	// x is taken as gone (another load's victim, guessed), and the next
@@ -628,10 +635,7 @@ func TestARequestSentJustBeforeALoadOfItsModelIsNoEviction(t *testing.T) {
 }
 
 func TestALoadInFlightCountsInTheRoomAnEvictionShows(t *testing.T) {
-	b := testBackend("a", nil)
-	b.srv.models.Store(psWith("a", "c"))
-	clock := time.Unix(1000, 0)
-	learned(b, clock)
+	b, clock := listedAndMeasured("a", "c")
 	b.srv.inFlight.Store(1)
 	b.begin(&job{model: "d"}, clock.Add(time.Second)) // loads d, unanswered
 	// A list read while d was loading does not show it yet.
