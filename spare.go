@@ -100,7 +100,7 @@ func (h *Handler) claimSpareWithin(unobserved []*backend, j *job, limit int, ref
 		open = append(open, b)
 	}
 	for len(open) > 0 {
-		b := pickLeastConn(h, open, j)
+		b := newestProbe(h, open, j)
 		if b.srv.speed.claimProbe(limit, &b.srv.inFlight, now) {
 			return b
 		}
@@ -108,6 +108,31 @@ func (h *Handler) claimSpareWithin(unobserved []*backend, j *job, limit int, ref
 	}
 	return nil
 }
+
+// newestProbe is, among servers being measured, the one whose measuring
+// request went out last, least conn among those sent at once: a
+// measuring request still unanswered after t says the server takes at
+// least t for it, so the one sent last is the least shown to be slow.
+func newestProbe(h *Handler, open []*backend, j *job) *backend {
+	var latest time.Time
+	for _, b := range open {
+		if p := b.srv.speed.probingSince(); p.After(latest) {
+			latest = p
+		}
+	}
+	var buf [largePool]*backend
+	newest := buf[:0]
+	for _, b := range open {
+		if latest.Sub(b.srv.speed.probingSince()) <= probeAtOnce {
+			newest = append(newest, b)
+		}
+	}
+	return pickLeastConn(h, newest, j)
+}
+
+// probeAtOnce is how close two measuring requests' starts are taken as
+// sent at once (one burst), where neither says more than the other.
+const probeAtOnce = 5 * time.Millisecond
 
 // outrunAt is when another of among will have shown itself faster than
 // b: b's measuring request has run longer than that server's time for it,
