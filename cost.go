@@ -83,6 +83,9 @@ type speed struct {
 	// roomAt (an eviction noticed since) do not raise it.
 	room   int
 	roomAt time.Time
+	// roomTested is when placement last loaded a model here beyond the
+	// room its lists showed, to learn whether it has more (roomTestDue).
+	roomTested time.Time
 
 	tasks  map[uint64]*task // requests in flight, with their expected end
 	nextID uint64

@@ -293,6 +293,14 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 			return b
 		}
 	}
+	// The model's requests queue where it is: a server that would serve
+	// it far sooner, its room only what its lists showed, is tested with
+	// a load copy (room.go).
+	if bestWait > 0 && len(ties) > 0 && !scoredOf(observed, ties[0]).cold {
+		if b := h.roomTest(j, ties[0], now); b != nil {
+			h.claimLoadCopy(b, j)
+		}
+	}
 	// While the best choice means waiting in a queue, an idle server that
 	// has had no sample for a while (it looked slower than queueing
 	// elsewhere) is re-measured, to learn whether it still is: it may have

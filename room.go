@@ -1,0 +1,93 @@
+package ollamaflow
+
+import "time"
+
+// Room tests. A server's room for models is learned from what its lists
+// showed at once and from evictions (placement.go); one whose lists only
+// ever showed one model is taken to hold one, and so is the pool until a
+// server is seen holding more (roomHint): a pool of small GPUs thrashed
+// when taken to have room. But a server with room to spare is then never
+// given a second model, however much the model lacks a place: a request
+// pays a load only when the load beats the queue where its model is, and
+// a queue of clients that wait for their answers never grows that long.
+// On one server of one slot, three times as slow, holding model-a, and
+// one of four slots and room three holding model-b, three requests in
+// four for model-a queued on the slow one (models-104: 8.9 req/s against
+// least_conn's 38.7, which loaded model-a beside model-b).
+//
+// So while a model's requests queue, a server that would serve it at
+// least roomTestGain times as fast as its best copy, with a slot free and
+// its room only what its lists showed (no eviction seen there), gets a
+// copy of a request that loads the model there (loadcopy.go), at most
+// once per roomTestEvery: the request itself goes where it was priced to
+// go. The list read after that load shows the room: both models, and
+// the server is taken to hold two; the model it held gone, its next
+// request finds it so (noticeEviction), the room is learned as one, and
+// the model is loaded where that costs least.
+
+const (
+	// roomTestGain is how many times the best copy's capacity a server
+	// must promise for a model before a load there tests its room.
+	roomTestGain = 2
+	// roomTestEvery is how often a server's room is tested at most.
+	roomTestEvery = 10 * time.Minute
+)
+
+// roomTest is the server to send a load copy of j to, testing its room
+// (nil: none), while j's best choice best, holding the model, has it wait:
+// of j's candidates whose room may be larger than their lists showed, the
+// one that would serve the model most, if it has a slot free. Only that
+// one: a lesser one tested first, of room one after all, evicted a model
+// in use and took the model from its best copy's queue, which the larger
+// server, tested next, then took too (models-109: 51 → 39 req/s, three
+// models switched on the smaller one).
+func (h *Handler) roomTest(j *job, best *backend, now time.Time) *backend {
+	if j.model == "" || !j.copyable || j.loadTo != nil {
+		return nil
+	}
+	held, ok := capacityFor(best, j, now)
+	if !ok {
+		return nil
+	}
+	var pick *backend
+	most := roomTestGain * held
+	for _, b := range j.cands {
+		if _, loading := b.srv.speed.pendingLoad(j.model, now); loading {
+			return nil // a copy is on its way
+		}
+		snap := b.srv.models.Load()
+		if !b.usable() || !snap.known || snap.isLoaded(j.model) || !b.srv.speed.roomUntested(snap, j.model, now) {
+			continue
+		}
+		if c, ok := capacityFor(b, j, now); ok && c >= most {
+			pick, most = b, c
+		}
+	}
+	if pick == nil {
+		return nil
+	}
+	sp := &pick.srv.speed
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if pick.srv.inFlight.Load() >= int64(sp.slotsLocked(pick.cfg.MaxParallel, now)) {
+		return nil // no slot free: a later request tests it
+	}
+	sp.roomTested = now
+	return pick
+}
+
+// roomUntested reports whether a load of model on the server is priced
+// as evicting a model (its room taken as what its lists showed), although
+// no eviction showed that room and no test of it was sent within
+// roomTestEvery.
+func (sp *speed) roomUntested(snap *modelSnapshot, model string, now time.Time) bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.room > 0 && !sp.roomAt.IsZero() {
+		return false // an eviction showed its room
+	}
+	if !sp.roomTested.IsZero() && now.Sub(sp.roomTested) < roomTestEvery {
+		return false
+	}
+	return sp.victimOfLocked(snap, model, true) != ""
+}

@@ -1,0 +1,89 @@
+package ollamaflow
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// roomTestPool is models-104's shape: slow, one slot, three times as slow,
+// holding model-a and busy with it; big, four slots, holding model-b with a
+// slot free, its lists never having shown more than one model.
+func roomTestPool(now time.Time, bigSlots int, bigTakes time.Duration) (h *Handler, slow, big *backend) {
+	slow = testBackend("slow", func(c *Backend) { c.MaxParallel = 1 })
+	big = testBackend("big", func(c *Backend) { c.MaxParallel = bigSlots })
+	slow.srv.models.Store(psWith("a"))
+	big.srv.models.Store(psWith("b"))
+	learnedTaking(slow, now.Add(-time.Second), 300*ms)
+	learnedTaking(big, now.Add(-time.Second), bigTakes)
+	slow.srv.inFlight.Add(1)
+	slow.begin(&job{model: "a"}, now.Add(-10*ms))
+	h = &Handler{backends: []*backend{slow, big}}
+	h.queue = newQueue(h)
+	return h, slow, big
+}
+
+// While a model's requests queue on its one copy, a server that would
+// serve it far sooner, whose room is only what its lists showed, gets a
+// load copy of a request: the request itself goes where it was priced.
+func TestAQueueForAModelTestsTheRoomOfAServerThatWouldServeItSooner(t *testing.T) {
+	now := time.Now()
+	h, slow, big := roomTestPool(now, 4, 100*ms)
+	j := &job{model: "a", copyable: true, cands: h.backends}
+	got := pickLeastDelay(h, []*backend{slow}, j)
+	if got != nil {
+		assert.Same(t, slow, got, "the request waits for slow or goes there, not to a load")
+	}
+	require.Same(t, big, j.loadTo, "a load copy tests whether big has room for a beside b")
+
+	j2 := &job{model: "a", copyable: true, cands: h.backends}
+	pickLeastDelay(h, []*backend{slow}, j2)
+	assert.Nil(t, j2.loadTo, "the load is under way: one at a time")
+	big.srv.speed.unplanLoad("a") // the copy failed
+	pickLeastDelay(h, []*backend{slow}, j2)
+	assert.Nil(t, j2.loadTo, "one test per server per roomTestEvery")
+	big.srv.speed.roomTested = now.Add(-roomTestEvery)
+	j3 := &job{model: "a", copyable: true, cands: h.backends}
+	pickLeastDelay(h, []*backend{slow}, j3)
+	assert.Same(t, big, j3.loadTo, "tested again once roomTestEvery has passed")
+
+	// An eviction showed big's room: nothing to test.
+	h, slow, big = roomTestPool(now, 4, 100*ms)
+	big.srv.speed.room, big.srv.speed.roomAt = 1, now.Add(-time.Minute)
+	j = &job{model: "a", copyable: true, cands: h.backends}
+	pickLeastDelay(h, []*backend{slow}, j)
+	assert.Nil(t, j.loadTo)
+
+	// Not twice what the copy serves: not worth an eviction, should the
+	// room be one.
+	h, slow, _ = roomTestPool(now, 1, 200*ms) // 5 requests a second against slow's 3.3
+	j = &job{model: "a", copyable: true, cands: h.backends}
+	pickLeastDelay(h, []*backend{slow}, j)
+	assert.Nil(t, j.loadTo)
+
+	// Of two that could be tested, only the one that would serve most.
+	h, slow, big = roomTestPool(now, 4, 100*ms)
+	mid := testBackend("mid", func(c *Backend) { c.MaxParallel = 2 })
+	mid.srv.models.Store(psWith("c"))
+	learnedTaking(mid, now.Add(-time.Second), 100*ms)
+	h.backends = []*backend{slow, mid, big}
+	big.srv.inFlight.Store(4)
+	j = &job{model: "a", copyable: true, cands: h.backends}
+	pickLeastDelay(h, []*backend{slow}, j)
+	assert.Nil(t, j.loadTo, "big, which would serve a most, has no slot free: mid is not tested instead")
+	big.srv.inFlight.Store(0)
+	pickLeastDelay(h, []*backend{slow}, j)
+	assert.Same(t, big, j.loadTo)
+
+	// Nothing queues for the model: no test.
+	h, slow, big = roomTestPool(now, 4, 100*ms)
+	slow.srv.inFlight.Add(-1)
+	for _, tk := range slow.srv.speed.tasks {
+		tk.endAt(now)
+	}
+	j = &job{model: "a", copyable: true, cands: h.backends}
+	assert.Same(t, slow, pickLeastDelay(h, []*backend{slow, big}, j))
+	assert.Nil(t, j.loadTo)
+}
