@@ -20,10 +20,10 @@ import "time"
 // its room only what its lists showed (no eviction seen there), gets a
 // copy of a request that loads the model there (loadcopy.go), at most
 // once per roomTestEvery: the request itself goes where it was priced to
-// go. The list read after that load shows the room: both models, and
-// the server is taken to hold two; the model it held gone, its next
-// request finds it so (noticeEviction), the room is learned as one, and
-// the model is loaded where that costs least.
+// go. The server's next list then shows both models, and it is taken to
+// hold two; or the model it held is gone, its next request there loads
+// it (noticeEviction), the room is learned as one, and the model is
+// loaded again where that costs least.
 
 const (
 	// roomTestGain is how many times the best copy's capacity a server
