@@ -114,16 +114,20 @@ func (h *Handler) claimSpareWithin(unobserved []*backend, j *job, limit int, ref
 // measuring request still unanswered after t says the server takes at
 // least t for it, so the one sent last is the least shown to be slow.
 func newestProbe(h *Handler, open []*backend, j *job) *backend {
+	var sbuf [largePool]time.Time // when each one's measuring began
+	since := sbuf[:0]
 	var latest time.Time
 	for _, b := range open {
-		if p := b.srv.speed.probingSince(); p.After(latest) {
+		p := b.srv.speed.probingSince()
+		since = append(since, p)
+		if p.After(latest) {
 			latest = p
 		}
 	}
 	var buf [largePool]*backend
 	newest := buf[:0]
-	for _, b := range open {
-		if latest.Sub(b.srv.speed.probingSince()) <= probeAtOnce {
+	for i, b := range open {
+		if latest.Sub(since[i]) <= probeAtOnce {
 			newest = append(newest, b)
 		}
 	}
