@@ -84,7 +84,7 @@ type speed struct {
 	room   int
 	roomAt time.Time
 	// roomTested is when placement last loaded a model here beyond the
-	// room its lists showed, to learn whether it has more (roomTestDue).
+	// room its lists showed, to learn whether it has more (room.go).
 	roomTested time.Time
 
 	tasks  map[uint64]*task // requests in flight, with their expected end
