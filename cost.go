@@ -84,8 +84,10 @@ type speed struct {
 	room   int
 	roomAt time.Time
 	// roomTested is when placement last loaded a model here beyond the
-	// room its lists showed, to learn whether it has more (room.go).
-	roomTested time.Time
+	// room its lists showed, to learn whether it has more (room.go), and
+	// roomTestedAt the room then known: a room that grew since passed.
+	roomTested   time.Time
+	roomTestedAt int
 
 	tasks  map[uint64]*task // requests in flight, with their expected end
 	nextID uint64

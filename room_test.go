@@ -77,6 +77,19 @@ func TestAQueueForAModelTestsTheRoomOfAServerThatWouldServeItSooner(t *testing.T
 	pickLeastDelay(h, []*backend{slow}, j)
 	assert.Same(t, big, j.loadTo)
 
+	// A test that passed (big's lists showed one model more than when it
+	// was tested) leaves big open to the next: its room may be larger
+	// still. One whose outcome is not seen yet does not.
+	h, slow, big = roomTestPool(now, 4, 100*ms)
+	big.srv.models.Store(psWith("b", "c"))
+	big.srv.speed.roomTested, big.srv.speed.roomTestedAt = now.Add(-time.Second), 2
+	j = &job{model: "a", copyable: true, cands: h.backends}
+	pickLeastDelay(h, []*backend{slow}, j)
+	assert.Nil(t, j.loadTo, "tested a second ago with two models showing: no larger room seen yet")
+	big.srv.speed.roomTestedAt = 1
+	pickLeastDelay(h, []*backend{slow}, j)
+	assert.Same(t, big, j.loadTo, "the room grew from one to two since the test: tested again")
+
 	// Nothing queues for the model: no test.
 	h, slow, big = roomTestPool(now, 4, 100*ms)
 	slow.srv.inFlight.Add(-1)
