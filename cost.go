@@ -85,7 +85,8 @@ type speed struct {
 	roomAt time.Time
 	// roomTested is when placement last loaded a model here beyond the
 	// room its lists showed, to learn whether it has more (room.go), and
-	// roomTestedAt the room then known: a room that grew since passed.
+	// roomTestedAt the room then known: a larger room seen since means
+	// the test passed.
 	roomTested   time.Time
 	roomTestedAt int
 

@@ -22,7 +22,7 @@ import "time"
 // request itself goes where it was priced to go. The server's next list
 // then shows both models, and it is taken to hold two; or the model it
 // held is gone, its next request there loads it (noticeEviction), the
-// room is learned as one, and the model is loaded again where that costs
+// room is learned as one, the model is loaded again where that costs
 // least, and the server is not tested again. One whose test passed may
 // be tested again at once, for a third model: its room may be larger
 // still. Taken as done for roomTestEvery, a server of four slots and
