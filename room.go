@@ -80,21 +80,21 @@ func (h *Handler) roomTest(j *job, best *backend, now time.Time) *backend {
 	if pick.srv.inFlight.Load() >= int64(sp.slotsLocked(pick.cfg.MaxParallel, now)) {
 		return nil // no slot free: a later request tests it
 	}
-	sp.roomTested, sp.roomTestedAt = now, max(sp.room, psCount(pick.srv.models.Load()))
+	sp.roomTested, sp.roomTestedAt = now, sp.roomLocked(pick.srv.models.Load(), 0)
 	return pick
 }
 
 // roomUntested reports whether a load of model on the server is priced
 // as evicting a model (its room taken as what its lists showed), although
-// no eviction showed that room and no test of it was sent within
-// roomTestEvery.
+// no eviction showed that room, and no test of it was sent within
+// roomTestEvery or one was and its room has grown since.
 func (sp *speed) roomUntested(snap *modelSnapshot, model string, now time.Time) bool {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	if sp.room > 0 && !sp.roomAt.IsZero() {
 		return false // an eviction showed its room
 	}
-	if !sp.roomTested.IsZero() && now.Sub(sp.roomTested) < roomTestEvery && max(sp.room, psCount(snap)) <= sp.roomTestedAt {
+	if !sp.roomTested.IsZero() && now.Sub(sp.roomTested) < roomTestEvery && sp.roomLocked(snap, 0) <= sp.roomTestedAt {
 		return false // tested, and no larger room seen since
 	}
 	return sp.victimOfLocked(snap, model, true) != ""
