@@ -420,7 +420,8 @@ func roomHint(pool []*backend) int {
 // placementMove is the server a request for j's model is sent to, to load
 // it there, when the model has fewer copies than its share of the places,
 // every copy is busy, and a server offered holds a model that can spare a
-// copy (or has room); nil when no move is due.
+// copy (or has room) and has a slot free of other models' requests; nil
+// when no move is due.
 func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backend {
 	if j.model == "" || h.demand == nil {
 		return nil
@@ -484,7 +485,20 @@ func (h *Handler) placementMove(avail []*backend, j *job, now time.Time) *backen
 		sp.mu.Lock()
 		victim := sp.victimLocked(snap, j.model)
 		free := victim == "" && len(snap.loaded) < sp.roomLocked(snap, hint)
+		// Nor is one placed where requests for other models fill its
+		// slots: the load waits for them and evicts the model they asked
+		// for, whatever the lists showed (read while it loaded, they
+		// show the one before), and those sent after them load it back.
+		// Shares lag a shift in demand by seconds (demandTau): moved by
+		// them alone, the model asked least after a shift evicted the
+		// one asked most from a server where eight of its requests
+		// queued, and they waited for two loads (models-136: p99 3.6 s,
+		// least_conn's 0.46 s).
+		full := victim != "" && sp.servingOthersLocked(j.model) >= sp.slotsLocked(b.cfg.MaxParallel, now)
 		sp.mu.Unlock()
+		if full {
+			continue
+		}
 		// The victim keeps a copy elsewhere and, one copy short, would
 		// lack less than the model does now.
 		ok := free

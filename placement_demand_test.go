@@ -305,3 +305,52 @@ func TestEvictingTheOnlyCopyOfAModelInDemandCostsMoreThanItsLoad(t *testing.T) {
 	other.srv.models.Store(psWith("hot"))
 	assert.InDelta(t, load/2, evictionCost(b, "new", []*backend{b, other}, d, now), 1e-9)
 }
+
+// A move does not evict where requests for other models fill the
+// server's slots: the load would wait for them, and it evicts the model
+// they asked for, whatever the lists last showed (read while that model
+// loaded, they showed the one before it), so those sent after them load
+// it back. Shares lag a shift in demand by some seconds; moved by them
+// alone, the model asked least after the shift evicted the one asked
+// most from a server where eight of its requests queued (models-136).
+func TestAMoveEvictsNothingWhereOtherModelsFillTheSlots(t *testing.T) {
+	now := time.Now()
+	// Three servers of room 1 and one slot: a on s1, busy; b on s2 and
+	// s3, s2 three times as slow; a asked for 80 % of the time.
+	var pool []*backend
+	for i, m := range []string{"a", "b", "b"} {
+		b := testBackend(fmt.Sprintf("s%d", i+1), func(c *Backend) { c.MaxParallel = 1 })
+		b.srv.models.Store(psWith(m))
+		b.srv.speed.room = 1
+		if i == 1 {
+			learnedTaking(b, now, 300*ms)
+		} else {
+			learned(b, now)
+		}
+		pool = append(pool, b)
+	}
+	h := &Handler{backends: pool, demand: newModelDemand()}
+	for i := range 2 * planMinRequests {
+		h.demand.note("a", now)
+		if i%4 == 0 {
+			h.demand.note("b", now)
+		}
+	}
+	holding := func(b *backend, model string) (release func()) {
+		b.srv.inFlight.Add(1)
+		t := b.begin(&job{model: model}, now)
+		return func() {
+			t.endAt(now)
+			b.srv.inFlight.Add(-1)
+		}
+	}
+	defer holding(pool[0], "a")()
+	releaseS3 := holding(pool[2], "b")
+	assert.Same(t, pool[1], h.placementMove(pool, &job{model: "a"}, now),
+		"not s3, sooner but full with b's requests")
+	defer holding(pool[1], "c")()         // loading c
+	pool[1].srv.models.Store(psWith("b")) // a list read while c loads
+	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now), "both full, s2 with c's requests")
+	releaseS3()
+	assert.Same(t, pool[2], h.placementMove(pool, &job{model: "a"}, now), "s3 is free again")
+}

@@ -199,6 +199,18 @@ func (t *task) endAt(now time.Time) {
 	sp.mu.Unlock()
 }
 
+// servingOthersLocked counts the requests in flight on the server for
+// models other than model.
+func (sp *speed) servingOthersLocked(model string) int {
+	n := 0
+	for _, t := range sp.tasks {
+		if t.job.model != model && !t.done.Load() {
+			n++
+		}
+	}
+	return n
+}
+
 // timings are the counts and durations a completion's final chunk gave
 // (-1: absent), and what the proxy measured.
 type timings struct {
