@@ -89,6 +89,9 @@ type speed struct {
 	// the test passed.
 	roomTested   time.Time
 	roomTestedAt int
+	// swap is the latest load sent here that the lists said would evict
+	// a model they showed (placement.go, noticeSwap).
+	swap swapSent
 
 	tasks  map[uint64]*task // requests in flight, with their expected end
 	nextID uint64

@@ -244,6 +244,7 @@ func (s *server) readModels() error {
 	}
 	snap := &modelSnapshot{known: true, at: time.Now(), present: entriesByName(tags), loaded: entriesByName(ps), ps: rawEntries(ps)}
 	old := s.models.Swap(snap)
+	s.speed.noticeSwap(snap)
 	if !old.known || !sameKeys(old.present, snap.present) {
 		modelListsChanged()
 	}

@@ -64,6 +64,43 @@ func (s *server) noticeEviction(model string, now time.Time) {
 	}
 }
 
+// swapSent is a load sent to a server whose lists showed it full: model
+// was to evict victim, one of the listed models.
+type swapSent struct {
+	model, victim string
+	at            time.Time
+	listed        int
+}
+
+// noticeSwap learns the room from the first list read after a load that
+// was to evict a listed model: showing the model loaded, the victim gone
+// and no more models than before, it shows the server held no more, as an
+// eviction a request runs into does (noticeEviction). A load whose victim
+// was foreseen evicts what was expected and is never run into, so a server
+// of room one whose loads all swapped one model for another was taken to
+// hold what its lists showed, as one never seen full, and tested for
+// more: the test's copy evicted the model in use there (models-136).
+func (sp *speed) noticeSwap(snap *modelSnapshot) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	w := sp.swap
+	if w.at.IsZero() || !snap.at.After(w.at) || snap.loaded[w.model] == nil {
+		if !w.at.IsZero() && snap.at.Sub(w.at) > evictionHorizon {
+			sp.swap = swapSent{} // never seen loaded: nothing to learn
+		}
+		return
+	}
+	sp.swap = swapSent{}
+	n := psCount(snap)
+	if snap.loaded[w.victim] != nil || n > w.listed {
+		return // room for more than was listed
+	}
+	if sp.room == 0 || n < sp.room || sp.roomAt.IsZero() {
+		sp.room = n
+	}
+	sp.roomAt = snap.at
+}
+
 // loadingBesideLocked counts the models other than model, and than those
 // believed resident, that requests in flight on the server may be loading
 // (sent where it was not resident, or before the lists were read): the

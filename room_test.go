@@ -100,3 +100,44 @@ func TestAQueueForAModelTestsTheRoomOfAServerThatWouldServeItSooner(t *testing.T
 	assert.Same(t, slow, pickLeastDelay(h, []*backend{slow, big}, j))
 	assert.Nil(t, j.loadTo)
 }
+
+// A load that was to evict a model the lists showed, followed by a list
+// showing the model loaded and the other gone, shows the server's room as
+// an eviction would: the server is not tested for more. One whose next
+// list shows both held more than its lists had shown.
+func TestALoadThatSwappedAListedModelShowsTheRoom(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		after []string
+		room  int
+		shown bool
+	}{
+		{[]string{"a"}, 1, true},
+		{[]string{"a", "b"}, 2, false},
+	} {
+		b := testBackend("s", nil)
+		before := psWith("b")
+		before.at = now.Add(-time.Second)
+		b.srv.models.Store(before)
+		learned(b, now.Add(-time.Second))
+		sp := &b.srv.speed
+		require.True(t, sp.roomUntested(before, "a", now), "one model listed: its room may be larger")
+		b.srv.inFlight.Add(1)
+		task := b.begin(&job{model: "a"}, now)
+		require.True(t, task.loader)
+		require.False(t, b.srv.models.Load().isLoaded("b"), "a is taken to evict b")
+
+		sp.noticeSwap(psWith(tc.after...)) // a list from before the load (no time): nothing learned
+		require.True(t, sp.roomUntested(before, "c", now))
+		after := psWith(tc.after...)
+		after.at = now.Add(time.Second)
+		b.srv.models.Store(after)
+		sp.noticeSwap(after)
+		assert.Equal(t, !tc.shown, sp.roomUntested(after, "c", now.Add(time.Second)), "after %v", tc.after)
+		sp.mu.Lock()
+		assert.Equal(t, tc.room, sp.roomLocked(after, 0), "after %v", tc.after)
+		sp.mu.Unlock()
+		task.endAt(now)
+		b.srv.inFlight.Add(-1)
+	}
+}

@@ -155,9 +155,13 @@ func (b *backend) begin(j *job, now time.Time) *task {
 		r.lastUsed = now
 		if t.loader {
 			r.loadSeen = now
-			evict = sp.victimLocked(s.models.Load(), j.model)
+			snap := s.models.Load()
+			evict = sp.victimLocked(snap, j.model)
 			if evict != "" {
 				sp.ratesLocked(evict).evictedAt = now
+				if snap.loaded[evict] != nil { // listed, not merely believed
+					sp.swap = swapSent{model: j.model, victim: evict, at: now, listed: psCount(snap)}
+				}
 			}
 		}
 	}
