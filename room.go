@@ -18,9 +18,9 @@ import "time"
 // So while a model's requests queue, a server that would serve it at
 // least roomTestGain times as fast as its best copy, with a slot free and
 // its room only what its lists showed (no eviction seen there, no load
-// seen to swap one model for another: noticeSwap), gets a
-// copy of a request that loads the model there (loadcopy.go): the
-// request itself goes where it was priced to go. The server's next list
+// seen to swap one model for another: noticeSwap), gets a copy of a
+// request that loads the model there (loadcopy.go): the request itself
+// goes where it was priced to go. The server's next list
 // then shows both models, and it is taken to hold two; or the model it
 // held is gone, its next request there loads it (noticeEviction), the
 // room is learned as one, the model is loaded again where that costs
