@@ -34,11 +34,14 @@ func serve(b *backend, j *job, at time.Time, tm timings) (loaded, evicted bool) 
 
 // hold sends n requests to b at at that stay in flight until the
 // returned function ends them.
-func hold(b *backend, n int, at time.Time) (release func()) {
+func hold(b *backend, n int, at time.Time) (release func()) { return holdFor(b, "", n, at) }
+
+// holdFor is hold with requests for model.
+func holdFor(b *backend, model string, n int, at time.Time) (release func()) {
 	var tasks []*task
 	for range n {
 		b.srv.inFlight.Add(1)
-		tasks = append(tasks, b.begin(&job{}, at))
+		tasks = append(tasks, b.begin(&job{model: model}, at))
 	}
 	return func() {
 		for _, t := range tasks {

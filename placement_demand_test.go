@@ -336,19 +336,11 @@ func TestAMoveEvictsNothingWhereOtherModelsFillTheSlots(t *testing.T) {
 			h.demand.note("b", now)
 		}
 	}
-	holding := func(b *backend, model string) (release func()) {
-		b.srv.inFlight.Add(1)
-		t := b.begin(&job{model: model}, now)
-		return func() {
-			t.endAt(now)
-			b.srv.inFlight.Add(-1)
-		}
-	}
-	defer holding(pool[0], "a")()
-	releaseS3 := holding(pool[2], "b")
+	defer holdFor(pool[0], "a", 1, now)()
+	releaseS3 := holdFor(pool[2], "b", 1, now)
 	assert.Same(t, pool[1], h.placementMove(pool, &job{model: "a"}, now),
 		"not s3, sooner but full with b's requests")
-	defer holding(pool[1], "c")()         // loading c
+	defer holdFor(pool[1], "c", 1, now)() // loading c
 	pool[1].srv.models.Store(psWith("b")) // a list read while c loads
 	assert.Nil(t, h.placementMove(pool, &job{model: "a"}, now), "both full, s2 with c's requests")
 	releaseS3()
