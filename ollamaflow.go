@@ -14,6 +14,7 @@
 //	attempt.go     the attempt loop: a slot on a different backend per attempt, retries before the first byte, timeouts
 //	stream.go      copying an answer to the client: idle and client-write clocks, honest ends of cut answers
 //	backendconn.go the lean HTTP/1.1 client to http backends: no goroutines per connection, buffers only while bytes wait
+//	backendconn_peek.go, backendconn_nopeek.go  waiting for a backend's bytes without a buffer where the socket can be peeked at
 //	backendbody.go an answer's body from the lean client: by length, chunked or until close, pooled again at a clean end
 //	routes.go      the route table, classification, error bodies per API
 //	balancer.go    candidates, slots, taking a slot with the frontend's policy
@@ -24,17 +25,24 @@
 //	affinity.go    conversation affinity: the table of conversations' servers and the cache slots they hold
 //	convroute.go   routing with conversations in mind: keeping a follow-up where its cache is, spreading new ones
 //	cacheodds.go   how often a follow-up sent back to its server found its cache there, per server and class
+//	crowding.go    where more conversations than cache slots keep the overflow: gathered on the servers that thrash already
 //	dnssource.go   backends_from's sources: their options, DNS lookups (A, SRV priority and weight), Caddyfile block
 //	discovery.go   backends_from's members: servers joining and leaving the pool without reloads, SRV priority tiers
 //	job.go         what a request asks of a server, read from its body; typical answer lengths per model
 //	cost.go        the cost model behind least_delay: a request's expected delay on a server
 //	speed.go       what each server learns: requests in flight, rates from Ollama's timings, error share
+//	slots.go       how a server's parallel slots are learned from Ollama's durations or a stream's first and last bytes
+//	promptfit.go   prompt evaluation time against prompt size: a fixed part and a part per token, per server and model
 //	shift.go       a server that changed speed: answers that disagree twice replace the estimate; re-measurement
 //	measurecopy.go measuring copies: a waiting request's copy, capped, read by the proxy, re-measures an idle slow server
 //	relief.go      least_delay's relief of a lasting queue onto slower servers' free slots, within the pool's tail
 //	spare.go       least_delay on a fresh pool: a spare request beside each measuring one, moved when another server answers sooner
 //	measuring.go   least_delay on a fresh pool: holds for another's first answer, and for spares about to move, a bounded while
 //	placement.go   model placement: residency, what a load would evict, what the eviction costs the pool
+//	loadwait.go    a request offered a load waits for another server loading its model or serving it sooner
+//	demand.go      demand placement's shares: each model's part of the recent requests, and how fast it is asked
+//	loadcopy.go    load copies: the copy of a model demand placement adds is loaded by a copy of the request
+//	room.go        room tests: a load copy that shows whether a server holds more models than its lists showed
 //	queue.go       the frontend's queue for requests that found every candidate at its cap: per-server FIFOs, per-client share
 //	queuemoves.go  waiters moved keeping their place: into the new config's queue at a reload, to a changed pool
 //	fairshare.go   the queue's classes (tenants): strict priority, weighted fair share, each class's share of a full queue
