@@ -109,8 +109,10 @@ type affinityTable struct {
 	hosting map[string]*hosted
 
 	counters atomic.Pointer[affinityCounters]
-	// follow is followShare's average, as float64 bits.
+	// follow is followShare's average, as float64 bits; turns counts the
+	// completions it has seen.
 	follow atomic.Uint64
+	turns  atomic.Int64
 }
 
 // followWeight is the weight of one completion in followShare's moving
@@ -124,6 +126,7 @@ func (t *affinityTable) noteTurn(followUp bool) {
 	if followUp {
 		x = 1
 	}
+	t.turns.Add(1)
 	for {
 		old := t.follow.Load()
 		r := math.Float64frombits(old)
@@ -138,6 +141,13 @@ func (t *affinityTable) noteTurn(followUp bool) {
 // conversations of five turns.
 func (t *affinityTable) followShare() float64 {
 	return math.Float64frombits(t.follow.Load())
+}
+
+// singleTurn reports whether the traffic is known to be single-turn: the
+// share of follow-ups is below followMin over at least the average's window
+// of completions (a fresh pool's first conversations are all first turns).
+func (t *affinityTable) singleTurn() bool {
+	return t.turns.Load() >= int64(1/followWeight) && t.followShare() < followMin
 }
 
 // affinityCounters are ollamaflow_affinity_total's counters of one
