@@ -108,11 +108,9 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 // (withSureSlot); when none has one, a server further off with a slot
 // surely free may take it instead (unshared).
 //
-// Where follow-ups are known to be rare (singleTurn), no cache is used
-// again and the policy places it: gathered where a cache was missed
-// (keepLeastHosting), one-message chats waited on servers of one slot
-// while one of eight had slots free (slots-unequal: 74.6-83.5 req/s in
-// some runs, 90-92 so, the oracle's 94.6-96).
+// Where follow-ups are known to be rare (singleTurn) the policy places it:
+// gathered where a cache was missed, one-message chats waited on servers
+// of one slot while one of eight had slots free (slots-unequal).
 func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
 	if h.affinity.singleTurn() {
 		return h.acquire(avail, j)
