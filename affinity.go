@@ -561,6 +561,40 @@ func (b *backend) cacheSlots() (n int, bounded bool) {
 	return max(sp.slotsLo, 1), false
 }
 
+// withSureSlot keeps, of list, the backends with fewer requests in flight
+// than the slots they surely have (cacheSlots: max_parallel, the most
+// they can have, else the most seen in use at once), when any has; else
+// list as it is. A conversation placed where every sure slot is busy
+// shares a slot with another for as long as both last: each turn waits
+// behind the other's and finds its cache evicted by it. The cost model
+// prices only the turn at hand, where a fast server's queue can look
+// cheaper than a free slot a little slower; every later turn of both
+// conversations pays it again (random-51: a fast server of two slots held
+// three or four conversations throughout, their turns evaluating the
+// whole history again, 0.32 s of prompt where a cached turn took 0.10 s,
+// while the other servers had a slot free). A slot planned for but never
+// seen in use is no sure room: it is only not ruled out. found is false when
+// none has one.
+func withSureSlot(list []*backend) (out []*backend, found bool) {
+	out = list[:0] // filtered in place: list's front is overwritten only by what is kept
+	for _, b := range list {
+		if hasSureSlot(b) {
+			out = append(out, b)
+		}
+	}
+	if len(out) == 0 {
+		return list, false // none has one: nothing was overwritten
+	}
+	return out, true
+}
+
+// hasSureSlot reports whether b has fewer requests in flight than the slots
+// it surely has (cacheSlots).
+func hasSureSlot(b *backend) bool {
+	n, _ := b.cacheSlots()
+	return b.srv.inFlight.Load() < int64(n)
+}
+
 // backendByKey is the backend of avail whose server is key, nil when none
 // (above largePool through the list's index, as sampled finds it).
 func (h *Handler) backendByKey(avail []*backend, key string) *backend {

@@ -35,7 +35,7 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 	t.noteTurn(conv.followUp)
 	now := time.Now()
 	key, id, depth := t.lookup(conv, now)
-	if key == "" {
+	if key == "" || !conv.followUp && h.LBPolicy == "least_delay" && t.singleTurn() {
 		t.counter(h.Name, "miss").Inc()
 		return h.spreadNew(avail, j, now), routePolicy, 0
 	}
@@ -108,9 +108,13 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 // (withSureSlot); when none has one, a server further off with a slot
 // surely free may take it instead (unshared).
 //
-// Where follow-ups are known to be rare (singleTurn) the policy places it:
-// gathered where a cache was missed, one-message chats waited on servers
-// of one slot while one of eight had slots free (slots-unequal).
+// Where follow-ups are known to be rare (singleTurn) the policy places it,
+// under least_delay a first message seen before too: gathered where a
+// cache was missed, one-message chats waited on servers of one slot while
+// one of eight had slots free (slots-unequal), and a prompt every client
+// sends filled a fast server's slots while slower ones idled (mixed).
+// least_conn, blind to speed, keeps the pull (fresh-burst: 25 req/s, not
+// 40, without it).
 func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
 	if h.affinity.singleTurn() {
 		return h.acquire(avail, j)
@@ -139,40 +143,6 @@ func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
 		return b
 	}
 	return h.acquire(avail, j)
-}
-
-// withSureSlot keeps, of list, the backends with fewer requests in flight
-// than the slots they surely have (cacheSlots: max_parallel, the most
-// they can have, else the most seen in use at once), when any has; else
-// list as it is. A conversation placed where every sure slot is busy
-// shares a slot with another for as long as both last: each turn waits
-// behind the other's and finds its cache evicted by it. The cost model
-// prices only the turn at hand, where a fast server's queue can look
-// cheaper than a free slot a little slower; every later turn of both
-// conversations pays it again (random-51: a fast server of two slots held
-// three or four conversations throughout, their turns evaluating the
-// whole history again, 0.32 s of prompt where a cached turn took 0.10 s,
-// while the other servers had a slot free). A slot planned for but never
-// seen in use is no sure room: it is only not ruled out. found is false when
-// none has one.
-func withSureSlot(list []*backend) (out []*backend, found bool) {
-	out = list[:0] // filtered in place: list's front is overwritten only by what is kept
-	for _, b := range list {
-		if hasSureSlot(b) {
-			out = append(out, b)
-		}
-	}
-	if len(out) == 0 {
-		return list, false // none has one: nothing was overwritten
-	}
-	return out, true
-}
-
-// hasSureSlot reports whether b has fewer requests in flight than the slots
-// it surely has (cacheSlots).
-func hasSureSlot(b *backend) bool {
-	n, _ := b.cacheSlots()
-	return b.srv.inFlight.Load() < int64(n)
 }
 
 // unshared is the free backend of avail (a sample above largePool) with a

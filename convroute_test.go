@@ -378,6 +378,42 @@ func TestSingleTurnTrafficIsPlacedByThePolicy(t *testing.T) {
 	assert.Equal(t, "slower", place())
 }
 
+// The same first message again (a prompt many clients send, a retried
+// request) is no conversation either where follow-ups are rare: the
+// policy places it, queue relief and all, not the server it went to last
+// (mixed: "Say hi." from every client kept on the fast server's slots,
+// 185 of 300 requests, while the slow servers idled and long answers
+// queued behind them).
+func TestARepeatedFirstMessageIsPlacedByThePolicyInSingleTurnTraffic(t *testing.T) {
+	now := time.Now()
+	one, two := learnedOneSlot("one", ms, ms, now), learnedOneSlot("two", ms, ms, now)
+	h := &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay"}
+	body := []byte(`{"model":"m","messages":[{"role":"user","content":"Say hi."}],"options":{"num_predict":10}}`)
+	again := conversationOf("/api/chat", "m", body)
+	h.affinity.record(again, one.srv.key, 0, now)
+	route := func() string {
+		b, route, _ := h.acquireConversation([]*backend{one, two}, again, newJob("m", apiOllama, body))
+		require.NotNil(t, b)
+		b.release()
+		return route
+	}
+	require.False(t, h.affinity.singleTurn())
+	assert.Equal(t, routeAffinityHit, route(), "while the traffic is not known, its server keeps it on a tie")
+	for range int(1 / followWeight) {
+		h.affinity.noteTurn(false)
+	}
+	require.True(t, h.affinity.singleTurn())
+	assert.Equal(t, routePolicy, route(), "single-turn: the policy places it")
+	h.LBPolicy, h.policy = "least_conn", pickLeastConn
+	assert.Equal(t, routeAffinityHit, route(), "least_conn, blind to speed, keeps the pull")
+	h.LBPolicy, h.policy = "least_delay", pickLeastDelay
+	for range 8 {
+		h.affinity.noteTurn(true)
+	}
+	require.False(t, h.affinity.singleTurn())
+	assert.Equal(t, routeAffinityHit, route())
+}
+
 // keptBackend is keepsConversation's backend, without the saving.
 func keptBackend(b *backend, _ float64) *backend { return b }
 
