@@ -116,6 +116,9 @@ func (h *Handler) acquireConversation(avail []*backend, conv conversation, j *jo
 // least_conn, blind to speed, keeps the pull (fresh-burst: 25 req/s, not
 // 40, without it).
 func (h *Handler) spreadNew(avail []*backend, j *job, now time.Time) *backend {
+	if j != nil {
+		j.newConversation = true
+	}
 	if h.affinity.singleTurn() {
 		return h.acquire(avail, j)
 	}

@@ -57,6 +57,9 @@ type job struct {
 	// moved: it was a spare request once and was moved; it is not sent
 	// as one again.
 	moved bool
+	// newConversation: it starts a conversation nothing of which is
+	// cached anywhere (spreadNew): where it goes, its later turns follow.
+	newConversation bool
 	// heldSince is when least_delay first held it back for a server
 	// still being measured (awaitMeasuring); zero if never.
 	heldSince time.Time

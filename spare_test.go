@@ -486,6 +486,47 @@ func TestAnOutrunSpareMovesOnlyWhereItEndsSooner(t *testing.T) {
 		"slow has run 0.65 s, more than fast's queue takes")
 }
 
+// A spare that starts a conversation moves only where it has a slot and a
+// cache slot of its own: its later turns follow it, and in the first
+// server's queue it would share a slot for as long as both conversations
+// last (random-176: seven conversations on a fast server's four slots,
+// moved there from the slower servers being measured). A request that
+// starts none moves as before, and so does one once the traffic is known
+// single-turn.
+func TestASpareStartingAConversationMovesOnlyToARoomOfItsOwn(t *testing.T) {
+	h := &Handler{affinity: newAffinityTable(100, time.Hour)}
+	fast, slow, clock := fastMeasuredSlowMeasuring()
+	pool := []*backend{fast, slow}
+	now := clock.Add(500 * ms) // slow's measuring request has run 0.5 s: 0.75 s staying
+	plain := func() *job { return &job{} }
+	starting := func() *job { return &job{newConversation: true} }
+	require.True(t, h.movesSooner(slow, plain(), pool, now), "fast is idle: 0.1 s there")
+	assert.True(t, h.movesSooner(slow, starting(), pool, now), "fast is idle and holds no conversation")
+
+	// fast's slots (one seen, a second not ruled out) are busy.
+	release := hold(fast, 2, now)
+	require.True(t, h.movesSooner(slow, plain(), pool, now), "fast's queue ends sooner than staying")
+	assert.False(t, h.movesSooner(slow, starting(), pool, now), "in fast's queue it would share a slot for good")
+	release()
+
+	// fast's slots are free, but each holds a conversation's cache.
+	for i := range 2 {
+		_, conv := chatTurn(t, []map[string]string{{"role": "user", "content": fmt.Sprint("conversation ", i)}})
+		h.affinity.record(conv, fast.srv.key, 0, now.Add(-100*ms))
+	}
+	require.True(t, h.movesSooner(slow, plain(), pool, now))
+	assert.False(t, h.movesSooner(slow, starting(), pool, now), "it would evict a live conversation's cache")
+
+	// Known single-turn: nothing follows it there.
+	for range int(1 / followWeight) {
+		h.affinity.noteTurn(false)
+	}
+	require.True(t, h.affinity.singleTurn())
+	assert.True(t, h.movesSooner(slow, starting(), pool, now))
+	h.affinity = nil
+	assert.True(t, h.movesSooner(slow, starting(), pool, now), "no affinity: no conversation to place")
+}
+
 // While the best server measured means a wait, a server still being
 // measured takes a request as a spare when staying there is expected to
 // end sooner and it will have been outrun, if it is slower, before that
