@@ -141,3 +141,72 @@ func TestALoadThatSwappedAListedModelShowsTheRoom(t *testing.T) {
 		b.srv.inFlight.Add(-1)
 	}
 }
+
+// A room test that fails swaps the model the tested server held for the
+// one tested, so it is sent only when that swap is bearable: models-259's
+// shape, big (three slots) holding model-b, one and two (one slot each)
+// holding model-a, two model-b as well, model-a's requests queueing.
+func TestARoomTestIsSentOnlyWhereItsFailureWouldBeABearableSwap(t *testing.T) {
+	now := time.Now()
+	pool := func(twoHolds []string, asked map[string]int) (*Handler, []*backend, *backend) {
+		big := testBackend("big", func(c *Backend) { c.MaxParallel = 3 })
+		one := testBackend("one", func(c *Backend) { c.MaxParallel = 1 })
+		two := testBackend("two", func(c *Backend) { c.MaxParallel = 1 })
+		big.srv.models.Store(psWith("b"))
+		one.srv.models.Store(psWith("a"))
+		two.srv.models.Store(psWith(twoHolds...))
+		for _, b := range []*backend{big, one, two} {
+			learnedTaking(b, now.Add(-time.Second), 100*ms)
+		}
+		big.srv.speed.ratesLocked("b").lastUsed = now.Add(-time.Second)
+		for _, b := range []*backend{one, two} {
+			b.srv.inFlight.Add(1)
+			b.begin(&job{model: "a"}, now.Add(-10*ms))
+		}
+		h := &Handler{backends: []*backend{big, one, two}, demand: newModelDemand()}
+		h.queue = newQueue(h)
+		for i := 0; i < 12; i++ {
+			for m, n := range asked {
+				for k := 0; k < n; k++ {
+					h.demand.note(m, now.Add(-time.Duration(12-i)*ms))
+				}
+			}
+		}
+		return h, []*backend{one, two}, big
+	}
+	for _, tc := range []struct {
+		name     string
+		twoHolds []string
+		asked    map[string]int
+		tested   bool
+	}{
+		// b's three slots would go to a, b left with two's one slot:
+		// b then as pressed as a is now, twice over.
+		{"asked alike, b has a second copy", []string{"a", "b"}, map[string]int{"a": 1, "b": 1}, false},
+		{"a asked six times as much", []string{"a", "b"}, map[string]int{"a": 6, "b": 1}, true},
+		// big holds b's only copy: a failed test puts the model asked
+		// more on the big server (models-104), not the one asked alike.
+		{"asked alike, b's only copy", []string{"a"}, map[string]int{"a": 1, "b": 1}, false},
+		{"a asked more, b's only copy", []string{"a"}, map[string]int{"a": 3, "b": 1}, true},
+	} {
+		h, copies, big := pool(tc.twoHolds, tc.asked)
+		j := &job{model: "a", copyable: true, cands: h.backends}
+		pickLeastDelay(h, copies, j)
+		want, got := "", ""
+		if tc.tested {
+			want = big.cfg.Name
+		}
+		if j.loadTo != nil {
+			got = j.loadTo.cfg.Name
+		}
+		assert.Equal(t, want, got, "%s: the server sent a load copy to test its room", tc.name)
+	}
+
+	// b idle for evictionHorizon: evicting it costs nothing, tested
+	// whatever its share.
+	h, copies, big := pool([]string{"a", "b"}, map[string]int{"a": 1, "b": 1})
+	big.srv.speed.ratesLocked("b").lastUsed = now.Add(-evictionHorizon - time.Second)
+	j := &job{model: "a", copyable: true, cands: h.backends}
+	pickLeastDelay(h, copies, j)
+	assert.Same(t, big, j.loadTo)
+}
