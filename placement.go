@@ -15,6 +15,13 @@ import (
 // eviction to count as a cost: one idle longer is no longer in demand.
 const evictionHorizon = 60 * time.Second
 
+// inDemandLocked reports whether model was used on the server within
+// evictionHorizon: evicting it there costs a load.
+func (sp *speed) inDemandLocked(model string, now time.Time) bool {
+	r := sp.models[model]
+	return r != nil && now.Sub(r.lastUsed) < evictionHorizon
+}
+
 // noticeEviction records that the server loaded model although it was
 // believed resident: it holds fewer models than believed (at most n-1 of
 // the n believed there with model), and model's fellows were the ones it
@@ -241,7 +248,7 @@ func evictionCost(b *backend, model string, pool []*backend, demand *modelDemand
 	victim := sp.victimOfLocked(snap, model, true)
 	var cost float64
 	if victim != "" {
-		if r := sp.models[victim]; r != nil && now.Sub(r.lastUsed) < evictionHorizon {
+		if sp.inDemandLocked(victim, now) {
 			cost = sp.loadCostLocked(victim)
 		}
 	}

@@ -121,10 +121,7 @@ func (h *Handler) swapBearable(pick *backend, j *job, now time.Time) bool {
 	snap := pick.srv.models.Load()
 	sp.mu.Lock()
 	victim := sp.victimOfLocked(snap, j.model, true)
-	recent := false
-	if r := sp.models[victim]; victim != "" && r != nil {
-		recent = now.Sub(r.lastUsed) < evictionHorizon
-	}
+	recent := victim != "" && sp.inDemandLocked(victim, now)
 	sp.mu.Unlock()
 	if !recent || h.demand == nil {
 		return true
