@@ -212,6 +212,15 @@ func newModel(name string, modified time.Time) model {
 	return m
 }
 
+// file is where m is kept under dir (Config.ModelsDir), as the FROM of /api/show's modelfile
+// names it: its model blob, or its name when it has none.
+func (m model) file(dir string) string {
+	if len(m.layers) > 0 && m.layers[0].kind == "model" {
+		return path.Join(dir, "blobs", blobKey(m.layers[0].digest))
+	}
+	return m.name
+}
+
 // newModel is newModel with the embedding models of Config.Embedding.
 func (s *Server) newModel(name string, modified time.Time) model {
 	m := newModel(name, modified)
@@ -763,10 +772,7 @@ func (s *Server) show(c *call) {
 		c.ollamaError(http.StatusNotFound, fmt.Sprintf("model '%s' not found", name))
 		return
 	}
-	from := m.name
-	if len(m.layers) > 0 && m.layers[0].kind == "model" {
-		from = path.Join(s.cfg.ModelsDir, "blobs", blobKey(m.layers[0].digest))
-	}
+	from := m.file(s.cfg.ModelsDir)
 	info, tensors := m.gguf(s.cfg.EmbedDim)
 	// Over 2 KB: net/http sends it chunked, as Ollama's answer is.
 	c.json(http.StatusOK, struct {

@@ -1,6 +1,7 @@
 package fakeollama
 
 import (
+	"cmp"
 	"math"
 	"slices"
 	"sync/atomic"
@@ -9,15 +10,20 @@ import (
 
 // Residency and speed, for routing benchmarks: a box with room for Config.MaxLoaded models
 // evicts one to load another, as Ollama's scheduler does under OLLAMA_MAX_LOADED_MODELS (the
-// least recently used model no request is using; a load waits until one is idle); concurrent
+// idle model whose blob path sorts first: victimLocked; a load waits until one is idle); concurrent
 // requests for a model that is loading share that one load; SetSpeed makes the box slower or
 // faster mid-run. ColdLoads and Evictions count what happened, for a benchmark to report.
+//
+// /api/ps lists a model once its load is done; the victim is gone from the start of the load.
+// Ollama v0.17.4 lists a model when its runner has started (server/sched.go, load), which for
+// a llama model is the end of the load: polled every millisecond while a server of room one
+// swapped its model, the rig's tiny-llama was listed 318 ms into a 324 ms load, and the list
+// was empty until then; tiny-bert was listed 78 ms into 330 ms.
 
 // residencyState is the Server's part for residency and speed.
 type residencyState struct {
 	loading   map[string]chan struct{} // models being loaded, closed when done; under mu
 	active    map[string]int           // requests using each resident model; under mu
-	lastUsed  map[string]time.Time     // under mu
 	coldLoads atomic.Int64
 	evictions atomic.Int64
 	speed     atomic.Uint64 // float64 bits of the time factor; 0 means 1
@@ -61,8 +67,8 @@ func (s *Server) Evictions() int { return int(s.evictions.Load()) }
 
 // loadModel makes m resident for c, as Ollama's scheduler does: at once when it is; else after
 // LoadDelay, sharing a load already under way, and, when Config.MaxLoaded models are resident
-// (or loading), after evicting the least recently used one no request is using, waiting until
-// one is idle. load_duration counts from here: the wait for a slot before it is not a load.
+// (or loading), after evicting one (victimLocked), waiting until it is idle. load_duration
+// counts from here: the wait for a slot before it is not a load.
 func (c *call) loadModel(m model) bool {
 	s := c.s
 	c.loadStart = time.Now()
@@ -81,10 +87,10 @@ func (c *call) loadModel(m model) bool {
 			continue
 		}
 		if room := s.cfg.MaxLoaded; room > 0 && len(s.loaded)+len(s.loading) >= room {
-			victim := s.idleLeastRecentLocked()
-			if victim == "" {
+			victim := s.victimLocked()
+			if victim == "" || s.active[victim] > 0 {
 				s.mu.Unlock()
-				if !c.wait(time.Millisecond) { // every resident model is at work: wait for one to idle
+				if !c.wait(time.Millisecond) { // every resident model is at work: wait for the victim to idle
 					return false
 				}
 				continue
@@ -119,13 +125,12 @@ func (c *call) loadModel(m model) bool {
 // useLocked marks key in use by c until c's slot is released.
 func (s *Server) useLocked(c *call, key string) {
 	if s.active == nil {
-		s.active, s.lastUsed = map[string]int{}, map[string]time.Time{}
+		s.active = map[string]int{}
 	}
 	if c.using == "" {
 		s.active[key]++
 		c.using = key
 	}
-	s.lastUsed[key] = time.Now()
 }
 
 // unuse ends c's use of its model.
@@ -135,23 +140,35 @@ func (c *call) unuse() {
 	}
 	c.s.mu.Lock()
 	c.s.active[c.using]--
-	c.s.lastUsed[c.using] = time.Now()
 	c.s.mu.Unlock()
 	c.using = ""
 }
 
-// idleLeastRecentLocked is the resident model used longest ago that no request is using; ""
-// if every one is in use.
-func (s *Server) idleLeastRecentLocked() string {
-	var victim string
-	var oldest time.Time
+// victimLocked is the resident model a load evicts, as Ollama v0.17.4 picks it
+// (server/sched.go, findRunnerToUnload): of the models no request is using, the one whose
+// path (/api/show's FROM: the model blob) sorts first; when every one is in use, the first of
+// all, which the load waits for. Not the least recently used: Ollama sorts by keep_alive
+// (which the fake does not keep: every model's is the default), then by path. On the rig, at
+// OLLAMA_MAX_LOADED_MODELS=2, tl2, tl1, tl2, tl3 (blobs sha256-1bad…, -f0d9…, -3d3e…) evicted
+// tl2, the model used last; tl3, tl1, tl3, tl2 evicted tl3. "" when nothing is resident.
+func (s *Server) victimLocked() string {
+	var first, idle string
 	for _, k := range s.loaded {
-		if s.active[k] > 0 {
-			continue
+		p := s.modelPathLocked(k)
+		if first == "" || p < s.modelPathLocked(first) {
+			first = k
 		}
-		if used := s.lastUsed[k]; victim == "" || used.Before(oldest) {
-			victim, oldest = k, used
+		if s.active[k] == 0 && (idle == "" || p < s.modelPathLocked(idle)) {
+			idle = k
 		}
 	}
-	return victim
+	return cmp.Or(idle, first)
+}
+
+// modelPathLocked is where the model of key is kept, as /api/show's modelfile names it.
+func (s *Server) modelPathLocked(key string) string {
+	if i := slices.IndexFunc(s.models, func(o model) bool { return o.key == key }); i >= 0 {
+		return s.models[i].file(s.cfg.ModelsDir)
+	}
+	return s.newModel(key, s.started).file(s.cfg.ModelsDir)
 }
