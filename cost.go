@@ -92,6 +92,10 @@ type speed struct {
 	// swap is the latest load sent here that the lists said would evict
 	// a model they showed (placement.go, noticeSwap).
 	swap swapSent
+	// files are the files Ollama keeps the models listed as loaded here
+	// in (/api/show's FROM), by name: Ollama evicts the idle model whose
+	// file sorts first (placement.go, ollamaVictimLocked).
+	files map[string]modelFile
 
 	tasks  map[uint64]*task // requests in flight, with their expected end
 	nextID uint64

@@ -3,6 +3,7 @@ package ollamaflow
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -245,6 +246,7 @@ func (s *server) readModels() error {
 	snap := &modelSnapshot{known: true, at: time.Now(), present: entriesByName(tags), loaded: entriesByName(ps), ps: rawEntries(ps)}
 	old := s.models.Swap(snap)
 	s.speed.noticeSwap(snap)
+	s.readModelFiles(ctx, snap.loaded)
 	if !old.known || !sameKeys(old.present, snap.present) {
 		modelListsChanged()
 	}
@@ -252,6 +254,35 @@ func (s *server) readModels() error {
 		loadedGeneration.Add(1) // the frontends' model indexes (modelindex.go)
 	}
 	return nil
+}
+
+// readModelFiles learns the file each model listed as loaded is kept in,
+// from /api/show's modelfile (its FROM line), once per model and digest:
+// Ollama evicts the idle model whose file sorts first (placement.go,
+// ollamaVictimLocked). One that cannot be read is tried at the next list.
+func (s *server) readModelFiles(ctx context.Context, loaded map[string][]byte) {
+	for name, raw := range loaded {
+		digest := gjson.GetBytes(raw, "digest").String()
+		if !s.speed.fileUnknown(name, digest) {
+			continue
+		}
+		req, _ := json.Marshal(map[string]string{"model": name})
+		res, err := s.do(ctx, http.MethodPost, "/api/show", req)
+		if err != nil {
+			return
+		}
+		body, err := io.ReadAll(io.LimitReader(res.Body, 16<<20))
+		res.Body.Close()
+		if err != nil || res.StatusCode != http.StatusOK {
+			continue
+		}
+		for line := range strings.Lines(gjson.GetBytes(body, "modelfile").String()) {
+			if from, ok := strings.CutPrefix(line, "FROM "); ok {
+				s.speed.setFile(name, digest, strings.TrimSpace(from), loaded)
+				break
+			}
+		}
+	}
 }
 
 func sameKeys(a, b map[string][]byte) bool {

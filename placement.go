@@ -1,6 +1,7 @@
 package ollamaflow
 
 import (
+	"cmp"
 	"math"
 	"slices"
 	"time"
@@ -30,9 +31,9 @@ func (sp *speed) inDemandLocked(model string, now time.Time) bool {
 //
 // The belief was wrong, so the handler has the server's /api/ps read
 // again (in the background, one read at a time): the load evicted a
-// model, and the guess of which one (the least recently used, as
-// Ollama's scheduler chooses among idle models) fails when that one was
-// busy. Until the list is read the guess stands; a list read after the
+// model, and the guess of which one (ollamaVictimLocked: Ollama's own
+// order, once the files of the models there are read) fails when another
+// client used them. Until the list is read the guess stands; a list read after the
 // eviction also raises the room back to what the server was seen to hold
 // at once.
 //
@@ -87,6 +88,14 @@ type swapSent struct {
 // of room one whose loads all swapped one model for another was taken to
 // hold what its lists showed, as one never seen full, and tested for
 // more: the test's copy evicted the model in use there (models-136).
+//
+// Models other loads in flight there are loading count as held: Ollama
+// lists a model only once its runner has started, which for a llama model
+// is at the end of its load (tiny-llama on v0.17.4 was listed 318 ms into
+// a 324 ms load; tiny-bert 78 ms into 330), and the fakes list it at the
+// end. Read as the room, a list taken while two other models were loading
+// on models-274's four-slot server of room three showed it one, which made
+// the pool's hint one (roomHint), and every server was priced as full.
 func (sp *speed) noticeSwap(snap *modelSnapshot) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
@@ -98,7 +107,7 @@ func (sp *speed) noticeSwap(snap *modelSnapshot) {
 		return
 	}
 	sp.swap = swapSent{}
-	n := psCount(snap)
+	n := psCount(snap) + sp.loadingBesideLocked(snap, w.model)
 	if snap.loaded[w.victim] != nil || n > w.listed {
 		return // room for more than was listed
 	}
@@ -128,9 +137,10 @@ func (sp *speed) loadingBesideLocked(snap *modelSnapshot, model string) int {
 	return len(seen)
 }
 
-// victimLocked is the model a load of model would evict on the server:
-// the least recently used of those resident, when the server is known to
-// be full; "" when there is room or nothing is known.
+// victimLocked is the model a load of model would evict on the server,
+// when it is known to be full: the one Ollama picks (ollamaVictimLocked),
+// or, while the file of a model resident is not known yet, the least
+// recently used; "" when there is room or nothing is known.
 func (sp *speed) victimLocked(snap *modelSnapshot, model string) string {
 	return sp.victimOfLocked(snap, model, false)
 }
@@ -153,6 +163,9 @@ func (sp *speed) victimOfLocked(snap *modelSnapshot, model string, unknownFull b
 	if room == 0 || others < room {
 		return "" // model fits beside the others
 	}
+	if v, ok := sp.ollamaVictimLocked(snap, model); ok {
+		return v
+	}
 	var victim string
 	var oldest time.Time
 	for m := range snap.loaded {
@@ -168,6 +181,82 @@ func (sp *speed) victimOfLocked(snap *modelSnapshot, model string, unknownFull b
 		}
 	}
 	return victim
+}
+
+// modelFile is the file Ollama keeps a model in, for the digest its
+// /api/ps entry showed.
+type modelFile struct{ digest, path string }
+
+// ollamaVictimLocked is the model Ollama evicts to load model, once the
+// file of every other model resident is known: of those no request of
+// ours is using, the one whose file sorts first; when each is in use, the
+// first of all, which the load waits for. Ollama v0.17.4 orders them by
+// keep_alive, then by file (server/sched.go, findRunnerToUnload), not by
+// use: on a server of room two, tl2, tl1, tl2, then tl3 evicted tl2, the
+// model used last (the fakes evict so too: internal/fakeollama,
+// residency.go). Guessed as the least recently used, the victim was
+// wrong wherever the files' order and the use differed, and the next
+// request for the model really evicted, sent as if it were resident,
+// paid its load (models-262). keep_alive is taken to be alike.
+func (sp *speed) ollamaVictimLocked(snap *modelSnapshot, model string) (string, bool) {
+	var first, idle string
+	before := func(m, than string) bool {
+		a, b := sp.files[m].path, sp.files[than].path
+		return than == "" || a < b || a == b && m < than
+	}
+	for m := range snap.loaded {
+		if m == model {
+			continue
+		}
+		if _, ok := sp.files[m]; !ok {
+			return "", false
+		}
+		if before(m, first) {
+			first = m
+		}
+		if !sp.usingLocked(m) && before(m, idle) {
+			idle = m
+		}
+	}
+	return cmp.Or(idle, first), first != ""
+}
+
+// usingLocked reports whether a request of ours for model is in flight
+// on the server.
+func (sp *speed) usingLocked(model string) bool {
+	for _, t := range sp.tasks {
+		if t.job.model == model && !t.done.Load() {
+			return true
+		}
+	}
+	return false
+}
+
+// fileUnknown reports whether the file of model, listed with digest, is
+// still to be read.
+func (sp *speed) fileUnknown(model, digest string) bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	f, ok := sp.files[model]
+	return !ok || f.digest != digest
+}
+
+// setFile records the file of model, listed with digest, keeping those
+// of the models listed (at most maxTrackedModel).
+func (sp *speed) setFile(model, digest, path string, listed map[string][]byte) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.files == nil {
+		sp.files = make(map[string]modelFile)
+	}
+	for m := range sp.files {
+		if _, ok := listed[m]; !ok {
+			delete(sp.files, m)
+		}
+	}
+	if len(sp.files) < maxTrackedModel {
+		sp.files[model] = modelFile{digest, path}
+	}
 }
 
 // otherLoadLocked is the time left of the longest load of a model other

@@ -1,8 +1,13 @@
 package ollamaflow
 
 import (
+	"context"
 	"errors"
+	"io"
+	"net/http"
+	"net/url"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -10,6 +15,7 @@ import (
 	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/zap"
 )
 
 // learned gives b a speed (one answered request) without changing what
@@ -661,4 +667,79 @@ func TestAWaiterOfferedAnEvictionWaitsForALoadElsewhereThatCostsLess(t *testing.
 
 	roomy.srv.inFlight.Store(40) // a long wait there: the load here is sooner
 	assert.Same(t, full, pickLeastDelay(h, []*backend{full}, &job{model: "m", cands: pool}))
+}
+
+// A load on a full server is taken to evict what Ollama evicts: the idle
+// model whose file sorts first, not the least recently used; the first
+// of all when each is in use; the least recently used while a file is
+// unknown.
+func TestALoadIsTakenToEvictWhatOllamaEvicts(t *testing.T) {
+	now := time.Now()
+	b := testBackend("s", nil)
+	snap := psWith("a", "b", "c")
+	snap.at = now.Add(-time.Second)
+	b.srv.models.Store(snap)
+	sp := &b.srv.speed
+	for m, f := range map[string]string{"a": "/m/blobs/sha256-3", "b": "/m/blobs/sha256-1", "c": "/m/blobs/sha256-2"} {
+		sp.setFile(m, "", f, snap.loaded)
+	}
+	sp.mu.Lock()
+	sp.ratesLocked("a").lastUsed = now.Add(-time.Minute)
+	sp.ratesLocked("b").lastUsed = now
+	sp.ratesLocked("c").lastUsed = now
+	assert.Equal(t, "b", sp.victimLocked(snap, "d"), "b's file sorts first; a was used longest ago")
+	sp.mu.Unlock()
+
+	var tasks []*task
+	for _, m := range []string{"b", "c", "a"} {
+		b.srv.inFlight.Add(1)
+		tasks = append(tasks, b.begin(&job{model: m}, now))
+		sp.mu.Lock()
+		want := map[string]string{"b": "c", "c": "a", "a": "b"}[m]
+		assert.Equal(t, want, sp.victimLocked(snap, "d"), "%s in use too", m)
+		sp.mu.Unlock()
+	}
+	for _, tk := range tasks {
+		tk.endAt(now)
+		b.srv.inFlight.Add(-1)
+	}
+
+	sp.mu.Lock()
+	delete(sp.files, "c")
+	assert.Equal(t, "a", sp.victimLocked(snap, "d"), "c's file unknown: the least recently used")
+	sp.mu.Unlock()
+}
+
+// The files come from the server: its lists are read with /api/show of
+// each model loaded, and the guess then names the model the server
+// evicts.
+func TestTheVictimGuessedIsTheModelTheServerEvicts(t *testing.T) {
+	f := fakeollama.New(fakeollama.Config{Models: []string{"a", "b", "c"}, Loaded: []string{"a", "b"}, MaxLoaded: 2})
+	defer f.Close()
+	base, _ := url.Parse(f.URL)
+	st := testSettings(zap.NewNop())
+	st.interval = time.Hour
+	s := newServer(base, st)
+	defer s.Destruct()
+	require.NoError(t, s.refreshModels(context.Background(), 0))
+	sp := &s.speed
+	sp.mu.Lock()
+	require.Len(t, sp.files, 2)
+	first, last := "a:latest", "b:latest"
+	if sp.files[last].path < sp.files[first].path {
+		first, last = last, first
+	}
+	sp.ratesLocked(last).lastUsed = time.Now().Add(-time.Minute) // the least recently used
+	sp.ratesLocked(first).lastUsed = time.Now()
+	guess := sp.victimLocked(s.models.Load(), "c:latest")
+	sp.mu.Unlock()
+	require.Equal(t, first, guess, "the file that sorts first")
+
+	res, err := http.Post(f.URL+"/api/generate", "application/json", strings.NewReader(`{"model":"c","prompt":"x","stream":false}`))
+	require.NoError(t, err)
+	_, _ = io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	assert.NotContains(t, f.Loaded(), guess, "the guess was evicted")
+	assert.Len(t, f.Loaded(), 2)
 }

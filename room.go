@@ -40,6 +40,9 @@ const (
 	// roomTestEvery is how long a server's room is not tested again
 	// after a test, unless a larger room was seen since.
 	roomTestEvery = 10 * time.Minute
+	// ollamaDefaultRoom is the room of a server left at Ollama's default
+	// OLLAMA_MAX_LOADED_MODELS: three models per GPU, three on a CPU.
+	ollamaDefaultRoom = 3
 )
 
 // roomTest is the server to send a load copy of j to, testing its room
@@ -97,6 +100,9 @@ func (sp *speed) roomUntested(snap *modelSnapshot, model string, now time.Time) 
 	}
 	if !sp.roomTested.IsZero() && now.Sub(sp.roomTested) < roomTestEvery && sp.roomLocked(snap, 0) <= sp.roomTestedAt {
 		return false // tested, and no larger room seen since
+	}
+	if psCount(snap) >= ollamaDefaultRoom {
+		return false // it holds what Ollama holds by default
 	}
 	return sp.victimOfLocked(snap, model, true) != ""
 }

@@ -142,6 +142,57 @@ func TestALoadThatSwappedAListedModelShowsTheRoom(t *testing.T) {
 	}
 }
 
+// A list read while another model's load is under way on the server
+// does not show that model yet (Ollama lists it when its runner has
+// started, for a llama model at the end of the load): counted with it,
+// the swap seen there shows the room the server had, not one less.
+func TestASwapSeenWhileAnotherLoadIsUnderWayCountsThatLoad(t *testing.T) {
+	now := time.Now()
+	b := testBackend("s", nil)
+	before := psWith("a", "b", "c")
+	before.at = now.Add(-time.Second)
+	b.srv.models.Store(before)
+	learned(b, now.Add(-time.Second))
+	sp := &b.srv.speed
+	b.srv.inFlight.Add(2)
+	x := b.begin(&job{model: "x"}, now) // taken to evict a
+	d := b.begin(&job{model: "d"}, now) // taken to evict b
+	require.True(t, x.loader && d.loader)
+	after := psWith("c", "d") // d loaded, b gone; x still loading
+	after.at = now.Add(time.Second)
+	b.srv.models.Store(after)
+	sp.noticeSwap(after)
+	sp.mu.Lock()
+	assert.Equal(t, 3, sp.roomLocked(after, 0), "c, d and x: room three")
+	sp.mu.Unlock()
+	x.endAt(now)
+	d.endAt(now)
+	b.srv.inFlight.Add(-2)
+}
+
+// A server whose lists showed three models at once holds what Ollama
+// holds by default (OLLAMA_MAX_LOADED_MODELS, three per GPU): it is not
+// tested for a fourth, whose failure would evict a model in use there
+// (models-274: three loads of models asked most followed one test). One
+// that showed two may hold more.
+func TestAServerHoldingThreeModelsIsNotTestedForAFourth(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		listed []string
+		tested bool
+	}{
+		{[]string{"a", "b"}, true},
+		{[]string{"a", "b", "c"}, false},
+	} {
+		b := testBackend("s", nil)
+		snap := psWith(tc.listed...)
+		snap.at = now.Add(-time.Second)
+		b.srv.models.Store(snap)
+		learned(b, now.Add(-time.Second))
+		assert.Equal(t, tc.tested, b.srv.speed.roomUntested(snap, "d", now), "listed %v", tc.listed)
+	}
+}
+
 // A room test that fails swaps the model the tested server held for the
 // one tested, so it is sent only when that swap is bearable: models-259's
 // shape, big (three slots) holding model-b, one and two (one slot each)

@@ -104,8 +104,8 @@ func (sp *speed) claimErrorProbe(now time.Time) bool {
 // expected to take; end (or learn) removes it. A request for a model that
 // is not resident makes it resident in the model's belief at once, so the
 // requests that follow queue behind one load instead of each planning
-// their own, and, where the server is full, the model least recently used
-// there is taken to be evicted.
+// their own, and, where the server is full, the model Ollama evicts there
+// (placement.go, victimLocked) is taken to be evicted.
 func (b *backend) begin(j *job, now time.Time) *task {
 	s := b.srv
 	// Before the server's lists are read, a request is not taken to load
