@@ -152,14 +152,14 @@ func (c *call) unuse() {
 // OLLAMA_MAX_LOADED_MODELS=2, tl2, tl1, tl2, tl3 (blobs sha256-1bad…, -f0d9…, -3d3e…) evicted
 // tl2, the model used last; tl3, tl1, tl3, tl2 evicted tl3. "" when nothing is resident.
 func (s *Server) victimLocked() string {
-	var first, idle string
+	var first, idle, firstPath, idlePath string
 	for _, k := range s.loaded {
 		p := s.modelPathLocked(k)
-		if first == "" || p < s.modelPathLocked(first) {
-			first = k
+		if first == "" || p < firstPath {
+			first, firstPath = k, p
 		}
-		if s.active[k] == 0 && (idle == "" || p < s.modelPathLocked(idle)) {
-			idle = k
+		if s.active[k] == 0 && (idle == "" || p < idlePath) {
+			idle, idlePath = k, p
 		}
 	}
 	return cmp.Or(idle, first)
