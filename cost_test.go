@@ -61,6 +61,14 @@ func psWith(models ...string) *modelSnapshot {
 	return snap
 }
 
+// listedAt stores in b what a list read at at showed loaded: models.
+func listedAt(b *backend, at time.Time, models ...string) *modelSnapshot {
+	snap := psWith(models...)
+	snap.at = at
+	b.srv.models.Store(snap)
+	return snap
+}
+
 func TestNewJobReadsTheBodyAsOllamaDoes(t *testing.T) {
 	j := newJob("m", apiOllama, []byte(`{"model":"m","Messages":[{"role":"system","CONTENT":"abcd"},{"role":"user","content":"efghij"}],"options":{"NUM_PREDICT":7},"max_tokens":99}`))
 	assert.Equal(t, 10, j.promptChars, "keys match case-insensitively")

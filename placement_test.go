@@ -676,9 +676,7 @@ func TestAWaiterOfferedAnEvictionWaitsForALoadElsewhereThatCostsLess(t *testing.
 func TestALoadIsTakenToEvictWhatOllamaEvicts(t *testing.T) {
 	now := time.Now()
 	b := testBackend("s", nil)
-	snap := psWith("a", "b", "c")
-	snap.at = now.Add(-time.Second)
-	b.srv.models.Store(snap)
+	snap := listedAt(b, now.Add(-time.Second), "a", "b", "c")
 	sp := &b.srv.speed
 	for m, f := range map[string]string{"a": "/m/blobs/sha256-3", "b": "/m/blobs/sha256-1", "c": "/m/blobs/sha256-2"} {
 		sp.setFile(m, "", f, snap.loaded)

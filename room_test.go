@@ -116,9 +116,7 @@ func TestALoadThatSwappedAListedModelShowsTheRoom(t *testing.T) {
 		{[]string{"a", "b"}, 2, false},
 	} {
 		b := testBackend("s", nil)
-		before := psWith("b")
-		before.at = now.Add(-time.Second)
-		b.srv.models.Store(before)
+		before := listedAt(b, now.Add(-time.Second), "b")
 		learned(b, now.Add(-time.Second))
 		sp := &b.srv.speed
 		require.True(t, sp.roomUntested(before, "a", now), "one model listed: its room may be larger")
@@ -149,9 +147,7 @@ func TestALoadThatSwappedAListedModelShowsTheRoom(t *testing.T) {
 func TestASwapSeenWhileAnotherLoadIsUnderWayCountsThatLoad(t *testing.T) {
 	now := time.Now()
 	b := testBackend("s", nil)
-	before := psWith("a", "b", "c")
-	before.at = now.Add(-time.Second)
-	b.srv.models.Store(before)
+	listedAt(b, now.Add(-time.Second), "a", "b", "c")
 	learned(b, now.Add(-time.Second))
 	sp := &b.srv.speed
 	b.srv.inFlight.Add(2)
@@ -185,9 +181,7 @@ func TestAServerHoldingThreeModelsIsNotTestedForAFourth(t *testing.T) {
 		{[]string{"a", "b", "c"}, false},
 	} {
 		b := testBackend("s", nil)
-		snap := psWith(tc.listed...)
-		snap.at = now.Add(-time.Second)
-		b.srv.models.Store(snap)
+		snap := listedAt(b, now.Add(-time.Second), tc.listed...)
 		learned(b, now.Add(-time.Second))
 		assert.Equal(t, tc.tested, b.srv.speed.roomUntested(snap, "d", now), "listed %v", tc.listed)
 	}
