@@ -263,7 +263,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 		b := pickLeastConn(h, explore, j)
 		if b.srv.speed.claimProbe(max(b.cfg.MaxParallel, 1), &b.srv.inFlight, now) {
 			if !j.moved {
-				j.measureOn, j.spareAmong = b.srv, slices.Clone(avail)
+				j.measureOn, j.spareAmong = b.srv, rivals(avail, j)
 			}
 			return b
 		}
@@ -336,7 +336,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// serve it sooner after all (spare.go).
 	if bestWait > 0 && len(ties) > 0 && h.queue != nil {
 		if b := h.claimSpareWithin(unobserved, j, queuedSpareLimit, ties[0], best, bestWait, now); b != nil {
-			j.spareOn, j.spareAmong = b.srv, slices.Clone(avail)
+			j.spareOn, j.spareAmong = b.srv, rivals(avail, j)
 			return b
 		}
 	}
@@ -377,7 +377,7 @@ func pickLeastDelay(h *Handler, avail []*backend, j *job) *backend {
 	// beside a measuring request is raced rather than left idle (spare.go).
 	if len(observed) == 0 && h.queue != nil {
 		if b := h.claimSpare(unobserved, j, now); b != nil {
-			j.spareOn, j.spareAmong = b.srv, slices.Clone(avail)
+			j.spareOn, j.spareAmong = b.srv, rivals(avail, j)
 			return b
 		}
 	}
@@ -439,6 +439,21 @@ func leastFailing(list []*backend) []*backend {
 		return list
 	}
 	return out
+}
+
+// rivals are the servers that may outrun a spare or measuring request
+// picked from avail (spare.go): every candidate of j, offered or not. A
+// newcomer is not offered a server a queued request waits for (see
+// roomElsewhere), and a spare that listed only those offered could never
+// be outrun by the others: in a fresh burst of four on a fast server and
+// a slow one, the spare placed on the slow one while the fast one had a
+// waiter stayed there after the fast one had answered, until the slow one
+// answered it (TestAMovedStreamIsWhole, once in CI).
+func rivals(avail []*backend, j *job) []*backend {
+	if len(j.cands) > 0 && len(j.cands) <= largePool {
+		return slices.Clone(j.cands)
+	}
+	return slices.Clone(avail)
 }
 
 // roomElsewhere reports whether a candidate of j that was not offered has

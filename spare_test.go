@@ -345,7 +345,18 @@ func speedState(s *server) string {
 	defer sp.mu.Unlock()
 	var tasks []string
 	for _, tk := range sp.tasks {
-		tasks = append(tasks, fmt.Sprintf("#%d sent %v ago, work %.3f, due in %v", tk.id, now.Sub(tk.started), tk.work, tk.finish.Sub(now)))
+		role := "plain"
+		switch {
+		case tk.job == nil:
+		case tk.job.measureOn == s:
+			role = "measuring"
+		case tk.job.spareOn == s:
+			role = "spare"
+		}
+		if tk.job != nil && tk.job.spareAmong != nil {
+			role += fmt.Sprintf(" among %v", names(tk.job.spareAmong))
+		}
+		tasks = append(tasks, fmt.Sprintf("#%d %s sent %v ago, work %.3f, due in %v", tk.id, role, now.Sub(tk.started), tk.work, tk.finish.Sub(now)))
 	}
 	probe := "not being measured"
 	if !probing.IsZero() {
@@ -448,6 +459,36 @@ func TestAMovedStreamIsWhole(t *testing.T) {
 			assert.Equal(t, 2, slow.Count(path), "slow had a spare, which moved")
 		})
 	}
+}
+
+// A spare picked while another candidate was not offered (a queued
+// request waits for it) may move there all the same: that candidate's
+// first answer outruns it. Listing only the servers offered, the spare
+// on the slow server stayed there after the fast one had answered
+// (TestAMovedStreamIsWhole, once in CI).
+func TestASpareMayMoveToACandidateItsPickWasNotOffered(t *testing.T) {
+	h := &Handler{}
+	h.queue = newQueue(h)
+	clock := time.Now() // the policy reads the clock: the measuring requests are under way
+	fast, slow := testBackend("fast", nil), testBackend("slow", nil)
+	probe := measuring(fast, &job{}, clock)
+	measuring(slow, &job{}, clock)
+
+	j := &job{cands: []*backend{fast, slow}}
+	b := pickLeastDelay(h, []*backend{slow}, j) // fast not offered: a waiter is queued for it
+	require.Same(t, slow, b)
+	require.True(t, j.spareOn == slow.srv, "a spare beside slow's measuring request")
+	assert.ElementsMatch(t, names([]*backend{fast, slow}), names(j.spareAmong))
+	slow.srv.inFlight.Add(1)
+	slow.begin(j, clock)
+
+	probe.learn(final(100*ms, 0, 0, 10, 1), clock.Add(100*ms))
+	fast.srv.inFlight.Add(-1)
+	now := clock.Add(300 * ms)
+	at := outrunAt(slow, j.spareAmong)
+	require.False(t, at.IsZero(), "fast's answer outruns slow's measuring request")
+	assert.False(t, now.Before(at))
+	assert.True(t, h.movesSooner(slow, j, j.spareAmong, now), "fast is idle: 0.1 s there against 0.45 s staying")
 }
 
 // fastMeasuredSlowMeasuring is a pool of two on a clock: fast answered its
