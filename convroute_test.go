@@ -522,6 +522,77 @@ func TestACountedOutConversationLeavesForASlowerServerWithRoom(t *testing.T) {
 	}
 }
 
+// A counted-out follow-up whose server means a wait for a slot leaves it
+// for a server with a slot free and a cache slot no conversation holds
+// when that takes it within what the pool already takes (relievesQueue),
+// though the turn alone would end sooner where it is. A slot planned for
+// there but never seen in use is priced as there: the move tests it.
+// Weighed turn by turn, with that slot at half a wait, six conversations
+// stayed on a fast server of three slots, each turn behind another's and
+// evaluating its whole history again, while a server three times as slow
+// had three slots idle (random-365: 11 req/s against least_conn's 16.5).
+func TestACountedOutConversationRelievesAQueueOntoAnUntriedSlot(t *testing.T) {
+	now := time.Now()
+	history := longHistory()
+	_, prevA := chatTurn(t, history[:len(history)-1])
+	bodyA, followA := chatTurn(t, append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
+	_, convB := chatTurn(t, []map[string]string{{"role": "system", "content": strings.Repeat("Other things entirely. ", 80)}, {"role": "user", "content": "hello"}})
+	_, convC := chatTurn(t, []map[string]string{{"role": "user", "content": "slow's own conversation"}})
+
+	setup := func() (h *Handler, shared, slow *backend, release func()) {
+		shared = ruleBackend("shared", 0)
+		shared.srv.speed.mu.Lock()
+		shared.srv.speed.slotsHi, shared.srv.speed.hiAt = 1, now // seen with a queue: one slot
+		shared.srv.speed.mu.Unlock()
+		slow = testBackend("slow", nil)
+		slow.srv.models.Store(psWith("m"))
+		slow.srv.inFlight.Store(1)
+		serve(slow, &job{model: "m", promptChars: 400, maxOutput: 10}, now, finalGen(300*ms, 30*ms, 0, 0, 100, 10))
+		slow.srv.inFlight.Store(0)
+		h = &Handler{affinity: newAffinityTable(100, time.Hour), policy: pickLeastDelay, LBPolicy: "least_delay", served: &servedDelays{}}
+		h.affinity.record(prevA, shared.srv.key, 0, now.Add(-time.Second))
+		h.affinity.record(convB, shared.srv.key, 0, now.Add(-800*ms))
+		h.affinity.record(convC, slow.srv.key, 0, now.Add(-500*ms))
+		relShared := hold(shared, 1, now.Add(-20*ms)) // its slot is busy: staying waits
+		relSlow := hold(slow, 1, now.Add(-20*ms))     // its one slot seen is busy, a second is untried
+		return h, shared, slow, func() { relShared(); relSlow() }
+	}
+
+	h, shared, slow, release := setup()
+	j := newJob("m", apiOllama, bodyA)
+	stay, _ := h.estimateOf(shared, j)
+	there, _ := h.estimateOf(slow, j)
+	require.Positive(t, stay.wait, "staying means a wait for a slot")
+	require.True(t, there.untried, "the request would take slow's untried slot")
+	require.Positive(t, there.wait, "priced with half a wait")
+	free := there.total() - there.wait
+	require.Less(t, stay.total(), free, "the turn alone ends sooner where it is")
+	_, id, _ := h.affinity.lookup(followA, now)
+	require.True(t, h.affinity.evictedFrom(shared, id, now))
+
+	// The pool's clients have lately waited longer than the move takes
+	// with the slot there, not longer than with half a wait.
+	served := (free + there.total()) / 2
+	for range 2 * servedMin {
+		h.served.note(served, time.Now())
+	}
+	got, route, _ := h.acquireConversation([]*backend{shared, slow}, followA, j)
+	require.NotNil(t, got)
+	got.release()
+	assert.Equal(t, "slow", got.cfg.Name, "the queue is relieved onto slow's untried slot")
+	assert.Equal(t, routeAffinityEvicted, route)
+	release()
+
+	// With no lasting queue to relieve (nothing served that long), it stays.
+	h, _, _, release = setup()
+	defer release()
+	got, route, _ = h.acquireConversation([]*backend{shared, slow}, followA, newJob("m", apiOllama, bodyA))
+	require.NotNil(t, got)
+	got.release()
+	assert.Equal(t, "shared", got.cfg.Name)
+	assert.Equal(t, routeAffinityHit, route)
+}
+
 // A server seen serving two at once, a third slot not ruled out, is
 // planned with three (slotsLocked): it has a cache slot for a third
 // conversation too. Counted as full at two, a server of four slots seen
