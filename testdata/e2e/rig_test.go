@@ -74,6 +74,7 @@ type ollamaServer struct {
 	name string
 	port int
 	dir  string
+	env  []string // more of the server's environment (OLLAMA_MAX_LOADED_MODELS=2)
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -138,6 +139,7 @@ func (o *ollamaServer) start() error {
 		"OLLAMA_MODELS="+filepath.Join(o.dir, "models"),
 		"GIN_MODE=release",
 	)
+	cmd.Env = append(cmd.Env, o.env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group, so that killing it takes its model runners too;
 	// and a dying test binary takes the server with it.
