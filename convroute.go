@@ -366,9 +366,9 @@ func untriedWait(d delay) float64 {
 func (h *Handler) tailOf(list []*backend, prev *backend, now time.Time) float64 {
 	tail := h.served.p99(now)
 	for _, b := range list {
-		tail = max(tail, b.srv.speed.longestDelay(b.cfg.MaxParallel, int(b.srv.inFlight.Load()), now))
+		tail = max(tail, b.longestDelay(now))
 	}
-	return max(tail, prev.srv.speed.longestDelay(prev.cfg.MaxParallel, int(prev.srv.inFlight.Load()), now))
+	return max(tail, prev.longestDelay(now))
 }
 
 // abandonedAfter is how long a conversation idle is taken to have ended
@@ -600,7 +600,7 @@ func (h *Handler) nearBest(sc *scratch, all []*backend, j *job, factor, margin f
 			if d < best {
 				best, bestWait = d, est.wait
 			}
-			tail = max(tail, b.srv.speed.longestDelay(b.cfg.MaxParallel, int(b.srv.inFlight.Load()), now))
+			tail = max(tail, b.longestDelay(now))
 			if est.wait == 0 {
 				freeBest = min(freeBest, d)
 			}

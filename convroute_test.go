@@ -417,6 +417,18 @@ func TestARepeatedFirstMessageIsPlacedByThePolicyInSingleTurnTraffic(t *testing.
 // keptBackend is keepsConversation's backend, without the saving.
 func keptBackend(b *backend, _ float64) *backend { return b }
 
+// twoConversations is conversation A, its previous turn (prevA) and the
+// follow-up at hand (bodyA, followA), with a long history; and an
+// unrelated conversation B: the pair a counted-out test places on one
+// server.
+func twoConversations(t *testing.T) (prevA conversation, bodyA []byte, followA, convB conversation) {
+	history := longHistory()
+	_, prevA = chatTurn(t, history[:len(history)-1])
+	bodyA, followA = chatTurn(t, append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
+	_, convB = chatTurn(t, []map[string]string{{"role": "system", "content": strings.Repeat("Other things entirely. ", 80)}, {"role": "user", "content": "hello"}})
+	return prevA, bodyA, followA, convB
+}
+
 // Two conversations on a server of one slot evict each other's cache and
 // queue behind each other for good: each turn of one is counted out, yet
 // stays, because the other servers are no faster for it at that moment
@@ -428,10 +440,7 @@ func keptBackend(b *backend, _ float64) *backend { return b }
 // what staying costs the conversation it evicts there.
 func TestACountedOutConversationLeavesAServerItShares(t *testing.T) {
 	now := time.Now()
-	history := longHistory()
-	_, prevA := chatTurn(t, history[:len(history)-1])
-	bodyA, followA := chatTurn(t, append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
-	_, convB := chatTurn(t, []map[string]string{{"role": "system", "content": strings.Repeat("Other things entirely. ", 80)}, {"role": "user", "content": "hello"}})
+	prevA, bodyA, followA, convB := twoConversations(t)
 
 	setup := func(bigHostsActive bool) (*Handler, *backend, *backend) {
 		small := ruleBackend("small", 0)
@@ -485,10 +494,7 @@ func TestACountedOutConversationLeavesAServerItShares(t *testing.T) {
 // of more conversations than slots that passes the eviction on).
 func TestACountedOutConversationLeavesForASlowerServerWithRoom(t *testing.T) {
 	now := time.Now()
-	history := longHistory()
-	_, prevA := chatTurn(t, history[:len(history)-1])
-	bodyA, followA := chatTurn(t, append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
-	_, convB := chatTurn(t, []map[string]string{{"role": "system", "content": strings.Repeat("Other things entirely. ", 80)}, {"role": "user", "content": "hello"}})
+	prevA, bodyA, followA, convB := twoConversations(t)
 	for _, c := range []struct {
 		slower float64
 		ended  bool // roomy's one slot holds a conversation that has ended
@@ -533,10 +539,7 @@ func TestACountedOutConversationLeavesForASlowerServerWithRoom(t *testing.T) {
 // had three slots idle (random-365: 11 req/s against least_conn's 16.5).
 func TestACountedOutConversationRelievesAQueueOntoAnUntriedSlot(t *testing.T) {
 	now := time.Now()
-	history := longHistory()
-	_, prevA := chatTurn(t, history[:len(history)-1])
-	bodyA, followA := chatTurn(t, append(slices.Clone(history), map[string]string{"role": "user", "content": "next question"}))
-	_, convB := chatTurn(t, []map[string]string{{"role": "system", "content": strings.Repeat("Other things entirely. ", 80)}, {"role": "user", "content": "hello"}})
+	prevA, bodyA, followA, convB := twoConversations(t)
 	_, convC := chatTurn(t, []map[string]string{{"role": "user", "content": "slow's own conversation"}})
 
 	setup := func() (h *Handler, shared, slow *backend, release func()) {

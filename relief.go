@@ -66,6 +66,12 @@ func (sp *speed) longestDelay(maxParallel, inFlight int, now time.Time) float64 
 	return longest
 }
 
+// longestDelay is the server's longestDelay with this frontend's
+// max_parallel and its requests in flight now.
+func (b *backend) longestDelay(now time.Time) float64 {
+	return b.srv.speed.longestDelay(b.cfg.MaxParallel, int(b.srv.inFlight.Load()), now)
+}
+
 // queueRelief is the server with a slot free and its model resident that
 // takes the request from a best choice that means waiting bestWait for a
 // slot, the cheapest of those where relievesQueue holds; nil if none. The
@@ -77,7 +83,7 @@ func queueRelief(observed []scored, bestWait, served float64, now time.Time) *ba
 	}
 	tail := served
 	for _, c := range observed {
-		tail = max(tail, c.b.srv.speed.longestDelay(c.b.cfg.MaxParallel, int(c.b.srv.inFlight.Load()), now))
+		tail = max(tail, c.b.longestDelay(now))
 	}
 	var pick *backend
 	cheapest := math.Inf(1)

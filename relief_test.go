@@ -110,7 +110,7 @@ func TestAQueueIsRelievedOntoAnUntriedSlotAtItsHalfWait(t *testing.T) {
 func expectedTailOf(clock time.Time, list ...*backend) float64 {
 	tail := 0.0
 	for _, b := range list {
-		tail = max(tail, b.srv.speed.longestDelay(b.cfg.MaxParallel, int(b.srv.inFlight.Load()), clock))
+		tail = max(tail, b.longestDelay(clock))
 	}
 	return tail
 }
