@@ -255,3 +255,36 @@ func TestARoomTestIsSentOnlyWhereItsFailureWouldBeABearableSwap(t *testing.T) {
 	pickLeastDelay(h, copies, j)
 	assert.Same(t, big, j.loadTo)
 }
+
+// A room test's failure is priced for a typical request of each model, not
+// for the request that asks: a short cap makes prompts weigh more, and a
+// server slower at prompts then looks worse, which moved the pressures
+// enough to let one request's test through where the others' were refused
+// (models-333).
+func TestARoomTestsSwapIsPricedForTypicalRequests(t *testing.T) {
+	now := time.Now()
+	big := testBackend("big", func(c *Backend) { c.MaxParallel = 3 })
+	held := testBackend("held", func(c *Backend) { c.MaxParallel = 1 })
+	other := testBackend("other", func(c *Backend) { c.MaxParallel = 1 })
+	for b, prompt := range map[*backend]time.Duration{big: 10 * ms, held: 50 * ms, other: 10 * ms} {
+		b.srv.inFlight.Add(1)
+		serve(b, &job{}, now.Add(-time.Second), finalGen(prompt, 100*ms, 0, 0, 10, 10))
+		b.srv.inFlight.Add(-1)
+	}
+	big.srv.models.Store(psWith("v"))
+	other.srv.models.Store(psWith("v"))
+	held.srv.models.Store(psWith("m"))
+	big.srv.speed.ratesLocked("v").lastUsed = now.Add(-time.Second)
+	h := &Handler{backends: []*backend{big, held, other}, demand: newModelDemand()}
+	for i := 0; i < 12; i++ {
+		for m, n := range map[string]int{"m": 3, "v": 7} {
+			for k := 0; k < n; k++ {
+				h.demand.note(m, now.Add(-time.Duration(12-i)*ms))
+			}
+		}
+	}
+	typical := h.swapBearable(big, &job{model: "m"}, now)
+	assert.False(t, typical, "v, losing big, would be more pressed than m is now")
+	assert.Equal(t, typical, h.swapBearable(big, &job{model: "m", maxOutput: 1}, now),
+		"a request capped at one token is priced as the typical one")
+}
