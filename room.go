@@ -187,7 +187,7 @@ const (
 // eviction ever showed the server's room, only its lists, which show what
 // it holds, not what it can. Ollama unloads the model it evicts before it
 // loads the next (the fakes too: internal/fakeollama, residency.go), so a
-// list read during the load tells whether one went. Unread, the belief
+// list read during the load tells whether one went. Until now the belief
 // stood until the load's answer ended: on models-317 a server of room
 // three that held model-a was taken to have lost it for the whole of its
 // first load, and model-a's requests loaded it on a server of room two,
