@@ -214,3 +214,14 @@ func (s *server) lookForEviction(t *task, after time.Duration) {
 		}
 	})
 }
+
+// busyLocked reports whether a request for model other than the task
+// skip is in flight on the server.
+func (sp *speed) busyLocked(model string, skip uint64) bool {
+	for id, o := range sp.tasks {
+		if id != skip && o.job.model == model && !o.done.Load() {
+			return true
+		}
+	}
+	return false
+}

@@ -162,7 +162,7 @@ func (b *backend) begin(j *job, now time.Time) *task {
 				sp.ratesLocked(evict).evictedAt = now
 				if snap.loaded[evict] != nil { // listed, not merely believed
 					sp.swap = swapSent{model: j.model, victim: evict, at: now, listed: psCount(snap)}
-					guessed = sp.roomAt.IsZero() && !sp.usingLocked(evict)
+					guessed = sp.roomAt.IsZero() && !sp.busyLocked(evict, t.id)
 				}
 			}
 		}
