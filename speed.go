@@ -184,6 +184,57 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	return t
 }
 
+// Bounds of when a load's eviction is looked for (lookForEviction), in
+// seconds after it was sent.
+const (
+	minEvictionLook = 0.05
+	maxEvictionLook = 1.0
+)
+
+// lookForEviction reads the server's lists again while t loads its model,
+// when the model its load was taken to evict was only guessed to go: no
+// eviction ever showed the server's room, only its lists, which show what
+// it holds, not what it can. Ollama unloads the model it evicts before it
+// loads the next (the fakes too: internal/fakeollama, residency.go), so a
+// list read during the load tells whether one went. Until now the belief
+// stood until the load's answer ended: on models-317 a server of room
+// three that held model-a was taken to have lost it for the whole of its
+// first load, and model-a's requests loaded it on a server of room two,
+// evicting a model in use there. The guess is not looked at when the
+// victim was at work there: Ollama waits for it to idle before it
+// unloads it, and a list read meanwhile would show it still held.
+//
+// The read replaces the belief with what the lists show, which leaves out
+// the model being loaded (Ollama lists it once loaded): it is marked
+// loaded again while its load is under way, so the requests after it
+// still join that load.
+func (s *server) lookForEviction(t *task, after time.Duration) {
+	if s.ctx == nil {
+		return // never started: nothing to read
+	}
+	time.AfterFunc(after, func() {
+		if t.done.Load() || s.ctx.Err() != nil {
+			return
+		}
+		c, _ := s.startRefresh(time.Now(), true)
+		<-c.done
+		if c.err == nil && !t.done.Load() {
+			s.markLoaded(t.job.model)
+		}
+	})
+}
+
+// busyLocked reports whether a request for model other than the task
+// skip is in flight on the server.
+func (sp *speed) busyLocked(model string, skip uint64) bool {
+	for id, o := range sp.tasks {
+		if id != skip && o.job.model == model && !o.done.Load() {
+			return true
+		}
+	}
+	return false
+}
+
 // sentSinceEviction reports whether the request t was sent after the
 // latest load that was taken to evict its model from the server: only then
 // does its answer show the model resident (nil: not known, taken as so).
