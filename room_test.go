@@ -4,7 +4,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-ollamaflow/ollamaflow/internal/fakeollama"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -288,38 +287,4 @@ func TestARoomTestsSwapIsPricedForTypicalRequests(t *testing.T) {
 	assert.False(t, typical, "v, losing big, would be more pressed than m is now")
 	assert.Equal(t, typical, h.swapBearable(big, &job{model: "m", maxOutput: 1}, now),
 		"a request capped at one token is priced as the typical one")
-}
-
-// A load taken to evict a model only because the server's lists showed
-// it full, never an eviction, is checked while it loads: the lists are
-// read again during the load, and a model they still show (Ollama
-// unloads the one it evicts before it loads) is believed held again,
-// while the model loading stays believed there, for its requests to join.
-func TestAGuessedEvictionIsCheckedDuringTheLoad(t *testing.T) {
-	f := fakeollama.New(fakeollama.Config{Models: []string{"m-a", "m-b"}, Loaded: []string{"m-a"}, Tokens: 2,
-		LoadDelay: 3 * time.Second, MaxLoaded: 2})
-	t.Cleanup(f.Close)
-	loadCaddy(t, "name guessed-eviction\nbackend a "+f.URL+" {\n}")
-	waitKnown(t, []*fakeollama.Server{f})
-	s := pooled(t, f.URL)
-	require.True(t, s.models.Load().isLoaded("m-a:latest"))
-
-	sent := time.Now()
-	done := make(chan int, 1)
-	go func() {
-		res, _ := post(t, "/api/chat", chatFor("m-b"))
-		done <- res.StatusCode
-	}()
-	require.Eventually(t, func() bool { return s.models.Load().isLoaded("m-b:latest") }, time.Second, time.Millisecond,
-		"the load is believed under way")
-	require.Eventually(t, func() bool { return s.models.Load().isLoaded("m-a:latest") }, 2*time.Second, 5*time.Millisecond,
-		"m-a, still listed during m-b's load, is believed held again")
-	assert.True(t, s.models.Load().isLoaded("m-b:latest"), "m-b is still believed loading")
-	select {
-	case code := <-done:
-		t.Fatalf("the load ended (%d) after %v, before the belief was checked", code, time.Since(sent))
-	default:
-	}
-	assert.Equal(t, 200, <-done)
-	assert.Equal(t, 0, f.Evictions(), "the server had room for both")
 }

@@ -150,7 +150,6 @@ func (b *backend) begin(j *job, now time.Time) *task {
 	}
 	sp.tasks[t.id] = t
 	var evict string
-	var guessed bool
 	if j.model != "" {
 		r := sp.ratesLocked(j.model)
 		r.lastUsed = now
@@ -162,14 +161,9 @@ func (b *backend) begin(j *job, now time.Time) *task {
 				sp.ratesLocked(evict).evictedAt = now
 				if snap.loaded[evict] != nil { // listed, not merely believed
 					sp.swap = swapSent{model: j.model, victim: evict, at: now, listed: psCount(snap)}
-					guessed = sp.roomAt.IsZero() && !sp.busyLocked(evict, t.id)
 				}
 			}
 		}
-	}
-	var look time.Duration
-	if guessed {
-		look = time.Duration(min(max(d.load/4, minEvictionLook), maxEvictionLook) * float64(time.Second))
 	}
 	sp.mu.Unlock()
 	if t.loader {
@@ -178,61 +172,7 @@ func (b *backend) begin(j *job, now time.Time) *task {
 		}
 		s.markLoaded(j.model)
 	}
-	if guessed {
-		s.lookForEviction(t, look)
-	}
 	return t
-}
-
-// Bounds of when a load's eviction is looked for (lookForEviction), in
-// seconds after it was sent.
-const (
-	minEvictionLook = 0.05
-	maxEvictionLook = 1.0
-)
-
-// lookForEviction reads the server's lists again while t loads its model,
-// when the model its load was taken to evict was only guessed to go: no
-// eviction ever showed the server's room, only its lists, which show what
-// it holds, not what it can. Ollama unloads the model it evicts before it
-// loads the next (the fakes too: internal/fakeollama, residency.go), so a
-// list read during the load tells whether one went. Until now the belief
-// stood until the load's answer ended: on models-317 a server of room
-// three that held model-a was taken to have lost it for the whole of its
-// first load, and model-a's requests loaded it on a server of room two,
-// evicting a model in use there. The guess is not looked at when the
-// victim was at work there: Ollama waits for it to idle before it
-// unloads it, and a list read meanwhile would show it still held.
-//
-// The read replaces the belief with what the lists show, which leaves out
-// the model being loaded (Ollama lists it once loaded): it is marked
-// loaded again while its load is under way, so the requests after it
-// still join that load.
-func (s *server) lookForEviction(t *task, after time.Duration) {
-	if s.ctx == nil {
-		return // never started: nothing to read
-	}
-	time.AfterFunc(after, func() {
-		if t.done.Load() || s.ctx.Err() != nil {
-			return
-		}
-		c, _ := s.startRefresh(time.Now(), true)
-		<-c.done
-		if c.err == nil && !t.done.Load() {
-			s.markLoaded(t.job.model)
-		}
-	})
-}
-
-// busyLocked reports whether a request for model other than the task
-// skip is in flight on the server.
-func (sp *speed) busyLocked(model string, skip uint64) bool {
-	for id, o := range sp.tasks {
-		if id != skip && o.job.model == model && !o.done.Load() {
-			return true
-		}
-	}
-	return false
 }
 
 // sentSinceEviction reports whether the request t was sent after the
